@@ -1,0 +1,40 @@
+"""Shared plumbing for benchmarks: results directory, atomic JSON writing, machine facts."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURES = ROOT / "figures"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import numpy as np
+
+    return dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
+                processor=platform.processor(), cpus=os.cpu_count())
+
+
+def write_json(name: str, data: dict) -> Path:
+    """Write ``benchmarks/results/<name>.json`` atomically (temp file + rename)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def read_json(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())

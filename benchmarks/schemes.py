@@ -1,0 +1,87 @@
+"""Bits per weight and SQNR of every registered scheme on an N(0, 1) weight matrix.
+
+    python -m benchmarks.schemes [--size 4096] [--quick]
+
+Each scheme quantizes the same matrix; the result is checked (dequantized shape, and
+``matvec`` against dequantize-then-multiply) before it is timed and recorded.
+Writes ``benchmarks/results/schemes.json`` and draws ``figures/schemes_sqnr.png``
+from that JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.common import FIGURES, machine, read_json, write_json
+from refquant import metrics, schemes
+
+
+def run(size: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((size, size)).astype(np.float32)
+    x = rng.standard_normal(size).astype(np.float32)
+    calib = rng.standard_normal((256, size)).astype(np.float32)
+    rows = []
+    for name in tqdm(schemes.names(), desc="schemes", unit="scheme"):
+        s = schemes.get(name)
+        t0 = time.perf_counter()
+        qt = s.quantize(w, calib=calib if s.needs_calib else None)
+        seconds = time.perf_counter() - t0
+        w_hat = qt.dequantize()
+        y = s.matvec(qt, x)
+        ref = w_hat.astype(np.float64) @ x
+        if w_hat.shape != w.shape or not np.allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()):
+            raise AssertionError(f"{name}: matvec disagrees with dequantize @ x")
+        rows.append(dict(scheme=name, description=s.description, bits_per_weight=qt.bits_per_weight,
+                         nbytes=qt.nbytes, sqnr_db=metrics.sqnr_db(w, w_hat), mse=metrics.mse(w, w_hat),
+                         max_abs_error=metrics.max_abs_error(w, w_hat), quantize_seconds=seconds))
+    return dict(benchmark="schemes", shape=[size, size], distribution="N(0,1)", seed=seed, machine=machine(),
+                results=rows)
+
+
+def plot(data: dict, path) -> None:
+    """SQNR vs bits per weight, one labelled dot per scheme (reads only the JSON dict)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if np.isfinite(r["sqnr_db"])]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in rows:
+        ax.scatter(r["bits_per_weight"], r["sqnr_db"], s=25)
+        ax.annotate(r["scheme"], (r["bits_per_weight"], r["sqnr_db"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    b = np.linspace(2, 16, 50)
+    ax.plot(b, 6.02 * b - 1.25, "k:", lw=0.8, label="6.02 b − 1.25 dB (uniform grid, Gaussian rule of thumb)")
+    ax.set_xlabel("bits per weight (codes + scales + zeros)")
+    ax.set_ylabel("SQNR [dB]")
+    n = data["shape"]
+    ax.set_title(f"SQNR of every registered scheme on a {n[0]}×{n[1]} N(0,1) matrix")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=4096, help="matrix side (default 4096)")
+    ap.add_argument("--quick", action="store_true", help="256x256, for CI")
+    args = ap.parse_args(argv)
+    data = run(256 if args.quick else args.size)
+    path = write_json("schemes", data)
+    plot(read_json("schemes"), FIGURES / "schemes_sqnr.png")
+    print(f"{'scheme':22s} {'bits/w':>7s} {'SQNR dB':>8s} {'quant s':>8s}")
+    for r in data["results"]:
+        print(f"{r['scheme']:22s} {r['bits_per_weight']:7.3f} {r['sqnr_db']:8.2f} {r['quantize_seconds']:8.2f}")
+    print(f"wrote {path} and {FIGURES / 'schemes_sqnr.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""refquant: a pure-NumPy reference implementation of LLM weight quantization.
+
+Modules: ``affine`` (integer grids), ``formats`` (fp16/bf16/fp8/fp4/e8m0 bit-exact),
+``packing`` (bit packing), ``schemes`` (the registry of named schemes), ``metrics``.
+Every quantizer returns a ``QuantizedTensor``.
+"""
+from refquant import affine, formats, metrics, packing, schemes
+from refquant.tensor import QuantizedTensor
+
+__all__ = ["QuantizedTensor", "affine", "formats", "metrics", "packing", "schemes"]
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""Input validation shared by every quantizer.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(right kind, bad value) with a message that names the argument, shows the value
+and says what was expected, so a caller never gets garbage back for NaN, empty or
+mis-shaped input.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 1) -> np.ndarray:
+    """Return ``x`` as a finite, non-empty floating-point ndarray or raise.
+
+    Float16/32/64 are accepted as they are (no copy); integers, bools and objects are a
+    ``TypeError`` because silently casting codes to weights hides bugs.
+    """
+    if not isinstance(x, np.ndarray):
+        if isinstance(x, (list, tuple)):
+            x = np.asarray(x)
+        else:
+            raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {x.ndim}-D array of shape {x.shape}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape}); there is nothing to quantize")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        first = tuple(int(i) for i in bad[0])
+        raise ValueError(
+            f"{name} contains {len(bad)} non-finite value(s) (NaN or Inf); first at index {first}: {x[first]}"
+        )
+    return x
+
+
+def int_in(value, name: str, allowed) -> int:
+    """Return ``value`` as an int if it is an integer in ``allowed``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if int(value) not in allowed:
+        lo, hi = min(allowed), max(allowed)
+        shown = f"{lo}..{hi}" if list(allowed) == list(range(lo, hi + 1)) else sorted(allowed)
+        raise ValueError(f"{name} must be one of {shown}, got {value}")
+    return int(value)
+
+
+def positive_int(value, name: str) -> int:
+    """Return ``value`` as an int if it is a positive integer, else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def one_of(value, name: str, allowed) -> str:
+    """Return ``value`` if it is one of the strings in ``allowed``, else raise."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+    return value

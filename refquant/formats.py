@@ -1,0 +1,274 @@
+"""Small floating-point formats, bit-exact in pure NumPy.
+
+``encode(x, fmt)`` rounds to the nearest representable value (ties to even) and returns
+the bit patterns; ``decode(bits, fmt)`` returns float32. Formats (sign / exponent /
+mantissa bits, exponent bias):
+
+=============  =========  =====  ===============================================
+fmt            layout     bias   special values
+=============  =========  =====  ===============================================
+``fp32``       1/8/23     127    IEEE 754 binary32 (identity on float32)
+``fp16``       1/5/10     15     IEEE 754 binary16: Inf, NaN; overflow -> Inf
+``bf16``       1/8/7      127    bfloat16: Inf, NaN; overflow -> Inf
+``fp8_e5m2``   1/5/2      15     IEEE-like: Inf, NaN; overflow -> Inf
+``fp8_e4m3fn`` 1/4/3      7      no Inf; only S.1111.111 is NaN; max 448.
+                                 Overflow (|x| >= 464, the midpoint to the first
+                                 unrepresentable step) and ±Inf -> NaN. No
+                                 saturation: that is ml_dtypes' ``astype`` rule;
+                                 use ``encode(..., saturate=True)`` to clamp instead.
+``fp4_e2m1``   1/2/1      1      no Inf, no NaN; max 6; overflow and ±Inf saturate
+                                 to ±6. NaN has no code: as ml_dtypes does, it becomes
+                                 a zero whose sign bit is the NaN's sign inverted.
+                                 One code per uint8 (low 4 bits).
+``e8m0``       0/8/0      127    OCP MX scale: 2^(c-127) for c in 0..254, 0xFF = NaN.
+                                 No sign, no zero: zero, negatives, Inf, NaN and
+                                 overflow -> 0xFF. Rounding follows ml_dtypes'
+                                 ``float8_e8m0fnu``: in the normal float32 range the
+                                 halfway case rounds up (1.5 -> 2, 3 -> 4); a float32
+                                 subnormal rounds up to 2^-126 only when strictly above
+                                 2^-127.
+=============  =========  =====  ===============================================
+
+Inputs are first converted to float32 (exact for float16 and float32 inputs), so all
+rounding is a single rounding from float32, as a cast from float32 does. NaN payloads:
+``fp16`` keeps the top mantissa bits (NumPy's rule, never turning NaN into Inf),
+``bf16`` gives sign|0x7FC0, the fp8 formats give sign|all-ones-quiet (0x7E / 0x7F).
+
+The rounding itself is one formula for every format: with ``emin = 1 - bias``,
+``e = max(floor(log2|x|), emin)`` and ``m = round_half_even(|x| / 2^(e - M))``, the
+magnitude code is ``((e - emin) << M) + m`` -- a carry out of the mantissa lands in
+the next exponent and subnormals (``e = emin``, ``m < 2^M``) fall out with exponent 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refquant._checks import float_array, one_of
+from refquant.tensor import QuantizedTensor, register_decoder
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """Layout of a binary floating-point format (see the module docstring)."""
+
+    name: str
+    exp_bits: int
+    man_bits: int
+    bias: int
+    width: int            # storage bits per code (4-bit codes are stored one per uint8)
+    ieee_specials: bool   # all-ones exponent holds Inf (mantissa 0) and NaN
+    nan_code: int | None  # magnitude code of the canonical NaN, None if there is no NaN
+
+    @property
+    def storage_dtype(self):
+        return {32: np.uint32, 16: np.uint16}.get(self.width, np.uint8)
+
+    @property
+    def sign_bit(self) -> int:
+        return self.exp_bits + self.man_bits
+
+    @property
+    def max_code(self) -> int:
+        """Magnitude code of the largest finite value."""
+        if self.ieee_specials:
+            return ((1 << self.exp_bits) - 1 << self.man_bits) - 1
+        full = (1 << self.sign_bit) - 1
+        return full - 1 if self.nan_code == full else full
+
+    @property
+    def max(self) -> float:
+        """Largest finite value."""
+        return float(_decode_magnitude(np.array([self.max_code]), self)[0])
+
+    @property
+    def emin(self) -> int:
+        return 1 - self.bias
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        FloatFormat("fp32", 8, 23, 127, 32, True, 0x7FC00000),
+        FloatFormat("fp16", 5, 10, 15, 16, True, 0x7E00),
+        FloatFormat("bf16", 8, 7, 127, 16, True, 0x7FC0),
+        FloatFormat("fp8_e5m2", 5, 2, 15, 8, True, 0x7E),
+        FloatFormat("fp8_e4m3fn", 4, 3, 7, 8, False, 0x7F),
+        FloatFormat("fp4_e2m1", 2, 1, 1, 4, False, None),
+        FloatFormat("e8m0", 8, 0, 127, 8, False, 0xFF),
+    )
+}
+
+
+def get_format(fmt: str) -> FloatFormat:
+    """The ``FloatFormat`` named ``fmt``."""
+    return FORMATS[one_of(fmt, "fmt", FORMATS)]
+
+
+def _decode_magnitude(code: np.ndarray, f: FloatFormat) -> np.ndarray:
+    """Value of magnitude codes (no sign, no specials) as float64."""
+    code = code.astype(np.int64)
+    e_field = code >> f.man_bits
+    mant = code & ((1 << f.man_bits) - 1)
+    if f.name == "e8m0":  # no subnormals: every code is a power of two
+        return np.ldexp(1.0, (e_field - f.bias).astype(np.int32))
+    normal = e_field > 0
+    sig = np.where(normal, mant + (1 << f.man_bits), mant)
+    exp = np.where(normal, e_field, 1) - f.bias - f.man_bits
+    return np.ldexp(sig.astype(np.float64), exp.astype(np.int32))
+
+
+def decode(bits: np.ndarray, fmt: str) -> np.ndarray:
+    """Bit patterns of ``fmt`` (unsigned integers) -> float32 values."""
+    f = get_format(fmt)
+    if not isinstance(bits, np.ndarray) or bits.dtype.kind not in "ui":
+        raise TypeError(f"bits must be an unsigned integer array, got {getattr(bits, 'dtype', type(bits).__name__)}")
+    if bits.size and (bits.min() < 0 or int(bits.max()) >= 1 << f.width):
+        raise ValueError(f"bits must be in [0, {(1 << f.width) - 1}] for {fmt}, got [{bits.min()}, {bits.max()}]")
+    if f.name == "fp32":
+        return bits.astype(np.uint32).view(np.float32).copy()
+    b = bits.astype(np.int64)
+    if f.name == "e8m0":
+        mag, neg = b, np.zeros(b.shape, bool)
+    else:
+        mag, neg = b & ((1 << f.sign_bit) - 1), (b >> f.sign_bit) & 1 == 1
+    out = _decode_magnitude(mag, f)
+    if f.ieee_specials:
+        top = mag >> f.man_bits == (1 << f.exp_bits) - 1
+        out = np.where(top, np.where(mag & ((1 << f.man_bits) - 1) == 0, np.inf, np.nan), out)
+    elif f.nan_code is not None:
+        out = np.where(mag == f.nan_code, np.nan, out)
+    return np.where(neg, -out, out).astype(np.float32)
+
+
+def encode(x: np.ndarray, fmt: str, *, saturate: bool = False) -> np.ndarray:
+    """Float values -> bit patterns of ``fmt``, round-to-nearest-even.
+
+    Returns uint16 for 16-bit formats, uint32 for fp32 and uint8 otherwise. NaN, Inf and
+    overflow follow ml_dtypes' casts (module docstring). ``saturate=True`` clamps finite
+    overflow and ±Inf to ±max instead (NaN stays NaN where the format has one).
+    """
+    f = get_format(fmt)
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if f.name == "fp32":
+        return x.view(np.uint32).copy()
+    if f.name == "e8m0":
+        return _encode_e8m0(x)
+    nan, inf = np.isnan(x), np.isinf(x)
+    finite = np.abs(np.where(nan | inf, np.float32(0), x)).astype(np.float64)
+    _, k = np.frexp(finite)                       # finite = m * 2^k, m in [0.5, 1)
+    e = np.maximum(k - 1, f.emin)
+    m = np.round(np.ldexp(finite, (f.man_bits - e).astype(np.int32)))  # exact scaling, RNE
+    code = ((e - f.emin).astype(np.int64) << f.man_bits) + m.astype(np.int64)
+    code = np.where(finite == 0, 0, code)
+
+    overflow = (code > f.max_code) | inf
+    if saturate or f.nan_code is None:
+        code = np.where(overflow, f.max_code, code)
+    elif f.ieee_specials:
+        code = np.where(overflow, (1 << f.exp_bits) - 1 << f.man_bits, code)  # Inf
+    else:
+        code = np.where(overflow, f.nan_code, code)
+
+    sign = np.signbit(x).astype(np.int64)
+    if f.nan_code is None:
+        sign = np.where(nan, 1 - sign, sign)      # ml_dtypes: NaN -> zero of the opposite sign
+        code = np.where(nan, 0, code)
+    elif f.name == "fp16":
+        payload = np.maximum((x.view(np.uint32).astype(np.int64) & 0x7FFFFF) >> 13, 1)
+        code = np.where(nan, 0x7C00 | payload, code)
+    else:
+        code = np.where(nan, f.nan_code, code)
+    return (code | (sign << f.sign_bit)).astype(f.storage_dtype)
+
+
+def _encode_e8m0(x: np.ndarray) -> np.ndarray:
+    bits = x.view(np.uint32).astype(np.int64)
+    e_field, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    code = np.where(e_field == 0, (mant > 0x400000).astype(np.int64), e_field + (mant >= 0x400000))
+    bad = np.isnan(x) | (x <= 0) | np.isinf(x) | (code > 0xFE)
+    return np.where(bad, 0xFF, code).astype(np.uint8)
+
+
+def round_to(x: np.ndarray, fmt: str, *, saturate: bool = False) -> np.ndarray:
+    """``decode(encode(x, fmt), fmt)``: x rounded to the nearest value of ``fmt`` (float32)."""
+    return decode(encode(x, fmt, saturate=saturate), fmt)
+
+
+fake_quant = round_to
+
+
+def representable_values(fmt: str) -> np.ndarray:
+    """Every finite value of ``fmt`` (sorted, float32, +0 once): handy for tests and codebooks."""
+    f = get_format(fmt)
+    if f.width > 16:
+        raise ValueError(f"{fmt} has too many values to list")
+    v = decode(np.arange(1 << f.width, dtype=f.storage_dtype), fmt)
+    v = np.unique(v[np.isfinite(v)])
+    return v
+
+
+def check_weights(w, fmt: str) -> np.ndarray:
+    """Validate weights for storage in ``fmt``: finite, and within its range unless saturating formats."""
+    w = float_array(w, "w")
+    f = get_format(fmt)
+    amax = float(np.max(np.abs(w)))
+    # Largest value that still rounds to a finite code.
+    if f.name != "fp32" and f.nan_code is not None and amax > f.max:
+        if encode(np.array([amax], np.float32), fmt).item() & ((1 << f.sign_bit) - 1) > f.max_code:
+            raise ValueError(f"w has |values| up to {amax:.6g}, beyond the {fmt} range (max {f.max:.6g})")
+    return w
+
+
+# --- Float formats as quantized tensors ---------------------------------------------
+
+def quantize(w: np.ndarray, fmt: str, *, granularity: str = "none", axis: int = 0, scheme: str | None = None):
+    """Store ``w`` in float format ``fmt``, optionally with an fp32 scale.
+
+    ``granularity="none"``: codes are ``encode(w)`` directly (values beyond the format's
+    range are an error). ``"tensor"`` / ``"channel"``: scaled FP8 as in vLLM / Transformer
+    Engine: ``scale = amax / fmt.max`` per tensor or per slice along ``axis``, codes
+    ``encode(w / scale)`` (never overflows), ``ŵ = decode(codes) * scale``.
+    """
+    f = get_format(fmt)
+    one_of(granularity, "granularity", ("none", "tensor", "channel"))
+    if granularity == "none":
+        w = check_weights(w, fmt)
+        scales, x = None, w
+    else:
+        w = float_array(w, "w")
+        if granularity == "channel" and not -w.ndim <= axis < w.ndim:
+            raise ValueError(f"axis={axis} is out of range for w with {w.ndim} dimension(s)")
+        red = tuple(range(w.ndim)) if granularity == "tensor" else tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+        amax = np.max(np.abs(w.astype(np.float64)), axis=red, keepdims=True)
+        scales = np.where(amax > 0, amax / f.max, 1.0).astype(np.float32)
+        x = w.astype(np.float64) / scales
+    codes = encode(x, fmt, saturate=granularity != "none")
+    meta = dict(kind="float", fmt=fmt, granularity=granularity, axis=axis if granularity == "channel" else None)
+    return QuantizedTensor(codes=codes, scales=scales, zeros=None, shape=w.shape,
+                           scheme=scheme or (fmt if granularity == "none" else f"{fmt}_{granularity}"), meta=meta)
+
+
+@register_decoder("float")
+def dequantize(qt: QuantizedTensor) -> np.ndarray:
+    """``decode(codes)``, times the scale when there is one."""
+    v = decode(qt.codes, qt.meta["fmt"])
+    return v if qt.scales is None else (v * qt.scales).astype(np.float32)
+
+
+def error_bound(x: np.ndarray, fmt: str) -> np.ndarray:
+    """Per-element bound on ``|x - round_to(x, fmt)|`` for x within range.
+
+    Half a unit in the last place: ``2^(e - M - 1)`` with ``e = max(floor(log2|x|), emin)``,
+    i.e. relative ``2^-(M+1)`` in the normal range and half the subnormal step below it.
+    """
+    f = get_format(fmt)
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    _, k = np.frexp(a)
+    e = np.maximum(k - 1, f.emin)
+    return np.ldexp(1.0, (e - f.man_bits - 1).astype(np.int32))

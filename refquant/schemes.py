@@ -1,0 +1,142 @@
+"""The scheme registry: every way refquant can store a weight matrix, by name.
+
+A ``Scheme`` turns a 2-D float weight ``w`` of shape (out, in) into a
+``QuantizedTensor`` and multiplies with it::
+
+    s = refquant.schemes.get("int4_g128")
+    qt = s.quantize(w)               # calibration-based schemes take calib=...
+    y = s.matvec(qt, x)              # x: (in,)   -> (out,)      = W x
+    Y = s.matmul(qt, X)              # X: (M, in) -> (M, out)    = X W^T (a Linear layer)
+
+The NumPy reference ``matvec`` / ``matmul`` dequantize and then multiply; faster kernels
+plug in per scheme without changing the results beyond float round-off.
+
+Each registration also states, by hand from the format's definition, how many bytes a
+tensor of a given shape must take (``expected_nbytes``) and, where one exists, a
+per-element error bound; the contract test suite checks every registered scheme against
+both, so a new scheme is tested the moment it is registered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from refquant import affine, formats
+from refquant._checks import float_array
+from refquant.tensor import QuantizedTensor
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A registered quantization scheme (see the module docstring)."""
+
+    name: str
+    description: str
+    quantize_fn: Callable[..., QuantizedTensor]
+    expected_nbytes: Callable[[tuple[int, int]], int]
+    error_bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None
+    needs_calib: bool = False
+
+    def quantize(self, w: np.ndarray, *, calib=None) -> QuantizedTensor:
+        """Quantize a 2-D float weight matrix of shape (out, in)."""
+        w = float_array(w, "w", ndim=2)
+        if self.needs_calib and calib is None:
+            raise ValueError(f"scheme {self.name!r} needs calibration data: pass calib=...")
+        return self.quantize_fn(w, calib=calib)
+
+    def _check(self, qt: QuantizedTensor, x, name: str, ndim: int) -> np.ndarray:
+        if not isinstance(qt, QuantizedTensor):
+            raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+        x = float_array(x, name, ndim=ndim)
+        if x.shape[-1] != qt.shape[1]:
+            raise ValueError(f"{name} has {x.shape[-1]} features but the weight has in={qt.shape[1]} (shape {qt.shape})")
+        return x
+
+    def matvec(self, qt: QuantizedTensor, x: np.ndarray) -> np.ndarray:
+        """``W x`` for x of shape (in,), float32 result of shape (out,)."""
+        x = self._check(qt, x, "x", 1)
+        return qt.dequantize() @ x.astype(np.float32)
+
+    def matmul(self, qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
+        """``X W^T`` for X of shape (M, in), float32 result of shape (M, out)."""
+        X = self._check(qt, X, "X", 2)
+        return X.astype(np.float32) @ qt.dequantize().T
+
+
+_REGISTRY: dict[str, Scheme] = {}
+
+
+def register(name: str, *, description: str, nbytes: Callable[[tuple[int, int]], int],
+             bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None, needs_calib: bool = False):
+    """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"scheme {name!r} is already registered")
+        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib)
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Scheme:
+    """The scheme registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown scheme {name!r}; registered: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    """Names of all registered schemes, in registration order."""
+    return list(_REGISTRY)
+
+
+# --- Floating point ----------------------------------------------------------------
+
+def _register_float(name: str, fmt: str, bytes_per: float, description: str, granularity: str = "none"):
+    def nbytes(shape):
+        out, n = shape
+        scale_bytes = {"none": 0, "tensor": 4, "channel": 4 * out}[granularity]
+        return int(out * n * bytes_per) + scale_bytes
+
+    def bound(w, qt):
+        s = 1.0 if qt.scales is None else qt.scales.astype(np.float64)
+        # half an ulp of the format at w/s, plus the float32 rounding of decode * scale
+        return formats.error_bound(w / s, fmt) * s + np.abs(w) * 2.0**-23
+
+    register(name, description=description, nbytes=nbytes, bound=bound)(
+        lambda w, *, calib=None: formats.quantize(w, fmt, granularity=granularity, scheme=name))
+
+
+_register_float("fp32", "fp32", 4, "IEEE float32, the unquantized reference")
+_register_float("fp16", "fp16", 2, "IEEE float16 (values beyond ±65504 are an error)")
+
+
+# --- Integer affine ----------------------------------------------------------------
+
+def _register_affine(name: str, description: str, **kw):
+    bits, gran, sym = kw["bits"], kw["granularity"], kw.get("sym", True)
+    scale_bytes = np.dtype(kw.get("scale_dtype", np.float32)).itemsize
+
+    def nbytes(shape):
+        out, n = shape
+        codes = out * -(-n * bits // 8)
+        blocks = {"tensor": 1, "channel": out, "group": out * (n // kw.get("group_size", 1))}[gran]
+        return codes + blocks * (scale_bytes + (0 if sym else 1))
+
+    register(name, description=description, nbytes=nbytes, bound=lambda w, qt: affine.error_bound(qt) * (1 + 2**-20))(
+        lambda w, *, calib=None: affine.quantize(w, scheme=name, **kw))
+
+
+for _sym, _suffix in ((True, ""), (False, "_asym")):
+    _kind = "symmetric" if _sym else "asymmetric (uint8 zero point)"
+    _register_affine(f"int8_tensor{_suffix}", f"INT8 {_kind}, one fp32 scale per tensor",
+                     bits=8, granularity="tensor", sym=_sym)
+    _register_affine(f"int8_channel{_suffix}", f"INT8 {_kind}, one fp32 scale per output channel",
+                     bits=8, granularity="channel", axis=0, sym=_sym)
+    for _g in (128, 64, 32):
+        _register_affine(f"int4_g{_g}{_suffix}", f"INT4 {_kind}, fp16 scale per group of {_g} inputs",
+                         bits=4, granularity="group", group_size=_g, sym=_sym, scale_dtype=np.float16)

@@ -1,0 +1,36 @@
+"""Shared test settings: Hypothesis profiles and the one tolerance table.
+
+Profiles: ``ci`` (the default; derandomized, so every run checks the same examples) and
+``dev`` (more examples, random). Choose with ``HYPOTHESIS_PROFILE=dev pytest``.
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev", max_examples=2000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Every tolerance used by the tests, with the reason it is what it is.
+TOL = {
+    # ŵ = s*q is rounded to float32 once: relative error <= 2^-24 on top of the exact
+    # grid bound; 2^-20 leaves room for the float32 scale multiply of every format.
+    "dequant_rel": 2.0**-20,
+    # matvec/matmul against float64 dequantize-then-multiply: float32 accumulation over
+    # n terms errs by about n * 2^-24 * sum|w x|; 1e-5 relative to sum|w||x| covers
+    # n <= ~150 per partial sum (BLAS blocks the sum) with margin.
+    "matvec_rel": 1e-5,
+}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

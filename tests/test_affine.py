@@ -1,0 +1,232 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from refquant import affine
+from tests.conftest import TOL
+from tests.strategies import float_arrays
+
+TINY = 2.0**-149  # float32 subnormal step: absolute slack when ŵ = s*q is itself subnormal
+
+
+@st.composite
+def affine_case(draw, *, allow_subnormal=True):
+    """A weight array plus affine arguments that fit it."""
+    bits = draw(st.integers(2, 8))
+    sym = draw(st.booleans())
+    full_range = sym and draw(st.booleans())
+    granularity = draw(st.sampled_from(["tensor", "channel", "group"]))
+    kw = dict(bits=bits, sym=sym, full_range=full_range, granularity=granularity)
+    if granularity == "group":
+        g = draw(st.integers(1, 8))
+        pad = draw(st.booleans())
+        w = draw(float_arrays(last_multiple_of=1 if pad else g))
+        kw.update(group_size=g, pad=pad)
+    else:
+        w = draw(float_arrays())
+        if granularity == "channel":
+            kw["axis"] = draw(st.integers(-w.ndim, w.ndim - 1))
+    if not allow_subnormal:
+        w = np.where(np.abs(w) < 1e-30, 0, w).astype(w.dtype)
+    return w, kw
+
+
+def exact_codes(w, qt):
+    """Unclipped codes round(w/s) + z computed independently in float64, and the clip mask."""
+    m = qt.meta
+    s = affine.step_sizes(qt) * np.sign(np.broadcast_to(_expand(qt.scales, qt), qt.shape))
+    z = 0 if qt.zeros is None else np.broadcast_to(_expand(qt.zeros.astype(np.float64), qt), qt.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = np.where(s == 0, 0.0, np.round(w.astype(np.float64) / s)) + z
+    lo, hi = affine.code_range(m["bits"], sym=m["sym"], full_range=m["full_range"])
+    return raw, (raw < lo) | (raw > hi)
+
+
+def _expand(a, qt):
+    if qt.meta["granularity"] == "group":
+        return np.repeat(a, qt.meta["group_size"], axis=-1)[..., : qt.shape[-1]]
+    return a
+
+
+@given(affine_case())
+def test_error_bound_half_step_for_unclipped(case):
+    """|w - ŵ| <= |s|/2 for every element whose code was not clipped."""
+    w, kw = case
+    qt = affine.quantize(w, **kw)
+    w_hat = qt.dequantize()
+    assert w_hat.shape == w.shape and w_hat.dtype == np.float32
+    err = np.abs(w.astype(np.float64) - w_hat)
+    s = affine.step_sizes(qt)
+    _, clipped = exact_codes(w, qt)
+    bound = s / 2 * (1 + TOL["dequant_rel"]) + TINY
+    assert np.all(err[~clipped] <= bound[~clipped])
+    if kw["sym"] and not kw["full_range"]:
+        assert not clipped.any(), "absmax scaling must never clip the restricted symmetric range"
+    # clipped elements (the extreme of an asymmetric / full-range block) stay within one step
+    assert np.all(err <= s * (1 + TOL["dequant_rel"]) + TINY)
+
+
+@given(affine_case())
+def test_codes_in_range_and_nbytes_hand_counted(case):
+    w, kw = case
+    qt = affine.quantize(w, **kw)
+    q = affine.codes(qt)
+    lo, hi = affine.code_range(kw["bits"], sym=kw["sym"], full_range=kw["full_range"])
+    assert q.min() >= lo and q.max() <= hi
+    # hand count: packed rows of ceil(n*b/8) bytes, one fp32 scale (+ uint8 zero) per block
+    n = w.shape[-1]
+    if kw["granularity"] == "group":
+        n = math.ceil(n / kw["group_size"]) * kw["group_size"]
+        blocks = math.prod(w.shape[:-1]) * n // kw["group_size"]
+    elif kw["granularity"] == "channel":
+        blocks = w.shape[kw["axis"]]
+    else:
+        blocks = 1
+    rows = math.prod(w.shape[:-1])
+    expected = rows * math.ceil(n * kw["bits"] / 8) + blocks * (4 + (0 if kw["sym"] else 1))
+    assert qt.nbytes == expected
+
+
+@given(affine_case(allow_subnormal=False))
+def test_requantizing_the_grid_gives_the_same_codes(case):
+    """ŵ lies on its own grid: quantizing it again reproduces the codes.
+
+    Symmetric: with freshly computed scales (absmax of ŵ is the same step * qmax).
+    Asymmetric: the zero point is rounded, so the recomputed range can shift by a step;
+    there the invariant is with the grid held fixed (the same scales and zeros).
+    """
+    w, kw = case
+    qt = affine.quantize(w, **kw)
+    w_hat = qt.dequantize()
+    if kw["sym"]:
+        again = affine.codes(affine.quantize(w_hat, **kw))
+    else:
+        wb = w_hat
+        scales, zeros = qt.scales, qt.zeros.astype(np.int64)
+        if kw["granularity"] == "group":
+            g = kw["group_size"]
+            pad = (-w.shape[-1]) % g
+            wb = np.concatenate([w_hat, np.zeros(w.shape[:-1] + (pad,), np.float32)], axis=-1)
+            wb = wb.reshape(wb.shape[:-1] + (-1, g))
+            scales, zeros = scales[..., None], zeros[..., None]
+        again = affine.quantize_codes(wb, scales, zeros, kw["bits"], sym=False).reshape(qt.meta["padded_shape"])
+    np.testing.assert_array_equal(again, affine.codes(qt))
+
+
+@given(affine_case(allow_subnormal=False), st.integers(5, 40))
+def test_clip_search_never_worse_than_absmax(case, grid):
+    w, kw = case
+    base = affine.quantize(w, **kw)
+    searched = affine.quantize(w, clip_search=True, grid=grid, **kw)
+    mse = lambda qt: np.sum((qt.dequantize().astype(np.float64) - w) ** 2)
+    assert mse(searched) <= mse(base) * (1 + 1e-9) + 1e-30
+
+
+def test_clip_search_clips_an_outlier():
+    # 255 inliers in [-1, 1] all round to 0 on the absmax grid (step 8/3): clipping the
+    # range to 0.2 * 8 costs the outlier (8 - 1.6)^2 = 41 but saves ~255/3 = 85 on the rest.
+    w = np.concatenate([np.linspace(-1, 1, 255), [8.0]]).astype(np.float32)[None, :]
+    base = affine.quantize(w, 3, granularity="channel")
+    searched = affine.quantize(w, 3, granularity="channel", clip_search=True)
+    assert abs(searched.scales[0, 0]) < abs(base.scales[0, 0])
+    mse = lambda qt: np.mean((qt.dequantize() - w) ** 2)
+    assert mse(searched) < 0.6 * mse(base)
+
+
+# --- golden values, worked out by hand ----------------------------------------------
+
+def test_golden_int8_tensor_symmetric():
+    w = np.array([0.5, -1.0, 0.25, 1.0], np.float32)
+    qt = affine.quantize(w, 8)
+    # s = 1/127; 0.5*127 = 63.5 -> 64 (half to even), -127, 31.75 -> 32, 127
+    np.testing.assert_array_equal(affine.codes(qt), [64, -127, 32, 127])
+    np.testing.assert_allclose(qt.scales, [1 / 127], rtol=1e-7)
+    np.testing.assert_allclose(qt.dequantize(), np.array([64, -127, 32, 127]) / 127, rtol=1e-6)
+    assert qt.nbytes == 4 + 4
+
+
+def test_golden_asymmetric_2bit():
+    w = np.array([-1.0, 0.0, 0.5, 2.0], np.float32)
+    qt = affine.quantize(w, 2, sym=False)
+    # lo=-1, hi=2, s=1, z=round(1)=1; q = round(w)+1 = [0, 1, 0+1, 3] (0.5 rounds to 0)
+    np.testing.assert_array_equal(affine.codes(qt), [0, 1, 1, 3])
+    assert qt.zeros.item() == 1 and qt.scales.item() == 1.0
+    np.testing.assert_array_equal(qt.dequantize(), [-1, 0, 0, 2])
+    assert qt.codes.tolist() == [0b11010100]
+
+
+def test_golden_group_3bit():
+    w = np.array([[1.0, -3.0, 0.25, 0.7]], np.float32)
+    qt = affine.quantize(w, 3, granularity="group", group_size=2)
+    # group 1: s = 3/3 = 1, q = [1, -3]; group 2: s = 0.7/3, 0.25/s = 1.07 -> 1, q = [1, 3]
+    np.testing.assert_array_equal(affine.codes(qt), [[1, -3, 1, 3]])
+    np.testing.assert_allclose(qt.dequantize(), [[1, -3, 0.7 / 3, 0.7]], rtol=1e-6)
+    assert qt.scales.shape == (1, 2)
+
+
+def test_golden_full_range_4bit():
+    w = np.array([0.5, -0.25, 1.0, -0.9], np.float32)
+    qt = affine.quantize(w, 4, full_range=True)
+    # m = 1.0 -> s = 1/-8; q = [-4, 2, -8, round(7.2)=7]
+    assert qt.scales.item() == -0.125
+    np.testing.assert_array_equal(affine.codes(qt), [-4, 2, -8, 7])
+    np.testing.assert_array_equal(qt.dequantize(), [0.5, -0.25, 1.0, -0.875])
+
+
+def test_golden_channel_axis1():
+    w = np.array([[1.0, 4.0], [-2.0, 8.0]], np.float32)
+    qt = affine.quantize(w, 8, granularity="channel", axis=1)
+    np.testing.assert_allclose(qt.scales, [[2 / 127, 8 / 127]], rtol=1e-7)
+    np.testing.assert_array_equal(affine.codes(qt), [[round(127 / 2), round(4 * 127 / 8)], [-127, 127]])
+
+
+def test_padding_crops_back():
+    w = np.arange(1, 7, dtype=np.float32).reshape(1, 6)
+    qt = affine.quantize(w, 4, granularity="group", group_size=4, pad=True)
+    assert qt.meta["padded_shape"] == (1, 8) and qt.scales.shape == (1, 2)
+    assert qt.dequantize().shape == (1, 6)
+    np.testing.assert_allclose(qt.dequantize(), w, atol=6 / 7 / 2 + 1e-6)
+
+
+def test_all_zero_block_and_scale_dtype():
+    w = np.zeros((2, 8), np.float32)
+    w[1] = 0.875  # s = 0.875 / 7 = 0.125, exact in float16
+    qt = affine.quantize(w, 4, granularity="group", group_size=8, scale_dtype=np.float16)
+    assert qt.scales.dtype == np.float16 and qt.scales[0, 0] == 0
+    np.testing.assert_array_equal(qt.dequantize(), w)
+
+
+def test_quantizedtensor_is_read_only():
+    qt = affine.quantize(np.ones((2, 4), np.float32), 4)
+    with pytest.raises(ValueError):
+        qt.codes[0] = 1
+    with pytest.raises(AttributeError):
+        qt.scheme = "x"
+
+
+# --- bad input: each names the argument ---------------------------------------------
+
+@pytest.mark.parametrize("w, kw, exc, match", [
+    (np.array([1.0, np.nan]), {}, ValueError, "w contains 1 non-finite"),
+    (np.array([1.0, np.inf], np.float32), {}, ValueError, "w contains 1 non-finite"),
+    (np.zeros((0, 4), np.float32), {}, ValueError, "w is empty"),
+    (np.array(1.0), {}, ValueError, "w must have at least 1 dimension"),
+    (np.ones(4, np.int32), {}, TypeError, "w must be a floating-point array"),
+    (np.ones(4), dict(bits=1), ValueError, "bits must be one of 2..8"),
+    (np.ones(4), dict(bits=9), ValueError, "bits must be one of 2..8"),
+    (np.ones(4), dict(bits=4.0), TypeError, "bits must be an integer"),
+    (np.ones((2, 6)), dict(granularity="group", group_size=4), ValueError, "group_size=4 does not divide"),
+    (np.ones((2, 6)), dict(granularity="group"), ValueError, "needs group_size"),
+    (np.ones((2, 6)), dict(granularity="group", group_size=0), ValueError, "group_size must be a positive"),
+    (np.ones((2, 6)), dict(group_size=2), ValueError, "group_size=2 is only meaningful"),
+    (np.ones((2, 6)), dict(granularity="row"), ValueError, "granularity must be one of"),
+    (np.ones((2, 6)), dict(granularity="channel", axis=2), ValueError, "axis=2 is out of range"),
+    (np.ones((2, 6)), dict(sym=False, full_range=True), ValueError, "full_range=True applies"),
+    (np.ones((2, 6)), dict(scale_dtype=np.int8), ValueError, "scale_dtype"),
+    (np.full(4, 1e6), dict(bits=4, scale_dtype=np.float16), ValueError, "overflows scale_dtype"),
+])
+def test_bad_input_raises_with_a_clear_message(w, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        affine.quantize(w, **kw)
