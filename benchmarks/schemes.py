@@ -55,7 +55,8 @@ def plot(data: dict, path) -> None:
         ax.scatter(r["bits_per_weight"], r["sqnr_db"], s=25)
         # alternate label sides so neighbouring schemes stay readable
         ax.annotate(r["scheme"], (r["bits_per_weight"], r["sqnr_db"]), fontsize=7, textcoords="offset points",
-                    xytext=(5, -10 + 7 * (i % 4)) if i % 2 else (-5, -10 + 7 * (i % 4)), ha="left" if i % 2 else "right")
+                    xytext=(25 if i % 2 else -25, -24 + 16 * (i % 4)), ha="left" if i % 2 else "right",
+                    va="center", arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per weight (codes + scales + zeros)")
     ax.set_ylabel("SQNR [dB]")
