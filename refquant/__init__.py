@@ -1,11 +1,12 @@
 """refquant: a pure-NumPy reference implementation of LLM weight quantization.
 
 Modules: ``affine`` (integer grids), ``formats`` (fp16/bf16/fp8/fp4/e8m0 bit-exact),
+``codebooks`` (NF4 / bitsandbytes FP4, double quant), ``mx`` (MXFP4/MXFP8/NVFP4),
 ``packing`` (bit packing), ``schemes`` (the registry of named schemes), ``metrics``.
 Every quantizer returns a ``QuantizedTensor``.
 """
-from refquant import affine, formats, metrics, packing, schemes
+from refquant import affine, codebooks, formats, metrics, mx, packing, schemes
 from refquant.tensor import QuantizedTensor
 
-__all__ = ["QuantizedTensor", "affine", "formats", "metrics", "packing", "schemes"]
+__all__ = ["QuantizedTensor", "affine", "codebooks", "formats", "metrics", "mx", "packing", "schemes"]
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from refquant import affine, formats
+from refquant import affine, codebooks, formats, mx
 from refquant._checks import float_array
 from refquant.tensor import QuantizedTensor
 
@@ -113,6 +113,43 @@ def _register_float(name: str, fmt: str, bytes_per: float, description: str, gra
 
 _register_float("fp32", "fp32", 4, "IEEE float32, the unquantized reference")
 _register_float("fp16", "fp16", 2, "IEEE float16 (values beyond ±65504 are an error)")
+_register_float("bf16", "bf16", 2, "bfloat16, round-to-nearest-even from float32")
+_register_float("fp8_e4m3", "fp8_e4m3fn", 1, "FP8 E4M3 (fn), fp32 scale amax/448 per output channel", "channel")
+_register_float("fp8_e5m2", "fp8_e5m2", 1, "FP8 E5M2, fp32 scale amax/57344 per output channel", "channel")
+
+
+# --- Codebooks (bitsandbytes) and microscaling ---------------------------------------
+
+def _codebook_nbytes(double_quant: bool, blocksize: int = 64):
+    def nbytes(shape):
+        n = shape[0] * shape[1]
+        blocks = -(-n // blocksize)
+        codes = -(-blocks * blocksize // 2)
+        quant_map = 16 * 4
+        if not double_quant:
+            return codes + 4 * blocks + quant_map
+        # uint8 absmax codes, fp32 absmax per 256 of them, fp32 mean offset, 256-entry fp32 dynamic map
+        return codes + blocks + 4 * -(-blocks // 256) + 4 + quant_map + 256 * 4
+    return nbytes
+
+
+for _cb, _dq, _desc in (("nf4", False, "NF4 (QLoRA), fp32 absmax per block of 64"),
+                        ("nf4", True, "NF4 + double quantization: absmax as 8-bit dynamic map per 256 blocks"),
+                        ("fp4", False, "bitsandbytes FP4, fp32 absmax per block of 64")):
+    _name = _cb + ("_dq" if _dq else "")
+    register(_name, description=_desc, nbytes=_codebook_nbytes(_dq), bound=codebooks.error_bound)(
+        lambda w, *, calib=None, _cb=_cb, _dq=_dq, _name=_name: codebooks.quantize(w, _cb, double_quant=_dq,
+                                                                                    scheme=_name))
+
+register("mxfp4", description="OCP MXFP4: E2M1 elements, E8M0 scale per 32", bound=mx.error_bound,
+         nbytes=lambda s: s[0] * s[1] // 2 + s[0] * s[1] // 32)(
+    lambda w, *, calib=None: mx.quantize_mx(w, "mxfp4"))
+register("mxfp8", description="OCP MXFP8: E4M3 elements, E8M0 scale per 32", bound=mx.error_bound,
+         nbytes=lambda s: s[0] * s[1] + s[0] * s[1] // 32)(
+    lambda w, *, calib=None: mx.quantize_mx(w, "mxfp8"))
+register("nvfp4", description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale", bound=mx.error_bound,
+         nbytes=lambda s: s[0] * s[1] // 2 + s[0] * s[1] // 16 + 4)(
+    lambda w, *, calib=None: mx.quantize_nvfp4(w))
 
 
 # --- Integer affine ----------------------------------------------------------------
