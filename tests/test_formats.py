@@ -1,0 +1,146 @@
+"""Float formats against ml_dtypes (and NumPy's own float16): exhaustive and properties."""
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from refquant import formats
+
+# format -> (oracle dtype, storage dtype of the bit patterns)
+ORACLES = {
+    "fp16": (np.float16, np.uint16),      # NumPy's float16 is the oracle for binary16
+    "bf16": (ml_dtypes.bfloat16, np.uint16),
+    "fp8_e5m2": (ml_dtypes.float8_e5m2, np.uint8),
+    "fp8_e4m3fn": (ml_dtypes.float8_e4m3fn, np.uint8),
+    "fp4_e2m1": (ml_dtypes.float4_e2m1fn, np.uint8),
+    "e8m0": (ml_dtypes.float8_e8m0fnu, np.uint8),
+}
+FMTS = list(ORACLES)
+
+
+def oracle_encode(x, fmt):
+    dtype, storage = ORACLES[fmt]
+    with np.errstate(all="ignore"):
+        return np.asarray(x, np.float32).astype(dtype).view(storage)
+
+
+def all_patterns(fmt):
+    width = formats.get_format(fmt).width
+    return np.arange(1 << width, dtype=np.uint16 if width == 16 else np.uint8)
+
+
+def same_floats(a, b):
+    return np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a[~np.isnan(a)]),
+                                                                     np.signbit(b[~np.isnan(b)]))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_decode_every_bit_pattern_like_the_oracle(fmt):
+    bits = all_patterns(fmt)
+    expected = bits.view(ORACLES[fmt][0]).astype(np.float32)
+    got = formats.decode(bits, fmt)
+    assert got.dtype == np.float32
+    assert same_floats(got, expected)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_every_float16_value_like_the_oracle(fmt):
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)   # incl. NaNs, Infs, subnormals
+    np.testing.assert_array_equal(formats.encode(x, fmt), oracle_encode(x, fmt))
+
+
+@st.composite
+def float32_inputs(draw, fmt):
+    """Random float32 plus the hard cases: exact ties between neighbours, values past the
+    maximum, the subnormal range, NaN and Inf."""
+    vals = formats.representable_values(fmt).astype(np.float64)
+    vals = vals[vals >= 0]
+    kind = draw(st.sampled_from(["any", "tie", "beyond", "tiny"]))
+    if kind == "any":
+        return draw(st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True))
+    if kind == "tie":
+        i = draw(st.integers(0, len(vals) - 2))
+        mid = np.float32((vals[i] + vals[i + 1]) / 2)
+        return float(mid) * draw(st.sampled_from([1, -1]))
+    if kind == "beyond":
+        f = draw(st.floats(1.0, 3.0))
+        return float(np.float32(min(vals[-1] * f, 3e38))) * draw(st.sampled_from([1, -1]))
+    tiny = float(np.float32(1e-36))
+    return draw(st.floats(-tiny, tiny, width=32, allow_subnormal=True))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@given(data=st.data())
+def test_encode_float32_like_the_oracle(fmt, data):
+    x = np.array(data.draw(st.lists(float32_inputs(fmt), min_size=1, max_size=16)), np.float32)
+    np.testing.assert_array_equal(formats.encode(x, fmt), oracle_encode(x, fmt))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_decode_encode_is_identity_on_representable_values(fmt):
+    v = formats.representable_values(fmt)
+    np.testing.assert_array_equal(formats.round_to(v, fmt), v)
+
+
+@pytest.mark.parametrize("fmt", [f for f in FMTS if f != "e8m0"])
+@given(data=st.data())
+def test_encode_is_monotone(fmt, data):
+    xs = data.draw(hnp.arrays(np.float32, st.integers(2, 32),
+                              elements=st.floats(-1e5, 1e5, width=32, allow_subnormal=True)))
+    xs = np.sort(xs)
+    r = formats.round_to(xs, fmt, saturate=True)
+    assert np.all(np.diff(r.astype(np.float64)) >= 0)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@given(data=st.data())
+def test_relative_error_in_the_normal_range(fmt, data):
+    f = formats.get_format(fmt)
+    lo, hi = 2.0**f.emin, f.max
+    x = data.draw(st.floats(lo, hi, width=32))
+    r = float(formats.round_to(np.array([x], np.float32), fmt)[0])
+    assert abs(r - x) <= abs(x) * 2.0 ** -(f.man_bits + 1)
+
+
+def test_golden_values():
+    enc = lambda v, fmt: int(formats.encode(np.array([v], np.float32), fmt)[0])
+    assert enc(1.0, "bf16") == 0x3F80 and enc(-2.0, "fp16") == 0xC000
+    assert enc(448.0, "fp8_e4m3fn") == 0x7E            # S.1111.110 = 1.75 * 2^8
+    assert enc(464.0, "fp8_e4m3fn") == 0x7E            # tie between 448 and (NaN) 480: to even
+    assert enc(465.0, "fp8_e4m3fn") == 0x7F            # overflow -> NaN (no Inf)
+    assert enc(2.0**-9, "fp8_e4m3fn") == 0x01          # smallest subnormal: 2^-6 * 1/8
+    assert enc(57344.0, "fp8_e5m2") == 0x7B and enc(1e6, "fp8_e5m2") == 0x7C   # max, then Inf
+    assert enc(2.5, "fp4_e2m1") == 0b0100              # tie 2 | 3 -> 2 (even mantissa)
+    assert enc(5.0, "fp4_e2m1") == 0b0110              # tie 4 | 6 -> 4
+    assert enc(-100.0, "fp4_e2m1") == 0b1111           # saturates to -6
+    assert enc(1.0, "e8m0") == 127 and enc(0.25, "e8m0") == 125 and enc(0.0, "e8m0") == 0xFF
+    assert formats.get_format("fp8_e4m3fn").max == 448 and formats.get_format("fp4_e2m1").max == 6
+
+
+def test_saturate_option():
+    x = np.array([1000.0, -np.inf, np.nan], np.float32)
+    r = formats.round_to(x, "fp8_e4m3fn", saturate=True)
+    assert r[0] == 448 and r[1] == -448 and np.isnan(r[2])
+
+
+def test_scaled_fp8_per_tensor_and_channel():
+    w = np.array([[1.0, -4.0], [0.5, 0.25]], np.float32)
+    t = formats.quantize(w, "fp8_e4m3fn", granularity="tensor")
+    assert t.scales.item() == np.float32(4.0 / 448)
+    c = formats.quantize(w, "fp8_e4m3fn", granularity="channel", axis=0)
+    np.testing.assert_allclose(c.scales[:, 0], np.float32([4.0 / 448, 0.5 / 448]))
+    # the largest element of each row lands exactly on ±448
+    np.testing.assert_array_equal(formats.decode(c.codes, "fp8_e4m3fn")[[0, 1], [1, 0]], [-448, 448])
+    np.testing.assert_allclose(c.dequantize(), w, rtol=2**-4)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        formats.encode(np.ones(2, np.float32), "fp6")
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        formats.encode(np.ones(2, np.int32), "bf16")
+    with pytest.raises(ValueError, match="bits must be in"):
+        formats.decode(np.array([16], np.uint8), "fp4_e2m1")
+    with pytest.raises(ValueError, match="beyond the fp16 range"):
+        formats.quantize(np.array([1e6], np.float32), "fp16")
