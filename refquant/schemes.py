@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from refquant import affine, codebooks, formats, mx
+from refquant import affine, codebooks, formats, kernels, mx
 from refquant._checks import float_array
 from refquant.tensor import QuantizedTensor
 
@@ -38,6 +38,8 @@ class Scheme:
     expected_nbytes: Callable[[tuple[int, int]], int]
     error_bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None
     needs_calib: bool = False
+    matvec_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, x)
+    matmul_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, X), M <= 16
 
     def quantize(self, w: np.ndarray, *, calib=None) -> QuantizedTensor:
         """Quantize a 2-D float weight matrix of shape (out, in)."""
@@ -57,11 +59,15 @@ class Scheme:
     def matvec(self, qt: QuantizedTensor, x: np.ndarray) -> np.ndarray:
         """``W x`` for x of shape (in,), float32 result of shape (out,)."""
         x = self._check(qt, x, "x", 1)
+        if self.matvec_fn is not None:
+            return self.matvec_fn(qt, x)
         return qt.dequantize() @ x.astype(np.float32)
 
     def matmul(self, qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
         """``X W^T`` for X of shape (M, in), float32 result of shape (M, out)."""
         X = self._check(qt, X, "X", 2)
+        if self.matmul_fn is not None and X.shape[0] <= kernels.MAX_BATCH:
+            return self.matmul_fn(qt, X)
         return X.astype(np.float32) @ qt.dequantize().T
 
 
@@ -69,13 +75,18 @@ _REGISTRY: dict[str, Scheme] = {}
 
 
 def register(name: str, *, description: str, nbytes: Callable[[tuple[int, int]], int],
-             bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None, needs_calib: bool = False):
-    """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``."""
+             bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None, needs_calib: bool = False,
+             matvec=None, matmul=None):
+    """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``.
+
+    ``matvec(qt, x)`` / ``matmul(qt, X)``: optional kernels used instead of
+    dequantize-then-multiply (inputs already validated).
+    """
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"scheme {name!r} is already registered")
-        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib)
+        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib, matvec, matmul)
         return fn
 
     return deco
@@ -154,8 +165,28 @@ register("nvfp4", description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 ten
 
 # --- Integer affine ----------------------------------------------------------------
 
+def _int8_args(qt):
+    return qt.codes.view(np.int8), np.broadcast_to(qt.scales.reshape(-1), (qt.shape[0],)).astype(np.float32)
+
+
+def _int4_args(qt):
+    return qt.codes, qt.scales, qt.zeros
+
+
+_AFFINE_KERNELS = {
+    # (bits, symmetric) -> (matvec, matmul) on the affine layout
+    (8, True): (lambda qt, x: kernels.matvec_int8(*_int8_args(qt), x),
+                lambda qt, X: kernels.matmul_int8(*_int8_args(qt), X)),
+    (4, True): (lambda qt, x: kernels.matvec_int4(*_int4_args(qt), x, group_size=qt.meta["group_size"]),
+                lambda qt, X: kernels.matmul_int4(*_int4_args(qt), X, group_size=qt.meta["group_size"])),
+    (4, False): (lambda qt, x: kernels.matvec_int4(*_int4_args(qt), x, group_size=qt.meta["group_size"]),
+                 lambda qt, X: kernels.matmul_int4(*_int4_args(qt), X, group_size=qt.meta["group_size"])),
+}
+
+
 def _register_affine(name: str, description: str, **kw):
     bits, gran, sym = kw["bits"], kw["granularity"], kw.get("sym", True)
+    matvec, matmul = _AFFINE_KERNELS.get((bits, sym), (None, None))
     scale_bytes = np.dtype(kw.get("scale_dtype", np.float32)).itemsize
 
     def nbytes(shape):
@@ -164,8 +195,8 @@ def _register_affine(name: str, description: str, **kw):
         blocks = {"tensor": 1, "channel": out, "group": out * (n // kw.get("group_size", 1))}[gran]
         return codes + blocks * (scale_bytes + (0 if sym else 1))
 
-    register(name, description=description, nbytes=nbytes, bound=lambda w, qt: affine.error_bound(qt) * (1 + 2**-20))(
-        lambda w, *, calib=None: affine.quantize(w, scheme=name, **kw))
+    register(name, description=description, nbytes=nbytes, bound=lambda w, qt: affine.error_bound(qt) * (1 + 2**-20),
+             matvec=matvec, matmul=matmul)(lambda w, *, calib=None: affine.quantize(w, scheme=name, **kw))
 
 
 for _sym, _suffix in ((True, ""), (False, "_asym")):

@@ -1,0 +1,291 @@
+"""numba matvec / small-batch matmul kernels for integer weights, each with a NumPy twin.
+
+Batch-1 decode is ``y = W x``: two FLOPs per weight read once, so the speed of these
+kernels is the speed at which weight bytes can be pulled through the cores. Each public
+function validates its inputs and calls a private ``@njit`` kernel; ``*_ref`` is the
+NumPy twin that the tests compare it with.
+
+Weight layouts are those of ``refquant.affine``:
+
+* ``matvec_int8``: int8 codes ``q`` (out, in), fp32 scale per row: ``y_r = s_r Σ_i q_ri x_i``.
+* ``matvec_w8a8``: as int8, but x is first quantized per token (``s_x = max|x|/127``,
+  ``x_q = round(x / s_x)``) and the products ``q_ri x_q,i`` accumulate in **int32**,
+  one float multiply per row: ``y_r = s_r s_x Σ_i q_ri x_q,i`` (exact integer sum).
+* ``matvec_int4``: codes packed two per byte along ``in`` (element 2k in the low
+  nibble of byte k; signed two's complement when symmetric, unsigned with per-group
+  zero points when asymmetric), scales (and zeros) per (row, group of ``g`` inputs)::
+
+      y_r = Σ_groups s_rg (Σ_{i∈g} q_ri x_i - z_rg Σ_{i∈g} x_i)
+
+  Nibbles are unpacked in registers; the dequantized matrix is never built. x is split
+  once into even / odd elements so that each byte meets two contiguous x streams.
+
+The group length is a compile-time constant of each int4 kernel (one specialization per
+group size and signedness): with a constant trip count LLVM vectorizes the nibble
+unpacking, with a run-time one it did not (5x slower, measured).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from refquant._checks import float_array
+
+INT4_GROUPS = (32, 64, 128)
+MAX_BATCH = 16
+
+
+# --- validation ----------------------------------------------------------------------
+
+def _check_x(x, n: int, name: str = "x", ndim: int = 1) -> np.ndarray:
+    x = float_array(x, name, ndim=ndim)
+    if x.shape[-1] != n:
+        raise ValueError(f"{name} has {x.shape[-1]} features but the weight has in={n}")
+    if ndim == 2 and x.shape[0] > MAX_BATCH:
+        raise ValueError(f"{name} has {x.shape[0]} rows; the small-batch kernels take at most {MAX_BATCH}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_array(a, name: str, dtypes, shape=None) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(a).__name__}")
+    if a.dtype not in [np.dtype(d) for d in dtypes]:
+        raise TypeError(f"{name} must have dtype {' or '.join(np.dtype(d).name for d in dtypes)}, got {a.dtype}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape})")
+    return np.ascontiguousarray(a)
+
+
+# --- INT8 ----------------------------------------------------------------------------
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matvec_int8_kernel(q, s, x):
+    out = np.empty(q.shape[0], np.float32)
+    for r in prange(q.shape[0]):
+        acc = np.float32(0)
+        row = q[r]
+        for i in range(row.size):
+            acc += np.float32(row[i]) * x[i]
+        out[r] = acc * s[r]
+    return out
+
+
+def matvec_int8(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``y = diag(scales) q x`` for int8 ``q`` (out, in), fp32 ``scales`` (out,), float ``x`` (in,)."""
+    q = _check_array(q, "q", [np.int8])
+    if q.ndim != 2:
+        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
+    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
+    return _matvec_int8_kernel(q, s, _check_x(x, q.shape[1]))
+
+
+def matvec_int8_ref(q, scales, x) -> np.ndarray:
+    """NumPy twin of ``matvec_int8`` (float64 accumulation)."""
+    return (scales.astype(np.float64) * (q.astype(np.float64) @ x.astype(np.float64))).astype(np.float32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul_int8_kernel(q, s, X):
+    M, O = X.shape[0], q.shape[0]
+    out = np.empty((M, O), np.float32)
+    for r in prange(O):
+        row = q[r]
+        for m in range(M):
+            acc = np.float32(0)
+            xm = X[m]
+            for i in range(row.size):
+                acc += np.float32(row[i]) * xm[i]
+            out[m, r] = acc * s[r]
+    return out
+
+
+def matmul_int8(q: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``Y = X qᵀ diag(scales)`` for a small batch X (M <= 16, in)."""
+    q = _check_array(q, "q", [np.int8])
+    if q.ndim != 2:
+        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
+    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
+    return _matmul_int8_kernel(q, s, _check_x(X, q.shape[1], "X", 2))
+
+
+# --- W8A8 ----------------------------------------------------------------------------
+
+def quantize_activation_int8(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Per-token symmetric int8: ``s_x = max|x| / 127``, ``x_q = round(x / s_x)`` (0 if x == 0)."""
+    amax = np.float32(np.max(np.abs(x)))
+    sx = amax / np.float32(127) if amax > 0 else np.float32(0)
+    xq = np.zeros(x.shape, np.int8) if sx == 0 else np.clip(np.round(x / sx), -127, 127).astype(np.int8)
+    return xq, np.float32(sx)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matvec_w8a8_kernel(q, s, xq, sx):
+    out = np.empty(q.shape[0], np.float32)
+    for r in prange(q.shape[0]):
+        acc = np.int32(0)
+        row = q[r]
+        for i in range(row.size):
+            acc += np.int32(row[i]) * np.int32(xq[i])
+        out[r] = np.float32(acc) * s[r] * sx
+    return out
+
+
+def matvec_w8a8(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """W8A8 matvec: x quantized to int8 once, int8·int8 products summed in int32.
+
+    Exact integer accumulation (|sum| <= in * 127 * 127 < 2^31 for in < 133,000).
+    """
+    q = _check_array(q, "q", [np.int8])
+    if q.ndim != 2:
+        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
+    if q.shape[1] >= 133_000:
+        raise ValueError(f"in={q.shape[1]} could overflow the int32 accumulator (max 132,999)")
+    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
+    xq, sx = quantize_activation_int8(_check_x(x, q.shape[1]))
+    return _matvec_w8a8_kernel(q, s, xq, sx)
+
+
+def matvec_w8a8_ref(q, scales, x) -> np.ndarray:
+    """NumPy twin of ``matvec_w8a8``: the same integer sums in int64, then the same float multiplies."""
+    xq, sx = quantize_activation_int8(np.asarray(x, np.float32))
+    acc = q.astype(np.int64) @ xq.astype(np.int64)
+    return (acc.astype(np.float32) * scales.astype(np.float32) * sx).astype(np.float32)
+
+
+# --- INT4 ----------------------------------------------------------------------------
+
+def _int4_kernel(group: int, signed: bool, batched: bool):
+    """Build the kernel for one group size (a compile-time constant) and nibble signedness."""
+    HG = group // 2
+
+    @njit(fastmath=True, inline="always")
+    def group_dot(row, base, xe, xo):
+        acc = np.float32(0)
+        for j in range(HG):
+            b = row[base + j]
+            if signed:   # row is int8: arithmetic shifts sign-extend each nibble
+                lo = np.float32(np.int8(b << 4) >> 4)
+                hi = np.float32(b >> 4)
+            else:        # row is uint8
+                lo = np.float32(b & 15)
+                hi = np.float32(b >> 4)
+            acc += lo * xe[base + j] + hi * xo[base + j]
+        return acc
+
+    if not batched:
+        @njit(parallel=True, fastmath=True, cache=True)
+        def kernel(p, s, z, xe, xo, gsum):
+            out = np.empty(p.shape[0], np.float32)
+            for r in prange(p.shape[0]):
+                row = p[r]
+                total = np.float32(0)
+                for g in range(s.shape[1]):
+                    acc = group_dot(row, g * HG, xe, xo)
+                    if not signed:
+                        acc -= z[r, g] * gsum[g]
+                    total += acc * s[r, g]
+                out[r] = total
+            return out
+        return kernel
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def kernel_mm(p, s, z, xe, xo, gsum):
+        M = xe.shape[0]
+        out = np.empty((M, p.shape[0]), np.float32)
+        for r in prange(p.shape[0]):
+            row = p[r]
+            for m in range(M):
+                total = np.float32(0)
+                for g in range(s.shape[1]):
+                    acc = group_dot(row, g * HG, xe[m], xo[m])
+                    if not signed:
+                        acc -= z[r, g] * gsum[m, g]
+                    total += acc * s[r, g]
+                out[m, r] = total
+        return out
+    return kernel_mm
+
+
+_INT4 = {(g, sg, b): _int4_kernel(g, sg, b) for g in INT4_GROUPS for sg in (True, False) for b in (False, True)}
+
+
+def _check_int4(packed, scales, zeros, group_size):
+    if group_size not in INT4_GROUPS:
+        raise ValueError(f"group_size must be one of {INT4_GROUPS}, got {group_size}")
+    p = _check_array(packed, "packed", [np.uint8, np.int8])
+    if p.ndim != 2 or (2 * p.shape[1]) % group_size:
+        raise ValueError(f"packed must be 2-D (out, in_padded / 2) with in_padded a multiple of "
+                         f"group_size={group_size}, got shape {getattr(p, 'shape', None)}")
+    s = _check_array(scales, "scales", [np.float32, np.float16],
+                     (p.shape[0], 2 * p.shape[1] // group_size)).astype(np.float32)
+    signed = zeros is None
+    if signed:
+        z = np.zeros((1, 1), np.float32)
+    else:
+        z = _check_array(zeros, "zeros", [np.uint8, np.int32, np.float32], s.shape).astype(np.float32)
+    return p.view(np.int8 if signed else np.uint8), s, z, signed
+
+
+def _pad_x(x, n_padded: int, group_size: int, name: str) -> np.ndarray:
+    """x may be shorter than the padded rows by less than a group: pad it with zeros."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+    n = x.shape[-1] if x.ndim else 0
+    if not n_padded - group_size < n <= n_padded:
+        raise ValueError(f"{name} has {n} features but the packed weight holds {n_padded} "
+                         f"(rows padded to a multiple of group_size={group_size})")
+    x = _check_x(x, n, name, x.ndim if x.ndim in (1, 2) else 1)
+    if n < n_padded:
+        x = np.concatenate([x, np.zeros(x.shape[:-1] + (n_padded - n,), np.float32)], axis=-1)
+    return x
+
+
+def matvec_int4(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, x: np.ndarray, *,
+                group_size: int = 128) -> np.ndarray:
+    """Group-wise INT4 matvec on packed nibbles (layout in the module docstring).
+
+    ``zeros=None``: symmetric signed nibbles; otherwise unsigned nibbles with zero points.
+    Rows may be zero-padded to a whole group (``affine.quantize(..., pad=True)``): x then
+    has the unpadded length.
+    """
+    p, s, z, signed = _check_int4(packed, scales, zeros, group_size)
+    if isinstance(x, np.ndarray) and x.ndim != 1:
+        raise ValueError(f"x must be 1-D, got shape {x.shape}")
+    x = _pad_x(x, 2 * p.shape[1], group_size, "x")
+    xe, xo = np.ascontiguousarray(x[0::2]), np.ascontiguousarray(x[1::2])
+    gsum = x.reshape(-1, group_size).sum(axis=1, dtype=np.float32)
+    return _INT4[(group_size, signed, False)](p, s, z, xe, xo, gsum)
+
+
+def matmul_int4(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None, X: np.ndarray, *,
+                group_size: int = 128) -> np.ndarray:
+    """``Y = X Ŵᵀ`` for a small batch X (M <= 16, in) on packed INT4 weights."""
+    p, s, z, signed = _check_int4(packed, scales, zeros, group_size)
+    if isinstance(X, np.ndarray) and X.ndim != 2:
+        raise ValueError(f"X must be 2-D (M, in), got shape {X.shape}")
+    X = _pad_x(X, 2 * p.shape[1], group_size, "X")
+    xe, xo = np.ascontiguousarray(X[:, 0::2]), np.ascontiguousarray(X[:, 1::2])
+    gsum = X.reshape(X.shape[0], -1, group_size).sum(axis=2, dtype=np.float32)
+    return _INT4[(group_size, signed, True)](p, s, z, xe, xo, gsum)
+
+
+def unpack_int4_ref(packed: np.ndarray, signed: bool) -> np.ndarray:
+    """Nibbles -> int codes (out, in), element 2k from the low nibble of byte k."""
+    b = packed.view(np.uint8).astype(np.int16)
+    lo, hi = b & 15, b >> 4
+    if signed:
+        lo, hi = lo - ((lo & 8) << 1), hi - ((hi & 8) << 1)
+    q = np.empty((b.shape[0], b.shape[1] * 2), np.int16)
+    q[:, 0::2], q[:, 1::2] = lo, hi
+    return q
+
+
+def matvec_int4_ref(packed, scales, zeros, x, *, group_size: int = 128) -> np.ndarray:
+    """NumPy twin of ``matvec_int4``: dequantize in float64, then multiply."""
+    q = unpack_int4_ref(packed, zeros is None).astype(np.float64)[:, : x.shape[-1]]
+    s = np.repeat(scales.astype(np.float64), group_size, axis=1)
+    z = 0 if zeros is None else np.repeat(zeros.astype(np.float64), group_size, axis=1)[:, : x.shape[-1]]
+    s = s[:, : x.shape[-1]]
+    return (((q - z) * s) @ np.asarray(x, np.float64).T).T.astype(np.float32)
