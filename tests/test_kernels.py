@@ -1,0 +1,101 @@
+"""Each numba kernel against its NumPy twin, over drawn shapes; bad input raises."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from refquant import affine, kernels
+
+REL = 1e-5   # float32 accumulation vs the float64 twin, relative to sum |w x| (tests/conftest.py TOL)
+
+
+def close(y, ref, scale):
+    assert y.shape == ref.shape and y.dtype == np.float32
+    assert np.all(np.abs(y.astype(np.float64) - ref) <= REL * scale + 1e-30)
+
+
+@st.composite
+def int8_case(draw):
+    out = draw(st.integers(1, 40))
+    n = draw(st.integers(1, 300))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    q = rng.integers(-127, 128, size=(out, n)).astype(np.int8)
+    s = (rng.random(out) + 0.01).astype(np.float32)
+    x = rng.standard_normal(n).astype(np.float32)
+    return q, s, x, rng
+
+
+@given(int8_case())
+def test_matvec_int8_equals_twin(case):
+    q, s, x, rng = case
+    scale = s.astype(np.float64) * (np.abs(q.astype(np.float64)) @ np.abs(x))
+    close(kernels.matvec_int8(q, s, x), kernels.matvec_int8_ref(q, s, x).astype(np.float64), scale)
+    X = rng.standard_normal((int(rng.integers(1, 17)), q.shape[1])).astype(np.float32)
+    ref = (X.astype(np.float64) @ q.T.astype(np.float64)) * s
+    close(kernels.matmul_int8(q, s, X), ref, (np.abs(X) @ np.abs(q.T.astype(np.float64))) * s)
+
+
+@given(int8_case())
+def test_matvec_w8a8_integer_sums_are_exact(case):
+    q, s, x, _ = case
+    y = kernels.matvec_w8a8(q, s, x)
+    ref = kernels.matvec_w8a8_ref(q, s, x)
+    # the int32 sum is exact; only the two float multiplies after it may round differently
+    np.testing.assert_allclose(y, ref, rtol=2**-21, atol=0)
+    xq, sx = kernels.quantize_activation_int8(x)
+    assert np.all(np.abs(xq.astype(np.float64) * sx - x) <= sx / 2 * (1 + 1e-6))
+
+
+@st.composite
+def int4_case(draw):
+    g = draw(st.sampled_from(kernels.matvec.INT4_GROUPS))
+    out = draw(st.integers(1, 24))
+    n = draw(st.integers(1, 3 * g))                      # tails not divisible by the group included
+    sym = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    w = rng.standard_normal((out, n)).astype(np.float32)
+    qt = affine.quantize(w, 4, sym=sym, granularity="group", group_size=g, pad=True, scale_dtype=np.float16)
+    return qt, g, rng
+
+
+@given(int4_case())
+def test_matvec_int4_equals_twin_and_dequantize(case):
+    qt, g, rng = case
+    n = qt.shape[1]
+    x = rng.standard_normal(n).astype(np.float32)
+    w_hat = qt.dequantize().astype(np.float64)
+    scale = np.abs(w_hat) @ np.abs(x) + np.abs(qt.scales.astype(np.float64)).sum(axis=1) * np.abs(x).max() * 8
+    y = kernels.matvec_int4(qt.codes, qt.scales, qt.zeros, x, group_size=g)
+    close(y, kernels.matvec_int4_ref(qt.codes, qt.scales, qt.zeros, x, group_size=g).astype(np.float64), scale)
+    close(y, w_hat @ x, scale)
+    X = rng.standard_normal((int(rng.integers(1, 17)), n)).astype(np.float32)
+    Y = kernels.matmul_int4(qt.codes, qt.scales, qt.zeros, X, group_size=g)
+    close(Y, X.astype(np.float64) @ w_hat.T, np.abs(X) @ np.abs(w_hat).T + 1e-3 * np.abs(X).max())
+
+
+def test_int4_unpack_golden():
+    packed = np.array([[0x21, 0xF8]], np.uint8)
+    np.testing.assert_array_equal(kernels.unpack_int4_ref(packed, signed=False), [[1, 2, 8, 15]])
+    np.testing.assert_array_equal(kernels.unpack_int4_ref(packed, signed=True), [[1, 2, -8, -1]])
+
+
+def test_bad_input():
+    q, s, x = np.zeros((4, 8), np.int8), np.ones(4, np.float32), np.ones(8, np.float32)
+    with pytest.raises(TypeError, match="q must have dtype int8"):
+        kernels.matvec_int8(q.astype(np.int16), s, x)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        kernels.matvec_int8(q, np.ones(3, np.float32), x)
+    with pytest.raises(ValueError, match="x has 7 features"):
+        kernels.matvec_int8(q, s, np.ones(7, np.float32))
+    with pytest.raises(ValueError, match="x contains 1 non-finite"):
+        kernels.matvec_w8a8(q, s, np.r_[np.ones(7), np.nan].astype(np.float32))
+    with pytest.raises(ValueError, match="at most 16"):
+        kernels.matmul_int8(q, s, np.ones((17, 8), np.float32))
+    p, s4 = np.zeros((4, 64), np.uint8), np.ones((4, 1), np.float32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        kernels.matvec_int4(p, s4, None, np.ones(128, np.float32), group_size=48)
+    with pytest.raises(ValueError, match="x has 200 features"):
+        kernels.matvec_int4(p, s4, None, np.ones(200, np.float32))
+    with pytest.raises(ValueError, match="scales must have shape"):
+        kernels.matvec_int4(p, np.ones((4, 2), np.float32), None, np.ones(128, np.float32))
+    with pytest.raises(TypeError, match="zeros must have dtype"):
+        kernels.matvec_int4(p, s4, np.ones((4, 1), np.float64), np.ones(128, np.float32))
