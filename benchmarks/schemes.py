@@ -15,7 +15,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.common import FIGURES, machine, read_json, write_json
+from benchmarks import common
+from benchmarks.common import machine
 from refquant import metrics, schemes
 
 
@@ -75,12 +76,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="256x256, for CI")
     args = ap.parse_args(argv)
     data = run(256 if args.quick else args.size)
-    path = write_json("schemes", data)
-    plot(read_json("schemes"), FIGURES / "schemes_sqnr.png")
+    path = common.write_json("schemes", data)
+    plot(common.read_json("schemes"), common.FIGURES / "schemes_sqnr.png")
     print(f"{'scheme':22s} {'bits/w':>7s} {'SQNR dB':>8s} {'quant s':>8s}")
     for r in data["results"]:
         print(f"{r['scheme']:22s} {r['bits_per_weight']:7.3f} {r['sqnr_db']:8.2f} {r['quantize_seconds']:8.2f}")
-    print(f"wrote {path} and {FIGURES / 'schemes_sqnr.png'}")
+    print(f"wrote {path} and {common.FIGURES / 'schemes_sqnr.png'}")
 
 
 if __name__ == "__main__":
