@@ -84,6 +84,19 @@ def _blocks(x: np.ndarray, blocksize: int) -> np.ndarray:
     return np.concatenate([flat, np.zeros(pad, np.float32)]).reshape(-1, blocksize)
 
 
+def _normalize(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks scaled into [-1, 1] and their absmax. Multiplies by ``1 / absmax`` in float32 as
+    bitsandbytes does; where that reciprocal overflows (absmax < 2^-128) it divides instead."""
+    absmax = np.max(np.abs(b), axis=1)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.float32(1) / absmax
+    scaled = b * np.where(np.isfinite(inv), inv, 0)[:, None]
+    tiny = (absmax > 0) & ~np.isfinite(inv)
+    if tiny.any():
+        scaled[tiny] = b[tiny] / absmax[tiny, None]
+    return scaled, absmax
+
+
 def quantize_blockwise(x: np.ndarray, table: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
     """Blockwise absmax quantization to a sorted ``table`` over [-1, 1].
 
@@ -91,10 +104,8 @@ def quantize_blockwise(x: np.ndarray, table: np.ndarray, blocksize: int) -> tupl
     block is zero-padded. Normalisation is ``x * (1 / absmax)`` in float32 as bitsandbytes'
     kernel does; an all-zero block has absmax 0 and maps to the code of 0.
     """
-    b = _blocks(x, blocksize)
-    absmax = np.max(np.abs(b), axis=1)
-    inv = np.divide(np.float32(1), absmax, out=np.zeros_like(absmax), where=absmax > 0)
-    return nearest_index(b * inv[:, None], table), absmax
+    scaled, absmax = _normalize(_blocks(x, blocksize))
+    return nearest_index(scaled, table), absmax
 
 
 def _double_quantize(absmax: np.ndarray, blocksize2: int = 256):
@@ -115,13 +126,10 @@ def quantize(w: np.ndarray, codebook: str = "nf4", *, blocksize: int = 64, doubl
     if codebook == "nf4":
         idx, absmax = quantize_blockwise(w, table, blocksize)
     else:  # nearest magnitude, sign bit from the sign of x (so tiny negatives become -0)
-        b = _blocks(w, blocksize)
-        absmax = np.max(np.abs(b), axis=1)
-        inv = np.divide(np.float32(1), absmax, out=np.zeros_like(absmax), where=absmax > 0)
-        mags = np.sort(_FP4_MAGNITUDES.astype(np.float32))
+        scaled, absmax = _normalize(_blocks(w, blocksize))
         order = np.argsort(_FP4_MAGNITUDES.astype(np.float32))
-        mag_code = order[nearest_index(np.abs(b * inv[:, None]), mags)]
-        idx = (mag_code | (np.signbit(b) << 3)).astype(np.uint8)
+        mag_code = order[nearest_index(np.abs(scaled), _FP4_MAGNITUDES.astype(np.float32)[order])]
+        idx = (mag_code | (np.signbit(scaled) << 3)).astype(np.uint8)
     codes = packing.pack(idx.reshape(-1), 4)
     meta = dict(kind="codebook", codebook=codebook, blocksize=blocksize, quant_map=table)
     scheme = scheme or (codebook + ("_dq" if double_quant else ""))

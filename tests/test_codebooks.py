@@ -63,6 +63,13 @@ def test_error_at_most_half_the_largest_gap_times_absmax(codebook, w):
     assert np.all(np.abs(w - w_hat) <= bound * (1 + 2.0**-20) + 2.0**-149)
 
 
+@pytest.mark.parametrize("codebook", ["nf4", "fp4"])
+def test_subnormal_absmax_does_not_overflow_the_reciprocal(codebook):
+    # 1 / 1.7e-44 overflows float32: the zero must still decode to 0, the max to itself
+    w = np.array([0.0, 1.7e-44], np.float32)
+    np.testing.assert_array_equal(codebooks.quantize(w, codebook, blocksize=2).dequantize(), w)
+
+
 def test_golden_nf4_block():
     w = np.array([2.0, -2.0, 1.0, 0.0, 0.17, -0.2], np.float32)
     qt = codebooks.quantize(w, "nf4", blocksize=8)
