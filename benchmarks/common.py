@@ -38,3 +38,23 @@ def write_json(name: str, data: dict) -> Path:
 
 def read_json(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def quick_args(doc: str):
+    """The argument parser every benchmark shares (``--quick``); add more before parsing."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI smoke run)")
+    return ap
+
+
+def finish_figure(fig, ax, path: Path) -> None:
+    """Grid, tight layout, save as PNG and close: the end of every figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -10,7 +10,6 @@ speed-up over NumPy FP32. Writes ``benchmarks/results/kernels.json``.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -113,9 +112,7 @@ def print_table(data: dict) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one small shape, few repeats (CI)")
-    args = ap.parse_args(argv)
+    args = common.quick_args(__doc__).parse_args(argv)
     data = run(args.quick)
     path = common.write_json("kernels", data)
     print_table(data)

@@ -13,8 +13,6 @@ Writes ``benchmarks/results/roofline.json`` and draws ``figures/roofline.png`` f
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 from benchmarks import kernels as kbench
@@ -87,18 +85,12 @@ def plot(data: dict, path) -> None:
     ax.set_ylabel("GFLOP/s")
     shp = "×".join(map(str, data["kernel_shape"]))
     ax.set_title(f"Roofline, {data['machine']['cpus']} cores: batch-1 matvec kernels at {shp}")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.finish_figure(fig, ax, path)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
-    args = ap.parse_args(argv)
+    args = common.quick_args(__doc__).parse_args(argv)
     data = run(args.quick)
     path = common.write_json("roofline", data)
     plot(common.read_json("roofline"), common.FIGURES / "roofline.png")

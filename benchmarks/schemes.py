@@ -9,7 +9,6 @@ from that JSON.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -63,17 +62,12 @@ def plot(data: dict, path) -> None:
     ax.set_ylabel("SQNR [dB]")
     n = data["shape"]
     ax.set_title(f"SQNR of every registered scheme on a {n[0]}×{n[1]} N(0,1) matrix")
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.finish_figure(fig, ax, path)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.quick_args(__doc__)
     ap.add_argument("--size", type=int, default=4096, help="matrix side (default 4096)")
-    ap.add_argument("--quick", action="store_true", help="256x256, for CI")
     args = ap.parse_args(argv)
     data = run(256 if args.quick else args.size)
     path = common.write_json("schemes", data)

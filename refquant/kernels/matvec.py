@@ -65,6 +65,15 @@ def _check_array(a, name: str, dtypes, shape=None) -> np.ndarray:
 
 # --- INT8 ----------------------------------------------------------------------------
 
+def _check_int8(q, scales) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights (out, in) and one float scale per row, as the kernels take them."""
+    q = _check_array(q, "q", [np.int8])
+    if q.ndim != 2:
+        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
+    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
+    return q, s
+
+
 @njit(parallel=True, fastmath=True, cache=False)
 def _matvec_int8_kernel(q, s, x):
     out = np.empty(q.shape[0], np.float32)
@@ -79,10 +88,7 @@ def _matvec_int8_kernel(q, s, x):
 
 def matvec_int8(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``y = diag(scales) q x`` for int8 ``q`` (out, in), fp32 ``scales`` (out,), float ``x`` (in,)."""
-    q = _check_array(q, "q", [np.int8])
-    if q.ndim != 2:
-        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
-    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
+    q, s = _check_int8(q, scales)
     return _matvec_int8_kernel(q, s, _check_x(x, q.shape[1]))
 
 
@@ -108,10 +114,7 @@ def _matmul_int8_kernel(q, s, X):
 
 def matmul_int8(q: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
     """``Y = X qᵀ diag(scales)`` for a small batch X (M <= 16, in)."""
-    q = _check_array(q, "q", [np.int8])
-    if q.ndim != 2:
-        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
-    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
+    q, s = _check_int8(q, scales)
     return _matmul_int8_kernel(q, s, _check_x(X, q.shape[1], "X", 2))
 
 
@@ -142,12 +145,9 @@ def matvec_w8a8(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
 
     Exact integer accumulation (|sum| <= in * 127 * 127 < 2^31 for in < 133,000).
     """
-    q = _check_array(q, "q", [np.int8])
-    if q.ndim != 2:
-        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
+    q, s = _check_int8(q, scales)
     if q.shape[1] >= 133_000:
         raise ValueError(f"in={q.shape[1]} could overflow the int32 accumulator (max 132,999)")
-    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
     xq, sx = quantize_activation_int8(_check_x(x, q.shape[1]))
     return _matvec_w8a8_kernel(q, s, xq, sx)
 
