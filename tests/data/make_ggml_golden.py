@@ -1,0 +1,74 @@
+"""Regenerate ``ggml_golden.npz``: bytes written by ggml's own C quantizers.
+
+Not run by the tests (it needs ggml's source and a C compiler); it records where the
+golden bytes came from. Build ggml-quants.c the way llama.cpp builds ``ggml-base``
+(no ``-march`` flags, so no fused multiply-add), with four stub symbols::
+
+    git clone https://github.com/ggml-org/ggml && cd ggml      # commit d99724f2 was used
+    cat > stubs.c <<'C'
+    #include <stdio.h>
+    #include <stdlib.h>
+    void ggml_abort(const char *f, int l, const char *fmt, ...) { abort(); }
+    size_t ggml_row_size(int t, long long n) { return 0; }
+    const char *ggml_type_name(int t) { return "?"; }
+    size_t ggml_type_size(int t) { return 0; }
+    C
+    gcc -O2 -fPIC -shared -std=gnu11 -Iinclude -Isrc src/ggml-quants.c stubs.c -lm -o libq.so
+    python tests/data/make_ggml_golden.py path/to/libq.so
+
+Quantizers called: ``quantize_row_<type>_ref`` for every type, except IQ4_NL which uses
+``quantize_iq4_nl`` (what ``ggml_quantize_chunk`` and llama-quantize call).
+"""
+import ctypes
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TYPES = {  # name: (block size, block bytes)
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "MXFP4": (32, 17), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
+    "Q5_K": (256, 176), "Q6_K": (256, 210), "Q8_K": (256, 292), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
+}
+
+
+def inputs(rng):
+    """Input families that exercise the scale searches' branches."""
+    shape = (8, 512)
+    yield "normal", rng.standard_normal(shape)
+    yield "scaled", rng.standard_normal(shape) * rng.uniform(1e-6, 1e3, (8, 1))
+    yield "heavy_tail", rng.standard_t(2, shape)
+    x = rng.standard_normal(shape)
+    x[x < 0.3] = 0
+    yield "sparse", x
+    yield "small_ints", rng.integers(-3, 4, shape)
+    yield "positive", np.abs(rng.standard_normal(shape)) + 0.5
+    x = np.zeros(shape)
+    x[1, 5] = 1
+    x[2] = -2.5
+    x[3, 300:310] = 1e-30
+    x[4, :256] = 7.0
+    x[5] = np.linspace(-1, 1, 512)
+    yield "degenerate", x
+
+
+def main(lib_path):
+    lib = ctypes.CDLL(lib_path)
+    rng = np.random.default_rng(20261124)
+    data = {}
+    for label, x in inputs(rng):
+        x = np.ascontiguousarray(x, np.float32)
+        data[f"x/{label}"] = x
+        for name, (block, size) in TYPES.items():
+            out = np.zeros(x.shape[0] * x.shape[1] // block * size, np.uint8)
+            src, dst = ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data)
+            if name == "IQ4_NL":
+                lib.quantize_iq4_nl(src, dst, ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]), None)
+            else:
+                getattr(lib, f"quantize_row_{name.lower().replace('_k', '_K')}_ref")(src, dst, ctypes.c_int64(x.size))
+            data[f"{name}/{label}"] = out.reshape(x.shape[0], -1)
+    np.savez_compressed(Path(__file__).with_name("ggml_golden.npz"), **data)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
