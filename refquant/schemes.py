@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from refquant import affine, codebooks, formats, kernels, mx
+from refquant.gguf import quants as ggml_quants
 from refquant._checks import float_array
 from refquant.tensor import QuantizedTensor
 
@@ -208,3 +209,30 @@ for _sym, _suffix in ((True, ""), (False, "_asym")):
     for _g in (128, 64, 32):
         _register_affine(f"int4_g{_g}{_suffix}", f"INT4 {_kind}, fp16 scale per group of {_g} inputs",
                          bits=4, granularity="group", group_size=_g, sym=_sym, scale_dtype=np.float16)
+
+
+# --- llama.cpp GGML block formats ------------------------------------------------------
+
+def _register_ggml(type_name: str, description: str):
+    t = ggml_quants.TYPES[type_name]
+    register(type_name.lower(), description=f"GGML {type_name} ({t.bits_per_weight:g} bpw): {description}",
+             nbytes=lambda shape: shape[0] * (shape[1] // t.block_size) * t.type_size,
+             bound=lambda w, qt: ggml_quants.error_bound(w, qt.codes, type_name))(
+        lambda w, *, calib=None: ggml_quants.quantize_tensor(w, type_name))
+
+
+for _t, _d in (
+    ("Q8_0", "int8, fp16 absmax scale per 32"),
+    ("Q4_0", "int4, fp16 scale per 32 (absmax -> -8)"),
+    ("Q4_1", "uint4, fp16 scale and min per 32"),
+    ("Q5_0", "int5, fp16 scale per 32"),
+    ("Q5_1", "uint5, fp16 scale and min per 32"),
+    ("Q2_K", "2-bit, 4-bit scales/mins per 16, fp16 super-scales per 256"),
+    ("Q3_K", "3-bit, 6-bit scales per 16, fp16 super-scale per 256"),
+    ("Q4_K", "4-bit, 6-bit scales/mins per 32, fp16 super-scales per 256"),
+    ("Q5_K", "5-bit, 6-bit scales/mins per 32, fp16 super-scales per 256"),
+    ("Q6_K", "6-bit, int8 scales per 16, fp16 super-scale per 256"),
+    ("IQ4_NL", "non-linear 4-bit codebook, fp16 scale per 32"),
+    ("IQ4_XS", "non-linear 4-bit codebook, 6-bit scales per 32, fp16 super-scale per 256"),
+):
+    _register_ggml(_t, _d)

@@ -802,3 +802,97 @@ def dequantize(raw, type_name, shape) -> np.ndarray:
         else:
             out = np.concatenate([fn(blocks[i : i + _CHUNK_BLOCKS]) for i in range(0, len(blocks), _CHUNK_BLOCKS)])
     return out.astype(F32, copy=False).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- code grids
+
+def _fill(nibble=None, crumb=None, bit=None, byte=None):
+    """Byte value filling a code field with level ``v``: nibbles, 2-bit crumbs, single bits or bytes."""
+    def f(v):
+        if nibble is not None:
+            return (v & 15) * 0x11
+        if crumb is not None:
+            return ((v >> crumb) & 3) * 0x55
+        if bit is not None:
+            return 0xFF if (v >> bit) & 1 else 0
+        return v & 0xFF
+    return f
+
+
+# type: (number of levels, [(first byte, end byte, byte value for level v)]) — the code fields of a block
+_CODE_FIELDS = {
+    "Q4_0": (16, [(2, 18, _fill(nibble=1))]),
+    "Q4_1": (16, [(4, 20, _fill(nibble=1))]),
+    "Q5_0": (32, [(2, 6, _fill(bit=4)), (6, 22, _fill(nibble=1))]),
+    "Q5_1": (32, [(4, 8, _fill(bit=4)), (8, 24, _fill(nibble=1))]),
+    "Q8_0": (256, [(2, 34, _fill(byte=1))]),
+    "Q2_K": (4, [(16, 80, _fill(crumb=0))]),
+    "Q3_K": (8, [(0, 32, _fill(bit=2)), (32, 96, _fill(crumb=0))]),
+    "Q4_K": (16, [(16, 144, _fill(nibble=1))]),
+    "Q5_K": (32, [(16, 48, _fill(bit=4)), (48, 176, _fill(nibble=1))]),
+    "Q6_K": (64, [(0, 128, _fill(nibble=1)), (128, 192, _fill(crumb=4))]),
+    "IQ4_NL": (16, [(2, 18, _fill(nibble=1))]),
+    "IQ4_XS": (16, [(8, 136, _fill(nibble=1))]),
+    "MXFP4": (16, [(1, 17, _fill(nibble=1))]),
+}
+
+
+def grid(raw, type_name, shape) -> np.ndarray:
+    """Every value each weight can decode to, given its block's stored scales.
+
+    Returns ``float32[levels, *shape]``: entry ``[v]`` is the tensor decoded with every code
+    set to level ``v`` (scales, minima and super-block scales untouched). A ggml quantizer
+    that rounds to nearest puts each weight on the grid point closest to it (up to the
+    fp16 rounding of a scale it divided by), which is what the error bound tests check.
+    """
+    t = ggml_type(type_name)
+    if t.name not in _CODE_FIELDS:
+        raise ValueError(f"no code grid for {t.name}; types with one: {', '.join(_CODE_FIELDS)}")
+    levels, fields = _CODE_FIELDS[t.name]
+    blocks = np.asarray(raw, np.uint8).reshape(-1, t.type_size)
+    out = np.empty((levels, *shape), F32)
+    for v in range(levels):
+        b = blocks.copy()
+        for lo, hi, fill in fields:
+            b[:, lo:hi] = fill(v)
+        out[v] = dequantize(b, t, shape)
+    return out
+
+
+def error_bound(w, raw, type_name) -> np.ndarray:
+    """Per-element bound on ``|w - dequantize(raw)|``: distance to the nearest grid point
+    plus 2^-9 of the block's largest grid magnitude (the fp16 rounding of scale and min)."""
+    w = np.asarray(w, np.float64)
+    g = grid(raw, type_name, w.shape).astype(np.float64)
+    t = ggml_type(type_name)
+    mag = np.abs(g).max(axis=0).reshape(-1, t.block_size).max(axis=1, keepdims=True)
+    mag = np.broadcast_to(mag, (mag.shape[0], t.block_size)).reshape(w.shape)
+    return np.abs(g - w).min(axis=0) + mag * 2.0**-9 + np.abs(w) * 2.0**-20
+
+
+# ----------------------------------------------------------------------------- QuantizedTensor
+
+def quantize_tensor(w, type_name, scheme: str | None = None):
+    """Quantize a 2-D ``w`` (out, in) to a ``QuantizedTensor`` holding the ggml block bytes.
+
+    ``codes`` is ``uint8[out, row_bytes]``, exactly what a GGUF file stores for the tensor;
+    scales and minima live inside the blocks, so ``scales`` and ``zeros`` are None.
+    """
+    from refquant.tensor import QuantizedTensor
+
+    t = ggml_type(type_name)
+    raw = quantize(w, t)
+    return QuantizedTensor(raw, None, None, w.shape, scheme or t.name.lower(), {"kind": "ggml", "ggml_type": t.name})
+
+
+def _decode_ggml(qt):
+    return dequantize(qt.codes, qt.meta["ggml_type"], qt.shape)
+
+
+def _register():
+    from refquant.tensor import register_decoder
+
+    register_decoder("ggml")(_decode_ggml)
+
+
+_register()
