@@ -766,10 +766,10 @@ def quantize(x, type_name) -> np.ndarray:
     blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, t.block_size)
     if t.block_size == 1:
         out = _QUANTIZERS[t.name](blocks[:, 0])
-    else:
-        out = np.concatenate(
-            [_QUANTIZERS[t.name](blocks[i : i + _CHUNK_BLOCKS]) for i in range(0, len(blocks), _CHUNK_BLOCKS)]
-        )
+    else:  # chunk by chunk into one preallocated output: memory stays near the input's size
+        out = np.empty((len(blocks), t.type_size), np.uint8)
+        for i in range(0, len(blocks), _CHUNK_BLOCKS):
+            out[i : i + _CHUNK_BLOCKS] = _QUANTIZERS[t.name](blocks[i : i + _CHUNK_BLOCKS])
     return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
 
 
@@ -800,7 +800,9 @@ def dequantize(raw, type_name, shape) -> np.ndarray:
         if t.block_size == 1:
             out = fn(blocks.reshape(-1))
         else:
-            out = np.concatenate([fn(blocks[i : i + _CHUNK_BLOCKS]) for i in range(0, len(blocks), _CHUNK_BLOCKS)])
+            out = np.empty((len(blocks), t.block_size), F32)
+            for i in range(0, len(blocks), _CHUNK_BLOCKS):
+                out[i : i + _CHUNK_BLOCKS] = fn(blocks[i : i + _CHUNK_BLOCKS])
     return out.astype(F32, copy=False).reshape(shape)
 
 

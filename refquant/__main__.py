@@ -1,0 +1,165 @@
+"""``python -m refquant``: inspect, requantize, dequantize and compare GGUF files.
+
+    python -m refquant inspect FILE
+    python -m refquant quantize IN OUT --type Q4_K [--keep PATTERN ...]
+    python -m refquant dequantize IN OUT [--type F32|F16]
+    python -m refquant compare A B
+
+Exit codes: 0 success, 1 ``compare`` found tensors present in only one file, 2 bad
+arguments or a malformed / unreadable file (the message says what and where).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import sys
+
+import numpy as np
+
+from refquant import gguf
+from refquant.gguf import quants
+
+# llama.cpp's llama_ftype for a file whose weights are all one type (general.file_type)
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+              "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
+
+
+def _short(v) -> str:
+    if isinstance(v, np.ndarray):
+        return f"[{v.size} x {v.dtype}]"
+    if isinstance(v, list):
+        kind = type(v[0]).__name__ if v else "?"
+        return f"[{len(v)} x {kind}]"
+    s = repr(v) if isinstance(v, str) else str(v)
+    return s if len(s) <= 70 else s[:67] + "..."
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def cmd_inspect(args) -> int:
+    with gguf.read(args.file) as f:
+        print(f"{f.path}: GGUF v{f.version}, alignment {f.alignment}, {len(f.metadata)} metadata keys, "
+              f"{len(f.tensors)} tensors, data at byte {f.data_offset}")
+        print("\nmetadata:")
+        width = max((len(k) for k in f.metadata), default=0)
+        for k, v in f.metadata.items():
+            print(f"  {k:<{width}}  {_short(v)}")
+        print(f"\n{'tensor':<40} {'shape':>18} {'type':>7} {'bytes':>12} {'bpw':>7}")
+        total = weights = 0
+        for info in f.tensors.values():
+            print(f"{info.name:<40} {'x'.join(map(str, info.shape)):>18} {info.type.name:>7} "
+                  f"{info.nbytes:>12} {info.bits_per_weight:>7.3f}")
+            total += info.nbytes
+            weights += info.n_elements
+        bpw = 8 * total / weights if weights else 0.0
+        print(f"\ntotal: {weights} weights in {total} bytes ({_human(total)}), {bpw:.3f} bits per weight")
+    return 0
+
+
+def _progress(items, desc):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", disable=None)
+
+
+def cmd_quantize(args) -> int:
+    target = quants.ggml_type(args.type)
+    if not target.can_quantize:
+        raise SystemExit(f"error: refquant cannot quantize to {target.name}; choose one of {', '.join(quants.QUANTIZABLE)}")
+    with gguf.read(args.input) as f:
+        out, kept = {}, []
+        for name, info in f.tensors.items():
+            src = f.tensor(name)
+            keep = (len(info.shape) != 2 or any(fnmatch.fnmatchcase(name, p) for p in args.keep)
+                    or info.shape[-1] % target.block_size or not info.type.can_dequantize)
+            if keep:
+                out[name] = src
+                kept.append(name)
+            else:  # quantized only when the writer reaches it: one tensor in memory at a time
+                out[name] = gguf.GGUFTensor(target, info.shape, lambda s=src: quants.quantize(s.dequantize(), target))
+        meta = dict(f.metadata)
+        if "general.file_type" in meta and target.name in _FILE_TYPE:
+            meta["general.file_type"] = np.uint32(_FILE_TYPE[target.name])
+        gguf.write(args.output, meta, out, progress=lambda it: _progress(it, f"quantize {target.name}"))
+    print(f"wrote {args.output}: {len(out) - len(kept)} tensors -> {target.name}, {len(kept)} kept as they were")
+    return 0
+
+
+def cmd_dequantize(args) -> int:
+    dtype = {"F32": np.float32, "F16": np.float16}[args.type.upper()]
+    with gguf.read(args.input) as f:
+        out = {}
+        for name, info in f.tensors.items():
+            src = f.tensor(name)
+            if info.type.name in ("F32", "F16", "BF16") or info.type.can_dequantize:
+                out[name] = gguf.GGUFTensor(args.type.upper(), info.shape,
+                                            lambda s=src: s.dequantize().astype(dtype).reshape(-1).view(np.uint8))
+            else:
+                out[name] = src
+        meta = dict(f.metadata)
+        if "general.file_type" in meta:
+            meta["general.file_type"] = np.uint32(_FILE_TYPE[args.type.upper()])
+        gguf.write(args.output, meta, out, progress=lambda it: _progress(it, f"dequantize {args.type.upper()}"))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from refquant import metrics
+
+    with gguf.read(args.a) as a, gguf.read(args.b) as b:
+        common = [n for n in a.tensors if n in b.tensors]
+        only = sorted(set(a.tensors) ^ set(b.tensors))
+        print(f"{'tensor':<40} {'A type':>7} {'B type':>7} {'max |A-B|':>12} {'SQNR dB':>9}")
+        for name in common:
+            ta, tb = a.tensor(name), b.tensor(name)
+            if ta.shape != tb.shape:
+                print(f"{name:<40} shapes differ: {ta.shape} vs {tb.shape}")
+                continue
+            if not (ta.type.can_dequantize and tb.type.can_dequantize):
+                same = np.array_equal(ta.raw, tb.raw) and ta.type == tb.type
+                print(f"{name:<40} {ta.type.name:>7} {tb.type.name:>7} {'identical' if same else 'differ':>22}")
+                continue
+            x, y = ta.dequantize(), tb.dequantize()
+            err = metrics.max_abs_error(x, y)
+            sqnr = metrics.sqnr_db(x, y) if np.any(x) else float("nan")
+            print(f"{name:<40} {ta.type.name:>7} {tb.type.name:>7} {err:>12.4g} {sqnr:>9.2f}")
+        for name in only:
+            print(f"{name:<40} only in {'A' if name in a.tensors else 'B'}")
+    return 1 if only else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m refquant", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("inspect", help="metadata summary and tensor table")
+    s.add_argument("file")
+    s = sub.add_parser("quantize", help="requantize every 2-D weight tensor")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--type", required=True, help=f"ggml type: {', '.join(quants.QUANTIZABLE)}")
+    s.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="glob of tensor names to copy unchanged (repeatable), e.g. 'token_embd.*'")
+    s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--type", default="F32", choices=["F32", "F16", "f32", "f16"])
+    s = sub.add_parser("compare", help="per-tensor max-abs error and SQNR of B against A")
+    s.add_argument("a")
+    s.add_argument("b")
+    args = p.parse_args(argv)
+    try:
+        return {"inspect": cmd_inspect, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
+                "compare": cmd_compare}[args.cmd](args)
+    except (gguf.GGUFError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
