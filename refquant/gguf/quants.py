@@ -764,12 +764,14 @@ def quantize(x, type_name) -> np.ndarray:
             f"{t.name} needs rows whose length is a multiple of {t.block_size}; x has shape {x.shape}"
         )
     blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, t.block_size)
-    if t.block_size == 1:
-        out = _QUANTIZERS[t.name](blocks[:, 0])
-    else:  # chunk by chunk into one preallocated output: memory stays near the input's size
-        out = np.empty((len(blocks), t.type_size), np.uint8)
-        for i in range(0, len(blocks), _CHUNK_BLOCKS):
-            out[i : i + _CHUNK_BLOCKS] = _QUANTIZERS[t.name](blocks[i : i + _CHUNK_BLOCKS])
+    # fp16 scales overflow to Inf for |x| beyond ~65504 * code range, exactly as in ggml
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if t.block_size == 1:
+            out = _QUANTIZERS[t.name](blocks[:, 0])
+        else:  # chunk by chunk into one preallocated output: memory stays near the input's size
+            out = np.empty((len(blocks), t.type_size), np.uint8)
+            for i in range(0, len(blocks), _CHUNK_BLOCKS):
+                out[i : i + _CHUNK_BLOCKS] = _QUANTIZERS[t.name](blocks[i : i + _CHUNK_BLOCKS])
     return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
 
 
@@ -861,15 +863,22 @@ def grid(raw, type_name, shape) -> np.ndarray:
     return out
 
 
+# Largest factor an fp16 scale is multiplied by when decoding (code × sub-block scale, + min
+# term): an fp16 scale in the subnormal range is off by up to 2^-25, times this factor.
+_SCALE_FACTOR = {"Q4_0": 8, "Q4_1": 16, "Q5_0": 16, "Q5_1": 32, "Q8_0": 128, "Q2_K": 60, "Q3_K": 128,
+                 "Q4_K": 1008, "Q5_K": 2016, "Q6_K": 4096, "IQ4_NL": 127, "IQ4_XS": 4064, "MXFP4": 0}
+
+
 def error_bound(w, raw, type_name) -> np.ndarray:
-    """Per-element bound on ``|w - dequantize(raw)|``: distance to the nearest grid point
-    plus 2^-9 of the block's largest grid magnitude (the fp16 rounding of scale and min)."""
+    """Per-element bound on ``|w - dequantize(raw)|``: distance to the nearest grid point,
+    plus 2^-9 of the block's largest grid magnitude (fp16 rounding of scale and min, normal
+    range) plus ``factor * 2^-25`` (their rounding when the fp16 scale is subnormal)."""
     w = np.asarray(w, np.float64)
     g = grid(raw, type_name, w.shape).astype(np.float64)
     t = ggml_type(type_name)
     mag = np.abs(g).max(axis=0).reshape(-1, t.block_size).max(axis=1, keepdims=True)
     mag = np.broadcast_to(mag, (mag.shape[0], t.block_size)).reshape(w.shape)
-    return np.abs(g - w).min(axis=0) + mag * 2.0**-9 + np.abs(w) * 2.0**-20
+    return np.abs(g - w).min(axis=0) + mag * 2.0**-9 + np.abs(w) * 2.0**-20 + _SCALE_FACTOR[t.name] * 2.0**-25
 
 
 # ----------------------------------------------------------------------------- QuantizedTensor
