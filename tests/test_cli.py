@@ -1,0 +1,68 @@
+"""`python -m refquant`: inspect, quantize -> compare, dequantize, and bad-file handling."""
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from refquant import gguf
+from refquant.__main__ import main
+
+
+def test_inspect_smollm2_prints_every_tensor(smollm2_path, capsys):
+    assert main(["inspect", str(smollm2_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF v3" in out and "tokenizer.ggml.tokens" in out and "[49152 x str]" in out
+    rows = [l for l in out.splitlines() if re.match(r"^(blk\.|token_embd|output)", l)]
+    with gguf.read(smollm2_path) as f:
+        assert len(rows) == len(f.tensors) == 272
+        info = f.tensors["blk.0.attn_q.weight"]
+    row = next(l for l in rows if l.startswith("blk.0.attn_q.weight "))
+    assert row.split()[1:] == ["576x576", "Q4_1", str(info.nbytes), "5.000"]  # Q4_1: 20 bytes / 32 weights
+
+
+def test_quantize_to_q8_0_then_compare_is_above_40_db(smollm2_path, tmp_path, capsys):
+    out = tmp_path / "q8.gguf"
+    assert main(["quantize", str(smollm2_path), str(out), "--type", "Q8_0", "--keep", "output_norm*"]) == 0
+    with gguf.read(out) as f:
+        types = {n: i.type.name for n, i in f.tensors.items()}
+        assert f.metadata["general.file_type"] == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["output_norm.weight"] == "F32"
+    capsys.readouterr()
+    assert main(["compare", str(smollm2_path), str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()[1:]
+    sqnr = {l.split()[0]: float(l.split()[-1]) for l in table}
+    quantized = [n for n, t in types.items() if t == "Q8_0"]
+    assert len(quantized) == 211
+    assert min(sqnr[n] for n in quantized) > 40.0
+    assert all(sqnr[n] == float("inf") for n, t in types.items() if t == "F32")
+
+
+def test_dequantize_writes_f32_equal_to_the_decoded_tensors(tmp_path, capsys):
+    w = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    src = gguf.write(tmp_path / "q.gguf", {"general.file_type": np.uint32(15)},
+                     {"w": gguf.GGUFTensor("Q4_K", w.shape, gguf.quantize(w, "Q4_K"))})
+    assert main(["dequantize", str(src), str(tmp_path / "f.gguf")]) == 0
+    with gguf.read(src) as a, gguf.read(tmp_path / "f.gguf") as b:
+        assert b.tensors["w"].type.name == "F32"
+        np.testing.assert_array_equal(b.tensor("w").numpy(), a.tensor("w").dequantize())
+        assert b.metadata["general.file_type"] == 0
+
+
+def test_bad_files_exit_2_with_a_message(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    assert main(["inspect", str(bad)]) == 2
+    assert "error: metadata count 18446744073709551615 at byte 16 cannot fit" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing.gguf")]) == 2
+    assert main(["quantize", str(bad), str(tmp_path / "o.gguf"), "--type", "Q4_K"]) == 2
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_module_entry_point_runs(tmp_path):
+    f = gguf.write(tmp_path / "t.gguf", {"a": 1}, {"t": np.ones(8, np.float32)})
+    r = subprocess.run([sys.executable, "-m", "refquant", "inspect", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0 and "total: 8 weights in 32 bytes" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "refquant", "quantize", str(f), str(f) + ".o", "--type", "IQ2_XXS"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "cannot quantize to IQ2_XXS" in r.stderr
