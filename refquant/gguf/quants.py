@@ -210,12 +210,29 @@ def _unpack2(qs: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- legacy 32-blocks
 
-def _q4_0(x):
-    mx = _first_absmax(x)
-    d = mx / F32(-8)
+def _inv(d):
+    """C's ``d ? 1.0f/d : 0.0f``."""
     with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    q = np.minimum(15, np.trunc(x * idv[:, None] + F32(8.5)).astype(np.int32))
+        return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+
+
+def _sym_codes(x, half):
+    """Q4_0 / Q5_0: ``d = max / -half`` (signed absmax), ``q = min(2 half - 1, (int)(x/d + half + 0.5))``."""
+    d = _first_absmax(x) / F32(-half)
+    q = np.trunc(x * _inv(d)[:, None] + F32(half + 0.5)).astype(np.int32)
+    return d, np.minimum(2 * half - 1, q)
+
+
+def _min_codes(x, nmax):
+    """Q4_1 / Q5_1: ``d = (max - min) / nmax``, ``q = (int)((x - min)/d + 0.5)`` (not clamped)."""
+    mn, mx = _first(x, np.argmin), _first(x, np.argmax)
+    d = (mx - mn) / F32(nmax)
+    q = np.trunc((x - mn[:, None]) * _inv(d)[:, None] + F32(0.5)).astype(np.int32)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(mn)], axis=1), q
+
+
+def _q4_0(x):
+    d, q = _sym_codes(x, 8)
     return np.concatenate([_f16_bytes(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
 
 
@@ -226,12 +243,9 @@ def _dq4_0(b):
 
 
 def _q4_1(x):
-    mn, mx = _first(x, np.argmin), _first(x, np.argmax)
-    d = (mx - mn) / F32(15)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    q = np.minimum(15, np.trunc((x - mn[:, None]) * idv[:, None] + F32(0.5)).astype(np.int32))
-    return np.concatenate([_f16_bytes(d), _f16_bytes(mn), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    dm, q = _min_codes(x, 15)
+    q = np.minimum(15, q)
+    return np.concatenate([dm, _nibbles(q[:, :16], q[:, 16:])], axis=1)
 
 
 def _dq4_1(b):
@@ -250,11 +264,7 @@ def _q5_unpack(b):
 
 
 def _q5_0(x):
-    mx = _first_absmax(x)
-    d = mx / F32(-16)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    q = np.minimum(31, np.trunc(x * idv[:, None] + F32(16.5)).astype(np.int32))
+    d, q = _sym_codes(x, 16)
     return _q5_pack(_f16_bytes(d), q)
 
 
@@ -263,12 +273,8 @@ def _dq5_0(b):
 
 
 def _q5_1(x):
-    mn, mx = _first(x, np.argmin), _first(x, np.argmax)
-    d = (mx - mn) / F32(31)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    q = np.trunc((x - mn[:, None]) * idv[:, None] + F32(0.5)).astype(np.int32) & 0xFF  # (uint8_t) cast, no clamp
-    return _q5_pack(np.concatenate([_f16_bytes(d), _f16_bytes(mn)], axis=1), q)
+    dm, q = _min_codes(x, 31)
+    return _q5_pack(dm, q & 0xFF)  # C's (uint8_t) cast, no clamp
 
 
 def _dq5_1(b):
@@ -277,11 +283,8 @@ def _dq5_1(b):
 
 
 def _q8_0(x):
-    amax = np.abs(x).max(axis=1)
-    d = amax / F32(127)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    q = _roundf(x * idv[:, None]).astype(np.int8)
+    d = np.abs(x).max(axis=1) / F32(127)
+    q = _roundf(x * _inv(d)[:, None]).astype(np.int8)
     return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
 
 
@@ -668,9 +671,7 @@ def _iq4_fit(x, ntry=7):
 
 
 def _iq4_codes(x, scale):
-    with np.errstate(divide="ignore"):
-        inv = np.where(scale != 0, F32(1) / scale, F32(0)).astype(F32)
-    L = _best_index(KVALUES_IQ4NL, inv[:, None] * x)
+    L = _best_index(KVALUES_IQ4NL, _inv(scale)[:, None] * x)
     return _nibbles(L[:, :16], L[:, 16:])
 
 
@@ -689,9 +690,7 @@ def _iq4_xs(x):
     scales = _iq4_fit(xs).reshape(B, 8)
     max_scale = _first_absmax(scales)
     d = -max_scale / F32(32)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-    l = np.clip(_nearest_int(idv[:, None] * scales), -32, 31)
+    l = np.clip(_nearest_int(_inv(d)[:, None] * scales), -32, 31)
     dl = d[:, None] * l.astype(F32)
     qs = _iq4_codes(xs, dl.reshape(-1)).reshape(B, 128)
     l = (l + 32).astype(np.uint32)
