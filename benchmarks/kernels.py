@@ -19,6 +19,7 @@ from benchmarks import common
 from benchmarks.common import machine
 from benchmarks.machine import median_time, read_bandwidth
 from refquant import affine, kernels
+from refquant.gguf import quants as ggml_quants
 
 SHAPES = {
     "llama7b-attn": (4096, 4096),
@@ -56,6 +57,11 @@ def _cases(w: np.ndarray, x: np.ndarray):
         args = (qt.codes, qt.scales, qt.zeros)
         ref = kernels.matvec_int4_ref(*args, x, group_size=g)
         yield f"int4-g{g}" + ("" if sym else "-asym"), fn, args, ref, qt.nbytes
+    # llama.cpp's formats, on the GGUF block bytes (x quantized to Q8_0 / Q8_K inside)
+    for t, fn in (("Q8_0", kernels.matvec_q8_0), ("Q4_0", kernels.matvec_q4_0), ("Q4_K", kernels.matvec_q4_k)):
+        if w.shape[1] % ggml_quants.TYPES[t].block_size == 0:
+            raw = ggml_quants.quantize(w, t)
+            yield t.lower(), fn, (raw,), kernels.matvec_ggml_ref(raw, x, t), raw.nbytes
 
 
 def _copy_args(args, n):

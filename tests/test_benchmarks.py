@@ -23,7 +23,7 @@ def test_roofline_quick(out_dirs):
     data = load(out_dirs, "roofline")
     assert data["read_bandwidth"]["best_gbs"] > 0 and data["sgemm"]["gflops"] > 0 and data["int8_dot"]["gops"] > 0
     kernels_seen = {d["kernel"] for d in data["dots"]}
-    assert {"numpy-fp32", "int8", "w8a8", "int4-g128", "int4-g64", "int4-g32"} <= kernels_seen
+    assert {"numpy-fp32", "int8", "w8a8", "int4-g128", "int4-g64", "int4-g32", "q8_0", "q4_0", "q4_k"} <= kernels_seen
     for d in data["dots"]:
         assert d["intensity"] == pytest.approx(d["flops"] / d["weight_bytes"])
         assert {"ms", "gbs", "gflops", "pct_of_bandwidth", "x_fp32"} <= set(d)

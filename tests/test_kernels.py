@@ -99,3 +99,63 @@ def test_bad_input():
         kernels.matvec_int4(p, np.ones((4, 2), np.float32), None, np.ones(128, np.float32))
     with pytest.raises(TypeError, match="zeros must have dtype"):
         kernels.matvec_int4(p, s4, np.ones((4, 1), np.float64), np.ones(128, np.float32))
+
+
+# --- GGML block kernels ----------------------------------------------------------------
+
+from refquant.gguf import quants as ggml_quants  # noqa: E402
+
+
+@st.composite
+def ggml_case(draw):
+    t = draw(st.sampled_from(["Q8_0", "Q4_0", "Q4_K"]))
+    block = ggml_quants.TYPES[t].block_size
+    rows, nb = draw(st.integers(1, 9)), draw(st.integers(1, 3 if block == 256 else 8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([1e-3, 1.0, 100.0]))
+    w = (rng.standard_normal((rows, nb * block)) * scale).astype(np.float32)
+    if draw(st.booleans()):
+        w[:, :block] = 0  # an all-zero block
+    x = (rng.standard_normal(nb * block) * draw(st.sampled_from([1e-2, 1.0, 1e3]))).astype(np.float32)
+    return t, w, x
+
+
+@given(case=ggml_case())
+def test_ggml_kernels_equal_their_twin_and_approach_dequantize(case):
+    t, w, x = case
+    raw = ggml_quants.quantize(w, t)
+    fn = {"Q8_0": kernels.matvec_q8_0, "Q4_0": kernels.matvec_q4_0, "Q4_K": kernels.matvec_q4_k}[t]
+    y = fn(raw, x)
+    w_hat = ggml_quants.dequantize(raw, t, w.shape).astype(np.float64)
+    scale = np.abs(w_hat) @ np.abs(x.astype(np.float64)) + 1e-30
+    close(y, kernels.matvec_ggml_ref(raw, x, t).astype(np.float64), scale)   # same integer sums
+    # against the exact product: only x's 8-bit rounding (|err| <= half a step per block) remains
+    step = np.abs(x).reshape(-1, ggml_quants.TYPES[t].block_size if t != "Q4_K" else 256).max(axis=1) / 127
+    bound = np.abs(w_hat) @ np.repeat(step / 2 * 1.01, x.size // step.size) + 1e-5 * scale
+    assert np.all(np.abs(y - w_hat @ x) <= bound)
+
+
+def test_ggml_twin_by_hand():
+    """One Q8_0 block worked by hand: w = 1..32 gives d_w = fp16(32/127); x = ones gives d_x = fp16(1/127)."""
+    w = np.arange(1, 33, dtype=np.float32)[None, :]
+    x = np.ones(32, np.float32)
+    raw = ggml_quants.quantize(w, "Q8_0")
+    # d_w = fp16(32/127); codes round(i * 127/32); x: d_x = fp16(1/127), codes all 127
+    dw = float(np.float16(np.float32(32) / np.float32(127)))
+    dx = float(np.float16(np.float32(1) / np.float32(127)))
+    codes = np.floor(np.arange(1, 33) * (127 / 32) + 0.5)
+    expected = dw * dx * 127 * codes.sum()
+    assert abs(float(kernels.matvec_ggml_ref(raw, x, "Q8_0")[0]) - expected) <= 1e-6 * expected
+    assert abs(float(kernels.matvec_q8_0(raw, x)[0]) - expected) <= 1e-5 * expected
+
+
+def test_ggml_kernels_reject_bad_input():
+    raw = ggml_quants.quantize(np.ones((2, 64), np.float32), "Q8_0")
+    with pytest.raises(ValueError, match="x has 32 features"):
+        kernels.matvec_q8_0(raw, np.ones(32, np.float32))
+    with pytest.raises(ValueError, match="multiple of Q4_0's 18-byte block"):
+        kernels.matvec_q4_0(raw, np.ones(64, np.float32))
+    with pytest.raises(TypeError, match="raw must have dtype uint8"):
+        kernels.matvec_q8_0(raw.view(np.int8), np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        kernels.matvec_q8_0(raw, np.full(64, np.inf, np.float32))
