@@ -63,17 +63,20 @@ def plot(data: dict, path) -> None:
     peak = data["sgemm"]["gflops"]
     i8 = data["int8_dot"]["gops"]
     x = np.logspace(-2, 3, 200)
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 7))
     ax.plot(x, np.minimum(bw * x, peak), "k-", lw=2, label=f"roof: {bw:.0f} GB/s read, {peak:.0f} GFLOP/s sgemm")
     ax.axhline(i8, color="tab:purple", ls="--", lw=1, label=f"int8 dot (W8A8 kernel, L2-resident): {i8:.0f} GOP/s")
     ridge = data["ridge_flop_per_byte"]
     ax.axvline(ridge, color="0.6", ls=":", lw=1)
     ax.annotate(f"ridge {ridge:.1f} FLOP/B", (ridge, peak), xytext=(5, -15), textcoords="offset points", fontsize=8)
+    # kernels cluster at 2-4 FLOP/B: a distinct marker + colour each, named in the legend
+    markers = "osD^vP<>Xph*"
+    colors = plt.get_cmap("tab20").colors
     for i, d in enumerate(data["dots"]):
-        ax.scatter(d["intensity"], d["gflops"], s=30, zorder=3)
-        ax.annotate(f"{d['kernel']} ({d['pct_of_bandwidth']:.0f}% of BW)", (d["intensity"], d["gflops"]), fontsize=7,
-                    textcoords="offset points", xytext=(8, -12 + 9 * (i % 4)),
-                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5"))
+        ax.scatter(d["intensity"], d["gflops"], s=45, zorder=3, marker=markers[i % len(markers)],
+                   color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], edgecolor="k", linewidth=0.4,
+                   label=f"{d['kernel']}: {d['gbs']:.0f} GB/s ({d['pct_of_bandwidth']:.0f}% BW), "
+                         f"{d['x_fp32']:.2f}x FP32")
     for d in data.get("decode_dots", []):
         ax.scatter(d["intensity"], d["gflops"], marker="*", s=80, zorder=3)
         ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, textcoords="offset points", xytext=(6, 4))
@@ -85,7 +88,7 @@ def plot(data: dict, path) -> None:
     ax.set_ylabel("GFLOP/s")
     shp = "×".join(map(str, data["kernel_shape"]))
     ax.set_title(f"Roofline, {data['machine']['cpus']} cores: batch-1 matvec kernels at {shp}")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7, ncol=1, framealpha=0.9)
     common.finish_figure(fig, ax, path)
 
 
