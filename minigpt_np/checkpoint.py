@@ -1,0 +1,77 @@
+"""MiniGPT checkpoints as GGUF files that llama.cpp's ``gpt2`` architecture can load.
+
+Tensors keep llama.cpp's gpt2 names (``token_embd.weight``, ``position_embd.weight``,
+``blk.N.attn_norm.{weight,bias}``, ``blk.N.attn_qkv.*``, ``blk.N.attn_output.*``,
+``blk.N.ffn_norm.*``, ``blk.N.ffn_up.*``, ``blk.N.ffn_down.*``, ``output_norm.*``; no
+``output.weight``: the output projection is tied to the token embedding). Metadata: the
+``gpt2.*`` hyperparameters, and a byte-level BPE vocabulary (``tokenizer.ggml.model =
+gpt2``): the 256 byte tokens written with GPT-2's byte-to-unicode map and no merges, plus
+``<|endoftext|>`` as BOS/EOS. ``minigpt.*`` keys record the training run and test metrics.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from minigpt_np.model import EOT, Config
+from refquant import gguf
+
+DEFAULT = Path(__file__).resolve().parent / "checkpoints" / "minigpt.gguf"
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable unicode characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+def metadata(cfg: Config, extra: dict | None = None) -> dict:
+    b2u = byte_to_unicode()
+    tokens = [b2u[b] for b in range(256)] + ["<|endoftext|>"]
+    meta = {
+        "general.architecture": "gpt2",
+        "general.name": "MiniGPT (refquant, English-verb corpus)",
+        "general.file_type": np.uint32(0),
+        "gpt2.context_length": np.uint32(cfg.n_ctx),
+        "gpt2.embedding_length": np.uint32(cfg.d_model),
+        "gpt2.feed_forward_length": np.uint32(4 * cfg.d_model),
+        "gpt2.block_count": np.uint32(cfg.n_layer),
+        "gpt2.attention.head_count": np.uint32(cfg.n_head),
+        "gpt2.attention.layer_norm_epsilon": np.float32(cfg.eps),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.array([1] * 256 + [3], np.int32),
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.bos_token_id": np.uint32(EOT),
+        "tokenizer.ggml.eos_token_id": np.uint32(EOT),
+    }
+    for k, v in (extra or {}).items():
+        meta[f"minigpt.{k}"] = np.float64(v) if isinstance(v, float) else v
+    return meta
+
+
+def save(path, params: dict, cfg: Config, extra: dict | None = None) -> Path:
+    """Write F32 ``params`` (+ metadata) atomically."""
+    return gguf.write(path, metadata(cfg, extra), {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()})
+
+
+def load(path=DEFAULT) -> tuple[dict, Config, dict]:
+    """``(params, cfg, metadata)`` from a checkpoint written by ``save``."""
+    with gguf.read(path) as f:
+        m = f.metadata
+        if m.get("general.architecture") != "gpt2":
+            raise gguf.GGUFError(f"{path}: not a gpt2 GGUF (architecture {m.get('general.architecture')!r})")
+        cfg = Config(n_layer=int(m["gpt2.block_count"]), d_model=int(m["gpt2.embedding_length"]),
+                     n_head=int(m["gpt2.attention.head_count"]), n_ctx=int(m["gpt2.context_length"]),
+                     vocab=len(m["tokenizer.ggml.tokens"]),
+                     eps=float(f"{m['gpt2.attention.layer_norm_epsilon']:.7g}"))  # float32 -> the decimal it came from
+        params = {n: f.tensor(n).dequantize().copy() for n in f.tensors}
+        return params, cfg, dict(m)

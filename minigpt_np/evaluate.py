@@ -1,0 +1,133 @@
+"""Test perplexity and verb-tense accuracy of MiniGPT, FP32 or under any scheme.
+
+    python -m minigpt_np.evaluate [--scheme NAME] [--quantize-embeddings] [--limit N]
+
+A test example ``sentence => label`` is fed as ``[EOT] sentence => `` (the prefix, run
+once, its KV cache kept) and each of the 9 labels followed by a newline is scored by its
+total log-probability after the prefix, all 9 in one batched pass over the cache; the
+prediction is the argmax. Perplexity is per byte over every byte of the test lines
+(sentence, ``" => "``, true label and newline), conditioned on the leading EOT, so it
+comes out of the same two passes.
+
+Embeddings: FP32 for ``--scheme fp32``; otherwise the token and position embeddings are
+rounded to FP16 (the usual practice), or with ``--quantize-embeddings`` the token
+embedding (which is also the tied output projection) goes through the scheme too.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+from tqdm import tqdm
+
+from minigpt_np import checkpoint, corpus
+from minigpt_np.model import EOT, Config, Linears, forward, log_softmax
+
+CONT = [list((label + "\n").encode()) for label in corpus.LABELS]
+CONT_LEN = max(len(c) for c in CONT)
+
+
+def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings: bool = False, calib=None):
+    """``(params, linears)`` for evaluation under ``scheme``: Linear methods + embedding policy."""
+    p = dict(params)
+    if scheme != "fp32":
+        for k in ("token_embd.weight", "position_embd.weight"):
+            p[k] = p[k].astype(np.float16).astype(np.float32)
+        if quantize_embeddings:
+            from refquant import schemes
+
+            p["token_embd.weight"] = schemes.get(scheme).quantize(params["token_embd.weight"]).dequantize()
+    return p, Linears(p, cfg, scheme, calib=calib)
+
+
+def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True) -> dict:
+    """Accuracy, per-label accuracy and per-byte perplexity over ``lines``."""
+    items = []
+    for i, ln in enumerate(lines):
+        text, label = corpus.parse(ln)
+        prefix = [EOT] + list((text + corpus.SEP).encode())
+        items.append((len(prefix), i, prefix, corpus.LABELS.index(label)))
+    items.sort()
+    pred = np.empty(len(lines), np.int64)
+    truth = np.empty(len(lines), np.int64)
+    nll, nbytes = 0.0, 0
+    groups = defaultdict(list)
+    for it in items:
+        groups[it[0]].append(it)
+    chunks = [g[i:i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+    for chunk in tqdm(chunks, desc="evaluate", unit="batch", disable=not progress):
+        toks = np.array([c[2] for c in chunk])
+        B, L = toks.shape
+        logits, past = forward(params, toks, cfg=cfg, linears=linears)
+        lp = log_softmax(logits.astype(np.float64))
+        nll -= np.take_along_axis(lp[:, :-1], toks[:, 1:, None], -1).sum()
+        nbytes += B * (L - 1)
+        # the 9 continuations at once: (B*9, CONT_LEN), padded; padding only follows the label
+        cont = np.full((B, 9, CONT_LEN), ord("\n"), np.int64)
+        for j, c in enumerate(CONT):
+            cont[:, j, :len(c)] = c
+        rep = [(np.repeat(k, 9, axis=0), np.repeat(v, 9, axis=0)) for k, v in past]
+        clog, _ = forward(params, cont.reshape(B * 9, CONT_LEN), cfg=cfg, linears=linears, past=rep)
+        clp = log_softmax(clog.astype(np.float64)).reshape(B, 9, CONT_LEN, -1)
+        first = lp[:, -1][:, None, :].repeat(9, 1)  # the prefix's last position predicts token 0
+        scores = np.zeros((B, 9))
+        for j, c in enumerate(CONT):
+            n = len(c)
+            s = np.take_along_axis(first[:, j], cont[:, j, :1], -1)[:, 0]
+            s += np.take_along_axis(clp[:, j, : n - 1], cont[:, j, 1:n, None], -1)[..., 0].sum(-1)
+            scores[:, j] = s
+        idx = np.array([c[1] for c in chunk])
+        t = np.array([c[3] for c in chunk])
+        pred[idx], truth[idx] = scores.argmax(1), t
+        nll -= scores[np.arange(B), t].sum()
+        nbytes += sum(len(CONT[k]) for k in t)
+    correct = pred == truth
+    per_label = {lab: float(correct[truth == j].mean()) for j, lab in enumerate(corpus.LABELS) if (truth == j).any()}
+    return dict(accuracy=float(correct.mean()), per_label=per_label, perplexity=float(np.exp(nll / nbytes)),
+                n=len(lines), correct=correct)
+
+
+def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: int | None = None, path=None,
+             progress: bool = True, calib=None) -> dict:
+    """Metrics of the committed checkpoint (or ``path``) on the test split under ``scheme``."""
+    params, cfg, _ = checkpoint.load(path or checkpoint.DEFAULT)
+    splits = corpus.make_splits()
+    test, verbs = splits.test[:limit], splits.test_verbs[:limit]
+    t0 = time.time()
+    p, linears = prepare(params, cfg, scheme, quantize_embeddings, calib)
+    quant_s = time.time() - t0
+    r = score(p, cfg, linears, test, progress=progress)
+    held = np.array([v in splits.heldout_verbs for v in verbs])
+    r["heldout_accuracy"] = float(r["correct"][held].mean()) if held.any() else float("nan")
+    r["heldout_n"] = int(held.sum())
+    r.update(scheme=scheme, quantize_embeddings=quantize_embeddings, linear_bytes=linears.nbytes,
+             linear_weights=sum(params[n + ".weight"].size for n in linears.layers), quantize_seconds=quant_s)
+    del r["correct"]
+    return r
+
+
+def print_report(r: dict) -> None:
+    bpw = 8 * r["linear_bytes"] / r["linear_weights"]
+    print(f"scheme {r['scheme']}: {bpw:.3f} bits/weight in the Linears, {r['n']} test lines")
+    print(f"test perplexity (per byte): {r['perplexity']:.4f}")
+    print(f"verb-tense accuracy: {100 * r['accuracy']:.2f}%   held-out verbs: {100 * r['heldout_accuracy']:.2f}% "
+          f"({r['heldout_n']} lines)")
+    print(f"{'':10s}" + "".join(f"{a:>13s}" for a in corpus.ASPECTS))
+    for t in corpus.TENSES:
+        print(f"{t:10s}" + "".join(f"{100 * r['per_label'].get(f'{t} {a}', float('nan')):12.2f}%" for a in corpus.ASPECTS))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scheme", default="fp32")
+    ap.add_argument("--quantize-embeddings", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test lines")
+    ap.add_argument("--model", default=None, help="checkpoint path (default: the committed one)")
+    args = ap.parse_args(argv)
+    print_report(evaluate(args.scheme, quantize_embeddings=args.quantize_embeddings, limit=args.limit, path=args.model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""MiniGPT: a GPT-2-style decoder in NumPy (pure functions over a dict of float32 arrays).
+
+Architecture (GPT-2): byte tokens (256 bytes + one end-of-text token) and learned position
+embeddings, ``n_layer`` pre-LayerNorm blocks ``x += attn(ln1(x)); x += mlp(ln2(x))`` with
+causal multi-head attention and a GELU (tanh approximation) MLP of width 4·d, a final
+LayerNorm, and the output projection tied to the token embedding.
+
+Parameter names are llama.cpp's ``gpt2`` tensor names (``token_embd.weight``,
+``blk.0.attn_qkv.weight`` …), so the dict is written to GGUF as it is. Linear weights are
+``(out, in)``.
+
+Every Linear goes through a *method* (vLLM's split): ``create_weights(layer, w, calib)``
+stores whatever the method needs in the ``layer`` dict, ``apply(layer, x)`` computes
+``x Wᵀ``. ``FP32Linear`` is the identity; ``SchemeLinear("int4_g128")`` wraps any scheme
+of ``refquant.schemes``. The model code never branches on the scheme.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+VOCAB = 257
+EOT = 256  # end of text: separates examples and starts generation
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 4
+    n_ctx: int = 128
+    vocab: int = VOCAB
+    eps: float = 1e-5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_names(cfg: Config) -> list[str]:
+    """The Linear layers, in forward order (without the ``.weight`` suffix)."""
+    return [f"blk.{i}.{n}" for i in range(cfg.n_layer) for n in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")]
+
+
+def init_params(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
+    """GPT-2 initialization: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+    rng = np.random.default_rng(seed)
+    d = cfg.d_model
+    p = {"token_embd.weight": rng.normal(0, 0.02, (cfg.vocab, d)),
+         "position_embd.weight": rng.normal(0, 0.01, (cfg.n_ctx, d))}
+    resid = 0.02 / np.sqrt(2 * cfg.n_layer)
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        for ln in ("attn_norm", "ffn_norm"):
+            p[b + ln + ".weight"], p[b + ln + ".bias"] = np.ones(d), np.zeros(d)
+        for name, (out, inp), std in (("attn_qkv", (3 * d, d), 0.02), ("attn_output", (d, d), resid),
+                                      ("ffn_up", (4 * d, d), 0.02), ("ffn_down", (d, 4 * d), resid)):
+            p[b + name + ".weight"] = rng.normal(0, std, (out, inp))
+            p[b + name + ".bias"] = np.zeros(out)
+    p["output_norm.weight"], p["output_norm.bias"] = np.ones(d), np.zeros(d)
+    return {k: v.astype(np.float32) for k, v in p.items()}
+
+
+def config_from_params(params: dict) -> Config:
+    """Sizes read off the arrays; ``n_head`` and ``eps`` cannot be, so they are the defaults
+    (pass ``cfg`` explicitly for other values; checkpoints store it)."""
+    n_layer = len({k.split(".")[1] for k in params if k.startswith("blk.")})
+    vocab, d = params["token_embd.weight"].shape
+    return Config(n_layer=n_layer, d_model=d, n_ctx=params["position_embd.weight"].shape[0], vocab=vocab)
+
+
+# --- primitives --------------------------------------------------------------------------
+
+def layer_norm(x, w, b, eps=1e-5):
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    return xc / np.sqrt(var + eps) * w + b
+
+
+GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+
+
+def gelu(x):
+    """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))."""
+    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + np.float32(0.044715) * x * x * x)))
+
+
+def softmax(z, axis=-1):
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(z, axis=-1):
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+# --- quantized-linear methods -------------------------------------------------------------
+
+class FP32Linear:
+    """The identity method: keeps the float32 weight."""
+
+    name = "fp32"
+
+    def create_weights(self, layer: dict, w: np.ndarray, calib=None) -> None:
+        layer["w"] = np.ascontiguousarray(w, np.float32)
+        layer["nbytes"] = layer["w"].nbytes
+
+    def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
+        return x @ layer["w"].T
+
+
+class SchemeLinear:
+    """Any ``refquant.schemes`` scheme. The weight is quantized once; ``apply`` multiplies
+    by its dequantized value (what ``Scheme.matmul``'s reference does), cached as float32."""
+
+    def __init__(self, scheme: str):
+        from refquant import schemes
+
+        self.scheme = schemes.get(scheme)
+        self.name = scheme
+
+    def create_weights(self, layer: dict, w: np.ndarray, calib=None) -> None:
+        qt = self.scheme.quantize(w, calib=calib)
+        layer["qt"] = qt
+        layer["w"] = qt.dequantize()
+        layer["nbytes"] = qt.nbytes
+
+    def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
+        return x @ layer["w"].T
+
+
+class Linears:
+    """The model's Linear layers under one method each: ``linears(name, x) = x Wᵀ + b``.
+
+    ``method``: a method object, a scheme name, or a callable ``name -> method``;
+    ``calib``: optional ``name -> calibration inputs`` for calibrated schemes.
+    """
+
+    def __init__(self, params: dict, cfg: Config, method=None, calib=None):
+        self.params = params
+        self.methods, self.layers = {}, {}
+        for name in linear_names(cfg):
+            m = method(name) if callable(method) and not hasattr(method, "apply") else method
+            if m is None:
+                m = FP32Linear()
+            elif isinstance(m, str):
+                m = FP32Linear() if m == "fp32" else SchemeLinear(m)
+            self.methods[name] = m
+            self.layers[name] = {}
+            m.create_weights(self.layers[name], params[name + ".weight"], calib(name) if calib else None)
+
+    def __call__(self, name: str, x: np.ndarray) -> np.ndarray:
+        return self.methods[name].apply(self.layers[name], x) + self.params[name + ".bias"]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer["nbytes"] for layer in self.layers.values())
+
+
+# --- forward ---------------------------------------------------------------------------
+
+def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears | None = None,
+            past: list | None = None, hook=None):
+    """Logits for ``tokens`` (T,) or (B, T); returns ``(logits float32 (B, T, V), present)``.
+
+    ``past``: per-layer ``(k, v)`` of shape (B, H, T_past, d_head) from an earlier call
+    (the KV cache); ``present`` is the same list extended by these tokens. ``hook(name, x)``
+    sees every Linear's input (calibration).
+    """
+    cfg = cfg or config_from_params(params)
+    tokens = np.atleast_2d(np.asarray(tokens))
+    B, T = tokens.shape
+    t0 = 0 if not past else past[0][0].shape[2]
+    if t0 + T > cfg.n_ctx:
+        raise ValueError(f"sequence of {t0 + T} tokens exceeds the context of {cfg.n_ctx}")
+    if linears is None:
+        linears = Linears(params, cfg)
+    H, d = cfg.n_head, cfg.d_model
+    dh = d // H
+    x = params["token_embd.weight"][tokens] + params["position_embd.weight"][t0:t0 + T]
+    present = []
+    mask = np.triu(np.full((T, t0 + T), -np.inf, np.float32), k=t0 + 1)
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        h = layer_norm(x, params[b + "attn_norm.weight"], params[b + "attn_norm.bias"], cfg.eps)
+        if hook:
+            hook(b + "attn_qkv", h)
+        qkv = linears(b + "attn_qkv", h).reshape(B, T, 3, H, dh).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if past:
+            k = np.concatenate([past[i][0], k], axis=2)
+            v = np.concatenate([past[i][1], v], axis=2)
+        present.append((k, v))
+        att = softmax(q @ k.transpose(0, 1, 3, 2) * np.float32(1 / np.sqrt(dh)) + mask)
+        o = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, d)
+        if hook:
+            hook(b + "attn_output", o)
+        x = x + linears(b + "attn_output", o)
+        h = layer_norm(x, params[b + "ffn_norm.weight"], params[b + "ffn_norm.bias"], cfg.eps)
+        if hook:
+            hook(b + "ffn_up", h)
+        u = gelu(linears(b + "ffn_up", h))
+        if hook:
+            hook(b + "ffn_down", u)
+        x = x + linears(b + "ffn_down", u)
+    h = layer_norm(x, params["output_norm.weight"], params["output_norm.bias"], cfg.eps)
+    return (h @ params["token_embd.weight"].T).astype(np.float32), present
+
+
+def decode_step(params: dict, token: int, cache: list | None, *, cfg=None, linears=None):
+    """One token through the KV cache: ``(logits (V,), new cache)``."""
+    logits, cache = forward(params, np.array([[token]]), cfg=cfg, linears=linears, past=cache)
+    return logits[0, -1], cache
+
+
+def encode(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def decode(ids) -> str:
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def generate(params: dict, prompt: str, n: int = 32, *, temperature: float = 0.0, seed: int = 0,
+             cfg=None, linears=None, stop: int | None = ord("\n")) -> str:
+    """Sample up to ``n`` bytes after ``[EOT] + prompt`` with the KV cache (greedy at temperature 0)."""
+    cfg = cfg or config_from_params(params)
+    linears = linears or Linears(params, cfg)
+    rng = np.random.default_rng(seed)
+    logits, cache = forward(params, np.array([[EOT] + encode(prompt)]), cfg=cfg, linears=linears)
+    logits = logits[0, -1]
+    out = []
+    for _ in range(n):
+        if temperature == 0:
+            tok = int(np.argmax(logits))
+        else:
+            p = softmax(logits.astype(np.float64) / temperature)
+            tok = int(rng.choice(len(p), p=p))
+        if tok == stop or tok == EOT or len(out) + len(encode(prompt)) + 2 > cfg.n_ctx:
+            break
+        out.append(tok)
+        logits, cache = decode_step(params, tok, cache, cfg=cfg, linears=linears)
+    return decode(out)

@@ -1,0 +1,322 @@
+"""Train MiniGPT in NumPy with a hand-written backward pass; ``python -m minigpt_np.train``.
+
+Every layer has a forward that keeps what its backward needs and a backward that returns
+the input gradient and accumulates parameter gradients (tests check each against central
+finite differences in float64). Optimizer: AdamW (β = 0.9, 0.95; weight decay 0.1 on
+matrices and embeddings), linear warmup then cosine decay, global-norm gradient clipping
+at 1.0. Data: the training lines of ``minigpt_np.corpus``, each preceded by the
+end-of-text token, concatenated; batches are random windows of ``n_ctx + 1`` tokens.
+
+Size (the default ``Config``): 4 layers, d_model 256, 4 heads, context 128, byte
+vocabulary of 257: 3.2 M parameters (12.7 MB as F32). d_model = 256 makes every Linear's
+input a multiple of 256, so the GGML K-quants (256-weight super-blocks) apply to all of
+them; 4 layers at batch 16 × 128 run ~1.3 steps/s on 2 cores, so 3000 steps
+(~6 M tokens, ~2 epochs) fit in under 45 minutes.
+
+The run state (parameters, Adam moments, step, RNG) is saved every ``--save-every`` steps
+to ``--state`` and resumed from it with ``--resume``. The final parameters are written
+with ``refquant.gguf.write`` to ``minigpt_np/checkpoints/minigpt.gguf`` (see
+``minigpt_np.checkpoint``), and the loss log to ``benchmarks/results/minigpt_train.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minigpt_np import corpus
+from minigpt_np.model import EOT, GELU_C, Config, init_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- layers: forward (with cache) and backward ------------------------------------------
+
+def layer_norm_fwd(x, w, b, eps):
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    return xhat * w + b, (xhat, rstd, w)
+
+
+def layer_norm_bwd(dy, cache, grads, prefix):
+    xhat, rstd, w = cache
+    axes = tuple(range(dy.ndim - 1))
+    grads[prefix + ".weight"] += (dy * xhat).sum(axis=axes)
+    grads[prefix + ".bias"] += dy.sum(axis=axes)
+    dxhat = dy * w
+    n = dy.shape[-1]
+    return rstd / n * (n * dxhat - dxhat.sum(-1, keepdims=True) - xhat * (dxhat * xhat).sum(-1, keepdims=True))
+
+
+def linear_fwd(x, w, b):
+    return x @ w.T + b, x
+
+
+def linear_bwd(dy, x, w, grads, prefix):
+    d_out, d_in = w.shape
+    grads[prefix + ".weight"] += dy.reshape(-1, d_out).T @ x.reshape(-1, d_in)
+    grads[prefix + ".bias"] += dy.reshape(-1, d_out).sum(axis=0)
+    return dy @ w
+
+
+def gelu_fwd(x):
+    inner = GELU_C * (x + 0.044715 * x ** 3)
+    t = np.tanh(inner)
+    return 0.5 * x * (1 + t), (x, t)
+
+
+def gelu_bwd(dy, cache):
+    x, t = cache
+    dinner = GELU_C * (1 + 3 * 0.044715 * x * x)
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)
+
+
+def attention_fwd(qkv, n_head):
+    """Causal multi-head attention on fused ``qkv`` (B, T, 3d) -> (B, T, d)."""
+    B, T, d3 = qkv.shape
+    d = d3 // 3
+    dh = d // n_head
+    q, k, v = qkv.reshape(B, T, 3, n_head, dh).transpose(2, 0, 3, 1, 4)
+    scale = 1.0 / np.sqrt(dh)
+    s = q @ k.transpose(0, 1, 3, 2) * scale
+    s = s + np.triu(np.full((T, T), -np.inf, s.dtype), k=1)
+    s = s - s.max(-1, keepdims=True)
+    att = np.exp(s)
+    att /= att.sum(-1, keepdims=True)
+    o = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, d)
+    return o, (q, k, v, att, scale)
+
+
+def attention_bwd(do, cache):
+    q, k, v, att, scale = cache
+    B, H, T, dh = q.shape
+    do = do.reshape(B, T, H, dh).transpose(0, 2, 1, 3)
+    dv = att.transpose(0, 1, 3, 2) @ do
+    datt = do @ v.transpose(0, 1, 3, 2)
+    ds = att * (datt - (datt * att).sum(-1, keepdims=True)) * scale
+    dq = ds @ k
+    dk = ds.transpose(0, 1, 3, 2) @ q
+    return np.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * dh)
+
+
+def cross_entropy_fwd(logits, targets):
+    """Mean cross-entropy (nats) over all positions, and the softmax for the backward."""
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    flat = p.reshape(-1, p.shape[-1])
+    t = targets.reshape(-1)
+    loss = -np.log(np.maximum(flat[np.arange(t.size), t], 1e-30)).mean()
+    return float(loss), (p, targets)
+
+
+def cross_entropy_bwd(cache):
+    p, targets = cache
+    g = p.reshape(-1, p.shape[-1]).copy()
+    t = targets.reshape(-1)
+    g[np.arange(t.size), t] -= 1.0
+    return (g / t.size).reshape(p.shape)
+
+
+# --- the whole model ----------------------------------------------------------------------
+
+def loss_and_grads(params: dict, cfg: Config, tokens: np.ndarray, targets: np.ndarray):
+    """Forward + backward over a batch; returns (loss, grads) with grads shaped like params."""
+    grads = {k: np.zeros_like(v) for k, v in params.items()}
+    B, T = tokens.shape
+    x = params["token_embd.weight"][tokens] + params["position_embd.weight"][:T]
+    caches = []
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        h1, c_ln1 = layer_norm_fwd(x, params[b + "attn_norm.weight"], params[b + "attn_norm.bias"], cfg.eps)
+        qkv, c_qkv = linear_fwd(h1, params[b + "attn_qkv.weight"], params[b + "attn_qkv.bias"])
+        o, c_att = attention_fwd(qkv, cfg.n_head)
+        a, c_out = linear_fwd(o, params[b + "attn_output.weight"], params[b + "attn_output.bias"])
+        x = x + a
+        h2, c_ln2 = layer_norm_fwd(x, params[b + "ffn_norm.weight"], params[b + "ffn_norm.bias"], cfg.eps)
+        u, c_up = linear_fwd(h2, params[b + "ffn_up.weight"], params[b + "ffn_up.bias"])
+        g, c_gelu = gelu_fwd(u)
+        m, c_down = linear_fwd(g, params[b + "ffn_down.weight"], params[b + "ffn_down.bias"])
+        x = x + m
+        caches.append((c_ln1, c_qkv, c_att, c_out, c_ln2, c_up, c_gelu, c_down))
+    hf, c_lnf = layer_norm_fwd(x, params["output_norm.weight"], params["output_norm.bias"], cfg.eps)
+    E = params["token_embd.weight"]
+    logits = hf @ E.T
+    loss, c_ce = cross_entropy_fwd(logits, targets)
+
+    dlogits = cross_entropy_bwd(c_ce)
+    grads["token_embd.weight"] += dlogits.reshape(-1, E.shape[0]).T @ hf.reshape(-1, E.shape[1])
+    dx = layer_norm_bwd(dlogits @ E, c_lnf, grads, "output_norm")
+    for i in reversed(range(cfg.n_layer)):
+        b = f"blk.{i}."
+        c_ln1, c_qkv, c_att, c_out, c_ln2, c_up, c_gelu, c_down = caches[i]
+        dg = linear_bwd(dx, c_down, params[b + "ffn_down.weight"], grads, b + "ffn_down")
+        du = gelu_bwd(dg, c_gelu)
+        dh2 = linear_bwd(du, c_up, params[b + "ffn_up.weight"], grads, b + "ffn_up")
+        dx = dx + layer_norm_bwd(dh2, c_ln2, grads, b + "ffn_norm")
+        do = linear_bwd(dx, c_out, params[b + "attn_output.weight"], grads, b + "attn_output")
+        dqkv = attention_bwd(do, c_att)
+        dh1 = linear_bwd(dqkv, c_qkv, params[b + "attn_qkv.weight"], grads, b + "attn_qkv")
+        dx = dx + layer_norm_bwd(dh1, c_ln1, grads, b + "attn_norm")
+    np.add.at(grads["token_embd.weight"], tokens.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    grads["position_embd.weight"][:T] += dx.sum(axis=0)
+    return loss, grads
+
+
+# --- optimizer and data -----------------------------------------------------------------------
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
+
+
+def decays(name: str) -> bool:
+    return name.endswith(".weight") and "norm" not in name
+
+
+def adamw_step(params, grads, state, lr, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, clip=1.0):
+    """In-place AdamW update after global-norm clipping; returns the pre-clip gradient norm."""
+    norm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values())))
+    scale = min(1.0, clip / (norm + 1e-12))
+    state["t"] += 1
+    t = state["t"]
+    for k, p in params.items():
+        g = grads[k] * scale
+        m, v = state["m"][k], state["v"][k]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * g * g
+        mhat = m / (1 - b1 ** t)
+        vhat = v / (1 - b2 ** t)
+        if decays(k):
+            p *= 1 - lr * wd
+        p -= (lr * mhat / (np.sqrt(vhat) + eps)).astype(p.dtype)
+    return norm
+
+
+def token_stream(lines: list[str]) -> np.ndarray:
+    """[EOT] line \\n [EOT] line \\n ... as uint16 tokens."""
+    out = []
+    for ln in lines:
+        out.append(EOT)
+        out.extend((ln + "\n").encode("utf-8"))
+    return np.array(out, np.uint16)
+
+
+def batch(stream: np.ndarray, B: int, T: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    starts = rng.integers(0, len(stream) - T - 1, B)
+    w = np.stack([stream[s:s + T + 1] for s in starts]).astype(np.int64)
+    return w[:, :-1], w[:, 1:]
+
+
+def evaluate_loss(params, cfg, stream, B, T, n_batches, seed=123) -> float:
+    from minigpt_np.model import forward, log_softmax
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(n_batches):
+        x, y = batch(stream, B, T, rng)
+        logits, _ = forward(params, x, cfg=cfg)
+        lp = log_softmax(logits)
+        losses.append(-np.take_along_axis(lp, y[..., None], -1).mean())
+    return float(np.mean(losses))
+
+
+def train(cfg: Config, *, steps: int, batch_size: int, lr: float, warmup: int, seed: int = 0,
+          state_path: Path | None = None, resume: bool = False, save_every: int = 200, eval_every: int = 100,
+          log_path: Path | None = None, time_limit_s: float | None = None, quiet: bool = False):
+    """Train and return ``(params, log)``; ``log`` has the loss curve and timing."""
+    splits = corpus.make_splits(seed=seed)
+    train_stream, val_stream = token_stream(splits.train), token_stream(splits.validation)
+    rng = np.random.default_rng(seed)
+    params = init_params(cfg, seed)
+    opt = {"t": 0, "m": {k: np.zeros_like(v) for k, v in params.items()},
+           "v": {k: np.zeros_like(v) for k, v in params.items()}}
+    log = {"config": cfg.to_dict(), "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+           "seed": seed, "train": [], "val": [], "elapsed_s": 0.0}
+    start = 0
+    if resume and state_path and Path(state_path).exists():
+        z = np.load(state_path, allow_pickle=False)
+        params = {k[2:]: z[k] for k in z.files if k.startswith("p/")}
+        opt["m"] = {k[2:]: z[k] for k in z.files if k.startswith("m/")}
+        opt["v"] = {k[2:]: z[k] for k in z.files if k.startswith("v/")}
+        opt["t"] = start = int(z["step"])
+        log = json.loads(str(z["log"]))
+        rng = np.random.default_rng([seed, start])
+    t0 = time.time() - log["elapsed_s"]
+    bar = tqdm(range(start, steps), desc="train", unit="step", disable=quiet, initial=start, total=steps)
+    for step in bar:
+        x, y = batch(train_stream, batch_size, cfg.n_ctx, rng)
+        loss, grads = loss_and_grads(params, cfg, x, y)
+        rate = lr_at(step, steps, lr, warmup)
+        norm = adamw_step(params, grads, opt, rate)
+        log["train"].append([step, loss, norm, rate])
+        bar.set_postfix(loss=f"{loss:.3f}")
+        last = step + 1 == steps
+        if (step + 1) % eval_every == 0 or last:
+            val = evaluate_loss(params, cfg, val_stream, batch_size, cfg.n_ctx, 4)
+            log["val"].append([step + 1, val])
+            bar.write(f"step {step + 1}: train {loss:.4f}  val {val:.4f}  ({time.time() - t0:.0f} s)")
+        log["elapsed_s"] = time.time() - t0
+        if state_path and ((step + 1) % save_every == 0 or last):
+            save_state(state_path, params, opt, step + 1, log)
+        if log_path and ((step + 1) % eval_every == 0 or last):
+            _write_log(log_path, log)
+        if time_limit_s is not None and time.time() - t0 > time_limit_s:
+            break
+    return params, log
+
+
+def _write_log(path: Path, log: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"benchmark": "minigpt_train", **log}))
+    tmp.replace(path)
+
+
+def save_state(path: Path, params, opt, step, log) -> None:
+    """Atomic save of the resumable run state."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.npz")
+    arrays = {f"p/{k}": v for k, v in params.items()}
+    arrays.update({f"m/{k}": v for k, v in opt["m"].items()})
+    arrays.update({f"v/{k}": v for k, v in opt["v"].items()})
+    np.savez(tmp, step=step, log=json.dumps(log), **arrays)
+    tmp.replace(path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--state", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "train_state.npz")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "minigpt.gguf")
+    args = ap.parse_args(argv)
+    from benchmarks.common import RESULTS
+    from minigpt_np import checkpoint
+
+    cfg = Config()
+    args.state.parent.mkdir(parents=True, exist_ok=True)
+    params, log = train(cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                        seed=args.seed, state_path=args.state, resume=args.resume,
+                        log_path=RESULTS / "minigpt_train.json")
+    checkpoint.save(args.out, params, cfg, {"train_steps": args.steps, "train_seconds": log["elapsed_s"]})
+    print(f"wrote {args.out} after {log['elapsed_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
