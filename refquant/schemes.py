@@ -236,3 +236,29 @@ for _t, _d in (
     ("IQ4_XS", "non-linear 4-bit codebook, 6-bit scales per 32, fp16 super-scale per 256"),
 ):
     _register_ggml(_t, _d)
+
+
+# --- GPTQ (calibrated: calib = inputs X of shape (tokens, in)) ----------------------------
+
+def _register_gptq(name: str, description: str, **kw):
+    from refquant import gptq
+
+    matvec, matmul = (None, None)
+    if not kw.get("act_order") or kw.get("static_groups"):
+        matvec, matmul = _AFFINE_KERNELS.get((kw.get("bits", 4), kw.get("sym", True)), (None, None))
+
+    def nbytes(shape):
+        out, n = shape
+        g = kw.get("group_size", 128)
+        groups = out * (n // g)
+        extra = 4 * n if (kw.get("act_order") and not kw.get("static_groups")) else 0  # int32 g_idx
+        return out * -(-n * kw.get("bits", 4) // 8) + groups * (2 + (0 if kw.get("sym", True) else 1)) + extra
+
+    register(name, description=description, nbytes=nbytes, needs_calib=True, matvec=matvec, matmul=matmul)(
+        lambda w, *, calib=None: gptq.gptq_quantize(w, gptq.hessian(calib), scheme=name, **kw)[0])
+
+
+_register_gptq("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", bits=4, group_size=128)
+_register_gptq("gptq_int4_g128_act", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4, group_size=128,
+               act_order=True)
+_register_gptq("gptq_int3_g128", "GPTQ INT3 symmetric, fp16 scale per 128 inputs", bits=3, group_size=128)

@@ -1,0 +1,151 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", Algorithm 1), in float64 NumPy.
+
+For a Linear ``W`` (out, in) with calibration inputs ``X`` (tokens, in), GPTQ minimizes
+``||W X^T - Ŵ X^T||²`` one input column at a time. With the Hessian proxy
+``H = 2/n Σ x xᵀ`` and ``U`` the upper Cholesky factor of ``H⁻¹``, column ``j`` is rounded
+to the grid and the rounding error, divided by ``U_jj``, is pushed onto the columns not yet
+quantized through row ``j`` of ``U``::
+
+    q_j = quant(w_j),   e = (w_j - q_j) / U_jj,   w_{k>j} -= e U_jk,   loss += (w_j - q_j)² / U_jj² / 2
+
+Details follow the reference implementation (IST-DASLab/gptq ``GPTQ.fasterquant``):
+
+* dead inputs (``H_jj = 0``, never active in the calibration data) get ``H_jj = 1`` and
+  their weights are zeroed;
+* damping ``λ = percdamp · mean(diag H)`` is added to the diagonal before inverting;
+* ``H⁻¹`` via Cholesky (``H = L Lᵀ``, ``H⁻¹ = L⁻ᵀ L⁻¹``), then its upper Cholesky factor;
+* lazy batch updates: columns are processed in blocks of ``blocksize``; inside a block the
+  error feedback is applied to the block's columns only, and to the rest of the matrix once
+  per block (``W[:, i2:] -= E U[i1:i2, i2:]``), which is the same arithmetic reordered;
+* ``act_order``: columns in order of decreasing ``H_jj``; a group's scale is fitted when the
+  group starts, on the (already updated) weights of the next ``group_size`` columns in
+  processing order, so groups are contiguous in that order and ``g_idx`` maps each input
+  column to its group. ``static_groups`` fits all group scales up front on the original
+  weights in natural order instead (no ``g_idx`` needed, kernels stay fast);
+* the grid is refquant's affine grid (``refquant.affine``): symmetric restricted range or
+  asymmetric with a zero point, scales stored as ``scale_dtype``; codes are computed
+  against the stored scales.
+
+Without ``g_idx`` the result is an ordinary affine ``QuantizedTensor`` (same layout as
+``affine.quantize(..., granularity="group")``), so dequantize and the INT4 kernels apply
+unchanged; with ``g_idx`` it is kind ``"gptq"`` and ``g_idx`` is stored (and counted).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refquant import affine, packing
+from refquant._checks import float_array, int_in
+from refquant.tensor import QuantizedTensor, register_decoder
+
+
+def hessian(X: np.ndarray) -> np.ndarray:
+    """``H = 2/n Σ x xᵀ`` (float64) from calibration inputs ``X`` (n, in)."""
+    X = float_array(X, "X", ndim=2).astype(np.float64)
+    return 2.0 / X.shape[0] * (X.T @ X)
+
+
+def _group_params(wg: np.ndarray, bits: int, sym: bool, scale_dtype):
+    """Scale (out,) and zero (out,) or None for one group of columns ``wg`` (out, g)."""
+    s, z = affine._params(wg, (1,), bits, sym, False, 1.0, scale_dtype)
+    return s[:, 0], (None if z is None else z[:, 0])
+
+
+def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: int = 128, sym: bool = True,
+                  act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
+                  blocksize: int = 128, scale_dtype=np.float16, scheme: str | None = None
+                  ) -> tuple[QuantizedTensor, float]:
+    """GPTQ-quantize ``w`` (out, in) given the Hessian ``H`` (in, in); returns ``(qt, loss)``.
+
+    ``group_size=-1`` uses one scale per output row. ``loss`` is GPTQ's
+    ``Σ (w - q)² / U_jj² / 2`` summed over the matrix.
+    """
+    w = float_array(w, "w", ndim=2)
+    H = float_array(H, "H", ndim=2)
+    out, n = w.shape
+    if H.shape != (n, n):
+        raise ValueError(f"H must be ({n}, {n}) for w of shape {w.shape}, got {H.shape}")
+    bits = int_in(bits, "bits", range(2, 9))
+    gs = n if group_size == -1 else int(group_size)
+    if gs <= 0 or n % gs:
+        raise ValueError(f"group_size={group_size} must be -1 or a positive divisor of in={n}")
+    if not 0 <= percdamp < 1:
+        raise ValueError(f"percdamp must be in [0, 1), got {percdamp}")
+    W = w.astype(np.float64).copy()
+    H = H.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    n_groups = n // gs
+    scales = np.zeros((out, n_groups), np.dtype(scale_dtype))
+    zeros = None if sym else np.zeros((out, n_groups), np.int64)
+    if static_groups:
+        for g in range(n_groups):
+            s, z = _group_params(W[:, g * gs:(g + 1) * gs], bits, sym, scale_dtype)
+            scales[:, g] = s
+            if zeros is not None:
+                zeros[:, g] = z
+
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
+    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    H[np.diag_indices(n)] += percdamp * np.mean(np.diag(H))
+    Linv = np.linalg.inv(np.linalg.cholesky(H))
+    U = np.linalg.cholesky(Linv.T @ Linv).T  # upper Cholesky factor of H⁻¹
+
+    codes = np.zeros((out, n), np.int16)
+    loss = 0.0
+    g_cur = -1
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = W[:, i1:i2].copy()
+        E = np.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static_groups:
+                g_cur = perm[j] // gs
+            elif j % gs == 0:  # as the reference: the group's columns as they stand in W
+                g_cur = j // gs
+                s, z = _group_params(W[:, j:j + gs], bits, sym, scale_dtype)
+                scales[:, g_cur] = s
+                if zeros is not None:
+                    zeros[:, g_cur] = z
+            s = scales[:, g_cur]
+            z = None if zeros is None else zeros[:, g_cur]
+            col = W1[:, i]
+            q = affine.quantize_codes(col, s, z, bits, sym=sym)
+            dq = affine.dequantize_codes(q, s, z).astype(np.float64)
+            codes[:, perm[j]] = q
+            d = U[j, j]
+            loss += float(np.sum((col - dq) ** 2)) / d**2 / 2
+            err = (col - dq) / d
+            W1[:, i:] -= np.outer(err, U[j, i1 + i:i2])
+            E[:, i] = err
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+
+    zeros_u8 = None if zeros is None else zeros.astype(np.uint8)
+    packed = packing.pack(codes, bits, signed=sym)
+    name = scheme or f"gptq_int{bits}_g{group_size}" + ("" if sym else "_asym") + ("_act" if act_order else "")
+    if act_order and not static_groups:
+        g_idx = np.empty(n, np.int32)
+        g_idx[perm] = np.arange(n) // gs
+        meta = dict(kind="gptq", bits=bits, sym=sym, group_size=gs, g_idx=g_idx)
+        return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta), loss
+    if group_size == -1:
+        meta = dict(kind="affine", bits=bits, sym=sym, full_range=False, granularity="channel", axis=0,
+                    group_size=None, padded_shape=(out, n))
+        return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta), loss
+    meta = dict(kind="affine", bits=bits, sym=sym, full_range=False, granularity="group", axis=None,
+                group_size=gs, padded_shape=(out, n))
+    return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta), loss
+
+
+@register_decoder("gptq")
+def dequantize(qt: QuantizedTensor) -> np.ndarray:
+    """``ŵ[:, j] = s[:, g_idx[j]] (q[:, j] - z[:, g_idx[j]])`` (act-order groups)."""
+    m = qt.meta
+    q = packing.unpack(qt.codes, m["bits"], qt.shape[1], signed=m["sym"]).reshape(qt.shape)
+    g = m["g_idx"]
+    z = None if qt.zeros is None else qt.zeros[:, g]
+    return affine.dequantize_codes(q, qt.scales[:, g], z)
