@@ -41,6 +41,9 @@ class Scheme:
     needs_calib: bool = False
     matvec_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, x)
     matmul_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, X), M <= 16
+    # schemes that quantize activations too (W8A8, SmoothQuant, LLM.int8()): X -> X as the
+    # layer sees it; the layer computes act_quant(qt, X) @ qt.dequantize().T
+    act_quant: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None
 
     def quantize(self, w: np.ndarray, *, calib=None) -> QuantizedTensor:
         """Quantize a 2-D float weight matrix of shape (out, in)."""
@@ -62,13 +65,17 @@ class Scheme:
         x = self._check(qt, x, "x", 1)
         if self.matvec_fn is not None:
             return self.matvec_fn(qt, x)
+        if self.act_quant is not None:
+            x = self.act_quant(qt, x[None].astype(np.float32))[0]
         return qt.dequantize() @ x.astype(np.float32)
 
     def matmul(self, qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
         """``X W^T`` for X of shape (M, in), float32 result of shape (M, out)."""
         X = self._check(qt, X, "X", 2)
-        if self.matmul_fn is not None and X.shape[0] <= kernels.MAX_BATCH:
+        if self.matmul_fn is not None and (X.shape[0] <= kernels.MAX_BATCH or self.act_quant is not None):
             return self.matmul_fn(qt, X)
+        if self.act_quant is not None:
+            X = self.act_quant(qt, X.astype(np.float32))
         return X.astype(np.float32) @ qt.dequantize().T
 
 
@@ -77,7 +84,7 @@ _REGISTRY: dict[str, Scheme] = {}
 
 def register(name: str, *, description: str, nbytes: Callable[[tuple[int, int]], int],
              bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None, needs_calib: bool = False,
-             matvec=None, matmul=None):
+             matvec=None, matmul=None, act_quant=None):
     """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``.
 
     ``matvec(qt, x)`` / ``matmul(qt, X)``: optional kernels used instead of
@@ -87,7 +94,7 @@ def register(name: str, *, description: str, nbytes: Callable[[tuple[int, int]],
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"scheme {name!r} is already registered")
-        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib, matvec, matmul)
+        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib, matvec, matmul, act_quant)
         return fn
 
     return deco
@@ -250,7 +257,7 @@ def _register_gptq(name: str, description: str, **kw):
     def nbytes(shape):
         out, n = shape
         g = kw.get("group_size", 128)
-        groups = out * (n // g)
+        groups = out * (1 if g == -1 else n // g)
         extra = 4 * n if (kw.get("act_order") and not kw.get("static_groups")) else 0  # int32 g_idx
         return out * -(-n * kw.get("bits", 4) // 8) + groups * (2 + (0 if kw.get("sym", True) else 1)) + extra
 
@@ -259,6 +266,56 @@ def _register_gptq(name: str, description: str, **kw):
 
 
 _register_gptq("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", bits=4, group_size=128)
-_register_gptq("gptq_int4_g128_act", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4, group_size=128,
-               act_order=True)
+_register_gptq("gptq_int4_g128_actorder", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4,
+               group_size=128, act_order=True)
 _register_gptq("gptq_int3_g128", "GPTQ INT3 symmetric, fp16 scale per 128 inputs", bits=3, group_size=128)
+_register_gptq("gptq_int8_channel", "GPTQ INT8 symmetric, fp16 scale per output channel", bits=8, group_size=-1)
+
+
+# --- AWQ, W8A8, SmoothQuant, LLM.int8() ---------------------------------------------------
+
+def _register_activation_aware():
+    from refquant import awq, llm_int8, smoothquant
+
+    def awq_nbytes(shape):
+        out, n = shape
+        return out * n // 2 + out * (n // 128) * 3 + 4 * n  # codes, fp16 scale + uint8 zero, fp32 AWQ scales
+
+    register("awq_int4_g128", description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
+             nbytes=awq_nbytes, needs_calib=True,
+             matvec=lambda qt, x: kernels.matvec_int4(qt.codes, qt.scales, qt.zeros, x / qt.meta["awq_scales"],
+                                                     group_size=128))(
+        lambda w, *, calib=None: awq.awq_quantize(w, calib))
+
+    w8a8_bytes = lambda shape: shape[0] * shape[1] + 4 * shape[0]  # noqa: E731
+    def int8_bound(w, qt):  # round-to-nearest on a grid of step scale_r / s_j (s = smoothing factors)
+        s = qt.meta.get("smooth", np.float32(1))
+        b = np.abs(qt.scales.astype(np.float64))[:, None] / 2 / s * (1 + 2**-20) + 2**-24 * np.abs(w)
+        if qt.kind == "llm_int8":  # FP16 outlier columns: half an fp16 ulp
+            o = qt.meta["outliers"]
+            b = np.broadcast_to(b, w.shape).copy()
+            b[:, o] = np.abs(w[:, o]) * 2.0**-11 + 2.0**-25
+        return b
+
+    register("w8a8", description="int8 per-channel weights x int8 per-token activations, int32 accumulation",
+             nbytes=w8a8_bytes, act_quant=smoothquant.act_quant, matmul=smoothquant.matmul, bound=int8_bound,
+             matvec=lambda qt, x: kernels.matvec_w8a8(qt.codes.view(np.int8), qt.scales, x))(
+        lambda w, *, calib=None: smoothquant.quantize(w))
+    register("smoothquant_w8a8", description="SmoothQuant (alpha 0.5) then W8A8",
+             nbytes=lambda shape: w8a8_bytes(shape) + 4 * shape[1], needs_calib=True, bound=int8_bound,
+             act_quant=smoothquant.act_quant, matmul=smoothquant.matmul,
+             matvec=lambda qt, x: smoothquant.matmul(qt, x[None])[0])(
+        lambda w, *, calib=None: smoothquant.quantize(
+            w, smooth=smoothquant.smooth_scales(np.max(np.abs(calib), axis=0), w), scheme="smoothquant_w8a8"))
+
+    def int8_nbytes(shape):  # plus 2 bytes per weight and 4 per index for each outlier column (data dependent)
+        return shape[0] * shape[1] + 4 * shape[0]
+
+    register("llm_int8", description="LLM.int8(): vector-wise int8 + FP16 outlier dimensions (|x| >= 6)",
+             nbytes=int8_nbytes, needs_calib=True, act_quant=llm_int8.act_quant, matmul=llm_int8.matmul,
+             bound=int8_bound,
+             matvec=lambda qt, x: llm_int8.matmul(qt, x[None])[0])(
+        lambda w, *, calib=None: llm_int8.quantize(w, np.max(np.abs(calib), axis=0)))
+
+
+_register_activation_aware()

@@ -1,0 +1,92 @@
+"""SmoothQuant (Xiao et al. 2022) and plain W8A8.
+
+W8A8: weights int8 per output channel, activations int8 per token computed at run time
+(``s_x = max|x| / 127``), products summed exactly in int32, one float multiply per output.
+It breaks when a few input channels carry outliers: one large channel sets ``s_x`` for the
+whole token and the other channels round to a handful of levels.
+
+SmoothQuant migrates the difficulty from activations to weights with per-input-channel
+factors ``s_j = max|X_j|^α / max|W_j|^(1-α)`` (α = 0.5 by default)::
+
+    Y = X Wᵀ = (X diag(s)⁻¹) (W diag(s))ᵀ
+
+which is exact in real arithmetic (``migrate`` is checked to float64 round-off). In a
+model ``diag(s)⁻¹`` folds into the preceding LayerNorm's weight and bias when there is
+one (MiniGPT's ``attn_qkv`` and ``ffn_up``); refquant keeps ``s`` explicit in the
+quantized tensor (``meta["smooth"]``, counted in ``nbytes``), which is the same arithmetic.
+
+Both return a ``QuantizedTensor`` of kind ``"w8a8"`` whose ``dequantize()`` is the
+effective weight ``Q(W diag(s)) diag(s)⁻¹`` and whose activation rounding is
+``act_quant(qt, X) = Q_token(X diag(s)⁻¹) diag(s)``: the layer computes exactly
+``act_quant(X) @ dequantize()ᵀ``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refquant._checks import float_array
+from refquant.tensor import QuantizedTensor, register_decoder
+
+
+def smooth_scales(act_max: np.ndarray, w: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``s_j = max|X_j|^α / max|W_j|^(1-α)`` (float64); channels with zero activity get s = 1."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    a = np.asarray(act_max, np.float64)
+    wmax = np.max(np.abs(np.asarray(w, np.float64)), axis=0)
+    s = a ** alpha / np.where(wmax > 0, wmax, 1.0) ** (1 - alpha)
+    return np.where((a > 0) & (wmax > 0) & np.isfinite(s) & (s > 0), s, 1.0)
+
+
+def migrate(X: np.ndarray, w: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(X diag(s)⁻¹, W diag(s))``: the product ``X Wᵀ`` is unchanged."""
+    return X / s, w * s
+
+
+def quantize_tokens(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (row) symmetric int8: codes int8 and scales float32 (rows, 1)."""
+    X = np.asarray(X, np.float32)
+    amax = np.max(np.abs(X), axis=-1, keepdims=True)
+    s = (amax / np.float32(127)).astype(np.float32)
+    q = np.clip(np.round(X / np.where(s == 0, 1, s)), -127, 127).astype(np.int8)
+    return q, s
+
+
+def quantize(w: np.ndarray, *, smooth: np.ndarray | None = None, scheme: str = "w8a8") -> QuantizedTensor:
+    """int8 per-channel weights of ``W diag(smooth)`` (smooth = 1 for plain W8A8)."""
+    w = float_array(w, "w", ndim=2).astype(np.float64)
+    s = np.ones(w.shape[1]) if smooth is None else np.asarray(smooth, np.float64)
+    ws = w * s
+    amax = np.max(np.abs(ws), axis=1)
+    scale = (amax / 127).astype(np.float32)
+    q = np.clip(np.round(ws / np.where(scale == 0, 1, scale)[:, None]), -127, 127).astype(np.int8)
+    meta = {"kind": "w8a8"}
+    if smooth is not None:
+        meta["smooth"] = s.astype(np.float32)
+    return QuantizedTensor(q.view(np.uint8), scale, None, w.shape, scheme, meta)
+
+
+@register_decoder("w8a8")
+def dequantize(qt: QuantizedTensor) -> np.ndarray:
+    w = qt.codes.view(np.int8).astype(np.float32) * qt.scales[:, None]
+    if "smooth" in qt.meta:
+        w = w / qt.meta["smooth"]
+    return w.astype(np.float32)
+
+
+def act_quant(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
+    """The activations as the layer sees them: ``Q_token(X / s) * s``."""
+    s = qt.meta.get("smooth")
+    Xs = X if s is None else X / s
+    q, sx = quantize_tokens(Xs)
+    out = q.astype(np.float32) * sx
+    return out if s is None else out * s
+
+
+def matmul(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
+    """``Y = X Ŵᵀ`` with int8 activations: int32-exact integer products, then the two scales."""
+    X = np.atleast_2d(np.asarray(X, np.float32))
+    s = qt.meta.get("smooth")
+    q, sx = quantize_tokens(X if s is None else X / s)
+    acc = q.astype(np.int32) @ qt.codes.view(np.int8).astype(np.int32).T  # exact: |acc| < 2^31
+    return (acc.astype(np.float64) * sx * qt.scales[None, :]).astype(np.float32)
