@@ -21,7 +21,12 @@ Details follow the reference implementation (IST-DASLab/gptq ``GPTQ.fasterquant`
 * ``act_order``: columns in order of decreasing ``H_jj``; a group's scale is fitted when the
   group starts, on the (already updated) weights of the next ``group_size`` columns in
   processing order, so groups are contiguous in that order and ``g_idx`` maps each input
-  column to its group. ``static_groups`` fits all group scales up front on the original
+  column to its group.
+* group statistics: the reference reads them from ``W[:, j:j+g]``, whose columns inside the
+  current lazy block have not yet received the block's own error feedback, so its result
+  depends on ``blocksize`` when ``g < blocksize``. refquant fits them on the up-to-date
+  columns (the block copy) and keeps every group inside one block, so lazy batching gives
+  the textbook algorithm's result (tested against it); ``static_groups`` fits all group scales up front on the original
   weights in natural order instead (no ``g_idx`` needed, kernels stay fast);
 * the grid is refquant's affine grid (``refquant.affine``): symmetric restricted range or
   asymmetric with a zero point, scales stored as ``scale_dtype``; codes are computed
@@ -88,6 +93,8 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: in
             if zeros is not None:
                 zeros[:, g] = z
 
+    if gs < blocksize and blocksize % gs:
+        blocksize -= blocksize % gs  # keep every group inside one lazy block
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
     W, H = W[:, perm], H[np.ix_(perm, perm)]
     H[np.diag_indices(n)] += percdamp * np.mean(np.diag(H))
@@ -105,9 +112,10 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: in
             j = i1 + i
             if static_groups:
                 g_cur = perm[j] // gs
-            elif j % gs == 0:  # as the reference: the group's columns as they stand in W
+            elif j % gs == 0:  # fitted on the group's columns as they stand now (see below)
                 g_cur = j // gs
-                s, z = _group_params(W[:, j:j + gs], bits, sym, scale_dtype)
+                cols = W1[:, i:i + gs] if gs <= blocksize else W[:, j:j + gs]
+                s, z = _group_params(cols, bits, sym, scale_dtype)
                 scales[:, g_cur] = s
                 if zeros is not None:
                     zeros[:, g_cur] = z
