@@ -29,17 +29,35 @@ CONT = [list((label + "\n").encode()) for label in corpus.LABELS]
 CONT_LEN = max(len(c) for c in CONT)
 
 
-def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings: bool = False, calib=None):
-    """``(params, linears)`` for evaluation under ``scheme``: Linear methods + embedding policy."""
+def calibration_sequences(cfg: Config, n: int = 128) -> np.ndarray:
+    """The first ``n`` windows of ``n_ctx`` tokens of the training stream (calibration data)."""
+    from minigpt_np.train import token_stream
+
+    stream = token_stream(corpus.make_splits().train)
+    return stream[: n * cfg.n_ctx].reshape(n, cfg.n_ctx).astype(np.int64)
+
+
+def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings: bool = False,
+            progress: bool = False):
+    """``(params, linears)`` for evaluation under ``scheme``: Linear methods + embedding policy.
+
+    Calibrated schemes (GPTQ, AWQ, SmoothQuant, LLM.int8()) are quantized layer by layer
+    on 128 training sequences (``refquant.calibration.quantize_sequential``).
+    """
+    from refquant import calibration, schemes
+
     p = dict(params)
     if scheme != "fp32":
         for k in ("token_embd.weight", "position_embd.weight"):
             p[k] = p[k].astype(np.float16).astype(np.float32)
         if quantize_embeddings:
-            from refquant import schemes
-
-            p["token_embd.weight"] = schemes.get(scheme).quantize(params["token_embd.weight"]).dequantize()
-    return p, Linears(p, cfg, scheme, calib=calib)
+            emb = params["token_embd.weight"]
+            s = schemes.get(scheme)
+            p["token_embd.weight"] = s.quantize(emb, calib=np.eye(emb.shape[1], dtype=np.float32)
+                                                if s.needs_calib else None).dequantize()
+    if scheme != "fp32" and schemes.get(scheme).needs_calib:
+        return p, calibration.quantize_sequential(p, cfg, scheme, calibration_sequences(cfg), progress=progress)
+    return p, Linears(p, cfg, scheme)
 
 
 def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True) -> dict:
@@ -90,13 +108,13 @@ def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True
 
 
 def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: int | None = None, path=None,
-             progress: bool = True, calib=None) -> dict:
+             progress: bool = True) -> dict:
     """Metrics of the committed checkpoint (or ``path``) on the test split under ``scheme``."""
     params, cfg, _ = checkpoint.load(path or checkpoint.DEFAULT)
     splits = corpus.make_splits()
     test, verbs = splits.test[:limit], splits.test_verbs[:limit]
     t0 = time.time()
-    p, linears = prepare(params, cfg, scheme, quantize_embeddings, calib)
+    p, linears = prepare(params, cfg, scheme, quantize_embeddings, progress)
     quant_s = time.time() - t0
     r = score(p, cfg, linears, test, progress=progress)
     held = np.array([v in splits.heldout_verbs for v in verbs])

@@ -1,0 +1,111 @@
+"""Every registered scheme on MiniGPT: bits per weight vs test perplexity and verb-tense accuracy.
+
+    python -m benchmarks.pareto [--quick] [--limit N] [--schemes a,b,...]
+
+For each scheme applied to all 16 Linears of the committed MiniGPT (embeddings FP16, as is
+standard; calibrated schemes quantized layer by layer on 128 training sequences): bytes
+per weight of the Linears (everything stored: codes, scales, zeros, codebooks, g_idx,
+smoothing factors), total model bytes (embeddings at FP16), test perplexity per byte,
+verb-tense accuracy (overall, held-out verbs, per tense x aspect) and quantization time.
+The test split is the first ``--limit`` lines (1000 by default; the checkpoint's
+metadata records the full-split FP32 figures). Writes ``benchmarks/results/pareto.json``
+and draws ``figures/pareto_ppl.png`` (perplexity vs bits per weight with the Pareto
+frontier) and ``figures/verb_tense.png`` (accuracy drop vs bits per weight).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks import common
+from minigpt_np import evaluate
+from refquant import schemes
+
+QUICK_SCHEMES = ("fp32", "fp16", "int8_channel", "int4_g128", "q4_k")
+
+
+def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
+    names = list(names or (QUICK_SCHEMES if quick else schemes.names()))
+    limit = limit or (60 if quick else 1000)
+    rows = []
+    for name in tqdm(names, desc="schemes", unit="scheme"):
+        t0 = time.time()
+        r = evaluate.evaluate(name, limit=limit, progress=False)
+        r["seconds"] = time.time() - t0
+        r["bits_per_weight"] = 8 * r["linear_bytes"] / r["linear_weights"]
+        rows.append(r)
+    fp32 = next((r for r in rows if r["scheme"] == "fp32"), None)
+    if fp32:
+        for r in rows:
+            r["ppl_gap_pct"] = 100 * (r["perplexity"] / fp32["perplexity"] - 1)
+            r["accuracy_drop_pp"] = 100 * (fp32["accuracy"] - r["accuracy"])
+    return dict(benchmark="pareto", quick=quick, limit=limit, machine=common.machine(), results=rows)
+
+
+def frontier(points):
+    """Indices of the Pareto-optimal points (lower bits and lower perplexity), by bits."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    best, out = np.inf, []
+    for i in order:
+        if points[i][1] < best:
+            best = points[i][1]
+            out.append(i)
+    return out
+
+
+def plot(data: dict, fig_dir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r["scheme"] != "fp32"]
+    fp32 = next((r for r in data["results"] if r["scheme"] == "fp32"), None)
+    bits = [r["bits_per_weight"] for r in rows]
+    for key, fname, ylabel, ref in (
+        ("perplexity", "pareto_ppl.png", "test perplexity (per byte)", fp32["perplexity"] if fp32 else None),
+        ("accuracy_drop_pp", "verb_tense.png", "verb-tense accuracy drop vs FP32 [pp]", 0.0),
+    ):
+        fig, ax = plt.subplots(figsize=(10, 6.5))
+        ys = [r.get(key, np.nan) for r in rows]
+        ax.scatter(bits, ys, s=25, zorder=3)
+        for r, x, y in zip(rows, bits, ys):
+            ax.annotate(r["scheme"], (x, y), fontsize=6.5, textcoords="offset points", xytext=(4, 3))
+        if key == "perplexity":
+            f = frontier(list(zip(bits, ys)))
+            ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
+        if ref is not None:
+            ax.axhline(ref, color="k", ls="--", lw=1, label="FP32" if key == "perplexity" else "no drop")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per weight of the Linears (everything stored)")
+        ax.set_ylabel(ylabel)
+        if key == "perplexity":
+            ax.set_yscale("log")
+        ax.set_title(f"MiniGPT, every scheme ({data['limit']} test lines)")
+        ax.legend(fontsize=8)
+        common.finish_figure(fig, ax, fig_dir / fname)
+
+
+def print_table(data: dict) -> None:
+    print(f"{'scheme':24s} {'bpw':>7s} {'ppl':>8s} {'gap %':>7s} {'acc %':>7s} {'held %':>7s} {'s':>6s}")
+    for r in sorted(data["results"], key=lambda r: r["bits_per_weight"]):
+        print(f"{r['scheme']:24s} {r['bits_per_weight']:7.3f} {r['perplexity']:8.4f} {r.get('ppl_gap_pct', 0):7.2f} "
+              f"{100 * r['accuracy']:7.2f} {100 * r['heldout_accuracy']:7.2f} {r['seconds']:6.1f}")
+
+
+def main(argv=None) -> None:
+    ap = common.quick_args(__doc__)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--schemes", default=None, help="comma-separated scheme names (default: all)")
+    args = ap.parse_args(argv)
+    data = run(args.quick, args.limit, args.schemes.split(",") if args.schemes else None)
+    path = common.write_json("pareto", data)
+    plot(data, common.FIGURES)
+    print_table(data)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

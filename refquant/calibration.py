@@ -1,0 +1,99 @@
+"""Calibration: run a model over sample sequences and collect what calibrated quantizers need.
+
+Per Linear layer, from its inputs ``x`` (one row per token), accumulated in float64:
+
+* the Hessian proxy ``H = 2/n Σ x xᵀ`` (GPTQ),
+* per-input-channel ``mean |x|`` (AWQ) and ``max |x|`` (SmoothQuant, LLM.int8()),
+* optionally the inputs themselves (``keep_inputs``), which is what a scheme's
+  ``quantize(w, calib=X)`` takes.
+
+The model is driven through a ``hook(name, x)`` that sees every Linear's input (MiniGPT's
+``forward(..., hook=...)``). ``quantize_sequential`` quantizes a whole model the way the
+GPTQ paper does: layer by layer in forward order, each layer calibrated on the inputs
+produced by the already-quantized layers before it. Only the current layer's statistics
+are held (one d×d matrix at a time).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+
+@dataclass
+class LayerStats:
+    """Running input statistics of one Linear."""
+
+    n: int = 0
+    xtx: np.ndarray | None = None
+    sum_abs: np.ndarray | None = None
+    max_abs: np.ndarray | None = None
+    inputs: list = field(default_factory=list)
+
+    def add(self, x: np.ndarray, keep: bool) -> None:
+        x2 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        if self.xtx is None:
+            d = x2.shape[1]
+            self.xtx, self.sum_abs, self.max_abs = np.zeros((d, d)), np.zeros(d), np.zeros(d)
+        self.xtx += x2.T @ x2
+        self.sum_abs += np.abs(x2).sum(axis=0)
+        np.maximum(self.max_abs, np.abs(x2).max(axis=0), out=self.max_abs)
+        self.n += x2.shape[0]
+        if keep:
+            self.inputs.append(x2.astype(np.float32))
+
+    @property
+    def H(self) -> np.ndarray:
+        return 2.0 / self.n * self.xtx
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.sum_abs / self.n
+
+    @property
+    def X(self) -> np.ndarray:
+        return np.concatenate(self.inputs) if self.inputs else np.zeros((0, 0), np.float32)
+
+
+def collect(run, sequences, names=None, *, keep_inputs: bool = False, batch: int = 16,
+            progress: bool = True) -> dict[str, LayerStats]:
+    """Statistics of the Linears in ``names`` (all if None) over ``sequences`` (S, T) tokens.
+
+    ``run(tokens, hook)`` runs the model on a batch of token rows with the hook installed.
+    """
+    stats: dict[str, LayerStats] = {}
+    wanted = None if names is None else set(names)
+
+    def hook(name, x):
+        if wanted is None or name in wanted:
+            stats.setdefault(name, LayerStats()).add(x, keep_inputs)
+
+    seqs = np.asarray(sequences)
+    for i in tqdm(range(0, len(seqs), batch), desc="calibrate", unit="batch", disable=not progress, leave=False):
+        run(seqs[i:i + batch], hook)
+    return stats
+
+
+def quantize_sequential(params: dict, cfg, scheme: str, sequences, *, progress: bool = True):
+    """MiniGPT ``Linears`` with every layer quantized by ``scheme``, calibrated sequentially.
+
+    Layer k is quantized with ``calib`` = its inputs when layers 0..k-1 are already
+    quantized (the GPTQ paper's procedure). Uncalibrated schemes skip the passes.
+    """
+    from minigpt_np.model import Linears, SchemeLinear, forward, linear_names
+    from refquant import schemes
+
+    s = schemes.get(scheme)
+    linears = Linears(params, cfg)
+    for name in tqdm(linear_names(cfg), desc=f"quantize {scheme}", unit="layer", disable=not progress):
+        X = None
+        if s.needs_calib:
+            def run(tokens, hook):
+                forward(params, tokens, cfg=cfg, linears=linears, hook=hook)
+            X = collect(run, sequences, [name], keep_inputs=True, progress=False)[name].X
+        m = SchemeLinear(scheme)
+        layer: dict = {}
+        m.create_weights(layer, params[name + ".weight"], calib=X)
+        linears.methods[name], linears.layers[name] = m, layer
+    return linears
