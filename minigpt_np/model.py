@@ -114,7 +114,9 @@ class FP32Linear:
 
 class SchemeLinear:
     """Any ``refquant.schemes`` scheme. The weight is quantized once; ``apply`` multiplies
-    by its dequantized value (what ``Scheme.matmul``'s reference does), cached as float32."""
+    by its dequantized value (what ``Scheme.matmul``'s reference does), cached as float32.
+    Schemes that quantize activations too (W8A8, SmoothQuant, LLM.int8()) round the input
+    first with the scheme's ``act_quant``, so the layer computes what their kernels do."""
 
     def __init__(self, scheme: str):
         from refquant import schemes
@@ -129,6 +131,8 @@ class SchemeLinear:
         layer["nbytes"] = qt.nbytes
 
     def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
+        if self.scheme.act_quant is not None:
+            x = self.scheme.act_quant(layer["qt"], x.reshape(-1, x.shape[-1])).reshape(x.shape)
         return x @ layer["w"].T
 
 

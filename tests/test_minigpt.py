@@ -234,3 +234,29 @@ def test_committed_checkpoint_reproduces_its_recorded_metrics():
     assert abs(r["accuracy"] - float(meta["minigpt.subset_accuracy"])) <= 1e-4
     assert abs(r["perplexity"] - float(meta["minigpt.subset_perplexity"])) <= 1e-4
     assert float(meta["minigpt.test_accuracy"]) >= 0.95
+
+
+def test_activation_quantizing_schemes_round_the_layer_inputs():
+    params, cfg = tiny()
+    lin = Linears(params, cfg, "w8a8")
+    name = "blk.0.ffn_up"
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    from refquant import schemes
+    qt = lin.layers[name]["qt"]
+    want = schemes.get("w8a8").matmul(qt, x) + params[name + ".bias"]
+    np.testing.assert_allclose(lin(name, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_calibration_quantizes_every_layer():
+    from refquant import calibration
+    cfg = Config(n_layer=1, d_model=128, n_head=2, n_ctx=16)
+    params = init_params(cfg, 0)
+    seqs = np.random.default_rng(0).integers(0, 256, (8, 16))
+    lin = calibration.quantize_sequential(params, cfg, "gptq_int4_g128", seqs, progress=False)
+    assert all(layer["qt"].scheme == "gptq_int4_g128" for layer in lin.layers.values())
+    stats = calibration.collect(lambda t, hook: forward(params, t, cfg=cfg, hook=hook), seqs, ["blk.0.ffn_up"],
+                                progress=False, keep_inputs=True)["blk.0.ffn_up"]
+    X = stats.X.astype(np.float64)
+    np.testing.assert_allclose(stats.H, 2 / len(X) * X.T @ X, rtol=1e-10)
+    np.testing.assert_allclose(stats.max_abs, np.abs(X).max(0))
+    np.testing.assert_allclose(stats.mean_abs, np.abs(X).mean(0), rtol=1e-10)
