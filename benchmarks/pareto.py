@@ -11,10 +11,18 @@ The test split is the first ``--limit`` lines (1000 by default; the checkpoint's
 metadata records the full-split FP32 figures). Writes ``benchmarks/results/pareto.json``
 and draws ``figures/pareto_ppl.png`` (perplexity vs bits per weight with the Pareto
 frontier) and ``figures/verb_tense.png`` (accuracy drop vs bits per weight).
+
+Every quantized model is also exported to GGUF (GGML types as themselves, other schemes
+as their stored parts, see ``minigpt_np.checkpoint.save_quantized``), read back, and
+checked: dequantized weights identical, logits within float round-off; the JSON records
+file size and the check.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -30,12 +38,14 @@ def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
     names = list(names or (QUICK_SCHEMES if quick else schemes.names()))
     limit = limit or (60 if quick else 1000)
     rows = []
+    export_dir = Path(tempfile.mkdtemp(prefix="refquant-export-"))
     for name in tqdm(names, desc="schemes", unit="scheme"):
         t0 = time.time()
-        r = evaluate.evaluate(name, limit=limit, progress=False)
+        r = evaluate.evaluate(name, limit=limit, progress=False, export_dir=export_dir)
         r["seconds"] = time.time() - t0
         r["bits_per_weight"] = 8 * r["linear_bytes"] / r["linear_weights"]
         rows.append(r)
+    shutil.rmtree(export_dir, ignore_errors=True)
     fp32 = next((r for r in rows if r["scheme"] == "fp32"), None)
     if fp32:
         for r in rows:

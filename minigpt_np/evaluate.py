@@ -107,8 +107,27 @@ def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True
                 n=len(lines), correct=correct)
 
 
+def export_check(path, params, cfg, linears, scheme, lines) -> dict:
+    """Write the quantized model to GGUF, read it back, and compare weights and logits."""
+    from minigpt_np.model import SchemeLinear
+
+    out = checkpoint.save_quantized(path, params, cfg, linears, scheme)
+    p2, cfg2, qts = checkpoint.load_quantized(out)
+    same = all(np.array_equal(p2[n + ".weight"], linears.layers[n]["w"]) for n in linears.layers)
+    lin2 = Linears(p2, cfg2)
+    for n, qt in qts.items():
+        lin2.methods[n] = SchemeLinear(scheme)
+        lin2.layers[n] = {"qt": qt, "w": qt.dequantize(), "nbytes": qt.nbytes}
+    toks = np.array([[EOT] + list(ln.encode())[: cfg.n_ctx - 1] for ln in lines[:1]])
+    a, _ = forward(params, toks, cfg=cfg, linears=linears)
+    b, _ = forward(p2, toks, cfg=cfg2, linears=lin2)
+    ggml = sorted({qt.meta["ggml_type"] for qt in qts.values() if qt.kind == "ggml"})
+    return dict(file_bytes=out.stat().st_size, weights_identical=bool(same),
+                max_logit_diff=float(np.abs(a - b).max()), ggml_types=ggml)
+
+
 def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: int | None = None, path=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, export_dir=None) -> dict:
     """Metrics of the committed checkpoint (or ``path``) on the test split under ``scheme``."""
     params, cfg, _ = checkpoint.load(path or checkpoint.DEFAULT)
     splits = corpus.make_splits()
@@ -117,6 +136,10 @@ def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: 
     p, linears = prepare(params, cfg, scheme, quantize_embeddings, progress)
     quant_s = time.time() - t0
     r = score(p, cfg, linears, test, progress=progress)
+    if export_dir is not None and scheme != "fp32":
+        from pathlib import Path
+
+        r["export"] = export_check(Path(export_dir) / f"minigpt-{scheme}.gguf", p, cfg, linears, scheme, test)
     held = np.array([v in splits.heldout_verbs for v in verbs])
     r["heldout_accuracy"] = float(r["correct"][held].mean()) if held.any() else float("nan")
     r["heldout_n"] = int(held.sum())

@@ -260,3 +260,19 @@ def test_sequential_calibration_quantizes_every_layer():
     np.testing.assert_allclose(stats.H, 2 / len(X) * X.T @ X, rtol=1e-10)
     np.testing.assert_allclose(stats.max_abs, np.abs(X).max(0))
     np.testing.assert_allclose(stats.mean_abs, np.abs(X).mean(0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("scheme", ["q4_k", "iq4_nl", "nf4_dq", "gptq_int4_g128_actorder", "w8a8", "llm_int8"])
+def test_quantized_gguf_export_round_trips_exactly(scheme, tmp_path):
+    from minigpt_np import evaluate
+    cfg = Config(n_layer=1, d_model=256, n_head=2, n_ctx=16)
+    params = init_params(cfg, 0)
+    p, lin = evaluate.prepare(params, cfg, scheme)
+    r = evaluate.export_check(tmp_path / "m.gguf", p, cfg, lin, scheme, corpus.make_splits(200, 10, 10).test)
+    assert r["weights_identical"] and r["max_logit_diff"] <= 1e-5
+    if scheme in ("q4_k", "iq4_nl"):
+        assert r["ggml_types"] == [scheme.upper()]
+        from refquant import gguf
+        with gguf.read(tmp_path / "m.gguf") as f:  # a plain ggml tensor llama.cpp can read
+            assert f.tensors["blk.0.ffn_up.weight"].type.name == scheme.upper()
+            assert f.tensors["token_embd.weight"].type.name == "F16"
