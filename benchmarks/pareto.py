@@ -46,12 +46,55 @@ def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
         r["bits_per_weight"] = 8 * r["linear_bytes"] / r["linear_weights"]
         rows.append(r)
     shutil.rmtree(export_dir, ignore_errors=True)
+    sens = sensitivity(min(limit, 300), ("int4_g128",) if quick else ("int4_g128", "int3_g128"))
+    mixed = mixed_precision(sens, limit)
     fp32 = next((r for r in rows if r["scheme"] == "fp32"), None)
     if fp32:
-        for r in rows:
+        for r in rows + [mixed]:
             r["ppl_gap_pct"] = 100 * (r["perplexity"] / fp32["perplexity"] - 1)
             r["accuracy_drop_pp"] = 100 * (fp32["accuracy"] - r["accuracy"])
-    return dict(benchmark="pareto", quick=quick, limit=limit, machine=common.machine(), results=rows)
+    return dict(benchmark="pareto", quick=quick, limit=limit, machine=common.machine(), results=rows,
+                sensitivity=sens, mixed=mixed)
+
+
+def _fp16_embeddings(params):
+    p = dict(params)
+    for k in ("token_embd.weight", "position_embd.weight"):
+        p[k] = p[k].astype(np.float16).astype(np.float32)
+    return p
+
+
+def sensitivity(limit: int, schemes_=("int4_g128", "int3_g128")) -> list[dict]:
+    """Perplexity when only one Linear is quantized (RTN), for each layer and scheme."""
+    from minigpt_np import checkpoint, corpus
+    from minigpt_np.model import Linears, linear_names
+
+    params, cfg, _ = checkpoint.load()
+    p = _fp16_embeddings(params)
+    test = corpus.make_splits().test[:limit]
+    rows = []
+    for s in schemes_:
+        for name in tqdm(linear_names(cfg), desc=f"sensitivity {s}", unit="layer"):
+            lin = Linears(p, cfg, lambda n, name=name, s=s: s if n == name else "fp32")
+            r = evaluate.score(p, cfg, lin, test, progress=False)
+            rows.append(dict(scheme=s, layer=name, perplexity=r["perplexity"], accuracy=r["accuracy"]))
+    return rows
+
+
+def mixed_precision(sens: list[dict], limit: int, k: int = 4, high="int8_channel", low="int4_g128") -> dict:
+    """The ``k`` layers most sensitive to ``low`` kept at ``high``, the rest at ``low``."""
+    from minigpt_np import checkpoint, corpus
+    from minigpt_np.model import Linears
+
+    params, cfg, _ = checkpoint.load()
+    p = _fp16_embeddings(params)
+    ranked = sorted((r for r in sens if r["scheme"] == low), key=lambda r: -r["perplexity"])
+    keep = {r["layer"] for r in ranked[:k]}
+    lin = Linears(p, cfg, lambda n: high if n in keep else low)
+    r = evaluate.score(p, cfg, lin, corpus.make_splits().test[:limit], progress=False)
+    weights = sum(params[n + ".weight"].size for n in lin.layers)
+    return dict(scheme=f"mixed: {k} layers {high}, rest {low}", high_layers=sorted(keep), perplexity=r["perplexity"],
+                accuracy=r["accuracy"], bits_per_weight=8 * lin.nbytes / weights)
 
 
 def frontier(points):
@@ -88,6 +131,10 @@ def plot(data: dict, fig_dir) -> None:
             ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
         if ref is not None:
             ax.axhline(ref, color="k", ls="--", lw=1, label="FP32" if key == "perplexity" else "no drop")
+        mixed = data.get("mixed")
+        if mixed and key in mixed:
+            ax.scatter([mixed["bits_per_weight"]], [mixed[key]], marker="*", s=120, color="tab:red", zorder=4,
+                       label=mixed["scheme"])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per weight of the Linears (everything stored)")
         ax.set_ylabel(ylabel)
@@ -96,6 +143,33 @@ def plot(data: dict, fig_dir) -> None:
         ax.set_title(f"MiniGPT, every scheme ({data['limit']} test lines)")
         ax.legend(fontsize=8)
         common.finish_figure(fig, ax, fig_dir / fname)
+
+
+def plot_sensitivity(data: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sens = data["sensitivity"]
+    layers = list(dict.fromkeys(r["layer"] for r in sens))
+    fp32 = next((r for r in data["results"] if r["scheme"] == "fp32"), None)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    kinds = list(dict.fromkeys(r["scheme"] for r in sens))
+    width = 0.8 / len(kinds)
+    for i, k in enumerate(kinds):
+        vals = [next(r["perplexity"] for r in sens if r["scheme"] == k and r["layer"] == lay) for lay in layers]
+        ax.bar(np.arange(len(layers)) + i * width, vals, width, label=f"only this layer {k} (RTN)")
+    if fp32:
+        ax.axhline(fp32["perplexity"], color="k", ls="--", lw=1, label="FP32")
+    ax.set_xticks(np.arange(len(layers)) + width * (len(kinds) - 1) / 2)
+    ax.set_xticklabels([lay.replace("blk.", "") for lay in layers], rotation=60, fontsize=7)
+    lo = min(r["perplexity"] for r in sens)
+    ax.set_ylim(lo * 0.995, max(r["perplexity"] for r in sens) * 1.005)
+    ax.set_ylabel("test perplexity (per byte)")
+    ax.set_title("Per-layer sensitivity: one Linear quantized, the rest FP32")
+    ax.legend(fontsize=8)
+    common.finish_figure(fig, ax, path)
 
 
 def print_table(data: dict) -> None:
@@ -113,7 +187,11 @@ def main(argv=None) -> None:
     data = run(args.quick, args.limit, args.schemes.split(",") if args.schemes else None)
     path = common.write_json("pareto", data)
     plot(data, common.FIGURES)
+    plot_sensitivity(data, common.FIGURES / "sensitivity.png")
     print_table(data)
+    m = data["mixed"]
+    print(f"{m['scheme']}: {m['bits_per_weight']:.3f} bpw, ppl {m['perplexity']:.4f}, "
+          f"acc {100 * m['accuracy']:.2f}% (int8 layers: {', '.join(m['high_layers'])})")
     print(f"wrote {path}")
 
 
