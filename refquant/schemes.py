@@ -216,6 +216,8 @@ for _sym, _suffix in ((True, ""), (False, "_asym")):
     for _g in (128, 64, 32):
         _register_affine(f"int4_g{_g}{_suffix}", f"INT4 {_kind}, fp16 scale per group of {_g} inputs",
                          bits=4, granularity="group", group_size=_g, sym=_sym, scale_dtype=np.float16)
+_register_affine("int3_g128", "INT3 symmetric, fp16 scale per group of 128 inputs (RTN baseline for GPTQ INT3)",
+                 bits=3, granularity="group", group_size=128, scale_dtype=np.float16)
 
 
 # --- llama.cpp GGML block formats ------------------------------------------------------
