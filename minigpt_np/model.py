@@ -109,7 +109,13 @@ class FP32Linear:
         layer["nbytes"] = layer["w"].nbytes
 
     def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
-        return x @ layer["w"].T
+        return _matmul_t(x, layer["w"])
+
+
+def _matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x Wᵀ`` as one 2-D BLAS call: NumPy's stacked (3-D @ 2-D) matmul does not use BLAS
+    for a transposed operand and ran ~10x slower here (measured)."""
+    return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
 
 
 class SchemeLinear:
@@ -133,7 +139,7 @@ class SchemeLinear:
     def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
         if self.scheme.act_quant is not None:
             x = self.scheme.act_quant(layer["qt"], x.reshape(-1, x.shape[-1])).reshape(x.shape)
-        return x @ layer["w"].T
+        return _matmul_t(x, layer["w"])
 
 
 class Linears:
@@ -211,7 +217,7 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
             hook(b + "ffn_down", u)
         x = x + linears(b + "ffn_down", u)
     h = layer_norm(x, params["output_norm.weight"], params["output_norm.bias"], cfg.eps)
-    return (h @ params["token_embd.weight"].T).astype(np.float32), present
+    return _matmul_t(h, params["token_embd.weight"]).astype(np.float32), present
 
 
 def decode_step(params: dict, token: int, cache: list | None, *, cfg=None, linears=None):
