@@ -46,3 +46,37 @@ def test_schemes_quick(out_dirs):
     from refquant import schemes as registry
     assert [r["scheme"] for r in data["results"]] == registry.names()
     assert (out_dirs / "figures" / "schemes_sqnr.png").exists()
+
+
+def test_outliers_quick(out_dirs):
+    from benchmarks import outliers
+    outliers.main(["--quick"])
+    data = load(out_dirs, "outliers")
+    err = {(d["factor"], d["scheme"]): d["rel_error"] for d in data["results"]}
+    assert err[5, "w8a8"] > err[1, "w8a8"]                    # the cliff starts
+    assert err[5, "llm_int8"] < err[5, "w8a8"]                # and the fix
+    assert (out_dirs / "figures" / "outliers.png").stat().st_size > 10_000
+
+
+def test_pareto_quick(out_dirs):
+    from benchmarks import pareto
+    pareto.main(["--quick", "--limit", "30"])
+    data = load(out_dirs, "pareto")
+    by = {r["scheme"]: r for r in data["results"]}
+    assert set(pareto.QUICK_SCHEMES) <= set(by)
+    assert by["fp32"]["bits_per_weight"] == 32 and abs(by["q4_k"]["bits_per_weight"] - 4.5) < 1e-9
+    for r in data["results"]:
+        if r["scheme"] != "fp32":
+            assert r["export"]["weights_identical"] and r["export"]["max_logit_diff"] <= 1e-4
+    assert len(data["sensitivity"]) == 16 and "bits_per_weight" in data["mixed"]
+    for f in ("pareto_ppl.png", "verb_tense.png", "sensitivity.png"):
+        assert (out_dirs / "figures" / f).stat().st_size > 10_000
+
+
+def test_training_curve_figure(out_dirs):
+    from benchmarks import training
+    log = {"config": {"n_layer": 1, "d_model": 8, "n_head": 1, "n_ctx": 4}, "steps": 60, "batch_size": 2,
+           "elapsed_s": 60.0, "train": [[i, 3 - i / 30, 1.0, 1e-3] for i in range(60)], "val": [[30, 2.5], [60, 1.2]]}
+    common.write_json("minigpt_train", {"benchmark": "minigpt_train", **log})
+    training.main([])
+    assert (out_dirs / "figures" / "minigpt_loss.png").stat().st_size > 10_000
