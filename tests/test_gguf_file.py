@@ -178,6 +178,18 @@ def test_write_is_atomic_on_failure(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.gguf"]
 
 
+def test_written_file_has_ordinary_permissions(tmp_path):
+    """The temporary file behind the atomic rename must not leave the result private (0600)."""
+    umask = os.umask(0o022)
+    try:
+        out = gguf.write(tmp_path / "m.gguf", {"a": 1}, {"x": np.ones(4, np.float32)})
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("meta, tensors, match", [
     ({"": 1}, {}, "non-empty strings"),
     ({"k": np.uint8(3) + np.zeros(2, np.uint8).reshape(1, 2)}, {}, "1-D"),

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from refquant._atomic import atomic_open
 from refquant.gguf.quants import GGMLType, dequantize, ggml_type
 
 MAGIC = b"GGUF"
@@ -480,35 +480,15 @@ def write(path, metadata: dict, tensors: dict, *, progress: Callable | None = No
         offset += -(-nbytes // alignment) * alignment
     head = b"".join(header)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            f.write(b"\0" * (-len(head) % alignment))
-            for name, t, nbytes in progress(items) if progress else items:
-                raw = t.raw
-                if raw.dtype != np.uint8 or raw.size != nbytes:
-                    raise GGUFError(
-                        f"tensor {name!r}: {t.type.name} {t.shape} needs {nbytes} uint8 bytes, got {raw.size} {raw.dtype}"
-                    )
-                f.write(np.ascontiguousarray(raw).data)
-                f.write(b"\0" * (-nbytes % alignment))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_open(path) as f:
+        f.write(head)
+        f.write(b"\0" * (-len(head) % alignment))
+        for name, t, nbytes in progress(items) if progress else items:
+            raw = t.raw
+            if raw.dtype != np.uint8 or raw.size != nbytes:
+                raise GGUFError(
+                    f"tensor {name!r}: {t.type.name} {t.shape} needs {nbytes} uint8 bytes, got {raw.size} {raw.dtype}"
+                )
+            f.write(np.ascontiguousarray(raw).data)
+            f.write(b"\0" * (-nbytes % alignment))
     return path
