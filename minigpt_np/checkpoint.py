@@ -91,11 +91,15 @@ _DTYPES = {"uint8": np.int8, "int8": np.int8, "float16": np.float16, "float32": 
 
 
 def _part(a: np.ndarray) -> np.ndarray:
-    """An array as a GGUF-storable one with the same bytes (uint8 -> int8 view)."""
+    """An array as a GGUF-storable one with the same bytes (unsigned -> signed view)."""
     a = np.ascontiguousarray(a)
     if a.ndim == 0:
         a = a.reshape(1)
-    return a.view(np.int8) if a.dtype == np.uint8 else a
+    return a.view(a.dtype.str.replace("u", "i")) if a.dtype.kind == "u" else a
+
+
+# Unscaled float schemes whose codes are exactly a ggml tensor type's bytes.
+_FLOAT_GGML = {"fp16": "F16", "bf16": "BF16"}
 
 
 def save_quantized(path, params: dict, cfg: Config, linears, scheme: str) -> Path:
@@ -117,6 +121,10 @@ def save_quantized(path, params: dict, cfg: Config, linears, scheme: str) -> Pat
             continue
         if qt.kind == "ggml":
             tensors[key] = gguf.GGUFTensor(qt.meta["ggml_type"], qt.shape, qt.codes)
+            continue
+        if qt.meta.get("granularity") == "none" and qt.meta.get("fmt") in _FLOAT_GGML:
+            raw = np.ascontiguousarray(qt.codes).view(np.uint8).reshape(-1)
+            tensors[key] = gguf.GGUFTensor(_FLOAT_GGML[qt.meta["fmt"]], qt.shape, raw)
             continue
         parts = {"codes": qt.codes, "scales": qt.scales, "zeros": qt.zeros}
         parts.update({f"meta.{k}": v for k, v in qt.meta.items() if isinstance(v, np.ndarray)})

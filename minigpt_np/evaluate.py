@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minigpt_np import checkpoint, corpus
+from refquant import gguf
 from minigpt_np.model import EOT, Config, Linears, forward, log_softmax
 
 CONT = [list((label + "\n").encode()) for label in corpus.LABELS]
@@ -121,7 +122,8 @@ def export_check(path, params, cfg, linears, scheme, lines) -> dict:
     toks = np.array([[EOT] + list(ln.encode())[: cfg.n_ctx - 1] for ln in lines[:1]])
     a, _ = forward(params, toks, cfg=cfg, linears=linears)
     b, _ = forward(p2, toks, cfg=cfg2, linears=lin2)
-    ggml = sorted({qt.meta["ggml_type"] for qt in qts.values() if qt.kind == "ggml"})
+    with gguf.read(out) as f:  # the ggml types the Linears were stored as (none: stored as parts)
+        ggml = sorted({f.tensors[n + ".weight"].type.name for n in linears.layers if n + ".weight" in f.tensors})
     return dict(file_bytes=out.stat().st_size, weights_identical=bool(same),
                 max_logit_diff=float(np.abs(a - b).max()), ggml_types=ggml)
 

@@ -262,7 +262,8 @@ def test_sequential_calibration_quantizes_every_layer():
     np.testing.assert_allclose(stats.mean_abs, np.abs(X).mean(0), rtol=1e-10)
 
 
-@pytest.mark.parametrize("scheme", ["q4_k", "iq4_nl", "nf4_dq", "gptq_int4_g128_actorder", "w8a8", "llm_int8"])
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0", "q4_k", "iq4_nl", "fp16", "bf16", "fp8_e4m3", "nf4_dq",
+                                    "gptq_int4_g128_actorder", "w8a8", "llm_int8"])
 def test_quantized_gguf_export_round_trips_exactly(scheme, tmp_path):
     from minigpt_np import evaluate
     cfg = Config(n_layer=1, d_model=256, n_head=2, n_ctx=16)
@@ -270,9 +271,10 @@ def test_quantized_gguf_export_round_trips_exactly(scheme, tmp_path):
     p, lin = evaluate.prepare(params, cfg, scheme)
     r = evaluate.export_check(tmp_path / "m.gguf", p, cfg, lin, scheme, corpus.make_splits(200, 10, 10).test)
     assert r["weights_identical"] and r["max_logit_diff"] <= 1e-5
-    if scheme in ("q4_k", "iq4_nl"):
-        assert r["ggml_types"] == [scheme.upper()]
+    ggml = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K", "iq4_nl": "IQ4_NL", "fp16": "F16", "bf16": "BF16"}
+    if scheme in ggml:
+        assert r["ggml_types"] == [ggml[scheme]]
         from refquant import gguf
         with gguf.read(tmp_path / "m.gguf") as f:  # a plain ggml tensor llama.cpp can read
-            assert f.tensors["blk.0.ffn_up.weight"].type.name == scheme.upper()
+            assert f.tensors["blk.0.ffn_up.weight"].type.name == ggml[scheme]
             assert f.tensors["token_embd.weight"].type.name == "F16"
