@@ -46,15 +46,36 @@ def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
         r["bits_per_weight"] = 8 * r["linear_bytes"] / r["linear_weights"]
         rows.append(r)
     shutil.rmtree(export_dir, ignore_errors=True)
+    emb = embeddings_pass(names, min(limit, 300))
     sens = sensitivity(min(limit, 300), ("int4_g128",) if quick else ("int4_g128", "int3_g128"))
     mixed = mixed_precision(sens, limit)
     fp32 = next((r for r in rows if r["scheme"] == "fp32"), None)
-    if fp32:
-        for r in rows + [mixed]:
-            r["ppl_gap_pct"] = 100 * (r["perplexity"] / fp32["perplexity"] - 1)
-            r["accuracy_drop_pp"] = 100 * (fp32["accuracy"] - r["accuracy"])
+    # the embeddings pass scores fewer lines, so it has its own FP32 reference
+    emb_ref = evaluate.evaluate("fp32", limit=min(limit, 300), progress=False) if emb else None
+    for rs, ref in ((rows + [mixed], fp32), (emb, emb_ref)):
+        for r in rs if ref else ():
+            r["ppl_gap_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
+            r["accuracy_drop_pp"] = 100 * (ref["accuracy"] - r["accuracy"])
+    for r in emb:
+        r["model_bits_per_weight"] = 8 * r["model_bytes"] / r["model_weights"]
     return dict(benchmark="pareto", quick=quick, limit=limit, machine=common.machine(), results=rows,
-                sensitivity=sens, mixed=mixed)
+                embeddings_quantized=emb, embeddings_limit=min(limit, 300), sensitivity=sens, mixed=mixed)
+
+
+def embeddings_pass(names, limit: int) -> list[dict]:
+    """The weight-only schemes again with the (tied) token embedding quantized too."""
+    from minigpt_np import checkpoint
+
+    params, _, _ = checkpoint.load()
+    n_weights = sum(v.size for v in params.values())
+    todo = [n for n in names if n != "fp32" and not schemes.get(n).needs_calib and schemes.get(n).act_quant is None]
+    rows = []
+    for name in tqdm(todo, desc="embeddings quantized", unit="scheme"):
+        r = evaluate.evaluate(name, quantize_embeddings=True, limit=limit, progress=False)
+        r["bits_per_weight"] = 8 * r["linear_bytes"] / r["linear_weights"]
+        r["model_weights"] = n_weights
+        rows.append(r)
+    return rows
 
 
 def _fp16_embeddings(params):

@@ -146,9 +146,30 @@ def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: 
     r["heldout_accuracy"] = float(r["correct"][held].mean()) if held.any() else float("nan")
     r["heldout_n"] = int(held.sum())
     r.update(scheme=scheme, quantize_embeddings=quantize_embeddings, linear_bytes=linears.nbytes,
+             model_bytes=model_bytes(params, linears, scheme, quantize_embeddings),
              linear_weights=sum(params[n + ".weight"].size for n in linears.layers), quantize_seconds=quant_s)
     del r["correct"]
     return r
+
+
+def model_bytes(params: dict, linears, scheme: str, quantize_embeddings: bool = False) -> int:
+    """Everything stored: the Linears as quantized, embeddings FP16 (the token embedding
+    under ``scheme`` when ``quantize_embeddings``), LayerNorms and biases FP32."""
+    from refquant import schemes
+
+    total = linears.nbytes
+    for k, v in params.items():
+        if k in linears.layers or k[: -len(".weight")] in linears.layers:
+            continue
+        if scheme == "fp32":
+            total += 4 * v.size
+        elif k == "token_embd.weight" and quantize_embeddings:
+            total += schemes.get(scheme).expected_nbytes(v.shape)
+        elif k in ("token_embd.weight", "position_embd.weight"):
+            total += 2 * v.size
+        else:
+            total += 4 * v.size
+    return total
 
 
 def print_report(r: dict) -> None:

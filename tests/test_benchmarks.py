@@ -67,8 +67,16 @@ def test_pareto_quick(out_dirs):
     assert by["fp32"]["bits_per_weight"] == 32 and abs(by["q4_k"]["bits_per_weight"] - 4.5) < 1e-9
     for r in data["results"]:
         if r["scheme"] != "fp32":
-            assert r["export"]["weights_identical"] and r["export"]["max_logit_diff"] <= 1e-4
+            assert r["export"]["weights_identical"] and r["export"]["max_logit_diff"] <= 1e-5
     assert len(data["sensitivity"]) == 16 and "bits_per_weight" in data["mixed"]
+    from minigpt_np import checkpoint
+    params, _, _ = checkpoint.load()
+    assert by["fp32"]["model_bytes"] == 4 * sum(v.size for v in params.values())
+    emb = {r["scheme"]: r for r in data["embeddings_quantized"]}
+    assert set(emb) == set(pareto.QUICK_SCHEMES) - {"fp32"}    # all weight-only schemes
+    vocab, d = params["token_embd.weight"].shape
+    # Q4_K token embedding: 144 bytes per 256 weights instead of FP16's 512
+    assert by["q4_k"]["model_bytes"] - emb["q4_k"]["model_bytes"] == vocab * d * 2 - vocab * d // 256 * 144
     for f in ("pareto_ppl.png", "verb_tense.png", "sensitivity.png"):
         assert (out_dirs / "figures" / f).stat().st_size > 10_000
 
