@@ -172,6 +172,25 @@ def model_bytes(params: dict, linears, scheme: str, quantize_embeddings: bool = 
     return total
 
 
+def record_metrics(path, *, limit: int | None = None, subset: int = 300) -> dict:
+    """Evaluate the FP32 checkpoint at ``path`` and store the figures in its metadata.
+
+    Records test accuracy / perplexity / held-out-verb accuracy on the first ``limit`` test
+    lines (all by default) and, so a test can re-check them quickly, the same on the first
+    ``subset`` lines (``minigpt.subset_*``).
+    """
+    params, cfg, meta = checkpoint.load(path)
+    full = evaluate("fp32", limit=limit, path=path, progress=False)
+    n = min(subset, full["n"])
+    sub = evaluate("fp32", limit=n, path=path, progress=False)
+    extra = {k[len("minigpt."):]: v for k, v in meta.items() if k.startswith("minigpt.")}
+    extra.update(test_lines=full["n"], test_accuracy=full["accuracy"], test_perplexity=full["perplexity"],
+                 heldout_accuracy=full["heldout_accuracy"], subset_n=n, subset_accuracy=sub["accuracy"],
+                 subset_perplexity=sub["perplexity"])
+    checkpoint.save(path, params, cfg, extra)
+    return full
+
+
 def print_report(r: dict) -> None:
     bpw = 8 * r["linear_bytes"] / r["linear_weights"]
     print(f"scheme {r['scheme']}: {bpw:.3f} bits/weight in the Linears, {r['n']} test lines")

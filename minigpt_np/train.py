@@ -297,7 +297,7 @@ def save_state(path: Path, params, opt, step, log) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -305,6 +305,8 @@ def main(argv=None) -> None:
     ap.add_argument("--state", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "train_state.npz")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "minigpt.gguf")
+    ap.add_argument("--eval-lines", type=int, default=None,
+                    help="test lines the final metrics are recorded on (default: the whole test split)")
     args = ap.parse_args(argv)
     from benchmarks.common import RESULTS
     from minigpt_np import checkpoint
@@ -315,7 +317,11 @@ def main(argv=None) -> None:
                         seed=args.seed, state_path=args.state, resume=args.resume,
                         log_path=RESULTS / "minigpt_train.json")
     checkpoint.save(args.out, params, cfg, {"train_steps": args.steps, "train_seconds": log["elapsed_s"]})
-    print(f"wrote {args.out} after {log['elapsed_s']:.0f} s")
+    from minigpt_np import evaluate
+
+    r = evaluate.record_metrics(args.out, limit=args.eval_lines)
+    print(f"wrote {args.out} after {log['elapsed_s']:.0f} s: test accuracy {100 * r['accuracy']:.2f}%, "
+          f"perplexity {r['perplexity']:.4f} per byte ({r['n']} lines)")
 
 
 if __name__ == "__main__":

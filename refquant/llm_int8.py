@@ -44,13 +44,19 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
     return w
 
 
-def act_quant(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
-    """Regular dimensions int8 per token (absmax over them only), outlier dimensions FP16."""
+def _split(qt: QuantizedTensor, X: np.ndarray):
+    """``(X, outlier columns, int8 codes of the regular columns, per-token scales)``."""
     X = np.atleast_2d(np.asarray(X, np.float32))
     o = qt.meta["outliers"]
     reg = X.copy()
     reg[:, o] = 0
     q, sx = quantize_tokens(reg)
+    return X, o, q, sx
+
+
+def act_quant(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
+    """Regular dimensions int8 per token (absmax over them only), outlier dimensions FP16."""
+    X, o, q, sx = _split(qt, X)
     out = q.astype(np.float32) * sx
     out[:, o] = X[:, o].astype(np.float16).astype(np.float32)
     return out
@@ -58,11 +64,7 @@ def act_quant(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
 
 def matmul(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
     """``X Ŵᵀ``: int32-exact int8 part + FP16 outlier part (accumulated in float32)."""
-    X = np.atleast_2d(np.asarray(X, np.float32))
-    o = qt.meta["outliers"]
-    reg = X.copy()
-    reg[:, o] = 0
-    q, sx = quantize_tokens(reg)
+    X, o, q, sx = _split(qt, X)
     acc = q.astype(np.int32) @ qt.codes.view(np.int8).astype(np.int32).T
     y = acc.astype(np.float64) * sx * qt.scales[None, :]
     if o.size:

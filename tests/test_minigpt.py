@@ -278,3 +278,22 @@ def test_quantized_gguf_export_round_trips_exactly(scheme, tmp_path):
         with gguf.read(tmp_path / "m.gguf") as f:  # a plain ggml tensor llama.cpp can read
             assert f.tensors["blk.0.ffn_up.weight"].type.name == ggml[scheme]
             assert f.tensors["token_embd.weight"].type.name == "F16"
+
+
+def test_readme_commands_train_and_evaluate(tmp_path, monkeypatch, capsys):
+    """`python -m minigpt_np.train` (shortened) writes a checkpoint carrying its own FP32
+    metrics; `python -m minigpt_np.evaluate` reports a scheme on it."""
+    from benchmarks import common
+    from minigpt_np import evaluate
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    out = tmp_path / "m.gguf"
+    tr.main(["--steps", "2", "--warmup", "1", "--state", str(tmp_path / "s.npz"), "--out", str(out),
+             "--eval-lines", "12"])
+    _, _, meta = checkpoint.load(out)
+    assert meta["minigpt.train_steps"] == 2 and meta["minigpt.subset_n"] == 12 == meta["minigpt.test_lines"]
+    r = evaluate.evaluate("fp32", limit=12, path=out, progress=False)
+    assert r["accuracy"] == meta["minigpt.subset_accuracy"] and r["perplexity"] == meta["minigpt.subset_perplexity"]
+    assert (tmp_path / "results" / "minigpt_train.json").exists()
+    evaluate.main(["--scheme", "int4_g128", "--limit", "12", "--model", str(out)])
+    text = capsys.readouterr().out
+    assert "scheme int4_g128: 4.125 bits/weight" in text and "verb-tense accuracy" in text
