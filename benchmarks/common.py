@@ -52,3 +52,41 @@ def finish_figure(fig, ax, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def label_points(ax, xs, ys, names, fontsize: float = 7.0, cluster_px: float = 45.0) -> None:
+    """Label scatter points without overlaps: points closer than ``cluster_px`` along x form
+    a cluster whose labels are stacked in a column beside it (in y order, with leader lines).
+
+    Call after the axes limits and scales are final.
+    """
+    import numpy as np
+
+    fig = ax.figure
+    pts = ax.transData.transform(np.column_stack([xs, ys]))
+    box = ax.get_window_extent()
+    h = 1.25 * fontsize * fig.dpi / 72
+    order = np.argsort(pts[:, 0])
+    clusters, cur = [], [order[0]]
+    for i in order[1:]:
+        if pts[i, 0] - pts[cur[-1], 0] < cluster_px:
+            cur.append(i)
+        else:
+            clusters.append(cur)
+            cur = [i]
+    clusters.append(cur)
+    for c in clusters:
+        c = sorted(c, key=lambda i: pts[i, 1])
+        want = pts[c, 1]
+        y = want.copy()
+        for k in range(1, len(y)):
+            y[k] = max(y[k], y[k - 1] + h)
+        y += want.mean() - y.mean()
+        y += max(0, box.y0 + h / 2 - y[0]) - max(0, y[-1] - (box.y1 - h / 2))
+        right = pts[c, 0].max() + 12 + 80 < box.x1
+        x = pts[c, 0].max() + 12 if right else pts[c, 0].min() - 12
+        for i, yl in zip(c, y):
+            off = ((x - pts[i, 0]) * 72 / fig.dpi, (yl - pts[i, 1]) * 72 / fig.dpi)
+            ax.annotate(names[i], (xs[i], ys[i]), xytext=off, textcoords="offset points", fontsize=fontsize,
+                        ha="left" if right else "right", va="center",
+                        arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6", shrinkA=0, shrinkB=2))

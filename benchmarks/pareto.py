@@ -93,12 +93,15 @@ def sensitivity(limit: int, schemes_=("int4_g128", "int3_g128")) -> list[dict]:
     params, cfg, _ = checkpoint.load()
     p = _fp16_embeddings(params)
     test = corpus.make_splits().test[:limit]
+    ref = evaluate.score(p, cfg, Linears(p, cfg, "fp32"), test, progress=False)  # the same lines, all FP32
     rows = []
     for s in schemes_:
         for name in tqdm(linear_names(cfg), desc=f"sensitivity {s}", unit="layer"):
             lin = Linears(p, cfg, lambda n, name=name, s=s: s if n == name else "fp32")
             r = evaluate.score(p, cfg, lin, test, progress=False)
-            rows.append(dict(scheme=s, layer=name, perplexity=r["perplexity"], accuracy=r["accuracy"]))
+            rows.append(dict(scheme=s, layer=name, perplexity=r["perplexity"], accuracy=r["accuracy"],
+                             ppl_gap_pct=100 * (r["perplexity"] / ref["perplexity"] - 1), lines=len(test),
+                             fp32_perplexity=ref["perplexity"]))
     return rows
 
 
@@ -138,31 +141,34 @@ def plot(data: dict, fig_dir) -> None:
     rows = [r for r in data["results"] if r["scheme"] != "fp32"]
     fp32 = next((r for r in data["results"] if r["scheme"] == "fp32"), None)
     bits = [r["bits_per_weight"] for r in rows]
-    for key, fname, ylabel, ref in (
-        ("perplexity", "pareto_ppl.png", "test perplexity (per byte)", fp32["perplexity"] if fp32 else None),
-        ("accuracy_drop_pp", "verb_tense.png", "verb-tense accuracy drop vs FP32 [pp]", 0.0),
+    for key, fname, ylabel in (
+        ("ppl_gap_pct", "pareto_ppl.png", "test perplexity gap to FP32 [%] (per-byte perplexity)"),
+        ("accuracy_drop_pp", "verb_tense.png", "verb-tense accuracy drop vs FP32 [pp]"),
     ):
-        fig, ax = plt.subplots(figsize=(10, 6.5))
+        fig, ax = plt.subplots(figsize=(12, 8))
         ys = [r.get(key, np.nan) for r in rows]
-        ax.scatter(bits, ys, s=25, zorder=3)
-        for r, x, y in zip(rows, bits, ys):
-            ax.annotate(r["scheme"], (x, y), fontsize=6.5, textcoords="offset points", xytext=(4, 3))
-        if key == "perplexity":
+        ax.scatter(bits, ys, s=22, zorder=3)
+        if key == "ppl_gap_pct":
             f = frontier(list(zip(bits, ys)))
             ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
-        if ref is not None:
-            ax.axhline(ref, color="k", ls="--", lw=1, label="FP32" if key == "perplexity" else "no drop")
+        ax.axhline(0.0, color="k", ls="--", lw=1, label=f"FP32 (perplexity {fp32['perplexity']:.4f}, accuracy "
+                   f"{100 * fp32['accuracy']:.1f}%)" if fp32 else "FP32")
         mixed = data.get("mixed")
         if mixed and key in mixed:
-            ax.scatter([mixed["bits_per_weight"]], [mixed[key]], marker="*", s=120, color="tab:red", zorder=4,
+            ax.scatter([mixed["bits_per_weight"]], [mixed[key]], marker="*", s=140, color="tab:red", zorder=4,
                        label=mixed["scheme"])
         ax.set_xscale("log", base=2)
+        ax.set_xticks([2, 3, 4, 5, 6, 8, 12, 16, 32])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlim(min(bits) / 1.15, max(bits) * 1.6)
+        lo, hi = np.nanmin(ys + [0.0]), np.nanmax(ys + [0.0])
+        ax.set_ylim(lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo))
         ax.set_xlabel("bits per weight of the Linears (everything stored)")
-        ax.set_ylabel(ylabel)
-        if key == "perplexity":
-            ax.set_yscale("log")
-        ax.set_title(f"MiniGPT, every scheme ({data['limit']} test lines)")
-        ax.legend(fontsize=8)
+        ax.set_ylabel(ylabel if key != "accuracy_drop_pp" else f"{ylabel} (one test line = {100 / data['limit']:.2g} pp)")
+        ax.set_title(f"MiniGPT, every scheme: first {data['limit']} test lines, embeddings FP16")
+        ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        common.label_points(ax, bits, ys, [r["scheme"] for r in rows], fontsize=6.5)
         common.finish_figure(fig, ax, fig_dir / fname)
 
 
@@ -174,21 +180,18 @@ def plot_sensitivity(data: dict, path) -> None:
 
     sens = data["sensitivity"]
     layers = list(dict.fromkeys(r["layer"] for r in sens))
-    fp32 = next((r for r in data["results"] if r["scheme"] == "fp32"), None)
     fig, ax = plt.subplots(figsize=(10, 5))
     kinds = list(dict.fromkeys(r["scheme"] for r in sens))
     width = 0.8 / len(kinds)
     for i, k in enumerate(kinds):
-        vals = [next(r["perplexity"] for r in sens if r["scheme"] == k and r["layer"] == lay) for lay in layers]
+        vals = [next(r["ppl_gap_pct"] for r in sens if r["scheme"] == k and r["layer"] == lay) for lay in layers]
         ax.bar(np.arange(len(layers)) + i * width, vals, width, label=f"only this layer {k} (RTN)")
-    if fp32:
-        ax.axhline(fp32["perplexity"], color="k", ls="--", lw=1, label="FP32")
+    ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(layers)) + width * (len(kinds) - 1) / 2)
     ax.set_xticklabels([lay.replace("blk.", "") for lay in layers], rotation=60, fontsize=7)
-    lo = min(r["perplexity"] for r in sens)
-    ax.set_ylim(lo * 0.995, max(r["perplexity"] for r in sens) * 1.005)
-    ax.set_ylabel("test perplexity (per byte)")
-    ax.set_title("Per-layer sensitivity: one Linear quantized, the rest FP32")
+    ax.set_ylabel("test perplexity gap to FP32 [%]")
+    ax.set_title(f"Per-layer sensitivity: one Linear quantized, the rest FP32 (first {sens[0]['lines']} test lines, "
+                 f"FP32 perplexity {sens[0]['fp32_perplexity']:.4f})")
     ax.legend(fontsize=8)
     common.finish_figure(fig, ax, path)
 

@@ -40,3 +40,19 @@ def test_cli_examples_run(in_model_dir):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}  # works installed or not
         r = subprocess.run([sys.executable, *shlex.split(line)[1:]], capture_output=True, text=True, env=env)
         assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
+
+
+def test_results_section_is_generated_from_the_committed_json(tmp_path, monkeypatch):
+    """The README's results are what `python -m benchmarks.report` writes from pareto.json."""
+    from benchmarks import report
+    copy = tmp_path / "README.md"
+    copy.write_text(README.replace("| fp32 |", "| stale |"))
+    monkeypatch.setattr(report, "README", copy)
+    report.main([])
+    assert copy.read_text() == README
+    assert "| int8_channel |" in README and "| gptq_int4_g128 |" in README
+
+
+def test_readme_figures_exist():
+    for f in re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", README):
+        assert (ROOT / f).stat().st_size > 10_000, f
