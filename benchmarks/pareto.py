@@ -162,7 +162,8 @@ def plot(data: dict, fig_dir) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlim(min(bits) / 1.15, max(bits) * 1.6)
         lo, hi = np.nanmin(ys + [0.0]), np.nanmax(ys + [0.0])
-        ax.set_ylim(lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo))
+        pad = 0.08 * (hi - lo) or 0.1  # all points on the FP32 line: any visible range
+        ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel("bits per weight of the Linears (everything stored)")
         ax.set_ylabel(ylabel if key != "accuracy_drop_pp" else f"{ylabel} (one test line = {100 / data['limit']:.2g} pp)")
         ax.set_title(f"MiniGPT, every scheme: first {data['limit']} test lines, embeddings FP16")
