@@ -21,9 +21,9 @@ import numpy as np
 from numba import njit, prange
 
 from refquant.gguf import quants
+from refquant.kernels.matvec import F16_TABLE as _F16
 from refquant.kernels.matvec import _check_array, _check_x
 
-_F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 KERNEL_TYPES = {"Q8_0": "Q8_0", "Q4_0": "Q8_0", "Q4_K": "Q8_K"}  # weight type -> activation type
 
 
