@@ -120,7 +120,8 @@ def _matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 class SchemeLinear:
     """Any ``refquant.schemes`` scheme. The weight is quantized once; ``apply`` multiplies
-    by its dequantized value (what ``Scheme.matmul``'s reference does), cached as float32.
+    by its dequantized value (what ``Scheme.matmul``'s reference does), cached as float32,
+    except for a single token, which goes through the scheme's matvec kernel if it has one.
     Schemes that quantize activations too (W8A8, SmoothQuant, LLM.int8()) round the input
     first with the scheme's ``act_quant``, so the layer computes what their kernels do."""
 
@@ -137,6 +138,9 @@ class SchemeLinear:
         layer["nbytes"] = qt.nbytes
 
     def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
+        if x.size == x.shape[-1] and self.scheme.matvec_fn is not None:
+            # one token (batch-1 decode): the scheme's numba matvec kernel on the stored codes
+            return self.scheme.matvec(layer["qt"], x.reshape(-1)).reshape(x.shape[:-1] + (-1,))
         if self.scheme.act_quant is not None:
             x = self.scheme.act_quant(layer["qt"], x.reshape(-1, x.shape[-1])).reshape(x.shape)
         return _matmul_t(x, layer["w"])
