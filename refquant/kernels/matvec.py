@@ -216,9 +216,9 @@ def _int4_kernel(group: int, signed: bool, batched: bool):
                     for j in range(HG):
                         xa, xb = xe[base + j], xo[base + j]
                         u, v = a[base + j], b[base + j]
-                        if signed:
-                            c0 += np.float32(np.int8(u << 4) >> 4) * xa + np.float32(u >> 4) * xb
-                            c1 += np.float32(np.int8(v << 4) >> 4) * xa + np.float32(v >> 4) * xb
+                        if signed:  # both nibbles times 16, no shift back: (u << 4), (u & 0xF0)
+                            c0 += np.float32(np.int8(u << 4)) * xa + np.float32(np.int8(u & -16)) * xb
+                            c1 += np.float32(np.int8(v << 4)) * xa + np.float32(np.int8(v & -16)) * xb
                         else:
                             c0 += np.float32(u & 15) * xa + np.float32(u >> 4) * xb
                             c1 += np.float32(v & 15) * xa + np.float32(v >> 4) * xb
@@ -227,6 +227,9 @@ def _int4_kernel(group: int, signed: bool, batched: bool):
                         c1 -= np.float32(z[r1, g]) * gsum[g]
                     t0 += c0 * _scale(s[r0, g], table)
                     t1 += c1 * _scale(s[r1, g], table)
+                if signed:  # undo the x16 of the nibbles (exact: a power of two)
+                    t0 *= np.float32(0.0625)
+                    t1 *= np.float32(0.0625)
                 out[r0] = t0
                 out[r1] = t1
             return out
