@@ -199,14 +199,19 @@ def _int4_kernel(group: int, signed: bool, batched: bool):
     # Two rows per iteration share every x load: the kernels are bound by instructions per
     # weight, not by memory, and this took 11008x4096 g128 from 1.27 to 0.71 ms.
     if not batched and not LANES:
+        # Both nibbles are read times 16 with no shift back -- (b << 4) and (b & 0xF0) as int8
+        # -- and the sum is scaled by 1/16 at the end (exact). Unsigned nibbles n take the
+        # same path: (b ^ 0x88) holds n - 8 in each signed nibble, so the zero point becomes
+        # z - 8 (0.62 vs 1.15 ms for the direct unsigned loop at 11008x4096, g128).
         @njit(parallel=True, fastmath=True, cache=False)
         def kernel(p, s, z, xe, xo, gsum, table):
             R, ng = p.shape[0], s.shape[1]
             out = np.empty(R, np.float32)
+            flip = np.int8(0 if signed else -120)  # 0x88 as int8
             for rr in prange((R + 1) // 2):
                 r0 = 2 * rr
                 r1 = min(r0 + 1, R - 1)  # an odd last row is computed twice
-                a, b = p[r0], p[r1]
+                a, b = p[r0].view(np.int8), p[r1].view(np.int8)
                 t0 = np.float32(0)
                 t1 = np.float32(0)
                 for g in range(ng):
@@ -215,23 +220,16 @@ def _int4_kernel(group: int, signed: bool, batched: bool):
                     c1 = np.float32(0)
                     for j in range(HG):
                         xa, xb = xe[base + j], xo[base + j]
-                        u, v = a[base + j], b[base + j]
-                        if signed:  # both nibbles times 16, no shift back: (u << 4), (u & 0xF0)
-                            c0 += np.float32(np.int8(u << 4)) * xa + np.float32(np.int8(u & -16)) * xb
-                            c1 += np.float32(np.int8(v << 4)) * xa + np.float32(np.int8(v & -16)) * xb
-                        else:
-                            c0 += np.float32(u & 15) * xa + np.float32(u >> 4) * xb
-                            c1 += np.float32(v & 15) * xa + np.float32(v >> 4) * xb
+                        u, v = a[base + j] ^ flip, b[base + j] ^ flip
+                        c0 += np.float32(np.int8(u << 4)) * xa + np.float32(np.int8(u & -16)) * xb
+                        c1 += np.float32(np.int8(v << 4)) * xa + np.float32(np.int8(v & -16)) * xb
                     if not signed:
-                        c0 -= np.float32(z[r0, g]) * gsum[g]
-                        c1 -= np.float32(z[r1, g]) * gsum[g]
+                        c0 -= np.float32(16) * (np.float32(z[r0, g]) - np.float32(8)) * gsum[g]
+                        c1 -= np.float32(16) * (np.float32(z[r1, g]) - np.float32(8)) * gsum[g]
                     t0 += c0 * _scale(s[r0, g], table)
                     t1 += c1 * _scale(s[r1, g], table)
-                if signed:  # undo the x16 of the nibbles (exact: a power of two)
-                    t0 *= np.float32(0.0625)
-                    t1 *= np.float32(0.0625)
-                out[r0] = t0
-                out[r1] = t1
+                out[r0] = t0 * np.float32(0.0625)  # undo the x16 of the nibbles (exact)
+                out[r1] = t1 * np.float32(0.0625)
             return out
         return kernel
 
