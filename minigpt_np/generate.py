@@ -6,7 +6,9 @@
 Tokens are streamed as they are produced; the prompt pass and the decode speed (tokens/s)
 are printed at the end. ``--temp 0`` (the default) is greedy decoding; otherwise tokens are
 sampled from softmax(logits / temp) with ``--seed``. Generation stops at the end-of-text
-or end-of-turn token. Weights are dequantized to float32 at load (see ``minigpt_np.llama``).
+or end-of-turn token. Weights stay in their GGUF types and single tokens run refquant's
+numba kernels on the block bytes (``--dtype stored``, the default); ``--dtype f32``
+dequantizes the model once at load instead (see ``minigpt_np.llama``).
 """
 from __future__ import annotations
 
@@ -63,8 +65,10 @@ def main(argv=None) -> None:
     ap.add_argument("-n", type=int, default=64, help="maximum new tokens")
     ap.add_argument("--temp", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["stored", "f32"], default="stored",
+                    help="stored: quantized kernels on the GGUF bytes; f32: dequantize everything at load")
     args = ap.parse_args(argv)
-    params, cfg, meta = llama.load(args.model or llama.default_model())
+    params, cfg, meta = llama.load(args.model or llama.default_model(), dtype=args.dtype)
     tok = Tokenizer(meta)
     text = tok.render_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = tok.encode(text, special=args.chat)

@@ -17,8 +17,12 @@ token embedding when the model ties them, as SmolLM2 does).
   (positions, kv_heads, head_dim)), so decoding one token at a time gives the same logits
   as one pass over the whole sequence.
 
-Weights are dequantized to float32 once at load (``dtype="f32"``, 0.5 GB for SmolLM2):
-this module is the readable reference; the quantized kernels are not wired in here yet.
+Weights: ``load(path, dtype="stored")`` keeps every quantized matrix in its GGUF bytes as a
+``GGMLLinear``: a single token (decode) runs refquant's numba kernel on those bytes (Q8_0,
+Q4_0, Q4_1, Q4_K, with x quantized to 8-bit blocks as llama.cpp does), several tokens
+(prefill) dequantize that one matrix for the product; embedding rows are dequantized on
+lookup. ``dtype="f32"`` dequantizes everything once at load (0.5 GB for SmolLM2): the
+readable float reference, and faster for long prompts and perplexity.
 """
 from __future__ import annotations
 
@@ -75,16 +79,60 @@ def default_model():
     return files[0]
 
 
-def load(path, *, progress: bool = False):
-    """``(params, cfg, metadata)``: every tensor of the GGUF at ``path`` dequantized to float32."""
+class GGMLLinear:
+    """A weight matrix kept as its GGUF block bytes; ``apply(x)`` is ``x Wᵀ``."""
+
+    def __init__(self, raw: np.ndarray, type_name: str, shape: tuple[int, int]):
+        self.raw, self.type, self.shape = np.ascontiguousarray(raw), type_name, tuple(shape)
+        self.raw = self.raw.reshape(self.shape[0], -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def dequantize(self, rows=None) -> np.ndarray:
+        from refquant.gguf import quants
+
+        raw = self.raw if rows is None else self.raw[rows]
+        return quants.dequantize(raw, self.type, (raw.shape[0], self.shape[1])).astype(np.float32, copy=False)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        from refquant.kernels import ggml
+
+        if x.shape[0] == 1 and self.type in ggml.KERNEL_TYPES:
+            return ggml._matvec(self.raw, x[0], self.type)[None]  # validated by _matvec
+        return x @ self.dequantize().T
+
+
+def _mm(x: np.ndarray, w) -> np.ndarray:
+    return w.apply(x) if isinstance(w, GGMLLinear) else x @ w.T
+
+
+def _embed(w, tokens: np.ndarray) -> np.ndarray:
+    return w.dequantize(tokens) if isinstance(w, GGMLLinear) else w[tokens]
+
+
+def load(path, *, dtype: str = "f32", progress: bool = False):
+    """``(params, cfg, metadata)`` of the GGUF at ``path``.
+
+    ``dtype="f32"``: every tensor dequantized to float32. ``dtype="stored"``: quantized 2-D
+    tensors stay as ``GGMLLinear`` (their bytes), the rest float32.
+    """
     from tqdm import tqdm
 
     from refquant import gguf
 
+    if dtype not in ("f32", "stored"):
+        raise ValueError(f"dtype must be 'f32' or 'stored', got {dtype!r}")
     with gguf.read(path) as f:
         cfg = config_from_metadata(f.metadata)
-        params = {n: np.ascontiguousarray(f.tensor(n).dequantize(), np.float32)
-                  for n in tqdm(f.tensors, desc="dequantize", unit="tensor", disable=not progress)}
+        params = {}
+        for n in tqdm(f.tensors, desc="load", unit="tensor", disable=not progress):
+            info = f.tensors[n]
+            if dtype == "stored" and len(info.shape) == 2 and info.type.name not in ("F32", "F16", "BF16", "F64"):
+                params[n] = GGMLLinear(np.array(f.tensor(n).raw), info.type.name, info.shape)
+            else:
+                params[n] = np.ascontiguousarray(f.tensor(n).dequantize(), np.float32)
         meta = dict(f.metadata)
     if "output.weight" not in params:
         params["output.weight"] = params["token_embd.weight"]  # tied embeddings
@@ -126,16 +174,16 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None):
     if past + T > cfg.n_ctx:
         raise ValueError(f"{past + T} positions exceed the context length {cfg.n_ctx}")
     pos = np.arange(past, past + T)
-    x = params["token_embd.weight"][tokens]
+    x = _embed(params["token_embd.weight"], tokens)
     new_cache = []
     group = nh // nkv
     mask = np.triu(np.full((T, past + T), -np.inf, np.float32), k=past + 1)
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         n = rms_norm(x, params[p + "attn_norm.weight"], cfg.eps)
-        q = rope((n @ params[p + "attn_q.weight"].T).reshape(T, nh, hd), pos, cfg.n_rot, cfg.rope_base)
-        k = rope((n @ params[p + "attn_k.weight"].T).reshape(T, nkv, hd), pos, cfg.n_rot, cfg.rope_base)
-        v = (n @ params[p + "attn_v.weight"].T).reshape(T, nkv, hd)
+        q = rope(_mm(n, params[p + "attn_q.weight"]).reshape(T, nh, hd), pos, cfg.n_rot, cfg.rope_base)
+        k = rope(_mm(n, params[p + "attn_k.weight"]).reshape(T, nkv, hd), pos, cfg.n_rot, cfg.rope_base)
+        v = _mm(n, params[p + "attn_v.weight"]).reshape(T, nkv, hd)
         if cache:
             k = np.concatenate([cache[i][0], k])
             v = np.concatenate([cache[i][1], v])
@@ -145,12 +193,12 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None):
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         att = (scores / scores.sum(-1, keepdims=True)) @ v.transpose(1, 0, 2)[:, None]  # (kv, group, T, hd)
         att = att.transpose(2, 0, 1, 3).reshape(T, nh * hd)
-        x = x + att @ params[p + "attn_output.weight"].T
+        x = x + _mm(att, params[p + "attn_output.weight"])
         m = rms_norm(x, params[p + "ffn_norm.weight"], cfg.eps)
-        x = x + (_silu(m @ params[p + "ffn_gate.weight"].T) * (m @ params[p + "ffn_up.weight"].T)) \
-            @ params[p + "ffn_down.weight"].T
+        x = x + _mm(_silu(_mm(m, params[p + "ffn_gate.weight"])) * _mm(m, params[p + "ffn_up.weight"]),
+                    params[p + "ffn_down.weight"])
     x = rms_norm(x, params["output_norm.weight"], cfg.eps)
-    return x @ params["output.weight"].T, new_cache
+    return _mm(x, params["output.weight"]), new_cache
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:

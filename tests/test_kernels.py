@@ -108,7 +108,7 @@ from refquant.gguf import quants as ggml_quants  # noqa: E402
 
 @st.composite
 def ggml_case(draw):
-    t = draw(st.sampled_from(["Q8_0", "Q4_0", "Q4_K"]))
+    t = draw(st.sampled_from(["Q8_0", "Q4_0", "Q4_1", "Q4_K"]))
     block = ggml_quants.TYPES[t].block_size
     rows, nb = draw(st.integers(1, 9)), draw(st.integers(1, 3 if block == 256 else 8))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -124,7 +124,8 @@ def ggml_case(draw):
 def test_ggml_kernels_equal_their_twin_and_approach_dequantize(case):
     t, w, x = case
     raw = ggml_quants.quantize(w, t)
-    fn = {"Q8_0": kernels.matvec_q8_0, "Q4_0": kernels.matvec_q4_0, "Q4_K": kernels.matvec_q4_k}[t]
+    fn = {"Q8_0": kernels.matvec_q8_0, "Q4_0": kernels.matvec_q4_0, "Q4_1": kernels.matvec_q4_1,
+          "Q4_K": kernels.matvec_q4_k}[t]
     y = fn(raw, x)
     w_hat = ggml_quants.dequantize(raw, t, w.shape).astype(np.float64)
     scale = np.abs(w_hat) @ np.abs(x.astype(np.float64)) + 1e-30

@@ -142,3 +142,19 @@ def test_evaluate_cli_on_a_llama_gguf(capsys, smollm2_path_module):
     from minigpt_np import evaluate
     evaluate.main(["--model", str(smollm2_path_module), "--tokens", "100"])
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_stored_weights_run_the_kernels_and_agree_with_f32(smollm2, smollm2_path_module):
+    params, cfg, tok = smollm2
+    stored, _, _ = llama.load(smollm2_path_module, dtype="stored")
+    assert isinstance(stored["blk.0.ffn_up.weight"], llama.GGMLLinear)
+    assert stored["blk.0.ffn_up.weight"].type == "Q4_1" and stored["token_embd.weight"].type == "Q8_0"
+    ids = tok.encode("Quantized weights, float activations:")
+    a, ca = llama.forward(params, cfg, ids)
+    b, cb = llama.forward(stored, cfg, ids)          # prefill: dequantized per matrix: same math
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-3 * np.abs(a).max())
+    a1, _ = llama.forward(params, cfg, [ids[-1]], ca)
+    b1, _ = llama.forward(stored, cfg, [ids[-1]], cb)  # decode: x rounded to 8-bit blocks in the kernels
+    assert np.abs(b1 - a1).max() < 0.05 * np.abs(a1).max() and np.argmax(b1) == np.argmax(a1)
+    with pytest.raises(ValueError, match="dtype"):
+        llama.load(smollm2_path_module, dtype="bf16")

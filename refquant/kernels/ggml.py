@@ -7,10 +7,13 @@ Q4_K), so every block's dot product is an exact integer sum and the float work i
 multiply-add per block::
 
     Q8_0 / Q4_0:  y_r = Σ_b d_w[r,b] d_x[b] Σ_{i∈b} q_w q_x
+    Q4_1:         y_r = Σ_b d_x[b] ( d_w Σ_{i∈b} q_w q_x  +  m_w Σ_{i∈b} q_x )
     Q4_K:         y_r = Σ_B d_x[B] ( d_w Σ_j sc_j Σ_{i∈j} q_w q_x  -  dmin_w Σ_j m_j Σ_{i∈j} q_x )
 
 (j runs over the 8 sub-blocks of 32 in a 256-superblock; ``Σ q_x`` per sub-block comes
-from Q8_K's ``bsums``). fp16 block scales are decoded through a 65536-entry float32 table.
+from Q8_K's ``bsums``). For Q4_1, llama.cpp pairs the weight with Q8_1, which stores
+``d_x Σ q_x`` per block as fp16; here x is Q8_0 and the sum is taken exactly, so results
+agree with llama.cpp's up to that fp16 rounding. fp16 block scales are decoded through a 65536-entry float32 table.
 The results therefore differ from ``dequantize(raw) @ x`` by the activation rounding, as
 llama.cpp's do; the NumPy twin ``matvec_ggml_ref`` computes the same integer sums in
 int64 and combines them in float64, and the tests hold the kernels to it.
@@ -24,7 +27,7 @@ from refquant.gguf import quants
 from refquant.kernels.matvec import F16_TABLE as _F16
 from refquant.kernels.matvec import _check_array, _check_x
 
-KERNEL_TYPES = {"Q8_0": "Q8_0", "Q4_0": "Q8_0", "Q4_K": "Q8_K"}  # weight type -> activation type
+KERNEL_TYPES = {"Q8_0": "Q8_0", "Q4_0": "Q8_0", "Q4_1": "Q8_0", "Q4_K": "Q8_K"}  # weight type -> activation type
 
 
 def _check_raw(raw, type_name: str, n: int | None = None) -> tuple[np.ndarray, int]:
@@ -65,7 +68,7 @@ def _f16(u, r, b, at, table):
 
 def _kernel(fmt: str):
     """The matvec kernel for one weight format (a compile-time constant of the kernel)."""
-    Q8_0, Q4_0 = fmt == "Q8_0", fmt == "Q4_0"
+    Q8_0, Q4_0, Q4_1 = fmt == "Q8_0", fmt == "Q4_0", fmt == "Q4_1"
 
     @njit(parallel=True, fastmath=True, cache=False)
     def kernel(u, q, xf, xd, xsum, table):
@@ -84,6 +87,12 @@ def _kernel(fmt: str):
                         byte = np.int32(u[r, b, 2 + i])
                         acc[i] += d * (np.float32((byte & 15) - 8) * xf[b, i])
                         acc[16 + i] += d * (np.float32((byte >> 4) - 8) * xf[b, 16 + i])
+                elif Q4_1:  # d, m, then nibbles as Q4_0 but unsigned; m pairs with Σ q_x of the block
+                    acc_min -= _f16(u, r, b, 2, table) * xd[b] * xsum[b, 0]
+                    for i in range(16):
+                        byte = np.int32(u[r, b, 4 + i])
+                        acc[i] += d * (np.float32(byte & 15) * xf[b, i])
+                        acc[16 + i] += d * (np.float32(byte >> 4) * xf[b, 16 + i])
                 else:       # Q4_K: 8 sub-blocks of 32 with 6-bit (scale, min) pairs in bytes 4..15
                     dmin = _f16(u, r, b, 2, table) * xd[b]
                     for j in range(8):
@@ -119,7 +128,12 @@ def _matvec(raw, x, type_name):
     xq, xd, bsums = quantize_activation(_check_x(x, n), type_name)
     block = 256 if type_name == "Q4_K" else 32
     # Q4_K's min term needs Σ q_x per 32 weights: Q8_K's bsums hold it per 16
-    xsum = (bsums.reshape(-1, 8, 2).sum(axis=2) if bsums is not None else np.zeros((xd.size, 8))).astype(np.float32)
+    if bsums is not None:
+        xsum = bsums.reshape(-1, 8, 2).sum(axis=2).astype(np.float32)
+    elif type_name == "Q4_1":  # Σ q_x per block (exact in float32: |sum| <= 32 * 127)
+        xsum = xq.reshape(-1, 32).sum(axis=1, dtype=np.int32).astype(np.float32).reshape(-1, 1)
+    else:
+        xsum = np.zeros((xd.size, 1), np.float32)
     u = _blocks(raw, type_name)
     return _KERNELS[type_name](u, u.view(np.int8), xq.astype(np.float32).reshape(-1, block), xd, xsum, _F16)
 
@@ -134,13 +148,18 @@ def matvec_q4_0(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     return _matvec(raw, x, "Q4_0")
 
 
+def matvec_q4_1(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``W x`` for a Q4_1 weight given as block bytes (out, in/32*20); x is quantized to Q8_0."""
+    return _matvec(raw, x, "Q4_1")
+
+
 def matvec_q4_k(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``W x`` for a Q4_K weight given as block bytes (out, in/256*144); x is quantized to Q8_K."""
     return _matvec(raw, x, "Q4_K")
 
 
 def matvec_ggml_ref(raw: np.ndarray, x: np.ndarray, weight_type: str) -> np.ndarray:
-    """NumPy twin of the three kernels: the same integer block sums, combined in float64.
+    """NumPy twin of the kernels: the same integer block sums, combined in float64.
 
     Uses the decoded codes from ``refquant.gguf.quants`` rather than the kernels' byte
     arithmetic: per block, ``(ŵ / d_w)`` are the integer codes (minus the min term for Q4_K).
@@ -152,13 +171,18 @@ def matvec_ggml_ref(raw: np.ndarray, x: np.ndarray, weight_type: str) -> np.ndar
     rows = raw.shape[0]
     blocks = raw.reshape(-1, t.type_size)
     xq = xq.astype(np.int64)
-    if weight_type in ("Q8_0", "Q4_0"):
+    if weight_type in ("Q8_0", "Q4_0", "Q4_1"):
         d = blocks[:, :2].copy().view(np.float16)[:, 0].astype(np.float64).reshape(rows, -1)
         unit = blocks.copy()
         unit[:, 0], unit[:, 1] = 0x00, 0x3C  # fp16 1.0: dequantize then yields the integer codes
+        mins = 0.0
+        if weight_type == "Q4_1":
+            mins = blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float64).reshape(rows, -1)
+            unit[:, 2], unit[:, 3] = 0, 0  # min 0: codes only
         codes = quants.dequantize(unit, weight_type, (rows, n)).astype(np.int64)
         sums = (codes.reshape(rows, -1, 32) * xq.reshape(-1, 32)).sum(axis=2)
-        return ((d * xd.astype(np.float64)) * sums).sum(axis=1).astype(np.float32)
+        xs = xq.reshape(-1, 32).sum(axis=1)
+        return (xd.astype(np.float64) * (d * sums + mins * xs)).sum(axis=1).astype(np.float32)
     # Q4_K: sub-block codes and (scale, min) pairs
     d = blocks[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float64).reshape(rows, -1)
     dmin = blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float64).reshape(rows, -1)
