@@ -8,7 +8,9 @@ dequantized and re-quantized, rows that are not whole 256-blocks fall back as
 llama-quantize does -- then scores perplexity on the first ``--tokens`` tokens of
 ``pydoc_data.topics`` (``minigpt_np.llama.perplexity``). **This measures re-quantization
 error on top of the shipped Q4_1 weights, not error against the original bf16 model**
-(which is not available here). Writes ``benchmarks/results/requant.json``.
+(which is not available here). Two in-memory rows follow: INT4 symmetric per-group
+round-to-nearest and GPTQ on the same grid, calibrated on the 2048 tokens after the
+evaluated slice. Writes ``benchmarks/results/requant.json``.
 """
 from __future__ import annotations
 
@@ -46,11 +48,38 @@ def run(quick: bool = False, n_tokens: int = 4096) -> dict:
             if refquant_cli(["quantize", str(src), str(out), "--type", t]) != 0:
                 raise RuntimeError(f"refquant quantize to {t} failed")
             rows.append(dict(type=t, file_bytes=out.stat().st_size, quantize_s=time.time() - t0, **score(out)))
+    if not quick:
+        rows += calibrated_rows(src, n_tokens, window, stride)
     base = rows[0]["perplexity"]
     for r in rows:
         r["ppl_change_pct"] = 100 * (r["perplexity"] / base - 1)
     return dict(benchmark="requant", quick=quick, model=src.name, tokens=n_tokens, window=window, stride=stride,
                 machine=common.machine(), results=rows)
+
+
+def calibrated_rows(src, n_tokens: int, window: int, stride: int, n_calib: int = 8, calib_len: int = 256) -> list:
+    """INT4 symmetric, g128 (g64 where rows are 576 long), RTN and GPTQ, on the block
+    Linears; GPTQ calibrated on ``n_calib`` x ``calib_len`` tokens that follow the evaluated
+    slice. The token embedding stays as shipped (Q8_0). Sizes count every stored byte
+    (codes, fp16 scales, Q8_0 embedding, F32 norms); these are in-memory models."""
+    params, cfg, meta = llama.load(src)
+    ids = Tokenizer(meta).encode(llama.reference_text())
+    calib = [ids[n_tokens + i * calib_len:n_tokens + (i + 1) * calib_len] for i in range(n_calib)]
+    from refquant import gguf
+
+    with gguf.read(src) as f:
+        other = sum(f.tensors[n].nbytes for n in f.tensors if n not in
+                    {f"blk.{i}.{s}" for i in range(cfg.n_layer) for s in llama.LINEAR_SUFFIXES})
+    rows = []
+    for label, make in (("RTN INT4 g128 (g64 if 576-wide)", lambda: llama.rtn_model(params, cfg)),
+                        ("GPTQ INT4 g128 (g64 if 576-wide)", lambda: llama.gptq_model(params, cfg, calib, progress=True))):
+        t0 = time.time()
+        qp, qts = make()
+        seconds = time.time() - t0
+        r = llama.perplexity(qp, cfg, ids[:n_tokens], window=window, stride=stride)
+        rows.append(dict(type=label, file_bytes=other + sum(q.nbytes for q in qts.values()), quantize_s=seconds,
+                         calib_tokens=n_calib * calib_len if "GPTQ" in label else 0, **r))
+    return rows
 
 
 def main(argv=None) -> None:

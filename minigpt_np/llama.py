@@ -159,10 +159,11 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None):
+def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *, hook=None):
     """Logits (T, vocab) for ``tokens`` following the positions already in ``cache``.
 
-    Returns ``(logits, cache)`` with the new keys/values appended.
+    Returns ``(logits, cache)`` with the new keys/values appended. ``hook(name, x)``, if
+    given, sees the input (T, in) of every Linear before it is applied (calibration).
     """
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if tokens.size == 0:
@@ -174,6 +175,11 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None):
     if past + T > cfg.n_ctx:
         raise ValueError(f"{past + T} positions exceed the context length {cfg.n_ctx}")
     pos = np.arange(past, past + T)
+    def mm(x, name):
+        if hook is not None:
+            hook(name, x)
+        return _mm(x, params[name])
+
     x = _embed(params["token_embd.weight"], tokens)
     new_cache = []
     group = nh // nkv
@@ -181,9 +187,9 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None):
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         n = rms_norm(x, params[p + "attn_norm.weight"], cfg.eps)
-        q = rope(_mm(n, params[p + "attn_q.weight"]).reshape(T, nh, hd), pos, cfg.n_rot, cfg.rope_base)
-        k = rope(_mm(n, params[p + "attn_k.weight"]).reshape(T, nkv, hd), pos, cfg.n_rot, cfg.rope_base)
-        v = _mm(n, params[p + "attn_v.weight"]).reshape(T, nkv, hd)
+        q = rope(mm(n, p + "attn_q.weight").reshape(T, nh, hd), pos, cfg.n_rot, cfg.rope_base)
+        k = rope(mm(n, p + "attn_k.weight").reshape(T, nkv, hd), pos, cfg.n_rot, cfg.rope_base)
+        v = mm(n, p + "attn_v.weight").reshape(T, nkv, hd)
         if cache:
             k = np.concatenate([cache[i][0], k])
             v = np.concatenate([cache[i][1], v])
@@ -193,10 +199,9 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None):
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         att = (scores / scores.sum(-1, keepdims=True)) @ v.transpose(1, 0, 2)[:, None]  # (kv, group, T, hd)
         att = att.transpose(2, 0, 1, 3).reshape(T, nh * hd)
-        x = x + _mm(att, params[p + "attn_output.weight"])
+        x = x + mm(att, p + "attn_output.weight")
         m = rms_norm(x, params[p + "ffn_norm.weight"], cfg.eps)
-        x = x + _mm(_silu(_mm(m, params[p + "ffn_gate.weight"])) * _mm(m, params[p + "ffn_up.weight"]),
-                    params[p + "ffn_down.weight"])
+        x = x + mm(_silu(mm(m, p + "ffn_gate.weight")) * mm(m, p + "ffn_up.weight"), p + "ffn_down.weight")
     x = rms_norm(x, params["output_norm.weight"], cfg.eps)
     return _mm(x, params["output.weight"]), new_cache
 
@@ -243,3 +248,66 @@ def perplexity(params, cfg: LlamaConfig, ids, *, window: int = 512, stride: int 
         count += tgt.size
         scored = s + chunk.size
     return dict(perplexity=float(np.exp(nll / count)), tokens=count, window=window, stride=stride)
+
+
+# --- GPTQ on a real model ------------------------------------------------------------------
+
+LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                   "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def hessians(params, cfg: LlamaConfig, sequences, *, progress: bool = False) -> dict:
+    """``H = 2/n Σ x xᵀ`` (float64) of every block Linear's input over ``sequences``
+    (a list of token-id lists), from one pass of the unquantized model."""
+    from tqdm import tqdm
+
+    H, count = {}, {}
+
+    def hook(name, x):
+        x = x.astype(np.float64)
+        H[name] = H.get(name, 0) + x.T @ x
+        count[name] = count.get(name, 0) + x.shape[0]
+
+    for seq in tqdm(sequences, desc="calibrate", unit="seq", disable=not progress):
+        forward(params, cfg, seq, hook=hook)
+    return {n: 2.0 / count[n] * h for n, h in H.items()}
+
+
+def _group(n: int, group_size: int) -> int:
+    while n % group_size:
+        group_size //= 2
+    return group_size
+
+
+def rtn_model(params, cfg: LlamaConfig, *, bits: int = 4, group_size: int = 128) -> tuple[dict, dict]:
+    """The round-to-nearest baseline on the same grid as ``gptq_model`` (symmetric, per group)."""
+    from refquant import affine
+
+    out, qts = dict(params), {}
+    for name in (f"blk.{i}.{s}" for i in range(cfg.n_layer) for s in LINEAR_SUFFIXES):
+        w = params[name]
+        qt = affine.quantize(w, bits, sym=True, granularity="group", group_size=_group(w.shape[1], group_size),
+                             scale_dtype=np.float16)
+        qts[name], out[name] = qt, qt.dequantize()
+    return out, qts
+
+
+def gptq_model(params, cfg: LlamaConfig, sequences, *, bits: int = 4, group_size: int = 128,
+               progress: bool = False) -> tuple[dict, dict]:
+    """Every block Linear GPTQ-quantized (one calibration pass over ``sequences``, each layer
+    from the float model's inputs -- not the sequential variant). Rows whose length is not a
+    multiple of ``group_size`` use the largest power-of-two group dividing it (576 -> 64).
+    Returns ``(params with dequantized weights, {name: QuantizedTensor})``."""
+    from tqdm import tqdm
+
+    from refquant.gptq import gptq_quantize
+
+    Hs = hessians(params, cfg, sequences, progress=progress)
+    out, qts = dict(params), {}
+    names = [f"blk.{i}.{s}" for i in range(cfg.n_layer) for s in LINEAR_SUFFIXES]
+    for name in tqdm(names, desc="gptq", unit="layer", disable=not progress):
+        w = params[name]
+        qt, _ = gptq_quantize(w, Hs[name], bits=bits, group_size=_group(w.shape[1], group_size))
+        qts[name] = qt
+        out[name] = qt.dequantize()
+    return out, qts

@@ -158,3 +158,18 @@ def test_stored_weights_run_the_kernels_and_agree_with_f32(smollm2, smollm2_path
     assert np.abs(b1 - a1).max() < 0.05 * np.abs(a1).max() and np.argmax(b1) == np.argmax(a1)
     with pytest.raises(ValueError, match="dtype"):
         llama.load(smollm2_path_module, dtype="bf16")
+
+
+def test_calibration_hook_and_int4_baselines(smollm2):
+    params, cfg, tok = smollm2
+    ids = tok.encode("Calibration text for the hook.")
+    Hs = llama.hessians(params, cfg, [ids])
+    assert len(Hs) == cfg.n_layer * len(llama.LINEAR_SUFFIXES)
+    H = Hs["blk.0.ffn_down.weight"]
+    assert H.shape == (cfg.d_ff, cfg.d_ff) and np.allclose(H, H.T) and np.linalg.eigvalsh(H).min() > -1e-8
+    # attn_q's input is the normed embedding: recompute it by hand
+    x = llama.rms_norm(params["token_embd.weight"][ids], params["blk.0.attn_norm.weight"], cfg.eps).astype(np.float64)
+    np.testing.assert_allclose(Hs["blk.0.attn_q.weight"], 2 / len(ids) * x.T @ x, rtol=1e-5, atol=1e-8)
+    _, qts = llama.rtn_model(params, cfg)
+    assert qts["blk.0.attn_q.weight"].scales.shape == (576, 576 // 64)      # 576 = 9 x 64
+    assert qts["blk.0.ffn_down.weight"].scales.shape == (576, 1536 // 128)
