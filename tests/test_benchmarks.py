@@ -100,3 +100,11 @@ def test_requant_quick(out_dirs):
     # and perplexity close to the shipped file's (+0.23% over 1023 tokens; 96 tokens are noisier)
     assert rows["Q8_0"]["file_bytes"] > data["results"][0]["file_bytes"]
     assert abs(rows["Q8_0"]["ppl_change_pct"]) < 3.0
+
+
+def test_decode_quick(out_dirs):
+    from benchmarks import decode
+    decode.main(["--quick"])
+    data = load(out_dirs, "decode")
+    assert {r["dtype"] for r in data["results"]} == {"stored", "f32"}
+    assert all(r["text"].startswith("The capital of France is Paris") for r in data["results"])

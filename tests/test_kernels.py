@@ -160,3 +160,14 @@ def test_ggml_kernels_reject_bad_input():
         kernels.matvec_q8_0(raw.view(np.int8), np.ones(64, np.float32))
     with pytest.raises(ValueError, match="non-finite"):
         kernels.matvec_q8_0(raw, np.full(64, np.inf, np.float32))
+
+
+@given(n_blocks=st.integers(1, 6), scale=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e4]), seed=st.integers(0, 2**32 - 1))
+def test_compiled_q8_0_activation_is_bit_identical(n_blocks, scale, seed):
+    """The decode path's numba Q8_0 quantizer against the NumPy one the twin uses."""
+    from refquant.kernels import ggml
+    x = (np.random.default_rng(seed).standard_normal(32 * n_blocks) * scale).astype(np.float32)
+    x[::7] = np.round(x[::7] * 4) / 4  # exact halves after scaling are common in real activations
+    a, b = ggml.quantize_activation_q8_0(x), ggml.quantize_activation(x, "Q8_0")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])

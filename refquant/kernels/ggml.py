@@ -54,6 +54,32 @@ def quantize_activation(x: np.ndarray, weight_type: str):
     return raw[:, 4:260].view(np.int8).reshape(-1).copy(), d, bsums
 
 
+@njit(cache=False)
+def _q8_0_codes(x, qs, d):
+    """Q8_0 codes and unrounded scales of x, the float32 operations of quantize_row_q8_0_ref:
+    ``d = amax / 127``, ``q = roundf(x * (1/d))`` (0 for an all-zero block)."""
+    for b in range(d.size):
+        amax = np.float32(0)
+        for i in range(32):
+            amax = max(amax, abs(x[32 * b + i]))
+        db = amax / np.float32(127)
+        inv = np.float32(1) / db if db != 0 else np.float32(0)
+        for i in range(32):
+            v = x[32 * b + i] * inv
+            t = np.float32(np.trunc(v))
+            r = t + (np.float32(1) if v >= 0 else np.float32(-1)) if abs(v - t) >= np.float32(0.5) else t
+            qs[32 * b + i] = np.int8(r)
+        d[b] = db
+
+
+def quantize_activation_q8_0(x: np.ndarray):
+    """``quantize_activation(x, "Q8_0")`` compiled (the decode path calls it per Linear)."""
+    nb = x.size // 32
+    qs, d = np.empty(x.size, np.int8), np.empty(nb, np.float32)
+    _q8_0_codes(x, qs, d)
+    return qs, d.astype(np.float16).astype(np.float32), None
+
+
 # --- kernels -------------------------------------------------------------------------
 # Each row keeps 32 float32 lane accumulators (one per position in a 32-weight block) and
 # reduces them once at the end: a horizontal sum per block is what made a first, integer
@@ -125,7 +151,8 @@ def _blocks(raw, type_name):
 
 def _matvec(raw, x, type_name):
     raw, n = _check_raw(raw, type_name)
-    xq, xd, bsums = quantize_activation(_check_x(x, n), type_name)
+    x = _check_x(x, n)
+    xq, xd, bsums = quantize_activation_q8_0(x) if KERNEL_TYPES[type_name] == "Q8_0" else quantize_activation(x, type_name)
     block = 256 if type_name == "Q4_K" else 32
     # Q4_K's min term needs Σ q_x per 32 weights: Q8_K's bsums hold it per 16
     if bsums is not None:
