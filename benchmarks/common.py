@@ -43,6 +43,15 @@ def quick_args(doc: str):
     return ap
 
 
+def run_and_save(doc: str, name: str, run, argv, option: str, **option_kw) -> tuple[dict, Path]:
+    """Parse ``--quick`` plus one ``option``, call ``run(quick, value)``, write ``<name>.json``."""
+    ap = quick_args(doc)
+    ap.add_argument(option, dest="value", **option_kw)
+    args = ap.parse_args(argv)
+    data = run(args.quick, args.value)
+    return data, write_json(name, data)
+
+
 def finish_figure(fig, ax, path: Path) -> None:
     """Grid, tight layout, save as PNG and close: the end of every figure."""
     import matplotlib.pyplot as plt

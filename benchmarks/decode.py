@@ -43,11 +43,7 @@ def run(quick: bool = False, n: int = 64) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = common.quick_args(__doc__)
-    ap.add_argument("-n", type=int, default=64)
-    args = ap.parse_args(argv)
-    data = run(args.quick, args.n)
-    path = common.write_json("decode", data)
+    data, path = common.run_and_save(__doc__, "decode", run, argv, "-n", type=int, default=64)
     for r in data["results"]:
         print(f"{r['dtype']:7s} {r['tokens_per_s']:7.1f} tokens/s  {r['text']!r}")
     print(f"stored / f32: {data['stored_over_f32']:.2f}x; wrote {path}")

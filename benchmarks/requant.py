@@ -83,11 +83,7 @@ def calibrated_rows(src, n_tokens: int, window: int, stride: int, n_calib: int =
 
 
 def main(argv=None) -> None:
-    ap = common.quick_args(__doc__)
-    ap.add_argument("--tokens", type=int, default=4096)
-    args = ap.parse_args(argv)
-    data = run(args.quick, args.tokens)
-    path = common.write_json("requant", data)
+    data, path = common.run_and_save(__doc__, "requant", run, argv, "--tokens", type=int, default=4096)
     print(f"{'type':32s} {'MB':>8s} {'ppl':>9s} {'vs shipped':>10s} {'quantize s':>10s}")
     for r in data["results"]:
         print(f"{r['type']:32s} {r['file_bytes'] / 1e6:8.1f} {r['perplexity']:9.4f} {r['ppl_change_pct']:+9.2f}% "
