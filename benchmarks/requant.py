@@ -35,10 +35,13 @@ def run(quick: bool = False, n_tokens: int = 4096) -> dict:
     n_tokens = 96 if quick else n_tokens
     window, stride = (64, 32) if quick else (512, 256)
 
+    # every re-quantized file keeps the shipped vocabulary: tokenize the text once
+    params, cfg, meta = llama.load(src)
+    ids = Tokenizer(meta).encode(llama.reference_text())
+
     def score(path):
-        params, cfg, meta = llama.load(path)
-        ids = Tokenizer(meta).encode(llama.reference_text())[:n_tokens]
-        return llama.perplexity(params, cfg, ids, window=window, stride=stride)
+        p = params if path == src else llama.load(path)[0]
+        return llama.perplexity(p, cfg, ids[:n_tokens], window=window, stride=stride)
 
     rows = [dict(type="shipped (Q4_1, Q8_0 embedding)", file_bytes=src.stat().st_size, quantize_s=0.0, **score(src))]
     with tempfile.TemporaryDirectory(prefix="refquant-requant-") as tmp:
@@ -49,7 +52,7 @@ def run(quick: bool = False, n_tokens: int = 4096) -> dict:
                 raise RuntimeError(f"refquant quantize to {t} failed")
             rows.append(dict(type=t, file_bytes=out.stat().st_size, quantize_s=time.time() - t0, **score(out)))
     if not quick:
-        rows += calibrated_rows(src, n_tokens, window, stride)
+        rows += calibrated_rows(src, params, cfg, ids, n_tokens, window, stride)
     base = rows[0]["perplexity"]
     for r in rows:
         r["ppl_change_pct"] = 100 * (r["perplexity"] / base - 1)
@@ -57,13 +60,12 @@ def run(quick: bool = False, n_tokens: int = 4096) -> dict:
                 machine=common.machine(), results=rows)
 
 
-def calibrated_rows(src, n_tokens: int, window: int, stride: int, n_calib: int = 8, calib_len: int = 256) -> list:
+def calibrated_rows(src, params, cfg, ids, n_tokens: int, window: int, stride: int, n_calib: int = 8,
+                    calib_len: int = 256) -> list:
     """INT4 symmetric, g128 (g64 where rows are 576 long), RTN and GPTQ, on the block
     Linears; GPTQ calibrated on ``n_calib`` x ``calib_len`` tokens that follow the evaluated
     slice. The token embedding stays as shipped (Q8_0). Sizes count every stored byte
     (codes, fp16 scales, Q8_0 embedding, F32 norms); these are in-memory models."""
-    params, cfg, meta = llama.load(src)
-    ids = Tokenizer(meta).encode(llama.reference_text())
     calib = [ids[n_tokens + i * calib_len:n_tokens + (i + 1) * calib_len] for i in range(n_calib)]
     from refquant import gguf
 

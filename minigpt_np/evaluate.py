@@ -159,8 +159,8 @@ def model_bytes(params: dict, linears, scheme: str, quantize_embeddings: bool = 
 
     total = linears.nbytes
     for k, v in params.items():
-        if k in linears.layers or k[: -len(".weight")] in linears.layers:
-            continue
+        if k.endswith(".weight") and k[: -len(".weight")] in linears.layers:
+            continue  # counted in linears.nbytes
         if scheme == "fp32":
             total += 4 * v.size
         elif k == "token_embd.weight" and quantize_embeddings:

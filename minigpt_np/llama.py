@@ -30,6 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minigpt_np.model import log_softmax, softmax  # noqa: F401  (log_softmax is part of this module's API)
+from refquant.gguf import quants
+from refquant.kernels import ggml
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -91,14 +95,10 @@ class GGMLLinear:
         return self.raw.nbytes
 
     def dequantize(self, rows=None) -> np.ndarray:
-        from refquant.gguf import quants
-
         raw = self.raw if rows is None else self.raw[rows]
         return quants.dequantize(raw, self.type, (raw.shape[0], self.shape[1])).astype(np.float32, copy=False)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        from refquant.kernels import ggml
-
         if x.shape[0] == 1 and self.type in ggml.KERNEL_TYPES:
             return ggml._matvec(self.raw, x[0], self.type)[None]  # validated by _matvec
         return x @ self.dequantize().T
@@ -196,20 +196,13 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
         new_cache.append((k, v))
         qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)            # (kv, group, T, hd)
         scores = qg @ k.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd)) + mask  # (kv, group, T, S)
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        att = (scores / scores.sum(-1, keepdims=True)) @ v.transpose(1, 0, 2)[:, None]  # (kv, group, T, hd)
+        att = softmax(scores) @ v.transpose(1, 0, 2)[:, None]                # (kv, group, T, hd)
         att = att.transpose(2, 0, 1, 3).reshape(T, nh * hd)
         x = x + mm(att, p + "attn_output.weight")
         m = rms_norm(x, params[p + "ffn_norm.weight"], cfg.eps)
         x = x + mm(_silu(mm(m, p + "ffn_gate.weight")) * mm(m, p + "ffn_up.weight"), p + "ffn_down.weight")
     x = rms_norm(x, params["output_norm.weight"], cfg.eps)
     return _mm(x, params["output.weight"]), new_cache
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 # --- perplexity on real text -------------------------------------------------------------
@@ -241,7 +234,7 @@ def perplexity(params, cfg: LlamaConfig, ids, *, window: int = 512, stride: int 
         if s + chunk.size <= scored:
             continue
         logits, _ = forward(params, cfg, chunk[:-1])
-        lp = log_softmax(logits)
+        lp = log_softmax(logits.astype(np.float64))
         first = scored - s  # position in chunk of the first token not yet scored
         tgt = chunk[first:]
         nll -= lp[np.arange(first - 1, chunk.size - 1), tgt].sum()

@@ -135,11 +135,8 @@ class Tokenizer:
     # --- encode ------------------------------------------------------------------------
     def pre_tokenize(self, text: str) -> list[str]:
         if self.pre in DIGIT_SPLIT_PRE:
-            pieces = []
-            for part in re.split(r"(\d)", text):  # \d in Python is Unicode Nd; \p{N} is wider
-                pieces.extend(self._split_numbers(part))
-            return [p for chunk in pieces for p in (gpt2_split(chunk) if len(chunk) != 1 or _kind(chunk) != "N"
-                                                     else [chunk])]
+            return [p for chunk in self._split_numbers(text)
+                    for p in ([chunk] if len(chunk) == 1 and _kind(chunk) == "N" else gpt2_split(chunk))]
         return gpt2_split(text)
 
     @staticmethod

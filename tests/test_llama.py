@@ -10,15 +10,9 @@ from minigpt_np import tokenizer as T
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path_module):
-    params, cfg, meta = llama.load(smollm2_path_module)
+def smollm2(smollm2_path):
+    params, cfg, meta = llama.load(smollm2_path)
     return params, cfg, T.Tokenizer(meta)
-
-
-@pytest.fixture(scope="module")
-def smollm2_path_module():
-    from tests.conftest import smollm2_gguf
-    return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,7 @@ def test_rope_is_a_rotation_and_relative():
 def _nll(params, cfg, ids):
     """Naive oracle: one forward over ids, -Σ log p(ids[t] | ids[:t]) for t >= 1."""
     logits, _ = llama.forward(params, cfg, ids[:-1])
-    lp = llama.log_softmax(logits)
+    lp = llama.log_softmax(logits.astype(np.float64))
     return -sum(lp[t - 1, ids[t]] for t in range(1, len(ids)))
 
 
@@ -138,15 +132,15 @@ def test_generate_cli_streams_an_answer(capsys):
     assert cap.out.startswith("The capital of France is Paris") and "tokens/s" in cap.err
 
 
-def test_evaluate_cli_on_a_llama_gguf(capsys, smollm2_path_module):
+def test_evaluate_cli_on_a_llama_gguf(capsys, smollm2_path):
     from minigpt_np import evaluate
-    evaluate.main(["--model", str(smollm2_path_module), "--tokens", "100"])
+    evaluate.main(["--model", str(smollm2_path), "--tokens", "100"])
     assert "perplexity" in capsys.readouterr().out
 
 
-def test_stored_weights_run_the_kernels_and_agree_with_f32(smollm2, smollm2_path_module):
+def test_stored_weights_run_the_kernels_and_agree_with_f32(smollm2, smollm2_path):
     params, cfg, tok = smollm2
-    stored, _, _ = llama.load(smollm2_path_module, dtype="stored")
+    stored, _, _ = llama.load(smollm2_path, dtype="stored")
     assert isinstance(stored["blk.0.ffn_up.weight"], llama.GGMLLinear)
     assert stored["blk.0.ffn_up.weight"].type == "Q4_1" and stored["token_embd.weight"].type == "Q8_0"
     ids = tok.encode("Quantized weights, float activations:")
@@ -157,7 +151,7 @@ def test_stored_weights_run_the_kernels_and_agree_with_f32(smollm2, smollm2_path
     b1, _ = llama.forward(stored, cfg, [ids[-1]], cb)  # decode: x rounded to 8-bit blocks in the kernels
     assert np.abs(b1 - a1).max() < 0.05 * np.abs(a1).max() and np.argmax(b1) == np.argmax(a1)
     with pytest.raises(ValueError, match="dtype"):
-        llama.load(smollm2_path_module, dtype="bf16")
+        llama.load(smollm2_path, dtype="bf16")
 
 
 def test_calibration_hook_and_int4_baselines(smollm2):
