@@ -63,13 +63,26 @@ def test_matvec_int4_equals_twin_and_dequantize(case):
     n = qt.shape[1]
     x = rng.standard_normal(n).astype(np.float32)
     w_hat = qt.dequantize().astype(np.float64)
+    x_hat = kernels.matvec.dequantize_activation_int16(np.pad(x, (0, -n % g)), g)[:n]
     scale = np.abs(w_hat) @ np.abs(x) + np.abs(qt.scales.astype(np.float64)).sum(axis=1) * np.abs(x).max() * 8
     y = kernels.matvec_int4(qt.codes, qt.scales, qt.zeros, x, group_size=g)
     close(y, kernels.matvec_int4_ref(qt.codes, qt.scales, qt.zeros, x, group_size=g).astype(np.float64), scale)
-    close(y, w_hat @ x, scale)
+    close(y, w_hat @ x_hat, scale)              # the kernel computes Ŵ x̂ ...
+    # ... and x̂ is x rounded to int16 per group: |x̂ - x| <= s_g / 2 = max|x_g| / 65534, plus
+    # the float32 rounding of x / s_g before it is rounded (<= 32767 * 2^-24 steps: 1 + 2^-8)
+    step = np.repeat(np.abs(np.pad(x, (0, -n % g))).reshape(-1, g).max(axis=1), g)[:n] / 65534 * (1 + 2**-8)
+    assert np.all(np.abs(x_hat - x) <= step)
+    assert np.all(np.abs(y - w_hat @ x) <= REL * scale + np.abs(w_hat) @ step)
     X = rng.standard_normal((int(rng.integers(1, 17)), n)).astype(np.float32)
     Y = kernels.matmul_int4(qt.codes, qt.scales, qt.zeros, X, group_size=g)
     close(Y, X.astype(np.float64) @ w_hat.T, np.abs(X) @ np.abs(w_hat).T + 1e-3 * np.abs(X).max())
+
+
+def test_quantize_activation_int16_golden():
+    # block max 3 -> step 3/32767; 1.5 -> 16383.5 rounds half to even (16384); a zero block stays 0
+    q, s = kernels.matvec.quantize_activation_int16(np.array([3.0, -1.5, 0.0, 0.0], np.float32), 2)
+    np.testing.assert_array_equal(q, [32767, -16384, 0, 0])
+    np.testing.assert_array_equal(s, np.array([3.0, 0.0], np.float32) / np.float32(32767))
 
 
 def test_int4_unpack_golden():
