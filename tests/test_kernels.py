@@ -184,3 +184,4 @@ def test_compiled_q8_0_activation_is_bit_identical(n_blocks, scale, seed):
     a, b = ggml.quantize_activation_q8_0(x), ggml.quantize_activation(x, "Q8_0")
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[2][:, 0], b[0].reshape(-1, 32).sum(axis=1, dtype=np.int64))  # Σ q per block

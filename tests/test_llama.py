@@ -154,6 +154,28 @@ def test_stored_weights_run_the_kernels_and_agree_with_f32(smollm2, smollm2_path
         llama.load(smollm2_path, dtype="bf16")
 
 
+def test_fused_qkv_and_gate_up_decode_equals_separate_matrices(smollm2, smollm2_path):
+    """load(stored) row-stacks q/k/v and gate/up into one byte matrix per layer; each row's
+    kernel sum is independent of its neighbours, so decode logits are bit-identical to
+    running every matrix on its own copy of its bytes."""
+    _, cfg, tok = smollm2
+    fused, _, _ = llama.load(smollm2_path, dtype="stored")
+    q, k, v = (fused[f"blk.0.attn_{s}.weight"] for s in "qkv")
+    assert q.parent is k.parent is v.parent and np.shares_memory(q.raw, q.parent.raw)
+    assert q.parent.shape == (q.shape[0] + k.shape[0] + v.shape[0], q.shape[1])
+    separate = {n: llama.GGMLLinear(w.raw.copy(), w.type, w.shape) if isinstance(w, llama.GGMLLinear) else w
+                for n, w in fused.items()}
+    assert separate["blk.0.attn_q.weight"].parent is None
+    ids = tok.encode("One kernel call for three matrices")
+    _, ca = llama.forward(fused, cfg, ids)
+    a, _ = llama.forward(fused, cfg, [ids[-1]], ca)
+    b, _ = llama.forward(separate, cfg, [ids[-1]], ca)
+    np.testing.assert_array_equal(a, b)
+    assert llama.fuse([q, k]) == [q, k]                           # already fused: left alone
+    mixed = [llama.GGMLLinear(q.raw.copy(), "Q4_1", q.shape), fused["token_embd.weight"]]
+    assert llama.fuse(mixed) == mixed                             # different types: left alone
+
+
 def test_calibration_hook_and_int4_baselines(smollm2):
     params, cfg, tok = smollm2
     ids = tok.encode("Calibration text for the hook.")

@@ -55,29 +55,36 @@ def quantize_activation(x: np.ndarray, weight_type: str):
 
 
 @njit(cache=False)
-def _q8_0_codes(x, qs, d):
+def _q8_0_codes(x, qs, d, sums):
     """Q8_0 codes and unrounded scales of x, the float32 operations of quantize_row_q8_0_ref:
-    ``d = amax / 127``, ``q = roundf(x * (1/d))`` (0 for an all-zero block)."""
+    ``d = amax / 127``, ``q = roundf(x * (1/d))`` (0 for an all-zero block); ``sums`` gets
+    each block's Σ q (the Q4_1 kernel's min term)."""
     for b in range(d.size):
         amax = np.float32(0)
         for i in range(32):
             amax = max(amax, abs(x[32 * b + i]))
         db = amax / np.float32(127)
         inv = np.float32(1) / db if db != 0 else np.float32(0)
+        total = 0
         for i in range(32):
             v = x[32 * b + i] * inv
             t = np.float32(np.trunc(v))
             r = t + (np.float32(1) if v >= 0 else np.float32(-1)) if abs(v - t) >= np.float32(0.5) else t
-            qs[32 * b + i] = np.int8(r)
+            qs[32 * b + i] = np.float32(r)
+            total += np.int32(r)
         d[b] = db
+        sums[b, 0] = np.float32(total)
 
 
 def quantize_activation_q8_0(x: np.ndarray):
-    """``quantize_activation(x, "Q8_0")`` compiled (the decode path calls it per Linear)."""
+    """``quantize_activation(x, "Q8_0")`` compiled (the decode path calls it per Linear).
+
+    Returns ``(codes as float32 [n], d [n / 32], Σ codes per block float32 [n / 32, 1])``:
+    the form the kernels read (codes are small integers, exact in float32)."""
     nb = x.size // 32
-    qs, d = np.empty(x.size, np.int8), np.empty(nb, np.float32)
-    _q8_0_codes(x, qs, d)
-    return qs, d.astype(np.float16).astype(np.float32), None
+    qs, d, sums = np.empty(x.size, np.float32), np.empty(nb, np.float32), np.empty((nb, 1), np.float32)
+    _q8_0_codes(x, qs, d, sums)
+    return qs, d.astype(np.float16).astype(np.float32), sums
 
 
 # --- kernels -------------------------------------------------------------------------
@@ -144,25 +151,24 @@ _KERNELS = {t: _kernel(t) for t in KERNEL_TYPES}
 
 # --- public --------------------------------------------------------------------------
 
-def _blocks(raw, type_name):
-    t = quants.TYPES[type_name]
-    return raw.reshape(raw.shape[0], -1, t.type_size)
-
-
 def _matvec(raw, x, type_name):
-    raw, n = _check_raw(raw, type_name)
-    x = _check_x(x, n)
-    xq, xd, bsums = quantize_activation_q8_0(x) if KERNEL_TYPES[type_name] == "Q8_0" else quantize_activation(x, type_name)
-    block = 256 if type_name == "Q4_K" else 32
+    raw, _ = _check_raw(raw, type_name)
+    return matvec_checked_raw(raw, x, type_name)
+
+
+def matvec_checked_raw(raw: np.ndarray, x: np.ndarray, type_name: str) -> np.ndarray:
+    """The kernel for ``type_name`` on bytes that already passed ``_check_raw`` (a model
+    checks its weights once at load; decode then calls this per token). x is validated."""
+    t = quants.TYPES[type_name]
+    x = _check_x(x, raw.shape[1] // t.type_size * t.block_size)
+    u = raw.reshape(raw.shape[0], -1, t.type_size)
+    if KERNEL_TYPES[type_name] == "Q8_0":
+        xf, xd, xsum = quantize_activation_q8_0(x)
+        return _KERNELS[type_name](u, u.view(np.int8), xf.reshape(-1, 32), xd, xsum, _F16)
+    xq, xd, bsums = quantize_activation(x, type_name)
     # Q4_K's min term needs Σ q_x per 32 weights: Q8_K's bsums hold it per 16
-    if bsums is not None:
-        xsum = bsums.reshape(-1, 8, 2).sum(axis=2).astype(np.float32)
-    elif type_name == "Q4_1":  # Σ q_x per block (exact in float32: |sum| <= 32 * 127)
-        xsum = xq.reshape(-1, 32).sum(axis=1, dtype=np.int32).astype(np.float32).reshape(-1, 1)
-    else:
-        xsum = np.zeros((xd.size, 1), np.float32)
-    u = _blocks(raw, type_name)
-    return _KERNELS[type_name](u, u.view(np.int8), xq.astype(np.float32).reshape(-1, block), xd, xsum, _F16)
+    xsum = bsums.reshape(-1, 8, 2).sum(axis=2).astype(np.float32)
+    return _KERNELS[type_name](u, u.view(np.int8), xq.astype(np.float32).reshape(-1, 256), xd, xsum, _F16)
 
 
 def matvec_q8_0(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
