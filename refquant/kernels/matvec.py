@@ -49,6 +49,9 @@ from numba.extending import overload
 from refquant._checks import float_array
 
 INT4_GROUPS = (32, 64, 128)
+# int16 activations in int32 sums pay one horizontal reduction per group: worth it from
+# g128 on (1.9-2.4 vs 2.9 ms at 11008x4096), not below (g64 3.6 vs 3.0 ms)
+INT4_INTEGER_MIN_GROUP = 128
 MAX_BATCH = 16
 # fp16 bit pattern -> float32: kernels read fp16 scales through this table (converting a
 # 11008x32 fp16 scale array with NumPy on every call cost 0.4 ms, a third of the matvec)
@@ -192,9 +195,7 @@ def _int4_kernel(group: int, signed: bool, batched: bool):
     """Build the kernel for one group size (a compile-time constant) and nibble signedness."""
     HG = group // 2
     LANES = HG <= 16  # short groups: per-lane accumulators instead of a reduction per group
-    # int16 activations in int32 sums pay one horizontal reduction per group: worth it
-    # from g128 on (1.9-2.4 vs 2.9 ms at 11008x4096), not below (g64 3.6 vs 3.0 ms)
-    INTEGER = group >= 128
+    INTEGER = group >= INT4_INTEGER_MIN_GROUP
 
     @njit(fastmath=True, inline="always")
     def group_dot(row, base, xe, xo):
@@ -395,7 +396,7 @@ def matvec_int4(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None
     x = _pad_x(x, 2 * p.shape[1], group_size, "x")
     xq, sx = quantize_activation_int16(x, group_size)
     kernel = _INT4[(group_size, signed, False)]
-    if group_size >= 128:
+    if group_size >= INT4_INTEGER_MIN_GROUP:
         xe, xo = np.ascontiguousarray(xq[0::2]), np.ascontiguousarray(xq[1::2])
         gsum = xq.reshape(-1, group_size).sum(axis=1, dtype=np.int32)
         return kernel(p.view(np.uint8), s, z, xe, xo, gsum, sx, F16_TABLE)
@@ -433,11 +434,7 @@ def matvec_int4_ref(packed, scales, zeros, x, *, group_size: int = 128) -> np.nd
     n = x.shape[-1]
     xp = np.zeros(2 * packed.shape[1], np.float32)
     xp[:n] = x
-    x_hat = dequantize_activation_int16(xp, group_size)[:n]
-    return _int4_dequant_matmul(packed, scales, zeros, x_hat, group_size)
-
-
-def _int4_dequant_matmul(packed, scales, zeros, x, group_size: int) -> np.ndarray:
+    x = dequantize_activation_int16(xp, group_size)[:n]
     q = unpack_int4_ref(packed, zeros is None).astype(np.float64)[:, : x.shape[-1]]
     s = np.repeat(scales.astype(np.float64), group_size, axis=1)
     z = 0 if zeros is None else np.repeat(zeros.astype(np.float64), group_size, axis=1)[:, : x.shape[-1]]
