@@ -880,6 +880,64 @@ def error_bound(w, raw, type_name) -> np.ndarray:
     return np.abs(g - w).min(axis=0) + mag * 2.0**-9 + np.abs(w) * 2.0**-20 + _SCALE_FACTOR[t.name] * 2.0**-25
 
 
+# ----------------------------------------------------------------------------- fields
+
+def block_fields(raw, type_name: str, n: int) -> dict:
+    """The stored fields of ggml blocks, decoded but not combined, for kernels that repack.
+
+    ``raw`` is ``uint8[rows, row_bytes]`` of rows of ``n`` weights. Returns ``codes``:
+    ``uint8[rows, n]`` as stored (unsigned: Q4_0's ``q + 8``, Q5_0's ``q + 16``, Q6_K's
+    ``q + 32``; Q8_0's int8 codes as their uint8 bit patterns) and the scale fields as raw
+    fp16 bit patterns (``uint16``) or small integers, one column per block:
+
+    * Q8_0, Q4_0, Q5_0: ``d`` per 32.  Q4_1, Q5_1: ``d`` and ``m`` per 32.
+    * Q4_K, Q5_K: ``d`` and ``dmin`` per 256, ``sc`` and ``mn`` (uint8, 6-bit) per 32.
+    * Q6_K: ``d`` per 256, ``sc`` (int8) per 16.
+
+    Each type's dequantization is ``d·(codes - offset)``, ``d·codes + m`` or
+    ``d·sc·codes - dmin·mn`` per element, exactly as ``dequantize`` computes it.
+    """
+    t = ggml_type(type_name)
+    raw = np.ascontiguousarray(raw, np.uint8)
+    rows = raw.shape[0]
+    b = raw.reshape(-1, t.type_size)
+
+    def f16(lo):
+        return np.ascontiguousarray(b[:, lo:lo + 2]).view("<u2")[:, 0].reshape(rows, -1)
+
+    name = t.name
+    if name == "Q8_0":
+        codes = b[:, 2:]
+        return {"codes": codes.reshape(rows, n), "d": f16(0)}
+    if name in ("Q4_0", "Q4_1"):
+        at = 2 if name == "Q4_0" else 4
+        out = {"codes": _split_nibbles(b[:, at:]).reshape(rows, n), "d": f16(0)}
+    elif name in ("Q5_0", "Q5_1"):
+        at = 2 if name == "Q5_0" else 4
+        out = {"codes": _q5_unpack(b[:, at:]).astype(np.uint8).reshape(rows, n), "d": f16(0)}
+    elif name in ("Q4_K", "Q5_K"):
+        q = _k4_nibbles(b[:, 16:144]) if name == "Q4_K" else None
+        if name == "Q5_K":
+            high = np.unpackbits(b[:, 16:48], axis=1, bitorder="little").reshape(-1, 32, 8).transpose(0, 2, 1)
+            q = _k4_nibbles(b[:, 48:176]) | (high.reshape(-1, 256).astype(np.uint8) << 4)
+        sc, mn = _unpack_k4_scales(b[:, 4:16])
+        return {"codes": q.astype(np.uint8).reshape(rows, n), "d": f16(0), "dmin": f16(2),
+                "sc": sc.astype(np.uint8).reshape(rows, -1), "mn": mn.astype(np.uint8).reshape(rows, -1)}
+    elif name == "Q6_K":
+        ql = b[:, :128].reshape(-1, 2, 2, 32)
+        qh = b[:, 128:192].reshape(-1, 2, 1, 32)
+        low = np.stack([ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)
+        high = (qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+        return {"codes": (low | (high << 4)).astype(np.uint8).reshape(rows, n), "d": f16(208),
+                "sc": np.ascontiguousarray(b[:, 192:208]).view(np.int8).reshape(rows, -1)}
+    else:
+        raise ValueError(f"block_fields does not decode {name}; it covers Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, "
+                         "Q4_K, Q5_K and Q6_K")
+    if name in ("Q4_1", "Q5_1"):
+        out["m"] = f16(2)
+    return out
+
+
 # ----------------------------------------------------------------------------- QuantizedTensor
 
 def quantize_tensor(w, type_name, scheme: str | None = None):

@@ -1,0 +1,521 @@
+"""Byte-dot matvec / small-batch matmul for every integer weight layout, at the memory roof.
+
+One kernel covers INT8, INT4 (g32/g64/g128, symmetric and asymmetric), W8A8 and the GGML
+types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K, because each of them is, per block
+of 32 weights, an unsigned (or, for 8-bit, signed) integer code ``u`` times a block scale
+plus a block offset::
+
+    ŵ_i = d_b · u_i + m_b            (i in block b)
+
+with ``d_b``/``m_b`` built from the format's stored fields (fp16 scale, fp16 min, 6-bit
+sub-scales, zero points; see ``Packed``). The activation x is rounded once per call to
+llama.cpp's Q8_0 (``refquant.gguf.quants`` "Q8_0": per block of 32, ``d_x = max|x|/127``
+stored as fp16, ``x_q = roundf(x / d_x)``), so with ``S_b = Σ_{i∈b} x_q,i``::
+
+    y_r = Σ_b d_x,b · ( d_b · Σ_{i∈b} u_i x_q,i  +  m_b · S_b )
+
+The inner sums are exact integers (``vpdpbusd`` or ``vpmaddubsw``/``vpmaddwd``, see
+``refquant.kernels.simd``); the float work is one convert and one multiply-add of 8 lanes
+per block, plus one scalar multiply-add per block for the offset term, and one horizontal
+sum per row. The result is therefore ``Ŵ x̂`` -- the dequantized weight times the
+Q8_0-rounded x -- up to float32 rounding of the epilogue: the tests hold every tier to
+``Ŵ x̂`` computed in float64 from ``QuantizedTensor.dequantize`` / ``gguf.quants.dequantize``
+and ``x̂`` from ``gguf.quants``, within ``(n_blocks + 30)·2⁻²⁴·Σ|terms|``, and to the exact
+``Ŵ x`` within the Q8_0 rounding bound ``Σ|ŵ_i|(d_x/2 + 127|d_x - fp16(d_x)|)``.
+
+W8A8 differs only in x: one int8 scale per token (``max|x|/127``, ``refquant.smoothquant``),
+passed to the same kernel as equal block scales.
+
+**Repacked weights.** ``pack_*`` turns stored weights into ``Packed`` once (a model does it
+at load; schemes cache it on the ``QuantizedTensor``); files and ``QuantizedTensor`` bytes
+never change. Codes of two consecutive blocks share 32 bytes -- block 2p in the low
+nibbles, block 2p+1 in the high nibbles -- so one 32-byte load, one AND and one shift give
+both blocks without shuffles; 5- and 6-bit codes add one or two bit planes of 4 bytes per
+block, which expand to bytes with one broadcast/shuffle/compare; 8-bit codes are stored
+as they are. Scales stay in their stored width (fp16, uint8 sub-scales), so the bytes a
+kernel reads are the format's own bits per weight (Q4_K: 4.625 instead of 4.5, its 12-byte
+6-bit scale packing widened to one byte per scale and min).
+
+**Tiers.** ``vnni`` and ``avx2`` run the vector code of ``simd``; ``numba`` is the same
+arithmetic in plain loops on the same layout (LLVM vectorizes it as it can), the
+portable fallback and the readable reference for the layout. ``backend()`` names the
+tier in use; ``REFQUANT_KERNEL_TIER=avx2|numba`` forces a lower one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from refquant._checks import float_array
+
+MAX_BATCH = 16
+TIERS = ("vnni", "avx2", "numba")
+TIER_ENV = "REFQUANT_KERNEL_TIER"
+OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2
+_ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
+
+
+# --- tiers -----------------------------------------------------------------------------
+
+def available_tiers() -> tuple[str, ...]:
+    """Tiers this machine can run, best first (the byte-dot tiers only when numba compiles
+    for the host CPU: with ``NUMBA_CPU_NAME`` set, code must run on other CPUs too)."""
+    from numba.core import config
+
+    if config.CPU_NAME not in (None, "host"):
+        return ("numba",)
+    import llvmlite.binding as llvm
+
+    f = llvm.get_host_cpu_features()
+    has = lambda k: bool(f.get(k, False))  # noqa: E731
+    tiers = []
+    if has("avx512vnni") and has("avx512vl") and has("avx2") and has("f16c"):
+        tiers.append("vnni")
+    if has("avx2") and has("f16c"):
+        tiers.append("avx2")
+    return tuple(tiers) + ("numba",)
+
+
+def backend() -> str:
+    """The tier the kernels use: the best available, or ``$REFQUANT_KERNEL_TIER`` if set."""
+    want = os.environ.get(TIER_ENV, "").strip()
+    have = available_tiers()
+    if not want:
+        return have[0]
+    if want not in TIERS:
+        raise ValueError(f"{TIER_ENV}={want!r} is not a tier; tiers: {', '.join(TIERS)}")
+    if want not in have:
+        raise ValueError(f"{TIER_ENV}={want!r}: this machine (or numba's target) only runs {', '.join(have)}")
+    return want
+
+
+# --- the repacked form ---------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """Weights in the kernels' layout (module docstring). Per row ``r`` and block ``b``::
+
+        d_b = d[r, b >> dshift] · (sc[r, b] if sc is given else 1)        (fp16 or float32 d)
+        m_b = -c · d_b                                  (offset "const", c = 8, 16, 32)
+            =  m[r, b >> mshift] · (mn[r, b >> mnshift] if mn is given)   (offset "min")
+        ŵ_i = d_b · u_i + m_b
+
+    ``kind``: ``"s8"`` (int8 codes, ``qs`` int8 (rows, nb·32)), ``"u4"``/``"u5"``/``"u6"``
+    (nibbles ``qs`` uint8 (rows, nb·16) plus 1 or 2 bit planes ``qh`` (rows, nb·4·planes)).
+    ``sub16``: Q6_K's int8 sub-scale per 16 weights (``sc`` int8 (rows, 2·nb)).
+    Rows are zero-padded to an even number of blocks ``nb``.
+    """
+
+    kind: str
+    shape: tuple[int, int]
+    nb: int
+    qs: np.ndarray
+    qh: np.ndarray
+    d: np.ndarray
+    dshift: int
+    offset: int
+    c: int = 0
+    sc: np.ndarray | None = None
+    m: np.ndarray | None = None
+    mshift: int = 0
+    mn: np.ndarray | None = None
+    mnshift: int = 0
+    sub16: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matvec reads: codes, bit planes and every scale field."""
+        arrays = [self.qs, self.qh, self.d, self.sc, self.m, self.mn]
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+def _blocks_even(n: int) -> int:
+    nb = -(-n // 32)
+    return nb + (nb & 1)
+
+
+def _pad_cols(a: np.ndarray, cols: int) -> np.ndarray:
+    if a.shape[1] == cols:
+        return np.ascontiguousarray(a)
+    out = np.zeros((a.shape[0], cols), a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def _scale_cols(nb: int, shift: int) -> int:
+    return 1 if shift >= _ROW_SHIFT else -(-nb // (1 << shift))
+
+
+def _f16_bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float16).view(np.uint16)
+
+
+def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: int, c: int = 0, sc=None,
+               m=None, mshift: int = 0, mn=None, mnshift: int = 0, sub16: bool = False) -> Packed:
+    """Repack integer codes ``uint8[rows, ≥n]`` (``int8`` for ``"s8"``) with their scale fields."""
+    rows = codes.shape[0]
+    nb = _blocks_even(n)
+    if kind == "s8":
+        qs = _pad_cols(np.ascontiguousarray(codes[:, :n]).view(np.int8), nb * 32)
+        qh = np.zeros((rows, 0), np.uint8)
+    else:
+        bits = {"u4": 4, "u5": 5, "u6": 6}[kind]
+        u = _pad_cols(np.ascontiguousarray(codes[:, :n], np.uint8), nb * 32).reshape(rows, nb // 2, 2, 32)
+        qs = ((u[:, :, 0] & 15) | ((u[:, :, 1] & 15) << 4)).reshape(rows, nb * 16)
+        planes = [np.packbits((u >> k) & 1, axis=-1, bitorder="little").reshape(rows, nb, 1, 4)
+                  for k in range(4, bits)]
+        qh = np.concatenate(planes, axis=2).reshape(rows, -1) if planes else np.zeros((rows, 0), np.uint8)
+    scols = lambda a, sh, per=1: None if a is None else _pad_cols(a, per * _scale_cols(nb, sh))  # noqa: E731
+    return Packed(kind, (rows, n), nb, np.ascontiguousarray(qs), np.ascontiguousarray(qh), scols(d, dshift),
+                  int(dshift), int(offset), int(c), scols(sc, 0, 2 if sub16 else 1), scols(m, mshift),
+                  int(mshift), scols(mn, mnshift), int(mnshift), bool(sub16))
+
+
+def _log2_blocks(group: int) -> int:
+    if group % 32 or group & (group - 1):
+        raise ValueError(f"group size {group} is not a power-of-two multiple of 32; the byte-dot kernels need one")
+    return group.bit_length() - 6
+
+
+def pack_ggml(raw: np.ndarray, type_name: str, n: int) -> Packed:
+    """Repack GGML block bytes ``uint8[rows, row_bytes]`` of rows of ``n`` weights."""
+    from refquant.gguf import quants
+
+    t = quants.ggml_type(type_name).name
+    f = quants.block_fields(raw, t, n)
+    if t == "Q8_0":
+        return pack_codes(f["codes"], "s8", n, d=f["d"], dshift=0, offset=OFFSET_NONE)
+    if t in ("Q4_0", "Q5_0"):
+        return pack_codes(f["codes"], "u4" if t == "Q4_0" else "u5", n, d=f["d"], dshift=0, offset=OFFSET_CONST,
+                          c=8 if t == "Q4_0" else 16)
+    if t in ("Q4_1", "Q5_1"):
+        return pack_codes(f["codes"], "u4" if t == "Q4_1" else "u5", n, d=f["d"], dshift=0, offset=OFFSET_MIN,
+                          m=f["m"])
+    if t in ("Q4_K", "Q5_K"):   # ŵ = d·sc·u - dmin·mn: the min field is -dmin (fp16 sign flip, exact)
+        return pack_codes(f["codes"], "u4" if t == "Q4_K" else "u5", n, d=f["d"], dshift=3, offset=OFFSET_MIN,
+                          sc=f["sc"], m=f["dmin"] ^ np.uint16(0x8000), mshift=3, mn=f["mn"], mnshift=0)
+    if t == "Q6_K":
+        return pack_codes(f["codes"], "u6", n, d=f["d"], dshift=3, offset=OFFSET_CONST, c=32, sc=f["sc"],
+                          sub16=True)
+    raise ValueError(f"no byte-dot kernel for {t}")
+
+
+def pack_affine(qt) -> Packed:
+    """Repack an ``affine`` INT8 (symmetric, per tensor/channel) or INT4 (group) tensor."""
+    bits, n, rows = qt.meta["bits"], qt.shape[1], qt.shape[0]
+    if bits == 8 and qt.zeros is None:
+        s = np.broadcast_to(np.asarray(qt.scales, np.float32).reshape(-1, 1), (rows, 1))
+        return pack_codes(qt.codes.view(np.int8), "s8", n, d=np.ascontiguousarray(s), dshift=_ROW_SHIFT,
+                          offset=OFFSET_NONE)
+    if bits != 4 or qt.meta.get("granularity") != "group" or qt.scales.dtype != np.float16:
+        raise ValueError(f"no byte-dot kernel for {qt.scheme!r} (bits {bits}, {qt.meta.get('granularity')})")
+    g = _log2_blocks(qt.meta["group_size"])
+    b = qt.codes.view(np.uint8)
+    u = np.empty((rows, 2 * b.shape[1]), np.uint8)
+    u[:, 0::2], u[:, 1::2] = b & 15, b >> 4
+    d = _f16_bits(qt.scales)
+    if qt.zeros is None:    # two's complement nibble n holds q; n ^ 8 = q + 8
+        return pack_codes(u ^ 8, "u4", n, d=d, dshift=g, offset=OFFSET_CONST, c=8)
+    # ŵ = s (u - z) = s·u + (-s)·z
+    return pack_codes(u, "u4", n, d=d, dshift=g, offset=OFFSET_MIN, m=d ^ np.uint16(0x8000), mshift=g,
+                      mn=np.asarray(qt.zeros, np.uint8), mnshift=g)
+
+
+# --- activation quantization ---------------------------------------------------------
+
+@njit(cache=False)
+def _q8_0_rows(X, xq, d, sums):
+    """quantize_row_q8_0_ref per block of 32: ``d = amax/127``, ``q = roundf(x·(1/d))``
+    (half away from zero), unrounded d; ``sums`` gets Σ q per block."""
+    M, nb = d.shape
+    for m in range(M):
+        for b in range(nb):
+            amax = np.float32(0)
+            for i in range(32):
+                amax = max(amax, abs(X[m, 32 * b + i]))
+            db = amax / np.float32(127)
+            inv = np.float32(1) / db if db != 0 else np.float32(0)
+            total = 0
+            for i in range(32):
+                v = X[m, 32 * b + i] * inv
+                t = np.float32(np.trunc(v))
+                if abs(v - t) >= np.float32(0.5):
+                    t += np.float32(1) if v >= 0 else np.float32(-1)
+                xq[m, 32 * b + i] = np.int8(t)
+                total += np.int32(t)
+            d[m, b] = db
+            sums[m, b] = total
+
+
+def quantize_x_q8_0(X: np.ndarray, nb: int):
+    """X (M, n) float32 as Q8_0 blocks over ``nb`` blocks (zero-padded): ``(x_q int8 (M, nb·32),
+    d_x float32 (M, nb) fp16-rounded, S·d_x float32 (M, nb))``. Bit-identical to
+    ``gguf.quants.quantize(X, "Q8_0")`` (tested)."""
+    M, n = X.shape
+    Xp = X if n == nb * 32 else _pad_cols(X, nb * 32)
+    xq = np.empty((M, nb * 32), np.int8)
+    d = np.empty((M, nb), np.float32)
+    sums = np.empty((M, nb), np.int32)
+    _q8_0_rows(np.ascontiguousarray(Xp, np.float32), xq, d, sums)
+    dx = d.astype(np.float16).astype(np.float32)
+    return xq, dx, (dx * sums.astype(np.float32)).astype(np.float32)
+
+
+def quantize_x_per_token(X: np.ndarray, nb: int):
+    """W8A8's x: one int8 scale per row (``max|x|/127``, round half to even), as
+    ``refquant.smoothquant.quantize_tokens``; returned in the block form the kernel reads."""
+    from refquant.smoothquant import quantize_tokens
+
+    q, s = quantize_tokens(np.asarray(X, np.float32))
+    M = X.shape[0]
+    xq = _pad_cols(q.astype(np.int8), nb * 32)
+    dx = np.repeat(np.asarray(s, np.float32).reshape(M, 1), nb, axis=1)
+    sums = xq.reshape(M, nb, 32).sum(axis=2, dtype=np.int32)
+    return xq, dx, (dx * sums.astype(np.float32)).astype(np.float32)
+
+
+# --- kernels -------------------------------------------------------------------------
+
+def _scale_reader(read_f16):
+    """``scale(a, r, i)`` -> float32 ``a[r, i]``, decoding fp16 bit patterns (uint16) with
+    ``read_f16`` and passing float32 through (chosen by the array's type at compile time)."""
+    def scale(a, r, i):
+        raise NotImplementedError  # numba only
+
+    f16 = njit(inline="always")(read_f16)
+
+    @overload(scale, inline="always")
+    def _impl(a, r, i):
+        if a.dtype == types.uint16:
+            return lambda a, r, i: f16(a, r, i)
+        return lambda a, r, i: np.float32(a[r, i])
+    return scale
+
+
+def _build(tier: str, kind: str, sub16: bool):
+    """The kernel for one tier, code kind and Q6_K's per-16 scales (compile-time constants).
+
+    ``kernel(qs, qh, d, dshift, offset, c, sc, has_sc, m, mshift, mn, has_mn, mnshift,
+    xq, dx, xs, xs16, out)`` writes ``out[M, rows]``; rows go in pairs (sharing every x
+    load), each row with two accumulators (even and odd blocks) to hide the add latency.
+    """
+    PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
+    SIGNED = kind == "s8"
+    if tier == "numba":
+        return _build_numba(PLANES, SIGNED, sub16)
+    from refquant.kernels import simd as V
+
+    dot = V.DOTS[tier]
+
+    @njit(inline="always")
+    def codes2(qs, qh, r, p):
+        """The two blocks 2p, 2p+1 of row r as unsigned bytes (or signed for s8)."""
+        if SIGNED:
+            return V.load32(qs[r], 64 * p), V.load32(qs[r], 64 * p + 32)
+        w = V.load32(qs[r], 32 * p)
+        lo, hi = V.low_nibbles(w), V.high_nibbles(w)
+        if PLANES >= 1:
+            lo = V.or_shifted(lo, V.load_bits32(qh[r], 8 * PLANES * p), 4)
+            hi = V.or_shifted(hi, V.load_bits32(qh[r], 8 * PLANES * p + 4 * PLANES), 4)
+        if PLANES == 2:
+            lo = V.or_shifted(lo, V.load_bits32(qh[r], 16 * p + 4), 5)
+            hi = V.or_shifted(hi, V.load_bits32(qh[r], 16 * p + 12), 5)
+        return lo, hi
+
+    @njit(inline="always")
+    def bdot(w, x):
+        if SIGNED:
+            ax, sw = V.sign_fold(x, w)
+            return dot(V.zeros_i32(), ax, sw)
+        return dot(V.zeros_i32(), w, x)
+
+    scale = _scale_reader(lambda a, r, i: V.f16_at(a[r], i))
+
+    @njit(inline="always")
+    def fma(acc, v, r, b, d, dshift, sc, has_sc, dxb):
+        if sub16:   # Q6_K: lanes 0-3 hold weights 0-15, lanes 4-7 weights 16-31
+            db = scale(d, r, b >> dshift)
+            return V.fma_lanes2(acc, v, db * np.float32(sc[r, 2 * b]) * dxb, db * np.float32(sc[r, 2 * b + 1]) * dxb)
+        db = scale(d, r, b >> dshift)
+        if has_sc:
+            db *= np.float32(sc[r, b])
+        return V.fma_lanes(acc, v, db * dxb)
+
+    @njit(inline="always")
+    def offset_term(r, b, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset, xs, xs16, mi):
+        """m_b · d_x S_b for block b (the constant c is applied once per row)."""
+        if offset == OFFSET_CONST:
+            db = scale(d, r, b >> dshift)
+            if sub16:
+                return db * (np.float32(sc[r, 2 * b]) * xs16[mi, 2 * b] + np.float32(sc[r, 2 * b + 1]) * xs16[mi, 2 * b + 1])
+            if has_sc:
+                db *= np.float32(sc[r, b])
+            return db * xs[mi, b]
+        mb = scale(m, r, b >> mshift)
+        if has_mn:
+            mb *= np.float32(mn[r, b >> mnshift])
+        return mb * xs[mi, b]
+
+    @njit(parallel=True, fastmath=True, cache=False)
+    def kernel(qs, qh, d, dshift, offset, c, sc, has_sc, m, mshift, mn, has_mn, mnshift, xq, dx, xs, xs16, out):
+        M, R = out.shape
+        nb = dx.shape[1]
+        for rr in prange((R + 1) // 2):
+            r0 = 2 * rr
+            r1 = min(r0 + 1, R - 1)   # an odd last row is computed twice
+            for mi in range(M):
+                xm = xq[mi]
+                a0 = V.zeros_f32()
+                a1 = V.zeros_f32()
+                c0 = V.zeros_f32()
+                c1 = V.zeros_f32()
+                t0 = np.float32(0)
+                t1 = np.float32(0)
+                for p in range(nb // 2):
+                    b = 2 * p
+                    x0 = V.load32(xm, 64 * p)
+                    x1 = V.load32(xm, 64 * p + 32)
+                    dx0, dx1 = dx[mi, b], dx[mi, b + 1]
+                    lo, hi = codes2(qs, qh, r0, p)
+                    a0 = fma(a0, bdot(lo, x0), r0, b, d, dshift, sc, has_sc, dx0)
+                    a1 = fma(a1, bdot(hi, x1), r0, b + 1, d, dshift, sc, has_sc, dx1)
+                    lo, hi = codes2(qs, qh, r1, p)
+                    c0 = fma(c0, bdot(lo, x0), r1, b, d, dshift, sc, has_sc, dx0)
+                    c1 = fma(c1, bdot(hi, x1), r1, b + 1, d, dshift, sc, has_sc, dx1)
+                    if offset != OFFSET_NONE:
+                        t0 += offset_term(r0, b, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
+                                          xs, xs16, mi)
+                        t0 += offset_term(r0, b + 1, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
+                                          xs, xs16, mi)
+                        t1 += offset_term(r1, b, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
+                                          xs, xs16, mi)
+                        t1 += offset_term(r1, b + 1, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
+                                          xs, xs16, mi)
+                if offset == OFFSET_CONST:
+                    t0 *= -np.float32(c)
+                    t1 *= -np.float32(c)
+                out[mi, r0] = (V.hsum_f32(a0) + V.hsum_f32(a1)) + t0
+                out[mi, r1] = (V.hsum_f32(c0) + V.hsum_f32(c1)) + t1
+    return kernel
+
+
+def _build_numba(PLANES: int, SIGNED: bool, sub16: bool):
+    """The pure-numba tier: the same layout and arithmetic in plain loops (reference kernel)."""
+    from refquant.kernels.matvec import F16_TABLE
+
+    table = F16_TABLE
+    scale = _scale_reader(lambda a, r, i: table[a[r, i]])
+
+    @njit(inline="always")
+    def code(qs, qh, r, b, j):
+        """Code j of block b in row r (u4/u5/u6: pair-of-blocks nibbles + bit planes)."""
+        if SIGNED:
+            return np.int32(qs[r, 32 * b + j])
+        byte = np.int32(qs[r, 16 * (b - (b & 1)) + j])
+        u = (byte >> (4 * (b & 1))) & 15
+        for k in range(PLANES):
+            u |= ((np.int32(qh[r, 4 * PLANES * b + 4 * k + (j >> 3)]) >> (j & 7)) & 1) << (4 + k)
+        return u
+
+    @njit(parallel=True, fastmath=True, cache=False)
+    def kernel(qs, qh, d, dshift, offset, c, sc, has_sc, m, mshift, mn, has_mn, mnshift, xq, dx, xs, xs16, out):
+        M, R = out.shape
+        nb = dx.shape[1]
+        for r in prange(R):
+            for mi in range(M):
+                acc = np.float32(0)
+                t = np.float32(0)
+                for b in range(nb):
+                    db = scale(d, r, b >> dshift)
+                    if sub16:
+                        lo = np.int32(0)
+                        hi = np.int32(0)
+                        for j in range(16):
+                            lo += code(qs, qh, r, b, j) * np.int32(xq[mi, 32 * b + j])
+                            hi += code(qs, qh, r, b, 16 + j) * np.int32(xq[mi, 32 * b + 16 + j])
+                        s0, s1 = db * np.float32(sc[r, 2 * b]), db * np.float32(sc[r, 2 * b + 1])
+                        acc += (np.float32(lo) * s0 + np.float32(hi) * s1) * dx[mi, b]
+                        t += s0 * xs16[mi, 2 * b] + s1 * xs16[mi, 2 * b + 1]
+                        continue
+                    if has_sc:
+                        db *= np.float32(sc[r, b])
+                    s = np.int32(0)
+                    for j in range(32):
+                        s += code(qs, qh, r, b, j) * np.int32(xq[mi, 32 * b + j])
+                    acc += np.float32(s) * (db * dx[mi, b])
+                    if offset == OFFSET_CONST:
+                        t += db * xs[mi, b]
+                    elif offset == OFFSET_MIN:
+                        mb = scale(m, r, b >> mshift)
+                        if has_mn:
+                            mb *= np.float32(mn[r, b >> mnshift])
+                        t += mb * xs[mi, b]
+                if offset == OFFSET_CONST:
+                    t *= -np.float32(c)
+                out[mi, r] = acc + t
+    return kernel
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(tier: str, kind: str, sub16: bool):
+    key = (tier, kind, sub16)
+    if key not in _KERNELS:
+        _KERNELS[key] = _build(tier, kind, sub16)
+    return _KERNELS[key]
+
+
+_DUMMY_U8 = np.zeros((1, 1), np.uint8)
+_DUMMY_U16 = np.zeros((1, 1), np.uint16)
+
+
+def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndarray | None = None,
+        tier: str | None = None) -> np.ndarray:
+    """The kernel on already-quantized activations (M, nb·32): ``out[M, rows]`` float32."""
+    tier = tier or backend()
+    if tier not in available_tiers():
+        raise ValueError(f"tier {tier!r} is not available here ({', '.join(available_tiers())})")
+    M = xq.shape[0]
+    out = np.empty((M, p.shape[0]), np.float32)
+    sc = p.sc if p.sc is not None else _DUMMY_U8
+    m = p.m if p.m is not None else _DUMMY_U16
+    mn = p.mn if p.mn is not None else _DUMMY_U8
+    if xs16 is None:
+        xs16 = np.zeros((M, 1), np.float32)
+    _kernel(tier, p.kind, p.sub16)(p.qs, p.qh, p.d, p.dshift, p.offset, p.c, sc, p.sc is not None, m, p.mshift,
+                                   mn, p.mn is not None, p.mnshift, xq, dx, xs, xs16, out)
+    return out
+
+
+def _check_X(p: Packed, X, name: str) -> np.ndarray:
+    if not isinstance(p, Packed):
+        raise TypeError(f"p must be a Packed weight (bytedot.pack_*), got {type(p).__name__}")
+    X = float_array(X, name)
+    if X.ndim not in (1, 2) or X.shape[-1] != p.shape[1]:
+        raise ValueError(f"{name} must have shape ({p.shape[1]},) or (M, {p.shape[1]}), got {X.shape}")
+    X2 = np.atleast_2d(X)
+    if X2.shape[0] > MAX_BATCH:
+        raise ValueError(f"{name} has {X2.shape[0]} rows; the small-batch kernels take at most {MAX_BATCH}")
+    return np.ascontiguousarray(X2, np.float32)
+
+
+def matmul(p: Packed, X: np.ndarray, *, per_token: bool = False, tier: str | None = None) -> np.ndarray:
+    """``Ŵ x̂`` for x of shape (n,) -> (rows,), or ``X̂ Ŵᵀ`` for X of shape (M <= 16, n) -> (M, rows).
+
+    x is rounded to Q8_0 blocks (``per_token=False``) or to one int8 scale per token (W8A8).
+    """
+    X2 = _check_X(p, X, "x" if np.ndim(X) == 1 else "X")
+    xq, dx, xs = (quantize_x_per_token if per_token else quantize_x_q8_0)(X2, p.nb)
+    xs16 = None
+    if p.sub16:   # Q6_K's offset needs d_x Σ x_q per 16
+        xs16 = (np.repeat(dx, 2, axis=1) * xq.reshape(X2.shape[0], -1, 16).sum(axis=2)).astype(np.float32)
+    out = run(p, xq, dx, xs, xs16, tier)
+    return out[0] if np.ndim(X) == 1 else out
+
+
+matvec = matmul

@@ -1,0 +1,277 @@
+"""256-bit vector values and byte-dot instructions for numba, emitted as LLVM IR.
+
+numba's autovectorizer turns byte × byte dot products into widening moves and word dots
+(``vpmovzxbw`` + ``vpmaddwd``): a quarter of the products per instruction that the byte-dot
+instructions do. ``numba.extending.intrinsic`` lets a function supply its own LLVM IR,
+which LLVM inlines into the surrounding ``@njit`` loop, so this module defines:
+
+* three numba types backed by LLVM vectors, which live in ymm registers once inlined:
+  ``<32 x i8>`` (32 weight codes or 32 int8 activations), ``<8 x i32>`` (integer dot lanes,
+  each the sum of 4 adjacent byte products) and ``<8 x float>`` (a float accumulator);
+* loads of 32 bytes from a uint8/int8 array, nibble and bit-plane unpacking, and the
+  u8 × s8 dot in one of two instruction sequences (the CPU *tier*):
+
+  ``vnni``  ``vpdpbusd`` (AVX512-VNNI with AVX512-VL, 256-bit form): 32 products summed
+            into 8 int32 lanes by one instruction, no intermediate saturation;
+  ``avx2``  ``vpmaddubsw`` then ``vpmaddwd`` by ones: u8 × s8 products summed in pairs
+            to int16 (saturating), then pairs of those to int32. Saturation cannot
+            happen for the codes used here: |u| <= 63 (or 127 after the sign fold) and
+            |x| <= 127 give pair sums within ±32,258.
+
+Everything but the dot itself is target-independent IR (and, shift, compare, select,
+convert, multiply-add), lowered by LLVM to whatever the target has. The two tiers are
+only valid while numba compiles for the host CPU (``NUMBA_CPU_NAME`` unset): the tier is
+chosen from llvmlite's host CPU features (``refquant.kernels.backend``).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_V32I8, _V16I16, _V8I32, _V8F32 = (ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8),
+                                   ir.VectorType(_F32, 8))
+
+
+class _Vector(types.Type):
+    def __init__(self, name: str, llvm_type):
+        self.llvm_type = llvm_type
+        super().__init__(name=name)
+
+
+I8x32 = _Vector("I8x32", _V32I8)
+I32x8 = _Vector("I32x8", _V8I32)
+F32x8 = _Vector("F32x8", _V8F32)
+
+
+
+@register_model(_Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, fe_type.llvm_type)
+
+
+def _splat(vtype, value):
+    return ir.Constant(vtype, [ir.Constant(vtype.element, value)] * vtype.count)
+
+
+def _element_ptr(context, builder, arrty, arr, idx):
+    """Pointer to ``arr[idx]`` (C-contiguous 1-D or flattened view) as ``i8*``."""
+    a = context.make_array(arrty)(context, builder, arr)
+    ptr = builder.gep(a.data, [idx])
+    return builder.bitcast(ptr, _I8.as_pointer())
+
+
+# --- loads ---------------------------------------------------------------------------
+
+@intrinsic
+def load32(typingctx, arr, idx):
+    """32 bytes of a 1-D uint8/int8 array from element ``idx`` (unaligned ``vmovdqu``)."""
+    if not (isinstance(arr, types.Array) and arr.dtype in (types.uint8, types.int8) and arr.ndim == 1
+            and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(p, _V32I8.as_pointer()), align=1)
+    return I8x32(arr, types.intp), codegen
+
+
+@intrinsic
+def load_bits32(typingctx, arr, idx):
+    """4 bytes at ``arr[idx]`` as 32 bits, bit j -> byte j as 0 or 1 (``vpbroadcastd``/``vpshufb``/``vpcmpeqb`` on AVX2)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1 and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        word = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
+        mask = builder.bitcast(word, ir.VectorType(ir.IntType(1), 32))
+        return builder.zext(mask, _V32I8)
+    return I8x32(arr, types.intp), codegen
+
+
+@intrinsic
+def f16_at(typingctx, arr, idx):
+    """``arr[idx]`` of a uint16 array of fp16 bit patterns as float32 (``vcvtph2ps``)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint16 and arr.ndim == 1 and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        p = builder.bitcast(builder.gep(a.data, [args[1]]), ir.HalfType().as_pointer())
+        return builder.fpext(builder.load(p, align=2), _F32)
+    return types.float32(arr, types.intp), codegen
+
+
+# --- byte arithmetic -------------------------------------------------------------------
+
+def _binary_const(op, value):
+    def make(typingctx, v):
+        if v != I8x32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], _splat(_V32I8, value))
+        return I8x32(I8x32), codegen
+    return make
+
+
+low_nibbles = intrinsic(_binary_const("and_", 0x0F))
+low_nibbles.__doc__ = "Each byte & 0x0F (``vpand``)."
+
+
+@intrinsic
+def high_nibbles(typingctx, v):
+    """Each byte >> 4, as unsigned (``vpsrlw`` + ``vpand`` on AVX2)."""
+    if v != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.lshr(args[0], _splat(_V32I8, 4))
+    return I8x32(I8x32), codegen
+
+
+@intrinsic
+def or_shifted(typingctx, a, b, shift):
+    """``a | (b << shift)`` per byte (``vpsllw``/``vpaddb`` + ``vpor``); shift a literal int."""
+    if a != I8x32 or b != I8x32 or not isinstance(shift, types.IntegerLiteral):
+        return None
+    s = shift.literal_value
+
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], builder.shl(args[1], _splat(_V32I8, s)))
+    return I8x32(I8x32, I8x32, shift), codegen
+
+
+@intrinsic
+def sign_fold(typingctx, x, w):
+    """``(|x|, w · sign(x))`` per byte, so a signed × signed byte dot runs on the u8 × s8
+    instructions (``vpabsb`` + ``vpsignb``). Exact for x, w in [-127, 127]."""
+    if x != I8x32 or w != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        xv, wv = args
+        zero = _splat(_V32I8, 0)
+        neg = builder.icmp_signed("<", xv, zero)
+        ax = builder.select(neg, builder.sub(zero, xv), xv)
+        sw = builder.select(neg, builder.sub(zero, wv), wv)
+        return context.make_tuple(builder, sig.return_type, [ax, sw])
+    return types.UniTuple(I8x32, 2)(I8x32, I8x32), codegen
+
+
+# --- the dot (the only tier-specific instructions) -------------------------------------
+
+def _dot_vnni(builder, acc, u, s):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V8I32, _V32I8, _V32I8]),
+                                        "llvm.x86.avx512.vpdpbusd.256")
+    return builder.call(fn, [acc, u, s])
+
+
+def _dot_avx2(builder, acc, u, s):
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I16, [_V32I8, _V32I8]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V16I16, _V16I16]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    pairs = builder.call(maddubs, [u, s])
+    return builder.add(acc, builder.call(maddwd, [pairs, _splat(_V16I16, 1)]))
+
+
+def _make_dot(emit, doc):
+    def dot(typingctx, acc, u, s):
+        if acc != I32x8 or u != I8x32 or s != I8x32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return emit(builder, *args)
+        return I32x8(I32x8, I8x32, I8x32), codegen
+    dot.__doc__ = doc
+    return intrinsic(dot)
+
+
+DOTS = {
+    "vnni": _make_dot(_dot_vnni, "acc + Σ₄ u·s: u unsigned bytes, s signed bytes, 8 int32 lanes (``vpdpbusd`` ymm)."),
+    "avx2": _make_dot(_dot_avx2, "acc + Σ₄ u·s (``vpmaddubsw`` + ``vpmaddwd`` by ones + ``vpaddd``)."),
+}
+
+
+# --- lanes ---------------------------------------------------------------------------
+
+@intrinsic
+def zeros_i32(typingctx):
+    """Eight int32 zeros."""
+    def codegen(context, builder, sig, args):
+        return _splat(_V8I32, 0)
+    return I32x8(), codegen
+
+
+@intrinsic
+def zeros_f32(typingctx):
+    """Eight float32 zeros."""
+    def codegen(context, builder, sig, args):
+        return _splat(_V8F32, 0.0)
+    return F32x8(), codegen
+
+
+@intrinsic
+def fma_lanes(typingctx, acc, v, s):
+    """``acc + float(v) · s``: int32 lanes converted (``vcvtdq2ps``), times a broadcast
+    float32 (``vbroadcastss``), added (``vfmadd231ps`` when LLVM contracts, else mul + add)."""
+    if acc != F32x8 or v != I32x8 or not isinstance(s, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, iv, sc = args
+        f = builder.sitofp(iv, _V8F32)
+        sv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), sc, _I32(0))
+        sv = builder.shuffle_vector(sv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        return builder.fadd(a, builder.fmul(f, sv, flags=("contract",)), flags=("contract",))
+    return F32x8(F32x8, I32x8, types.float32), codegen
+
+
+@intrinsic
+def fma_lanes2(typingctx, acc, v, s_lo, s_hi):
+    """``acc + float(v) · [s_lo ×4, s_hi ×4]``: two scales, for formats with one scale per
+    16 weights (lanes 0-3 sum weights 0-15 of a 32-byte dot, lanes 4-7 weights 16-31)."""
+    if acc != F32x8 or v != I32x8 or not isinstance(s_lo, types.Float) or not isinstance(s_hi, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a, iv, lo, hi = args
+        f = builder.sitofp(iv, _V8F32)
+        sv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), lo, _I32(0))
+        sv = builder.insert_element(sv, hi, _I32(1))
+        sv = builder.shuffle_vector(sv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 4 + [1] * 4))
+        return builder.fadd(a, builder.fmul(f, sv, flags=("contract",)), flags=("contract",))
+    return F32x8(F32x8, I32x8, types.float32, types.float32), codegen
+
+
+@intrinsic
+def hsum_f32(typingctx, v):
+    """Sum of the eight float32 lanes (one horizontal reduction per row)."""
+    if v != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        total = builder.extract_element(args[0], _I32(0))
+        for i in range(1, 8):
+            total = builder.fadd(total, builder.extract_element(args[0], _I32(i)))
+        return total
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def hsum_i32(typingctx, v):
+    """Sum of the eight int32 lanes."""
+    if v != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        total = builder.extract_element(args[0], _I32(0))
+        for i in range(1, 8):
+            total = builder.add(total, builder.extract_element(args[0], _I32(i)))
+        return total
+    return types.int32(I32x8), codegen
