@@ -43,6 +43,7 @@ tier in use; ``REFQUANT_KERNEL_TIER=avx2|numba`` forces a lower one.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -57,6 +58,10 @@ TIERS = ("vnni", "avx2", "numba")
 TIER_ENV = "REFQUANT_KERNEL_TIER"
 OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2
 _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
+# Software prefetch distance into the code stream: the hardware prefetcher alone left a
+# one-row-at-a-time Q4_0 kernel at 2.6 ms on 11008x4096; 4 KiB ahead gave 2.0-2.2 ms
+# (1 KiB 2.2-2.3, 8 KiB 2.4-2.5; measured on Zen 3, one thread)
+PREFETCH_BYTES = 4096
 
 
 # --- tiers -----------------------------------------------------------------------------
@@ -66,7 +71,12 @@ def available_tiers() -> tuple[str, ...]:
     for the host CPU: with ``NUMBA_CPU_NAME`` set, code must run on other CPUs too)."""
     from numba.core import config
 
-    if config.CPU_NAME not in (None, "host"):
+    return _tiers(config.CPU_NAME)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiers(cpu_name) -> tuple[str, ...]:
+    if cpu_name not in (None, "host"):
         return ("numba",)
     import llvmlite.binding as llvm
 
@@ -107,7 +117,7 @@ class Packed:
     ``kind``: ``"s8"`` (int8 codes, ``qs`` int8 (rows, nb·32)), ``"u4"``/``"u5"``/``"u6"``
     (nibbles ``qs`` uint8 (rows, nb·16) plus 1 or 2 bit planes ``qh`` (rows, nb·4·planes)).
     ``sub16``: Q6_K's int8 sub-scale per 16 weights (``sc`` int8 (rows, 2·nb)).
-    Rows are zero-padded to an even number of blocks ``nb``.
+    Rows are zero-padded to ``nb`` blocks: whole block pairs and whole scale groups.
     """
 
     kind: str
@@ -133,9 +143,10 @@ class Packed:
         return int(sum(a.nbytes for a in arrays if a is not None))
 
 
-def _blocks_even(n: int) -> int:
-    nb = -(-n // 32)
-    return nb + (nb & 1)
+def _blocks_padded(n: int, dshift: int) -> int:
+    """Blocks of 32 per row, padded to a whole number of block pairs and of scale groups."""
+    unit = 2 if dshift >= _ROW_SHIFT else max(2, 1 << dshift)
+    return -(-n // (32 * unit)) * unit
 
 
 def _pad_cols(a: np.ndarray, cols: int) -> np.ndarray:
@@ -158,7 +169,9 @@ def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: 
                m=None, mshift: int = 0, mn=None, mnshift: int = 0, sub16: bool = False) -> Packed:
     """Repack integer codes ``uint8[rows, ≥n]`` (``int8`` for ``"s8"``) with their scale fields."""
     rows = codes.shape[0]
-    nb = _blocks_even(n)
+    nb = _blocks_padded(n, dshift)
+    if m is not None and mshift != dshift or mn is not None and mnshift not in (0, dshift):
+        raise ValueError("the min field must share the scale's blocks (mshift == dshift, mnshift 0 or dshift)")
     if kind == "s8":
         qs = _pad_cols(np.ascontiguousarray(codes[:, :n]).view(np.int8), nb * 32)
         qh = np.zeros((rows, 0), np.uint8)
@@ -296,166 +309,167 @@ def _scale_reader(read_f16):
     return scale
 
 
-def _build(tier: str, kind: str, sub16: bool):
-    """The kernel for one tier, code kind and Q6_K's per-16 scales (compile-time constants).
+def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn: bool, c: int,
+           dshift: int, mshift: int, mnshift: int):
+    """The kernel for one tier and one format (all compile-time constants: run-time flags
+    per block cost 2-3x in branches and register spills, measured).
 
-    ``kernel(qs, qh, d, dshift, offset, c, sc, has_sc, m, mshift, mn, has_mn, mnshift,
-    xq, dx, xs, xs16, out)`` writes ``out[M, rows]``; rows go in pairs (sharing every x
-    load), each row with two accumulators (even and odd blocks) to hide the add latency.
+    ``kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)`` writes ``out[M, rows]``.
+    Per row, a first pass puts every block's ``d_b·d_x,b`` in a scratch vector and sums
+    the offset term ``Σ m_b·d_x,b S_b`` (LLVM vectorizes it); the main loop is then only
+    loads, unpacking, dots and one multiply-add per block, in two accumulators (even and
+    odd blocks) to hide the add latency. 8-bit codes are signed: they take
+    ``dot(|x|, w·sign(x))`` with ``|x|`` computed once per call. Two rows per iteration
+    sharing the x loads ran 2x *slower* here (measured, Zen 3), so rows go one at a time,
+    in chunks of 16 per scratch buffer, prefetching the codes ``PREFETCH_BYTES`` ahead.
     """
     PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
     SIGNED = kind == "s8"
+    scale_pass = _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
     if tier == "numba":
-        return _build_numba(PLANES, SIGNED, sub16)
+        return _build_numba(PLANES, SIGNED, sub16, scale_pass)
     from refquant.kernels import simd as V
 
     dot = V.DOTS[tier]
 
     @njit(inline="always")
-    def codes2(qs, qh, r, p):
-        """The two blocks 2p, 2p+1 of row r as unsigned bytes (or signed for s8)."""
+    def codes2(row, hrow, p):
+        """The two blocks 2p, 2p+1 of a row as unsigned bytes (or signed for s8)."""
         if SIGNED:
-            return V.load32(qs[r], 64 * p), V.load32(qs[r], 64 * p + 32)
-        w = V.load32(qs[r], 32 * p)
+            return V.load32(row, 64 * p), V.load32(row, 64 * p + 32)
+        w = V.load32(row, 32 * p)
         lo, hi = V.low_nibbles(w), V.high_nibbles(w)
         if PLANES >= 1:
-            lo = V.or_shifted(lo, V.load_bits32(qh[r], 8 * PLANES * p), 4)
-            hi = V.or_shifted(hi, V.load_bits32(qh[r], 8 * PLANES * p + 4 * PLANES), 4)
+            lo = V.or_shifted(lo, V.load_bits32(hrow, 8 * PLANES * p), 4)
+            hi = V.or_shifted(hi, V.load_bits32(hrow, 8 * PLANES * p + 4 * PLANES), 4)
         if PLANES == 2:
-            lo = V.or_shifted(lo, V.load_bits32(qh[r], 16 * p + 4), 5)
-            hi = V.or_shifted(hi, V.load_bits32(qh[r], 16 * p + 12), 5)
+            lo = V.or_shifted(lo, V.load_bits32(hrow, 16 * p + 4), 5)
+            hi = V.or_shifted(hi, V.load_bits32(hrow, 16 * p + 12), 5)
         return lo, hi
 
     @njit(inline="always")
-    def bdot(w, x):
+    def bdot(w, x, ax):
         if SIGNED:
-            ax, sw = V.sign_fold(x, w)
-            return dot(V.zeros_i32(), ax, sw)
+            return dot(V.zeros_i32(), ax, V.sign_apply(w, x))
         return dot(V.zeros_i32(), w, x)
 
-    scale = _scale_reader(lambda a, r, i: V.f16_at(a[r], i))
-
     @njit(inline="always")
-    def fma(acc, v, r, b, d, dshift, sc, has_sc, dxb):
+    def acc_block(acc, v, ds, b):
         if sub16:   # Q6_K: lanes 0-3 hold weights 0-15, lanes 4-7 weights 16-31
-            db = scale(d, r, b >> dshift)
-            return V.fma_lanes2(acc, v, db * np.float32(sc[r, 2 * b]) * dxb, db * np.float32(sc[r, 2 * b + 1]) * dxb)
-        db = scale(d, r, b >> dshift)
-        if has_sc:
-            db *= np.float32(sc[r, b])
-        return V.fma_lanes(acc, v, db * dxb)
+            return V.fma_lanes2(acc, v, ds[2 * b], ds[2 * b + 1])
+        return V.fma_lanes(acc, v, ds[b])
 
-    @njit(inline="always")
-    def offset_term(r, b, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset, xs, xs16, mi):
-        """m_b · d_x S_b for block b (the constant c is applied once per row)."""
-        if offset == OFFSET_CONST:
-            db = scale(d, r, b >> dshift)
-            if sub16:
-                return db * (np.float32(sc[r, 2 * b]) * xs16[mi, 2 * b] + np.float32(sc[r, 2 * b + 1]) * xs16[mi, 2 * b + 1])
-            if has_sc:
-                db *= np.float32(sc[r, b])
-            return db * xs[mi, b]
-        mb = scale(m, r, b >> mshift)
-        if has_mn:
-            mb *= np.float32(mn[r, b >> mnshift])
-        return mb * xs[mi, b]
+    WIDTH = 2 if sub16 else 1
+    CODE_BYTES = 64 if SIGNED else 32     # code bytes per block pair
 
     @njit(parallel=True, fastmath=True, cache=False)
-    def kernel(qs, qh, d, dshift, offset, c, sc, has_sc, m, mshift, mn, has_mn, mnshift, xq, dx, xs, xs16, out):
+    def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M, R = out.shape
         nb = dx.shape[1]
-        for rr in prange((R + 1) // 2):
-            r0 = 2 * rr
-            r1 = min(r0 + 1, R - 1)   # an odd last row is computed twice
-            for mi in range(M):
-                xm = xq[mi]
-                a0 = V.zeros_f32()
-                a1 = V.zeros_f32()
-                c0 = V.zeros_f32()
-                c1 = V.zeros_f32()
-                t0 = np.float32(0)
-                t1 = np.float32(0)
-                for p in range(nb // 2):
-                    b = 2 * p
-                    x0 = V.load32(xm, 64 * p)
-                    x1 = V.load32(xm, 64 * p + 32)
-                    dx0, dx1 = dx[mi, b], dx[mi, b + 1]
-                    lo, hi = codes2(qs, qh, r0, p)
-                    a0 = fma(a0, bdot(lo, x0), r0, b, d, dshift, sc, has_sc, dx0)
-                    a1 = fma(a1, bdot(hi, x1), r0, b + 1, d, dshift, sc, has_sc, dx1)
-                    lo, hi = codes2(qs, qh, r1, p)
-                    c0 = fma(c0, bdot(lo, x0), r1, b, d, dshift, sc, has_sc, dx0)
-                    c1 = fma(c1, bdot(hi, x1), r1, b + 1, d, dshift, sc, has_sc, dx1)
-                    if offset != OFFSET_NONE:
-                        t0 += offset_term(r0, b, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
-                                          xs, xs16, mi)
-                        t0 += offset_term(r0, b + 1, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
-                                          xs, xs16, mi)
-                        t1 += offset_term(r1, b, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
-                                          xs, xs16, mi)
-                        t1 += offset_term(r1, b + 1, d, dshift, sc, has_sc, m, mshift, mn, has_mn, mnshift, offset,
-                                          xs, xs16, mi)
-                if offset == OFFSET_CONST:
-                    t0 *= -np.float32(c)
-                    t1 *= -np.float32(c)
-                out[mi, r0] = (V.hsum_f32(a0) + V.hsum_f32(a1)) + t0
-                out[mi, r1] = (V.hsum_f32(c0) + V.hsum_f32(c1)) + t1
+        flat = qs.reshape(-1)
+        last = flat.size - 1
+        for ch in prange((R + 15) // 16):
+            ds = np.empty(WIDTH * nb, np.float32)
+            for r in range(16 * ch, min(16 * ch + 16, R)):
+                row, hrow = qs[r], qh[r]
+                ahead = r * qs.shape[1] + PREFETCH_BYTES
+                for mi in range(M):
+                    t = scale_pass(ds, r, mi, d, sc, m, mn, dx, xs, s16)
+                    xm, am = xq[mi], xa[mi]
+                    a0 = V.zeros_f32()
+                    a1 = V.zeros_f32()
+                    for p in range(nb // 2):
+                        if mi == 0 and (SIGNED or (p & 1) == 0):   # one prefetch per 64 bytes of codes
+                            V.prefetch(flat, min(ahead + CODE_BYTES * p, last))
+                        lo, hi = codes2(row, hrow, p)
+                        a0 = acc_block(a0, bdot(lo, V.load32(xm, 64 * p), V.load32(am, 64 * p)), ds, 2 * p)
+                        a1 = acc_block(a1, bdot(hi, V.load32(xm, 64 * p + 32), V.load32(am, 64 * p + 32)), ds,
+                                       2 * p + 1)
+                    out[mi, r] = (V.hsum_f32(a0) + V.hsum_f32(a1)) + t
     return kernel
 
 
-def _build_numba(PLANES: int, SIGNED: bool, sub16: bool):
-    """The pure-numba tier: the same layout and arithmetic in plain loops (reference kernel)."""
-    from refquant.kernels.matvec import F16_TABLE
+def _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift):
+    """``scale_pass(ds, r, mi, d, sc, m, mn, dx, xs, s16) -> t``: fills ``ds`` with every
+    block's ``d_b·d_x,b`` (Q6_K: two per block, one per 16) and returns the row's offset
+    term ``Σ_b m_b·d_x,b S_b`` (``s16``: Q6_K's ``d_x S`` per 16)."""
+    if tier == "numba":
+        from refquant.kernels.matvec import F16_TABLE as table
 
-    table = F16_TABLE
-    scale = _scale_reader(lambda a, r, i: table[a[r, i]])
+        scale = _scale_reader(lambda a, r, i: table[a[r, i]])
+    else:
+        from refquant.kernels import simd as V
+
+        scale = _scale_reader(lambda a, r, i: V.f16_at(a[r], i))
+
+    G = 1 if dshift >= _ROW_SHIFT else 1 << dshift     # blocks per stored scale (a constant)
+    MN_PER_BLOCK = mnshift == 0
+
+    @njit(inline="always", fastmath=True)
+    def scale_pass(ds, r, mi, d, sc, m, mn, dx, xs, s16):
+        nb = dx.shape[1]
+        t = np.float32(0)
+        ng = 1 if dshift >= _ROW_SHIFT else nb // G
+        for gi in range(ng):
+            dg = scale(d, r, gi)
+            if offset == OFFSET_MIN:
+                mg = scale(m, r, gi)
+                if has_mn and not MN_PER_BLOCK:
+                    mg *= np.float32(mn[r, gi])
+            lo, hi = (0, nb) if dshift >= _ROW_SHIFT else (gi * G, gi * G + G)
+            for b in range(lo, hi):
+                if sub16:
+                    s0, s1 = dg * np.float32(sc[r, 2 * b]), dg * np.float32(sc[r, 2 * b + 1])
+                    ds[2 * b] = s0 * dx[mi, b]
+                    ds[2 * b + 1] = s1 * dx[mi, b]
+                    t += s0 * s16[mi, 2 * b] + s1 * s16[mi, 2 * b + 1]
+                    continue
+                db = dg * np.float32(sc[r, b]) if has_sc else dg
+                ds[b] = db * dx[mi, b]
+                if offset == OFFSET_CONST:
+                    t += db * xs[mi, b]
+                elif offset == OFFSET_MIN:
+                    mb = mg * np.float32(mn[r, b]) if (has_mn and MN_PER_BLOCK) else mg
+                    t += mb * xs[mi, b]
+        if offset == OFFSET_CONST:
+            t *= -np.float32(c)
+        return t
+    return scale_pass
+
+
+def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass):
+    """The pure-numba tier: the same layout and arithmetic in plain loops (reference kernel)."""
 
     @njit(inline="always")
-    def code(qs, qh, r, b, j):
-        """Code j of block b in row r (u4/u5/u6: pair-of-blocks nibbles + bit planes)."""
+    def code(row, hrow, b, j):
+        """Code j of block b (u4/u5/u6: pair-of-blocks nibbles + bit planes; s8: the byte)."""
         if SIGNED:
-            return np.int32(qs[r, 32 * b + j])
-        byte = np.int32(qs[r, 16 * (b - (b & 1)) + j])
-        u = (byte >> (4 * (b & 1))) & 15
+            return np.int32(row[32 * b + j])
+        u = (np.int32(row[16 * (b - (b & 1)) + j]) >> (4 * (b & 1))) & 15
         for k in range(PLANES):
-            u |= ((np.int32(qh[r, 4 * PLANES * b + 4 * k + (j >> 3)]) >> (j & 7)) & 1) << (4 + k)
+            u |= ((np.int32(hrow[4 * PLANES * b + 4 * k + (j >> 3)]) >> (j & 7)) & 1) << (4 + k)
         return u
 
     @njit(parallel=True, fastmath=True, cache=False)
-    def kernel(qs, qh, d, dshift, offset, c, sc, has_sc, m, mshift, mn, has_mn, mnshift, xq, dx, xs, xs16, out):
+    def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M, R = out.shape
         nb = dx.shape[1]
         for r in prange(R):
+            ds = np.empty(2 * nb, np.float32)
+            row, hrow = qs[r], qh[r]
             for mi in range(M):
+                t = scale_pass(ds, r, mi, d, sc, m, mn, dx, xs, s16)
                 acc = np.float32(0)
-                t = np.float32(0)
                 for b in range(nb):
-                    db = scale(d, r, b >> dshift)
+                    lo = np.int32(0)
+                    hi = np.int32(0)
+                    for j in range(16):
+                        lo += code(row, hrow, b, j) * np.int32(xq[mi, 32 * b + j])
+                        hi += code(row, hrow, b, 16 + j) * np.int32(xq[mi, 32 * b + 16 + j])
                     if sub16:
-                        lo = np.int32(0)
-                        hi = np.int32(0)
-                        for j in range(16):
-                            lo += code(qs, qh, r, b, j) * np.int32(xq[mi, 32 * b + j])
-                            hi += code(qs, qh, r, b, 16 + j) * np.int32(xq[mi, 32 * b + 16 + j])
-                        s0, s1 = db * np.float32(sc[r, 2 * b]), db * np.float32(sc[r, 2 * b + 1])
-                        acc += (np.float32(lo) * s0 + np.float32(hi) * s1) * dx[mi, b]
-                        t += s0 * xs16[mi, 2 * b] + s1 * xs16[mi, 2 * b + 1]
-                        continue
-                    if has_sc:
-                        db *= np.float32(sc[r, b])
-                    s = np.int32(0)
-                    for j in range(32):
-                        s += code(qs, qh, r, b, j) * np.int32(xq[mi, 32 * b + j])
-                    acc += np.float32(s) * (db * dx[mi, b])
-                    if offset == OFFSET_CONST:
-                        t += db * xs[mi, b]
-                    elif offset == OFFSET_MIN:
-                        mb = scale(m, r, b >> mshift)
-                        if has_mn:
-                            mb *= np.float32(mn[r, b >> mnshift])
-                        t += mb * xs[mi, b]
-                if offset == OFFSET_CONST:
-                    t *= -np.float32(c)
+                        acc += np.float32(lo) * ds[2 * b] + np.float32(hi) * ds[2 * b + 1]
+                    else:
+                        acc += np.float32(lo + hi) * ds[b]
                 out[mi, r] = acc + t
     return kernel
 
@@ -463,10 +477,11 @@ def _build_numba(PLANES: int, SIGNED: bool, sub16: bool):
 _KERNELS: dict = {}
 
 
-def _kernel(tier: str, kind: str, sub16: bool):
-    key = (tier, kind, sub16)
+def _kernel(tier: str, p: Packed):
+    key = (tier, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
+           p.mnshift)
     if key not in _KERNELS:
-        _KERNELS[key] = _build(tier, kind, sub16)
+        _KERNELS[key] = _build(*key)
     return _KERNELS[key]
 
 
@@ -487,8 +502,8 @@ def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndar
     mn = p.mn if p.mn is not None else _DUMMY_U8
     if xs16 is None:
         xs16 = np.zeros((M, 1), np.float32)
-    _kernel(tier, p.kind, p.sub16)(p.qs, p.qh, p.d, p.dshift, p.offset, p.c, sc, p.sc is not None, m, p.mshift,
-                                   mn, p.mn is not None, p.mnshift, xq, dx, xs, xs16, out)
+    xa = np.abs(xq)   # |x_q| <= 127: the unsigned operand of the signed path
+    _kernel(tier, p)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
     return out
 
 

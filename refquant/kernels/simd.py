@@ -106,6 +106,22 @@ def f16_at(typingctx, arr, idx):
     return types.float32(arr, types.intp), codegen
 
 
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the cache line holding ``arr[idx]`` into L1 (``prefetcht0``); no bounds check
+    is needed: a prefetch never faults."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [p, _I32(0), _I32(3), _I32(1)])
+        return context.get_dummy_value()
+    return types.none(arr, types.intp), codegen
+
+
 # --- byte arithmetic -------------------------------------------------------------------
 
 def _binary_const(op, value):
@@ -161,6 +177,33 @@ def sign_fold(typingctx, x, w):
         sw = builder.select(neg, builder.sub(zero, wv), wv)
         return context.make_tuple(builder, sig.return_type, [ax, sw])
     return types.UniTuple(I8x32, 2)(I8x32, I8x32), codegen
+
+
+@intrinsic
+def sign_apply(typingctx, w, x):
+    """``w · sign(x)`` per byte (``vpsignb``): with ``|x|`` precomputed, a signed × signed
+    byte dot runs on the u8 × s8 instructions. Exact for w in [-127, 127]."""
+    if w != I8x32 or x != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I8, [_V32I8, _V32I8]),
+                                            "llvm.x86.avx2.psign.b")
+        return builder.call(fn, list(args))
+    return I8x32(I8x32, I8x32), codegen
+
+
+def make_sub_const(k: int):
+    """An intrinsic ``v -> v - k`` per byte (``vpsubb``): unsigned codes to signed ones."""
+    def sub(typingctx, v):
+        if v != I8x32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.sub(args[0], _splat(_V32I8, k))
+        return I8x32(I8x32), codegen
+    sub.__doc__ = f"v - {k} per byte (vpsubb)."
+    return intrinsic(sub)
 
 
 # --- the dot (the only tier-specific instructions) -------------------------------------
