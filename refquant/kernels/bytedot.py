@@ -405,6 +405,40 @@ def _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
     G = 1 if dshift >= _ROW_SHIFT else 1 << dshift     # blocks per stored scale (a constant)
     MN_PER_BLOCK = mnshift == 0
 
+    if tier != "numba" and has_sc and not sub16 and G == 8 and offset == OFFSET_MIN and has_mn and MN_PER_BLOCK:
+        # K-quants: one 8-lane step per superblock (LLVM left the u8 -> float loop scalar)
+        @njit(inline="always", fastmath=True)
+        def scale_pass_k(ds, r, mi, d, sc, m, mn, dx, xs, s16):
+            nb = dx.shape[1]
+            scr, mnr, dxm, xsm = sc[r], mn[r], dx[mi], xs[mi]
+            tv = V.zeros_f32()
+            for gi in range(nb // 8):
+                b = 8 * gi
+                V.store_f32x8(ds, b, V.mul_f32x8(V.mul_f32x8(V.bytes8_f32(scr, b), scale(d, r, gi)),
+                                                 V.load_f32x8(dxm, b)))
+                tv = V.add_f32x8(tv, V.mul_f32x8(V.mul_f32x8(V.bytes8_f32(mnr, b), scale(m, r, gi)),
+                                                 V.load_f32x8(xsm, b)))
+            return V.hsum_f32(tv)
+        return scale_pass_k
+
+    if tier != "numba" and sub16 and G == 8:
+        # Q6_K: 16 int8 sub-scales per superblock, two 8-lane steps (s16[0] = d_x per 16,
+        # s16[1] = d_x S per 16)
+        @njit(inline="always", fastmath=True)
+        def scale_pass_q6(ds, r, mi, d, sc, m, mn, dx, xs, s16):
+            nb = dx.shape[1]
+            scr, dxm, sm = sc[r], s16[0, mi], s16[1, mi]
+            tv = V.zeros_f32()
+            for gi in range(nb // 8):
+                dg = scale(d, r, gi)
+                for h in range(2):
+                    b = 16 * gi + 8 * h
+                    s = V.mul_f32x8(V.bytes8_f32(scr, b), dg)
+                    V.store_f32x8(ds, b, V.mul_f32x8(s, V.load_f32x8(dxm, b)))
+                    tv = V.add_f32x8(tv, V.mul_f32x8(s, V.load_f32x8(sm, b)))
+            return V.hsum_f32(tv) * -np.float32(c)
+        return scale_pass_q6
+
     @njit(inline="always", fastmath=True)
     def scale_pass(ds, r, mi, d, sc, m, mn, dx, xs, s16):
         nb = dx.shape[1]
@@ -422,7 +456,7 @@ def _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
                     s0, s1 = dg * np.float32(sc[r, 2 * b]), dg * np.float32(sc[r, 2 * b + 1])
                     ds[2 * b] = s0 * dx[mi, b]
                     ds[2 * b + 1] = s1 * dx[mi, b]
-                    t += s0 * s16[mi, 2 * b] + s1 * s16[mi, 2 * b + 1]
+                    t += s0 * s16[1, mi, 2 * b] + s1 * s16[1, mi, 2 * b + 1]
                     continue
                 db = dg * np.float32(sc[r, b]) if has_sc else dg
                 ds[b] = db * dx[mi, b]
@@ -501,7 +535,7 @@ def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndar
     m = p.m if p.m is not None else _DUMMY_U16
     mn = p.mn if p.mn is not None else _DUMMY_U8
     if xs16 is None:
-        xs16 = np.zeros((M, 1), np.float32)
+        xs16 = np.zeros((2, M, 8), np.float32)
     xa = np.abs(xq)   # |x_q| <= 127: the unsigned operand of the signed path
     _kernel(tier, p)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
     return out
@@ -527,8 +561,9 @@ def matmul(p: Packed, X: np.ndarray, *, per_token: bool = False, tier: str | Non
     X2 = _check_X(p, X, "x" if np.ndim(X) == 1 else "X")
     xq, dx, xs = (quantize_x_per_token if per_token else quantize_x_q8_0)(X2, p.nb)
     xs16 = None
-    if p.sub16:   # Q6_K's offset needs d_x Σ x_q per 16
-        xs16 = (np.repeat(dx, 2, axis=1) * xq.reshape(X2.shape[0], -1, 16).sum(axis=2)).astype(np.float32)
+    if p.sub16:   # Q6_K: d_x per 16 and its offset's d_x Σ x_q per 16
+        dx16 = np.repeat(dx, 2, axis=1)
+        xs16 = np.stack([dx16, (dx16 * xq.reshape(X2.shape[0], -1, 16).sum(axis=2)).astype(np.float32)])
     out = run(p, xq, dx, xs, xs16, tier)
     return out[0] if np.ndim(X) == 1 else out
 

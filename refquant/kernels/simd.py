@@ -292,6 +292,80 @@ def fma_lanes2(typingctx, acc, v, s_lo, s_hi):
     return F32x8(F32x8, I32x8, types.float32, types.float32), codegen
 
 
+def _f32_array(arr):
+    return isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1 and arr.layout == "C"
+
+
+@intrinsic
+def load_f32x8(typingctx, arr, idx):
+    """Eight float32 from ``arr[idx]`` (``vmovups``)."""
+    if not _f32_array(arr):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        p = builder.bitcast(builder.gep(a.data, [args[1]]), _V8F32.as_pointer())
+        return builder.load(p, align=4)
+    return F32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def store_f32x8(typingctx, arr, idx, v):
+    """Store eight float32 at ``arr[idx]`` (``vmovups``)."""
+    if not _f32_array(arr) or v != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        p = builder.bitcast(builder.gep(a.data, [args[1]]), _V8F32.as_pointer())
+        builder.store(args[2], p, align=4)
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, F32x8), codegen
+
+
+@intrinsic
+def bytes8_f32(typingctx, arr, idx):
+    """Eight uint8 (or int8) from ``arr[idx]`` as float32 (``vpmovzxbd``/``vpmovsxbd`` + ``vcvtdq2ps``)."""
+    if not (isinstance(arr, types.Array) and arr.dtype in (types.uint8, types.int8) and arr.ndim == 1
+            and arr.layout == "C"):
+        return None
+    signed = arr.dtype == types.int8
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        v = builder.load(builder.bitcast(p, ir.VectorType(_I8, 8).as_pointer()), align=1)
+        w = builder.sext(v, _V8I32) if signed else builder.zext(v, _V8I32)
+        return builder.sitofp(w, _V8F32)
+    return F32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def mul_f32x8(typingctx, a, b):
+    """Lane-wise product; ``b`` a vector or a float32 broadcast to all lanes (``vmulps``)."""
+    if a != F32x8 or not (b == F32x8 or isinstance(b, types.Float)):
+        return None
+    scalar = b != F32x8
+
+    def codegen(context, builder, sig, args):
+        bv = args[1]
+        if scalar:
+            bv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), bv, _I32(0))
+            bv = builder.shuffle_vector(bv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        return builder.fmul(args[0], bv)
+    return F32x8(F32x8, b if not scalar else types.float32), codegen
+
+
+@intrinsic
+def add_f32x8(typingctx, a, b):
+    """Lane-wise sum (``vaddps``)."""
+    if a != F32x8 or b != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+    return F32x8(F32x8, F32x8), codegen
+
+
 @intrinsic
 def hsum_f32(typingctx, v):
     """Sum of the eight float32 lanes (one horizontal reduction per row)."""
