@@ -72,8 +72,11 @@ def minigpt_decode(repeats: int) -> list[dict]:
             _, cache = decode_step(p, t, cache, cfg=cfg, linears=lin)
         ref, _ = decode_step(p, ord("p"), cache, cfg=cfg, linears=lin)
         full, _ = forward(p, np.array([prompt + [ord("p")]]), cfg=cfg, linears=lin)
-        if np.abs(ref - full[0, -1]).max() > 1e-3 * np.abs(full[0, -1]).max():  # the kernels agree with the model
-            raise AssertionError(f"{scheme}: decode_step disagrees with forward")
+        # the kernels agree with the model: a token through the byte-dot kernels sees each
+        # Linear's input rounded to Q8_0 (0.4-1.1% of max|y| per layer), the forward does not
+        gap = np.abs(ref - full[0, -1]).max() / np.abs(full[0, -1]).max()
+        if gap > 0.03 or ref.argmax() != full[0, -1].argmax():
+            raise AssertionError(f"{scheme}: decode_step disagrees with forward (max gap {gap:.2%} of max logit)")
         t = median_time(lambda c: decode_step(p, ord("p"), c, cfg=cfg, linears=lin), [(cache,)], repeats)
         head = p["token_embd.weight"].size
         nbytes = lin.nbytes + head * (4 if scheme == "fp32" else 2)

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from refquant import affine, codebooks, formats, kernels, mx
+from refquant.kernels import table as kernel_table
 from refquant.gguf import quants as ggml_quants
 from refquant._checks import float_array
 from refquant.tensor import QuantizedTensor
@@ -72,7 +73,9 @@ class Scheme:
     def matmul(self, qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
         """``X W^T`` for X of shape (M, in), float32 result of shape (M, out)."""
         X = self._check(qt, X, "X", 2)
-        if self.matmul_fn is not None and (X.shape[0] <= kernels.MAX_BATCH or self.act_quant is not None):
+        # the byte-dot kernels take M <= 16 rows; the exact-integer W8A8-style matmuls any M
+        any_m = self.act_quant is not None and self.name not in kernel_table.KERNELS
+        if self.matmul_fn is not None and (X.shape[0] <= kernels.MAX_BATCH or any_m):
             return self.matmul_fn(qt, X)
         if self.act_quant is not None:
             X = self.act_quant(qt, X.astype(np.float32))
@@ -88,13 +91,18 @@ def register(name: str, *, description: str, nbytes: Callable[[tuple[int, int]],
     """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``.
 
     ``matvec(qt, x)`` / ``matmul(qt, X)``: optional kernels used instead of
-    dequantize-then-multiply (inputs already validated).
+    dequantize-then-multiply (inputs already validated). Schemes listed in
+    ``refquant.kernels.table.KERNELS`` get the byte-dot kernels from there.
     """
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"scheme {name!r} is already registered")
-        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib, matvec, matmul, act_quant)
+        mv, mm = matvec, matmul
+        entry = kernel_table.KERNELS.get(name)
+        if entry is not None:   # the byte-dot kernels (refquant.kernels.table)
+            mv = mm = entry.matmul
+        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib, mv, mm, act_quant)
         return fn
 
     return deco
@@ -173,28 +181,8 @@ register("nvfp4", description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 ten
 
 # --- Integer affine ----------------------------------------------------------------
 
-def _int8_args(qt):
-    return qt.codes.view(np.int8), np.broadcast_to(qt.scales.reshape(-1), (qt.shape[0],)).astype(np.float32)
-
-
-def _int4_args(qt):
-    return qt.codes, qt.scales, qt.zeros
-
-
-_AFFINE_KERNELS = {
-    # (bits, symmetric) -> (matvec, matmul) on the affine layout
-    (8, True): (lambda qt, x: kernels.matvec_int8(*_int8_args(qt), x),
-                lambda qt, X: kernels.matmul_int8(*_int8_args(qt), X)),
-    (4, True): (lambda qt, x: kernels.matvec_int4(*_int4_args(qt), x, group_size=qt.meta["group_size"]),
-                lambda qt, X: kernels.matmul_int4(*_int4_args(qt), X, group_size=qt.meta["group_size"])),
-    (4, False): (lambda qt, x: kernels.matvec_int4(*_int4_args(qt), x, group_size=qt.meta["group_size"]),
-                 lambda qt, X: kernels.matmul_int4(*_int4_args(qt), X, group_size=qt.meta["group_size"])),
-}
-
-
 def _register_affine(name: str, description: str, **kw):
     bits, gran, sym = kw["bits"], kw["granularity"], kw.get("sym", True)
-    matvec, matmul = _AFFINE_KERNELS.get((bits, sym), (None, None))
     scale_bytes = np.dtype(kw.get("scale_dtype", np.float32)).itemsize
 
     def nbytes(shape):
@@ -203,8 +191,8 @@ def _register_affine(name: str, description: str, **kw):
         blocks = {"tensor": 1, "channel": out, "group": out * (n // kw.get("group_size", 1))}[gran]
         return codes + blocks * (scale_bytes + (0 if sym else 1))
 
-    register(name, description=description, nbytes=nbytes, bound=lambda w, qt: affine.error_bound(qt) * (1 + 2**-20),
-             matvec=matvec, matmul=matmul)(lambda w, *, calib=None: affine.quantize(w, scheme=name, **kw))
+    register(name, description=description, nbytes=nbytes, bound=lambda w, qt: affine.error_bound(qt) * (1 + 2**-20))(
+        lambda w, *, calib=None: affine.quantize(w, scheme=name, **kw))
 
 
 for _sym, _suffix in ((True, ""), (False, "_asym")):
@@ -252,10 +240,6 @@ for _t, _d in (
 def _register_gptq(name: str, description: str, **kw):
     from refquant import gptq
 
-    matvec, matmul = (None, None)
-    if not kw.get("act_order") or kw.get("static_groups"):
-        matvec, matmul = _AFFINE_KERNELS.get((kw.get("bits", 4), kw.get("sym", True)), (None, None))
-
     def nbytes(shape):
         out, n = shape
         g = kw.get("group_size", 128)
@@ -263,7 +247,7 @@ def _register_gptq(name: str, description: str, **kw):
         extra = 4 * n if (kw.get("act_order") and not kw.get("static_groups")) else 0  # int32 g_idx
         return out * -(-n * kw.get("bits", 4) // 8) + groups * (2 + (0 if kw.get("sym", True) else 1)) + extra
 
-    register(name, description=description, nbytes=nbytes, needs_calib=True, matvec=matvec, matmul=matmul)(
+    register(name, description=description, nbytes=nbytes, needs_calib=True)(
         lambda w, *, calib=None: gptq.gptq_quantize(w, gptq.hessian(calib), scheme=name, **kw)[0])
 
 
@@ -284,9 +268,7 @@ def _register_activation_aware():
         return out * n // 2 + out * (n // 128) * 3 + 4 * n  # codes, fp16 scale + uint8 zero, fp32 AWQ scales
 
     register("awq_int4_g128", description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
-             nbytes=awq_nbytes, needs_calib=True,
-             matvec=lambda qt, x: kernels.matvec_int4(qt.codes, qt.scales, qt.zeros, x / qt.meta["awq_scales"],
-                                                     group_size=128))(
+             nbytes=awq_nbytes, needs_calib=True)(
         lambda w, *, calib=None: awq.awq_quantize(w, calib))
 
     w8a8_bytes = lambda shape: shape[0] * shape[1] + 4 * shape[0]  # noqa: E731
@@ -300,8 +282,7 @@ def _register_activation_aware():
         return b
 
     register("w8a8", description="int8 per-channel weights x int8 per-token activations, int32 accumulation",
-             nbytes=w8a8_bytes, act_quant=smoothquant.act_quant, matmul=smoothquant.matmul, bound=int8_bound,
-             matvec=lambda qt, x: kernels.matvec_w8a8(qt.codes.view(np.int8), qt.scales, x))(
+             nbytes=w8a8_bytes, act_quant=smoothquant.act_quant, bound=int8_bound)(
         lambda w, *, calib=None: smoothquant.quantize(w))
     register("smoothquant_w8a8", description="SmoothQuant (alpha 0.5) then W8A8",
              nbytes=lambda shape: w8a8_bytes(shape) + 4 * shape[1], needs_calib=True, bound=int8_bound,

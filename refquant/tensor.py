@@ -63,6 +63,9 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     scheme: str
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # derived forms that kernels build from the stored arrays (``refquant.kernels.table``):
+    # not stored data, not counted by ``nbytes``, never written to files
+    kernel_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "codes", _readonly(self.codes))

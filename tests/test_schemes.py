@@ -8,6 +8,8 @@ import pytest
 
 import refquant
 from refquant import schemes
+from refquant.kernels.table import KERNELS
+from tests.oracles import kernel_bound, kernel_x_hat
 from tests.conftest import TOL
 
 NAMES = schemes.names()
@@ -88,19 +90,25 @@ def test_matvec_and_matmul_agree_with_dequantize(scheme, shape):
     rng = np.random.default_rng(6)
     x = rng.standard_normal(shape[1]).astype(np.float32)
     X = rng.standard_normal((5, shape[1])).astype(np.float32)
-    x0, X0 = x, X
+    y, Y = scheme.matvec(qt, x), scheme.matmul(qt, X)
+    assert y.shape == (shape[0],) and y.dtype == np.float32
+    assert Y.shape == (5, shape[0]) and Y.dtype == np.float32
 
+    if scheme.name in KERNELS:   # Ŵ x̂ with x rounded as the kernel defines it
+        for v, out in ((x[None], y[None]), (X, Y)):
+            v_hat = kernel_x_hat(KERNELS[scheme.name], qt, v, scheme.act_quant)
+            if KERNELS[scheme.name].prepare_x is not None:   # AWQ: Ŵ holds W·diag(s); the kernel divides x by s
+                w_eff = ref_w * qt.meta["awq_scales"].astype(np.float64)
+            else:
+                w_eff = ref_w
+            err = np.abs(out.astype(np.float64) - v_hat @ w_eff.T)
+            assert np.all(err <= kernel_bound(w_eff, v_hat).T + 1e-30), err.max()
+        return
     if scheme.act_quant is not None:  # the layer sees its activations rounded; compare against that
         x = scheme.act_quant(qt, x[None])[0].astype(np.float64)
         X = scheme.act_quant(qt, X).astype(np.float64)
-
-    y = scheme.matvec(qt, x.astype(np.float32) if scheme.act_quant is None else x0)
-    assert y.shape == (shape[0],) and y.dtype == np.float32
     scale = np.abs(ref_w) @ np.abs(x)
     assert np.all(np.abs(y - ref_w @ x) <= TOL["matvec_rel"] * scale + 1e-30)
-
-    Y = scheme.matmul(qt, X.astype(np.float32) if scheme.act_quant is None else X0)
-    assert Y.shape == (5, shape[0]) and Y.dtype == np.float32
     scale = np.abs(X) @ np.abs(ref_w).T
     assert np.all(np.abs(Y - X.astype(np.float64) @ ref_w.T) <= TOL["matvec_rel"] * scale + 1e-30)
 

@@ -57,6 +57,9 @@ MAX_BATCH = 16
 TIERS = ("vnni", "avx2", "numba")
 TIER_ENV = "REFQUANT_KERNEL_TIER"
 OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2
+GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# Q8_0 stores d_x = max|x|/127 as fp16: beyond 65504 it would be Inf (llama.cpp's too)
+Q8_0_MAX_ABS = 65504.0 * 127
 _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
 # Software prefetch distance into the code stream: the hardware prefetcher alone left a
 # one-row-at-a-time Q4_0 kernel at 2.6 ms on 11008x4096; 4 KiB ahead gave 2.0-2.2 ms
@@ -199,6 +202,8 @@ def pack_ggml(raw: np.ndarray, type_name: str, n: int) -> Packed:
     from refquant.gguf import quants
 
     t = quants.ggml_type(type_name).name
+    if t not in GGML_TYPES:
+        raise ValueError(f"no byte-dot kernel for {t}; kernels exist for {', '.join(GGML_TYPES)}")
     f = quants.block_fields(raw, t, n)
     if t == "Q8_0":
         return pack_codes(f["codes"], "s8", n, d=f["d"], dshift=0, offset=OFFSET_NONE)
@@ -219,7 +224,7 @@ def pack_ggml(raw: np.ndarray, type_name: str, n: int) -> Packed:
 
 def pack_affine(qt) -> Packed:
     """Repack an ``affine`` INT8 (symmetric, per tensor/channel) or INT4 (group) tensor."""
-    bits, n, rows = qt.meta["bits"], qt.shape[1], qt.shape[0]
+    bits, n, rows = qt.meta.get("bits", 8 if qt.kind == "w8a8" else None), qt.shape[1], qt.shape[0]
     if bits == 8 and qt.zeros is None:
         s = np.broadcast_to(np.asarray(qt.scales, np.float32).reshape(-1, 1), (rows, 1))
         return pack_codes(qt.codes.view(np.int8), "s8", n, d=np.ascontiguousarray(s), dshift=_ROW_SHIFT,
@@ -267,8 +272,14 @@ def _q8_0_rows(X, xq, d, sums):
 def quantize_x_q8_0(X: np.ndarray, nb: int):
     """X (M, n) float32 as Q8_0 blocks over ``nb`` blocks (zero-padded): ``(x_q int8 (M, nb·32),
     d_x float32 (M, nb) fp16-rounded, S·d_x float32 (M, nb))``. Bit-identical to
-    ``gguf.quants.quantize(X, "Q8_0")`` (tested)."""
+    ``gguf.quants.quantize(X, "Q8_0")`` (tested), so with llama.cpp's limits: blocks whose
+    max|x| is below ~7.6e-6 (fp16's smallest subnormal times 127 / 2) round to zero, and
+    |x| beyond 8.3e6 is refused (ValueError) rather than turned into Inf."""
     M, n = X.shape
+    amax = float(np.max(np.abs(X)))
+    if amax / 127 > 65504.0:
+        raise ValueError(f"x reaches |x| = {amax:.3g}: its Q8_0 block scale max|x|/127 overflows fp16 "
+                         f"(the byte-dot kernels take |x| <= {Q8_0_MAX_ABS:.4g})")
     Xp = X if n == nb * 32 else _pad_cols(X, nb * 32)
     xq = np.empty((M, nb * 32), np.int8)
     d = np.empty((M, nb), np.float32)

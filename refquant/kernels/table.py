@@ -1,0 +1,63 @@
+"""The one kernel table: which registered scheme runs on which byte-dot kernel, and how.
+
+``KERNELS[scheme]`` says how a ``QuantizedTensor`` of that scheme is repacked
+(``bytedot.pack_*``), how x is rounded (``"q8_0"`` blocks of 32 as llama.cpp, or
+``"per_token"`` int8 for W8A8) and whether x is transformed first (AWQ divides it by the
+per-input scales it folded into the weight). ``refquant.schemes`` wires every entry into
+its scheme's ``matvec``/``matmul``; the tests and ``benchmarks.kernels`` iterate over it.
+
+The repacked form is computed once per tensor and kept beside it (``packed``); the
+tensor's own bytes never change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from refquant.kernels import bytedot
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    pack: Callable            # QuantizedTensor -> bytedot.Packed
+    activation: str = "q8_0"  # or "per_token"
+    prepare_x: Callable | None = None   # (qt, X) -> X as the kernel multiplies it
+
+    def matmul(self, qt, X: np.ndarray) -> np.ndarray:
+        """``X̂ Ŵᵀ`` (M <= 16) or ``Ŵ x̂`` (1-D x) on the repacked weight."""
+        if self.prepare_x is not None:
+            X = self.prepare_x(qt, X)
+        return bytedot.matmul(packed(qt), X, per_token=self.activation == "per_token")
+
+
+def _ggml(qt):
+    return bytedot.pack_ggml(qt.codes, qt.meta["ggml_type"], qt.shape[1])
+
+
+def _awq_x(qt, X):
+    return (np.asarray(X, np.float32) / qt.meta["awq_scales"]).astype(np.float32)
+
+
+_AFFINE = KernelEntry(bytedot.pack_affine)
+_GGML = KernelEntry(_ggml)
+
+KERNELS: dict[str, KernelEntry] = {
+    "int8_tensor": _AFFINE,
+    "int8_channel": _AFFINE,
+    "gptq_int8_channel": _AFFINE,
+    "w8a8": KernelEntry(bytedot.pack_affine, activation="per_token"),
+    **{f"int4_g{g}{a}": _AFFINE for g in (32, 64, 128) for a in ("", "_asym")},
+    "gptq_int4_g128": _AFFINE,
+    "awq_int4_g128": KernelEntry(bytedot.pack_affine, prepare_x=_awq_x),
+    **{t: _GGML for t in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")},
+}
+
+
+def packed(qt) -> bytedot.Packed:
+    """The kernel form of ``qt``, repacked on first use and cached on the tensor."""
+    cache = qt.kernel_cache
+    if "bytedot" not in cache:
+        cache["bytedot"] = KERNELS[qt.scheme].pack(qt)
+    return cache["bytedot"]

@@ -1,0 +1,243 @@
+"""The byte-dot kernels (``refquant.kernels.bytedot``) under every tier this machine runs.
+
+Oracles: ``QuantizedTensor.dequantize`` / ``gguf.quants.dequantize`` for Ŵ (bit-exact with
+ggml and gguf-py, tested elsewhere), ``gguf.quants``' Q8_0 for x̂, float64 products, and
+hand-derived layouts. Tiers the machine lacks are compiled (not run) for a CPU that has
+them, in a subprocess, and their instructions counted.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from refquant import schemes
+from refquant.gguf import quants
+from refquant.kernels import bytedot
+from refquant.kernels.table import KERNELS, packed
+from tests.oracles import kernel_bound, kernel_x_hat, q8_0_round_trip
+
+TIERS = bytedot.available_tiers()
+SCHEMES = sorted(KERNELS)
+# in-features per scheme family: whole blocks of the format (K-quants: 256), groups of the
+# INT4 schemes; the affine INT8 ones take any length (the kernel pads to whole blocks)
+_BLOCK = {"q4_k": 256, "q5_k": 256, "q6_k": 256}
+
+
+def _unit(name: str) -> int:
+    if name in _BLOCK:
+        return _BLOCK[name]
+    if name.startswith(("q", "int4_g", "gptq_int4", "awq")):
+        return {"int4_g32": 32, "int4_g64": 64}.get(name.replace("_asym", ""), 128 if "int4" in name else 32)
+    return 1
+
+
+@st.composite
+def kernel_case(draw, name):
+    """A weight and activations for scheme ``name``: drawn sizes, magnitudes, zero rows and
+    blocks, exact ties in x, and (for tiers) M from 1 to 16."""
+    unit = _unit(name)
+    n = unit * draw(st.integers(1, max(1, 640 // unit))) if unit > 1 else draw(st.integers(1, 300))
+    rows = draw(st.integers(1, 9))
+    M = draw(st.integers(1, 16))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    w = rng.standard_normal((rows, n)) * draw(st.sampled_from([1e-3, 0.05, 1.0, 30.0]))
+    if draw(st.booleans()):
+        w[0] = 0.0                                            # a zero row
+    if n >= 32 and draw(st.booleans()):
+        w[:, :32] = 0.0                                       # a zero block
+    X = rng.standard_normal((M, n)) * draw(st.sampled_from([1e-30, 1e-2, 1.0, 1e3, 1e5]))
+    if draw(st.booleans()):
+        X[:, ::5] = np.round(X[:, ::5] * 8) / 8               # ties after rounding
+    if draw(st.booleans()):
+        X[0] = 0.0
+    return w.astype(np.float32), X.astype(np.float32)
+
+
+def _quantize(name, w):
+    s = schemes.get(name)
+    calib = None
+    if s.needs_calib:
+        calib = np.random.default_rng(1).standard_normal((64, w.shape[1])).astype(np.float32)
+    return s, s.quantize(w, calib=calib)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("name", SCHEMES)
+@settings(max_examples=30)   # x 17 schemes x every tier: ~1000 cases per tier
+@given(data=st.data())
+def test_kernel_is_dequantized_weight_times_rounded_x(name, tier, data):
+    """``Ŵ x̂`` within the float32 epilogue bound, for matvec (1-D x) and small-batch matmul."""
+    w, X = data.draw(kernel_case(name))
+    s, qt = _quantize(name, w)
+    entry = KERNELS[name]
+    w_hat = qt.dequantize().astype(np.float64)
+    if entry.prepare_x is not None:
+        w_hat = w_hat * qt.meta["awq_scales"]
+    x_hat = kernel_x_hat(entry, qt, X, s.act_quant)
+    os.environ[bytedot.TIER_ENV] = tier
+    try:
+        Y = entry.matmul(qt, X)
+        y = entry.matmul(qt, X[0])
+    finally:
+        del os.environ[bytedot.TIER_ENV]
+    assert Y.shape == (X.shape[0], w.shape[0]) and Y.dtype == np.float32
+    assert y.shape == (w.shape[0],)
+    bound = kernel_bound(w_hat, x_hat).T + 1e-300
+    err = np.abs(Y - x_hat @ w_hat.T)
+    assert np.all(err <= bound), (err / bound).max()
+    np.testing.assert_array_equal(y, Y[0])
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "int4_g128_asym", "int8_channel", "q6_k"])
+@settings(max_examples=50)
+@given(data=st.data())
+def test_kernel_error_against_exact_x_is_the_q8_0_rounding(name, data):
+    """``|y - Ŵ x| <= Σ|ŵ_i| e_i`` + the epilogue bound, with ``e_i`` derived from Q8_0's
+    definition: ``d = max|x_b|/127`` (float32), codes ``round(x/d)`` (half a step) and d
+    stored as fp16 (127 steps of its rounding), plus 2⁻¹⁵ d for the float32 ``x·(1/d)``."""
+    w, X = data.draw(kernel_case(name))
+    _, qt = _quantize(name, w)
+    x = X[0].astype(np.float64)
+    n = x.size
+    w_hat = qt.dequantize().astype(np.float64)
+    xb = np.abs(np.pad(X[0], (0, -n % 32))).reshape(-1, 32).max(axis=1)
+    d = (xb / np.float32(127)).astype(np.float32).astype(np.float64)
+    e = d / 2 * (1 + 2.0**-15) + 127 * np.abs(d - d.astype(np.float16).astype(np.float64))
+    e = np.repeat(e, 32)[:n]
+    y = KERNELS[name].matmul(qt, X[0])
+    bound = np.abs(w_hat) @ e + kernel_bound(w_hat, q8_0_round_trip(X[0]))[:, 0] + 1e-300
+    assert np.all(np.abs(y - w_hat @ x) <= bound)
+
+
+@given(M=st.integers(1, 16), n=st.integers(1, 300), seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e4, 1e6]))
+def test_compiled_q8_0_activation_is_llama_cpp_q8_0(M, n, seed, scale):
+    """Codes and fp16 scales bit-identical to ``gguf.quants.quantize(.., "Q8_0")``; the
+    block sums are those of the codes."""
+    X = (np.random.default_rng(seed).standard_normal((M, n)) * scale).astype(np.float32)
+    X[:, ::7] = np.round(X[:, ::7] * 4) / 4
+    nb = -(-n // 32)
+    xq, dx, xs = bytedot.quantize_x_q8_0(X, nb)
+    raw = quants.quantize(np.pad(X, ((0, 0), (0, 32 * nb - n))), "Q8_0").reshape(M, nb, 34)
+    np.testing.assert_array_equal(xq.reshape(M, nb, 32), raw[:, :, 2:].view(np.int8))
+    np.testing.assert_array_equal(dx, raw[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32))
+    np.testing.assert_array_equal(xs, dx * xq.reshape(M, nb, 32).sum(axis=2))
+
+
+def test_layout_golden():
+    """By hand: block 2p's code j in the low nibble of byte 32p + j, block 2p+1's in the high
+    nibble; bit 4 of code j of block b at bit j % 8 of plane byte 4b + j // 8."""
+    codes = np.zeros((1, 64), np.uint8)
+    codes[0, 3] = 0x15        # block 0, code 3: nibble 5, bit 4 set
+    codes[0, 32 + 9] = 0x1A   # block 1, code 9: nibble 10, bit 4 set
+    p = bytedot.pack_codes(codes, "u5", 64, d=np.ones((1, 2), np.uint16), dshift=0, offset=bytedot.OFFSET_NONE)
+    expect = np.zeros(32, np.uint8)
+    expect[3], expect[9] = 0x05, 0xA0
+    np.testing.assert_array_equal(p.qs[0], expect)
+    planes = np.zeros(8, np.uint8)
+    planes[0] = 1 << 3         # block 0: bit 3 of byte 0
+    planes[4 + 1] = 1 << 1     # block 1: code 9 -> byte 1, bit 1
+    np.testing.assert_array_equal(p.qh[0], planes)
+    assert p.nbytes == 32 + 8 + 2 * 2
+
+
+def test_repacked_bytes_are_the_formats_bits_per_weight():
+    """What a matvec reads, per weight, by hand: Q4_0 4 + 16/32; Q4_K 4 + (2+2+8+8)·8/256;
+    Q6_K 6 + (2 + 16)·8/256; INT4 g128 4 + 16/128; Q8_0 8 + 16/32."""
+    w = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    expect = {"q4_0": 4.5, "q4_k": 4.625, "q6_k": 6.5625, "int4_g128": 4.125, "q8_0": 8.5, "q5_0": 5.5}
+    for name, bpw in expect.items():
+        _, qt = _quantize(name, w)
+        assert packed(qt).nbytes * 8 / w.size == bpw, name
+
+
+def test_repacked_form_is_cached_and_tensor_bytes_unchanged():
+    w = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    s, qt = _quantize("q4_k", w)
+    before = qt.codes.copy()
+    s.matvec(qt, np.ones(256, np.float32))
+    p = packed(qt)
+    s.matvec(qt, np.ones(256, np.float32))
+    assert packed(qt) is p
+    np.testing.assert_array_equal(qt.codes, before)
+    assert qt.nbytes == before.nbytes
+
+
+def test_tier_selection_and_override(monkeypatch):
+    assert TIERS[-1] == "numba"
+    monkeypatch.setenv(bytedot.TIER_ENV, "numba")
+    assert bytedot.backend() == "numba"
+    monkeypatch.setenv(bytedot.TIER_ENV, "sse9")
+    with pytest.raises(ValueError, match="not a tier"):
+        bytedot.backend()
+    missing = [t for t in bytedot.TIERS if t not in TIERS]
+    if missing:
+        monkeypatch.setenv(bytedot.TIER_ENV, missing[0])
+        with pytest.raises(ValueError, match="only runs"):
+            bytedot.backend()
+    monkeypatch.delenv(bytedot.TIER_ENV)
+    assert bytedot.backend() == TIERS[0]
+
+
+def _run_snippet(code: str, **env) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_portable_target_uses_only_the_numba_tier():
+    """With NUMBA_CPU_NAME set, code must run on other CPUs: no host-specific byte dots."""
+    out = _run_snippet("from refquant.kernels import bytedot; print(bytedot.available_tiers())",
+                       NUMBA_CPU_NAME="generic")
+    assert out.strip() == "('numba',)"
+
+
+_ZEN4 = "+64bit,+avx,+avx2,+f16c,+fma,+bmi,+bmi2,+popcnt,+sse4.2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni"
+
+
+@pytest.mark.parametrize("tier, instruction, absent", [("vnni", "vpdpbusd", "vpmaddubsw"),
+                                                        ("avx2", "vpmaddubsw", "vpdpbusd")])
+def test_each_simd_tier_compiles_to_its_byte_dot(tier, instruction, absent):
+    """Compiled (never run) for a Zen 4 target in a subprocess, so tiers this machine lacks
+    are checked too: the kernel holds the tier's byte-dot instruction and not the other's."""
+    code = f"""
+import numpy as np
+from numba import typeof
+from refquant.kernels import bytedot as B
+from refquant.gguf import quants
+p = B.pack_ggml(quants.quantize(np.ones((2, 64), np.float32), "Q4_1"), "Q4_1", 64)
+k = B._build("{tier}", p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
+             p.mnshift)
+z8 = np.zeros((1, 64), np.int8)
+f = np.zeros((1, 2), np.float32)
+args = (p.qs, p.qh, p.d, B._DUMMY_U8, p.m, B._DUMMY_U8, z8, z8, f, f, np.zeros((2, 1, 8), np.float32), f)
+sig = tuple(typeof(a) for a in args)
+k.compile(sig)
+asm = k.inspect_asm(sig)
+print(asm.count("{instruction}"), asm.count("{absent}"))
+"""
+    have, other = map(int, _run_snippet(code, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4).split())
+    assert have > 0 and other == 0
+
+
+def test_bad_input_raises():
+    _, qt = _quantize("q4_0", np.ones((2, 64), np.float32))
+    p = packed(qt)
+    with pytest.raises(ValueError, match=r"shape \(64,\) or \(M, 64\)"):
+        bytedot.matmul(p, np.ones(63, np.float32))
+    with pytest.raises(ValueError, match="at most 16"):
+        bytedot.matmul(p, np.ones((17, 64), np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        bytedot.matmul(p, np.r_[np.ones(63), np.inf].astype(np.float32))
+    with pytest.raises(ValueError, match="overflows fp16"):
+        bytedot.matmul(p, np.full(64, 1e7, np.float32))
+    with pytest.raises(TypeError, match="Packed"):
+        bytedot.matmul(qt, np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="no byte-dot kernel for IQ4_NL"):
+        bytedot.pack_ggml(quants.quantize(np.ones((1, 32), np.float32), "IQ4_NL"), "IQ4_NL", 32)
+    with pytest.raises(ValueError, match="power-of-two multiple of 32"):
+        bytedot._log2_blocks(48)
