@@ -2,12 +2,14 @@
 
     python -m benchmarks.roofline [--quick]
 
-Measures the roofs -- sustained read bandwidth (numba streaming sum over 1 GiB on all
-cores), peak float32 FLOP/s (NumPy BLAS sgemm) and the int8 dot throughput of the W8A8
-kernel on cache-resident data -- then times every kernel on the Llama-7B up-projection
-(11008 x 4096) and places each as a dot at x = FLOP per byte of weights, y = GFLOP/s
-achieved. Batch-1 decode is a matvec (2 FLOP per weight), so FP32 sits at 0.5 FLOP/B,
-INT8 near 2 and INT4 near 4: far left of the ridge point, where speed is bytes moved.
+Measures the roofs -- sustained read bandwidth with one and with two threads (the fastest
+of three streaming readers, ``machine.read_bandwidth``), peak float32 FLOP/s (NumPy BLAS
+sgemm) and the int8 byte-dot throughput of the Q8_0 kernel on an L2-resident matrix --
+then times every kernel on the Llama-7B up-projection (11008 x 4096) interleaved with
+NumPy FP32, once per thread count (``benchmarks.kernels``), and places each as a dot at
+x = FLOP per byte the kernel reads, y = GFLOP/s achieved. Batch-1 decode is a matvec
+(2 FLOP per weight), so FP32 sits at 0.5 FLOP/B, INT8 near 2 and INT4 near 4: far left
+of the ridge point, where speed is bytes moved.
 
 Writes ``benchmarks/results/roofline.json`` and draws ``figures/roofline.png`` from it.
 """
@@ -15,41 +17,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks import kernels as kbench
 from benchmarks import common
+from benchmarks import kernels as kbench
 from benchmarks.common import machine
-from benchmarks.machine import median_time, read_bandwidth, sgemm_peak
-from refquant import kernels
+from benchmarks.machine import median_time, sgemm_peak  # noqa: F401 (sgemm_peak runs in a worker)
 
 SHAPE = (11008, 4096)
 QUICK_SHAPE = (512, 1024)
 
 
 def int8_dot_peak(repeats: int = 50) -> dict:
-    """Integer multiply-accumulate throughput of the W8A8 kernel on an L2-resident matrix."""
+    """Byte-dot throughput (2 ops per weight) of the Q8_0 kernel on a 64 x 4096 matrix that
+    stays in L2, one thread: the machine's int8 ceiling as the kernels reach it."""
+    from refquant.gguf import quants
+    from refquant.kernels import bytedot
+
     rng = np.random.default_rng(0)
-    q = rng.integers(-127, 128, size=(256, 2048)).astype(np.int8)          # 512 KiB: stays in L2
-    s = np.ones(256, np.float32)
-    x = rng.standard_normal(2048).astype(np.float32)
-    if not np.allclose(kernels.matvec_w8a8(q, s, x), kernels.matvec_w8a8_ref(q, s, x), rtol=1e-6):
-        raise AssertionError("w8a8 kernel disagrees with its twin")
-    t = median_time(kernels.matvec_w8a8, [(q, s, x)], repeats)
-    return dict(shape=list(q.shape), gops=2 * q.size / t / 1e9)
+    w = rng.standard_normal((64, 4096)).astype(np.float32)
+    x = rng.standard_normal(4096).astype(np.float32)
+    raw = quants.quantize(w, "Q8_0")
+    p = bytedot.pack_ggml(raw, "Q8_0", 4096)
+    xq, dx, xs = bytedot.quantize_x_q8_0(x[None], p.nb)
+    ref = quants.dequantize(raw, "Q8_0", w.shape).astype(np.float64) @ (xq.reshape(-1, 32) * dx.reshape(-1, 1)).reshape(-1)
+    if not np.allclose(bytedot.run(p, xq, dx, xs)[0], ref, rtol=1e-4, atol=1e-3):
+        raise AssertionError("Q8_0 kernel disagrees with dequantize")
+    t = median_time(lambda: bytedot.run(p, xq, dx, xs), [()], repeats)
+    # (one thread: called inside the one-thread kernel worker)
+    return dict(shape=[64, 4096], gops=2 * w.size / t / 1e9, tier=bytedot.backend())
 
 
 def run(quick: bool = False) -> dict:
-    bw = read_bandwidth(64 << 20 if quick else 1 << 30)
-    peak = sgemm_peak(512 if quick else 2048)
-    i8 = int8_dot_peak(10 if quick else 50)
+    from tqdm import tqdm
+
     shape = QUICK_SHAPE if quick else SHAPE
-    dots = kbench.measure(shape, repeats=5 if quick else 20)
-    for d in dots:
-        d["intensity"] = d["flops"] / d["weight_bytes"]
-        d["gflops"] = d["flops"] / (d["ms"] * 1e-3) / 1e9
-        d["pct_of_bandwidth"] = 100 * d["gbs"] / bw["best_gbs"]
-    return dict(benchmark="roofline", quick=quick, machine=machine(), read_bandwidth=bw, sgemm=peak, int8_dot=i8,
-                ridge_flop_per_byte=peak["gflops"] / bw["best_gbs"], kernel_shape=list(shape), dots=dots,
-                decode_dots=minigpt_decode(10 if quick else 50))
+    # everything is measured inside the workers, each with fixed thread counts: the byte-dot
+    # ceiling and MiniGPT's decode with one thread, sgemm's peak with all of them
+    extras = {1: (("int8_dot_peak", (10 if quick else 50,)), ("minigpt_decode", (10 if quick else 50,))),
+              2: (("sgemm_peak", (512 if quick else 2048,)),)}
+    runs, dots, found = [], [], {}
+    for threads in tqdm(kbench.THREADS, desc="kernels", unit="thread count"):
+        r = kbench.in_worker(shape, threads, 5 if quick else 31, extras.get(threads, ()), quick=quick)
+        found.update(r["extras"])
+        runs.append(dict(threads=threads, tier=r["tier"], clock=r["clock"], read_bandwidth=r["read_bandwidth"]))
+        for d in r["results"]:
+            d["intensity"] = d["flops"] / d["weight_bytes"]
+            d["gflops"] = d["flops"] / (d["ms"] * 1e-3) / 1e9
+            dots.append(d)
+    bw = max(runs, key=lambda r: r["read_bandwidth"]["best_gbs"])["read_bandwidth"]
+    peak = found["sgemm_peak"]
+    return dict(benchmark="roofline", quick=quick, machine=machine(), runs=runs, read_bandwidth=bw, sgemm=peak,
+                int8_dot=found["int8_dot_peak"], ridge_flop_per_byte=peak["gflops"] / bw["best_gbs"],
+                kernel_shape=list(shape), dots=dots, decode_dots=found["minigpt_decode"])
 
 
 def minigpt_decode(repeats: int) -> list[dict]:
@@ -87,43 +105,54 @@ def minigpt_decode(repeats: int) -> list[dict]:
 
 
 def plot(data: dict, path) -> None:
-    """Log-log roofline from the JSON dict only."""
+    """Log-log roofline from the JSON dict only: one roof per thread count, the kernels'
+    one-thread dots filled, their two-thread dots hollow, the same colour per kernel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bw = data["read_bandwidth"]["best_gbs"]
     peak = data["sgemm"]["gflops"]
     i8 = data["int8_dot"]["gops"]
     x = np.logspace(-2, 3, 200)
-    fig, ax = plt.subplots(figsize=(10, 7))
-    ax.plot(x, np.minimum(bw * x, peak), "k-", lw=2, label=f"roof: {bw:.0f} GB/s read, {peak:.0f} GFLOP/s sgemm")
-    ax.axhline(i8, color="tab:purple", ls="--", lw=1, label=f"int8 dot (W8A8 kernel, L2-resident): {i8:.0f} GOP/s")
-    ridge = data["ridge_flop_per_byte"]
-    ax.axvline(ridge, color="0.6", ls=":", lw=1)
-    ax.annotate(f"ridge {ridge:.1f} FLOP/B", (ridge, peak), xytext=(5, -15), textcoords="offset points", fontsize=8)
-    # kernels cluster at 2-4 FLOP/B: a distinct marker + colour each, named in the legend
-    markers = "osD^vP<>Xph*"
+    fig, ax = plt.subplots(figsize=(11, 7.5))
+    for run, ls in zip(data["runs"], ("-", "--")):
+        bw = run["read_bandwidth"]["best_gbs"]
+        ax.plot(x, np.minimum(bw * x, peak), "k", ls=ls, lw=1.8,
+                label=f"roof, {run['threads']} thread(s): {bw:.1f} GB/s read ({run['read_bandwidth']['reader']}), "
+                      f"{peak:.0f} GFLOP/s sgemm")
+    ax.axhline(i8, color="tab:purple", ls=":", lw=1,
+               label=f"int8 byte dot (Q8_0 kernel, L2-resident, 1 thread, {data['int8_dot']['tier']}): {i8:.0f} GOP/s")
+    kinds = list(dict.fromkeys(d["kernel"] for d in data["dots"]))
     colors = plt.get_cmap("tab20").colors
-    for i, d in enumerate(data["dots"]):
-        ax.scatter(d["intensity"], d["gflops"], s=45, zorder=3, marker=markers[i % len(markers)],
-                   color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], edgecolor="k", linewidth=0.4,
-                   label=f"{d['kernel']}: {d['gbs']:.0f} GB/s ({d['pct_of_bandwidth']:.0f}% BW), "
-                         f"{d['x_fp32']:.2f}x FP32")
+    markers = "osD^vP<>Xph*"
+    for i, k in enumerate(kinds):
+        c, mk = colors[i % 20], markers[i % len(markers)]
+        ds = {d["threads"]: d for d in data["dots"] if d["kernel"] == k}
+        one, two = ds.get(1), ds.get(2)
+        label = k
+        if one:
+            ax.scatter(one["intensity"], one["gflops"], s=50, marker=mk, color=c, edgecolor="k", lw=0.4, zorder=3)
+            label += f": 1T {one['x_fp32']:.1f}x FP32 ({one['pct_of_bandwidth']:.0f}% roof)"
+        if two:
+            ax.scatter(two["intensity"], two["gflops"], s=50, marker=mk, facecolor="none", edgecolor=c, lw=1.2,
+                       zorder=3)
+            label += f", 2T {two['x_fp32']:.1f}x ({two['pct_of_bandwidth']:.0f}%)"
+        ax.scatter([], [], marker=mk, color=c, edgecolor="k", lw=0.4, label=label)
     for i, d in enumerate(data.get("decode_dots", [])):
-        ax.scatter(d["intensity"], d["gflops"], marker="*", s=80, zorder=3)
+        ax.scatter(d["intensity"], d["gflops"], marker="*", s=80, zorder=3, color="0.3")
         ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, textcoords="offset points",
-                    xytext=(6, 4 if i % 2 == 0 else -12))  # alternate sides: the dots sit at one height
+                    xytext=(6, 4 if i % 2 == 0 else -12))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(0.05, 200)
     ax.set_ylim(1, peak * 3)
-    ax.set_xlabel("arithmetic intensity [FLOP per byte of weights]")
+    ax.set_xlabel("arithmetic intensity [FLOP per byte the matvec reads]")
     ax.set_ylabel("GFLOP/s")
     shp = "×".join(map(str, data["kernel_shape"]))
-    ax.set_title(f"Roofline, {data['machine']['cpus']} cores: batch-1 matvec kernels at {shp}")
-    ax.legend(loc="upper left", fontsize=7, ncol=1, framealpha=0.9)
+    ax.set_title(f"Roofline, {data['machine']['cpus']} cores: batch-1 matvec at {shp} "
+                 f"(filled: 1 thread, hollow: 2 threads)")
+    ax.legend(loc="upper left", fontsize=6.5, ncol=1, framealpha=0.9)
     common.finish_figure(fig, ax, path)
 
 
@@ -132,12 +161,15 @@ def main(argv=None) -> None:
     data = run(args.quick)
     path = common.write_json("roofline", data)
     plot(common.read_json("roofline"), common.FIGURES / "roofline.png")
-    print(f"read bandwidth {data['read_bandwidth']['best_gbs']:.1f} GB/s, sgemm {data['sgemm']['gflops']:.0f} GFLOP/s, "
-          f"int8 dot {data['int8_dot']['gops']:.0f} GOP/s, ridge {data['ridge_flop_per_byte']:.1f} FLOP/B")
-    print(f"{'kernel':20s} {'FLOP/B':>7s} {'GFLOP/s':>8s} {'GB/s':>7s} {'% BW':>6s} {'x FP32':>7s}")
-    for d in data["dots"]:
-        print(f"{d['kernel']:20s} {d['intensity']:7.2f} {d['gflops']:8.1f} {d['gbs']:7.1f} {d['pct_of_bandwidth']:6.1f} "
-              f"{d['x_fp32']:7.2f}")
+    print(f"sgemm {data['sgemm']['gflops']:.0f} GFLOP/s, int8 dot {data['int8_dot']['gops']:.0f} GOP/s, "
+          f"ridge {data['ridge_flop_per_byte']:.1f} FLOP/B")
+    for r in data["runs"]:
+        bw = r["read_bandwidth"]
+        print(f"\n{r['threads']} thread(s), tier {r['tier']}: roof {bw['best_gbs']:.1f} GB/s ({bw['reader']})")
+        print(f"{'kernel':16s} {'ms':>8s} {'GB/s':>7s} {'% roof':>7s} {'x FP32':>7s}")
+        for d in data["dots"]:
+            if d["threads"] == r["threads"]:
+                print(f"{d['kernel']:16s} {d['ms']:8.3f} {d['gbs']:7.1f} {d['pct_of_bandwidth']:7.1f} {d['x_fp32']:7.2f}")
     for d in data["decode_dots"]:
         print(f"{d['label']:40s} {d['intensity']:7.2f} {d['gflops']:8.2f}  ({d['ms']:.3f} ms/token)")
     print(f"wrote {path} and {common.FIGURES / 'roofline.png'}")

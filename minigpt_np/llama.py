@@ -32,7 +32,7 @@ import numpy as np
 
 from minigpt_np.model import log_softmax, softmax  # noqa: F401  (log_softmax is part of this module's API)
 from refquant.gguf import quants
-from refquant.kernels import ggml
+from refquant.kernels import bytedot
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,19 @@ class GGMLLinear:
         self.raw, self.type, self.shape = np.ascontiguousarray(raw), type_name, tuple(shape)
         self.raw = self.raw.reshape(self.shape[0], -1)
         self.parent, self.rows = parent, rows
-        if self.type in ggml.KERNEL_TYPES:
-            ggml._check_raw(self.raw, self.type)   # once, so that decode skips it per call
+        self._packed = None
+        if self.type in bytedot.GGML_TYPES:
+            row_bytes = quants.ggml_type(self.type).row_bytes(self.shape[1])
+            if self.raw.shape != (self.shape[0], row_bytes):
+                raise ValueError(f"{self.type} weight of shape {self.shape} needs {row_bytes} bytes per row, "
+                                 f"got {self.raw.shape}")
+
+    @property
+    def packed(self) -> bytedot.Packed:
+        """The byte-dot kernel's form of the weight, repacked on first use (decode)."""
+        if self._packed is None:
+            self._packed = bytedot.pack_ggml(self.raw, self.type, self.shape[1])
+        return self._packed
 
     @property
     def nbytes(self) -> int:
@@ -106,8 +117,8 @@ class GGMLLinear:
         return quants.dequantize(raw, self.type, (raw.shape[0], self.shape[1])).astype(np.float32, copy=False)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] == 1 and self.type in ggml.KERNEL_TYPES:
-            return ggml.matvec_checked_raw(self.raw, x[0], self.type)[None]  # x validated there
+        if x.shape[0] == 1 and self.type in bytedot.GGML_TYPES:
+            return bytedot.matmul(self.packed, x)   # x rounded to Q8_0, as llama.cpp does
         return x @ self.dequantize().T
 
 

@@ -22,8 +22,10 @@ def test_roofline_quick(out_dirs):
     roofline.main(["--quick"])
     data = load(out_dirs, "roofline")
     assert data["read_bandwidth"]["best_gbs"] > 0 and data["sgemm"]["gflops"] > 0 and data["int8_dot"]["gops"] > 0
-    kernels_seen = {d["kernel"] for d in data["dots"]}
-    assert {"numpy-fp32", "int8", "w8a8", "int4-g128", "int4-g64", "int4-g32", "q8_0", "q4_0", "q4_k"} <= kernels_seen
+    assert {(d["kernel"], d["threads"]) for d in data["dots"]} == {
+        (k, t) for k in ("numpy-fp32", "int8", "w8a8", "int4-g128", "q8_0", "q4_0", "q4_k", "int4-g128-x16")
+        for t in (1, 2)}
+    assert all(d["pct_of_bandwidth"] > 0 for d in data["dots"]) and len(data["decode_dots"]) == 3
     for d in data["dots"]:
         assert d["intensity"] == pytest.approx(d["flops"] / d["weight_bytes"])
         assert {"ms", "gbs", "gflops", "pct_of_bandwidth", "x_fp32"} <= set(d)
@@ -37,7 +39,9 @@ def test_kernels_quick(out_dirs):
     data = load(out_dirs, "kernels")
     assert data["quick"] is True and data["results"]
     for r in data["results"]:
-        assert {"layer", "shape", "kernel", "ms", "gbs", "pct_of_bandwidth", "x_fp32", "weight_bytes"} <= set(r)
+        assert {"layer", "shape", "kernel", "threads", "ms", "p10_ms", "gbs", "pct_of_bandwidth", "x_fp32",
+                "weight_bytes", "calls"} <= set(r)
+    assert {r["threads"] for r in data["runs"]} == {1, 2} and all(r["read_bandwidth"]["best_gbs"] > 0 for r in data["runs"])
 
 
 def test_schemes_quick(out_dirs):

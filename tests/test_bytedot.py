@@ -127,6 +127,19 @@ def test_compiled_q8_0_activation_is_llama_cpp_q8_0(M, n, seed, scale):
     np.testing.assert_array_equal(xs, dx * xq.reshape(M, nb, 32).sum(axis=2))
 
 
+def test_q8_0_block_by_hand():
+    """w = 1..32 gives d_w = fp16(32/127) and codes roundf(i·127/32); x = ones gives
+    d_x = fp16(1/127) and codes 127: y = d_w·d_x·127·Σ codes."""
+    w = np.arange(1, 33, dtype=np.float32)[None, :]
+    _, qt = _quantize("q8_0", w)
+    dw = float(np.float16(np.float32(32) / np.float32(127)))
+    dx = float(np.float16(np.float32(1) / np.float32(127)))
+    expected = dw * dx * 127 * np.floor(np.arange(1, 33) * (127 / 32) + 0.5).sum()
+    for tier in TIERS:
+        y = float(bytedot.matmul(packed(qt), np.ones(32, np.float32), tier=tier)[0])
+        assert abs(y - expected) <= 1e-6 * expected
+
+
 def test_layout_golden():
     """By hand: block 2p's code j in the low nibble of byte 32p + j, block 2p+1's in the high
     nibble; bit 4 of code j of block b at bit j % 8 of plane byte 4b + j // 8."""

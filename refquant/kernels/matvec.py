@@ -7,10 +7,6 @@ NumPy twin that the tests compare it with.
 
 Weight layouts are those of ``refquant.affine``:
 
-* ``matvec_int8``: int8 codes ``q`` (out, in), fp32 scale per row: ``y_r = s_r Σ_i q_ri x_i``.
-* ``matvec_w8a8``: as int8, but x is first quantized per token (``s_x = max|x|/127``,
-  ``x_q = round(x / s_x)``) and the products ``q_ri x_q,i`` accumulate in **int32**,
-  one float multiply per row: ``y_r = s_r s_x Σ_i q_ri x_q,i`` (exact integer sum).
 * ``matvec_int4``: codes packed two per byte along ``in`` (element 2k in the low
   nibble of byte k; signed two's complement when symmetric, unsigned with per-group
   zero points when asymmetric), scales (and zeros) per (row, group of ``g`` inputs)::
@@ -47,12 +43,12 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from refquant._checks import float_array
+from refquant.kernels.bytedot import MAX_BATCH
 
 INT4_GROUPS = (32, 64, 128)
 # int16 activations in int32 sums pay one horizontal reduction per group: worth it from
 # g128 on (1.9-2.4 vs 2.9 ms at 11008x4096), not below (g64 3.6 vs 3.0 ms)
 INT4_INTEGER_MIN_GROUP = 128
-MAX_BATCH = 16
 # fp16 bit pattern -> float32: kernels read fp16 scales through this table (converting a
 # 11008x32 fp16 scale array with NumPy on every call cost 0.4 ms, a third of the matvec)
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -91,102 +87,6 @@ def _check_array(a, name: str, dtypes, shape=None) -> np.ndarray:
     if a.size == 0:
         raise ValueError(f"{name} is empty (shape {a.shape})")
     return np.ascontiguousarray(a)
-
-
-# --- INT8 ----------------------------------------------------------------------------
-
-def _check_int8(q, scales) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weights (out, in) and one float scale per row, as the kernels take them."""
-    q = _check_array(q, "q", [np.int8])
-    if q.ndim != 2:
-        raise ValueError(f"q must be 2-D (out, in), got shape {q.shape}")
-    s = _check_array(scales, "scales", [np.float32, np.float16], (q.shape[0],)).astype(np.float32)
-    return q, s
-
-
-@njit(parallel=True, fastmath=True, cache=False)
-def _matvec_int8_kernel(q, s, x):
-    out = np.empty(q.shape[0], np.float32)
-    for r in prange(q.shape[0]):
-        acc = np.float32(0)
-        row = q[r]
-        for i in range(row.size):
-            acc += np.float32(row[i]) * x[i]
-        out[r] = acc * s[r]
-    return out
-
-
-def matvec_int8(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``y = diag(scales) q x`` for int8 ``q`` (out, in), fp32 ``scales`` (out,), float ``x`` (in,)."""
-    q, s = _check_int8(q, scales)
-    return _matvec_int8_kernel(q, s, _check_x(x, q.shape[1]))
-
-
-def matvec_int8_ref(q, scales, x) -> np.ndarray:
-    """NumPy twin of ``matvec_int8`` (float64 accumulation)."""
-    return (scales.astype(np.float64) * (q.astype(np.float64) @ x.astype(np.float64))).astype(np.float32)
-
-
-@njit(parallel=True, fastmath=True, cache=False)
-def _matmul_int8_kernel(q, s, X):
-    M, O = X.shape[0], q.shape[0]
-    out = np.empty((M, O), np.float32)
-    for r in prange(O):
-        row = q[r]
-        for m in range(M):
-            acc = np.float32(0)
-            xm = X[m]
-            for i in range(row.size):
-                acc += np.float32(row[i]) * xm[i]
-            out[m, r] = acc * s[r]
-    return out
-
-
-def matmul_int8(q: np.ndarray, scales: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """``Y = X qᵀ diag(scales)`` for a small batch X (M <= 16, in)."""
-    q, s = _check_int8(q, scales)
-    return _matmul_int8_kernel(q, s, _check_x(X, q.shape[1], "X", 2))
-
-
-# --- W8A8 ----------------------------------------------------------------------------
-
-def quantize_activation_int8(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """Per-token symmetric int8: ``s_x = max|x| / 127``, ``x_q = round(x / s_x)`` (0 if x == 0)."""
-    amax = np.float32(np.max(np.abs(x)))
-    sx = amax / np.float32(127) if amax > 0 else np.float32(0)
-    xq = np.zeros(x.shape, np.int8) if sx == 0 else np.clip(np.round(x / sx), -127, 127).astype(np.int8)
-    return xq, np.float32(sx)
-
-
-@njit(parallel=True, fastmath=True, cache=False)
-def _matvec_w8a8_kernel(q, s, xq, sx):
-    out = np.empty(q.shape[0], np.float32)
-    for r in prange(q.shape[0]):
-        acc = np.int32(0)
-        row = q[r]
-        for i in range(row.size):
-            acc += np.int32(row[i]) * np.int32(xq[i])
-        out[r] = np.float32(acc) * s[r] * sx
-    return out
-
-
-def matvec_w8a8(q: np.ndarray, scales: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """W8A8 matvec: x quantized to int8 once, int8·int8 products summed in int32.
-
-    Exact integer accumulation (|sum| <= in * 127 * 127 < 2^31 for in < 133,000).
-    """
-    q, s = _check_int8(q, scales)
-    if q.shape[1] >= 133_000:
-        raise ValueError(f"in={q.shape[1]} could overflow the int32 accumulator (max 132,999)")
-    xq, sx = quantize_activation_int8(_check_x(x, q.shape[1]))
-    return _matvec_w8a8_kernel(q, s, xq, sx)
-
-
-def matvec_w8a8_ref(q, scales, x) -> np.ndarray:
-    """NumPy twin of ``matvec_w8a8``: the same integer sums in int64, then the same float multiplies."""
-    xq, sx = quantize_activation_int8(np.asarray(x, np.float32))
-    acc = q.astype(np.int64) @ xq.astype(np.int64)
-    return (acc.astype(np.float32) * scales.astype(np.float32) * sx).astype(np.float32)
 
 
 # --- INT4 ----------------------------------------------------------------------------

@@ -25,6 +25,18 @@ class KernelEntry:
     activation: str = "q8_0"  # or "per_token"
     prepare_x: Callable | None = None   # (qt, X) -> X as the kernel multiplies it
 
+    def x_hat(self, qt, X: np.ndarray) -> np.ndarray:
+        """The activation the kernel multiplies ``Ŵ`` by, float64 (M, n): ``X`` after
+        ``prepare_x``, rounded as ``activation`` says (``kernels.bytedot``)."""
+        X = np.atleast_2d(np.asarray(X, np.float32))
+        if self.prepare_x is not None:
+            X = self.prepare_x(qt, X)
+        rounder = bytedot.quantize_x_per_token if self.activation == "per_token" else bytedot.quantize_x_q8_0
+        nb = -(-X.shape[1] // 32)
+        xq, dx, _ = rounder(X, nb)
+        out = xq.reshape(X.shape[0], nb, 32).astype(np.float64) * dx[:, :, None]
+        return out.reshape(X.shape[0], -1)[:, : X.shape[1]]
+
     def matmul(self, qt, X: np.ndarray) -> np.ndarray:
         """``X̂ Ŵᵀ`` (M <= 16) or ``Ŵ x̂`` (1-D x) on the repacked weight."""
         if self.prepare_x is not None:
