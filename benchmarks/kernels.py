@@ -178,7 +178,7 @@ def run(quick: bool = False) -> dict:
     repeats = 5 if quick else 31
     runs, rows = [], []
     for label, shape in tqdm(shapes.items(), desc="shapes", unit="shape"):
-        for threads in THREADS:
+        for threads in THREADS[:1] if quick else THREADS:   # --quick: the roofline's smoke run covers 2
             r = in_worker(shape, threads, repeats, quick=quick)
             for row in r["results"]:
                 row["layer"] = label
