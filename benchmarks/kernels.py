@@ -72,11 +72,13 @@ def _cases(shape, x, names=KERNEL_SCHEMES):
             continue
         q0 = s.quantize(w0)
         tile = lambda a: None if a is None else np.ascontiguousarray(np.tile(a, (reps, 1))[:rows])  # noqa: E731
+        meta = dict(q0.meta)
+        if "padded_shape" in meta:
+            meta["padded_shape"] = (rows, meta["padded_shape"][1])
         qt = QuantizedTensor(tile(q0.codes), tile(q0.scales) if q0.scales is not None and q0.scales.ndim == 2
-                             and q0.scales.shape[0] == w0.shape[0] else q0.scales, tile(q0.zeros), shape, name,
-                             dict(q0.meta))
+                             and q0.scales.shape[0] == w0.shape[0] else q0.scales, tile(q0.zeros), shape, name, meta)
         if name == "w8a8":   # per-row scales of shape (rows,)
-            qt = QuantizedTensor(qt.codes, np.tile(q0.scales, reps)[:rows], None, shape, name, dict(q0.meta))
+            qt = QuantizedTensor(qt.codes, np.tile(q0.scales, reps)[:rows], None, shape, name, meta)
         entry = KERNELS[name]
         yield _LABELS.get(name, name), qt, (lambda e: lambda qt, x: e.matmul(qt, x))(entry), packed(qt).nbytes
     qt = affine.quantize(np.tile(w0, (reps, 1))[:rows], 4, granularity="group", group_size=128, scale_dtype=np.float16)

@@ -339,6 +339,36 @@ def bytes8_f32(typingctx, arr, idx):
     return F32x8(arr, types.intp), codegen
 
 
+def make_group_lanes(group: int):
+    """An intrinsic ``(arr, i) -> F32x8``: the ``8 / group`` values ``arr[i], arr[i+1], ...``
+    (fp16 bit patterns as uint16, or uint8 integers) as float32, each repeated ``group``
+    times across the lanes (``vcvtph2ps`` or ``vpmovzxbd`` + ``vcvtdq2ps``, then a
+    permute): one lane-expanded scale vector for 8 blocks whose scale is shared by
+    ``group`` consecutive blocks."""
+    k = 8 // group
+
+    def lanes(typingctx, arr, idx):
+        if not (isinstance(arr, types.Array) and arr.dtype in (types.uint16, types.uint8) and arr.ndim == 1
+                and arr.layout == "C"):
+            return None
+        half = arr.dtype == types.uint16
+
+        def codegen(context, builder, sig, args):
+            a = context.make_array(sig.args[0])(context, builder, args[0])
+            p = builder.gep(a.data, [args[1]])
+            if half:
+                v = builder.load(builder.bitcast(p, ir.VectorType(ir.HalfType(), k).as_pointer()), align=2)
+                f = builder.fpext(v, ir.VectorType(_F32, k))
+            else:
+                v = builder.load(builder.bitcast(p, ir.VectorType(_I8, k).as_pointer()), align=1)
+                f = builder.uitofp(v, ir.VectorType(_F32, k))
+            return builder.shuffle_vector(f, ir.Constant(ir.VectorType(_F32, k), ir.Undefined),
+                                          ir.Constant(_V8I32, [i // group for i in range(8)]))
+        return F32x8(arr, types.intp), codegen
+    lanes.__doc__ = f"{k} scales, each repeated over {group} lanes."
+    return intrinsic(lanes)
+
+
 @intrinsic
 def mul_f32x8(typingctx, a, b):
     """Lane-wise product; ``b`` a vector or a float32 broadcast to all lanes (``vmulps``)."""
