@@ -37,12 +37,26 @@ SHAPES = {
 QUICK_SHAPES = {"quick": (256, 1024)}
 THREADS = (1, 2)
 CACHE_BYTES = 96 << 20     # > 2x this machine's 32 MiB L3
-# the layouts timed: one scheme per distinct kernel (GPTQ/AWQ run the INT4/INT8 ones)
-KERNEL_SCHEMES = ("int8_channel", "w8a8", "int4_g128", "int4_g128_asym", "int4_g64", "int4_g32", "q8_0", "q4_0",
-                  "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+
+def _kernel_schemes() -> tuple:
+    """Every scheme of the kernel table but the calibrated ones (GPTQ/AWQ run the same INT4 /
+    INT8 kernels on the same layouts, only their codes differ) and INT8 per tensor (the
+    per-channel kernel with one repeated scale)."""
+    from refquant import schemes
+    from refquant.kernels.table import KERNELS
+
+    return tuple(n for n in KERNELS if not schemes.get(n).needs_calib and n != "int8_tensor")
+
+
+KERNEL_SCHEMES = _kernel_schemes()
 QUICK_SCHEMES = ("int8_channel", "w8a8", "int4_g128", "q8_0", "q4_0", "q4_k")   # --quick: the plumbing, fast
-_LABELS = {"int8_channel": "int8", "int4_g128": "int4-g128", "int4_g128_asym": "int4-g128-asym",
-           "int4_g64": "int4-g64", "int4_g32": "int4-g32"}
+
+
+def _label(scheme: str) -> str:
+    """Row label: ``int8`` for INT8 per channel, INT4 names with dashes, GGML names as they are."""
+    return "int8" if scheme == "int8_channel" else scheme.replace("_", "-") if scheme.startswith("int4") else scheme
+
+
 _TILE_ROWS = 688           # quantize this many rows and tile them: K-quant quantization is slow in NumPy
 
 
@@ -68,7 +82,10 @@ def _cases(shape, x, names=KERNEL_SCHEMES):
     reps = -(-rows // w0.shape[0])
     for name in names:
         s = schemes.get(name)
-        if name.startswith("q") and n % (256 if name.endswith("_k") else 32):
+        unit = 256 if name.endswith("_k") else 32 if name.startswith("q") else 0
+        if name.startswith("int4_g"):
+            unit = int(name.split("_g")[1].split("_")[0])
+        if unit and n % unit:       # rows must be whole blocks / groups of the format
             continue
         q0 = s.quantize(w0)
         tile = lambda a: None if a is None else np.ascontiguousarray(np.tile(a, (reps, 1))[:rows])  # noqa: E731
@@ -80,7 +97,7 @@ def _cases(shape, x, names=KERNEL_SCHEMES):
         if name == "w8a8":   # per-row scales of shape (rows,)
             qt = QuantizedTensor(qt.codes, np.tile(q0.scales, reps)[:rows], None, shape, name, meta)
         entry = KERNELS[name]
-        yield _LABELS.get(name, name), qt, (lambda e: lambda qt, x: e.matmul(qt, x))(entry), packed(qt).nbytes
+        yield _label(name), qt, (lambda e: lambda qt, x: e.matmul(qt, x))(entry), packed(qt).nbytes
     qt = affine.quantize(np.tile(w0, (reps, 1))[:rows], 4, granularity="group", group_size=128, scale_dtype=np.float16)
     yield "int4-g128-x16", qt, lambda qt, x: kernels.matvec_int4(qt.codes, qt.scales, None, x, group_size=128), qt.nbytes
 

@@ -252,5 +252,9 @@ def test_bad_input_raises():
         bytedot.matmul(qt, np.ones(64, np.float32))
     with pytest.raises(ValueError, match="no byte-dot kernel for IQ4_NL"):
         bytedot.pack_ggml(quants.quantize(np.ones((1, 32), np.float32), "IQ4_NL"), "IQ4_NL", 32)
+    bad = quants.quantize(np.ones((1, 32), np.float32), "Q8_0")
+    bad[0, 2] = 0x80                    # a crafted code -128
+    with pytest.raises(ValueError, match="code -128"):
+        bytedot.pack_ggml(bad, "Q8_0", 32)
     with pytest.raises(ValueError, match="power-of-two multiple of 32"):
         bytedot._log2_blocks(48)

@@ -177,6 +177,9 @@ def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: 
         raise ValueError("the min field must share the scale's blocks (mshift == dshift, mnshift 0 or dshift)")
     if kind == "s8":
         qs = _pad_cols(np.ascontiguousarray(codes[:, :n]).view(np.int8), nb * 32)
+        if np.any(qs == -128):   # w·sign(x) must not wrap: ggml's Q8_0 and INT8 codes lie in [-127, 127]
+            raise ValueError("int8 code -128 found: the byte-dot kernels take 8-bit codes in [-127, 127] "
+                             "(what ggml's Q8_0 and refquant's INT8 quantizers write)")
         qh = np.zeros((rows, 0), np.uint8)
     else:
         bits = {"u4": 4, "u5": 5, "u6": 6}[kind]

@@ -15,8 +15,8 @@ which LLVM inlines into the surrounding ``@njit`` loop, so this module defines:
             into 8 int32 lanes by one instruction, no intermediate saturation;
   ``avx2``  ``vpmaddubsw`` then ``vpmaddwd`` by ones: u8 × s8 products summed in pairs
             to int16 (saturating), then pairs of those to int32. Saturation cannot
-            happen for the codes used here: |u| <= 63 (or 127 after the sign fold) and
-            |x| <= 127 give pair sums within ±32,258.
+            happen for the codes used here: u <= 63 (or |x| <= 127 against w·sign(x),
+            |w| <= 127, for 8-bit codes) give pair sums within ±32,258.
 
 Everything but the dot itself is target-independent IR (and, shift, compare, select,
 convert, multiply-add), lowered by LLVM to whatever the target has. The two tiers are
@@ -163,23 +163,6 @@ def or_shifted(typingctx, a, b, shift):
 
 
 @intrinsic
-def sign_fold(typingctx, x, w):
-    """``(|x|, w · sign(x))`` per byte, so a signed × signed byte dot runs on the u8 × s8
-    instructions (``vpabsb`` + ``vpsignb``). Exact for x, w in [-127, 127]."""
-    if x != I8x32 or w != I8x32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        xv, wv = args
-        zero = _splat(_V32I8, 0)
-        neg = builder.icmp_signed("<", xv, zero)
-        ax = builder.select(neg, builder.sub(zero, xv), xv)
-        sw = builder.select(neg, builder.sub(zero, wv), wv)
-        return context.make_tuple(builder, sig.return_type, [ax, sw])
-    return types.UniTuple(I8x32, 2)(I8x32, I8x32), codegen
-
-
-@intrinsic
 def sign_apply(typingctx, w, x):
     """``w · sign(x)`` per byte (``vpsignb``): with ``|x|`` precomputed, a signed × signed
     byte dot runs on the u8 × s8 instructions. Exact for w in [-127, 127]."""
@@ -191,19 +174,6 @@ def sign_apply(typingctx, w, x):
                                             "llvm.x86.avx2.psign.b")
         return builder.call(fn, list(args))
     return I8x32(I8x32, I8x32), codegen
-
-
-def make_sub_const(k: int):
-    """An intrinsic ``v -> v - k`` per byte (``vpsubb``): unsigned codes to signed ones."""
-    def sub(typingctx, v):
-        if v != I8x32:
-            return None
-
-        def codegen(context, builder, sig, args):
-            return builder.sub(args[0], _splat(_V32I8, k))
-        return I8x32(I8x32), codegen
-    sub.__doc__ = f"v - {k} per byte (vpsubb)."
-    return intrinsic(sub)
 
 
 # --- the dot (the only tier-specific instructions) -------------------------------------
@@ -408,17 +378,3 @@ def hsum_f32(typingctx, v):
             total = builder.fadd(total, builder.extract_element(args[0], _I32(i)))
         return total
     return types.float32(F32x8), codegen
-
-
-@intrinsic
-def hsum_i32(typingctx, v):
-    """Sum of the eight int32 lanes."""
-    if v != I32x8:
-        return None
-
-    def codegen(context, builder, sig, args):
-        total = builder.extract_element(args[0], _I32(0))
-        for i in range(1, 8):
-            total = builder.add(total, builder.extract_element(args[0], _I32(i)))
-        return total
-    return types.int32(I32x8), codegen
