@@ -98,7 +98,8 @@ def _cases(shape, x, names=KERNEL_SCHEMES):
             qt = QuantizedTensor(qt.codes, np.tile(q0.scales, reps)[:rows], None, shape, name, meta)
         entry = KERNELS[name]
         yield _label(name), qt, (lambda e: lambda qt, x: e.matmul(qt, x))(entry), packed(qt).nbytes
-    qt = affine.quantize(np.tile(w0, (reps, 1))[:rows], 4, granularity="group", group_size=128, scale_dtype=np.float16)
+    qt = affine.quantize(np.tile(w0, (reps, 1))[:rows], 4, granularity="group", group_size=128, scale_dtype=np.float16,
+                         pad=True)
     yield "int4-g128-x16", qt, lambda qt, x: kernels.matvec_int4(qt.codes, qt.scales, None, x, group_size=128), qt.nbytes
 
 
