@@ -115,7 +115,7 @@ def _verify(label, qt, fn, x):
     w_hat = qt.dequantize()[:r].astype(np.float64)
     if label == "int4-g128-x16":
         from refquant.kernels.matvec import dequantize_activation_int16
-        x_hat = dequantize_activation_int16(x, 128)
+        x_hat = dequantize_activation_int16(np.pad(x, (0, -x.size % 128)), 128)[: x.size]
     elif KERNELS[qt.scheme].activation == "per_token":
         x_hat = act_quant(qt, x[None])[0].astype(np.float64)
     else:
