@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from minigpt_np import checkpoint, corpus
 from refquant import gguf
-from minigpt_np.model import EOT, Config, Linears, forward, log_softmax
+from minigpt_np.model import EOT, Config, Linears, forward, log_softmax, quantize_sequential
 
 CONT = [list((label + "\n").encode()) for label in corpus.LABELS]
 CONT_LEN = max(len(c) for c in CONT)
@@ -43,9 +43,9 @@ def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings
     """``(params, linears)`` for evaluation under ``scheme``: Linear methods + embedding policy.
 
     Calibrated schemes (GPTQ, AWQ, SmoothQuant, LLM.int8()) are quantized layer by layer
-    on 128 training sequences (``refquant.calibration.quantize_sequential``).
+    on 128 training sequences (``model.quantize_sequential``).
     """
-    from refquant import calibration, schemes
+    from refquant import schemes
 
     p = dict(params)
     if scheme != "fp32":
@@ -57,7 +57,7 @@ def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings
             p["token_embd.weight"] = s.quantize(emb, calib=np.eye(emb.shape[1], dtype=np.float32)
                                                 if s.needs_calib else None).dequantize()
     if scheme != "fp32" and schemes.get(scheme).needs_calib:
-        return p, calibration.quantize_sequential(p, cfg, scheme, calibration_sequences(cfg), progress=progress)
+        return p, quantize_sequential(p, cfg, scheme, calibration_sequences(cfg), progress=progress)
     return p, Linears(p, cfg, scheme)
 
 

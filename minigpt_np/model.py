@@ -258,3 +258,25 @@ def generate(params: dict, prompt: str, n: int = 32, *, temperature: float = 0.0
         out.append(tok)
         logits, cache = decode_step(params, tok, cache, cfg=cfg, linears=linears)
     return decode(out)
+
+
+def quantize_sequential(params: dict, cfg: Config, scheme: str, sequences, *, progress: bool = True) -> Linears:
+    """MiniGPT ``Linears`` with every layer quantized by ``scheme``, calibrated sequentially
+    (``refquant.calibration.quantize_sequential``: layer k on the inputs that the already
+    quantized layers 0..k-1 produce). Uncalibrated schemes skip the passes."""
+    from refquant import calibration, schemes
+
+    linears = Linears(params, cfg)
+
+    def run(tokens, hook):
+        forward(params, tokens, cfg=cfg, linears=linears, hook=hook)
+
+    def quantize(name, X):
+        m, layer = SchemeLinear(scheme), {}
+        m.create_weights(layer, params[name + ".weight"], calib=X)
+        linears.methods[name], linears.layers[name] = m, layer
+
+    calibration.quantize_sequential(linear_names(cfg), run, quantize, sequences,
+                                    needs_calib=schemes.get(scheme).needs_calib, progress=progress,
+                                    desc=f"quantize {scheme}")
+    return linears

@@ -8,8 +8,8 @@ Per Linear layer, from its inputs ``x`` (one row per token), accumulated in floa
   ``quantize(w, calib=X)`` takes.
 
 The model is driven through a ``hook(name, x)`` that sees every Linear's input (MiniGPT's
-``forward(..., hook=...)``). ``quantize_sequential`` quantizes a whole model the way the
-GPTQ paper does: layer by layer in forward order, each layer calibrated on the inputs
+``forward(..., hook=...)``, through callbacks: this module imports no model).
+``quantize_sequential`` quantizes a whole model the way the GPTQ paper does: layer by layer in forward order, each layer calibrated on the inputs
 produced by the already-quantized layers before it. Only the current layer's statistics
 are held (one d×d matrix at a time).
 """
@@ -75,25 +75,17 @@ def collect(run, sequences, names=None, *, keep_inputs: bool = False, batch: int
     return stats
 
 
-def quantize_sequential(params: dict, cfg, scheme: str, sequences, *, progress: bool = True):
-    """MiniGPT ``Linears`` with every layer quantized by ``scheme``, calibrated sequentially.
+def quantize_sequential(names, run, quantize, sequences, *, needs_calib: bool = True, progress: bool = True,
+                        desc: str = "quantize") -> None:
+    """Quantize a model's Linears one at a time, in forward order, as the GPTQ paper does.
 
-    Layer k is quantized with ``calib`` = its inputs when layers 0..k-1 are already
-    quantized (the GPTQ paper's procedure). Uncalibrated schemes skip the passes.
+    ``names``: the Linears in forward order; ``run(tokens, hook)``: the model as it stands
+    (already-quantized layers included) on a batch of token rows with the hook installed;
+    ``quantize(name, calib)``: quantize layer ``name`` in the model with its inputs
+    ``calib`` (tokens, in), or None when ``needs_calib`` is false (no passes are run then).
+    Layer k is thus calibrated on the inputs produced by the quantized layers 0..k-1. The
+    model is whatever the callbacks drive: refquant knows no model.
     """
-    from minigpt_np.model import Linears, SchemeLinear, forward, linear_names
-    from refquant import schemes
-
-    s = schemes.get(scheme)
-    linears = Linears(params, cfg)
-    for name in tqdm(linear_names(cfg), desc=f"quantize {scheme}", unit="layer", disable=not progress):
-        X = None
-        if s.needs_calib:
-            def run(tokens, hook):
-                forward(params, tokens, cfg=cfg, linears=linears, hook=hook)
-            X = collect(run, sequences, [name], keep_inputs=True, progress=False)[name].X
-        m = SchemeLinear(scheme)
-        layer: dict = {}
-        m.create_weights(layer, params[name + ".weight"], calib=X)
-        linears.methods[name], linears.layers[name] = m, layer
-    return linears
+    for name in tqdm(list(names), desc=desc, unit="layer", disable=not progress):
+        X = collect(run, sequences, [name], keep_inputs=True, progress=False)[name].X if needs_calib else None
+        quantize(name, X)

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 from minigpt_np import checkpoint, corpus
 from minigpt_np import train as tr
-from minigpt_np.model import EOT, Config, Linears, decode_step, forward, generate, init_params
+from minigpt_np.model import EOT, Config, Linears, decode_step, forward, generate, init_params, quantize_sequential
 
 # --------------------------------------------------------------------- gradient checks
 
@@ -252,7 +252,7 @@ def test_sequential_calibration_quantizes_every_layer():
     cfg = Config(n_layer=1, d_model=128, n_head=2, n_ctx=16)
     params = init_params(cfg, 0)
     seqs = np.random.default_rng(0).integers(0, 256, (8, 16))
-    lin = calibration.quantize_sequential(params, cfg, "gptq_int4_g128", seqs, progress=False)
+    lin = quantize_sequential(params, cfg, "gptq_int4_g128", seqs, progress=False)
     assert all(layer["qt"].scheme == "gptq_int4_g128" for layer in lin.layers.values())
     stats = calibration.collect(lambda t, hook: forward(params, t, cfg=cfg, hook=hook), seqs, ["blk.0.ffn_up"],
                                 progress=False, keep_inputs=True)["blk.0.ffn_up"]

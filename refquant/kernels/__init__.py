@@ -4,9 +4,21 @@
 (``table.KERNELS`` wires them), x rounded to int8 as llama.cpp does; ``simd``: the vector
 intrinsics they are built from; ``matvec``: the INT4 kernel that rounds x to int16 instead
 (more accurate, slower), kept for that comparison.
-"""
-from refquant.kernels.bytedot import MAX_BATCH, Packed, available_tiers, backend  # noqa: F401
-from refquant.kernels.matvec import matmul_int4, matvec_int4, matvec_int4_ref, unpack_int4_ref  # noqa: F401
 
-__all__ = ["MAX_BATCH", "Packed", "available_tiers", "backend", "matmul_int4", "matvec_int4", "matvec_int4_ref",
-           "unpack_int4_ref"]
+Importing this package does not import numba: the names below load their module on first
+use, so ``import refquant`` stays a NumPy-only import.
+"""
+import importlib
+
+MAX_BATCH = 16   # rows of X the small-batch kernels take
+
+_LAZY = {"Packed": "bytedot", "available_tiers": "bytedot", "backend": "bytedot", "matmul_int4": "matvec",
+         "matvec_int4": "matvec", "matvec_int4_ref": "matvec", "unpack_int4_ref": "matvec"}
+
+__all__ = ["MAX_BATCH", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"refquant.kernels.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'refquant.kernels' has no attribute {name!r}")

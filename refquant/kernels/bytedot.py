@@ -52,8 +52,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from refquant._checks import float_array
+from refquant.kernels import MAX_BATCH
 
-MAX_BATCH = 16
 TIERS = ("vnni", "avx2", "numba")
 TIER_ENV = "REFQUANT_KERNEL_TIER"
 OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2

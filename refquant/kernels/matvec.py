@@ -43,7 +43,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from refquant._checks import float_array
-from refquant.kernels.bytedot import MAX_BATCH
+from refquant.kernels import MAX_BATCH
 
 INT4_GROUPS = (32, 64, 128)
 # int16 activations in int32 sums pay one horizontal reduction per group: worth it from

@@ -16,7 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from refquant.kernels import bytedot
+
+
+def _bytedot():
+    from refquant.kernels import bytedot   # numba loads here, on first use, not at import
+
+    return bytedot
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,8 @@ class KernelEntry:
         X = np.atleast_2d(np.asarray(X, np.float32))
         if self.prepare_x is not None:
             X = self.prepare_x(qt, X)
-        rounder = bytedot.quantize_x_per_token if self.activation == "per_token" else bytedot.quantize_x_q8_0
+        bd = _bytedot()
+        rounder = bd.quantize_x_per_token if self.activation == "per_token" else bd.quantize_x_q8_0
         nb = -(-X.shape[1] // 32)
         xq, dx, _ = rounder(X, nb)
         out = xq.reshape(X.shape[0], nb, 32).astype(np.float64) * dx[:, :, None]
@@ -41,34 +47,38 @@ class KernelEntry:
         """``X̂ Ŵᵀ`` (M <= 16) or ``Ŵ x̂`` (1-D x) on the repacked weight."""
         if self.prepare_x is not None:
             X = self.prepare_x(qt, X)
-        return bytedot.matmul(packed(qt), X, per_token=self.activation == "per_token")
+        return _bytedot().matmul(packed(qt), X, per_token=self.activation == "per_token")
 
 
 def _ggml(qt):
-    return bytedot.pack_ggml(qt.codes, qt.meta["ggml_type"], qt.shape[1])
+    return _bytedot().pack_ggml(qt.codes, qt.meta["ggml_type"], qt.shape[1])
+
+
+def _affine(qt):
+    return _bytedot().pack_affine(qt)
 
 
 def _awq_x(qt, X):
     return (np.asarray(X, np.float32) / qt.meta["awq_scales"]).astype(np.float32)
 
 
-_AFFINE = KernelEntry(bytedot.pack_affine)
+_AFFINE = KernelEntry(_affine)
 _GGML = KernelEntry(_ggml)
 
 KERNELS: dict[str, KernelEntry] = {
     "int8_tensor": _AFFINE,
     "int8_channel": _AFFINE,
     "gptq_int8_channel": _AFFINE,
-    "w8a8": KernelEntry(bytedot.pack_affine, activation="per_token"),
+    "w8a8": KernelEntry(_affine, activation="per_token"),
     **{f"int4_g{g}{a}": _AFFINE for g in (32, 64, 128) for a in ("", "_asym")},
     "gptq_int4_g128": _AFFINE,
-    "awq_int4_g128": KernelEntry(bytedot.pack_affine, prepare_x=_awq_x),
+    "awq_int4_g128": KernelEntry(_affine, prepare_x=_awq_x),
     **{t: _GGML for t in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")},
 }
 
 
-def packed(qt) -> bytedot.Packed:
-    """The kernel form of ``qt``, repacked on first use and cached on the tensor."""
+def packed(qt):
+    """The kernel form of ``qt`` (a ``bytedot.Packed``), repacked on first use and cached on the tensor."""
     cache = qt.kernel_cache
     if "bytedot" not in cache:
         cache["bytedot"] = KERNELS[qt.scheme].pack(qt)
