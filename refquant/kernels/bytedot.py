@@ -592,7 +592,7 @@ def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndar
     mn = p.mn if p.mn is not None else _DUMMY_U8
     if xs16 is None:
         xs16 = np.zeros((2, M, 8), np.float32)
-    xa = np.abs(xq)   # |x_q| <= 127: the unsigned operand of the signed path
+    xa = np.abs(xq) if p.kind == "s8" else xq   # |x_q|: the unsigned operand of the signed (8-bit) path only
     _kernel(tier, p)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
     return out
 
@@ -622,6 +622,3 @@ def matmul(p: Packed, X: np.ndarray, *, per_token: bool = False, tier: str | Non
         xs16 = np.stack([dx16, (dx16 * xq.reshape(X2.shape[0], -1, 16).sum(axis=2)).astype(np.float32)])
     out = run(p, xq, dx, xs, xs16, tier)
     return out[0] if np.ndim(X) == 1 else out
-
-
-matvec = matmul

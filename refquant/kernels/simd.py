@@ -57,11 +57,16 @@ def _splat(vtype, value):
     return ir.Constant(vtype, [ir.Constant(vtype.element, value)] * vtype.count)
 
 
-def _element_ptr(context, builder, arrty, arr, idx):
-    """Pointer to ``arr[idx]`` (C-contiguous 1-D or flattened view) as ``i8*``."""
+def _c_vector(arr, *dtypes) -> bool:
+    """``arr`` is a C-contiguous 1-D array (of one of ``dtypes``, if given)."""
+    return (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"
+            and (not dtypes or arr.dtype in dtypes))
+
+
+def _element_ptr(context, builder, arrty, arr, idx, pointee=_I8):
+    """Pointer to ``arr[idx]`` of a C-contiguous 1-D array, cast to ``pointee*``."""
     a = context.make_array(arrty)(context, builder, arr)
-    ptr = builder.gep(a.data, [idx])
-    return builder.bitcast(ptr, _I8.as_pointer())
+    return builder.bitcast(builder.gep(a.data, [idx]), pointee.as_pointer())
 
 
 # --- loads ---------------------------------------------------------------------------
@@ -69,25 +74,22 @@ def _element_ptr(context, builder, arrty, arr, idx):
 @intrinsic
 def load32(typingctx, arr, idx):
     """32 bytes of a 1-D uint8/int8 array from element ``idx`` (unaligned ``vmovdqu``)."""
-    if not (isinstance(arr, types.Array) and arr.dtype in (types.uint8, types.int8) and arr.ndim == 1
-            and arr.layout == "C"):
+    if not _c_vector(arr, types.uint8, types.int8):
         return None
 
     def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(p, _V32I8.as_pointer()), align=1)
+        return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _V32I8), align=1)
     return I8x32(arr, types.intp), codegen
 
 
 @intrinsic
 def load_bits32(typingctx, arr, idx):
     """4 bytes at ``arr[idx]`` as 32 bits, bit j -> byte j as 0 or 1 (``vpbroadcastd``/``vpshufb``/``vpcmpeqb`` on AVX2)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1 and arr.layout == "C"):
+    if not _c_vector(arr, types.uint8):
         return None
 
     def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        word = builder.load(builder.bitcast(p, _I32.as_pointer()), align=1)
+        word = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
         mask = builder.bitcast(word, ir.VectorType(ir.IntType(1), 32))
         return builder.zext(mask, _V32I8)
     return I8x32(arr, types.intp), codegen
@@ -96,12 +98,11 @@ def load_bits32(typingctx, arr, idx):
 @intrinsic
 def f16_at(typingctx, arr, idx):
     """``arr[idx]`` of a uint16 array of fp16 bit patterns as float32 (``vcvtph2ps``)."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint16 and arr.ndim == 1 and arr.layout == "C"):
+    if not _c_vector(arr, types.uint16):
         return None
 
     def codegen(context, builder, sig, args):
-        a = context.make_array(sig.args[0])(context, builder, args[0])
-        p = builder.bitcast(builder.gep(a.data, [args[1]]), ir.HalfType().as_pointer())
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1], ir.HalfType())
         return builder.fpext(builder.load(p, align=2), _F32)
     return types.float32(arr, types.intp), codegen
 
@@ -110,7 +111,7 @@ def f16_at(typingctx, arr, idx):
 def prefetch(typingctx, arr, idx):
     """Hint the cache line holding ``arr[idx]`` into L1 (``prefetcht0``); no bounds check
     is needed: a prefetch never faults."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"):
+    if not _c_vector(arr):
         return None
 
     def codegen(context, builder, sig, args):
@@ -262,33 +263,25 @@ def fma_lanes2(typingctx, acc, v, s_lo, s_hi):
     return F32x8(F32x8, I32x8, types.float32, types.float32), codegen
 
 
-def _f32_array(arr):
-    return isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1 and arr.layout == "C"
-
-
 @intrinsic
 def load_f32x8(typingctx, arr, idx):
     """Eight float32 from ``arr[idx]`` (``vmovups``)."""
-    if not _f32_array(arr):
+    if not _c_vector(arr, types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        a = context.make_array(sig.args[0])(context, builder, args[0])
-        p = builder.bitcast(builder.gep(a.data, [args[1]]), _V8F32.as_pointer())
-        return builder.load(p, align=4)
+        return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _V8F32), align=4)
     return F32x8(arr, types.intp), codegen
 
 
 @intrinsic
 def store_f32x8(typingctx, arr, idx, v):
     """Store eight float32 at ``arr[idx]`` (``vmovups``)."""
-    if not _f32_array(arr) or v != F32x8:
+    if not _c_vector(arr, types.float32) or v != F32x8:
         return None
 
     def codegen(context, builder, sig, args):
-        a = context.make_array(sig.args[0])(context, builder, args[0])
-        p = builder.bitcast(builder.gep(a.data, [args[1]]), _V8F32.as_pointer())
-        builder.store(args[2], p, align=4)
+        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _V8F32), align=4)
         return context.get_dummy_value()
     return types.none(arr, types.intp, F32x8), codegen
 
@@ -296,14 +289,12 @@ def store_f32x8(typingctx, arr, idx, v):
 @intrinsic
 def bytes8_f32(typingctx, arr, idx):
     """Eight uint8 (or int8) from ``arr[idx]`` as float32 (``vpmovzxbd``/``vpmovsxbd`` + ``vcvtdq2ps``)."""
-    if not (isinstance(arr, types.Array) and arr.dtype in (types.uint8, types.int8) and arr.ndim == 1
-            and arr.layout == "C"):
+    if not _c_vector(arr, types.uint8, types.int8):
         return None
     signed = arr.dtype == types.int8
 
     def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        v = builder.load(builder.bitcast(p, ir.VectorType(_I8, 8).as_pointer()), align=1)
+        v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 8)), align=1)
         w = builder.sext(v, _V8I32) if signed else builder.zext(v, _V8I32)
         return builder.sitofp(w, _V8F32)
     return F32x8(arr, types.intp), codegen
@@ -318,20 +309,14 @@ def make_group_lanes(group: int):
     k = 8 // group
 
     def lanes(typingctx, arr, idx):
-        if not (isinstance(arr, types.Array) and arr.dtype in (types.uint16, types.uint8) and arr.ndim == 1
-                and arr.layout == "C"):
+        if not _c_vector(arr, types.uint16, types.uint8):
             return None
         half = arr.dtype == types.uint16
 
         def codegen(context, builder, sig, args):
-            a = context.make_array(sig.args[0])(context, builder, args[0])
-            p = builder.gep(a.data, [args[1]])
-            if half:
-                v = builder.load(builder.bitcast(p, ir.VectorType(ir.HalfType(), k).as_pointer()), align=2)
-                f = builder.fpext(v, ir.VectorType(_F32, k))
-            else:
-                v = builder.load(builder.bitcast(p, ir.VectorType(_I8, k).as_pointer()), align=1)
-                f = builder.uitofp(v, ir.VectorType(_F32, k))
+            elem = ir.VectorType(ir.HalfType() if half else _I8, k)
+            v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], elem), align=2 if half else 1)
+            f = builder.fpext(v, ir.VectorType(_F32, k)) if half else builder.uitofp(v, ir.VectorType(_F32, k))
             return builder.shuffle_vector(f, ir.Constant(ir.VectorType(_F32, k), ir.Undefined),
                                           ir.Constant(_V8I32, [i // group for i in range(8)]))
         return F32x8(arr, types.intp), codegen
