@@ -177,7 +177,7 @@ def in_worker(shape, threads: int, repeats: int, extras: tuple = (), quick: bool
     Idle worker threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``, OpenBLAS's shortest
     thread timeout): with two threads on two vCPUs, OpenBLAS workers still spinning after
     an FP32 call held a core while numba's parallel region waited at its barrier for a
-    whole scheduler slice: every kernel call took ~8 ms instead of ~2 (measured)."""
+    whole scheduler slice, so every 2-thread kernel call lasted milliseconds."""
     env = {**os.environ, "NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}

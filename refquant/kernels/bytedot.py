@@ -61,9 +61,9 @@ GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # Q8_0 stores d_x = max|x|/127 as fp16: beyond 65504 it would be Inf (llama.cpp's too)
 Q8_0_MAX_ABS = 65504.0 * 127
 _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
-# Software prefetch distance into the code stream: the hardware prefetcher alone left a
-# one-row-at-a-time Q4_0 kernel at 2.6 ms on 11008x4096; 4 KiB ahead gave 2.0-2.2 ms
-# (1 KiB 2.2-2.3, 8 KiB 2.4-2.5; measured on Zen 3, one thread)
+# Software prefetch distance into the code stream. Q4_0 at 11008x4096, one thread, timed
+# interleaved in one process (thread CPU time, median of 31): no prefetch 1.34x, 1 KiB
+# 1.11x, 8 KiB 0.92x (p10 0.98x) the time of 4 KiB (Zen 3)
 PREFETCH_BYTES = 4096
 
 
@@ -326,7 +326,7 @@ def _scale_reader(read_f16):
 def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn: bool, c: int,
            dshift: int, mshift: int, mnshift: int):
     """The kernel for one tier and one format (all compile-time constants: run-time flags
-    per block cost 2-3x in branches and register spills, measured).
+    per block left branches and stack spills in the inner loop, seen in its asm).
 
     ``kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)`` writes ``out[M, rows]``.
     Per row, a first pass puts every block's ``d_b·d_x,b`` in a scratch vector and sums
@@ -334,7 +334,7 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     loads, unpacking, dots and one multiply-add per block, in two accumulators (even and
     odd blocks) to hide the add latency. 8-bit codes are signed: they take
     ``dot(|x|, w·sign(x))`` with ``|x|`` computed once per call. Two rows per iteration
-    sharing the x loads ran 2x *slower* here (measured, Zen 3), so rows go one at a time,
+    sharing the x loads took 1.8x *as long* here (Zen 3, interleaved in one process), so rows go one at a time,
     in chunks of 16 per scratch buffer, prefetching the codes ``PREFETCH_BYTES`` ahead.
     """
     PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
@@ -455,7 +455,7 @@ def _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
 
     if tier != "numba" and G in (2, 4) and not has_sc and not sub16 and (not has_mn or mnshift == dshift):
         # INT4 g64/g128: eight blocks per step, their group scales expanded to lanes
-        # (LLVM left the per-group loop scalar: g128 ran 30% slower than Q4_0, measured)
+        # (LLVM left the per-group loop scalar, seen in the asm)
         lanes = V.make_group_lanes(G)
 
         @njit(inline="always", fastmath=True)
@@ -539,7 +539,7 @@ def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass):
         return u
 
     # one thread: this tier is the portable reference, and a parallel kernel takes 3x as
-    # long to compile (5 s against 1.8, measured), which every test process pays per format
+    # long to compile (timed in one process), which every test process pays per format
     @njit(fastmath=True, cache=False)
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M, R = out.shape
