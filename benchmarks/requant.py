@@ -71,16 +71,20 @@ def calibrated_rows(src, params, cfg, ids, n_tokens: int, window: int, stride: i
 
     with gguf.read(src) as f:
         other = sum(f.tensors[n].nbytes for n in f.tensors if n not in
-                    {f"blk.{i}.{s}" for i in range(cfg.n_layer) for s in llama.LINEAR_SUFFIXES})
+                    set(llama.block_linears(cfg)))
+    def int4(method):   # g128 where it divides the width, g64 for SmolLM2's 576-wide rows
+        return lambda name, shape: f"{method}int4_g{128 if shape[1] % 128 == 0 else 64}"
+
     rows = []
-    for label, make in (("RTN INT4 g128 (g64 if 576-wide)", lambda: llama.rtn_model(params, cfg)),
-                        ("GPTQ INT4 g128 (g64 if 576-wide)", lambda: llama.gptq_model(params, cfg, calib, progress=True))):
+    for label, make in (("RTN INT4 g128 (g64 if 576-wide)", lambda: llama.quantize_model(params, cfg, int4(""))),
+                        ("GPTQ INT4 g128 (g64 if 576-wide)",
+                         lambda: llama.quantize_model(params, cfg, int4("gptq_"), calib, progress=True))):
         t0 = time.time()
-        qp, qts = make()
+        qp = make()
         seconds = time.time() - t0
         r = llama.perplexity(qp, cfg, ids[:n_tokens], window=window, stride=stride)
-        rows.append(dict(type=label, file_bytes=other + sum(q.nbytes for q in qts.values()), quantize_s=seconds,
-                         calib_tokens=n_calib * calib_len if "GPTQ" in label else 0, **r))
+        rows.append(dict(type=label, file_bytes=other + sum(qp[n].nbytes for n in llama.block_linears(cfg)),
+                         quantize_s=seconds, calib_tokens=n_calib * calib_len if "GPTQ" in label else 0, **r))
     return rows
 
 

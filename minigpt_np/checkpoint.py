@@ -63,8 +63,12 @@ def save(path, params: dict, cfg: Config, extra: dict | None = None) -> Path:
     return gguf.write(path, metadata(cfg, extra), {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()})
 
 
-def load(path=DEFAULT) -> tuple[dict, Config, dict]:
-    """``(params, cfg, metadata)`` from a checkpoint written by ``save``."""
+def load(path=DEFAULT, *, parts: bool = True) -> tuple[dict, Config, dict]:
+    """``(params, cfg, metadata)`` from a checkpoint written by ``save`` (every tensor
+    dequantized to float32; ``parts=False`` leaves out the parts of stored quantized
+    tensors, see ``save_quantized``)."""
+    from refquant.gguf import tensors as gguf_tensors
+
     with gguf.read(path) as f:
         m = f.metadata
         if m.get("general.architecture") != "gpt2":
@@ -73,113 +77,47 @@ def load(path=DEFAULT) -> tuple[dict, Config, dict]:
                      n_head=int(m["gpt2.attention.head_count"]), n_ctx=int(m["gpt2.context_length"]),
                      vocab=len(m["tokenizer.ggml.tokens"]),
                      eps=float(f"{m['gpt2.attention.layer_norm_epsilon']:.7g}"))  # float32 -> the decimal it came from
-        params = {n: f.tensor(n).dequantize().copy() for n in f.tensors}
+        skip = set() if parts else gguf_tensors.part_names(f)
+        params = {n: f.tensor(n).dequantize().copy() for n in f.tensors if n not in skip}
         return params, cfg, dict(m)
 
 
 # --- quantized models ----------------------------------------------------------------------
-# A quantized MiniGPT is written with its Linears in their stored form. Schemes with a GGML
-# type (Q8_0, Q4_K, IQ4_NL, …) become ordinary ggml tensors of that type, which llama.cpp
-# reads. Any other scheme (GPTQ with act-order, NF4, AWQ, W8A8, …) is stored as its parts:
-# ``<name>.weight.codes`` / ``.scales`` / ``.zeros`` and ``.meta.<key>`` for every array in
-# ``QuantizedTensor.meta``, raw bytes kept bit for bit (uint8 data in I8 tensors); the other
-# meta values, the dtypes and the shape go to the metadata key ``refquant.<name>.weight``
-# as JSON. Embeddings are written as F16 (the evaluation policy), norms and biases as F32.
-
-_DTYPES = {"uint8": np.int8, "int8": np.int8, "float16": np.float16, "float32": np.float32, "int32": np.int32,
-           "int16": np.int16, "float64": np.float64, "int64": np.int64}
-
-
-def _part(a: np.ndarray) -> np.ndarray:
-    """An array as a GGUF-storable one with the same bytes (unsigned -> signed view)."""
-    a = np.ascontiguousarray(a)
-    if a.ndim == 0:
-        a = a.reshape(1)
-    return a.view(a.dtype.str.replace("u", "i")) if a.dtype.kind == "u" else a
-
-
-# Unscaled float schemes whose codes are exactly a ggml tensor type's bytes.
-_FLOAT_GGML = {"fp16": "F16", "bf16": "BF16"}
+# A quantized MiniGPT is written with its Linears in their stored form
+# (``refquant.gguf.tensors``: GGML schemes as ggml tensors llama.cpp reads, other schemes as
+# their parts); embeddings as F16 (the evaluation policy), norms and biases as F32.
 
 
 def save_quantized(path, params: dict, cfg: Config, linears, scheme: str) -> Path:
-    """Write a MiniGPT whose Linears were quantized by ``scheme`` (``linears`` from evaluate)."""
-    import json
+    """Write a MiniGPT whose Linears (``model.Linears``) were quantized by ``scheme``."""
+    from refquant.gguf import tensors as gguf_tensors
 
     meta = metadata(cfg, {"scheme": scheme})
     tensors = {}
     for k, v in params.items():
         if k in ("token_embd.weight", "position_embd.weight"):
             tensors[k] = np.asarray(v, np.float16)
-        elif not any(k == n + ".weight" for n in linears.layers):
+        elif k[: -len(".weight")] not in linears.layers:
             tensors[k] = np.asarray(v, np.float32)
-    for name, layer in linears.layers.items():
-        key = name + ".weight"
-        qt = layer.get("qt")
-        if qt is None:  # FP32 method
-            tensors[key] = layer["w"]
+    for name, lin in linears.layers.items():
+        qt = getattr(lin, "qt", None)   # a float32 Linear has no QuantizedTensor: written as F32
+        if qt is None:
+            tensors[name + ".weight"] = lin.dequantize()
             continue
-        if qt.kind == "ggml":
-            tensors[key] = gguf.GGUFTensor(qt.meta["ggml_type"], qt.shape, qt.codes)
-            continue
-        if qt.meta.get("granularity") == "none" and qt.meta.get("fmt") in _FLOAT_GGML:
-            raw = np.ascontiguousarray(qt.codes).view(np.uint8).reshape(-1)
-            tensors[key] = gguf.GGUFTensor(_FLOAT_GGML[qt.meta["fmt"]], qt.shape, raw)
-            continue
-        parts = {"codes": qt.codes, "scales": qt.scales, "zeros": qt.zeros}
-        parts.update({f"meta.{k}": v for k, v in qt.meta.items() if isinstance(v, np.ndarray)})
-        info = {"shape": list(qt.shape), "scheme": qt.scheme, "dtypes": {}, "shapes": {},
-                "meta": {k: v for k, v in qt.meta.items() if not isinstance(v, np.ndarray)}}
-        for part, arr in parts.items():
-            if arr is None:
-                continue
-            info["dtypes"][part], info["shapes"][part] = arr.dtype.name, list(arr.shape)
-            tensors[f"{key}.{part}"] = _part(arr)
-        meta[f"refquant.{key}"] = json.dumps(info, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        t, m = gguf_tensors.to_gguf(name + ".weight", qt)
+        tensors.update(t)
+        meta.update(m)
     return gguf.write(path, meta, tensors)
 
 
 def load_quantized(path):
     """``(params, cfg, quantized)``: params with every Linear weight dequantized (the
     fake-quant weights), and ``{linear name: QuantizedTensor}`` rebuilt from the file."""
-    import json
+    from refquant.gguf import tensors as gguf_tensors
 
-    from refquant.gguf import quants
-    from refquant.tensor import QuantizedTensor
-
+    params, cfg, _ = load(path, parts=False)
     with gguf.read(path) as f:
-        m = f.metadata
-        cfg = Config(n_layer=int(m["gpt2.block_count"]), d_model=int(m["gpt2.embedding_length"]),
-                     n_head=int(m["gpt2.attention.head_count"]), n_ctx=int(m["gpt2.context_length"]),
-                     vocab=len(m["tokenizer.ggml.tokens"]),
-                     eps=float(f"{m['gpt2.attention.layer_norm_epsilon']:.7g}"))
-        params, quantized = {}, {}
-        for n, info in f.tensors.items():
-            if ".weight." in n:
-                continue  # parts of a stored QuantizedTensor, assembled below
-            t = f.tensor(n)
-            if info.type.name not in ("F32", "F16"):
-                qt = QuantizedTensor(np.array(t.raw).reshape(info.shape[0], -1), None, None, info.shape,
-                                     info.type.name.lower(), {"kind": "ggml", "ggml_type": info.type.name})
-                quantized[n[:-len(".weight")]] = qt
-                params[n] = qt.dequantize()
-            else:
-                params[n] = t.dequantize().copy()
-        for key in [k for k in m if k.startswith("refquant.")]:
-            info = json.loads(m[key])
-            wname = key[len("refquant."):]
-            arrays = {}
-            for part, dt in info["dtypes"].items():
-                raw = f.tensor(f"{wname}.{part}").numpy()
-                arrays[part] = np.array(raw).view(np.dtype(dt)).reshape(info["shapes"][part])
-            meta = dict(info["meta"])
-            for k, v in meta.items():
-                if isinstance(v, list):
-                    meta[k] = tuple(v)
-            meta.update({p[5:]: a for p, a in arrays.items() if p.startswith("meta.")})
-            qt = QuantizedTensor(arrays["codes"], arrays.get("scales"), arrays.get("zeros"), tuple(info["shape"]),
-                                 info["scheme"], meta)
-            quantized[wname[:-len(".weight")]] = qt
-            params[wname] = qt.dequantize()
-        del quants
-        return params, cfg, quantized
+        qts = gguf_tensors.read_quantized(f)
+    for n, qt in qts.items():
+        params[n] = qt.dequantize()
+    return params, cfg, {n[: -len(".weight")]: qt for n, qt in qts.items()}

@@ -109,23 +109,32 @@ def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True
 
 
 def export_check(path, params, cfg, linears, scheme, lines) -> dict:
-    """Write the quantized model to GGUF, read it back, and compare weights and logits."""
-    from minigpt_np.model import SchemeLinear
+    """Write the quantized model to GGUF and read it back: ``{"file_bytes", "ggml_types",
+    "max_logit_diff", "weights": [(written, read back) QuantizedTensor or float pairs]}``;
+    the caller compares (the benchmark reports, the test asserts bit identity)."""
+    from refquant import linear
 
     out = checkpoint.save_quantized(path, params, cfg, linears, scheme)
     p2, cfg2, qts = checkpoint.load_quantized(out)
-    same = all(np.array_equal(p2[n + ".weight"], linears.layers[n]["w"]) for n in linears.layers)
     lin2 = Linears(p2, cfg2)
-    for n, qt in qts.items():
-        lin2.methods[n] = SchemeLinear(scheme)
-        lin2.layers[n] = {"qt": qt, "w": qt.dequantize(), "nbytes": qt.nbytes}
+    lin2.layers.update({n: linear.QuantizedLinear(qt) for n, qt in qts.items()})
+    pairs = [(getattr(lin, "qt", lin.dequantize()), qts.get(n, p2[n + ".weight"])) for n, lin in linears.layers.items()]
     toks = np.array([[EOT] + list(ln.encode())[: cfg.n_ctx - 1] for ln in lines[:1]])
     a, _ = forward(params, toks, cfg=cfg, linears=linears)
     b, _ = forward(p2, toks, cfg=cfg2, linears=lin2)
     with gguf.read(out) as f:  # the ggml types the Linears were stored as (none: stored as parts)
         ggml = sorted({f.tensors[n + ".weight"].type.name for n in linears.layers if n + ".weight" in f.tensors})
-    return dict(file_bytes=out.stat().st_size, weights_identical=bool(same),
-                max_logit_diff=float(np.abs(a - b).max()), ggml_types=ggml)
+    return dict(file_bytes=out.stat().st_size, max_logit_diff=float(np.abs(a - b).max()), ggml_types=ggml,
+                weights=pairs)
+
+
+def _same(a, b) -> bool:
+    """Whether two QuantizedTensors (or float arrays) hold identical stored data."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    arrays = lambda q: [q.codes, q.scales, q.zeros] + [q.meta[k] for k in sorted(q.meta)]  # noqa: E731
+    return (a.shape == b.shape and a.scheme == b.scheme and sorted(a.meta) == sorted(b.meta)
+            and all(np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(arrays(a), arrays(b))))
 
 
 def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: int | None = None, path=None,
@@ -142,6 +151,7 @@ def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: 
         from pathlib import Path
 
         r["export"] = export_check(Path(export_dir) / f"minigpt-{scheme}.gguf", p, cfg, linears, scheme, test)
+        r["export"]["weights_identical"] = all(_same(a, b) for a, b in r["export"].pop("weights"))
     held = np.array([v in splits.heldout_verbs for v in verbs])
     r["heldout_accuracy"] = float(r["correct"][held].mean()) if held.any() else float("nan")
     r["heldout_n"] = int(held.sum())

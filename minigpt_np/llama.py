@@ -17,12 +17,12 @@ token embedding when the model ties them, as SmolLM2 does).
   (positions, kv_heads, head_dim)), so decoding one token at a time gives the same logits
   as one pass over the whole sequence.
 
-Weights: ``load(path, dtype="stored")`` keeps every quantized matrix in its GGUF bytes as a
-``GGMLLinear``: a single token (decode) runs refquant's numba kernel on those bytes (Q8_0,
-Q4_0, Q4_1, Q4_K, with x quantized to 8-bit blocks as llama.cpp does), several tokens
-(prefill) dequantize that one matrix for the product; embedding rows are dequantized on
-lookup. ``dtype="f32"`` dequantizes everything once at load (0.5 GB for SmolLM2): the
-readable float reference, and faster for long prompts and perplexity.
+Weights are ``refquant.linear`` Linears, so the model code is the same for every storage:
+``load(path, dtype="stored")`` keeps every quantized matrix in its GGUF bytes and runs
+refquant's byte-dot kernels on them (x rounded to 8-bit blocks as llama.cpp does; prefill
+in blocks of 16 tokens); embedding rows are dequantized on lookup. ``dtype="f32"``
+dequantizes everything once at load (0.5 GB for SmolLM2): the readable float reference.
+``quantize_model`` re-quantizes the block Linears with any registered scheme.
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minigpt_np.model import log_softmax, softmax  # noqa: F401  (log_softmax is part of this module's API)
-from refquant.gguf import quants
-from refquant.kernels import bytedot
+from refquant import linear
 
 
 @dataclass(frozen=True)
@@ -83,85 +82,16 @@ def default_model():
     return files[0]
 
 
-class GGMLLinear:
-    """A weight matrix kept as its GGUF block bytes; ``apply(x)`` is ``x Wᵀ``.
-
-    ``parent``/``rows``: set when the matrix is a row slice of a fused matrix (``fuse``),
-    whose bytes it shares.
-    """
-
-    def __init__(self, raw: np.ndarray, type_name: str, shape: tuple[int, int], *, parent=None, rows=None):
-        self.raw, self.type, self.shape = np.ascontiguousarray(raw), type_name, tuple(shape)
-        self.raw = self.raw.reshape(self.shape[0], -1)
-        self.parent, self.rows = parent, rows
-        self._packed = None
-        if self.type in bytedot.GGML_TYPES:
-            row_bytes = quants.ggml_type(self.type).row_bytes(self.shape[1])
-            if self.raw.shape != (self.shape[0], row_bytes):
-                raise ValueError(f"{self.type} weight of shape {self.shape} needs {row_bytes} bytes per row, "
-                                 f"got {self.raw.shape}")
-
-    @property
-    def packed(self) -> bytedot.Packed:
-        """The byte-dot kernel's form of the weight, repacked on first use (decode)."""
-        if self._packed is None:
-            self._packed = bytedot.pack_ggml(self.raw, self.type, self.shape[1])
-        return self._packed
-
-    @property
-    def nbytes(self) -> int:
-        return self.raw.nbytes
-
-    def dequantize(self, rows=None) -> np.ndarray:
-        raw = self.raw if rows is None else self.raw[rows]
-        return quants.dequantize(raw, self.type, (raw.shape[0], self.shape[1])).astype(np.float32, copy=False)
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] == 1 and self.type in bytedot.GGML_TYPES:
-            return bytedot.matmul(self.packed, x)   # x rounded to Q8_0, as llama.cpp does
-        return x @ self.dequantize().T
-
-
-def fuse(ws: list[GGMLLinear]) -> list[GGMLLinear]:
-    """Row-stack Linears that share their input (q/k/v, gate/up) into one byte matrix and
-    return them as row slices of it: decode then runs one kernel call for all of them.
-    Returns ``ws`` unchanged unless they share type and input width."""
-    if len({(w.type, w.shape[1]) for w in ws}) != 1 or any(w.parent is not None for w in ws):
-        return ws
-    raw = np.concatenate([w.raw for w in ws])
-    parent = GGMLLinear(raw, ws[0].type, (raw.shape[0], ws[0].shape[1]))
-    out, start = [], 0
-    for w in ws:
-        stop = start + w.shape[0]
-        out.append(GGMLLinear(parent.raw[start:stop], w.type, w.shape, parent=parent, rows=(start, stop)))
-        start = stop
-    return out
-
-
-def _mm(x: np.ndarray, w) -> np.ndarray:
-    return w.apply(x) if isinstance(w, GGMLLinear) else x @ w.T
-
-
-def _mm_shared(x: np.ndarray, ws: list) -> list[np.ndarray]:
-    """``[x Wᵀ for W in ws]``; one product when ``ws`` are the slices of one fused matrix."""
-    p = getattr(ws[0], "parent", None)
-    if p is not None and all(getattr(w, "parent", None) is p for w in ws) and ws[-1].rows[1] == p.shape[0]:
-        y = _mm(x, p)
-        return [y[:, w.rows[0]:w.rows[1]] for w in ws]
-    return [_mm(x, w) for w in ws]
-
-
-def _embed(w, tokens: np.ndarray) -> np.ndarray:
-    return w.dequantize(tokens) if isinstance(w, GGMLLinear) else w[tokens]
-
-
 def load(path, *, dtype: str = "f32", progress: bool = False):
     """``(params, cfg, metadata)`` of the GGUF at ``path``.
 
-    ``dtype="f32"``: every tensor dequantized to float32. ``dtype="stored"``: quantized 2-D
-    tensors stay as ``GGMLLinear`` (their bytes), the rest float32; each layer's q/k/v and
-    gate/up share one row-stacked byte matrix (``fuse``), so decode makes one kernel call
-    for each group (SmolLM2: 121 calls per token instead of 211).
+    Every matrix is a ``refquant.linear.Linear`` (called as ``params[name](x)``; the token
+    embedding is looked up with ``.rows``), every other tensor a float32 array.
+    ``dtype="f32"``: every tensor dequantized to float32. ``dtype="stored"``: quantized
+    matrices keep their GGUF bytes and run on refquant's kernels (``linear.ggml``, prefill
+    in blocks of ``kernels.MAX_BATCH`` tokens, never expanded to float); each layer's q/k/v
+    and gate/up are row-stacked into one matrix (``linear.fuse``), so decode makes one kernel
+    call for each group (SmolLM2: 121 calls per token instead of 211).
     """
     from tqdm import tqdm
 
@@ -175,9 +105,10 @@ def load(path, *, dtype: str = "f32", progress: bool = False):
         for n in tqdm(f.tensors, desc="load", unit="tensor", disable=not progress):
             info = f.tensors[n]
             if dtype == "stored" and len(info.shape) == 2 and info.type.name not in ("F32", "F16", "BF16", "F64"):
-                params[n] = GGMLLinear(np.array(f.tensor(n).raw), info.type.name, info.shape)
+                params[n] = linear.ggml(np.array(f.tensor(n).raw), info.type.name, info.shape)
             else:
-                params[n] = np.ascontiguousarray(f.tensor(n).dequantize(), np.float32)
+                w = np.ascontiguousarray(f.tensor(n).dequantize(), np.float32)
+                params[n] = linear.DenseLinear(w) if w.ndim == 2 else w
         meta = dict(f.metadata)
     if "output.weight" not in params:
         params["output.weight"] = params["token_embd.weight"]  # tied embeddings
@@ -185,8 +116,7 @@ def load(path, *, dtype: str = "f32", progress: bool = False):
         for i in range(cfg.n_layer):
             for group in (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")):
                 names = [f"blk.{i}.{g}.weight" for g in group]
-                if all(isinstance(params.get(n), GGMLLinear) for n in names):
-                    params.update(zip(names, fuse([params[n] for n in names])))
+                params.update(zip(names, linear.fuse([params[n] for n in names])))
     return params, cfg, meta
 
 
@@ -238,10 +168,10 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
         if hook is not None:
             for name in names:
                 hook(name, x)
-        ys = _mm_shared(x, [params[name] for name in names])
+        ys = linear.apply_shared(x, [params[name] for name in names])
         return ys if len(names) > 1 else ys[0]
 
-    x = _embed(params["token_embd.weight"], tokens)
+    x = params["token_embd.weight"].rows(tokens)
     angles = rope_angles(pos, cfg.n_rot, cfg.rope_base)
     new_cache = []
     group = nh // nkv
@@ -266,7 +196,7 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
         gate, up = mm(m, p + "ffn_gate.weight", p + "ffn_up.weight")
         x = x + mm(_silu(gate) * up, p + "ffn_down.weight")
     x = rms_norm(x, params["output_norm.weight"], cfg.eps)
-    return _mm(x, params["output.weight"]), new_cache
+    return params["output.weight"](x), new_cache
 
 
 # --- perplexity on real text -------------------------------------------------------------
@@ -313,58 +243,61 @@ LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_outp
                    "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
+def block_linears(cfg: LlamaConfig) -> list[str]:
+    """Names of the block Linears, in forward order."""
+    return [f"blk.{i}.{s}" for i in range(cfg.n_layer) for s in LINEAR_SUFFIXES]
+
+
+def _run(params, cfg):
+    """``run(batch, hook)`` for ``refquant.calibration``: each token sequence of the batch
+    through the model with the hook installed."""
+    def run(batch, hook):
+        for seq in batch:
+            forward(params, cfg, seq, hook=hook)
+    return run
+
+
 def hessians(params, cfg: LlamaConfig, sequences, *, progress: bool = False) -> dict:
     """``H = 2/n Σ x xᵀ`` (float64) of every block Linear's input over ``sequences``
-    (a list of token-id lists), from one pass of the unquantized model."""
+    (a list of token-id lists), from one pass of the model."""
+    from refquant import calibration
+
+    stats = calibration.collect(_run(params, cfg), sequences, block_linears(cfg), progress=progress)
+    return {n: st.H for n, st in stats.items()}
+
+
+def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequential: bool = False,
+                   progress: bool = False) -> dict:
+    """``params`` with every block Linear quantized through the scheme registry.
+
+    ``scheme``: a registered name, or ``fn(name, shape) -> name`` per layer (e.g. a group
+    size that divides the width: SmolLM2's 576 is 4.5 x 128). Calibrated schemes (GPTQ,
+    AWQ, SmoothQuant, LLM.int8(), W8A8 variants) take their statistics from ``sequences``
+    (token-id lists): from one pass of the unquantized model (default), or layer by layer
+    from the partly quantized model (``sequential``, ``refquant.calibration``; a model
+    pass per layer). Embeddings, the head and the norms are left as they are.
+    """
+    from refquant import calibration, schemes
+
+    pick = scheme if callable(scheme) else (lambda name, shape: scheme)
+    names = block_linears(cfg)
+    chosen = {n: pick(n, params[n].shape) for n in names}
+    calibrated = [n for n in names if schemes.get(chosen[n]).needs_calib]
+    if calibrated and sequences is None:
+        raise ValueError(f"scheme {chosen[calibrated[0]]!r} needs calibration sequences")
+    out = dict(params)
+
+    def quantize(name, calib):
+        out[name] = linear.quantize(params[name].dequantize(), chosen[name], calib=calib, prefill="kernel")
+
+    if sequential:
+        calibration.quantize_sequential(names, _run(out, cfg), quantize, sequences, needs_calib=bool(calibrated),
+                                        progress=progress)
+        return out
+    stats = calibration.collect(_run(params, cfg), sequences, calibrated, keep_inputs=any(
+        schemes.get(chosen[n]).needs_inputs for n in calibrated), progress=progress) if calibrated else {}
     from tqdm import tqdm
 
-    H, count = {}, {}
-
-    def hook(name, x):
-        x = x.astype(np.float64)
-        H[name] = H.get(name, 0) + x.T @ x
-        count[name] = count.get(name, 0) + x.shape[0]
-
-    for seq in tqdm(sequences, desc="calibrate", unit="seq", disable=not progress):
-        forward(params, cfg, seq, hook=hook)
-    return {n: 2.0 / count[n] * h for n, h in H.items()}
-
-
-def _group(n: int, group_size: int) -> int:
-    while n % group_size:
-        group_size //= 2
-    return group_size
-
-
-def rtn_model(params, cfg: LlamaConfig, *, bits: int = 4, group_size: int = 128) -> tuple[dict, dict]:
-    """The round-to-nearest baseline on the same grid as ``gptq_model`` (symmetric, per group)."""
-    from refquant import affine
-
-    out, qts = dict(params), {}
-    for name in (f"blk.{i}.{s}" for i in range(cfg.n_layer) for s in LINEAR_SUFFIXES):
-        w = params[name]
-        qt = affine.quantize(w, bits, sym=True, granularity="group", group_size=_group(w.shape[1], group_size),
-                             scale_dtype=np.float16)
-        qts[name], out[name] = qt, qt.dequantize()
-    return out, qts
-
-
-def gptq_model(params, cfg: LlamaConfig, sequences, *, bits: int = 4, group_size: int = 128,
-               progress: bool = False) -> tuple[dict, dict]:
-    """Every block Linear GPTQ-quantized (one calibration pass over ``sequences``, each layer
-    from the float model's inputs -- not the sequential variant). Rows whose length is not a
-    multiple of ``group_size`` use the largest power-of-two group dividing it (576 -> 64).
-    Returns ``(params with dequantized weights, {name: QuantizedTensor})``."""
-    from tqdm import tqdm
-
-    from refquant.gptq import gptq_quantize
-
-    Hs = hessians(params, cfg, sequences, progress=progress)
-    out, qts = dict(params), {}
-    names = [f"blk.{i}.{s}" for i in range(cfg.n_layer) for s in LINEAR_SUFFIXES]
-    for name in tqdm(names, desc="gptq", unit="layer", disable=not progress):
-        w = params[name]
-        qt, _ = gptq_quantize(w, Hs[name], bits=bits, group_size=_group(w.shape[1], group_size))
-        qts[name] = qt
-        out[name] = qt.dequantize()
-    return out, qts
+    for name in tqdm(names, desc="quantize", unit="layer", disable=not progress):
+        quantize(name, stats.get(name))
+    return out

@@ -9,10 +9,8 @@ Parameter names are llama.cpp's ``gpt2`` tensor names (``token_embd.weight``,
 ``blk.0.attn_qkv.weight`` …), so the dict is written to GGUF as it is. Linear weights are
 ``(out, in)``.
 
-Every Linear goes through a *method* (vLLM's split): ``create_weights(layer, w, calib)``
-stores whatever the method needs in the ``layer`` dict, ``apply(layer, x)`` computes
-``x Wᵀ``. ``FP32Linear`` is the identity; ``SchemeLinear("int4_g128")`` wraps any scheme
-of ``refquant.schemes``. The model code never branches on the scheme.
+Every Linear is a ``refquant.linear.Linear`` (float32, or any registered scheme behind the
+same call), held by ``Linears``; the model code never branches on how a weight is stored.
 """
 from __future__ import annotations
 
@@ -97,81 +95,32 @@ def log_softmax(z, axis=-1):
     return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
-# --- quantized-linear methods -------------------------------------------------------------
-
-class FP32Linear:
-    """The identity method: keeps the float32 weight."""
-
-    name = "fp32"
-
-    def create_weights(self, layer: dict, w: np.ndarray, calib=None) -> None:
-        layer["w"] = np.ascontiguousarray(w, np.float32)
-        layer["nbytes"] = layer["w"].nbytes
-
-    def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
-        return _matmul_t(x, layer["w"])
-
-
-def _matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x Wᵀ`` as one 2-D BLAS call: NumPy's stacked (3-D @ 2-D) matmul does not use BLAS
-    for a transposed operand and ran ~10x slower here (measured)."""
-    return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
-
-
-class SchemeLinear:
-    """Any ``refquant.schemes`` scheme. The weight is quantized once; ``apply`` multiplies
-    by its dequantized value (what ``Scheme.matmul``'s reference does), cached as float32,
-    except for a single token, which goes through the scheme's matvec kernel if it has one.
-    Schemes that quantize activations too (W8A8, SmoothQuant, LLM.int8()) round the input
-    first with the scheme's ``act_quant``, so the layer computes what their kernels do."""
-
-    def __init__(self, scheme: str):
-        from refquant import schemes
-
-        self.scheme = schemes.get(scheme)
-        self.name = scheme
-
-    def create_weights(self, layer: dict, w: np.ndarray, calib=None) -> None:
-        qt = self.scheme.quantize(w, calib=calib)
-        layer["qt"] = qt
-        layer["w"] = qt.dequantize()
-        layer["nbytes"] = qt.nbytes
-
-    def apply(self, layer: dict, x: np.ndarray) -> np.ndarray:
-        if x.size == x.shape[-1] and self.scheme.matvec_fn is not None:
-            # one token (batch-1 decode): the scheme's numba matvec kernel on the stored codes
-            return self.scheme.matvec(layer["qt"], x.reshape(-1)).reshape(x.shape[:-1] + (-1,))
-        if self.scheme.act_quant is not None:
-            x = self.scheme.act_quant(layer["qt"], x.reshape(-1, x.shape[-1])).reshape(x.shape)
-        return _matmul_t(x, layer["w"])
-
+# --- Linears ------------------------------------------------------------------------------
 
 class Linears:
-    """The model's Linear layers under one method each: ``linears(name, x) = x Wᵀ + b``.
+    """The model's Linear layers: ``linears(name, x) = x Wᵀ + b``, each weight a
+    ``refquant.linear.Linear`` (float32, or quantized by any registered scheme).
 
-    ``method``: a method object, a scheme name, or a callable ``name -> method``;
-    ``calib``: optional ``name -> calibration inputs`` for calibrated schemes.
+    ``method``: a scheme name for every layer (None or ``"fp32"``: float32), or a callable
+    ``name -> scheme name``; ``calib``: optional ``name -> calibration inputs`` for
+    calibrated schemes. ``layers[name]`` can be replaced by any ``Linear``.
     """
 
     def __init__(self, params: dict, cfg: Config, method=None, calib=None):
+        from refquant import linear
+
         self.params = params
-        self.methods, self.layers = {}, {}
+        self.layers = {}
         for name in linear_names(cfg):
-            m = method(name) if callable(method) and not hasattr(method, "apply") else method
-            if m is None:
-                m = FP32Linear()
-            elif isinstance(m, str):
-                m = FP32Linear() if m == "fp32" else SchemeLinear(m)
-            self.methods[name] = m
-            self.layers[name] = {}
-            m.create_weights(self.layers[name], params[name + ".weight"], calib(name) if calib else None)
+            scheme = (method(name) if callable(method) else method) or "fp32"
+            self.layers[name] = linear.quantize(params[name + ".weight"], scheme, calib=calib(name) if calib else None)
 
     def __call__(self, name: str, x: np.ndarray) -> np.ndarray:
-        return self.methods[name].apply(self.layers[name], x) + self.params[name + ".bias"]
+        return self.layers[name](x) + self.params[name + ".bias"]
 
     @property
     def nbytes(self) -> int:
-        return sum(layer["nbytes"] for layer in self.layers.values())
+        return sum(layer.nbytes for layer in self.layers.values())
 
 
 # --- forward ---------------------------------------------------------------------------
@@ -221,7 +170,8 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
             hook(b + "ffn_down", u)
         x = x + linears(b + "ffn_down", u)
     h = layer_norm(x, params["output_norm.weight"], params["output_norm.bias"], cfg.eps)
-    return _matmul_t(h, params["token_embd.weight"]).astype(np.float32), present
+    logits = h.reshape(B * T, d) @ params["token_embd.weight"].T   # tied head, one 2-D BLAS call
+    return logits.reshape(B, T, -1).astype(np.float32), present
 
 
 def decode_step(params: dict, token: int, cache: list | None, *, cfg=None, linears=None):
@@ -264,7 +214,7 @@ def quantize_sequential(params: dict, cfg: Config, scheme: str, sequences, *, pr
     """MiniGPT ``Linears`` with every layer quantized by ``scheme``, calibrated sequentially
     (``refquant.calibration.quantize_sequential``: layer k on the inputs that the already
     quantized layers 0..k-1 produce). Uncalibrated schemes skip the passes."""
-    from refquant import calibration, schemes
+    from refquant import calibration, linear, schemes
 
     linears = Linears(params, cfg)
 
@@ -272,9 +222,7 @@ def quantize_sequential(params: dict, cfg: Config, scheme: str, sequences, *, pr
         forward(params, tokens, cfg=cfg, linears=linears, hook=hook)
 
     def quantize(name, X):
-        m, layer = SchemeLinear(scheme), {}
-        m.create_weights(layer, params[name + ".weight"], calib=X)
-        linears.methods[name], linears.layers[name] = m, layer
+        linears.layers[name] = linear.quantize(params[name + ".weight"], scheme, calib=X)
 
     calibration.quantize_sequential(linear_names(cfg), run, quantize, sequences,
                                     needs_calib=schemes.get(scheme).needs_calib, progress=progress,

@@ -23,55 +23,84 @@ from tqdm import tqdm
 
 @dataclass
 class LayerStats:
-    """Running input statistics of one Linear."""
+    """Running input statistics of one Linear, accumulated batch by batch (``add_batch``, as
+    the GPTQ reference accumulates its Hessian). ``keep_inputs``: also keep the inputs."""
 
+    keep_inputs: bool = False
     n: int = 0
     xtx: np.ndarray | None = None
     sum_abs: np.ndarray | None = None
     max_abs: np.ndarray | None = None
     inputs: list = field(default_factory=list)
 
-    def add(self, x: np.ndarray, keep: bool) -> None:
-        x2 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    def add_batch(self, x: np.ndarray) -> "LayerStats":
+        """Add inputs ``x`` (..., in): one row per token."""
+        x = np.asarray(x)
+        x2 = x.astype(np.float64).reshape(-1, x.shape[-1])
         if self.xtx is None:
             d = x2.shape[1]
             self.xtx, self.sum_abs, self.max_abs = np.zeros((d, d)), np.zeros(d), np.zeros(d)
+        elif x2.shape[1] != self.xtx.shape[0]:
+            raise ValueError(f"inputs have {x2.shape[1]} features, earlier batches had {self.xtx.shape[0]}")
         self.xtx += x2.T @ x2
         self.sum_abs += np.abs(x2).sum(axis=0)
-        np.maximum(self.max_abs, np.abs(x2).max(axis=0), out=self.max_abs)
+        np.maximum(self.max_abs, np.abs(x2).max(axis=0, initial=0), out=self.max_abs)
         self.n += x2.shape[0]
-        if keep:
+        if self.keep_inputs:
             self.inputs.append(x2.astype(np.float32))
+        return self
+
+    def _need_data(self):
+        if self.n == 0:
+            raise ValueError("no calibration inputs were added")
 
     @property
     def H(self) -> np.ndarray:
+        """GPTQ's Hessian proxy ``2/n Σ x xᵀ``, float64 (in, in)."""
+        self._need_data()
         return 2.0 / self.n * self.xtx
 
     @property
     def mean_abs(self) -> np.ndarray:
+        """Per input channel ``mean |x|`` (AWQ)."""
+        self._need_data()
         return self.sum_abs / self.n
 
     @property
     def X(self) -> np.ndarray:
-        return np.concatenate(self.inputs) if self.inputs else np.zeros((0, 0), np.float32)
+        """The inputs themselves, float32 (n, in) (only with ``keep_inputs``)."""
+        if not self.keep_inputs:
+            raise ValueError("these statistics were collected without keep_inputs: the inputs were not kept")
+        self._need_data()
+        return np.concatenate(self.inputs)
+
+
+def as_stats(calib) -> LayerStats:
+    """Calibration data as ``LayerStats``: statistics pass through; inputs ``X`` (tokens, in)
+    become the statistics of those inputs (inputs kept)."""
+    from refquant._checks import float_array
+
+    if isinstance(calib, LayerStats):
+        return calib
+    return LayerStats(keep_inputs=True).add_batch(float_array(calib, "calib", ndim=2))
 
 
 def collect(run, sequences, names=None, *, keep_inputs: bool = False, batch: int = 16,
             progress: bool = True) -> dict[str, LayerStats]:
     """Statistics of the Linears in ``names`` (all if None) over ``sequences`` (S, T) tokens.
 
-    ``run(tokens, hook)`` runs the model on a batch of token rows with the hook installed.
+    ``run(batch, hook)`` runs the model on ``sequences[i:i + batch]`` (an array of token
+    rows, or a list of token lists) with the hook installed.
     """
     stats: dict[str, LayerStats] = {}
     wanted = None if names is None else set(names)
 
     def hook(name, x):
         if wanted is None or name in wanted:
-            stats.setdefault(name, LayerStats()).add(x, keep_inputs)
+            stats.setdefault(name, LayerStats(keep_inputs)).add_batch(x)
 
-    seqs = np.asarray(sequences)
-    for i in tqdm(range(0, len(seqs), batch), desc="calibrate", unit="batch", disable=not progress, leave=False):
-        run(seqs[i:i + batch], hook)
+    for i in tqdm(range(0, len(sequences), batch), desc="calibrate", unit="batch", disable=not progress, leave=False):
+        run(sequences[i:i + batch], hook)
     return stats
 
 

@@ -46,9 +46,11 @@ from refquant.tensor import QuantizedTensor, register_decoder
 
 
 def hessian(X: np.ndarray) -> np.ndarray:
-    """``H = 2/n Σ x xᵀ`` (float64) from calibration inputs ``X`` (n, in)."""
-    X = float_array(X, "X", ndim=2).astype(np.float64)
-    return 2.0 / X.shape[0] * (X.T @ X)
+    """``H = 2/n Σ x xᵀ`` (float64) from calibration inputs ``X`` (n, in)
+    (``refquant.calibration.LayerStats`` accumulates it batch by batch)."""
+    from refquant.calibration import as_stats
+
+    return as_stats(X).H
 
 
 def _group_params(wg: np.ndarray, bits: int, sym: bool, scale_dtype):

@@ -27,6 +27,7 @@ from refquant import affine, codebooks, formats, kernels, mx
 from refquant.kernels import table as kernel_table
 from refquant.gguf import quants as ggml_quants
 from refquant._checks import float_array
+from refquant.calibration import as_stats
 from refquant.tensor import QuantizedTensor
 
 
@@ -40,11 +41,18 @@ class Scheme:
     expected_nbytes: Callable[[tuple[int, int]], int]
     error_bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None
     needs_calib: bool = False
+    needs_inputs: bool = False   # calibration must keep the inputs themselves (AWQ), not only statistics
     matvec_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, x)
     matmul_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, X), M <= 16
     # schemes that quantize activations too (W8A8, SmoothQuant, LLM.int8()): X -> X as the
     # layer sees it; the layer computes act_quant(qt, X) @ qt.dequantize().T
     act_quant: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None
+
+    @property
+    def any_batch(self) -> bool:
+        """Whether ``matmul_fn`` takes any number of rows (the exact-integer W8A8-style
+        products do; the byte-dot kernels take ``kernels.MAX_BATCH``)."""
+        return self.act_quant is not None and self.name not in kernel_table.KERNELS
 
     def quantize(self, w: np.ndarray, *, calib=None) -> QuantizedTensor:
         """Quantize a 2-D float weight matrix of shape (out, in)."""
@@ -73,9 +81,7 @@ class Scheme:
     def matmul(self, qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
         """``X W^T`` for X of shape (M, in), float32 result of shape (M, out)."""
         X = self._check(qt, X, "X", 2)
-        # the byte-dot kernels take M <= 16 rows; the exact-integer W8A8-style matmuls any M
-        any_m = self.act_quant is not None and self.name not in kernel_table.KERNELS
-        if self.matmul_fn is not None and (X.shape[0] <= kernels.MAX_BATCH or any_m):
+        if self.matmul_fn is not None and (X.shape[0] <= kernels.MAX_BATCH or self.any_batch):
             return self.matmul_fn(qt, X)
         if self.act_quant is not None:
             X = self.act_quant(qt, X.astype(np.float32))
@@ -87,7 +93,7 @@ _REGISTRY: dict[str, Scheme] = {}
 
 def register(name: str, *, description: str, nbytes: Callable[[tuple[int, int]], int],
              bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None, needs_calib: bool = False,
-             matvec=None, matmul=None, act_quant=None):
+             needs_inputs: bool = False, matvec=None, matmul=None, act_quant=None):
     """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``.
 
     ``matvec(qt, x)`` / ``matmul(qt, X)``: optional kernels used instead of
@@ -102,7 +108,7 @@ def register(name: str, *, description: str, nbytes: Callable[[tuple[int, int]],
         entry = kernel_table.KERNELS.get(name)
         if entry is not None:   # the byte-dot kernels (refquant.kernels.table)
             mv = mm = entry.matmul
-        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib, mv, mm, act_quant)
+        _REGISTRY[name] = Scheme(name, description, fn, nbytes, bound, needs_calib, needs_inputs, mv, mm, act_quant)
         return fn
 
     return deco
@@ -252,6 +258,7 @@ def _register_gptq(name: str, description: str, **kw):
 
 
 _register_gptq("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", bits=4, group_size=128)
+_register_gptq("gptq_int4_g64", "GPTQ INT4 symmetric, fp16 scale per 64 inputs", bits=4, group_size=64)
 _register_gptq("gptq_int4_g128_actorder", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4,
                group_size=128, act_order=True)
 _register_gptq("gptq_int3_g128", "GPTQ INT3 symmetric, fp16 scale per 128 inputs", bits=3, group_size=128)
@@ -268,8 +275,8 @@ def _register_activation_aware():
         return out * n // 2 + out * (n // 128) * 3 + 4 * n  # codes, fp16 scale + uint8 zero, fp32 AWQ scales
 
     register("awq_int4_g128", description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
-             nbytes=awq_nbytes, needs_calib=True)(
-        lambda w, *, calib=None: awq.awq_quantize(w, calib))
+             nbytes=awq_nbytes, needs_calib=True, needs_inputs=True)(
+        lambda w, *, calib=None: awq.awq_quantize(w, as_stats(calib).X))
 
     w8a8_bytes = lambda shape: shape[0] * shape[1] + 4 * shape[0]  # noqa: E731
     def int8_bound(w, qt):  # round-to-nearest on a grid of step scale_r / s_j (s = smoothing factors)
@@ -289,7 +296,7 @@ def _register_activation_aware():
              act_quant=smoothquant.act_quant, matmul=smoothquant.matmul,
              matvec=lambda qt, x: smoothquant.matmul(qt, x[None])[0])(
         lambda w, *, calib=None: smoothquant.quantize(
-            w, smooth=smoothquant.smooth_scales(np.max(np.abs(calib), axis=0), w), scheme="smoothquant_w8a8"))
+            w, smooth=smoothquant.smooth_scales(as_stats(calib).max_abs, w), scheme="smoothquant_w8a8"))
 
     def int8_nbytes(shape):  # plus 2 bytes per weight and 4 per index for each outlier column (data dependent)
         return shape[0] * shape[1] + 4 * shape[0]
@@ -298,7 +305,7 @@ def _register_activation_aware():
              nbytes=int8_nbytes, needs_calib=True, act_quant=llm_int8.act_quant, matmul=llm_int8.matmul,
              bound=int8_bound,
              matvec=lambda qt, x: llm_int8.matmul(qt, x[None])[0])(
-        lambda w, *, calib=None: llm_int8.quantize(w, np.max(np.abs(calib), axis=0)))
+        lambda w, *, calib=None: llm_int8.quantize(w, as_stats(calib).max_abs))
 
 
 _register_activation_aware()

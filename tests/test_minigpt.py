@@ -242,7 +242,7 @@ def test_activation_quantizing_schemes_round_the_layer_inputs():
     name = "blk.0.ffn_up"
     x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     from refquant import schemes
-    qt = lin.layers[name]["qt"]
+    qt = lin.layers[name].qt
     want = schemes.get("w8a8").matmul(qt, x) + params[name + ".bias"]
     np.testing.assert_allclose(lin(name, x), want, rtol=1e-5, atol=1e-6)
 
@@ -253,7 +253,7 @@ def test_sequential_calibration_quantizes_every_layer():
     params = init_params(cfg, 0)
     seqs = np.random.default_rng(0).integers(0, 256, (8, 16))
     lin = quantize_sequential(params, cfg, "gptq_int4_g128", seqs, progress=False)
-    assert all(layer["qt"].scheme == "gptq_int4_g128" for layer in lin.layers.values())
+    assert all(layer.qt.scheme == "gptq_int4_g128" for layer in lin.layers.values())
     stats = calibration.collect(lambda t, hook: forward(params, t, cfg=cfg, hook=hook), seqs, ["blk.0.ffn_up"],
                                 progress=False, keep_inputs=True)["blk.0.ffn_up"]
     X = stats.X.astype(np.float64)
@@ -270,7 +270,19 @@ def test_quantized_gguf_export_round_trips_exactly(scheme, tmp_path):
     params = init_params(cfg, 0)
     p, lin = evaluate.prepare(params, cfg, scheme)
     r = evaluate.export_check(tmp_path / "m.gguf", p, cfg, lin, scheme, corpus.make_splits(200, 10, 10).test)
-    assert r["weights_identical"] and r["max_logit_diff"] <= 1e-5
+    for name, (written, read) in zip(lin.layers, r["weights"]):
+        if isinstance(read, np.ndarray):   # fp16/bf16: a plain F16/BF16 tensor, read back as floats
+            np.testing.assert_array_equal(read, written.dequantize())
+            continue
+        assert read.scheme == written.scheme and read.shape == written.shape, name
+        for part in ("codes", "scales", "zeros"):
+            a, b = getattr(written, part), getattr(read, part)
+            assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b)), (name, part)
+        assert set(read.meta) == set(written.meta)
+        for k, v in written.meta.items():
+            assert np.array_equal(read.meta[k], v) if isinstance(v, np.ndarray) else read.meta[k] == v, (name, k)
+        np.testing.assert_array_equal(read.dequantize(), written.dequantize())
+    assert r["max_logit_diff"] == 0
     ggml = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K", "iq4_nl": "IQ4_NL", "fp16": "F16", "bf16": "BF16"}
     if scheme in ggml:
         assert r["ggml_types"] == [ggml[scheme]]

@@ -946,11 +946,24 @@ def quantize_tensor(w, type_name, scheme: str | None = None):
     ``codes`` is ``uint8[out, row_bytes]``, exactly what a GGUF file stores for the tensor;
     scales and minima live inside the blocks, so ``scales`` and ``zeros`` are None.
     """
+    t = ggml_type(type_name)
+    return from_raw(quantize(w, t), t, w.shape, scheme)
+
+
+def from_raw(raw, type_name, shape, scheme: str | None = None):
+    """A 2-D tensor's block bytes (as a GGUF file stores them) as a ``QuantizedTensor`` of kind
+    ``ggml``: ``codes`` is ``uint8[out, row_bytes]``, scheme the type's lower-case name."""
     from refquant.tensor import QuantizedTensor
 
     t = ggml_type(type_name)
-    raw = quantize(w, t)
-    return QuantizedTensor(raw, None, None, w.shape, scheme or t.name.lower(), {"kind": "ggml", "ggml_type": t.name})
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2:
+        raise ValueError(f"a ggml matrix is 2-D, got shape {shape}")
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    if raw.size != shape[0] * t.row_bytes(shape[1]):
+        raise ValueError(f"{t.name} {shape} needs {shape[0] * t.row_bytes(shape[1])} bytes, got {raw.size}")
+    return QuantizedTensor(raw.reshape(shape[0], -1), None, None, shape, scheme or t.name.lower(),
+                           {"kind": "ggml", "ggml_type": t.name})
 
 
 def _decode_ggml(qt):

@@ -1,0 +1,87 @@
+"""``QuantizedTensor`` s in GGUF files, written so that llama.cpp reads what it can.
+
+* A tensor of kind ``ggml`` (Q8_0, Q4_K, IQ4_NL, …) is written as that ggml type: its
+  ``codes`` are already the block bytes.
+* An unscaled FP16/BF16 tensor is written as F16/BF16 (its codes are those bytes).
+* Any other scheme (GPTQ with act-order, NF4, AWQ, W8A8, …) is written as its parts:
+  ``KEY.codes`` / ``.scales`` / ``.zeros`` and ``.meta.<name>`` for every array in
+  ``QuantizedTensor.meta``, the bytes kept bit for bit (unsigned data as the signed GGUF
+  type of the same width); the other meta values, the dtypes and the shape go to the
+  metadata key ``refquant.KEY`` as JSON. llama.cpp ignores keys and tensors it does not use.
+
+``to_gguf(key, qt)`` gives the tensors and metadata to write; ``read_quantized(f)``
+rebuilds every ``QuantizedTensor`` of an open ``GGUFFile`` (ggml-typed tensors included),
+bit-identical to what was written (tested).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from refquant.gguf.file import GGUFError, GGUFFile, GGUFTensor
+from refquant.gguf.quants import from_raw
+from refquant.tensor import QuantizedTensor
+
+_FLOAT_GGML = {"fp16": "F16", "bf16": "BF16"}   # unscaled float schemes whose codes are a ggml type's bytes
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")     # read back as plain float arrays, not QuantizedTensors
+_PREFIX = "refquant."
+
+
+def _storable(a: np.ndarray) -> np.ndarray:
+    """``a`` as a GGUF-storable array with the same bytes (unsigned → signed view)."""
+    a = np.ascontiguousarray(a)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    return a.view(a.dtype.str.replace("u", "i")) if a.dtype.kind == "u" else a
+
+
+def to_gguf(key: str, qt: QuantizedTensor) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` that store ``qt`` under the tensor name ``key``."""
+    if qt.kind == "ggml":
+        return {key: GGUFTensor(qt.meta["ggml_type"], qt.shape, qt.codes)}, {}
+    if qt.meta.get("granularity") == "none" and qt.meta.get("fmt") in _FLOAT_GGML:
+        raw = np.ascontiguousarray(qt.codes).view(np.uint8).reshape(-1)
+        return {key: GGUFTensor(_FLOAT_GGML[qt.meta["fmt"]], qt.shape, raw)}, {}
+    parts = {"codes": qt.codes, "scales": qt.scales, "zeros": qt.zeros}
+    parts.update({f"meta.{k}": v for k, v in qt.meta.items() if isinstance(v, np.ndarray)})
+    info = {"shape": list(qt.shape), "scheme": qt.scheme, "dtypes": {}, "shapes": {},
+            "meta": {k: v for k, v in qt.meta.items() if not isinstance(v, np.ndarray)}}
+    tensors = {}
+    for part, arr in parts.items():
+        if arr is not None:
+            info["dtypes"][part], info["shapes"][part] = arr.dtype.name, list(arr.shape)
+            tensors[f"{key}.{part}"] = _storable(arr)
+    meta = {_PREFIX + key: json.dumps(info, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))}
+    return tensors, meta
+
+
+def part_names(f: GGUFFile) -> set[str]:
+    """Names of the tensors in ``f`` that are parts of a stored ``QuantizedTensor``."""
+    out = set()
+    for k in f.metadata:
+        if k.startswith(_PREFIX):
+            out.update(f"{k[len(_PREFIX):]}.{p}" for p in json.loads(f.metadata[k])["dtypes"])
+    return out
+
+
+def read_quantized(f: GGUFFile) -> dict[str, QuantizedTensor]:
+    """Every quantized tensor of ``f`` by tensor name: 2-D ggml-typed tensors (not F32/F16)
+    and the ``QuantizedTensor`` s stored as parts (``to_gguf``)."""
+    out = {}
+    for n, info in f.tensors.items():
+        if len(info.shape) == 2 and info.type.name not in _FLOAT_TYPES and info.type.can_dequantize:
+            out[n] = from_raw(np.array(f.tensor(n).raw), info.type.name, info.shape)
+    for k in [k for k in f.metadata if k.startswith(_PREFIX)]:
+        key = k[len(_PREFIX):]
+        try:
+            info = json.loads(f.metadata[k])
+            arrays = {part: np.array(f.tensor(f"{key}.{part}").numpy()).view(np.dtype(dt)).reshape(info["shapes"][part])
+                      for part, dt in info["dtypes"].items()}
+            meta = {m: tuple(v) if isinstance(v, list) else v for m, v in info["meta"].items()}
+            meta.update({p[5:]: a for p, a in arrays.items() if p.startswith("meta.")})
+            out[key] = QuantizedTensor(arrays["codes"], arrays.get("scales"), arrays.get("zeros"),
+                                       tuple(info["shape"]), info["scheme"], meta)
+        except (KeyError, ValueError, TypeError) as e:
+            raise GGUFError(f"{f.path}: stored tensor {key!r} is malformed: {e}") from e
+    return out
