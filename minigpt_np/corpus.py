@@ -22,6 +22,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
+from minigpt_np.model import EOT
+
 TENSES = ("past", "present", "future")
 ASPECTS = ("simple", "progressive", "perfect")
 LABELS = tuple(f"{t} {a}" for t in TENSES for a in ASPECTS)
@@ -287,3 +291,12 @@ def parse(ln: str) -> tuple[str, str]:
     """``"sentence => label"`` -> (sentence, label)."""
     text, label = ln.rsplit(SEP, 1)
     return text, label
+
+
+def token_stream(lines: list[str]) -> np.ndarray:
+    """[EOT] line \\n [EOT] line \\n ... as uint16 tokens."""
+    out = []
+    for ln in lines:
+        out.append(EOT)
+        out.extend((ln + "\n").encode("utf-8"))
+    return np.array(out, np.uint16)

@@ -32,9 +32,7 @@ CONT_LEN = max(len(c) for c in CONT)
 
 def calibration_sequences(cfg: Config, n: int = 128) -> np.ndarray:
     """The first ``n`` windows of ``n_ctx`` tokens of the training stream (calibration data)."""
-    from minigpt_np.train import token_stream
-
-    stream = token_stream(corpus.make_splits().train)
+    stream = corpus.token_stream(corpus.make_splits().train)
     return stream[: n * cfg.n_ctx].reshape(n, cfg.n_ctx).astype(np.int64)
 
 

@@ -203,15 +203,6 @@ def adamw_step(params, grads, state, lr, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, clip
     return norm
 
 
-def token_stream(lines: list[str]) -> np.ndarray:
-    """[EOT] line \\n [EOT] line \\n ... as uint16 tokens."""
-    out = []
-    for ln in lines:
-        out.append(EOT)
-        out.extend((ln + "\n").encode("utf-8"))
-    return np.array(out, np.uint16)
-
-
 def batch(stream: np.ndarray, B: int, T: int, rng) -> tuple[np.ndarray, np.ndarray]:
     starts = rng.integers(0, len(stream) - T - 1, B)
     w = np.stack([stream[s:s + T + 1] for s in starts]).astype(np.int64)
@@ -236,7 +227,7 @@ def train(cfg: Config, *, steps: int, batch_size: int, lr: float, warmup: int, s
           log_path: Path | None = None, time_limit_s: float | None = None, quiet: bool = False):
     """Train and return ``(params, log)``; ``log`` has the loss curve and timing."""
     splits = corpus.make_splits(seed=seed)
-    train_stream, val_stream = token_stream(splits.train), token_stream(splits.validation)
+    train_stream, val_stream = corpus.token_stream(splits.train), corpus.token_stream(splits.validation)
     rng = np.random.default_rng(seed)
     params = init_params(cfg, seed)
     opt = {"t": 0, "m": {k: np.zeros_like(v) for k, v in params.items()},
@@ -305,17 +296,18 @@ def main(argv=None) -> None:
     ap.add_argument("--state", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "train_state.npz")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "minigpt.gguf")
+    ap.add_argument("--log", type=Path, default=ROOT / "benchmarks" / "results" / "minigpt_train.json",
+                    help="training log (JSON), which `python -m benchmarks.training` draws")
     ap.add_argument("--eval-lines", type=int, default=None,
                     help="test lines the final metrics are recorded on (default: the whole test split)")
     args = ap.parse_args(argv)
-    from benchmarks.common import RESULTS
     from minigpt_np import checkpoint
 
     cfg = Config()
     args.state.parent.mkdir(parents=True, exist_ok=True)
     params, log = train(cfg, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                         seed=args.seed, state_path=args.state, resume=args.resume,
-                        log_path=RESULTS / "minigpt_train.json")
+                        log_path=args.log)
     checkpoint.save(args.out, params, cfg, {"train_steps": args.steps, "train_seconds": log["elapsed_s"]})
     from minigpt_np import evaluate
 

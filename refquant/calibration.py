@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 
 @dataclass
@@ -92,6 +91,8 @@ def collect(run, sequences, names=None, *, keep_inputs: bool = False, batch: int
     ``run(batch, hook)`` runs the model on ``sequences[i:i + batch]`` (an array of token
     rows, or a list of token lists) with the hook installed.
     """
+    from tqdm import tqdm
+
     stats: dict[str, LayerStats] = {}
     wanted = None if names is None else set(names)
 
@@ -115,6 +116,8 @@ def quantize_sequential(names, run, quantize, sequences, *, needs_calib: bool = 
     Layer k is thus calibrated on the inputs produced by the quantized layers 0..k-1. The
     model is whatever the callbacks drive: refquant knows no model.
     """
+    from tqdm import tqdm
+
     for name in tqdm(list(names), desc=desc, unit="layer", disable=not progress):
         X = collect(run, sequences, [name], keep_inputs=True, progress=False)[name].X if needs_calib else None
         quantize(name, X)

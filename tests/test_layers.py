@@ -1,5 +1,6 @@
-"""Layers point down: refquant knows no model and no benchmark, and ``import refquant``
-stays a NumPy import (numba loads when a kernel is first used)."""
+"""Layers point down: refquant knows no model and no benchmark, minigpt_np no benchmark,
+no module imports itself through others (no cycles), and ``import refquant`` stays a NumPy
+import (numba loads when a kernel is first used). Imports inside functions count."""
 import ast
 import subprocess
 import sys
@@ -8,20 +9,82 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _imported_modules(path: Path) -> set[str]:
-    mods = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            mods |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            mods.add(node.module)
-    return mods
+PACKAGES = ("refquant", "minigpt_np", "benchmarks")
+# package -> top-level packages it must not import
+FORBIDDEN = {"refquant": {"minigpt_np", "benchmarks"}, "minigpt_np": {"benchmarks"}, "benchmarks": set()}
 
 
-def test_refquant_imports_no_model_and_no_benchmark():
-    bad = {f"{p.relative_to(ROOT)}: {m}" for p in (ROOT / "refquant").rglob("*.py")
-           for m in _imported_modules(p) if m.split(".")[0] in ("minigpt_np", "benchmarks")}
-    assert not bad, sorted(bad)
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Our modules -> our modules they import (``from pkg import mod`` is an edge to
+    ``pkg.mod`` when that is a module, else to ``pkg``)."""
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+                    pkg = pkg.rsplit(".", node.level - 1)[0] if node.level > 1 else pkg
+                    base = f"{pkg}.{base}" if base else pkg
+                for a in node.names:
+                    out |= {f"{base}.{a.name}"} if f"{base}.{a.name}" in files else ({base} & files.keys())
+        graph[name] = out - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while not comp or comp[-1] != v:
+                comp.append(stack.pop())
+                on.discard(comp[-1])
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_layers_point_down():
+    bad = sorted(f"{m} imports {d}" for m, deps in import_graph().items() for d in deps
+                 if d.split(".")[0] in FORBIDDEN[m.split(".")[0]])
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_graph_checks_bite():
+    """The checks find what they look for: a made-up cycle and the real edges."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    g = import_graph()
+    assert "refquant.kernels.bytedot" in g["refquant.kernels.table"]    # an import inside a function
+    assert "refquant.gguf.quants" in g["refquant.gguf.file"] and "minigpt_np.model" in g["minigpt_np.corpus"]
 
 
 def test_import_refquant_does_not_load_numba():

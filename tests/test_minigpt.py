@@ -295,12 +295,10 @@ def test_quantized_gguf_export_round_trips_exactly(scheme, tmp_path):
 def test_readme_commands_train_and_evaluate(tmp_path, monkeypatch, capsys):
     """`python -m minigpt_np.train` (shortened) writes a checkpoint carrying its own FP32
     metrics; `python -m minigpt_np.evaluate` reports a scheme on it."""
-    from benchmarks import common
     from minigpt_np import evaluate
-    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     out = tmp_path / "m.gguf"
     tr.main(["--steps", "2", "--warmup", "1", "--state", str(tmp_path / "s.npz"), "--out", str(out),
-             "--eval-lines", "12"])
+             "--eval-lines", "12", "--log", str(tmp_path / "results" / "minigpt_train.json")])
     _, _, meta = checkpoint.load(out)
     assert meta["minigpt.train_steps"] == 2 and meta["minigpt.subset_n"] == 12 == meta["minigpt.test_lines"]
     r = evaluate.evaluate("fp32", limit=12, path=out, progress=False)
