@@ -242,7 +242,7 @@ def train(cfg: Config, *, steps: int, batch_size: int, lr: float, warmup: int, s
         opt["v"] = {k[2:]: z[k] for k in z.files if k.startswith("v/")}
         opt["t"] = start = int(z["step"])
         log = json.loads(str(z["log"]))
-        rng = np.random.default_rng([seed, start])
+        rng.bit_generator.state = json.loads(str(z["rng"]))   # the batches continue as if never stopped
     t0 = time.time() - log["elapsed_s"]
     bar = tqdm(range(start, steps), desc="train", unit="step", disable=quiet, initial=start, total=steps)
     for step in bar:
@@ -258,11 +258,12 @@ def train(cfg: Config, *, steps: int, batch_size: int, lr: float, warmup: int, s
             log["val"].append([step + 1, val])
             bar.write(f"step {step + 1}: train {loss:.4f}  val {val:.4f}  ({time.time() - t0:.0f} s)")
         log["elapsed_s"] = time.time() - t0
-        if state_path and ((step + 1) % save_every == 0 or last):
-            save_state(state_path, params, opt, step + 1, log)
-        if log_path and ((step + 1) % eval_every == 0 or last):
+        stop = time_limit_s is not None and time.time() - t0 > time_limit_s
+        if state_path and ((step + 1) % save_every == 0 or last or stop):
+            save_state(state_path, params, opt, step + 1, log, rng)
+        if log_path and ((step + 1) % eval_every == 0 or last or stop):
             _write_log(log_path, log)
-        if time_limit_s is not None and time.time() - t0 > time_limit_s:
+        if stop:
             break
     return params, log
 
@@ -275,14 +276,15 @@ def _write_log(path: Path, log: dict) -> None:
     tmp.replace(path)
 
 
-def save_state(path: Path, params, opt, step, log) -> None:
-    """Atomic save of the resumable run state."""
+def save_state(path: Path, params, opt, step, log, rng) -> None:
+    """Atomic save of the resumable run state (weights, optimizer moments, step, log and
+    the batch sampler's RNG state, so a resumed run draws the batches an unbroken run would)."""
     path = Path(path)
     tmp = path.with_suffix(".tmp.npz")
     arrays = {f"p/{k}": v for k, v in params.items()}
     arrays.update({f"m/{k}": v for k, v in opt["m"].items()})
     arrays.update({f"v/{k}": v for k, v in opt["v"].items()})
-    np.savez(tmp, step=step, log=json.dumps(log), **arrays)
+    np.savez(tmp, step=step, log=json.dumps(log), rng=json.dumps(rng.bit_generator.state), **arrays)
     tmp.replace(path)
 
 
