@@ -76,7 +76,7 @@ def _progress(items, desc):
 def cmd_quantize(args) -> int:
     target = quants.ggml_type(args.type)
     if not target.can_quantize:
-        raise SystemExit(f"error: refquant cannot quantize to {target.name}; choose one of {', '.join(quants.QUANTIZABLE)}")
+        raise SystemExit(f"error: refquant cannot quantize to {target.name}; choose one of {', '.join(quants.quantizable())}")
     with gguf.read(args.input) as f:
         out, kept, fell_back = {}, [], []
         for name, info in f.tensors.items():
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("quantize", help="requantize every 2-D weight tensor")
     s.add_argument("input")
     s.add_argument("output")
-    s.add_argument("--type", required=True, help=f"ggml type: {', '.join(quants.QUANTIZABLE)}")
+    s.add_argument("--type", required=True, help=f"ggml type: {', '.join(quants.quantizable())}")
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="glob of tensor names to copy unchanged (repeatable), e.g. 'token_embd.*'")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")

@@ -12,9 +12,9 @@ from gguf.constants import GGMLQuantizationType as GT  # noqa: E402
 from refquant.gguf import quants  # noqa: E402
 from tests.conftest import smollm2_gguf  # noqa: E402
 
-BLOCK_TYPES = [n for n in quants.DEQUANTIZABLE if n not in ("F32", "F16", "BF16", "Q8_K")]  # gguf-py: no Q8_K
+BLOCK_TYPES = [n for n in quants.quantizable() if n not in ("F32", "F16", "BF16", "Q8_K")]  # gguf-py: no Q8_K
 GGUF_PY_QUANTIZES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4"]
-GRID_TYPES = list(quants._CODE_FIELDS)
+GRID_TYPES = quants.grid_types()
 GOLDEN = np.load(__file__.rsplit("/", 1)[0] + "/data/ggml_golden.npz")
 
 
@@ -116,11 +116,11 @@ def test_grid_decodes_through_gguf_py_too():
     for name in GRID_TYPES:
         raw = quants.quantize(x, name)
         g = quants.grid(raw, name, x.shape)
-        levels, fields = quants._CODE_FIELDS[name]
-        for v in (0, levels // 3, levels - 1):
+        fmt = quants.FORMATS[name]
+        for v in (0, fmt.levels // 3, fmt.levels - 1):
             b = raw.reshape(-1, quants.TYPES[name].type_size).copy()
-            for lo, hi, fill in fields:
-                b[:, lo:hi] = fill(v)
+            for lo, hi, kind in fmt.code_fields:
+                b[:, lo:hi] = quants.core.fill_byte(kind, v)
             assert same_floats(gq.dequantize(b.reshape(1, -1), GT[name]).reshape(x.shape), g[v])
 
 
@@ -161,13 +161,13 @@ def test_q8_k_bsums_and_scale():
 
 def test_helpers_are_the_c_operations():
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 0.49999997, 3.7, -3.7], np.float32)
-    np.testing.assert_array_equal(quants._nearest_int(v), [0, 2, 2, 0, -2, 0, 4, -4])  # half to even
-    np.testing.assert_array_equal(quants._roundf(v), [1, 2, 3, -1, -2, 0, 4, -4])  # half away from zero
+    np.testing.assert_array_equal(quants.nearest_int(v), [0, 2, 2, 0, -2, 0, 4, -4])  # half to even
+    np.testing.assert_array_equal(quants.roundf(v), [1, 2, 3, -1, -2, 0, 4, -4])  # half away from zero
     terms = np.array([[1e8, 1.0, -1e8, 1.0]], np.float32)
     acc = np.float32(0)
     for t in terms[0]:
         acc = np.float32(acc + t)
-    assert quants._seqsum(terms)[0] == acc == np.float32(1.0)  # left to right, not pairwise
+    assert quants.seqsum(terms)[0] == acc == np.float32(1.0)  # left to right, not pairwise
 
 
 @pytest.mark.parametrize("bad, name, exc, match", [

@@ -1,0 +1,27 @@
+"""GGML block formats in NumPy, byte-for-byte as llama.cpp's ``ggml-quants.c`` does them.
+
+``quantize(x, type)`` / ``dequantize(raw, type, shape)`` for every registered type,
+``grid`` / ``error_bound`` (what round-to-nearest guarantees), ``block_fields`` (the stored
+fields, for kernels that repack), and ``QuantizedTensor`` s of kind ``ggml``
+(``quantize_tensor``, ``from_raw``). The shared rules of bit-exactness, the type table and
+the helpers live in ``core``; each family registers its types there (``register_format``):
+
+* ``legacy``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (and BF16);
+* ``kquants``: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K;
+* ``iq``: IQ4_NL, IQ4_XS;
+* ``mx``: MXFP4.
+
+A new type is one file (its quantizer, dequantizer and ``register_format`` call) plus
+its import below and its golden bytes in the tests.
+"""
+from refquant.gguf.quants import legacy, kquants, iq, mx  # noqa: F401,I001  (each registers its types, in this order)
+from refquant.gguf.quants.core import (  # noqa: F401
+    F32, FORMATS, GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL, QK_K, TYPES, TYPES_BY_ID, BlockFormat, GGMLType,
+    block_fields, dequantize, error_bound, from_raw, grid, grid_types, ggml_type, nearest_int, quantize,
+    quantize_tensor, register_format, roundf, seqsum,
+)
+
+
+def quantizable() -> list[str]:
+    """The ggml types refquant quantizes (and dequantizes)."""
+    return list(FORMATS)

@@ -1,0 +1,451 @@
+"""GGML block formats in NumPy, byte-for-byte as llama.cpp's ``ggml-quants.c`` does them.
+
+A GGML tensor row of ``n`` weights is stored as ``n / block_size`` blocks of
+``type_size`` bytes. Every function here is vectorized over blocks: a row-major
+``float32[..., n]`` array becomes ``uint8[..., n / block_size * type_size]``.
+
+Bit-exactness with ggml rests on reproducing its float32 arithmetic step by step:
+
+* every intermediate is float32, with the same operation order as the C source and no
+  fused multiply-add (ggml builds ``ggml-quants.c`` into ``ggml-base`` without
+  ``-march`` flags, so the compiler cannot contract ``a*b + c``);
+* sums over a block are sequential left-to-right float32 sums (``np.add.accumulate``),
+  never NumPy's pairwise ``sum``;
+* ``nearest_int`` is ggml's magic-number rounding (add 1.5·2^23, read the mantissa bits),
+  i.e. round-half-to-even, emulated bit for bit, also for out-of-range inputs;
+* ``roundf`` (Q8_0) rounds half away from zero; C casts ``(int8_t)(x + 8.5f)`` truncate;
+* ``max``/``min``/``absmax`` searches keep the *first* element that wins (``argmax``),
+  because the sign of the winner feeds the scale;
+* float32 → fp16 is round-to-nearest-even (``astype(np.float16)``), fp32 → bf16 is
+  ggml's RNE with quiet NaNs.
+
+Quantizers follow ``quantize_row_*_ref`` (what ``ggml_quantize_chunk`` and
+``llama-quantize`` use when no importance matrix is given), including the scale searches
+``make_qx_quants`` (Q6_K), ``make_q3_quants`` (Q3_K) and ``make_qkx2_quants``
+(Q2_K/Q4_K/Q5_K). IQ4_NL follows ``quantize_iq4_nl`` (``ntry = 7``, the function
+``ggml_quantize_chunk`` calls), not ``quantize_row_iq4_nl_ref`` (``ntry = -1``), which
+reads stale indices for all-zero blocks. Q8_K is the activation format of the K-quant dot
+products; it is quantized and dequantized here but is not a storage type.
+
+Block layouts (little-endian, ``d``/``m``/``dmin`` are fp16)::
+
+    Q4_0   d, qs[16]                 q = nibble - 8;  x = q*d;  element j low nibble, j+16 high
+    Q4_1   d, m, qs[16]              x = q*d + m
+    Q5_0   d, qh u32, qs[16]         5th bit of element j in qh bit j;  q - 16
+    Q5_1   d, m, qh u32, qs[16]
+    Q8_0   d, qs[32] int8
+    Q2_K   scales[16], qs[64], d, dmin        4-bit scale | 4-bit min per 16; 2-bit quants
+    Q3_K   hmask[32], qs[64], scales[12], d   6-bit signed scales per 16; 3-bit quants
+    Q4_K   d, dmin, scales[12], qs[128]       6-bit scale and min per 32; 4-bit quants
+    Q5_K   d, dmin, scales[12], qh[32], qs[128]
+    Q6_K   ql[128], qh[64], scales[16] int8, d
+    Q8_K   d f32, qs[256] int8, bsums[16] int16
+    IQ4_NL d, qs[16]                 x = d * kvalues_iq4nl[nibble]
+    IQ4_XS d, scales_h u16, scales_l[4], qs[128]   6-bit scales (ls - 32) per 32
+    MXFP4  e (E8M0), qs[16]          x = kvalues_fp4[nibble] * 2^(e-128)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from refquant._checks import float_array
+from refquant.tensor import QuantizedTensor, register_decoder
+
+F32 = np.float32
+QK_K = 256
+GROUP_MAX_EPS = F32(1e-15)
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+KVALUES_FP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)  # 2 * e2m1
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One ggml tensor type: its id in GGUF files, block size (weights) and block bytes."""
+
+    name: str
+    id: int
+    block_size: int
+    type_size: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    @property
+    def can_quantize(self) -> bool:
+        return self.name in FORMATS
+
+    @property
+    def can_dequantize(self) -> bool:
+        return self.name in FORMATS
+
+    def row_bytes(self, n: int) -> int:
+        """Bytes of a row of ``n`` weights (``n`` must be a multiple of the block size)."""
+        if n % self.block_size:
+            raise ValueError(f"{self.name} rows must hold a multiple of {self.block_size} weights, got {n}")
+        return n // self.block_size * self.type_size
+
+
+# Every type ggml defines (ggml.h, ggml-common.h), so that files holding types refquant
+# cannot decode can still be read, listed and copied.
+TYPES: dict[str, GGMLType] = {
+    t.name: t
+    for t in (
+        GGMLType("F32", 0, 1, 4), GGMLType("F16", 1, 1, 2), GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q4_1", 3, 32, 20), GGMLType("Q5_0", 6, 32, 22), GGMLType("Q5_1", 7, 32, 24),
+        GGMLType("Q8_0", 8, 32, 34), GGMLType("Q8_1", 9, 32, 36), GGMLType("Q2_K", 10, 256, 84),
+        GGMLType("Q3_K", 11, 256, 110), GGMLType("Q4_K", 12, 256, 144), GGMLType("Q5_K", 13, 256, 176),
+        GGMLType("Q6_K", 14, 256, 210), GGMLType("Q8_K", 15, 256, 292), GGMLType("IQ2_XXS", 16, 256, 66),
+        GGMLType("IQ2_XS", 17, 256, 74), GGMLType("IQ3_XXS", 18, 256, 98), GGMLType("IQ1_S", 19, 256, 50),
+        GGMLType("IQ4_NL", 20, 32, 18), GGMLType("IQ3_S", 21, 256, 110), GGMLType("IQ2_S", 22, 256, 82),
+        GGMLType("IQ4_XS", 23, 256, 136), GGMLType("I8", 24, 1, 1), GGMLType("I16", 25, 1, 2),
+        GGMLType("I32", 26, 1, 4), GGMLType("I64", 27, 1, 8), GGMLType("F64", 28, 1, 8),
+        GGMLType("IQ1_M", 29, 256, 56), GGMLType("BF16", 30, 1, 2), GGMLType("TQ1_0", 34, 256, 54),
+        GGMLType("TQ2_0", 35, 256, 66), GGMLType("MXFP4", 39, 32, 17), GGMLType("NVFP4", 40, 64, 36),
+        GGMLType("Q1_0", 41, 128, 18), GGMLType("Q2_0", 42, 64, 18),
+    )
+}
+TYPES_BY_ID: dict[int, GGMLType] = {t.id: t for t in TYPES.values()}
+
+
+def ggml_type(t) -> GGMLType:
+    """Look a type up by name (any case, e.g. ``"q4_k"``), id, or pass a ``GGMLType`` through."""
+    if isinstance(t, GGMLType):
+        return t
+    if isinstance(t, (int, np.integer)) and not isinstance(t, bool):
+        if int(t) in TYPES_BY_ID:
+            return TYPES_BY_ID[int(t)]
+        raise ValueError(f"unknown ggml type id {t}; known ids: {sorted(TYPES_BY_ID)}")
+    if isinstance(t, str) and t.upper() in TYPES:
+        return TYPES[t.upper()]
+    raise ValueError(f"unknown ggml type {t!r}; known: {', '.join(TYPES)}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def nearest_int(v) -> np.ndarray:
+    """ggml's ``nearest_int``: add 1.5·2^23 in float32 and read the low mantissa bits."""
+    val = np.asarray(v, F32) + F32(12582912.0)
+    return (val.view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+def roundf(v: np.ndarray) -> np.ndarray:
+    """C ``roundf``: nearest integer, halves away from zero (exact: ``v - trunc(v)`` is exact)."""
+    t = np.trunc(v)
+    return t + np.copysign((np.abs(v - t) >= F32(0.5)).astype(F32), v)
+
+
+def seqsum(terms: np.ndarray) -> np.ndarray:
+    """Left-to-right float32 sum over the last axis, as a C ``for`` loop accumulates."""
+    return np.add.accumulate(terms.astype(F32, copy=False), axis=-1, dtype=F32)[..., -1]
+
+
+def first_absmax(x: np.ndarray) -> np.ndarray:
+    """The signed element of largest magnitude, first one on ties (C's strict ``>`` scan)."""
+    idx = np.argmax(np.abs(x), axis=-1)
+    return np.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+
+
+def first_winner(x: np.ndarray, fn) -> np.ndarray:
+    return np.take_along_axis(x, fn(x, axis=-1)[..., None], axis=-1)[..., 0]
+
+
+def f16_bytes(v: np.ndarray) -> np.ndarray:
+    """fp16 bytes (little-endian) of float32 values, one ``(…, 2)`` uint8 pair per value."""
+    return np.asarray(v, F32).astype("<f2").view(np.uint8).reshape(*np.shape(v), 2)
+
+
+def f16_value(raw: np.ndarray) -> np.ndarray:
+    """float32 values of fp16 bytes ``raw[..., 2]``."""
+    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(F32)
+
+
+def f16_field(b: np.ndarray, at: int) -> np.ndarray:
+    """The raw fp16 bit patterns (uint16) of the 2-byte field at byte ``at`` of each block."""
+    return np.ascontiguousarray(b[:, at:at + 2]).view("<u2")[:, 0]
+
+
+def as_u16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view("<u2")[..., 0].astype(np.uint32)
+
+
+def as_u32(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view("<u4")[..., 0]
+
+
+def le_bytes(v: np.ndarray, dtype: str) -> np.ndarray:
+    a = np.asarray(v).astype(dtype)
+    return a.view(np.uint8).reshape(*a.shape[:-1], -1) if a.ndim > 1 else a.view(np.uint8).reshape(-1, a.itemsize)
+
+
+def best_index(values: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``best_index_int8``: index of the nearest table value (ties go to the upper one)."""
+    vals = values.astype(F32)
+    mu = np.clip(np.searchsorted(vals, v, side="right"), 1, len(vals) - 1)
+    lo, hi = vals[mu - 1], vals[mu]
+    idx = np.where((v - lo) < (hi - v), mu - 1, mu)
+    idx = np.where(v <= vals[0], 0, idx)
+    return np.where(v >= vals[-1], len(vals) - 1, idx)
+
+
+def join_nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return (lo.astype(np.uint8) & 0xF) | (hi.astype(np.uint8) << 4)
+
+
+def split_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Bytes ``qs[..., k]`` → ``[..., 2k]``: low nibbles of all bytes, then the high ones."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1)
+
+
+def bit_planes(qh: np.ndarray, nbits: int) -> np.ndarray:
+    """Bit ``j`` of a little-endian integer stored as ``qh[..., nbits // 8]`` bytes."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")[..., :nbits]
+
+
+def pack2(L: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K 2-bit layout: per 128 weights, byte l holds l, l+32, l+64, l+96."""
+    L = L.reshape(*L.shape[:-1], -1, 4, 32).astype(np.uint8)
+    out = L[..., 0, :] | (L[..., 1, :] << 2) | (L[..., 2, :] << 4) | (L[..., 3, :] << 6)
+    return out.reshape(*L.shape[:-3], -1)
+
+
+def unpack2(qs: np.ndarray) -> np.ndarray:
+    q = qs.reshape(*qs.shape[:-1], -1, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+    return (q & 3).reshape(*qs.shape[:-1], -1)
+
+
+# ----------------------------------------------------------------------------- legacy 32-blocks
+
+def inv(d):
+    """C's ``d ? 1.0f/d : 0.0f``."""
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+
+
+def sym_codes(x, half):
+    """Q4_0 / Q5_0: ``d = max / -half`` (signed absmax), ``q = min(2 half - 1, (int)(x/d + half + 0.5))``."""
+    d = first_absmax(x) / F32(-half)
+    q = np.trunc(x * inv(d)[:, None] + F32(half + 0.5)).astype(np.int32)
+    return d, np.minimum(2 * half - 1, q)
+
+
+def min_codes(x, nmax):
+    """Q4_1 / Q5_1: ``d = (max - min) / nmax``, ``q = (int)((x - min)/d + 0.5)`` (not clamped)."""
+    mn, mx = first_winner(x, np.argmin), first_winner(x, np.argmax)
+    d = (mx - mn) / F32(nmax)
+    q = np.trunc((x - mn[:, None]) * inv(d)[:, None] + F32(0.5)).astype(np.int32)
+    return np.concatenate([f16_bytes(d), f16_bytes(mn)], axis=1), q
+
+
+# ----------------------------------------------------------------------------- the format registry
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """What refquant implements for one ggml type (registered by the family modules)."""
+
+    name: str
+    quantize: Callable[[np.ndarray], np.ndarray]      # float32 blocks (B, block) -> uint8 (B, type_size)
+    dequantize: Callable[[np.ndarray], np.ndarray]    # uint8 (B, type_size) -> float32 (B, block)
+    levels: int | None = None          # code levels per weight (for ``grid``)
+    code_fields: tuple = ()            # (first byte, end byte, kind) of each code field of a block
+    scale_factor: int | None = None    # largest factor an fp16 scale is multiplied by when decoding
+    fields: Callable | None = None     # uint8 (B, type_size) -> stored fields per block (``block_fields``)
+
+
+FORMATS: dict[str, BlockFormat] = {}
+
+
+def register_format(name: str, quantize, dequantize, *, levels=None, code_fields=(), scale_factor=None,
+                    fields=None) -> None:
+    """Register ggml type ``name``'s quantizer and dequantizer (and, for ``grid`` and
+    ``error_bound``, its code fields; for the kernels, its ``block_fields`` decoder)."""
+    if name not in TYPES:
+        raise ValueError(f"{name} is not a ggml type")
+    if name in FORMATS:
+        raise ValueError(f"ggml type {name} is already registered")
+    FORMATS[name] = BlockFormat(name, quantize, dequantize, levels, tuple(code_fields), scale_factor, fields)
+
+
+register_format("F32", lambda x: x.astype("<f4").view(np.uint8),
+                lambda b: np.ascontiguousarray(b).view("<f4").astype(F32))
+register_format("F16", lambda x: x.astype("<f2").view(np.uint8),
+                lambda b: np.ascontiguousarray(b).view("<f2").astype(F32))
+
+
+_CHUNK_BLOCKS = 1 << 14  # blocks per vectorized step: bounds temporaries at a few MB
+
+
+def quantize(x, type_name) -> np.ndarray:
+    """Quantize ``x[..., n]`` row by row to ggml blocks: ``uint8[..., n / block * type_size]``.
+
+    ``x`` is converted to float32 first (ggml quantizes float32 rows); it must be finite and
+    ``n`` a multiple of the type's block size. The bytes equal what ggml's reference
+    quantizer writes for the same float32 input.
+    """
+    t = ggml_type(type_name)
+    if t.name not in FORMATS:
+        raise ValueError(f"refquant cannot quantize to {t.name}; quantizable types: {', '.join(FORMATS)}")
+    x = float_array(x, "x")
+    if x.shape[-1] % t.block_size:
+        raise ValueError(
+            f"{t.name} needs rows whose length is a multiple of {t.block_size}; x has shape {x.shape}"
+        )
+    blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, t.block_size)
+    # fp16 scales overflow to Inf for |x| beyond ~65504 * code range, exactly as in ggml
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if t.block_size == 1:
+            out = FORMATS[t.name].quantize(blocks[:, 0])
+        else:  # chunk by chunk into one preallocated output: memory stays near the input's size
+            out = np.empty((len(blocks), t.type_size), np.uint8)
+            for i in range(0, len(blocks), _CHUNK_BLOCKS):
+                out[i : i + _CHUNK_BLOCKS] = FORMATS[t.name].quantize(blocks[i : i + _CHUNK_BLOCKS])
+    return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
+
+
+def dequantize(raw, type_name, shape) -> np.ndarray:
+    """Decode ggml block bytes to ``float32`` of ``shape`` (NumPy order, last axis = row).
+
+    ``raw`` is any uint8 buffer holding exactly ``prod(shape[:-1]) * row_bytes`` bytes.
+    """
+    t = ggml_type(type_name)
+    if t.name not in FORMATS:
+        raise ValueError(f"refquant cannot dequantize {t.name}; supported: {', '.join(FORMATS)}")
+    shape = tuple(int(s) for s in np.atleast_1d(shape))
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative, got {shape}")
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8:
+        raise TypeError(f"raw must be a uint8 array of block bytes, got dtype {raw.dtype}")
+    n = shape[-1] if shape else 1
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    need = rows * t.row_bytes(n)
+    if raw.size != need:
+        raise ValueError(f"{t.name} tensor of shape {shape} needs {need} bytes, got {raw.size}")
+    blocks = raw.reshape(-1, t.type_size)
+    if len(blocks) == 0:
+        return np.zeros(shape, F32)
+    fn = FORMATS[t.name].dequantize
+    with np.errstate(all="ignore"):  # crafted scales may be Inf/NaN; decode them as ggml does
+        if t.block_size == 1:
+            out = fn(blocks.reshape(-1))
+        else:
+            out = np.empty((len(blocks), t.block_size), F32)
+            for i in range(0, len(blocks), _CHUNK_BLOCKS):
+                out[i : i + _CHUNK_BLOCKS] = fn(blocks[i : i + _CHUNK_BLOCKS])
+    return out.astype(F32, copy=False).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- code grids
+
+def fill_byte(kind: str, v: int) -> int:
+    """Byte value that sets every code of a field of ``kind`` to level ``v``: ``nibble`` (both
+    nibbles), ``crumb0``/``crumb4`` (2-bit fields holding bits 0-1 / 4-5 of the level),
+    ``bit2``/``bit4`` (single bits holding bit 2 / 4 of the level) or ``byte``."""
+    if kind == "nibble":
+        return (v & 15) * 0x11
+    if kind.startswith("crumb"):
+        return ((v >> int(kind[5:])) & 3) * 0x55
+    if kind.startswith("bit"):
+        return 0xFF if (v >> int(kind[3:])) & 1 else 0
+    return v & 0xFF
+
+
+def grid_types() -> list[str]:
+    """The ggml types ``grid`` and ``error_bound`` cover."""
+    return [n for n, f in FORMATS.items() if f.levels is not None]
+
+
+def grid(raw, type_name, shape) -> np.ndarray:
+    """Every value each weight can decode to, given its block's stored scales.
+
+    Returns ``float32[levels, *shape]``: entry ``[v]`` is the tensor decoded with every code
+    set to level ``v`` (scales, minima and super-block scales untouched). A ggml quantizer
+    that rounds to nearest puts each weight on the grid point closest to it (up to the
+    fp16 rounding of a scale it divided by), which is what the error bound tests check.
+    """
+    t = ggml_type(type_name)
+    fmt = FORMATS.get(t.name)
+    if fmt is None or fmt.levels is None:
+        raise ValueError(f"no code grid for {t.name}; types with one: {', '.join(grid_types())}")
+    levels, fields = fmt.levels, fmt.code_fields
+    blocks = np.asarray(raw, np.uint8).reshape(-1, t.type_size)
+    out = np.empty((levels, *shape), F32)
+    for v in range(levels):
+        b = blocks.copy()
+        for lo, hi, kind in fields:
+            b[:, lo:hi] = fill_byte(kind, v)
+        out[v] = dequantize(b, t, shape)
+    return out
+
+
+def error_bound(w, raw, type_name) -> np.ndarray:
+    """Per-element bound on ``|w - dequantize(raw)|``: distance to the nearest grid point,
+    plus 2^-9 of the block's largest grid magnitude (fp16 rounding of scale and min, normal
+    range) plus ``factor * 2^-25`` (their rounding when the fp16 scale is subnormal)."""
+    w = np.asarray(w, np.float64)
+    g = grid(raw, type_name, w.shape).astype(np.float64)
+    t = ggml_type(type_name)
+    mag = np.abs(g).max(axis=0).reshape(-1, t.block_size).max(axis=1, keepdims=True)
+    mag = np.broadcast_to(mag, (mag.shape[0], t.block_size)).reshape(w.shape)
+    return np.abs(g - w).min(axis=0) + mag * 2.0**-9 + np.abs(w) * 2.0**-20 + FORMATS[t.name].scale_factor * 2.0**-25
+
+
+# ----------------------------------------------------------------------------- fields
+
+def block_fields(raw, type_name: str, n: int) -> dict:
+    """The stored fields of ggml blocks, decoded but not combined, for kernels that repack.
+
+    ``raw`` is ``uint8[rows, row_bytes]`` of rows of ``n`` weights. Returns ``codes``:
+    ``uint8[rows, n]`` as stored (unsigned: Q4_0's ``q + 8``, Q5_0's ``q + 16``, Q6_K's
+    ``q + 32``; Q8_0's int8 codes as their uint8 bit patterns) and the scale fields as raw
+    fp16 bit patterns (``uint16``) or small integers, one column per block:
+
+    * Q8_0, Q4_0, Q5_0: ``d`` per 32.  Q4_1, Q5_1: ``d`` and ``m`` per 32.
+    * Q4_K, Q5_K: ``d`` and ``dmin`` per 256, ``sc`` and ``mn`` (uint8, 6-bit) per 32.
+    * Q6_K: ``d`` per 256, ``sc`` (int8) per 16.
+
+    Each type's dequantization is ``d·(codes - offset)``, ``d·codes + m`` or
+    ``d·sc·codes - dmin·mn`` per element, exactly as ``dequantize`` computes it.
+    """
+    t = ggml_type(type_name)
+    fmt = FORMATS.get(t.name)
+    if fmt is None or fmt.fields is None:
+        kinds = ", ".join(n for n, f in FORMATS.items() if f.fields is not None)
+        raise ValueError(f"block_fields does not decode {t.name}; it covers {kinds}")
+    raw = np.ascontiguousarray(raw, np.uint8)
+    rows = raw.shape[0]
+    return {k: v.reshape(rows, -1) for k, v in fmt.fields(raw.reshape(-1, t.type_size)).items()}
+
+
+# ----------------------------------------------------------------------------- QuantizedTensor
+
+def quantize_tensor(w, type_name, scheme: str | None = None):
+    """Quantize a 2-D ``w`` (out, in) to a ``QuantizedTensor`` holding the ggml block bytes.
+
+    ``codes`` is ``uint8[out, row_bytes]``, exactly what a GGUF file stores for the tensor;
+    scales and minima live inside the blocks, so ``scales`` and ``zeros`` are None.
+    """
+    t = ggml_type(type_name)
+    return from_raw(quantize(w, t), t, w.shape, scheme)
+
+
+def from_raw(raw, type_name, shape, scheme: str | None = None):
+    """A 2-D tensor's block bytes (as a GGUF file stores them) as a ``QuantizedTensor`` of kind
+    ``ggml``: ``codes`` is ``uint8[out, row_bytes]``, scheme the type's lower-case name."""
+    t = ggml_type(type_name)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2:
+        raise ValueError(f"a ggml matrix is 2-D, got shape {shape}")
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    if raw.size != shape[0] * t.row_bytes(shape[1]):
+        raise ValueError(f"{t.name} {shape} needs {shape[0] * t.row_bytes(shape[1])} bytes, got {raw.size}")
+    return QuantizedTensor(raw.reshape(shape[0], -1), None, None, shape, scheme or t.name.lower(),
+                           {"kind": "ggml", "ggml_type": t.name})
+
+
+@register_decoder("ggml")
+def _decode_ggml(qt):
+    return dequantize(qt.codes, qt.meta["ggml_type"], qt.shape)

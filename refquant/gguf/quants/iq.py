@@ -1,0 +1,87 @@
+"""llama.cpp's non-linear 4-bit formats: IQ4_NL (a 16-value codebook, fp16 scale per 32) and
+IQ4_XS (the same codebook, 6-bit scales per 32 under an fp16 super-scale per 256)."""
+from __future__ import annotations
+
+import numpy as np
+
+from refquant.gguf.quants.core import (
+    F32, GROUP_MAX_EPS, KVALUES_IQ4NL, as_u16, best_index, f16_bytes, f16_value, first_absmax, inv,
+    join_nibbles, nearest_int, register_format, seqsum, split_nibbles,
+)
+
+
+# ----------------------------------------------------------------------------- IQ4
+
+def _iq4_fit(x, ntry=7):
+    """``quantize_row_iq4_nl_impl`` per 32 weights (no importance weights): best scale.
+
+    Start from ``d = max / 127`` (sign so the largest value hits -127 … 113 well), then try
+    ``id = (itry - 127) / max`` for itry in -ntry..ntry, keeping the weighted least-squares
+    scale ``Σ w q x / Σ w q²`` (w = x²) with the largest ``(Σ w q x)² / Σ w q²``.
+    """
+    vals = KVALUES_IQ4NL.astype(F32)
+    w = x * x
+    mx = first_absmax(x)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+
+    def sums(idv):
+        q = vals[best_index(KVALUES_IQ4NL, idv[:, None] * x)]
+        wq = w * q
+        return seqsum(wq * x), seqsum(wq * q)
+
+    with np.errstate(all="ignore"):
+        d = -mx / vals[0]
+        sumqx, sumq2 = sums(F32(1) / d)
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0))
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = sums(F32(itry - 127) / mx)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d)
+            best = np.where(better, d * sumqx, best)
+    return np.where(zero, F32(0), d)
+
+
+def _iq4_codes(x, scale):
+    L = best_index(KVALUES_IQ4NL, inv(scale)[:, None] * x)
+    return join_nibbles(L[:, :16], L[:, 16:])
+
+
+def _iq4_nl(x):
+    d = _iq4_fit(x)
+    return np.concatenate([f16_bytes(d), _iq4_codes(x, d)], axis=1)
+
+
+def _diq4_nl(b):
+    return f16_value(b[:, :2])[:, None] * KVALUES_IQ4NL[split_nibbles(b[:, 2:])].astype(F32)
+
+
+def _iq4_xs(x):
+    B = x.shape[0]
+    xs = x.reshape(B * 8, 32)
+    scales = _iq4_fit(xs).reshape(B, 8)
+    max_scale = first_absmax(scales)
+    d = -max_scale / F32(32)
+    l = np.clip(nearest_int(inv(d)[:, None] * scales), -32, 31)
+    dl = d[:, None] * l.astype(F32)
+    qs = _iq4_codes(xs, dl.reshape(-1)).reshape(B, 128)
+    l = (l + 32).astype(np.uint32)
+    scales_l = ((l[:, 0::2] & 0xF) | ((l[:, 1::2] & 0xF) << 4)).astype(np.uint8)
+    scales_h = np.bitwise_or.reduce((l >> 4) << (2 * np.arange(8, dtype=np.uint32)), axis=1).astype("<u2")
+    return np.concatenate([f16_bytes(d), scales_h.view(np.uint8).reshape(B, 2), scales_l, qs], axis=1)
+
+
+def _diq4_xs(b):
+    B = b.shape[0]
+    d = f16_value(b[:, :2])
+    sh = as_u16(b[:, 2:4])
+    sl = b[:, 4:8]
+    lo = np.stack([sl & 0xF, sl >> 4], axis=2).reshape(B, 8).astype(np.int32)
+    hi = ((sh[:, None] >> (2 * np.arange(8, dtype=np.uint32))) & 3).astype(np.int32)
+    dl = d[:, None] * ((lo | (hi << 4)) - 32).astype(F32)
+    q = KVALUES_IQ4NL[split_nibbles(b[:, 8:].reshape(B * 8, 16))].astype(F32).reshape(B, 8, 32)
+    return (dl[:, :, None] * q).reshape(B, 256)
+
+
+register_format("IQ4_NL", _iq4_nl, _diq4_nl, levels=16, code_fields=[(2, 18, "nibble")], scale_factor=127)
+register_format("IQ4_XS", _iq4_xs, _diq4_xs, levels=16, code_fields=[(8, 136, "nibble")], scale_factor=4064)

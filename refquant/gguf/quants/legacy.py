@@ -1,0 +1,113 @@
+"""llama.cpp's first block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32, fp16 scales;
+``quantize_row_q*_ref`` in ggml-quants.c), and the plain BF16 conversion."""
+from __future__ import annotations
+
+import numpy as np
+
+from refquant.gguf.quants.core import (
+    F32, bit_planes, f16_bytes, f16_field, f16_value, inv, join_nibbles, min_codes, register_format, roundf,
+    split_nibbles, sym_codes,
+)
+
+
+def _q4_0(x):
+    d, q = sym_codes(x, 8)
+    return np.concatenate([f16_bytes(d), join_nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def _dq4_0(b):
+    d = f16_value(b[:, :2])
+    q = split_nibbles(b[:, 2:]).astype(np.int32) - 8
+    return q * d[:, None]
+
+
+def _q4_1(x):
+    dm, q = min_codes(x, 15)
+    q = np.minimum(15, q)
+    return np.concatenate([dm, join_nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def _dq4_1(b):
+    d, m = f16_value(b[:, 0:2]), f16_value(b[:, 2:4])
+    return split_nibbles(b[:, 4:]).astype(np.int32) * d[:, None] + m[:, None]
+
+
+def _q5_pack(d_bytes, q):
+    qh = np.packbits((q >> 4).astype(np.uint8) & 1, axis=1, bitorder="little")  # 4 bytes = u32 LE
+    return np.concatenate([d_bytes, qh, join_nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def _q5_unpack(b):
+    hi = bit_planes(b[:, :4], 32).astype(np.int32) << 4
+    return split_nibbles(b[:, 4:]).astype(np.int32) | hi
+
+
+def _q5_0(x):
+    d, q = sym_codes(x, 16)
+    return _q5_pack(f16_bytes(d), q)
+
+
+def _dq5_0(b):
+    return (_q5_unpack(b[:, 2:]) - 16) * f16_value(b[:, :2])[:, None]
+
+
+def _q5_1(x):
+    dm, q = min_codes(x, 31)
+    return _q5_pack(dm, q & 0xFF)  # C's (uint8_t) cast, no clamp
+
+
+def _dq5_1(b):
+    d, m = f16_value(b[:, 0:2]), f16_value(b[:, 2:4])
+    return _q5_unpack(b[:, 4:]) * d[:, None] + m[:, None]
+
+
+def _q8_0(x):
+    d = np.abs(x).max(axis=1) / F32(127)
+    q = roundf(x * inv(d)[:, None]).astype(np.int8)
+    return np.concatenate([f16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+def _dq8_0(b):
+    return b[:, 2:].view(np.int8).astype(np.int32) * f16_value(b[:, :2])[:, None]
+
+
+# ----------------------------------------------------------------------------- plain floats
+
+def _bf16(x):
+    u = x.astype(F32).view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    rne = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    return np.where(nan, (u >> 16) | 64, rne).astype("<u2").view(np.uint8)
+
+
+def _dbf16(b):
+    return (np.ascontiguousarray(b).view("<u2").astype(np.uint32) << 16).view(F32)
+
+
+def _fields_q8_0(b):
+    return {"codes": b[:, 2:], "d": f16_field(b, 0)}
+
+
+def _fields_q4(b):   # Q4_0 (d, qs) or Q4_1 (d, m, qs): codes as stored, q + 8 for Q4_0
+    if b.shape[1] == 18:
+        return {"codes": split_nibbles(b[:, 2:]), "d": f16_field(b, 0)}
+    return {"codes": split_nibbles(b[:, 4:]), "d": f16_field(b, 0), "m": f16_field(b, 2)}
+
+
+def _fields_q5(b):   # Q5_0 (d, qh, qs) or Q5_1 (d, m, qh, qs): codes as stored, q + 16 for Q5_0
+    if b.shape[1] == 22:
+        return {"codes": _q5_unpack(b[:, 2:]).astype(np.uint8), "d": f16_field(b, 0)}
+    return {"codes": _q5_unpack(b[:, 4:]).astype(np.uint8), "d": f16_field(b, 0), "m": f16_field(b, 2)}
+
+
+register_format("BF16", _bf16, _dbf16)
+register_format("Q4_0", _q4_0, _dq4_0,
+                levels=16, code_fields=[(2, 18, "nibble")], scale_factor=8, fields=_fields_q4)
+register_format("Q4_1", _q4_1, _dq4_1,
+                levels=16, code_fields=[(4, 20, "nibble")], scale_factor=16, fields=_fields_q4)
+register_format("Q5_0", _q5_0, _dq5_0,
+                levels=32, code_fields=[(2, 6, "bit4"), (6, 22, "nibble")], scale_factor=16, fields=_fields_q5)
+register_format("Q5_1", _q5_1, _dq5_1,
+                levels=32, code_fields=[(4, 8, "bit4"), (8, 24, "nibble")], scale_factor=32, fields=_fields_q5)
+register_format("Q8_0", _q8_0, _dq8_0,
+                levels=256, code_fields=[(2, 34, "byte")], scale_factor=128, fields=_fields_q8_0)
