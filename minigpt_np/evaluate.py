@@ -36,6 +36,11 @@ def calibration_sequences(cfg: Config, n: int = 128) -> np.ndarray:
     return stream[: n * cfg.n_ctx].reshape(n, cfg.n_ctx).astype(np.int64)
 
 
+def _identity_calib(w: np.ndarray) -> np.ndarray:
+    """Calibration inputs for the token embedding (a lookup, not a Linear): one-hot rows."""
+    return np.eye(w.shape[1], dtype=np.float32)
+
+
 def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings: bool = False,
             progress: bool = False):
     """``(params, linears)`` for evaluation under ``scheme``: Linear methods + embedding policy.
@@ -52,8 +57,7 @@ def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings
         if quantize_embeddings:
             emb = params["token_embd.weight"]
             s = schemes.get(scheme)
-            p["token_embd.weight"] = s.quantize(emb, calib=np.eye(emb.shape[1], dtype=np.float32)
-                                                if s.needs_calib else None).dequantize()
+            p["token_embd.weight"] = s.quantize(emb, calib=_identity_calib(emb) if s.needs_calib else None).dequantize()
     if scheme != "fp32" and schemes.get(scheme).needs_calib:
         return p, quantize_sequential(p, cfg, scheme, calibration_sequences(cfg), progress=progress)
     return p, Linears(p, cfg, scheme)
@@ -171,8 +175,9 @@ def model_bytes(params: dict, linears, scheme: str, quantize_embeddings: bool = 
             continue  # counted in linears.nbytes
         if scheme == "fp32":
             total += 4 * v.size
-        elif k == "token_embd.weight" and quantize_embeddings:
-            total += schemes.get(scheme).expected_nbytes(v.shape)
+        elif k == "token_embd.weight" and quantize_embeddings:   # what prepare() stores for it
+            s = schemes.get(scheme)
+            total += s.quantize(v, calib=_identity_calib(v) if s.needs_calib else None).nbytes
         elif k in ("token_embd.weight", "position_embd.weight"):
             total += 2 * v.size
         else:

@@ -23,6 +23,8 @@ import numpy as np
 
 from refquant import affine, packing
 from refquant._checks import float_array
+from refquant.calibration import as_stats
+from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -95,3 +97,9 @@ def awq_quantize(w: np.ndarray, X: np.ndarray, *, bits: int = 4, group_size: int
 def dequantize(qt: QuantizedTensor) -> np.ndarray:
     """``Q(W diag(s)) diag(s)⁻¹``."""
     return (affine.dequantize(qt) / qt.meta["awq_scales"]).astype(np.float32)
+
+
+# --- schemes (refquant.schemes) ---------------------------------------------------------------
+
+register("awq_int4_g128", description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
+         needs_calib=True, needs_inputs=True)(lambda w, *, calib=None: awq_quantize(w, as_stats(calib).X))

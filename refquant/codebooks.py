@@ -34,6 +34,7 @@ import numpy as np
 
 from refquant import packing
 from refquant._checks import float_array, int_in, positive_int
+from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 NF4 = np.array([
@@ -174,10 +175,23 @@ def error_bound(w: np.ndarray, qt: QuantizedTensor) -> np.ndarray:
     m = qt.meta
     bs = m["blocksize"]
     a = absmax(qt).astype(np.float64)
-    bound = max_gap(m["codebook"]) / 2 * a
+    half_gap = max_gap(m["codebook"]) / 2
+    bound = half_gap * np.abs(a)
     if m.get("double_quant"):
+        # ŵ = t·a with the dequantized absmax a (which can even be negative for a tiny block
+        # below the offset): |w - t·a| <= half_gap·|true| + |t|·|true - a|, |t| <= 1
         true_absmax = np.max(np.abs(_blocks(np.asarray(w), bs)), axis=1).astype(np.float64)
-        bound = bound + np.abs(true_absmax - a) + 1e-7 * true_absmax   # ŵ scales with the dequantized absmax
+        bound = bound + (1 + half_gap) * np.abs(true_absmax - a) + 1e-7 * true_absmax
         bound = bound * (1 + 2.0**-20)
     flat = np.repeat(bound, bs)[: math.prod(qt.shape)]
     return flat.reshape(qt.shape) * (1 + 2.0**-20)
+
+
+# --- schemes (refquant.schemes) ---------------------------------------------------------------
+
+for _cb, _dq, _desc in (("nf4", False, "NF4 (QLoRA), fp32 absmax per block of 64"),
+                        ("nf4", True, "NF4 + double quantization: absmax as 8-bit dynamic map per 256 blocks"),
+                        ("fp4", False, "bitsandbytes FP4, fp32 absmax per block of 64")):
+    _name = _cb + ("_dq" if _dq else "")
+    register(_name, description=_desc, bound=error_bound)(
+        lambda w, *, calib=None, _cb=_cb, _dq=_dq, _name=_name: quantize(w, _cb, double_quant=_dq, scheme=_name))

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refquant._checks import float_array, one_of
+from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -246,7 +247,8 @@ def quantize(w: np.ndarray, fmt: str, *, granularity: str = "none", axis: int = 
             raise ValueError(f"axis={axis} is out of range for w with {w.ndim} dimension(s)")
         red = tuple(range(w.ndim)) if granularity == "tensor" else tuple(i for i in range(w.ndim) if i != axis % w.ndim)
         amax = np.max(np.abs(w.astype(np.float64)), axis=red, keepdims=True)
-        scales = np.where(amax > 0, amax / f.max, 1.0).astype(np.float32)
+        # amax / max underflows to 0 for subnormal amax: the smallest float32 step still scales it
+        scales = np.where(amax > 0, np.maximum(amax / f.max, 2.0**-149), 1.0).astype(np.float32)
         x = w.astype(np.float64) / scales
     codes = encode(x, fmt, saturate=granularity != "none")
     meta = dict(kind="float", fmt=fmt, granularity=granularity, axis=axis if granularity == "channel" else None)
@@ -272,3 +274,23 @@ def error_bound(x: np.ndarray, fmt: str) -> np.ndarray:
     _, k = np.frexp(a)
     e = np.maximum(k - 1, f.emin)
     return np.ldexp(1.0, (e - f.man_bits - 1).astype(np.int32))
+
+
+# --- schemes (refquant.schemes) ---------------------------------------------------------------
+
+def _register_scheme(name: str, fmt: str, description: str, granularity: str = "none"):
+    def bound(w, qt):
+        s = 1.0 if qt.scales is None else qt.scales.astype(np.float64)
+        # half an ulp of the format at w/s, plus the float32 rounding of decode * scale
+        # (relative, or half the smallest float32 step when the product is subnormal)
+        return error_bound(w / s, fmt) * s + np.abs(w) * 2.0**-23 + 2.0**-150
+
+    register(name, description=description, bound=bound)(
+        lambda w, *, calib=None: quantize(w, fmt, granularity=granularity, scheme=name))
+
+
+_register_scheme("fp32", "fp32", "IEEE float32, the unquantized reference")
+_register_scheme("fp16", "fp16", "IEEE float16 (values beyond ±65504 are an error)")
+_register_scheme("bf16", "bf16", "bfloat16, round-to-nearest-even from float32")
+_register_scheme("fp8_e4m3", "fp8_e4m3fn", "FP8 E4M3 (fn), fp32 scale amax/448 per output channel", "channel")
+_register_scheme("fp8_e5m2", "fp8_e5m2", "FP8 E5M2, fp32 scale amax/57344 per output channel", "channel")

@@ -42,14 +42,14 @@ import numpy as np
 
 from refquant import affine, packing
 from refquant._checks import float_array, int_in
+from refquant.calibration import as_stats
+from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
 def hessian(X: np.ndarray) -> np.ndarray:
     """``H = 2/n Σ x xᵀ`` (float64) from calibration inputs ``X`` (n, in)
     (``refquant.calibration.LayerStats`` accumulates it batch by batch)."""
-    from refquant.calibration import as_stats
-
     return as_stats(X).H
 
 
@@ -159,3 +159,18 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
     g = m["g_idx"]
     z = None if qt.zeros is None else qt.zeros[:, g]
     return affine.dequantize_codes(q, qt.scales[:, g], z)
+
+
+# --- schemes (refquant.schemes; calib = inputs X (tokens, in) or LayerStats) -------------------
+
+def _register_scheme(name: str, description: str, **kw):
+    register(name, description=description, needs_calib=True)(
+        lambda w, *, calib=None: gptq_quantize(w, as_stats(calib).H, scheme=name, **kw)[0])
+
+
+_register_scheme("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", bits=4, group_size=128)
+_register_scheme("gptq_int4_g64", "GPTQ INT4 symmetric, fp16 scale per 64 inputs", bits=4, group_size=64)
+_register_scheme("gptq_int4_g128_actorder", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4,
+                 group_size=128, act_order=True)
+_register_scheme("gptq_int3_g128", "GPTQ INT3 symmetric, fp16 scale per 128 inputs", bits=3, group_size=128)
+_register_scheme("gptq_int8_channel", "GPTQ INT8 symmetric, fp16 scale per output channel", bits=8, group_size=-1)

@@ -139,7 +139,7 @@ class QuantizedLinear(Linear):
     def _matmul(self, X):
         s = self.scheme
         if s.matmul_fn is not None:
-            if X.shape[0] <= MAX_BATCH or s.any_batch:
+            if s.fast(X.shape[0]):
                 return s.matmul(self.qt, X)
             if self.prefill == "kernel":
                 return np.concatenate([s.matmul(self.qt, X[i:i + MAX_BATCH]) for i in range(0, len(X), MAX_BATCH)])

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from refquant._checks import float_array
-from refquant.smoothquant import quantize_tokens
+from refquant.calibration import as_stats
+from refquant.schemes import register
+from refquant.smoothquant import absmax_int8, int8_bound, quantize_tokens
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -29,12 +31,10 @@ def quantize(w: np.ndarray, act_max: np.ndarray | None = None, *, threshold: flo
     outl = np.zeros(n, bool) if act_max is None else np.asarray(act_max) >= threshold
     reg = w.copy()
     reg[:, outl] = 0
-    amax = np.max(np.abs(reg), axis=1)
-    scale = (amax / np.float32(127)).astype(np.float32)
-    q = np.clip(np.round(reg / np.where(scale == 0, 1, scale)[:, None]), -127, 127).astype(np.int8)
+    q, scale = absmax_int8(reg)
     meta = {"kind": "llm_int8", "outliers": np.flatnonzero(outl).astype(np.int32),
             "outlier_weights": w[:, outl].astype(np.float16), "threshold": float(threshold)}
-    return QuantizedTensor(q.view(np.uint8), scale, None, w.shape, scheme, meta)
+    return QuantizedTensor(q.view(np.uint8), scale[:, 0], None, w.shape, scheme, meta)
 
 
 @register_decoder("llm_int8")
@@ -70,3 +70,10 @@ def matmul(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
     if o.size:
         y += X[:, o].astype(np.float16).astype(np.float32) @ qt.meta["outlier_weights"].astype(np.float32).T
     return y.astype(np.float32)
+
+
+# --- schemes (refquant.schemes) ---------------------------------------------------------------
+
+register("llm_int8", description="LLM.int8(): vector-wise int8 + FP16 outlier dimensions (|x| >= 6)",
+         needs_calib=True, act_quant=act_quant, matmul=matmul, bound=int8_bound,
+         matvec=lambda qt, x: matmul(qt, x[None])[0])(lambda w, *, calib=None: quantize(w, as_stats(calib).max_abs))

@@ -29,6 +29,7 @@ import numpy as np
 
 from refquant import formats, packing
 from refquant._checks import float_array
+from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 MX_FORMATS = {
@@ -127,3 +128,13 @@ def error_bound(w: np.ndarray, qt: QuantizedTensor) -> np.ndarray:
         ulp = formats.error_bound(r, m["fmt"]) * X
     bound = np.where(X == 0, x, np.where(r > elem_max, x - elem_max * X, ulp))
     return bound * (1 + 2.0**-20) + x * 2.0**-23 + 2.0**-149   # + the float32 rounding of ŵ
+
+
+# --- schemes (refquant.schemes) ---------------------------------------------------------------
+
+register("mxfp4", description="OCP MXFP4: E2M1 elements, E8M0 scale per 32", bound=error_bound)(
+    lambda w, *, calib=None: quantize_mx(w, "mxfp4"))
+register("mxfp8", description="OCP MXFP8: E4M3 elements, E8M0 scale per 32", bound=error_bound)(
+    lambda w, *, calib=None: quantize_mx(w, "mxfp8"))
+register("nvfp4", description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale", bound=error_bound)(
+    lambda w, *, calib=None: quantize_nvfp4(w))

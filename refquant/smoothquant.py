@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from refquant._checks import float_array
+from refquant.calibration import as_stats
+from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -43,27 +45,35 @@ def migrate(X: np.ndarray, w: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np
     return X / s, w * s
 
 
-def quantize_tokens(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token (row) symmetric int8: codes int8 and scales float32 (rows, 1)."""
-    X = np.asarray(X, np.float32)
+def absmax_int8(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row (the last axis): the one rounding of every W8A8-style grid.
+
+    ``s = max|x| / 127`` rounded to float32 (at least 2^-149, the smallest float32 step, so
+    a row of subnormals keeps its values; an all-zero row gets s = 0), codes
+    ``round(x / s)`` (half to even) in [-127, 127]. Returns ``(int8 codes, float32 s of
+    shape (rows, 1))``. Computed in float64, which rounds s exactly as a float32 division would.
+    """
+    X = np.asarray(X, np.float64)
     amax = np.max(np.abs(X), axis=-1, keepdims=True)
-    s = (amax / np.float32(127)).astype(np.float32)
+    s = np.where(amax > 0, np.maximum(amax / 127, 2.0**-149), 0).astype(np.float32)
     q = np.clip(np.round(X / np.where(s == 0, 1, s)), -127, 127).astype(np.int8)
     return q, s
+
+
+def quantize_tokens(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token (row) symmetric int8 activations: ``absmax_int8`` of float32 ``X``."""
+    return absmax_int8(np.asarray(X, np.float32))
 
 
 def quantize(w: np.ndarray, *, smooth: np.ndarray | None = None, scheme: str = "w8a8") -> QuantizedTensor:
     """int8 per-channel weights of ``W diag(smooth)`` (smooth = 1 for plain W8A8)."""
     w = float_array(w, "w", ndim=2).astype(np.float64)
     s = np.ones(w.shape[1]) if smooth is None else np.asarray(smooth, np.float64)
-    ws = w * s
-    amax = np.max(np.abs(ws), axis=1)
-    scale = (amax / 127).astype(np.float32)
-    q = np.clip(np.round(ws / np.where(scale == 0, 1, scale)[:, None]), -127, 127).astype(np.int8)
+    q, scale = absmax_int8(w * s)
     meta = {"kind": "w8a8"}
     if smooth is not None:
         meta["smooth"] = s.astype(np.float32)
-    return QuantizedTensor(q.view(np.uint8), scale, None, w.shape, scheme, meta)
+    return QuantizedTensor(q.view(np.uint8), scale[:, 0], None, w.shape, scheme, meta)
 
 
 @register_decoder("w8a8")
@@ -90,3 +100,26 @@ def matmul(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
     q, sx = quantize_tokens(X if s is None else X / s)
     acc = q.astype(np.int32) @ qt.codes.view(np.int8).astype(np.int32).T  # exact: |acc| < 2^31
     return (acc.astype(np.float64) * sx * qt.scales[None, :]).astype(np.float32)
+
+
+# --- schemes (refquant.schemes) ---------------------------------------------------------------
+
+def int8_bound(w, qt):
+    """Per-element error bound of the W8A8 weight grids: round to nearest on a grid of step
+    ``scale_r / s_j`` (``s``: SmoothQuant's smoothing factors, 1 without); LLM.int8()'s FP16
+    outlier columns: half an fp16 ulp."""
+    s = qt.meta.get("smooth", np.float32(1))
+    # + half the smallest float32 step: code * scale rounds to a subnormal for tiny rows
+    b = np.abs(qt.scales.astype(np.float64))[:, None] / 2 / s * (1 + 2**-20) + 2**-24 * np.abs(w) + 2.0**-150
+    if qt.kind == "llm_int8":
+        o = qt.meta["outliers"]
+        b = np.broadcast_to(b, w.shape).copy()
+        b[:, o] = np.abs(w[:, o]) * 2.0**-11 + 2.0**-25
+    return b
+
+
+register("w8a8", description="int8 per-channel weights x int8 per-token activations, int32 accumulation",
+         act_quant=act_quant, bound=int8_bound)(lambda w, *, calib=None: quantize(w))
+register("smoothquant_w8a8", description="SmoothQuant (alpha 0.5) then W8A8", needs_calib=True, bound=int8_bound,
+         act_quant=act_quant, matmul=matmul, matvec=lambda qt, x: matmul(qt, x[None])[0])(
+    lambda w, *, calib=None: quantize(w, smooth=smooth_scales(as_stats(calib).max_abs, w), scheme="smoothquant_w8a8"))

@@ -3,8 +3,9 @@
 ``KERNELS[scheme]`` says how a ``QuantizedTensor`` of that scheme is repacked
 (``bytedot.pack_*``), how x is rounded (``"q8_0"`` blocks of 32 as llama.cpp, or
 ``"per_token"`` int8 for W8A8) and whether x is transformed first (AWQ divides it by the
-per-input scales it folded into the weight). ``refquant.schemes`` wires every entry into
-its scheme's ``matvec``/``matmul``; the tests and ``benchmarks.kernels`` iterate over it.
+per-input scales it folded into the weight). Importing this module wires every entry into
+its scheme's ``matvec``/``matmul`` (``schemes.set_kernel``; ``import refquant`` does it,
+after the schemes have registered); the tests and ``benchmarks.kernels`` iterate over it.
 
 The repacked form is computed once per tensor and kept beside it (``packed``); the
 tensor's own bytes never change.
@@ -16,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-
+from refquant import schemes
+from refquant.kernels import MAX_BATCH
 
 def _bytedot():
     from refquant.kernels import bytedot   # numba loads here, on first use, not at import
@@ -84,3 +86,7 @@ def packed(qt):
     if "bytedot" not in cache:
         cache["bytedot"] = KERNELS[qt.scheme].pack(qt)
     return cache["bytedot"]
+
+
+for _name, _entry in KERNELS.items():
+    schemes.set_kernel(_name, _entry.matmul, max_batch=MAX_BATCH)

@@ -384,13 +384,17 @@ def grid(raw, type_name, shape) -> np.ndarray:
 def error_bound(w, raw, type_name) -> np.ndarray:
     """Per-element bound on ``|w - dequantize(raw)|``: distance to the nearest grid point,
     plus 2^-9 of the block's largest grid magnitude (fp16 rounding of scale and min, normal
-    range) plus ``factor * 2^-25`` (their rounding when the fp16 scale is subnormal)."""
+    range) plus ``2 * factor * 2^-25`` (their rounding when the fp16 scale is subnormal).
+
+    Both rounding terms count twice: ggml picks each code on the grid of the *unrounded*
+    scale, so the code it picks can be the nearest there and not on the stored grid; the
+    chosen point moves by the rounding one way and the nearest stored one the other way."""
     w = np.asarray(w, np.float64)
     g = grid(raw, type_name, w.shape).astype(np.float64)
     t = ggml_type(type_name)
     mag = np.abs(g).max(axis=0).reshape(-1, t.block_size).max(axis=1, keepdims=True)
     mag = np.broadcast_to(mag, (mag.shape[0], t.block_size)).reshape(w.shape)
-    return np.abs(g - w).min(axis=0) + mag * 2.0**-9 + np.abs(w) * 2.0**-20 + FORMATS[t.name].scale_factor * 2.0**-25
+    return np.abs(g - w).min(axis=0) + mag * 2.0**-9 + np.abs(w) * 2.0**-20 + FORMATS[t.name].scale_factor * 2.0**-24
 
 
 # ----------------------------------------------------------------------------- fields
@@ -444,6 +448,17 @@ def from_raw(raw, type_name, shape, scheme: str | None = None):
         raise ValueError(f"{t.name} {shape} needs {shape[0] * t.row_bytes(shape[1])} bytes, got {raw.size}")
     return QuantizedTensor(raw.reshape(shape[0], -1), None, None, shape, scheme or t.name.lower(),
                            {"kind": "ggml", "ggml_type": t.name})
+
+
+def register_scheme(type_name: str, description: str) -> None:
+    """Register ggml type ``type_name`` as the scheme ``type_name.lower()`` (``refquant.schemes``):
+    ``quantize_tensor`` with ``error_bound`` as its bound."""
+    from refquant.schemes import register
+
+    bpw = TYPES[type_name].bits_per_weight
+    register(type_name.lower(), description=f"GGML {type_name} ({bpw:g} bpw): {description}",
+             bound=lambda w, qt: error_bound(w, qt.codes, type_name))(
+        lambda w, *, calib=None: quantize_tensor(w, type_name))
 
 
 @register_decoder("ggml")

@@ -6,7 +6,7 @@ import numpy as np
 
 from refquant.gguf.quants.core import (
     F32, GROUP_MAX_EPS, KVALUES_IQ4NL, as_u16, best_index, f16_bytes, f16_value, first_absmax, inv,
-    join_nibbles, nearest_int, register_format, seqsum, split_nibbles,
+    join_nibbles, nearest_int, register_format, register_scheme, seqsum, split_nibbles,
 )
 
 
@@ -85,3 +85,8 @@ def _diq4_xs(b):
 
 register_format("IQ4_NL", _iq4_nl, _diq4_nl, levels=16, code_fields=[(2, 18, "nibble")], scale_factor=127)
 register_format("IQ4_XS", _iq4_xs, _diq4_xs, levels=16, code_fields=[(8, 136, "nibble")], scale_factor=4064)
+
+
+# the registered schemes (refquant.schemes) of these types
+register_scheme("IQ4_NL", "non-linear 4-bit codebook, fp16 scale per 32")
+register_scheme("IQ4_XS", "non-linear 4-bit codebook, 6-bit scales per 32, fp16 super-scale per 256")

@@ -7,7 +7,7 @@ import numpy as np
 
 from refquant.gguf.quants.core import (
     F32, GROUP_MAX_EPS, f16_bytes, f16_field, f16_value, first_absmax, first_winner, join_nibbles, nearest_int,
-    pack2, register_format, seqsum, unpack2,
+    pack2, register_format, register_scheme, seqsum, unpack2,
 )
 
 
@@ -364,3 +364,11 @@ register_format("Q6_K", _q6_k, _dq6_k,
                 levels=64, code_fields=[(0, 128, "nibble"), (128, 192, "crumb4")], scale_factor=4096,
                 fields=_fields_q6_k)
 register_format("Q8_K", _q8_k, _dq8_k)
+
+
+# the registered schemes (refquant.schemes) of these types
+register_scheme("Q2_K", "2-bit, 4-bit scales/mins per 16, fp16 super-scales per 256")
+register_scheme("Q3_K", "3-bit, 6-bit scales per 16, fp16 super-scale per 256")
+register_scheme("Q4_K", "4-bit, 6-bit scales/mins per 32, fp16 super-scales per 256")
+register_scheme("Q5_K", "5-bit, 6-bit scales/mins per 32, fp16 super-scales per 256")
+register_scheme("Q6_K", "6-bit, int8 scales per 16, fp16 super-scale per 256")

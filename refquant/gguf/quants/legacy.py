@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from refquant.gguf.quants.core import (
-    F32, bit_planes, f16_bytes, f16_field, f16_value, inv, join_nibbles, min_codes, register_format, roundf,
-    split_nibbles, sym_codes,
+    F32, bit_planes, f16_bytes, f16_field, f16_value, inv, join_nibbles, min_codes, register_format,
+    register_scheme, roundf, split_nibbles, sym_codes,
 )
 
 
@@ -111,3 +111,11 @@ register_format("Q5_1", _q5_1, _dq5_1,
                 levels=32, code_fields=[(4, 8, "bit4"), (8, 24, "nibble")], scale_factor=32, fields=_fields_q5)
 register_format("Q8_0", _q8_0, _dq8_0,
                 levels=256, code_fields=[(2, 34, "byte")], scale_factor=128, fields=_fields_q8_0)
+
+
+# the registered schemes (refquant.schemes) of these types
+register_scheme("Q8_0", "int8, fp16 absmax scale per 32")
+register_scheme("Q4_0", "int4, fp16 scale per 32 (absmax -> -8)")
+register_scheme("Q4_1", "uint4, fp16 scale and min per 32")
+register_scheme("Q5_0", "int5, fp16 scale per 32")
+register_scheme("Q5_1", "uint5, fp16 scale and min per 32")
