@@ -274,7 +274,7 @@ def error_bound(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
-def _register_scheme(name: str, description: str, **kw):
+def _register_scheme(name: str, description: str, **kw):  # pragma: no mutate block
     register(name, description=description, bound=lambda w, qt: error_bound(qt) * (1 + 2**-20))(
         lambda w, *, calib=None: quantize(w, scheme=name, **kw))
 

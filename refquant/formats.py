@@ -278,7 +278,7 @@ def error_bound(x: np.ndarray, fmt: str) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
-def _register_scheme(name: str, fmt: str, description: str, granularity: str = "none"):
+def _register_scheme(name: str, fmt: str, description: str, granularity: str = "none"):  # pragma: no mutate block
     def bound(w, qt):
         s = 1.0 if qt.scales is None else qt.scales.astype(np.float64)
         # half an ulp of the format at w/s, plus the float32 rounding of decode * scale

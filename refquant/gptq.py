@@ -163,7 +163,7 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes; calib = inputs X (tokens, in) or LayerStats) -------------------
 
-def _register_scheme(name: str, description: str, **kw):
+def _register_scheme(name: str, description: str, **kw):  # pragma: no mutate block
     register(name, description=description, needs_calib=True)(
         lambda w, *, calib=None: gptq_quantize(w, as_stats(calib).H, scheme=name, **kw)[0])
 

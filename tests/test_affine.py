@@ -230,3 +230,130 @@ def test_quantizedtensor_is_read_only():
 def test_bad_input_raises_with_a_clear_message(w, kw, exc, match):
     with pytest.raises(exc, match=match):
         affine.quantize(w, **kw)
+
+
+# --- the whole quantizer against a naive loop over blocks ------------------------------------
+
+def naive_blocks(shape, granularity, axis, group_size):
+    """Index arrays of the blocks that share a scale, in the order scales are stored."""
+    idx = np.arange(math.prod(shape)).reshape(shape)
+    if granularity == "tensor":
+        return [idx.reshape(-1)]
+    if granularity == "channel":
+        return [np.take(idx, i, axis=axis).reshape(-1) for i in range(shape[axis])]
+    rows = idx.reshape(-1, shape[-1])
+    return [r[j:j + group_size] for r in rows for j in range(0, shape[-1], group_size)]
+
+
+def naive_params(v, bits, sym, full_range, ratio, scale_dtype):
+    """Scale (stored dtype) and zero for one block ``v`` (float64), by the module's formulas."""
+    qmax = (1 << bits) - 1 if not sym else (1 << (bits - 1)) - 1
+    tiny = float(np.finfo(scale_dtype).smallest_subnormal)
+    store = lambda s, nonzero: scale_dtype(math.copysign(tiny, s)) if nonzero and scale_dtype(s) == 0 \
+        else scale_dtype(s)  # noqa: E731
+    if sym and full_range:
+        m = max(v, key=abs) * ratio if len(v) else 0.0       # first of the largest magnitudes
+        return store(m / -(1 << (bits - 1)), m != 0), None
+    if sym:
+        amax = max(abs(x) for x in v) * ratio
+        return store(amax / qmax, amax > 0), None
+    lo, hi = min(min(v), 0.0) * ratio, max(max(v), 0.0) * ratio
+    s = store((hi - lo) / qmax, hi > lo)
+    z = 0 if s == 0 else int(min(max(round(-lo / float(s)), 0), qmax))   # round: half to even, as np.round
+    return s, z
+
+
+def naive_codes(v, s, z, bits, sym, full_range):
+    lo = -(1 << (bits - 1)) if sym and full_range else (-(1 << (bits - 1)) + 1 if sym else 0)
+    hi = (1 << (bits - 1)) - 1 if sym else (1 << bits) - 1
+    out = []
+    for x in v:
+        q = 0 if s == 0 else round(x / float(s))
+        out.append(min(max(q + (z or 0), lo), hi))
+    return out
+
+
+def naive_quantize(w, bits, sym, full_range, granularity, axis, group_size, scale_dtype, clip_grid=None,
+                   max_shrink=0.8):
+    flat = w.astype(np.float64).reshape(-1)
+    codes, scales, zeros = np.zeros(flat.size, np.int64), [], []
+    for b in naive_blocks(w.shape, granularity, axis, group_size):
+        v = [float(x) for x in flat[b]]
+        best = None
+        ratios = [1.0] + ([1.0 - i / clip_grid for i in range(1, int(max_shrink * clip_grid) + 1)] if clip_grid else [])
+        for r in ratios:
+            s, z = naive_params(v, bits, sym, full_range, r, scale_dtype)
+            q = naive_codes(v, s, z, bits, sym, full_range)
+            err = sum((float(np.float32(qi - (z or 0)) * np.float32(s)) - x) ** 2 for qi, x in zip(q, v))
+            if best is None or err < best[0]:
+                best = (err, s, z, q)
+        _, s, z, q = best
+        codes[b] = q
+        scales.append(s)
+        zeros.append(z)
+    return codes.reshape(w.shape), np.array(scales, scale_dtype), None if sym else np.array(zeros)
+
+
+@st.composite
+def naive_case(draw):
+    bits = draw(st.integers(2, 8))
+    sym = draw(st.booleans())
+    full_range = sym and draw(st.booleans())
+    granularity = draw(st.sampled_from(["tensor", "channel", "group"]))
+    rows, n = draw(st.integers(1, 4)), draw(st.sampled_from([8, 16, 24]))
+    w = draw(st.lists(st.sampled_from([0.0, 1.0, -1.0, 0.5, -2.5, 3.0, 0.1, -0.3, 7.25, 1e-3]),
+                      min_size=rows * n, max_size=rows * n))
+    w = (np.array(w).reshape(rows, n) * draw(st.sampled_from([1.0, 1e-6, 300.0]))).astype(np.float32)
+    axis = draw(st.sampled_from([0, 1, -1]))
+    group = draw(st.sampled_from([4, 8])) if granularity == "group" else None
+    scale_dtype = draw(st.sampled_from([np.float16, np.float32]))
+    grid = draw(st.sampled_from([None, 5]))
+    return w, bits, sym, full_range, granularity, axis, group, scale_dtype, grid
+
+
+@given(naive_case())
+def test_quantize_matches_a_naive_loop_over_blocks(case):
+    """Codes, scales and zeros bit for bit against a per-block loop written from the
+    module's formulas: every granularity, sign convention, scale dtype and the clip search."""
+    w, bits, sym, full_range, granularity, axis, group, scale_dtype, grid = case
+    try:
+        qt = affine.quantize(w, bits, sym=sym, full_range=full_range, granularity=granularity, axis=axis,
+                             group_size=group, scale_dtype=scale_dtype, clip_search=grid is not None,
+                             grid=grid or 100)
+    except ValueError as e:   # fp16 scales of 300-sized weights on a 2-bit grid can overflow: say so
+        assert "overflows scale_dtype=float16" in str(e) and scale_dtype is np.float16
+        return
+    q, s, z = naive_quantize(w, bits, sym, full_range, granularity, axis % w.ndim, group, scale_dtype, grid)
+    np.testing.assert_array_equal(affine.codes(qt), q)
+    assert qt.scales.dtype == np.dtype(scale_dtype)
+    np.testing.assert_array_equal(qt.scales.reshape(-1), s)
+    if sym:
+        assert qt.zeros is None
+    else:
+        assert qt.zeros.dtype == np.uint8
+        np.testing.assert_array_equal(qt.zeros.reshape(-1), z)
+
+
+def test_code_ranges_by_hand():
+    assert [affine.code_range(b) for b in (2, 4, 8)] == [(-1, 1), (-7, 7), (-127, 127)]
+    assert [affine.code_range(b, full_range=True) for b in (2, 4, 8)] == [(-2, 1), (-8, 7), (-128, 127)]
+    assert [affine.code_range(b, sym=False) for b in (2, 4, 8)] == [(0, 3), (0, 15), (0, 255)]
+    assert affine.code_range(3, sym=False, full_range=True) == (0, 7)
+
+
+def test_messages_name_the_fix():
+    with pytest.raises(ValueError, match=r"pass pad=True to zero-pad each row to 8$"):
+        affine.quantize(np.ones((2, 6)), granularity="group", group_size=4)
+    with pytest.raises(ValueError, match=r"a scale of 142857 overflows scale_dtype=float16; "
+                                         r"use scale_dtype=np.float32 or rescale the weights"):
+        affine.quantize(np.full(4, 1e6), bits=4, scale_dtype=np.float16)
+    with pytest.raises(ValueError, match=r"^full_range=True applies to symmetric quantization only \(got sym=False\)$"):
+        affine.quantize(np.ones(4), sym=False, full_range=True)
+    with pytest.raises(ValueError, match=r"^granularity='group' needs group_size$"):
+        affine.quantize(np.ones(4), granularity="group")
+    with pytest.raises(ValueError, match=r"scale_dtype must be float16 or float32, got int8"):
+        affine.quantize(np.ones(4), scale_dtype=np.int8)
+    with pytest.raises(ValueError, match=r"^grid must be a positive"):
+        affine.quantize(np.ones(4), clip_search=True, grid=0)
+    with pytest.raises(ValueError, match=r"max_shrink must be in \[0, 1\), got 1"):
+        affine.quantize(np.ones(4), clip_search=True, max_shrink=1)

@@ -144,3 +144,69 @@ def test_bad_input():
         formats.decode(np.array([16], np.uint8), "fp4_e2m1")
     with pytest.raises(ValueError, match="beyond the fp16 range"):
         formats.quantize(np.array([1e6], np.float32), "fp16")
+
+
+def test_messages_are_exact():
+    with pytest.raises(TypeError, match=r"^bits must be an unsigned integer array, got float32$"):
+        formats.decode(np.ones(2, np.float32), "bf16")
+    with pytest.raises(TypeError, match=r"^bits must be an unsigned integer array, got list$"):
+        formats.decode([1, 2], "bf16")
+    with pytest.raises(ValueError, match=r"^bits must be in \[0, 15\] for fp4_e2m1, got \[3, 16\]$"):
+        formats.decode(np.array([3, 16], np.uint8), "fp4_e2m1")
+    with pytest.raises(ValueError, match=r"^fp32 has too many values to list$"):
+        formats.representable_values("fp32")
+    with pytest.raises(ValueError, match=r"^w has \|values\| up to 1e\+06, beyond the fp16 range \(max 65504\)$"):
+        formats.quantize(np.array([1e6], np.float32), "fp16")
+    with pytest.raises(ValueError, match=r"^axis=2 is out of range for w with 2 dimension\(s\)$"):
+        formats.quantize(np.ones((2, 2), np.float32), "fp8_e4m3fn", granularity="channel", axis=2)
+    with pytest.raises(ValueError, match=r"^granularity must be one of"):
+        formats.quantize(np.ones((2, 2), np.float32), "fp8_e4m3fn", granularity="group")
+    with pytest.raises(ValueError, match=r"^w contains 1 non-finite"):
+        formats.quantize(np.array([1.0, np.nan], np.float32), "fp8_e4m3fn", granularity="tensor")
+
+
+def test_fp32_is_the_identity_on_bits():
+    x = np.array([0.0, -0.0, 1.5, -3e38, 1e-45, np.inf, np.nan], np.float32)
+    bits = formats.encode(x, "fp32")
+    assert bits.dtype == np.uint32
+    np.testing.assert_array_equal(bits, x.view(np.uint32))
+    back = formats.decode(bits, "fp32")
+    assert back.dtype == np.float32 and same_floats(back, x)
+    assert formats.encode(1.5, "fp32").item() == np.float32(1.5).view(np.uint32)   # Python scalars too
+
+
+def test_range_edge_of_unscaled_formats():
+    """Exactly the maximum, and values that round down to it, are stored; beyond is refused."""
+    assert formats.quantize(np.array([65504.0], np.float32), "fp16").dequantize()[0] == 65504
+    assert formats.quantize(np.array([65519.0], np.float32), "fp16").dequantize()[0] == 65504   # rounds to max
+    with pytest.raises(ValueError, match="beyond the fp16 range"):
+        formats.quantize(np.array([65520.0], np.float32), "fp16")                              # rounds to Inf
+    assert formats.quantize(np.array([3e38], np.float32), "fp32").dequantize()[0] == np.float32(3e38)
+
+
+def test_e8m0_rounding_edges():
+    """E8M0 rounds the float32 exponent field up from 1.5 (ties up), a subnormal input up from
+    its exponent as soon as its field exceeds 0x400000 (1.25·2^-127 -> 2^-126, as ml_dtypes);
+    non-positive and too-large values as ml_dtypes' float8_e8m0fnu does."""
+    cases = {2.0**-127: 0x00, np.float32(2.0**-127 * 1.5): 0x01, np.float32(2.0**-127 * 1.25): 0x01,
+             1.0: 127, 1.5: 128, np.float32(1.4999999): 127, 2.0**127: 254, np.float32(1.5 * 2.0**127): 0xFF,
+             0.0: 0xFF, -1.0: 0xFF}
+    x = np.array(list(cases), np.float32)
+    got = formats.encode(x, "e8m0")
+    np.testing.assert_array_equal(got, list(cases.values()))
+    np.testing.assert_array_equal(got, oracle_encode(x, "e8m0"))
+
+
+def test_scaled_formats_record_their_layout_and_never_overflow():
+    w = np.array([[[1.0, -4.0], [0.0, 0.0]], [[0.5, 1e4], [2.0, -2.0]]], np.float32)   # (2, 2, 2)
+    for axis in (0, 1, 2, -1):
+        qt = formats.quantize(w, "fp8_e4m3fn", granularity="channel", axis=axis)
+        assert qt.meta == {"kind": "float", "fmt": "fp8_e4m3fn", "granularity": "channel", "axis": axis}
+        amax = np.max(np.abs(w), axis=tuple(i for i in range(3) if i != axis % 3), keepdims=True)
+        np.testing.assert_array_equal(qt.scales, np.where(amax > 0, amax / 448, 1.0).astype(np.float32))
+        assert np.isfinite(qt.dequantize()).all()
+        np.testing.assert_allclose(qt.dequantize(), w, rtol=2**-4, atol=0)
+    t = formats.quantize(np.zeros((2, 3), np.float32), "fp8_e5m2", granularity="tensor")
+    assert t.scales.item() == 1.0 and t.meta["axis"] is None and not t.dequantize().any()   # all-zero: scale 1
+    n = formats.quantize(np.ones((1, 2), np.float32), "bf16")
+    assert n.scales is None and n.meta == {"kind": "float", "fmt": "bf16", "granularity": "none", "axis": None}

@@ -104,3 +104,88 @@ def test_bad_input():
         packing.unpack(np.zeros(3, np.uint8), 4, 7)
     with pytest.raises(ValueError, match="bits"):
         packing.pack_int32(np.zeros((8, 1), np.int8), 3)
+
+
+@st.composite
+def any_width_codes(draw):
+    bits = draw(st.integers(1, 8))
+    signed = bits > 1 and draw(st.booleans())
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=13))
+    return draw(int_codes(bits, signed, shape)), bits, signed
+
+
+@given(any_width_codes())
+def test_every_width_against_the_bit_oracle_with_dtypes(args):
+    q, bits, signed = args
+    packed = packing.pack(q, bits, signed=signed)
+    np.testing.assert_array_equal(packed, naive_pack(q, bits))
+    back = packing.unpack(packed, bits, q.shape[-1], signed=signed)
+    assert back.dtype == (np.int8 if signed else np.uint8) and back.flags.c_contiguous
+    np.testing.assert_array_equal(back, q)
+
+
+@st.composite
+def int32_nd_args(draw):
+    bits = draw(st.sampled_from([2, 4, 8]))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=20))
+    return draw(int_codes(bits, False, shape)), bits, draw(st.integers(-len(shape), len(shape) - 1))
+
+
+def naive_pack_int32(q, bits, axis):
+    """Word k along ``axis`` holds codes k·per … k·per + per - 1, the first in the lowest bits."""
+    q = np.moveaxis(np.asarray(q, np.int64), axis, -1)
+    per = 32 // bits
+    n = q.shape[-1]
+    out = np.zeros(q.shape[:-1] + (-(-n // per),), np.uint64)
+    for idx in np.ndindex(q.shape[:-1]):
+        for i in range(n):
+            out[idx + (i // per,)] |= np.uint64(int(q[idx + (i,)]) << (bits * (i % per)))
+    return np.moveaxis(out.astype(np.uint32).view(np.int32), -1, axis)
+
+
+@given(int32_nd_args())
+def test_int32_any_rank_and_axis_against_a_naive_loop(args):
+    q, bits, axis = args
+    packed = packing.pack_int32(q, bits, axis=axis)
+    np.testing.assert_array_equal(packed, naive_pack_int32(q, bits, axis))
+    back = packing.unpack_int32(packed, bits, q.shape[axis], axis=axis)
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, q)
+    np.testing.assert_array_equal(packing.unpack_int32(packed.view(np.uint32), bits, q.shape[axis], axis=axis), q)
+
+
+def test_packed_length_and_code_range_by_hand():
+    assert [packing.packed_length(n, b) for n, b in ((7, 4), (8, 3), (9, 3), (1, 1), (0, 8))] == [4, 3, 4, 1, 0]
+    packing.pack(np.array([-8, 7]), 4, signed=True)                 # the signed range ends are accepted
+    packing.pack(np.array([0, 15]), 4)
+    for bad, signed in (([-9], True), ([8], True), ([-1], False), ([16], False)):
+        with pytest.raises(ValueError, match="range"):
+            packing.pack(np.array(bad), 4, signed=signed)
+
+
+def test_every_message_is_exact():
+    cases = [
+        (lambda: packing.pack([1, 2], 4), TypeError, r"^q must be a NumPy integer array, got list$"),
+        (lambda: packing.pack(np.array([1.0]), 4), TypeError, r"^q must be an integer array, got dtype float64$"),
+        (lambda: packing.pack(np.array(3), 4), ValueError, r"^q must have at least one dimension, got a 0-d array$"),
+        (lambda: packing.pack(np.array([16]), 4), ValueError,
+         r"^q holds values in \[16, 16\], outside the unsigned 4-bit range \[0, 15\]$"),
+        (lambda: packing.pack(np.array([-9, 3]), 4, signed=True), ValueError,
+         r"^q holds values in \[-9, 3\], outside the signed 4-bit range \[-8, 7\]$"),
+        (lambda: packing.pack(np.zeros(2, np.int8), 9), ValueError, r"^bits must be one of"),
+        (lambda: packing.unpack(np.zeros(2, np.int8), 4, 4), TypeError, r"^packed must be a uint8 array, got int8$"),
+        (lambda: packing.unpack([0, 1], 4, 4), TypeError, r"^packed must be a uint8 array, got list$"),
+        (lambda: packing.unpack(np.array(3, np.uint8), 4, 2), ValueError, r"^packed must have at least one dimension$"),
+        (lambda: packing.unpack(np.zeros(3, np.uint8), 4, 7), ValueError,
+         r"^packed rows have 3 bytes but 7 codes of 4 bits need 4$"),
+        (lambda: packing.unpack(np.zeros(3, np.uint8), 9, 7), ValueError, r"^bits must be one of"),
+        (lambda: packing.pack_int32(np.zeros((8, 1), np.int8), 3), ValueError, r"^bits must be one of"),
+        (lambda: packing.unpack_int32(np.zeros(2, np.int8), 4, 8), TypeError,
+         r"^packed must be an int32 array, got int8$"),
+        (lambda: packing.unpack_int32(np.zeros((2, 3), np.int32), 4, 8, axis=1), ValueError,
+         r"^packed has 3 words along axis 1, 8 codes need 1$"),
+        (lambda: packing.unpack_int32(np.zeros(2, np.int32), 3, 8), ValueError, r"^bits must be one of"),
+    ]
+    for fn, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            fn()
