@@ -69,19 +69,31 @@ def config_from_params(params: dict) -> Config:
 
 # --- primitives --------------------------------------------------------------------------
 
-def layer_norm(x, w, b, eps=1e-5):
+def layer_norm(x, w, b, eps=1e-5, cache=None):
+    """``(x - mean) / sqrt(var + eps) * w + b`` over the last axis; ``cache``, a list, gets
+    ``(x̂, 1/σ, w)`` appended (what the backward pass needs, ``minigpt_np.train``)."""
     mu = x.mean(axis=-1, keepdims=True)
     xc = x - mu
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    return xc / np.sqrt(var + eps) * w + b
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    if cache is not None:
+        cache.append((xhat, rstd, w))
+    return xhat * w + b
 
 
 GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 
 
-def gelu(x):
-    """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))."""
-    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + np.float32(0.044715) * x * x * x)))
+GELU_A = np.float32(0.044715)
+
+
+def gelu(x, cache=None):
+    """GPT-2's tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³))); ``cache``
+    gets ``(x, tanh(…))`` appended."""
+    t = np.tanh(GELU_C * (x + GELU_A * x * x * x))
+    if cache is not None:
+        cache.append((x, t))
+    return 0.5 * x * (1.0 + t)
 
 
 def softmax(z, axis=-1):
@@ -93,6 +105,16 @@ def softmax(z, axis=-1):
 def log_softmax(z, axis=-1):
     z = z - z.max(axis=axis, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def attention(q, k, v, mask, cache=None):
+    """``softmax(q kᵀ / sqrt(d_head) + mask) v`` for heads (B, H, T, d_head); ``cache`` gets
+    ``(q, k, v, probabilities, scale)`` appended."""
+    scale = np.float32(1 / np.sqrt(q.shape[-1]))
+    att = softmax(q @ k.transpose(0, 1, 3, 2) * scale + mask)
+    if cache is not None:
+        cache.append((q, k, v, att, scale))
+    return att @ v
 
 
 # --- Linears ------------------------------------------------------------------------------
@@ -126,12 +148,16 @@ class Linears:
 # --- forward ---------------------------------------------------------------------------
 
 def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears | None = None,
-            past: list | None = None, hook=None):
-    """Logits for ``tokens`` (T,) or (B, T); returns ``(logits float32 (B, T, V), present)``.
+            past: list | None = None, hook=None, tape: dict | None = None):
+    """Logits for ``tokens`` (T,) or (B, T); returns ``(logits (B, T, V), present)``, float32
+    for float32 params. ``linears``: the Linear layers (``Linears``; None: the float weights
+    in ``params`` as they are).
 
     ``past``: per-layer ``(k, v)`` of shape (B, H, T_past, d_head) from an earlier call
     (the KV cache); ``present`` is the same list extended by these tokens. ``hook(name, x)``
-    sees every Linear's input (calibration).
+    sees every Linear's input (calibration). ``tape``, a dict, receives what training's
+    backward pass needs (``minigpt_np.train``): per norm, attention and GELU their cache
+    list, per Linear its input, and the final hidden state ``"hidden"``.
     """
     cfg = cfg or config_from_params(params)
     tokens = np.atleast_2d(np.asarray(tokens))
@@ -139,39 +165,42 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
     t0 = 0 if not past else past[0][0].shape[2]
     if t0 + T > cfg.n_ctx:
         raise ValueError(f"sequence of {t0 + T} tokens exceeds the context of {cfg.n_ctx}")
-    if linears is None:
-        linears = Linears(params, cfg)
     H, d = cfg.n_head, cfg.d_model
     dh = d // H
     x = params["token_embd.weight"][tokens] + params["position_embd.weight"][t0:t0 + T]
     present = []
     mask = np.triu(np.full((T, t0 + T), -np.inf, np.float32), k=t0 + 1)
+    rec = (lambda key: tape.setdefault(key, [])) if tape is not None else (lambda key: None)
+
+    def lin(name, x):
+        if hook:
+            hook(name, x)
+        if tape is not None:
+            tape[name] = x
+        if linears is not None:
+            return linears(name, x)
+        w = params[name + ".weight"]   # the float weights as they are (training: any float dtype)
+        return (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0]) + params[name + ".bias"]
+
     for i in range(cfg.n_layer):
         b = f"blk.{i}."
-        h = layer_norm(x, params[b + "attn_norm.weight"], params[b + "attn_norm.bias"], cfg.eps)
-        if hook:
-            hook(b + "attn_qkv", h)
-        qkv = linears(b + "attn_qkv", h).reshape(B, T, 3, H, dh).transpose(2, 0, 3, 1, 4)
+        h = layer_norm(x, params[b + "attn_norm.weight"], params[b + "attn_norm.bias"], cfg.eps, rec(b + "attn_norm"))
+        qkv = lin(b + "attn_qkv", h).reshape(B, T, 3, H, dh).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if past:
             k = np.concatenate([past[i][0], k], axis=2)
             v = np.concatenate([past[i][1], v], axis=2)
         present.append((k, v))
-        att = softmax(q @ k.transpose(0, 1, 3, 2) * np.float32(1 / np.sqrt(dh)) + mask)
-        o = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, d)
-        if hook:
-            hook(b + "attn_output", o)
-        x = x + linears(b + "attn_output", o)
-        h = layer_norm(x, params[b + "ffn_norm.weight"], params[b + "ffn_norm.bias"], cfg.eps)
-        if hook:
-            hook(b + "ffn_up", h)
-        u = gelu(linears(b + "ffn_up", h))
-        if hook:
-            hook(b + "ffn_down", u)
-        x = x + linears(b + "ffn_down", u)
-    h = layer_norm(x, params["output_norm.weight"], params["output_norm.bias"], cfg.eps)
+        o = attention(q, k, v, mask, rec(b + "attn")).transpose(0, 2, 1, 3).reshape(B, T, d)
+        x = x + lin(b + "attn_output", o)
+        h = layer_norm(x, params[b + "ffn_norm.weight"], params[b + "ffn_norm.bias"], cfg.eps, rec(b + "ffn_norm"))
+        u = gelu(lin(b + "ffn_up", h), rec(b + "gelu"))
+        x = x + lin(b + "ffn_down", u)
+    h = layer_norm(x, params["output_norm.weight"], params["output_norm.bias"], cfg.eps, rec("output_norm"))
+    if tape is not None:
+        tape["hidden"] = h
     logits = h.reshape(B * T, d) @ params["token_embd.weight"].T   # tied head, one 2-D BLAS call
-    return logits.reshape(B, T, -1).astype(np.float32), present
+    return logits.reshape(B, T, -1), present
 
 
 def decode_step(params: dict, token: int, cache: list | None, *, cfg=None, linears=None):

@@ -29,20 +29,12 @@ import numpy as np
 from tqdm import tqdm
 
 from minigpt_np import corpus
-from minigpt_np.model import EOT, GELU_C, Config, init_params
+from minigpt_np.model import GELU_A, GELU_C, Config, forward, init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# --- layers: forward (with cache) and backward ------------------------------------------
-
-def layer_norm_fwd(x, w, b, eps):
-    mu = x.mean(axis=-1, keepdims=True)
-    xc = x - mu
-    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
-    xhat = xc * rstd
-    return xhat * w + b, (xhat, rstd, w)
-
+# --- backward of each layer (the forward is ``model.forward``, which records what these need) ----
 
 def layer_norm_bwd(dy, cache, grads, prefix):
     xhat, rstd, w = cache
@@ -54,10 +46,6 @@ def layer_norm_bwd(dy, cache, grads, prefix):
     return rstd / n * (n * dxhat - dxhat.sum(-1, keepdims=True) - xhat * (dxhat * xhat).sum(-1, keepdims=True))
 
 
-def linear_fwd(x, w, b):
-    return x @ w.T + b, x
-
-
 def linear_bwd(dy, x, w, grads, prefix):
     d_out, d_in = w.shape
     grads[prefix + ".weight"] += dy.reshape(-1, d_out).T @ x.reshape(-1, d_in)
@@ -65,35 +53,14 @@ def linear_bwd(dy, x, w, grads, prefix):
     return dy @ w
 
 
-def gelu_fwd(x):
-    inner = GELU_C * (x + 0.044715 * x ** 3)
-    t = np.tanh(inner)
-    return 0.5 * x * (1 + t), (x, t)
-
-
 def gelu_bwd(dy, cache):
     x, t = cache
-    dinner = GELU_C * (1 + 3 * 0.044715 * x * x)
+    dinner = GELU_C * (1 + 3 * GELU_A * x * x)
     return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dinner)
 
 
-def attention_fwd(qkv, n_head):
-    """Causal multi-head attention on fused ``qkv`` (B, T, 3d) -> (B, T, d)."""
-    B, T, d3 = qkv.shape
-    d = d3 // 3
-    dh = d // n_head
-    q, k, v = qkv.reshape(B, T, 3, n_head, dh).transpose(2, 0, 3, 1, 4)
-    scale = 1.0 / np.sqrt(dh)
-    s = q @ k.transpose(0, 1, 3, 2) * scale
-    s = s + np.triu(np.full((T, T), -np.inf, s.dtype), k=1)
-    s = s - s.max(-1, keepdims=True)
-    att = np.exp(s)
-    att /= att.sum(-1, keepdims=True)
-    o = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, d)
-    return o, (q, k, v, att, scale)
-
-
 def attention_bwd(do, cache):
+    """Gradient of ``model.attention`` w.r.t. the fused ``qkv`` (B, T, 3d), from ``do`` (B, T, d)."""
     q, k, v, att, scale = cache
     B, H, T, dh = q.shape
     do = do.reshape(B, T, H, dh).transpose(0, 2, 1, 3)
@@ -127,45 +94,29 @@ def cross_entropy_bwd(cache):
 # --- the whole model ----------------------------------------------------------------------
 
 def loss_and_grads(params: dict, cfg: Config, tokens: np.ndarray, targets: np.ndarray):
-    """Forward + backward over a batch; returns (loss, grads) with grads shaped like params."""
+    """Forward (``model.forward``, recording a tape) + backward over a batch; returns
+    ``(loss, grads)`` with grads shaped like params."""
     grads = {k: np.zeros_like(v) for k, v in params.items()}
-    B, T = tokens.shape
-    x = params["token_embd.weight"][tokens] + params["position_embd.weight"][:T]
-    caches = []
-    for i in range(cfg.n_layer):
-        b = f"blk.{i}."
-        h1, c_ln1 = layer_norm_fwd(x, params[b + "attn_norm.weight"], params[b + "attn_norm.bias"], cfg.eps)
-        qkv, c_qkv = linear_fwd(h1, params[b + "attn_qkv.weight"], params[b + "attn_qkv.bias"])
-        o, c_att = attention_fwd(qkv, cfg.n_head)
-        a, c_out = linear_fwd(o, params[b + "attn_output.weight"], params[b + "attn_output.bias"])
-        x = x + a
-        h2, c_ln2 = layer_norm_fwd(x, params[b + "ffn_norm.weight"], params[b + "ffn_norm.bias"], cfg.eps)
-        u, c_up = linear_fwd(h2, params[b + "ffn_up.weight"], params[b + "ffn_up.bias"])
-        g, c_gelu = gelu_fwd(u)
-        m, c_down = linear_fwd(g, params[b + "ffn_down.weight"], params[b + "ffn_down.bias"])
-        x = x + m
-        caches.append((c_ln1, c_qkv, c_att, c_out, c_ln2, c_up, c_gelu, c_down))
-    hf, c_lnf = layer_norm_fwd(x, params["output_norm.weight"], params["output_norm.bias"], cfg.eps)
-    E = params["token_embd.weight"]
-    logits = hf @ E.T
+    tape: dict = {}
+    logits, _ = forward(params, tokens, cfg=cfg, tape=tape)
     loss, c_ce = cross_entropy_fwd(logits, targets)
 
     dlogits = cross_entropy_bwd(c_ce)
+    E, hf = params["token_embd.weight"], tape["hidden"]
     grads["token_embd.weight"] += dlogits.reshape(-1, E.shape[0]).T @ hf.reshape(-1, E.shape[1])
-    dx = layer_norm_bwd(dlogits @ E, c_lnf, grads, "output_norm")
+    dx = layer_norm_bwd(dlogits @ E, tape["output_norm"][0], grads, "output_norm")
     for i in reversed(range(cfg.n_layer)):
         b = f"blk.{i}."
-        c_ln1, c_qkv, c_att, c_out, c_ln2, c_up, c_gelu, c_down = caches[i]
-        dg = linear_bwd(dx, c_down, params[b + "ffn_down.weight"], grads, b + "ffn_down")
-        du = gelu_bwd(dg, c_gelu)
-        dh2 = linear_bwd(du, c_up, params[b + "ffn_up.weight"], grads, b + "ffn_up")
-        dx = dx + layer_norm_bwd(dh2, c_ln2, grads, b + "ffn_norm")
-        do = linear_bwd(dx, c_out, params[b + "attn_output.weight"], grads, b + "attn_output")
-        dqkv = attention_bwd(do, c_att)
-        dh1 = linear_bwd(dqkv, c_qkv, params[b + "attn_qkv.weight"], grads, b + "attn_qkv")
-        dx = dx + layer_norm_bwd(dh1, c_ln1, grads, b + "attn_norm")
+
+        def linear(name, dy):
+            return linear_bwd(dy, tape[b + name], params[b + name + ".weight"], grads, b + name)
+
+        du = gelu_bwd(linear("ffn_down", dx), tape[b + "gelu"][0])
+        dx = dx + layer_norm_bwd(linear("ffn_up", du), tape[b + "ffn_norm"][0], grads, b + "ffn_norm")
+        dqkv = attention_bwd(linear("attn_output", dx), tape[b + "attn"][0])
+        dx = dx + layer_norm_bwd(linear("attn_qkv", dqkv), tape[b + "attn_norm"][0], grads, b + "attn_norm")
     np.add.at(grads["token_embd.weight"], tokens.reshape(-1), dx.reshape(-1, dx.shape[-1]))
-    grads["position_embd.weight"][:T] += dx.sum(axis=0)
+    grads["position_embd.weight"][: tokens.shape[1]] += dx.sum(axis=0)
     return loss, grads
 
 
@@ -210,7 +161,7 @@ def batch(stream: np.ndarray, B: int, T: int, rng) -> tuple[np.ndarray, np.ndarr
 
 
 def evaluate_loss(params, cfg, stream, B, T, n_batches, seed=123) -> float:
-    from minigpt_np.model import forward, log_softmax
+    from minigpt_np.model import log_softmax
 
     rng = np.random.default_rng(seed)
     losses = []

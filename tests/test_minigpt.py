@@ -8,7 +8,9 @@ from hypothesis import given, strategies as st
 
 from minigpt_np import checkpoint, corpus
 from minigpt_np import train as tr
-from minigpt_np.model import EOT, Config, Linears, decode_step, forward, generate, init_params, quantize_sequential
+from minigpt_np.model import (
+    EOT, Config, Linears, attention, decode_step, forward, gelu, generate, init_params, layer_norm, quantize_sequential,
+)
 
 # --------------------------------------------------------------------- gradient checks
 
@@ -36,9 +38,10 @@ def test_layer_norm_backward(shape, seed):
     x, w, b = rng.standard_normal(shape), rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
     dy = rng.standard_normal(shape)
     grads = {"ln.weight": np.zeros_like(w), "ln.bias": np.zeros_like(b)}
-    _, cache = tr.layer_norm_fwd(x, w, b, 1e-5)
-    dx = tr.layer_norm_bwd(dy, cache, grads, "ln")
-    f = lambda: float((tr.layer_norm_fwd(x, w, b, 1e-5)[0] * dy).sum())  # noqa: E731
+    cache = []
+    layer_norm(x, w, b, 1e-5, cache)
+    dx = tr.layer_norm_bwd(dy, cache[0], grads, "ln")
+    f = lambda: float((layer_norm(x, w, b, 1e-5) * dy).sum())  # noqa: E731
     directional_check(f, x, dx, rng)
     directional_check(f, w, grads["ln.weight"], rng)
     directional_check(f, b, grads["ln.bias"], rng)
@@ -51,12 +54,14 @@ def test_linear_and_gelu_backward(shape, out, seed):
     dy = rng.standard_normal(shape[:-1] + (out,))
     grads = {"l.weight": np.zeros_like(w), "l.bias": np.zeros_like(b)}
     dx = tr.linear_bwd(dy, x, w, grads, "l")
-    f = lambda: float((tr.linear_fwd(x, w, b)[0] * dy).sum())  # noqa: E731
+    f = lambda: float(((x @ w.T + b) * dy).sum())  # noqa: E731
     for arr, g in ((x, dx), (w, grads["l.weight"]), (b, grads["l.bias"])):
         directional_check(f, arr, g, rng)
     dy2 = rng.standard_normal(shape)
-    dg = tr.gelu_bwd(dy2, tr.gelu_fwd(x)[1])
-    directional_check(lambda: float((tr.gelu_fwd(x)[0] * dy2).sum()), x, dg, rng)
+    cache = []
+    gelu(x, cache)
+    dg = tr.gelu_bwd(dy2, cache[0])
+    directional_check(lambda: float((gelu(x) * dy2).sum()), x, dg, rng)
 
 
 @given(B=st.integers(1, 2), T=st.integers(1, 5), heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
@@ -65,8 +70,16 @@ def test_attention_and_cross_entropy_backward(B, T, heads, seed):
     d = 2 * heads
     qkv = rng.standard_normal((B, T, 3 * d))
     do = rng.standard_normal((B, T, d))
-    dqkv = tr.attention_bwd(do, tr.attention_fwd(qkv, heads)[1])
-    directional_check(lambda: float((tr.attention_fwd(qkv, heads)[0] * do).sum()), qkv, dqkv, rng)
+    mask = np.triu(np.full((T, T), -np.inf), k=1)
+
+    def fused_attention(cache=None):   # model.forward's use: fused qkv -> heads -> attention -> merged
+        q, k, v = qkv.reshape(B, T, 3, heads, 2).transpose(2, 0, 3, 1, 4)
+        return attention(q, k, v, mask, cache).transpose(0, 2, 1, 3).reshape(B, T, d)
+
+    cache = []
+    fused_attention(cache)
+    dqkv = tr.attention_bwd(do, cache[0])
+    directional_check(lambda: float((fused_attention() * do).sum()), qkv, dqkv, rng)
     logits, targets = rng.standard_normal((B, T, 7)), rng.integers(0, 7, (B, T))
     dl = tr.cross_entropy_bwd(tr.cross_entropy_fwd(logits, targets)[1])
     directional_check(lambda: tr.cross_entropy_fwd(logits, targets)[0], logits, dl, rng)
