@@ -1,7 +1,7 @@
 """Shared test settings: Hypothesis profiles and the one tolerance table.
 
-Profiles: ``ci`` (the default; derandomized, so every run checks the same examples) and
-``dev`` (more examples, random). Choose with ``HYPOTHESIS_PROFILE=dev pytest``.
+Profiles: ``ci`` (the default; derandomized, so every run checks the same examples),
+``dev`` (more examples, random) and ``mutation`` (fewer, for ``tools/mutation.py``). Choose with ``HYPOTHESIS_PROFILE=dev pytest``.
 """
 import os
 
@@ -15,6 +15,10 @@ settings.register_profile(
 )
 settings.register_profile(
     "dev", max_examples=2000, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(   # tools/mutation.py: every mutant reruns the tests, so fewer examples
+    "mutation", max_examples=25, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from refquant import affine, gptq
+from refquant import affine, gptq, packing
 
 
 def layer(seed, out=32, n=128, tokens=400):
@@ -108,3 +108,93 @@ def test_bad_arguments(kw, match):
         gptq.gptq_quantize(w, np.eye(3))
     with pytest.raises(ValueError, match="non-finite"):
         gptq.hessian(np.full((3, 4), np.nan))
+
+
+def textbook(w, H, bits, gs, sym=True, act_order=False, static_groups=False, percdamp=0.01):
+    """The textbook algorithm of every variant: columns in act order (largest H_jj first,
+    stable), groups fitted on the columns as they stand when the group's first column comes
+    up (or on the original weights, static groups), error fed forward through the explicit
+    inverse Hessian. Returns codes, scales, zeros (or None) and GPTQ's loss."""
+    W = w.astype(np.float64).copy()
+    H = H.astype(np.float64).copy()
+    n = W.shape[1]
+    gs = n if gs == -1 else gs
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
+    scales, zeros = np.zeros((w.shape[0], n // gs), np.float16), np.zeros((w.shape[0], n // gs), np.int64)
+    if static_groups:
+        for g in range(n // gs):
+            scales[:, g], z = gptq._group_params(W[:, g * gs:(g + 1) * gs], bits, sym, np.float16)
+            zeros[:, g] = 0 if z is None else z
+    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    H[np.diag_indices(n)] += percdamp * np.mean(np.diag(H))
+    Hinv = np.linalg.inv(H)
+    codes, loss = np.zeros(W.shape, np.int64), 0.0
+    for q in range(n):
+        g = perm[q] // gs if static_groups else q // gs
+        if not static_groups and q % gs == 0:
+            scales[:, g], z = gptq._group_params(W[:, q:q + gs], bits, sym, np.float16)
+            zeros[:, g] = 0 if z is None else z
+        s, z = scales[:, g], (None if sym else zeros[:, g])
+        c = affine.quantize_codes(W[:, q], s, z, bits, sym=sym)
+        codes[:, perm[q]] = c
+        err = W[:, q] - affine.dequantize_codes(c, s, z)
+        loss += float(np.sum(err**2)) / Hinv[q, q] / 2
+        W[:, q + 1:] -= np.outer(err / Hinv[q, q], Hinv[q, q + 1:])
+        Hinv = Hinv - np.outer(Hinv[:, q], Hinv[q, :]) / Hinv[q, q]
+    return codes, scales, None if sym else zeros, loss
+
+
+@pytest.mark.parametrize("gs, sym, act_order, static_groups, blocksize", [
+    (16, True, False, False, 32), (16, False, False, False, 32), (32, True, True, False, 16),
+    (32, False, True, True, 64), (16, True, True, True, 24), (-1, False, False, False, 16),
+    (64, True, True, False, 128), (8, False, True, False, 20),
+])
+def test_every_variant_equals_the_textbook_algorithm(gs, sym, act_order, static_groups, blocksize):
+    """Lazy batches of any size (including ones a group straddles) give the textbook's codes,
+    scales and zeros exactly and its loss to round-off; g_idx and the layout follow."""
+    w, X = layer(3, out=8, n=64, tokens=200)
+    H = gptq.hessian(X)
+    qt, loss = gptq.gptq_quantize(w, H, bits=3, group_size=gs, sym=sym, act_order=act_order,
+                                  static_groups=static_groups, blocksize=blocksize)
+    codes, scales, zeros, want_loss = textbook(w, H, 3, gs, sym, act_order, static_groups)
+    q = packing.unpack(qt.codes, 3, 64, signed=sym)
+    np.testing.assert_array_equal(q, codes)
+    np.testing.assert_array_equal(qt.scales, scales)
+    if sym:
+        assert qt.zeros is None
+    else:
+        assert qt.zeros.dtype == np.uint8
+        np.testing.assert_array_equal(qt.zeros, zeros)
+    assert loss == pytest.approx(want_loss, rel=1e-9)
+    g = 64 if gs == -1 else gs
+    if act_order and not static_groups:
+        perm = np.argsort(-np.diag(H), kind="stable")
+        want_g = np.empty(64, np.int32)
+        want_g[perm] = np.arange(64) // g
+        assert qt.kind == "gptq" and qt.meta["group_size"] == g
+        np.testing.assert_array_equal(qt.meta["g_idx"], want_g)
+    else:
+        assert qt.kind == "affine"
+        assert qt.meta["granularity"] == ("channel" if gs == -1 else "group")
+        assert qt.meta["group_size"] == (None if gs == -1 else gs)
+    group_of = want_g if act_order and not static_groups else np.arange(64) // g
+    z = 0 if sym else zeros[:, group_of]
+    s = scales.astype(np.float32)[:, group_of]   # the decoder reads the layout back to the same weights
+    np.testing.assert_array_equal(qt.dequantize(), ((codes - z).astype(np.float32) * s).astype(np.float32))
+
+
+def test_names_and_messages():
+    w, X = layer(0, out=4, n=32, tokens=50)
+    H = gptq.hessian(X)
+    assert gptq.gptq_quantize(w, H, bits=4, group_size=16)[0].scheme == "gptq_int4_g16"
+    assert gptq.gptq_quantize(w, H, bits=3, group_size=-1, sym=False, act_order=True)[0].scheme == "gptq_int3_g-1_asym_act"
+    assert gptq.gptq_quantize(w, H, scheme="mine", group_size=16)[0].scheme == "mine"
+    with pytest.raises(ValueError, match=r"^H must be \(32, 32\) for w of shape \(4, 32\), got \(3, 3\)$"):
+        gptq.gptq_quantize(w, np.eye(3))
+    with pytest.raises(ValueError, match=r"^group_size=48 must be -1 or a positive divisor of in=32$"):
+        gptq.gptq_quantize(w, H, group_size=48)
+    with pytest.raises(ValueError, match=r"^group_size=0 must be -1"):
+        gptq.gptq_quantize(w, H, group_size=0)
+    with pytest.raises(ValueError, match=r"^percdamp must be in \[0, 1\), got 1.5$"):
+        gptq.gptq_quantize(w, H, percdamp=1.5, group_size=16)
+    gptq.gptq_quantize(w, H, percdamp=0.0, group_size=16)   # the closed end is allowed
