@@ -182,7 +182,8 @@ def test_every_message_is_exact():
         (lambda: packing.pack_int32(np.zeros((8, 1), np.int8), 3), ValueError, r"^bits must be one of"),
         (lambda: packing.unpack_int32(np.zeros(2, np.int8), 4, 8), TypeError,
          r"^packed must be an int32 array, got int8$"),
-        (lambda: packing.unpack_int32(np.zeros((2, 3), np.int32), 4, 8, axis=1), ValueError,
+        (lambda: packing.unpack_int32([0, 1], 4, 8), TypeError, r"^packed must be an int32 array, got list$"),
+        (lambda: packing.unpack_int32(np.zeros((2, 3, 5), np.int32), 4, 8, axis=1), ValueError,
          r"^packed has 3 words along axis 1, 8 codes need 1$"),
         (lambda: packing.unpack_int32(np.zeros(2, np.int32), 3, 8), ValueError, r"^bits must be one of"),
     ]
