@@ -28,6 +28,7 @@ ChatML one before it is used).
 """
 from __future__ import annotations
 
+import heapq
 import re
 import unicodedata
 from functools import lru_cache
@@ -97,6 +98,15 @@ def gpt2_split(text: str) -> list[str]:
     return out
 
 
+def _surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text`` (no UTF-8 encoding exists), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+
+
 class Tokenizer:
     """Tokenizer of one GGUF vocabulary: ``encode``, ``decode``, ``render_chat``."""
 
@@ -130,6 +140,8 @@ class Tokenizer:
         """Whether every UTF-8 byte of ``text`` has a token. SmolLM2's vocabulary lacks 21
         of the 256 byte tokens (e.g. 0x04, 0xC0, 0xF1, 0xFF); llama.cpp, and this
         tokenizer, drop such bytes, so only representable text round-trips."""
+        if _surrogate(text) is not None:
+            return False
         return all(self._b2u[b] in self.ids for b in text.encode("utf-8"))
 
     # --- encode ------------------------------------------------------------------------
@@ -154,22 +166,46 @@ class Tokenizer:
         return out
 
     def _bpe(self, piece: str) -> list[int]:
+        """Byte-level BPE of one pre-token piece: repeatedly merge the adjacent pair of lowest
+        merge rank, the leftmost on ties (llama.cpp's ``llm_tokenizer_bpe``). A heap of
+        candidate pairs over a linked list of symbols makes it O(n log n) in the piece's
+        length; a pair whose symbols changed since it was pushed is skipped when popped."""
         if piece in self._cache:
             return self._cache[piece]
-        word = [self._b2u[b] for b in piece.encode("utf-8")]
-        while len(word) > 1:
-            pairs = [(self.ranks.get((a, b), None), k) for k, (a, b) in enumerate(zip(word, word[1:]))]
-            best = min((p for p in pairs if p[0] is not None), default=None)
-            if best is None:
-                break
-            k = best[1]
-            word[k:k + 2] = [word[k] + word[k + 1]]
-        ids = []
-        for sym in word:
-            if sym in self.ids:
-                ids.append(self.ids[sym])
+        sym = [self._b2u[b] for b in piece.encode("utf-8")]
+        n = len(sym)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        heap = []
+
+        def push(i):
+            j = nxt[i]
+            if j < n:
+                r = self.ranks.get((sym[i], sym[j]))
+                if r is not None:
+                    heapq.heappush(heap, (r, i, sym[i], sym[j]))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, a, b = heapq.heappop(heap)
+            j = nxt[i]
+            if sym[i] != a or j >= n or sym[j] != b:   # stale: a neighbour merged since
+                continue
+            sym[i], sym[j] = a + b, ""
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        ids, i = [], 0
+        while i < n:
+            s_ = sym[i]
+            if s_ in self.ids:
+                ids.append(self.ids[s_])
             else:  # fall back to single bytes; bytes the vocabulary lacks are dropped, as llama.cpp does
-                ids.extend(self.ids[c] for c in sym if c in self.ids)
+                ids.extend(self.ids[c] for c in s_ if c in self.ids)
+            i = nxt[i]
         if len(self._cache) < 100_000:
             self._cache[piece] = ids
         return ids
@@ -178,6 +214,10 @@ class Tokenizer:
         """Token ids of ``text``; ``special=True`` turns control-token spellings into their ids."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
+        bad = _surrogate(text)
+        if bad is not None:
+            raise ValueError(f"text holds a lone surrogate (U+{ord(text[bad]):04X}) at index {bad}: "
+                             "it is not a character and has no UTF-8 bytes")
         ids = [self.bos] if (self.add_bos if bos is None else bos) and self.bos >= 0 else []
         chunks = [(text, False)]
         if special and self.special:

@@ -73,9 +73,32 @@ def test_unrepresentable_bytes_are_dropped(tok):
     assert not tok.representable("a\x04b") and tok.decode(tok.encode("a\x04b")) == "ab"
 
 
+def naive_bpe(tok, piece):
+    """The textbook loop: find the lowest-rank adjacent pair (leftmost on ties), merge it, repeat."""
+    word = [T.byte_to_unicode()[b] for b in piece.encode("utf-8")]
+    while len(word) > 1:
+        pairs = [(tok.ranks[p], k) for k, p in enumerate(zip(word, word[1:])) if p in tok.ranks]
+        if not pairs:
+            break
+        k = min(pairs)[1]
+        word[k:k + 2] = [word[k] + word[k + 1]]
+    return [tok.ids[c] for sym in word for c in ([sym] if sym in tok.ids else sym) if c in tok.ids]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.builds(lambda c, n: c * n, st.sampled_from(["a", " ", "ab", "中", "!!"]),
+                                                  st.integers(1, 300))))
+def test_bpe_equals_the_textbook_merge_loop(tok, piece):
+    tok._cache.clear()
+    assert tok._bpe(piece) == naive_bpe(tok, piece)
+
+
 def test_bad_input(tok):
     with pytest.raises(TypeError):
         tok.encode(b"bytes")
+    with pytest.raises(ValueError, match=r"lone surrogate \(U\+D800\) at index 1"):
+        tok.encode("a\ud800b")
+    assert tok.representable("a\ud800") is False
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tok.decode([len(tok)])
 
