@@ -5,20 +5,48 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(path) -> list[Path]:
+    """Remove the temporary files that killed writers of ``path`` left behind: ``.NAME.PID.*.tmp``
+    beside it whose process no longer runs (a live writer's file is left alone). Returns them."""
+    path = Path(path)
+    gone = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                gone.append(tmp)
+    return gone
 
 
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "wb"):
     """Open a temporary file in ``path``'s directory; on success it replaces ``path``.
 
-    The file gets the permissions an ordinary ``open`` would give (``0o666`` minus the
+    The temporary file's name carries the writer's process id, so the temporary files of
+    writers that were killed before the rename are recognised and removed by the next write
+    of the same path (``remove_stale``). The file gets the permissions an ordinary ``open`` would give (``0o666`` minus the
     umask), is flushed and fsynced before the rename, and the directory is fsynced after
     it. On any exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)

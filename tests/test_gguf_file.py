@@ -231,7 +231,8 @@ def _field(fields, what, nth=0):
     (lambda d, f: _patched(d, _field(f, "array type")[0], "I", 99), "unknown array element type 99"),
     (lambda d, f: _patched(d, _field(f, "n_dims")[0], "I", 5), "5 dimensions"),
     (lambda d, f: _patched(d, _field(f, "dimension")[0], "q", -4), "negative dimension"),
-    (lambda d, f: _patched(d, _field(f, "dimension", 1)[0], "Q", 2**62), "needs .* bytes; the file has"),
+    (lambda d, f: _patched(d, _field(f, "dimension", 1)[0], "Q", 2**40), "needs .* bytes; the file has"),
+    (lambda d, f: _patched(d, _field(f, "dimension", 1)[0], "Q", 2**62), "spans more than 2\\^63 - 1 elements"),
     (lambda d, f: _patched(d, _field(f, "ggml type")[0], "I", 4), "unknown ggml type id 4"),
     (lambda d, f: _patched(d, _field(f, "ggml type", 2)[0], "I", 2), "not a multiple of Q4_0's block size"),
     (lambda d, f: _patched(d, _field(f, "tensor offset", 1)[0], "Q", 64), "has data offset 64, expected"),
@@ -326,3 +327,41 @@ def test_fuzz_reader_succeeds_consistently_or_raises_gguf_error(blob, tmp_path_f
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     assert peak < 64 * 2**20, f"reading a {len(blob)}-byte file allocated {peak} bytes"
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
+    """A writer killed before its rename leaves ``.NAME.PID.*.tmp``; the next write of the
+    same path removes it (its process is gone), and leaves a live writer's alone."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "m.gguf"
+    code = ("import os, sys; from refquant._atomic import atomic_open\n"
+            "with atomic_open(sys.argv[1]) as f:\n    f.write(b'partial'); f.flush(); os._exit(9)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True)
+    assert r.returncode == 9
+    left = list(tmp_path.glob(".m.gguf.*.tmp"))
+    assert len(left) == 1 and not target.exists()
+    live = tmp_path / f".m.gguf.{os.getpid()}.abc.tmp"     # a writer that is still running (this process)
+    live.write_bytes(b"x")
+    other = tmp_path / ".other.gguf.1.abc.tmp"             # another file's temp file is not ours to judge
+    other.write_bytes(b"x")
+    gguf.write(target, {"general.architecture": "x"}, {"t": np.ones(2, np.float32)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.gguf", live.name, other.name])
+
+
+def test_dimensions_no_array_can_have_are_refused(tmp_path):
+    """(2^62, 2^62, 0) holds no element but no array can have that shape: both ends refuse it."""
+    huge = gguf.GGUFTensor("F32", (2**62, 2**62, 0), np.zeros(0, np.uint8))
+    with pytest.raises(gguf.GGUFError, match=r"'v': shape .* spans more than 2\^63 - 1 elements"):
+        gguf.write(tmp_path / "z.gguf", {}, {"v": huge})
+    assert not list(tmp_path.iterdir())
+    ok = gguf.write(tmp_path / "z.gguf", {}, {"v": gguf.GGUFTensor("F32", (4, 4, 0), np.zeros(0, np.uint8))})
+    raw = ok.read_bytes()
+    dims = np.array([0, 4, 4], "<u8").tobytes()          # (ne0, ne1, ne2) as written
+    at = raw.index(dims)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(raw[:at] + np.array([0, 2**62, 2**62], "<u8").tobytes() + raw[at + len(dims):])
+    with pytest.raises(gguf.GGUFError, match=r"'v': shape \(4611686018427387904, 4611686018427387904, 0\) spans"):
+        gguf.read(bad)

@@ -40,6 +40,17 @@ from refquant.gguf.quants import GGMLType, dequantize, ggml_type
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+INT64_MAX = 2**63 - 1
+
+
+def _check_extent(name: str, shape) -> None:
+    """ggml's rule that an element count stays an int64, applied to every dimension even
+    when another is 0 (so a zero-element tensor cannot carry dimensions no array can have)."""
+    span = 1
+    for d in shape:
+        span *= max(int(d), 1)
+    if span > INT64_MAX:
+        raise GGUFError(f"tensor {name!r}: shape {tuple(shape)} spans more than 2^63 - 1 elements")
 MAX_NAME = 64  # GGML_MAX_NAME: tensor names are shorter than this, in bytes
 MAX_ARRAY_DEPTH = 8  # nested arrays deeper than this are rejected (recursion bombs)
 
@@ -288,6 +299,7 @@ class GGUFFile:
             ne = [int(c.scalar("<i8", f"dimension {j} of tensor {name!r}")) for j in range(n_dims)]
             if any(d < 0 for d in ne):
                 raise GGUFError(f"tensor {name!r} has a negative dimension {ne} (before byte {c.pos})")
+            _check_extent(name, ne[::-1])
             tid = c.u32(f"type of tensor {name!r}")
             try:
                 t = ggml_type(tid)
@@ -469,6 +481,7 @@ def write(path, metadata: dict, tensors: dict, *, progress: Callable | None = No
             raise GGUFError(f"tensor names must be non-empty strings under {MAX_NAME} bytes, got {name!r}")
         if not 1 <= len(t.shape) <= MAX_DIMS or any(s < 0 for s in t.shape):
             raise GGUFError(f"tensor {name!r}: shape {t.shape} must have 1..{MAX_DIMS} non-negative dimensions")
+        _check_extent(name, t.shape)
         try:
             nbytes = t.nbytes
         except ValueError as e:
