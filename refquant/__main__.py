@@ -93,7 +93,7 @@ def cmd_quantize(args) -> int:
                 if fell_back and fell_back[-1] == name:
                     fell_back.pop()
             else:  # quantized only when the writer reaches it: one tensor in memory at a time
-                out[name] = gguf.GGUFTensor(t, info.shape, lambda s=src, t=t: quants.quantize(s.dequantize(), t))
+                out[name] = gguf.GGUFTensor(t, info.shape, lambda s=src, t=t, n=name: _quantize(s, t, n, args.input))
         meta = dict(f.metadata)
         if "general.file_type" in meta and target.name in _FILE_TYPE:
             meta["general.file_type"] = np.uint32(_FILE_TYPE[target.name])
@@ -102,6 +102,13 @@ def cmd_quantize(args) -> int:
     fb = f", {len(fell_back)} -> {FALLBACK[target.name]} (rows not a multiple of {target.block_size})" if fell_back else ""
     print(f"wrote {args.output}: {n_target} tensors -> {target.name}{fb}, {len(kept)} kept as they were")
     return 0
+
+
+def _quantize(src, t, name: str, path) -> np.ndarray:
+    try:
+        return quants.quantize(src.dequantize(), t)
+    except ValueError as e:
+        raise ValueError(f"tensor {name!r} of {path}: {e}") from None
 
 
 def cmd_dequantize(args) -> int:
@@ -130,6 +137,7 @@ def cmd_compare(args) -> int:
         common = [n for n in a.tensors if n in b.tensors]
         only = sorted(set(a.tensors) ^ set(b.tensors))
         print(f"{'tensor':<40} {'A type':>7} {'B type':>7} {'max |A-B|':>12} {'SQNR dB':>9}")
+        problems = 0
         for name in common:
             ta, tb = a.tensor(name), b.tensor(name)
             if ta.shape != tb.shape:
@@ -140,12 +148,22 @@ def cmd_compare(args) -> int:
                 print(f"{name:<40} {ta.type.name:>7} {tb.type.name:>7} {'identical' if same else 'differ':>22}")
                 continue
             x, y = ta.dequantize(), tb.dequantize()
+            if x.size == 0:
+                print(f"{name:<40} {ta.type.name:>7} {tb.type.name:>7} {'empty':>22}")
+                continue
+            bad = {side: int((~np.isfinite(v)).sum()) for side, v in (("A", x), ("B", y))}
+            if any(bad.values()):   # report it and go on with the other tensors
+                where = ", ".join(f"{k} ({args.a if k == 'A' else args.b}) has {n} non-finite values"
+                                  for k, n in bad.items() if n)
+                print(f"{name:<40} {ta.type.name:>7} {tb.type.name:>7}   not compared: {where}")
+                problems += 1
+                continue
             err = metrics.max_abs_error(x, y)
             sqnr = metrics.sqnr_db(x, y) if np.any(x) else float("nan")
             print(f"{name:<40} {ta.type.name:>7} {tb.type.name:>7} {err:>12.4g} {sqnr:>9.2f}")
         for name in only:
             print(f"{name:<40} only in {'A' if name in a.tensors else 'B'}")
-    return 1 if only else 0
+    return 1 if only or problems else 0
 
 
 def main(argv=None) -> int:
@@ -163,7 +181,8 @@ def main(argv=None) -> int:
     s.add_argument("input")
     s.add_argument("output")
     s.add_argument("--type", default="F32", choices=["F32", "F16", "f32", "f16"])
-    s = sub.add_parser("compare", help="per-tensor max-abs error and SQNR of B against A")
+    s = sub.add_parser("compare", help="per-tensor max-abs error and SQNR of B against A (exit 1 when "
+                                      "tensors are missing on one side or hold non-finite values)")
     s.add_argument("a")
     s.add_argument("b")
     args = p.parse_args(argv)

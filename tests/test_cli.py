@@ -66,3 +66,21 @@ def test_module_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "refquant", "quantize", str(f), str(f) + ".o", "--type", "IQ2_XXS"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "cannot quantize to IQ2_XXS" in r.stderr
+
+
+def test_compare_reports_empty_and_non_finite_tensors_and_goes_on(tmp_path, capsys):
+    """Files gguf.write itself writes: an empty tensor and a NaN weight get a line each, the
+    table is complete, and the exit code says something needs a look."""
+    f = gguf.write(tmp_path / "z.gguf", {}, {"zero": np.zeros((0, 4), np.float32),
+                                             "nan": np.array([[1.0, np.nan]], np.float32),
+                                             "ok": np.ones((2, 2), np.float32)})
+    assert main(["inspect", str(f)]) == 0
+    assert main(["compare", str(f), str(f)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^zero .* empty$", out, re.M)
+    assert re.search(rf"^nan .* not compared: A \({re.escape(str(f))}\) has 1 non-finite values", out, re.M)
+    assert re.search(r"^ok .* 0 +inf$", out, re.M)
+    g = gguf.write(tmp_path / "n.gguf", {}, {"nan": np.r_[np.ones(31), np.nan].astype(np.float32).reshape(1, 32)})
+    assert main(["quantize", str(g), str(tmp_path / "q.gguf"), "--type", "Q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor 'nan' of" in err and "non-finite" in err and not (tmp_path / "q.gguf").exists()
