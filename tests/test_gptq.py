@@ -198,3 +198,22 @@ def test_names_and_messages():
     with pytest.raises(ValueError, match=r"^percdamp must be in \[0, 1\), got 1.5$"):
         gptq.gptq_quantize(w, H, percdamp=1.5, group_size=16)
     gptq.gptq_quantize(w, H, percdamp=0.0, group_size=16)   # the closed end is allowed
+
+
+def test_argument_edges():
+    w, X = layer(0, out=4, n=32, tokens=50)
+    H = gptq.hessian(X)
+    for bits in (2, 8):                                      # both ends of the bit range
+        qt, _ = gptq.gptq_quantize(w, H, bits=bits, group_size=16)
+        assert qt.meta["bits"] == bits
+    assert gptq.gptq_quantize(w, H, group_size=1)[0].scales.shape == (4, 32)   # one scale per weight
+    with pytest.raises(ValueError, match=r"^percdamp must be in \[0, 1\), got 1$"):
+        gptq.gptq_quantize(w, H, percdamp=1, group_size=16)
+    with pytest.raises(ValueError, match=r"^w must be 2-D"):
+        gptq.gptq_quantize(w[0], H)
+    with pytest.raises(ValueError, match=r"^H must be 2-D"):
+        gptq.gptq_quantize(w, H[0])
+    with pytest.raises(ValueError, match=r"^bits must be one of 2\.\.8"):
+        gptq.gptq_quantize(w, H, bits=9, group_size=16)
+    qt, _ = gptq.gptq_quantize(w, H, group_size=16, scale_dtype=np.float32)
+    assert qt.scales.dtype == np.float32
