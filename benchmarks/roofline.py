@@ -43,7 +43,7 @@ def int8_dot_peak(repeats: int = 50) -> dict:
     if not np.allclose(bytedot.run(p, xq, dx, xs)[0], ref, rtol=1e-4, atol=1e-3):
         raise AssertionError("Q8_0 kernel disagrees with dequantize")
     tier = bytedot.backend()
-    kernel = bytedot._kernel(tier, p)
+    kernel = bytedot.kernel(tier, p)
     out = np.empty((1, w.shape[0]), np.float32)
     args = (p.qs, p.qh, p.d, bytedot._DUMMY_U8, bytedot._DUMMY_U16, bytedot._DUMMY_U8, xq, np.abs(xq), dx, xs,
             np.zeros((2, 1, 8), np.float32), out)

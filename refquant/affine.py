@@ -86,8 +86,10 @@ def _store_scale(s: np.ndarray, nonzero: np.ndarray, scale_dtype) -> np.ndarray:
     return stored
 
 
-def _params(wb, reduce_axes, bits, sym, full_range, ratio, scale_dtype):
-    """Scales (storage dtype) and zero points (int64 or None) for blocks of ``wb``."""
+def block_params(wb, reduce_axes, bits, sym, full_range, ratio, scale_dtype):
+    """Scales (storage dtype) and zero points (int64 or None) for the blocks of ``wb`` that
+    ``reduce_axes`` span: absmax (or min/max) times ``ratio``, the round-to-nearest grid
+    every affine method shares (RTN, the clip search, GPTQ's and AWQ's groups)."""
     qlo, qhi = code_range(bits, sym=sym, full_range=full_range)
     if sym and full_range:
         # The signed value of largest magnitude (first one on ties, as ggml does).
@@ -191,7 +193,7 @@ def quantize(
             raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
 
     wb, reduce_axes, padded_shape = _blocked(w, granularity, axis, group_size, pad)
-    scales, zeros = _params(wb, reduce_axes, bits, sym, full_range, 1.0, scale_dtype)
+    scales, zeros = block_params(wb, reduce_axes, bits, sym, full_range, 1.0, scale_dtype)
     if clip_search:
         scales, zeros = _clip_search(wb, reduce_axes, bits, sym, full_range, scales, zeros, grid, max_shrink,
                                      scale_dtype)
@@ -220,7 +222,7 @@ def _clip_search(wb, reduce_axes, bits, sym, full_range, scales, zeros, grid, ma
 
     best = err(scales, zeros)
     for i in range(1, int(max_shrink * grid) + 1):
-        s, z = _params(wb, reduce_axes, bits, sym, full_range, 1.0 - i / grid, scale_dtype)
+        s, z = block_params(wb, reduce_axes, bits, sym, full_range, 1.0 - i / grid, scale_dtype)
         e = err(s, z)
         better = e < best
         best = np.where(better, e, best)

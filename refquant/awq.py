@@ -34,7 +34,7 @@ def _rtn(w, bits, group_size, sym, scale_dtype, max_abs=None):
     wg = w.reshape(out, n // group_size, group_size)
     if max_abs is not None:
         wg = np.clip(wg, -max_abs[..., None], max_abs[..., None])
-    s, z = affine._params(wg, (2,), bits, sym, False, 1.0, scale_dtype)
+    s, z = affine.block_params(wg, (2,), bits, sym, False, 1.0, scale_dtype)
     q = affine.quantize_codes(wg, s, z, bits, sym=sym)
     return q, s[..., 0], (None if z is None else z[..., 0]), affine.dequantize_codes(q, s, z).reshape(out, n)
 

@@ -55,7 +55,7 @@ def hessian(X: np.ndarray) -> np.ndarray:
 
 def _group_params(wg: np.ndarray, bits: int, sym: bool, scale_dtype):
     """Scale (out,) and zero (out,) or None for one group of columns ``wg`` (out, g)."""
-    s, z = affine._params(wg, (1,), bits, sym, False, 1.0, scale_dtype)
+    s, z = affine.block_params(wg, (1,), bits, sym, False, 1.0, scale_dtype)
     return s[:, 0], (None if z is None else z[:, 0])
 
 

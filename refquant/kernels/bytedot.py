@@ -567,7 +567,8 @@ def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass):
 _KERNELS: dict = {}
 
 
-def _kernel(tier: str, p: Packed):
+def kernel(tier: str, p: Packed):
+    """The compiled kernel of tier ``tier`` for ``p``'s layout (built on first use, then kept)."""
     key = (tier, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
            p.mnshift)
     if key not in _KERNELS:
@@ -593,7 +594,7 @@ def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndar
     if xs16 is None:
         xs16 = np.zeros((2, M, 8), np.float32)
     xa = np.abs(xq) if p.kind == "s8" else xq   # |x_q|: the unsigned operand of the signed (8-bit) path only
-    _kernel(tier, p)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
+    kernel(tier, p)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
     return out
 
 
