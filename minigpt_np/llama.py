@@ -267,7 +267,7 @@ def hessians(params, cfg: LlamaConfig, sequences, *, progress: bool = False) -> 
 
 
 def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequential: bool = False,
-                   progress: bool = False) -> dict:
+                   layers=None, progress: bool = False) -> dict:
     """``params`` with every block Linear quantized through the scheme registry.
 
     ``scheme``: a registered name, or ``fn(name, shape) -> name`` per layer (e.g. a group
@@ -275,12 +275,13 @@ def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequenti
     AWQ, SmoothQuant, LLM.int8(), W8A8 variants) take their statistics from ``sequences``
     (token-id lists): from one pass of the unquantized model (default), or layer by layer
     from the partly quantized model (``sequential``, ``refquant.calibration``; a model
-    pass per layer). Embeddings, the head and the norms are left as they are.
+    pass per layer). ``layers``: the block Linears to quantize (default: all of them).
+    Embeddings, the head and the norms are left as they are.
     """
     from refquant import calibration, schemes
 
     pick = scheme if callable(scheme) else (lambda name, shape: scheme)
-    names = block_linears(cfg)
+    names = block_linears(cfg) if layers is None else [n for n in block_linears(cfg) if n in set(layers)]
     chosen = {n: pick(n, params[n].shape) for n in names}
     calibrated = [n for n in names if schemes.get(chosen[n]).needs_calib]
     if calibrated and sequences is None:

@@ -235,3 +235,18 @@ def test_calibration_hook_and_quantize_model(smollm2):
     assert q["token_embd.weight"] is params["token_embd.weight"]
     with pytest.raises(ValueError, match="calibration"):
         llama.quantize_model(params, cfg, "gptq_int4_g64")
+    # a calibrated scheme through the registry: GPTQ on the Hessian of the layer's own inputs
+    names = ["blk.1.attn_v.weight", "blk.2.ffn_down.weight"]
+    seqs = [ids, tok.encode("A second calibration sequence.")]
+    g = llama.quantize_model(params, cfg, "gptq_int4_g64", seqs, layers=names)
+    assert g["blk.1.attn_q.weight"] is params["blk.1.attn_q.weight"]       # only the layers asked for
+    for name in names:
+        X = []
+        llama_hook = lambda n, x, name=name: X.append(x) if n == name else None  # noqa: E731
+        for seq in seqs:
+            llama.forward(params, cfg, seq, hook=llama_hook)
+        from refquant import gptq
+        want, _ = gptq.gptq_quantize(params[name].dequantize(), gptq.hessian(np.concatenate(X)), bits=4, group_size=64,
+                                     scheme="gptq_int4_g64")
+        np.testing.assert_array_equal(g[name].qt.codes, want.codes)
+        np.testing.assert_array_equal(g[name].qt.scales, want.scales)
