@@ -357,3 +357,27 @@ def test_messages_name_the_fix():
         affine.quantize(np.ones(4), clip_search=True, grid=0)
     with pytest.raises(ValueError, match=r"max_shrink must be in \[0, 1\), got 1"):
         affine.quantize(np.ones(4), clip_search=True, max_shrink=1)
+
+
+def test_error_bound_by_hand():
+    """Half a step for the restricted symmetric grid, a whole step where clipping can happen;
+    per element of its group (the last group cropped to the row)."""
+    w = np.array([[1.0, -2.0, 0.5, 3.0, 0.0, -7.0]], np.float32)
+    sym = affine.quantize(w, 4, granularity="group", group_size=4, pad=True)       # s = 3/7, 7/7
+    np.testing.assert_allclose(affine.error_bound(sym), [[1.5 / 7] * 4 + [0.5] * 2], rtol=1e-6)
+    asym = affine.quantize(w, 4, sym=False, granularity="group", group_size=2, pad=False)
+    steps = [3 / 15, 3 / 15, 3 / 15, 3 / 15, 7 / 15, 7 / 15]                      # (max - min) / 15 per group
+    np.testing.assert_allclose(affine.error_bound(asym), [steps], rtol=1e-6)
+    full = affine.quantize(w, 4, full_range=True, granularity="tensor")           # s = 7/8, a whole step
+    np.testing.assert_allclose(affine.error_bound(full), np.full(w.shape, 7 / 8), rtol=1e-6)
+    chan = affine.quantize(w.reshape(2, 3), 8, granularity="channel", axis=0)     # rows: max 2, 7
+    np.testing.assert_allclose(affine.error_bound(chan), [[1 / 127] * 3, [3.5 / 127] * 3], rtol=1e-6)
+
+
+def test_clip_search_chooses_per_block():
+    """Each block keeps its own best ratio: a block with an outlier clips, a flat one does not."""
+    w = np.array([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.5], [1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0]], np.float32)
+    qt = affine.quantize(w, 2, granularity="channel", axis=0, clip_search=True, grid=10)
+    q, s, _ = naive_quantize(w, 2, True, False, "channel", 0, None, np.float32, clip_grid=10)
+    np.testing.assert_array_equal(qt.scales.reshape(-1), s)
+    assert s[1] == np.float32(1.0) and s[0] < np.float32(1.5)    # the flat row keeps absmax, the other clips
