@@ -73,10 +73,26 @@ def _progress(items, desc):
     return tqdm(items, desc=desc, unit="tensor", disable=None)
 
 
+def _problem(path, name: str, values: np.ndarray) -> str | None:
+    """A note on tensor ``name`` of ``path`` when it is empty or holds non-finite values, else None."""
+    if values.size == 0:
+        return f"{path}: tensor {name!r} is empty"
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        return f"{path}: tensor {name!r} has {int(bad.sum())} non-finite values, the first at index {first}"
+    return None
+
+
+def _note(msg: str) -> None:
+    print(msg if len(msg) <= 300 else msg[:299] + "…", file=sys.stderr)
+
+
 def cmd_quantize(args) -> int:
     target = quants.ggml_type(args.type)
     if not target.can_quantize:
         raise SystemExit(f"error: refquant cannot quantize to {target.name}; choose one of {', '.join(quants.quantizable())}")
+    refused = 0
     with gguf.read(args.input) as f:
         out, kept, fell_back = {}, [], []
         for name, info in f.tensors.items():
@@ -87,32 +103,42 @@ def cmd_quantize(args) -> int:
                 fell_back.append(name)
             keep = (len(info.shape) != 2 or any(fnmatch.fnmatchcase(name, p) for p in args.keep)
                     or info.shape[-1] % t.block_size or not info.type.can_dequantize)
+            if not keep:   # empty and non-finite tensors: say so and copy them as they are
+                problem = _problem(args.input, name, src.dequantize())
+                if problem and (info.n_elements == 0 or not args.allow_nonfinite):
+                    keep = True
+                    refused += info.n_elements > 0
+                    _note(problem + ("; kept as it was" if info.n_elements == 0 else
+                                     "; kept as it was (--allow-nonfinite quantizes it anyway)"))
             if keep:
                 out[name] = src
                 kept.append(name)
                 if fell_back and fell_back[-1] == name:
                     fell_back.pop()
             else:  # quantized only when the writer reaches it: one tensor in memory at a time
-                out[name] = gguf.GGUFTensor(t, info.shape, lambda s=src, t=t, n=name: _quantize(s, t, n, args.input))
+                out[name] = gguf.GGUFTensor(t, info.shape, lambda s=src, t=t, n=name: _quantize(
+                    s, t, n, args.input, args.allow_nonfinite))
         meta = dict(f.metadata)
         if "general.file_type" in meta and target.name in _FILE_TYPE:
             meta["general.file_type"] = np.uint32(_FILE_TYPE[target.name])
         gguf.write(args.output, meta, out, progress=lambda it: _progress(it, f"quantize {target.name}"))
     n_target = len(out) - len(kept) - len(fell_back)
     fb = f", {len(fell_back)} -> {FALLBACK[target.name]} (rows not a multiple of {target.block_size})" if fell_back else ""
-    print(f"wrote {args.output}: {n_target} tensors -> {target.name}{fb}, {len(kept)} kept as they were")
-    return 0
+    print(f"wrote {args.output}: {n_target} tensors -> {target.name}{fb}, {len(kept)} kept as they were"
+          + (f" ({refused} refused: non-finite values)" if refused else ""))
+    return 1 if refused else 0
 
 
-def _quantize(src, t, name: str, path) -> np.ndarray:
+def _quantize(src, t, name: str, path, allow_nonfinite: bool = False) -> np.ndarray:
     try:
-        return quants.quantize(src.dequantize(), t)
+        return quants.quantize(src.dequantize(), t, allow_nonfinite=allow_nonfinite)
     except ValueError as e:
         raise ValueError(f"tensor {name!r} of {path}: {e}") from None
 
 
 def cmd_dequantize(args) -> int:
     dtype = {"F32": np.float32, "F16": np.float16}[args.type.upper()]
+    notes = 0
     with gguf.read(args.input) as f:
         out = {}
         for name, info in f.tensors.items():
@@ -120,14 +146,18 @@ def cmd_dequantize(args) -> int:
             if info.type.name in ("F32", "F16", "BF16") or info.type.can_dequantize:
                 out[name] = gguf.GGUFTensor(args.type.upper(), info.shape,
                                             lambda s=src: s.dequantize().astype(dtype).reshape(-1).view(np.uint8))
+                problem = _problem(args.input, name, src.dequantize()) if info.n_elements else None
+                if problem:   # written as they are (NaN stays NaN), but said
+                    _note(problem + "; written as it is")
+                    notes += 1
             else:
                 out[name] = src
         meta = dict(f.metadata)
         if "general.file_type" in meta:
             meta["general.file_type"] = np.uint32(_FILE_TYPE[args.type.upper()])
         gguf.write(args.output, meta, out, progress=lambda it: _progress(it, f"dequantize {args.type.upper()}"))
-    print(f"wrote {args.output}")
-    return 0
+    print(f"wrote {args.output}" + (f" ({notes} tensors hold non-finite values)" if notes else ""))
+    return 1 if notes else 0
 
 
 def cmd_compare(args) -> int:
@@ -177,6 +207,8 @@ def main(argv=None) -> int:
     s.add_argument("--type", required=True, help=f"ggml type: {', '.join(quants.quantizable())}")
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="glob of tensor names to copy unchanged (repeatable), e.g. 'token_embd.*'")
+    s.add_argument("--allow-nonfinite", action="store_true",
+                   help="quantize tensors holding NaN/Inf too (default: copy them unchanged and exit 1)")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
     s.add_argument("input")
     s.add_argument("output")
@@ -190,7 +222,8 @@ def main(argv=None) -> int:
         return {"inspect": cmd_inspect, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
                 "compare": cmd_compare}[args.cmd](args)
     except (gguf.GGUFError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = f"error: {e}"
+        print(msg if len(msg) <= 300 else msg[:299] + "…", file=sys.stderr)   # one readable line
         return 2
 
 

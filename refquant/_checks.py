@@ -12,8 +12,8 @@ import numbers
 import numpy as np
 
 
-def float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 1) -> np.ndarray:
-    """Return ``x`` as a finite, non-empty floating-point ndarray or raise.
+def float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 1, finite: bool = True) -> np.ndarray:
+    """Return ``x`` as a finite (unless ``finite=False``), non-empty floating-point ndarray or raise.
 
     Float16/32/64 are accepted as they are (no copy); integers, bools and objects are a
     ``TypeError`` because silently casting codes to weights hides bugs.
@@ -31,9 +31,9 @@ def float_array(x, name: str, *, ndim: int | None = None, min_ndim: int = 1) -> 
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
     if x.size == 0:
         raise ValueError(f"{name} is empty (shape {x.shape}); there is nothing to quantize")
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad = np.argwhere(~finite)
+    ok = np.isfinite(x) if finite else None
+    if ok is not None and not ok.all():
+        bad = np.argwhere(~ok)
         first = tuple(int(i) for i in bad[0])
         raise ValueError(
             f"{name} contains {len(bad)} non-finite value(s) (NaN or Inf); first at index {first}: {x[first]}"

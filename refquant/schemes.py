@@ -58,18 +58,30 @@ class Scheme:
     def quantize(self, w: np.ndarray, *, calib=None) -> QuantizedTensor:
         """Quantize a 2-D float weight matrix of shape (out, in)."""
         w = float_array(w, "w", ndim=2)
-        if self.needs_calib and calib is None:
-            raise ValueError(f"scheme {self.name!r} needs calibration data: pass calib=...")
+        if w.dtype == np.float64 and np.abs(w).max() > np.finfo(np.float32).max:
+            raise ValueError(f"w has |values| up to {float(np.abs(w).max()):.3g}, beyond float32 "
+                             f"(max {float(np.finfo(np.float32).max):.3g}): no scheme stores it")
+        if self.needs_calib:
+            if calib is None:
+                raise ValueError(f"scheme {self.name!r} needs calibration data: pass calib=...")
+            from refquant.calibration import as_stats
+
+            calib = as_stats(calib)
+            width = calib.xtx.shape[0] if calib.xtx is not None else None
+            if width != w.shape[1]:
+                raise ValueError(f"calibration inputs have {width} features but w has in={w.shape[1]} "
+                                 f"(w shape {w.shape})")
         qt = self.quantize_fn(w, calib=calib)
         # finite in, finite out: a format whose stored scales overflow (a GGML fp16 block
         # scale beyond 65504, an int8 scale at the float32 maximum) is an error, not Inf
         with np.errstate(all="ignore"):
             bad = ~np.isfinite(qt.dequantize())
         if bad.any():
-            r = int(np.argmax(bad.any(axis=1)))
-            raise ValueError(f"scheme {self.name!r} cannot represent w: {int(bad.sum())} weights decode to Inf/NaN "
-                             f"(first in row {r}, whose max |w| is {float(np.abs(w[r]).max()):.3g}); "
-                             "its stored scales overflow at this magnitude")
+            r, c = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"scheme {self.name!r} cannot represent w: {int(bad.sum())} weights decode to Inf/NaN, "
+                             f"the first at row {r}, column {c} (w = {float(w[r, c]):.3g}, max |w| of the row "
+                             f"{float(np.abs(w[r]).max()):.3g}): its stored scales overflow at this magnitude "
+                             "(gguf.quants.quantize writes ggml's bytes, Inf scales included, if that is wanted)")
         return qt
 
     def _check(self, qt: QuantizedTensor, x, name: str, ndim: int) -> np.ndarray:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from refquant import gguf
 from refquant.__main__ import main
@@ -80,7 +81,30 @@ def test_compare_reports_empty_and_non_finite_tensors_and_goes_on(tmp_path, caps
     assert re.search(r"^zero .* empty$", out, re.M)
     assert re.search(rf"^nan .* not compared: A \({re.escape(str(f))}\) has 1 non-finite values", out, re.M)
     assert re.search(r"^ok .* 0 +inf$", out, re.M)
-    g = gguf.write(tmp_path / "n.gguf", {}, {"nan": np.r_[np.ones(31), np.nan].astype(np.float32).reshape(1, 32)})
-    assert main(["quantize", str(g), str(tmp_path / "q.gguf"), "--type", "Q8_0"]) == 2
+    g = gguf.write(tmp_path / "n.gguf", {}, {"nan": np.r_[np.ones(31), np.nan].astype(np.float32).reshape(1, 32),
+                                             "ok": np.ones((2, 32), np.float32)})
+    assert main(["quantize", str(g), str(tmp_path / "q.gguf"), "--type", "Q8_0"]) == 1   # refused, file complete
     err = capsys.readouterr().err
-    assert "tensor 'nan' of" in err and "non-finite" in err and not (tmp_path / "q.gguf").exists()
+    assert f"{g}: tensor 'nan' has 1 non-finite values, the first at index (0, 31); kept as it was" in err
+    with gguf.read(tmp_path / "q.gguf") as q:
+        assert q.tensors["nan"].type.name == "F32" and q.tensors["ok"].type.name == "Q8_0"
+    assert main(["quantize", str(g), str(tmp_path / "q2.gguf"), "--type", "Q8_0", "--allow-nonfinite"]) == 0
+    with gguf.read(tmp_path / "q2.gguf") as q:
+        assert q.tensors["nan"].type.name == "Q8_0"
+    assert main(["dequantize", str(g), str(tmp_path / "d.gguf")]) == 1
+    assert "tensor 'nan' has 1 non-finite values" in capsys.readouterr().err
+
+
+def test_messages_from_hostile_files_are_one_short_line(tmp_path, capsys):
+    """A 200 kB metadata key in a malformed file gives one line of at most 300 characters."""
+    p = gguf.write(tmp_path / "k.gguf", {"k" * 200_000: np.uint32(1)}, {"t": np.ones(2, np.float32)})
+    raw = bytearray(p.read_bytes())
+    raw[4:8] = np.uint32(7).tobytes()            # an unsupported version: the error names the file
+    bad = tmp_path / ("x" * 200 + ".gguf")
+    bad.write_bytes(bytes(raw))
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and len(err[0]) <= 300 and "unsupported GGUF version 7" in err[0]
+    with pytest.raises(gguf.GGUFError) as e:
+        gguf.write(tmp_path / "w.gguf", {}, {"n" * 100_000: np.ones(1, np.float32)})
+    assert len(str(e.value)) <= 300

@@ -270,3 +270,24 @@ def test_edge_weights_are_within_the_bound_or_refused(name, w):
     if scheme.error_bound is not None:
         w64 = w.astype(np.float64)
         assert np.all(np.abs(w64 - w_hat) <= scheme.error_bound(w64, qt))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if schemes.get(n).needs_calib])
+def test_calibration_of_the_wrong_width_is_refused(name):
+    with pytest.raises(ValueError, match=r"^calibration inputs have 100 features but w has in=256"):
+        schemes.get(name).quantize(np.ones((4, 256), np.float32), calib=np.ones((8, 100), np.float32))
+
+
+def test_float64_beyond_float32_is_refused_by_every_path():
+    w = np.full((2, 256), 1e300)
+    for name in ("q4_0", "int4_g128", "fp8_e4m3", "nf4"):
+        with pytest.raises(ValueError, match=r"^w has \|values\| up to 1e\+300, beyond float32"):
+            schemes.get(name).quantize(w)
+
+
+def test_an_overflowing_scale_is_refused_naming_where():
+    w = np.ones((3, 64), np.float32)
+    w[1, 40] = 1e10
+    with pytest.raises(ValueError, match=r"^scheme 'q4_0' cannot represent w: 32 weights decode to Inf/NaN, "
+                                         r"the first at row 1, column 32 \(w = 1, max \|w\| of the row 1e\+10\)"):
+        schemes.get("q4_0").quantize(w)

@@ -71,8 +71,18 @@ _TENSOR_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.d
 _PLAIN = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
 
 
+MAX_MESSAGE = 300   # characters: a hostile file's 200 kB key must not become a 200 kB error line
+
+
 class GGUFError(ValueError):
-    """A GGUF file (or a request to write one) is malformed; the message says where."""
+    """A GGUF file (or a request to write one) is malformed; the message says where (cut to
+    ``MAX_MESSAGE`` characters, so names and keys read from the file cannot flood it)."""
+
+    def __init__(self, message: str):
+        message = str(message)
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 1] + "…"
+        super().__init__(message)
 
 
 @dataclass(frozen=True)

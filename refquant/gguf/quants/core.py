@@ -278,17 +278,18 @@ register_format("F16", lambda x: x.astype("<f2").view(np.uint8),
 _CHUNK_BLOCKS = 1 << 14  # blocks per vectorized step: bounds temporaries at a few MB
 
 
-def quantize(x, type_name) -> np.ndarray:
+def quantize(x, type_name, *, allow_nonfinite: bool = False) -> np.ndarray:
     """Quantize ``x[..., n]`` row by row to ggml blocks: ``uint8[..., n / block * type_size]``.
 
-    ``x`` is converted to float32 first (ggml quantizes float32 rows); it must be finite and
-    ``n`` a multiple of the type's block size. The bytes equal what ggml's reference
+    ``x`` is converted to float32 first (ggml quantizes float32 rows); it must be finite
+    (``allow_nonfinite=True``: NaN/Inf go through the same float arithmetic, unchecked
+    against ggml) and ``n`` a multiple of the type's block size. The bytes equal what ggml's reference
     quantizer writes for the same float32 input.
     """
     t = ggml_type(type_name)
     if t.name not in FORMATS:
         raise ValueError(f"refquant cannot quantize to {t.name}; quantizable types: {', '.join(FORMATS)}")
-    x = float_array(x, "x")
+    x = float_array(x, "x", finite=not allow_nonfinite)
     if x.shape[-1] % t.block_size:
         raise ValueError(
             f"{t.name} needs rows whose length is a multiple of {t.block_size}; x has shape {x.shape}"
