@@ -175,29 +175,30 @@ class Tokenizer:
         sym = [self._b2u[b] for b in piece.encode("utf-8")]
         n = len(sym)
         nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
-        heap = []
-
-        def push(i):
-            j = nxt[i]
-            if j < n:
-                r = self.ranks.get((sym[i], sym[j]))
-                if r is not None:
-                    heapq.heappush(heap, (r, i, sym[i], sym[j]))
-
-        for i in range(n - 1):
-            push(i)
+        ranks, shift = self.ranks, 32   # heap keys rank·2^32 + position: int comparisons only
+        heap = [r << shift | i for i, r in enumerate(map(ranks.get, zip(sym, sym[1:]))) if r is not None]
+        heapq.heapify(heap)
+        mask = (1 << shift) - 1
+        pop, push = heapq.heappop, heapq.heappush
         while heap:
-            _, i, a, b = heapq.heappop(heap)
+            key = pop(heap)
+            r, i = key >> shift, key & mask
             j = nxt[i]
-            if sym[i] != a or j >= n or sym[j] != b:   # stale: a neighbour merged since
+            if j >= n or ranks.get((sym[i], sym[j])) != r:   # stale: a neighbour merged since
                 continue
-            sym[i], sym[j] = a + b, ""
-            nxt[i] = nxt[j]
-            if nxt[j] < n:
-                prv[nxt[j]] = i
-            if prv[i] >= 0:
-                push(prv[i])
-            push(i)
+            sym[i] += sym[j]
+            sym[j] = ""
+            k = nxt[i] = nxt[j]
+            if k < n:
+                prv[k] = i
+                rk = ranks.get((sym[i], sym[k]))
+                if rk is not None:
+                    push(heap, rk << shift | i)
+            h = prv[i]
+            if h >= 0:
+                rh = ranks.get((sym[h], sym[i]))
+                if rh is not None:
+                    push(heap, rh << shift | h)
         ids, i = [], 0
         while i < n:
             s_ = sym[i]

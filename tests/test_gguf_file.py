@@ -329,20 +329,29 @@ def test_fuzz_reader_succeeds_consistently_or_raises_gguf_error(blob, tmp_path_f
     assert peak < 64 * 2**20, f"reading a {len(blob)}-byte file allocated {peak} bytes"
 
 
-def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
-    """A writer killed before its rename leaves ``.NAME.PID.*.tmp``; the next write of the
-    same path removes it (its process is gone), and leaves a live writer's alone."""
+def test_killed_writers_leave_nothing_after_the_next_write(tmp_path):
+    """Ten writers SIGKILLed in the middle of ``gguf.write`` each leave ``.NAME.PID.*.tmp``;
+    every later write of the same target removes those whose process is gone, and leaves a
+    live writer's temp file alone."""
     import os
+    import signal
     import subprocess
     import sys
+    import time
 
     target = tmp_path / "m.gguf"
-    code = ("import os, sys; from refquant._atomic import atomic_open\n"
-            "with atomic_open(sys.argv[1]) as f:\n    f.write(b'partial'); f.flush(); os._exit(9)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True)
-    assert r.returncode == 9
-    left = list(tmp_path.glob(".m.gguf.*.tmp"))
-    assert len(left) == 1 and not target.exists()
+    code = ("import sys, time, numpy as np; from refquant import gguf\n"
+            "def slow():\n    time.sleep(60); return np.zeros(8, np.uint8)\n"
+            "gguf.write(sys.argv[1], {}, {'t': gguf.GGUFTensor('F32', (2,), slow)})\n")
+    for _ in range(10):
+        p = subprocess.Popen([sys.executable, "-c", code, str(target)])
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(f".m.gguf.{p.pid}.*.tmp")) and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait() == -signal.SIGKILL
+    # each new writer already removed the temp file of the one killed before it
+    assert [t.name.split(".")[3] for t in tmp_path.glob(".m.gguf.*.tmp")] == [str(p.pid)] and not target.exists()
     live = tmp_path / f".m.gguf.{os.getpid()}.abc.tmp"     # a writer that is still running (this process)
     live.write_bytes(b"x")
     other = tmp_path / ".other.gguf.1.abc.tmp"             # another file's temp file is not ours to judge
