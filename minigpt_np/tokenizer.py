@@ -33,6 +33,8 @@ import re
 import unicodedata
 from functools import lru_cache
 
+import numpy as np
+
 CONTROL = 3
 DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 GPT2_PRE = {"gpt2", "default", "mpt", "olmo", "jais"}
@@ -107,6 +109,9 @@ def _surrogate(text: str) -> int | None:
         return e.start
 
 
+LONG_PIECE = 256   # pieces longer than this go through the compiled merge loop
+
+
 class Tokenizer:
     """Tokenizer of one GGUF vocabulary: ``encode``, ``decode``, ``render_chat``."""
 
@@ -172,6 +177,8 @@ class Tokenizer:
         length; a pair whose symbols changed since it was pushed is skipped when popped."""
         if piece in self._cache:
             return self._cache[piece]
+        if len(piece) > LONG_PIECE and self._kernel_tables() is not None:
+            return self._bpe_compiled(piece)
         sym = [self._b2u[b] for b in piece.encode("utf-8")]
         n = len(sym)
         nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
@@ -210,6 +217,21 @@ class Tokenizer:
         if len(self._cache) < 100_000:
             self._cache[piece] = ids
         return ids
+
+    def _kernel_tables(self):
+        if not hasattr(self, "_tables"):
+            from minigpt_np import _bpe_kernel
+
+            self._tables = _bpe_kernel.tables(self.ids, self.ranks)
+        return self._tables
+
+    def _bpe_compiled(self, piece: str) -> list[int]:
+        """The same merges as ``_bpe`` in numba (``_bpe_kernel``), for long pieces."""
+        from minigpt_np import _bpe_kernel
+
+        vocab, keys, ranks, results = self._tables
+        sym = np.array([self.ids.get(self._b2u[b], -1) for b in piece.encode("utf-8")], np.int64)
+        return _bpe_kernel.merge(sym, vocab, keys, ranks, results).tolist()
 
     def encode(self, text: str, *, special: bool = False, bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; ``special=True`` turns control-token spellings into their ids."""

@@ -112,3 +112,11 @@ def test_decode_quick(out_dirs):
     data = load(out_dirs, "decode")
     assert {r["dtype"] for r in data["results"]} == {"stored", "f32"}
     assert all(r["text"].startswith("The capital of France is Paris") for r in data["results"])
+
+
+def test_tokenizer_quick(out_dirs):
+    from benchmarks import tokenizer
+    tokenizer.main(["--quick"])
+    data = load(out_dirs, "tokenizer")
+    assert [r["kind"] for r in data["results"]] == ["prose", "code", "cjk", "one character", "spaces"]
+    assert all(r["tokens"] > 0 and r["s_per_mb"] > 0 for r in data["results"])
