@@ -120,3 +120,11 @@ def test_tokenizer_quick(out_dirs):
     data = load(out_dirs, "tokenizer")
     assert [r["kind"] for r in data["results"]] == ["prose", "code", "cjk", "one character", "spaces"]
     assert all(r["tokens"] > 0 and r["s_per_mb"] > 0 for r in data["results"])
+
+
+def test_cli_memory_quick(out_dirs):
+    from benchmarks import cli_memory
+    cli_memory.main(["--quick"])
+    data = load(out_dirs, "cli_memory")
+    (row,) = data["results"]
+    assert row["command"] == "quantize Q8_0" and row["peak_mb"] > data["interpreter_mb"] > 0
