@@ -291,3 +291,15 @@ def test_an_overflowing_scale_is_refused_naming_where():
     with pytest.raises(ValueError, match=r"^scheme 'q4_0' cannot represent w: 32 weights decode to Inf/NaN, "
                                          r"the first at row 1, column 32 \(w = 1, max \|w\| of the row 1e\+10\)"):
         schemes.get("q4_0").quantize(w)
+
+
+def test_nf4_dq_bound_holds_with_a_huge_outlier():
+    """Q3: one 3e38 weight makes the double-quantized absmax of ordinary blocks round far
+    from their own (up to 2.8e35 here); the bound counts that rounding."""
+    w = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    w[2, 5] = 3e38
+    s = schemes.get("nf4_dq")
+    qt = s.quantize(w)
+    err = np.abs(w.astype(np.float64) - qt.dequantize())
+    assert err.max() > 1e34                                   # the effect is real, not a tiny one
+    assert np.all(err <= s.error_bound(w.astype(np.float64), qt))
