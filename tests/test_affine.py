@@ -381,3 +381,15 @@ def test_clip_search_chooses_per_block():
     q, s, _ = naive_quantize(w, 2, True, False, "channel", 0, None, np.float32, clip_grid=10)
     np.testing.assert_array_equal(qt.scales.reshape(-1), s)
     assert s[1] == np.float32(1.0) and s[0] < np.float32(1.5)    # the flat row keeps absmax, the other clips
+
+
+def test_default_names_and_recorded_layout():
+    w = np.ones((2, 8), np.float32)
+    cases = [(dict(bits=8), "int8_tensor", None, None), (dict(bits=4, sym=False, granularity="channel", axis=1),
+             "int4_channel1_asym", 1, None), (dict(bits=3, full_range=True, granularity="group", group_size=4),
+             "int3_g4_full", None, 4)]
+    for kw, name, axis, group in cases:
+        qt = affine.quantize(w, **kw)
+        assert qt.scheme == name and qt.meta["axis"] == axis and qt.meta["group_size"] == group
+        assert qt.meta["kind"] == "affine" and qt.meta["padded_shape"] == (2, 8)
+    assert affine.quantize(w, scheme="mine").scheme == "mine"
