@@ -272,7 +272,7 @@ def error_bound(x: np.ndarray, fmt: str) -> np.ndarray:
     f = get_format(fmt)
     a = np.abs(np.asarray(x, dtype=np.float64))
     _, k = np.frexp(a)
-    e = np.maximum(k - 1, f.emin)
+    e = np.where(a == 0, f.emin, np.maximum(k - 1, f.emin))   # frexp(0) has exponent 0, not -inf
     return np.ldexp(1.0, (e - f.man_bits - 1).astype(np.int32))
 
 

@@ -210,3 +210,17 @@ def test_scaled_formats_record_their_layout_and_never_overflow():
     assert t.scales.item() == 1.0 and t.meta["axis"] is None and not t.dequantize().any()   # all-zero: scale 1
     n = formats.quantize(np.ones((1, 2), np.float32), "bf16")
     assert n.scales is None and n.meta == {"kind": "float", "fmt": "bf16", "granularity": "none", "axis": None}
+
+
+def test_error_bound_is_half_an_ulp_by_hand():
+    """fp16: 10 mantissa bits, smallest normal 2^-14: half an ulp is 2^-11 at 1, 2^-10 at 2..4,
+    and the subnormal half step 2^-25 at and below 2^-14; e4m3: 3 bits, emin -6."""
+    x = np.array([1.0, 1.999, 2.0, 3.5, 2.0**-14, 2.0**-20, 0.0, -1.5])
+    np.testing.assert_array_equal(formats.error_bound(x, "fp16"),
+                                  [2.0**-11, 2.0**-11, 2.0**-10, 2.0**-10, 2.0**-25, 2.0**-25, 2.0**-25, 2.0**-11])
+    np.testing.assert_array_equal(formats.error_bound(np.array([1.0, 448.0, 2.0**-9]), "fp8_e4m3fn"),
+                                  [2.0**-4, 2.0**4, 2.0**-10])
+    for fmt in ("fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"):   # and it bounds the real rounding
+        v = np.random.default_rng(0).standard_normal(1000) * 4
+        assert np.all(np.abs(formats.round_to(v.astype(np.float32), fmt) - v.astype(np.float32))
+                      <= formats.error_bound(v.astype(np.float32), fmt))
