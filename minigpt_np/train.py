@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from minigpt_np import corpus
 from minigpt_np.model import GELU_A, GELU_C, Config, forward, init_params
@@ -195,6 +194,8 @@ def train(cfg: Config, *, steps: int, batch_size: int, lr: float, warmup: int, s
         log = json.loads(str(z["log"]))
         rng.bit_generator.state = json.loads(str(z["rng"]))   # the batches continue as if never stopped
     t0 = time.time() - log["elapsed_s"]
+    from tqdm import tqdm
+
     bar = tqdm(range(start, steps), desc="train", unit="step", disable=quiet, initial=start, total=steps)
     for step in bar:
         x, y = batch(train_stream, batch_size, cfg.n_ctx, rng)

@@ -3,6 +3,7 @@
 Profiles: ``ci`` (the default; derandomized, so every run checks the same examples),
 ``dev`` (more examples, random) and ``mutation`` (fewer, for ``tools/mutation.py``). Choose with ``HYPOTHESIS_PROFILE=dev pytest``.
 """
+import importlib
 import os
 
 import numpy as np
@@ -40,16 +41,23 @@ def rng():
     return np.random.default_rng(0)
 
 
-def gguf_py():
-    """gguf-py, the reference the cross-checks compare with. Missing is a failure, not a skip:
-    the README installs it (the dev extra); the golden-byte tests do not need it."""
+def need(module: str):
+    """Import a test dependency, or fail the test that needs it with the install command.
+
+    A missing dependency fails the tests that use it (not a skip, which would hide it) and
+    never breaks the collection of the rest: test modules call this inside tests, not at
+    import. The README installs everything: ``pip install -e ".[dev]"``."""
     try:
-        import gguf
-        import gguf.constants  # noqa: F401
-        import gguf.quants  # noqa: F401
+        return importlib.import_module(module)
     except ImportError as e:
-        pytest.fail(f"gguf (gguf-py) is not installed, and the cross-checks need it: pip install -e '.[dev]' ({e})")
-    return gguf
+        pytest.fail(f"{module} is not installed and this test needs it: pip install -e '.[dev]' ({e})")
+
+
+def gguf_py():
+    """gguf-py, the reference the cross-checks compare with (the golden-byte tests do not need it)."""
+    need("gguf.constants")
+    need("gguf.quants")
+    return need("gguf")
 
 
 def smollm2_gguf():

@@ -18,7 +18,12 @@ _LAZY = {"Packed": "bytedot", "available_tiers": "bytedot", "backend": "bytedot"
 __all__ = ["MAX_BATCH", *_LAZY]
 
 
+_SUBMODULES = ("bytedot", "matvec", "simd", "table")
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:   # ``kernels.bytedot`` imports the submodule (and numba) on first use
+        return importlib.import_module(f"refquant.kernels.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(f"refquant.kernels.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'refquant.kernels' has no attribute {name!r}")
