@@ -278,10 +278,13 @@ def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequenti
     pass per layer). ``layers``: the block Linears to quantize (default: all of them).
     Embeddings, the head and the norms are left as they are.
     """
+    from tqdm import tqdm
+
     from refquant import calibration, schemes
 
     pick = scheme if callable(scheme) else (lambda name, shape: scheme)
-    names = block_linears(cfg) if layers is None else [n for n in block_linears(cfg) if n in set(layers)]
+    wanted = None if layers is None else set(layers)
+    names = [n for n in block_linears(cfg) if wanted is None or n in wanted]
     chosen = {n: pick(n, params[n].shape) for n in names}
     calibrated = [n for n in names if schemes.get(chosen[n]).needs_calib]
     if calibrated and sequences is None:
@@ -297,8 +300,6 @@ def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequenti
         return out
     stats = calibration.collect(_run(params, cfg), sequences, calibrated, keep_inputs=any(
         schemes.get(chosen[n]).needs_inputs for n in calibrated), progress=progress) if calibrated else {}
-    from tqdm import tqdm
-
     for name in tqdm(names, desc="quantize", unit="layer", disable=not progress):
         quantize(name, stats.get(name))
     return out

@@ -18,6 +18,7 @@ import numpy as np
 
 from refquant import gguf
 from refquant.gguf import quants
+from refquant.gguf.file import shorten
 
 # llama.cpp's llama_ftype for a file whose weights are all one type (general.file_type)
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
@@ -85,7 +86,8 @@ def _problem(path, name: str, values: np.ndarray) -> str | None:
 
 
 def _note(msg: str) -> None:
-    print(msg if len(msg) <= 300 else msg[:299] + "…", file=sys.stderr)
+    """One readable line on stderr, however long the names in it (``gguf.file.shorten``)."""
+    print(shorten(msg), file=sys.stderr)
 
 
 def cmd_quantize(args) -> int:
@@ -138,26 +140,30 @@ def _quantize(src, t, name: str, path, allow_nonfinite: bool = False) -> np.ndar
 
 def cmd_dequantize(args) -> int:
     dtype = {"F32": np.float32, "F16": np.float16}[args.type.upper()]
-    notes = 0
+    noted = []
+
+    def decode(src, name):   # when the writer reaches the tensor: decoded once, checked, written as it is
+        values = src.dequantize()
+        problem = _problem(args.input, name, values) if values.size else None
+        if problem:   # NaN stays NaN, but is said
+            _note(problem + "; written as it is")
+            noted.append(name)
+        return values.astype(dtype).reshape(-1).view(np.uint8)
+
     with gguf.read(args.input) as f:
         out = {}
         for name, info in f.tensors.items():
             src = f.tensor(name)
             if info.type.name in ("F32", "F16", "BF16") or info.type.can_dequantize:
-                out[name] = gguf.GGUFTensor(args.type.upper(), info.shape,
-                                            lambda s=src: s.dequantize().astype(dtype).reshape(-1).view(np.uint8))
-                problem = _problem(args.input, name, src.dequantize()) if info.n_elements else None
-                if problem:   # written as they are (NaN stays NaN), but said
-                    _note(problem + "; written as it is")
-                    notes += 1
+                out[name] = gguf.GGUFTensor(args.type.upper(), info.shape, lambda s=src, n=name: decode(s, n))
             else:
                 out[name] = src
         meta = dict(f.metadata)
         if "general.file_type" in meta:
             meta["general.file_type"] = np.uint32(_FILE_TYPE[args.type.upper()])
         gguf.write(args.output, meta, out, progress=lambda it: _progress(it, f"dequantize {args.type.upper()}"))
-    print(f"wrote {args.output}" + (f" ({notes} tensors hold non-finite values)" if notes else ""))
-    return 1 if notes else 0
+    print(f"wrote {args.output}" + (f" ({len(noted)} tensors hold non-finite values)" if noted else ""))
+    return 1 if noted else 0
 
 
 def cmd_compare(args) -> int:
@@ -222,8 +228,7 @@ def main(argv=None) -> int:
         return {"inspect": cmd_inspect, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
                 "compare": cmd_compare}[args.cmd](args)
     except (gguf.GGUFError, ValueError, OSError) as e:
-        msg = f"error: {e}"
-        print(msg if len(msg) <= 300 else msg[:299] + "…", file=sys.stderr)   # one readable line
+        _note(f"error: {e}")
         return 2
 
 

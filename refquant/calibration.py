@@ -9,8 +9,9 @@ Per Linear layer, from its inputs ``x`` (one row per token), accumulated in floa
 
 The model is driven through a ``hook(name, x)`` that sees every Linear's input (MiniGPT's
 ``forward(..., hook=...)``, through callbacks: this module imports no model).
-``quantize_sequential`` quantizes a whole model the way the GPTQ paper does: layer by layer in forward order, each layer calibrated on the inputs
-produced by the already-quantized layers before it. Only the current layer's statistics
+``quantize_sequential`` quantizes a whole model the way the GPTQ paper does: layer by
+layer in forward order, each layer calibrated on the inputs produced by the
+already-quantized layers before it. Only the current layer's statistics
 are held (one d×d matrix at a time).
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from refquant._checks import float_array
 
 
 @dataclass
@@ -77,8 +80,6 @@ class LayerStats:
 def as_stats(calib) -> LayerStats:
     """Calibration data as ``LayerStats``: statistics pass through; inputs ``X`` (tokens, in)
     become the statistics of those inputs (inputs kept)."""
-    from refquant._checks import float_array
-
     if isinstance(calib, LayerStats):
         return calib
     return LayerStats(keep_inputs=True).add_batch(float_array(calib, "calib", ndim=2))

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from refquant._checks import float_array
+from refquant import schemes
+from refquant._checks import float_array, one_of
+from refquant.gguf import quants
 from refquant.kernels import MAX_BATCH   # rows of x per kernel call (no numba loaded here)
 from refquant.tensor import QuantizedTensor
 
@@ -99,15 +101,11 @@ class QuantizedLinear(Linear):
     ``"kernel"`` (how more than ``MAX_BATCH`` rows of x are multiplied; module docstring)."""
 
     def __init__(self, qt: QuantizedTensor, *, prefill: str = "float"):
-        from refquant import schemes
-
         if not isinstance(qt, QuantizedTensor):
             raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
         if len(qt.shape) != 2:
             raise ValueError(f"a Linear weight is 2-D, got shape {qt.shape}")
-        if prefill not in ("float", "kernel"):
-            raise ValueError(f"prefill must be 'float' or 'kernel', got {prefill!r}")
-        self.qt, self.shape, self.prefill = qt, qt.shape, prefill
+        self.qt, self.shape, self.prefill = qt, qt.shape, one_of(prefill, "prefill", ("float", "kernel"))
         self.scheme = schemes.get(qt.scheme)
         self._w = None
 
@@ -123,26 +121,24 @@ class QuantizedLinear(Linear):
         return self._w
 
     def dequantize(self) -> np.ndarray:
-        return self.weight if self._w is not None else self.qt.dequantize()
+        return self._w if self._w is not None else self.qt.dequantize()
 
     def rows(self, idx) -> np.ndarray:
         if self._w is not None:
             return self._w[idx]
         if self.qt.kind == "ggml":   # decode only the rows asked for
-            from refquant.gguf import quants
-
             raw = self.qt.codes[np.asarray(idx).reshape(-1)]
             out = quants.dequantize(raw, self.qt.meta["ggml_type"], (raw.shape[0], self.shape[1]))
             return out.reshape(*np.shape(idx), self.shape[1])
         return self.weight[idx]
 
-    def _matmul(self, X):
+    def _matmul(self, X):   # X already checked by __call__: the scheme's product functions directly
         s = self.scheme
         if s.matmul_fn is not None:
             if s.fast(X.shape[0]):
-                return s.matmul(self.qt, X)
+                return s.matmul_fn(self.qt, X)
             if self.prefill == "kernel":
-                return np.concatenate([s.matmul(self.qt, X[i:i + MAX_BATCH]) for i in range(0, len(X), MAX_BATCH)])
+                return np.concatenate([s.matmul_fn(self.qt, X[i:i + MAX_BATCH]) for i in range(0, len(X), MAX_BATCH)])
         if s.act_quant is not None:
             X = s.act_quant(self.qt, X)
         return X @ self.weight.T
@@ -160,15 +156,11 @@ def quantize(w, scheme: str = "fp32", *, calib=None, prefill: str = "float") -> 
     ``refquant.calibration.LayerStats``)."""
     if scheme == "fp32":
         return DenseLinear(w)
-    from refquant import schemes
-
     return QuantizedLinear(schemes.get(scheme).quantize(w, calib=calib), prefill=prefill)
 
 
 def ggml(raw, type_name: str, shape, *, prefill: str = "kernel") -> Linear:
     """A GGUF tensor's block bytes ``raw`` of ggml type ``type_name`` as a Linear, kept as stored."""
-    from refquant.gguf import quants
-
     return QuantizedLinear(quants.from_raw(raw, type_name, shape), prefill=prefill)
 
 

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from refquant._checks import float_array
+from refquant.calibration import as_stats
 from refquant.tensor import QuantizedTensor
 
 
@@ -64,8 +65,6 @@ class Scheme:
         if self.needs_calib:
             if calib is None:
                 raise ValueError(f"scheme {self.name!r} needs calibration data: pass calib=...")
-            from refquant.calibration import as_stats
-
             calib = as_stats(calib)
             width = calib.xtx.shape[0] if calib.xtx is not None else None
             if width != w.shape[1]:

@@ -74,15 +74,18 @@ _PLAIN = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2", "
 MAX_MESSAGE = 300   # characters: a hostile file's 200 kB key must not become a 200 kB error line
 
 
+def shorten(message: str) -> str:
+    """``message`` cut to ``MAX_MESSAGE`` characters (the last one an ellipsis when cut)."""
+    message = str(message)
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 1] + "…"
+
+
 class GGUFError(ValueError):
     """A GGUF file (or a request to write one) is malformed; the message says where (cut to
     ``MAX_MESSAGE`` characters, so names and keys read from the file cannot flood it)."""
 
     def __init__(self, message: str):
-        message = str(message)
-        if len(message) > MAX_MESSAGE:
-            message = message[:MAX_MESSAGE - 1] + "…"
-        super().__init__(message)
+        super().__init__(shorten(message))
 
 
 @dataclass(frozen=True)
