@@ -6,9 +6,11 @@
 Tokens are streamed as they are produced; the prompt pass and the decode speed (tokens/s)
 are printed at the end. ``--temp 0`` (the default) is greedy decoding; otherwise tokens are
 sampled from softmax(logits / temp) with ``--seed``. Generation stops at the end-of-text
-or end-of-turn token. Weights stay in their GGUF types and single tokens run refquant's
-numba kernels on the block bytes (``--dtype stored``, the default); ``--dtype f32``
-dequantizes the model once at load instead (see ``minigpt_np.llama``).
+or end-of-turn token. Weights stay in their GGUF types and run refquant's byte-dot kernels
+on the block bytes (``--dtype stored``, the default); ``--dtype f32`` dequantizes the model
+once at load instead (see ``minigpt_np.llama``). ``--engine compiled`` (the default) runs
+each token through ``minigpt_np.compiled`` (one numba call for all layers);
+``--engine numpy`` through the NumPy reference ``llama.forward``.
 """
 from __future__ import annotations
 
@@ -30,15 +32,29 @@ def sample(logits: np.ndarray, temp: float, rng: np.random.Generator) -> int:
     return int(rng.choice(p.size, p=p / p.sum()))
 
 
-def generate(params, cfg, tok: Tokenizer, prompt_ids: list[int], n: int, *, temp: float = 0.0, seed: int = 0,
+def session(params, cfg, engine: str = "compiled"):
+    """A decoding session (``prefill``/``step``/``reset``) on ``params``: ``minigpt_np.compiled.Llama``
+    (``engine="compiled"``) or the NumPy reference ``llama.Session`` (``"numpy"``)."""
+    if engine == "numpy":
+        return llama.Session(params, cfg)
+    if engine != "compiled":
+        raise ValueError(f"engine must be 'compiled' or 'numpy', got {engine!r}")
+    from minigpt_np import compiled
+
+    return compiled.Llama(params, cfg)
+
+
+def generate(sess, tok: Tokenizer, prompt_ids: list[int], n: int, *, temp: float = 0.0, seed: int = 0,
              on_token=None) -> tuple[list[int], dict]:
-    """Up to ``n`` new token ids after ``prompt_ids`` and timing stats."""
+    """Up to ``n`` new token ids after ``prompt_ids`` and timing stats, from a fresh start of
+    the session ``sess`` (``session``)."""
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
     rng = np.random.default_rng(seed)
     stop = {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}
+    sess.reset()
     t0 = time.perf_counter()
-    logits, cache = llama.forward(params, cfg, prompt_ids)
+    logits = sess.prefill(prompt_ids)
     t_prompt = time.perf_counter() - t0
     out = []
     t1 = time.perf_counter()
@@ -49,9 +65,9 @@ def generate(params, cfg, tok: Tokenizer, prompt_ids: list[int], n: int, *, temp
         out.append(nxt)
         if on_token:
             on_token(nxt)
-        if len(prompt_ids) + len(out) >= cfg.n_ctx:
+        if len(prompt_ids) + len(out) >= sess.n_ctx:
             break
-        logits, cache = llama.forward(params, cfg, [nxt], cache)
+        logits = sess.step(nxt)[None]
     t_gen = time.perf_counter() - t1
     return out, dict(prompt_tokens=len(prompt_ids), prompt_s=t_prompt, new_tokens=len(out), decode_s=t_gen,
                      tokens_per_s=len(out) / t_gen if t_gen > 0 else float("nan"))
@@ -67,6 +83,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["stored", "f32"], default="stored",
                     help="stored: quantized kernels on the GGUF bytes; f32: dequantize everything at load")
+    ap.add_argument("--engine", choices=["compiled", "numpy"], default="compiled",
+                    help="compiled: one numba call per token; numpy: the NumPy reference forward")
     args = ap.parse_args(argv)
     params, cfg, meta = llama.load(args.model or llama.default_model(), dtype=args.dtype)
     tok = Tokenizer(meta)
@@ -85,7 +103,7 @@ def main(argv=None) -> None:
         stream.printed = done
 
     stream.printed = ""
-    _, st = generate(params, cfg, tok, ids, args.n, temp=args.temp, seed=args.seed, on_token=stream)
+    _, st = generate(session(params, cfg, args.engine), tok, ids, args.n, temp=args.temp, seed=args.seed, on_token=stream)
     print()
     print(f"[{st['prompt_tokens']} prompt tokens in {st['prompt_s']:.2f} s; {st['new_tokens']} new tokens at "
           f"{st['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)

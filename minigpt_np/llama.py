@@ -199,6 +199,29 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
     return params["output.weight"](x), new_cache
 
 
+class Session:
+    """Token-by-token use of ``forward`` with its KV cache: ``prefill(ids)`` -> logits (T, vocab)
+    after the positions already seen, ``step(id)`` -> logits (vocab,), ``reset()``. The
+    NumPy reference for ``minigpt_np.compiled.Llama``, which has the same interface."""
+
+    def __init__(self, params: dict, cfg: LlamaConfig):
+        self.params, self.cfg, self.n_ctx, self.cache = params, cfg, cfg.n_ctx, None
+
+    @property
+    def pos(self) -> int:
+        return 0 if not self.cache else self.cache[0][0].shape[0]
+
+    def reset(self) -> None:
+        self.cache = None
+
+    def prefill(self, ids) -> np.ndarray:
+        logits, self.cache = forward(self.params, self.cfg, ids, self.cache)
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        return self.prefill([token])[0]
+
+
 # --- perplexity on real text -------------------------------------------------------------
 
 def reference_text() -> str:

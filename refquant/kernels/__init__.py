@@ -2,7 +2,8 @@
 
 ``bytedot``: the byte-dot kernels every registered integer scheme and GGML type runs on
 (``table.KERNELS`` wires them), x rounded to int8 as llama.cpp does; ``simd``: the vector
-intrinsics they are built from; ``matvec``: the INT4 kernel that rounds x to int16 instead
+intrinsics they are built from; ``stacked``: weights of one role stacked over a model's
+layers and their product inside numba code (the compiled decode step); ``matvec``: the INT4 kernel that rounds x to int16 instead
 (more accurate, slower), kept for that comparison.
 
 Importing this package does not import numba: the names below load their module on first
@@ -18,7 +19,7 @@ _LAZY = {"Packed": "bytedot", "available_tiers": "bytedot", "backend": "bytedot"
 __all__ = ["MAX_BATCH", *_LAZY]
 
 
-_SUBMODULES = ("bytedot", "matvec", "simd", "table")
+_SUBMODULES = ("bytedot", "matvec", "simd", "stacked", "table")
 
 
 def __getattr__(name):

@@ -1,0 +1,329 @@
+"""The decode step compiled: whole transformer blocks in one numba call per token.
+
+``llama.forward`` and ``model.forward`` are the readable NumPy references; per token they
+make ~20 NumPy calls per layer and grow the KV cache by concatenation, which on SmolLM2
+costs more than the weight products themselves. ``Llama(params, cfg)`` and
+``MiniGPT(params, cfg, linears)`` run the same arithmetic inside numba:
+
+* every weight role (fused q/k/v, attention output, fused gate/up or up, down) is one
+  ``refquant.kernels.stacked.Operand`` over the layers, multiplied by the same byte-dot
+  kernel ``Linear`` calls use (x rounded to Q8_0 blocks as llama.cpp does), or by a
+  float32 kernel for float weights;
+* the KV cache is preallocated, (layers, kv heads, positions, head dim), and written in
+  place; attention, RMSNorm / LayerNorm, RoPE, SwiGLU / GELU and the residuals are loops;
+* one numba call runs every layer for up to ``kernels.MAX_BATCH`` tokens (decode: one
+  token; prefill: blocks of 16), and a second call the final norm and the output head.
+  Layers whose weights differ in layout (a file mixing types per layer) are split into
+  runs of equal layout, one call each.
+
+``session.prefill(ids)`` -> logits (T, vocab); ``session.step(id)`` -> logits (vocab,);
+``session.reset()``. ``llama.Session`` is the NumPy session with the same interface.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from refquant.kernels import MAX_BATCH
+from refquant.kernels import stacked
+
+
+# --- the block's pieces, in numba ---------------------------------------------------------
+
+@njit
+def _rms_norm(x, w, eps, out):
+    T, d = x.shape
+    for t in range(T):
+        ss = 0.0
+        for i in range(d):
+            ss += np.float64(x[t, i]) * x[t, i]
+        r = np.float32(1.0 / math.sqrt(ss / d + eps))
+        for i in range(d):
+            out[t, i] = (x[t, i] * r) * w[i]
+
+
+@njit
+def _layer_norm(x, w, b, eps, out):
+    T, d = x.shape
+    for t in range(T):
+        mu = 0.0
+        for i in range(d):
+            mu += x[t, i]
+        mu /= d
+        var = 0.0
+        for i in range(d):
+            c = x[t, i] - mu
+            var += c * c
+        r = 1.0 / math.sqrt(var / d + eps)
+        for i in range(d):
+            out[t, i] = np.float32((x[t, i] - mu) * r) * w[i] + b[i]
+
+
+@njit
+def _rope(v, off, heads, hd, n_rot, cos, sin, pos):
+    """Rotate pairs (2i, 2i+1) of the first ``n_rot`` dims of each head in ``v[off:]``."""
+    for h in range(heads):
+        base = off + h * hd
+        for i in range(n_rot // 2):
+            a, b = v[base + 2 * i], v[base + 2 * i + 1]
+            c, s = cos[pos, i], sin[pos, i]
+            v[base + 2 * i] = a * c - b * s
+            v[base + 2 * i + 1] = a * s + b * c
+
+
+@njit
+def _attention(q, kc, vc, pos, n_head, n_kv, hd, out):
+    """One query row ``q`` (n_head·hd) against cached positions 0..pos of layer caches
+    ``kc``/``vc`` (n_kv, positions, hd): ``out`` (n_head·hd)."""
+    group = n_head // n_kv
+    scale = np.float32(1.0 / math.sqrt(hd))
+    s = np.empty(pos + 1, np.float32)
+    for h in range(n_head):
+        kv = h // group
+        qo = h * hd
+        mx = -np.inf
+        for j in range(pos + 1):
+            a = np.float32(0)
+            for i in range(hd):
+                a += q[qo + i] * kc[kv, j, i]
+            a *= scale
+            s[j] = a
+            mx = max(mx, a)
+        tot = np.float32(0)
+        for j in range(pos + 1):
+            e = np.float32(math.exp(s[j] - mx))
+            s[j] = e
+            tot += e
+        for i in range(hd):
+            out[qo + i] = 0
+        for j in range(pos + 1):
+            p = s[j] / tot
+            for i in range(hd):
+                out[qo + i] += p * vc[kv, j, i]
+
+
+def _build_layers(applies, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
+    """The compiled loop over layers for one run of equal layout (module docstring).
+
+    ``applies``: (qkv, o, up, down) ``stacked.make_apply`` functions. ``llama``: RMSNorm,
+    RoPE, SwiGLU (gate|up stacked), no biases; else GPT-2: LayerNorm with bias, GELU,
+    biases on every Linear (positions are added to the embedding by the caller)."""
+    a_qkv, a_o, a_up, a_down = applies
+    q_len, kv_len = n_head * hd, n_kv * hd
+    up_rows = 2 * d_ff if llama else d_ff
+    c_gelu, a_gelu = np.float32(np.sqrt(2.0 / np.pi)), np.float32(0.044715)
+
+    @njit
+    def norm(x, w, b, out):
+        if llama:
+            _rms_norm(x, w, eps, out)
+        else:
+            _layer_norm(x, w, b, eps, out)
+
+    @njit
+    def layers(x, pos0, norms, biases, wqkv, wo, wup, wdown, kc, vc, cos, sin):
+        T, d = x.shape
+        L = norms[0].shape[0]
+        n = np.empty((T, d), np.float32)
+        qkv = np.empty((T, q_len + 2 * kv_len), np.float32)
+        att = np.empty((T, q_len), np.float32)
+        o = np.empty((T, d), np.float32)
+        up = np.empty((T, up_rows), np.float32)
+        act = np.empty((T, d_ff), np.float32)
+        for l in range(L):
+            norm(x, norms[0][l], norms[1][l], n)
+            a_qkv(wqkv, l, n, qkv)
+            for t in range(T):
+                pos = pos0 + t
+                if llama:
+                    _rope(qkv[t], 0, n_head, hd, n_rot, cos, sin, pos)
+                    _rope(qkv[t], q_len, n_kv, hd, n_rot, cos, sin, pos)
+                else:
+                    for i in range(q_len + 2 * kv_len):
+                        qkv[t, i] += biases[0][l, i]
+                for h in range(n_kv):
+                    for i in range(hd):
+                        kc[l, h, pos, i] = qkv[t, q_len + h * hd + i]
+                        vc[l, h, pos, i] = qkv[t, q_len + kv_len + h * hd + i]
+            for t in range(T):
+                _attention(qkv[t], kc[l], vc[l], pos0 + t, n_head, n_kv, hd, att[t])
+            a_o(wo, l, att, o)
+            for t in range(T):
+                for i in range(d):
+                    x[t, i] += o[t, i] if llama else o[t, i] + biases[1][l, i]
+            norm(x, norms[2][l], norms[3][l], n)
+            a_up(wup, l, n, up)
+            for t in range(T):
+                for i in range(d_ff):
+                    if llama:
+                        g = up[t, i]
+                        act[t, i] = g / (np.float32(1) + np.exp(-g)) * up[t, d_ff + i]
+                    else:
+                        u = up[t, i] + biases[2][l, i]
+                        act[t, i] = np.float32(0.5) * u * (np.float32(1) + np.tanh(c_gelu * (u + a_gelu * u * u * u)))
+            a_down(wdown, l, act, o)
+            for t in range(T):
+                for i in range(d):
+                    x[t, i] += o[t, i] if llama else o[t, i] + biases[3][l, i]
+        return x
+
+    return layers, norm
+
+
+def _build_head(a_head, norm):
+    @njit
+    def head(x, w, b, whead, out):
+        n = np.empty_like(x)
+        norm(x, w, b, n)
+        a_head(whead, 0, n, out)
+    return head
+
+
+_CACHE: dict = {}
+
+
+def _compiled(key, build):
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+class _Compiled:
+    """Shared machinery: runs of layers, the KV cache, prefill in blocks of MAX_BATCH."""
+
+    def _setup(self, roles, head_lin, norms, biases, final_norm, *, n_layer, n_head, n_kv, hd, n_rot, eps, d_ff,
+               llama, n_ctx, vocab, rope_base=10000.0):
+        self.n_ctx, self.vocab, self.pos = n_ctx, vocab, 0
+        # role -> layer -> parts (one part when the role's Linears row-stack)
+        per_layer = [[stacked.layer_parts(lins) for lins in role] for role in roles]
+        sig = lambda l: tuple(tuple(stacked.stack([w]).key() for w in per_layer[r][l]) for r in range(4))  # noqa: E731
+        runs, start = [], 0
+        for l in range(1, n_layer + 1):
+            if l == n_layer or sig(l) != sig(start):
+                runs.append((start, l))
+                start = l
+        consts = dict(n_head=n_head, n_kv=n_kv, hd=hd, n_rot=n_rot, eps=eps, d_ff=d_ff, llama=llama)
+        self.runs = []
+        for a, b in runs:
+            ops = [[stacked.stack([per_layer[r][l][k] for l in range(a, b)]) for k in range(len(per_layer[r][a]))]
+                   for r in range(4)]
+            keys = tuple(tuple(op.key() for op in role) for role in ops)
+            applies = [_compiled(("apply", key), lambda role=role: stacked.make_concat_apply(role))
+                       for key, role in zip(keys, ops)]
+            layers, norm = _compiled(("layers", keys, tuple(sorted(consts.items()))),
+                                     lambda: _build_layers(applies, **consts))
+            self.runs.append(dict(layers=layers, operands=[op for role in ops for op in role],
+                                  ops=[tuple(op.arrays for op in role) for role in ops],
+                                  norms=tuple(n[a:b] for n in norms), biases=tuple(bb[a:b] for bb in biases),
+                                  start=a, stop=b))
+        hop = stacked.stack([stacked.layer_weight([head_lin])])
+        a_head = _compiled(("apply", ((hop.key(),),)), lambda: stacked.make_concat_apply([hop]))
+        self.head_fn = _compiled(("head", hop.key(), id(norm)), lambda: _build_head(a_head, norm))
+        self.head_w, self.final_norm = (hop.arrays,), final_norm
+        # bytes of weights one token reads
+        self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
+        self.kc = np.zeros((n_layer, n_kv, n_ctx, hd), np.float32)
+        self.vc = np.zeros_like(self.kc)
+        if llama:
+            from minigpt_np.llama import rope_angles
+
+            cos, sin = rope_angles(np.arange(n_ctx), n_rot, rope_base)
+            self.cos, self.sin = np.ascontiguousarray(cos[:, 0]), np.ascontiguousarray(sin[:, 0])
+        else:
+            self.cos = self.sin = np.zeros((1, 1), np.float32)
+
+    def reset(self) -> None:
+        """Forget every position (the cache is overwritten from position 0)."""
+        self.pos = 0
+
+    def _block(self, x: np.ndarray) -> np.ndarray:
+        T = x.shape[0]
+        x = np.ascontiguousarray(x, np.float32)
+        for run in self.runs:
+            s, e = run["start"], run["stop"]
+            x = run["layers"](x, self.pos, run["norms"], run["biases"], *run["ops"], self.kc[s:e], self.vc[s:e],
+                              self.cos, self.sin)
+        out = np.empty((T, self.vocab), np.float32)
+        self.head_fn(x, self.final_norm[0], self.final_norm[1], self.head_w, out)
+        self.pos += T
+        return out
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def prefill(self, ids) -> np.ndarray:
+        """Logits (T, vocab) of ``ids`` after the positions already cached."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("tokens is empty")
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise ValueError(f"token ids must be in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
+        if self.pos + ids.size > self.n_ctx:
+            raise ValueError(f"{self.pos + ids.size} positions exceed this session's context of {self.n_ctx}")
+        return np.concatenate([self._block(self._embed(ids[i:i + MAX_BATCH]))
+                               for i in range(0, ids.size, MAX_BATCH)])
+
+    def step(self, token: int) -> np.ndarray:
+        """Logits (vocab,) of one more token."""
+        return self.prefill([token])[0]
+
+
+class Llama(_Compiled):
+    """SmolLM2 / any ``minigpt_np.llama`` model, compiled (module docstring). ``params``
+    from ``llama.load`` (``dtype="stored"``: the GGUF's own types on the byte-dot kernels;
+    ``"f32"``: float32 weights on the float kernel); ``n_ctx``: positions the preallocated
+    cache holds (default: the model's context, at most 4096)."""
+
+    def __init__(self, params, cfg, *, n_ctx: int | None = None):
+        n_ctx = min(cfg.n_ctx, 4096) if n_ctx is None else int(n_ctx)
+        if not 0 < n_ctx <= cfg.n_ctx:
+            raise ValueError(f"n_ctx must be in 1..{cfg.n_ctx}, got {n_ctx}")
+        L = cfg.n_layer
+        blk = lambda i, s: params[f"blk.{i}.{s}.weight"]  # noqa: E731
+        roles = [[[blk(i, s) for s in ("attn_q", "attn_k", "attn_v")] for i in range(L)],
+                 [[blk(i, "attn_output")] for i in range(L)],
+                 [[blk(i, s) for s in ("ffn_gate", "ffn_up")] for i in range(L)],
+                 [[blk(i, "ffn_down")] for i in range(L)]]
+        norms = tuple(np.stack([np.asarray(blk(i, s), np.float32) for i in range(L)]) for s in
+                      ("attn_norm", "attn_norm", "ffn_norm", "ffn_norm"))
+        z = np.zeros((L, 1), np.float32)
+        on = np.asarray(params["output_norm.weight"], np.float32)
+        self.params, self.cfg = params, cfg
+        self._setup(roles, params["output.weight"], norms, (z, z, z, z), (on, on), n_layer=L, n_head=cfg.n_head,
+                    n_kv=cfg.n_head_kv, hd=cfg.head_dim, n_rot=cfg.n_rot, eps=cfg.eps, d_ff=cfg.d_ff, llama=True,
+                    n_ctx=n_ctx, vocab=cfg.vocab, rope_base=cfg.rope_base)
+
+    def _embed(self, ids):
+        return self.params["token_embd.weight"].rows(ids)
+
+
+class MiniGPT(_Compiled):
+    """MiniGPT (``minigpt_np.model``), compiled: ``linears`` (``model.Linears``, any scheme
+    with a compiled path; None: the float32 weights in ``params``)."""
+
+    def __init__(self, params, cfg, linears=None):
+        from minigpt_np.model import Linears
+
+        linears = linears or Linears(params, cfg)
+        L = cfg.n_layer
+        lin = lambda i, s: linears.layers[f"blk.{i}.{s}"]  # noqa: E731
+        roles = [[[lin(i, s)] for i in range(L)] for s in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")]
+        p = lambda i, s: np.asarray(params[f"blk.{i}.{s}"], np.float32)  # noqa: E731
+        norms = tuple(np.stack([p(i, s) for i in range(L)]) for s in
+                      ("attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias"))
+        biases = tuple(np.stack([p(i, s + ".bias") for i in range(L)]) for s in
+                       ("attn_qkv", "attn_output", "ffn_up", "ffn_down"))
+        from refquant.linear import DenseLinear
+
+        self.params, self.cfg = params, cfg
+        self._setup(roles, DenseLinear(params["token_embd.weight"]), norms, biases,
+                    (np.asarray(params["output_norm.weight"], np.float32),
+                     np.asarray(params["output_norm.bias"], np.float32)),
+                    n_layer=L, n_head=cfg.n_head, n_kv=cfg.n_head, hd=cfg.d_model // cfg.n_head, n_rot=0,
+                    eps=cfg.eps, d_ff=4 * cfg.d_model, llama=False, n_ctx=cfg.n_ctx, vocab=cfg.vocab)
+
+    def _embed(self, ids):
+        return (self.params["token_embd.weight"][ids]
+                + self.params["position_embd.weight"][self.pos:self.pos + ids.size]).astype(np.float32)

@@ -1,0 +1,282 @@
+"""Weights of one role stacked over a model's layers, and their product inside numba code.
+
+A compiled decode step (``minigpt_np.compiled``) runs a whole transformer block -- or all
+of them -- in one numba call, so it cannot go through ``Linear.__call__`` (a Python call,
+an x check and a few NumPy allocations per matrix: about 20 µs each, 120+ times per
+SmolLM2 token). Instead, the weights of one role (say every layer's fused q/k/v) become
+one ``Operand``: the byte-dot layout of ``bytedot.Packed`` with a leading layer axis, or
+a float32 stack, and ``make_apply(op)`` returns an ``@njit`` function::
+
+    apply(w, l, X, out)     # out[:T] = X Ŵ_lᵀ for X (T <= kernels.MAX_BATCH, n) float32
+
+that rounds X to Q8_0 blocks exactly as ``bytedot.quantize_x_q8_0`` does (the block scale
+rounded to fp16 by ``f16_round``, tested bit-identical to NumPy's cast) and calls the
+same compiled kernel ``bytedot.matmul`` calls. So a model step built from these computes,
+Linear by Linear, what the NumPy reference computes with ``Linear`` objects.
+
+Which Linears have an operand (``operand_kind``): float32 (``DenseLinear``), and every
+``QuantizedLinear`` whose scheme has a byte-dot kernel that rounds x to Q8_0 blocks with no
+transform of x first (``kernels.table``: every GGML type with a kernel, INT8, INT4 RTN and
+GPTQ). Schemes without a kernel run on their dequantized weight (``dequantized=True``,
+what the NumPy reference does for them too); schemes that round x their own way (W8A8,
+SmoothQuant, LLM.int8(), AWQ's x transform) have no compiled path and are refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from refquant.kernels import MAX_BATCH, bytedot, table
+from refquant.kernels.bytedot import Packed
+
+_ARRAYS = ("qs", "qh", "d", "sc", "m", "mn")
+_DUMMY = {"sc": np.uint8, "m": np.uint16, "mn": np.uint8}
+
+
+@njit(inline="always")
+def f16_round(v):
+    """float32 ``v`` rounded to the nearest fp16 value (ties to even; Inf beyond 65504),
+    as float32: ``np.float32(np.float16(v))`` in numba code. An fp16 number has 11
+    significant bits, so its spacing in [2^(e-1), 2^e) is 2^(e-11), and never below the
+    subnormal spacing 2^-24; scaling by a power of two is exact, so ``rint`` does the
+    rounding."""
+    a = abs(np.float64(v))
+    if a == 0.0 or not np.isfinite(a):
+        return v
+    e = math.frexp(a)[1]
+    ue = max(e - 11, -24)
+    r = math.ldexp(np.rint(math.ldexp(a, -ue)), ue)
+    if r > 65504.0:
+        r = np.inf
+    return np.float32(math.copysign(r, v))
+
+
+@njit
+def quantize_x(X, n, xq, dx, xs):
+    """Rows of ``X[:, :n]`` as Q8_0 blocks into ``xq`` (T, nb·32) int8 (zero-padded),
+    ``dx`` (T, nb) fp16-rounded scales and ``xs`` = ``dx · Σ x_q`` per block: the outputs of
+    ``bytedot.quantize_x_q8_0``, bit for bit (tested). |x| above ``bytedot.Q8_0_MAX_ABS``
+    (the fp16 overflow of the scale) raises ValueError."""
+    T = X.shape[0]
+    nb = dx.shape[1]
+    for t in range(T):
+        for b in range(nb):
+            amax = np.float32(0)
+            for i in range(32 * b, min(32 * b + 32, n)):
+                amax = max(amax, abs(X[t, i]))
+            if amax > np.float32(65504.0 * 127):
+                raise ValueError("x exceeds the byte-dot kernels' Q8_0 range (|x| <= 65504 * 127)")
+            db = amax / np.float32(127)
+            inv = np.float32(1) / db if db != 0 else np.float32(0)
+            total = 0
+            for i in range(32):
+                j = 32 * b + i
+                q = np.float32(0)
+                if j < n:
+                    v = X[t, j] * inv
+                    q = np.float32(np.trunc(v))
+                    if abs(v - q) >= np.float32(0.5):
+                        q += np.float32(1) if v >= 0 else np.float32(-1)
+                xq[t, j] = np.int8(q)
+                total += np.int32(q)
+            d16 = f16_round(db)
+            dx[t, b] = d16
+            xs[t, b] = d16 * np.float32(total)
+
+
+@njit(parallel=True, fastmath=True)
+def matmul_f32(W, X, out):
+    """``out[t, r] = Σ_i W[r, i] X[t, i]`` (float32 accumulation, rows over both cores)."""
+    R, n = W.shape
+    T = X.shape[0]
+    for ch in prange((R + 15) // 16):
+        for r in range(16 * ch, min(16 * ch + 16, R)):
+            for t in range(T):
+                s = np.float32(0)
+                for i in range(n):
+                    s += W[r, i] * X[t, i]
+                out[t, r] = s
+
+
+@dataclass(frozen=True, eq=False)
+class Operand:
+    """One weight role over ``L`` layers: ``kind`` ``"f32"`` (``arrays[0]`` float32 (L, rows, n))
+    or ``"packed"`` (the six ``Packed`` arrays, each with a leading layer axis; ``template``
+    is layer 0's ``Packed``, which fixes the kernel)."""
+
+    kind: str
+    shape: tuple[int, int]
+    arrays: tuple
+    template: Packed | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over every layer reads."""
+        return int(sum(a.nbytes for a in self.arrays if a.ndim > 1 and a.shape[-1] > 1))
+
+    def key(self) -> tuple:
+        """What fixes the compiled apply (equal keys share one)."""
+        if self.kind == "f32":
+            return ("f32", self.shape)
+        p = self.template
+        return ("packed", self.shape, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c,
+                p.dshift, p.mshift, p.mnshift, p.nb)
+
+
+def operand_kind(lin) -> str:
+    """``"f32"``, ``"packed"`` or ``"dequantized"`` for a ``refquant.linear.Linear`` (module
+    docstring); ValueError for a scheme whose product the compiled path does not compute."""
+    from refquant.linear import DenseLinear, QuantizedLinear
+
+    if isinstance(lin, DenseLinear):
+        return "f32"
+    if not isinstance(lin, QuantizedLinear):
+        raise TypeError(f"expected a refquant.linear Linear, got {type(lin).__name__}")
+    entry = table.KERNELS.get(lin.qt.scheme)
+    if entry is not None and entry.activation == "q8_0" and entry.prepare_x is None:
+        return "packed"
+    if lin.scheme.act_quant is not None or entry is not None:
+        raise ValueError(f"scheme {lin.qt.scheme!r} rounds or transforms x its own way; the compiled step "
+                         "covers float32, schemes without a kernel, and kernels with Q8_0 activations")
+    return "dequantized"
+
+
+def _packed(lin) -> Packed:
+    return table.packed(lin.qt)
+
+
+def _concat_rows(parts: list[Packed]) -> Packed:
+    """Row-stack ``Packed`` weights of one layout (rows are independent in every layout)."""
+    p0 = parts[0]
+    if len(parts) == 1:
+        return p0
+    keys = {(p.kind, p.shape[1], p.nb, p.sub16, p.offset, p.c, p.dshift, p.mshift, p.mnshift,
+             p.sc is None, p.m is None, p.mn is None, p.d.dtype) for p in parts}
+    if len(keys) != 1:
+        raise ValueError("cannot row-stack weights of different layouts")
+    cat = {f: None if getattr(p0, f) is None else np.concatenate([getattr(p, f) for p in parts])
+           for f in _ARRAYS}
+    return dataclasses.replace(p0, shape=(sum(p.shape[0] for p in parts), p0.shape[1]), **cat)
+
+
+def layer_weight(lins: list) -> tuple[str, object]:
+    """The weight of Linears that share their input (q/k/v, gate/up), row-stacked:
+    ``("f32", float32 array)`` or ``("packed", Packed)``. Linears of different kinds or
+    layouts cannot stack (ValueError): the caller keeps them apart."""
+    g = lins[0].group
+    if g is not None and all(lin.group is not None and lin.group[0] is g[0] for lin in lins) \
+            and sum(lin.shape[0] for lin in lins) == g[0].shape[0]:
+        lins = [g[0]]            # already row-stacked by linear.fuse
+    kinds = {operand_kind(lin) for lin in lins}
+    if kinds == {"packed"}:
+        return "packed", _concat_rows([_packed(lin) for lin in lins])
+    if "packed" in kinds:
+        raise ValueError("cannot row-stack a kernel weight with a float one")
+    ws = [lin.dequantize() for lin in lins]
+    return "f32", np.ascontiguousarray(ws[0] if len(ws) == 1 else np.concatenate(ws), np.float32)
+
+
+def stack(weights: list[tuple[str, object]]) -> Operand:
+    """One ``Operand`` from per-layer ``layer_weight`` results of one layout and shape."""
+    kinds = {k for k, _ in weights}
+    if len(kinds) != 1:
+        raise ValueError("layers mix float and kernel weights")
+    if kinds == {"f32"}:
+        ws = [w for _, w in weights]
+        if len({w.shape for w in ws}) != 1:
+            raise ValueError("layers' weights differ in shape")
+        return Operand("f32", ws[0].shape, (np.stack(ws),))
+    ps = [p for _, p in weights]
+    p0 = ps[0]
+    arrays = []
+    for f in _ARRAYS:
+        parts = [getattr(p, f) for p in ps]
+        if any(a is None for a in parts):
+            if not all(a is None for a in parts):
+                raise ValueError(f"layers differ in their {f!r} field")
+            arrays.append(np.zeros((len(ps), 1, 1), _DUMMY[f]))
+            continue
+        if len({a.shape for a in parts}) != 1 or len({a.dtype for a in parts}) != 1:
+            raise ValueError(f"layers' {f!r} fields differ in shape or type")
+        arrays.append(np.stack(parts))
+    op = Operand("packed", p0.shape, tuple(arrays), p0)
+    if len({Operand("packed", p.shape, (), p).key() for p in ps}) != 1:
+        raise ValueError("layers' weights differ in layout")
+    return op
+
+
+def make_apply(op: Operand, tier: str | None = None):
+    """``apply(w, l, X, out)``: ``out[:T] = X Ŵ_lᵀ`` for layer ``l`` of ``op`` (``w`` is
+    ``op.arrays``), X (T <= MAX_BATCH, n) float32, ``out`` (T, rows) float32."""
+    if op.kind == "f32":
+        @njit
+        def apply_f32(w, l, X, out):
+            matmul_f32(w[0][l], X, out)
+        return apply_f32
+    p = op.template
+    kern = bytedot.kernel(tier or bytedot.backend(), p)
+    n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
+
+    @njit
+    def apply(w, l, X, out):
+        T = X.shape[0]
+        xq = np.empty((T, 32 * nb), np.int8)
+        dx = np.empty((T, nb), np.float32)
+        xs = np.empty((T, nb), np.float32)
+        quantize_x(X, n, xq, dx, xs)
+        s16 = np.zeros((2, T, 2 * nb if sub16 else 8), np.float32)
+        if sub16:   # Q6_K: d_x and d_x Σ x_q per 16
+            for t in range(T):
+                for h in range(2 * nb):
+                    tot = 0
+                    for i in range(16):
+                        tot += np.int64(xq[t, 16 * h + i])
+                    s16[0, t, h] = dx[t, h // 2]
+                    s16[1, t, h] = np.float32(np.float64(dx[t, h // 2]) * tot)
+        xa = np.abs(xq) if signed else xq
+        kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
+    return apply
+
+
+def layer_parts(lins: list) -> list[tuple[str, object]]:
+    """``[layer_weight(lins)]`` when the Linears row-stack, else one part per Linear (a file
+    mixing types within a layer, such as llama.cpp's Q4_K_M with its Q6_K attn_v)."""
+    try:
+        return [layer_weight(lins)]
+    except ValueError:
+        return [layer_weight([lin]) for lin in lins]
+
+
+def make_concat_apply(ops: list[Operand], tier: str | None = None):
+    """``apply(ws, l, X, out)`` for the row-concatenation of ``ops`` (1 to 3 parts; ``ws`` the
+    tuple of their ``arrays``): each part's product goes to its own columns of ``out``."""
+    applies = [make_apply(op, tier) for op in ops]
+    a0 = applies[0]
+    if len(ops) == 1:
+        @njit
+        def apply1(ws, l, X, out):
+            a0(ws[0], l, X, out)
+        return apply1
+    if len(ops) > 3:
+        raise ValueError("at most 3 parts")
+    a1, a2 = applies[1], applies[-1]
+    r0, r1, r2 = ops[0].shape[0], ops[1].shape[0], ops[-1].shape[0]
+    three = len(ops) == 3
+
+    @njit
+    def part(a, w, l, X, out, start, rows):
+        tmp = np.empty((X.shape[0], rows), np.float32)
+        a(w, l, X, tmp)
+        out[:, start:start + rows] = tmp
+
+    @njit
+    def apply_parts(ws, l, X, out):
+        part(a0, ws[0], l, X, out, 0, r0)
+        part(a1, ws[1], l, X, out, r0, r1)
+        if three:
+            part(a2, ws[-1], l, X, out, r0 + r1, r2)
+    return apply_parts
