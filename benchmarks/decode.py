@@ -1,52 +1,177 @@
-"""Batch-1 decode speed of SmolLM2-135M: GGUF-typed weights with refquant's kernels vs FP32.
+"""SmolLM2-135M decode and prompt speed per GGUF type on the compiled step, against NumPy.
 
     python -m benchmarks.decode [--quick] [-n 64]
 
-Loads the shipped file twice -- ``dtype="stored"`` (Q4_1 Linears and the Q8_0 tied head run
-the numba kernels on their block bytes) and ``dtype="f32"`` (everything dequantized, NumPy
-BLAS) -- checks that the first decode step of both agrees (same argmax, logits within 5% of
-their range: the kernels round x to 8-bit blocks), then times greedy decoding of ``-n``
-tokens after a fixed prompt. Writes ``benchmarks/results/decode.json``.
+The shipped file is Q4_1 (Q8_0 tied embedding/head). ``python -m refquant quantize``
+writes it again as F32, Q8_0, Q4_0 and Q4_K (Q4_K falls back to Q5_0 for SmolLM2's
+576-wide rows, as llama.cpp does: only ``ffn_down`` is Q4_K), each from the shipped
+weights, into a temporary directory. Each file is loaded with ``dtype="stored"`` and run by
+``minigpt_np.compiled.Llama`` (one numba call for all layers per token; F32 on a float32
+kernel on the same path). Two NumPy engines run beside them: ``numpy`` ``f32`` (the
+shipped file dequantized at load, ``llama.forward``: the reference path) and ``numpy``
+``Q4_1`` (the same forward on the stored weights through ``Linear``).
+
+Before timing, every compiled model's prompt logits are checked against the NumPy forward
+on the same stored weights (within the x-rounding bound of ``tests/test_compiled.py``).
+Then ``--rounds`` rounds time, interleaved (every engine once per round, so machine-wide
+slowdowns hit all alike): a 64-token prompt (prefill), and greedy decoding of ``-n`` tokens
+after "The capital of France is". Speeds are medians over rounds of wall time (the kernels
+run on both cores, so thread CPU time would miss half the work). Per type, a per-token
+breakdown (median of 30 calls each, at the position decoding ended): the weight products
+of all layers and the head, the attention over the cache, and the rest of the step
+(norms, RoPE, activations, embedding lookup, Python).
+
+Writes ``benchmarks/results/decode.json``; ``python -m benchmarks.report`` puts its table
+in the README and ``python -m benchmarks.roofline`` its dots on the roofline.
 """
 from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 
 from benchmarks import common
-from minigpt_np import generate, llama
-from minigpt_np.tokenizer import Tokenizer
 
 PROMPT = "The capital of France is"
+TYPES = ("F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K")    # Q4_1: the shipped file itself
+SHIPPED = "Q4_1"
 
 
-def run(quick: bool = False, n: int = 64) -> dict:
-    n = 4 if quick else n
+def _rms(a) -> float:
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+
+def verify(params, cfg, sess, ids) -> dict:
+    """The compiled session's logits on ``ids`` against the NumPy forward on the same
+    weights (``s``) and on their float dequantization (``f``): RMS gap within
+    ``2 RMS(s - f)`` plus the float32 term (``tests/test_compiled.py``)."""
+    from minigpt_np import llama
+    from refquant import linear
+
+    sess.reset()
+    c = sess.prefill(ids)
+    sess.reset()
+    s, _ = llama.forward(params, cfg, ids)
+    f, _ = llama.forward({k: linear.DenseLinear(v.dequantize()) if isinstance(v, linear.Linear) else v
+                          for k, v in params.items()}, cfg, ids)
+    bound = 2 * _rms(s - f) + 8 * cfg.n_layer * cfg.d_ff * 2.0**-24 * np.abs(s).max()
+    gap = _rms(c - s)
+    if gap > bound or (c.argmax(1) == s.argmax(1)).mean() < 0.9:
+        raise AssertionError(f"compiled logits are {gap:.3g} RMS from the NumPy forward (bound {bound:.3g})")
+    return dict(rms_gap=gap, bound=float(bound))
+
+
+def _median_call(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def breakdown(sess, token: int, repeats: int = 30) -> dict:
+    """Per-token milliseconds at the session's position: the whole step, the weight
+    products, the attention, and the rest (step minus the two)."""
+    pos = sess.pos
+
+    def step():
+        sess.pos = pos
+        sess.step(token)
+    total = _median_call(step, repeats)
+    sess.pos = pos + 1
+    parts = {k: _median_call(fn, repeats) for k, fn in sess.pieces().items()}
+    sess.pos = pos
+    ms = {k: 1e3 * v for k, v in parts.items()}
+    return dict(step=1e3 * total, **ms, rest=max(0.0, 1e3 * total - sum(ms.values())))
+
+
+def write_files(src: Path, out_dir: Path, types) -> dict:
+    """The shipped model re-written by ``python -m refquant quantize`` per type."""
+    from refquant.__main__ import main as cli
+
+    paths = {}
+    for t in types:
+        if t == SHIPPED:
+            paths[t] = src
+            continue
+        paths[t] = out_dir / f"smollm2-{t}.gguf"
+        if cli(["quantize", str(src), str(paths[t]), "--type", t]) != 0:
+            raise RuntimeError(f"refquant quantize --type {t} failed")
+    return paths
+
+
+def run(quick: bool = False, n: int = 64, rounds: int = 3) -> dict:
+    from tqdm import tqdm
+
+    from minigpt_np import compiled, generate, llama
+    from minigpt_np.tokenizer import Tokenizer
+    from refquant.linear import Linear
+
+    n, rounds = (4, 1) if quick else (n, rounds)
+    types = ("F32", "Q4_1") if quick else TYPES
     src = llama.default_model()
-    models = {dt: llama.load(src, dtype=dt) for dt in ("stored", "f32")}
-    tok = Tokenizer(models["f32"][2])
+    engines = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_files(src, Path(tmp), types)
+        for t in tqdm(types, desc="load", unit="model"):
+            params, cfg, meta = llama.load(paths[t], dtype="stored")
+            engines[("compiled", t)] = (params, cfg, compiled.Llama(params, cfg, n_ctx=256),
+                                        Path(paths[t]).stat().st_size)
+    tok = Tokenizer(meta)
+    pf, cfg, _ = llama.load(src, dtype="f32")
+    engines[("numpy", "f32")] = (pf, cfg, llama.Session(pf, cfg), None)
+    ps = engines[("compiled", SHIPPED)][0]
+    engines[("numpy", SHIPPED)] = (ps, cfg, llama.Session(ps, cfg), None)
     ids = tok.encode(PROMPT)
-    first = {}
-    for dt, (params, cfg, _) in models.items():
-        logits, cache = llama.forward(params, cfg, ids[:-1])
-        first[dt], _ = llama.forward(params, cfg, ids[-1:], cache)
-    a, b = first["f32"][0], first["stored"][0]
-    if np.argmax(a) != np.argmax(b) or np.abs(a - b).max() > 0.05 * np.abs(a).max():
-        raise AssertionError("the kernel path's first decode step disagrees with the FP32 path")
+    long_prompt = tok.encode(llama.reference_text())[:16 if quick else 64]
+    checks = {t: verify(params, cfg, sess, ids) for (e, t), (params, cfg, sess, _) in engines.items()
+              if e == "compiled"}
+
+    decode = {k: [] for k in engines}
+    prompt = {k: [] for k in engines}
+    texts = {}
+    for _ in tqdm(range(rounds), desc="rounds", unit="round"):
+        for k, (_, _, sess, _) in engines.items():
+            sess.reset()
+            t0 = time.perf_counter()
+            sess.prefill(long_prompt)
+            prompt[k].append(len(long_prompt) / (time.perf_counter() - t0))
+            out, st = generate.generate(sess, tok, ids, n)
+            decode[k].append(st["tokens_per_s"])
+            texts[k] = PROMPT + tok.decode(out)
     rows = []
-    for dt, (params, cfg, _) in models.items():
-        generate.generate(params, cfg, tok, ids, 2)  # warm-up: compile the kernels
-        out, st = generate.generate(params, cfg, tok, ids, n)
-        rows.append(dict(dtype=dt, text=PROMPT + tok.decode(out), **st))
-    speed = {r["dtype"]: r["tokens_per_s"] for r in rows}
-    return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, machine=common.machine(),
-                results=rows, stored_over_f32=speed["stored"] / speed["f32"])
+    for k, (params, cfg, sess, file_bytes) in engines.items():
+        row = dict(engine=k[0], type=k[1], decode_tokens_per_s=float(np.median(decode[k])),
+                   decode_rounds=decode[k], prompt_tokens_per_s=float(np.median(prompt[k])), prompt_rounds=prompt[k],
+                   text=texts[k])
+        if k[0] == "compiled":
+            row.update(file_bytes=file_bytes, weight_bytes=sess.weight_bytes,
+                       gbs=sess.weight_bytes * row["decode_tokens_per_s"] / 1e9,
+                       breakdown_ms=breakdown(sess, ids[-1], 10 if quick else 30), check=checks[k[1]],
+                       source="shipped" if k[1] == SHIPPED else "python -m refquant quantize")
+        rows.append(row)
+    speed = {(r["engine"], r["type"]): r["decode_tokens_per_s"] for r in rows}
+    f32 = speed[("compiled", "F32")]
+    for r in rows:
+        r["x_compiled_f32"] = r["decode_tokens_per_s"] / f32
+        r["x_numpy_f32"] = r["decode_tokens_per_s"] / speed[("numpy", "f32")]
+    weights = {id(v): v.shape[0] * v.shape[1] for v in pf.values() if isinstance(v, Linear)}  # head tied: once
+    return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, prompt_tokens=len(long_prompt),
+                new_tokens=n, rounds=rounds, machine=common.machine(), flops_per_token=2 * sum(weights.values()),
+                results=rows)
 
 
 def main(argv=None) -> None:
     data, path = common.run_and_save(__doc__, "decode", run, argv, "-n", type=int, default=64)
     for r in data["results"]:
-        print(f"{r['dtype']:7s} {r['tokens_per_s']:7.1f} tokens/s  {r['text']!r}")
-    print(f"stored / f32: {data['stored_over_f32']:.2f}x; wrote {path}")
+        print(f"{r['engine']:8s} {r['type']:5s} decode {r['decode_tokens_per_s']:7.1f} tokens/s "
+              f"(x{r['x_compiled_f32']:.2f} compiled F32, x{r['x_numpy_f32']:.2f} NumPy f32)  prompt "
+              f"{r['prompt_tokens_per_s']:7.1f} tokens/s  {r['text'][:60]!r}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -72,41 +72,57 @@ def run(quick: bool = False) -> dict:
     peak = found["sgemm_peak"]
     return dict(benchmark="roofline", quick=quick, machine=machine(), runs=runs, read_bandwidth=bw, sgemm=peak,
                 int8_dot=found["int8_dot_peak"], ridge_flop_per_byte=peak["gflops"] / bw["best_gbs"],
-                kernel_shape=list(shape), dots=dots, decode_dots=found["minigpt_decode"])
+                kernel_shape=list(shape), dots=dots, decode_dots=found["minigpt_decode"],
+                smollm2_dots=smollm2_dots())
 
 
 def minigpt_decode(repeats: int) -> list[dict]:
-    """MiniGPT batch-1 decode, one token with a 32-token KV cache, Linears FP32 / INT8 / INT4.
+    """MiniGPT batch-1 decode on the compiled step (``minigpt_np.compiled.MiniGPT``), one
+    token after a 40-token prompt, Linears FP32 / INT8 / INT4, checked against the NumPy
+    forward first (kernel Linears: within the x-rounding bound of ``tests/test_compiled.py``).
 
-    Bytes are every weight a token reads (Linears as stored, the tied FP16/FP32 head); FLOPs
-    are 2 per weight. The whole model fits in L3 and each token runs ~30 small NumPy/numba
-    calls, so these dots show per-call overhead, not the memory roof.
-    """
-    from minigpt_np import checkpoint, evaluate
-    from minigpt_np.model import decode_step, forward
+    Bytes are every weight a token reads (Linears as stored, the tied head in float32);
+    FLOPs are 2 per weight. The whole model fits in L3, so these dots are not about the
+    memory roof (README)."""
+    from minigpt_np import checkpoint, compiled, evaluate
+    from minigpt_np.model import forward
 
     params, cfg, _ = checkpoint.load()
-    prompt = list(b"the farmers have painted the red box => ")[:32]
+    prompt = list(b"the farmers have painted the red box => ")[:40]
     rows = []
     for scheme in ("fp32", "int8_channel", "int4_g128"):
         p, lin = evaluate.prepare(params, cfg, scheme)
-        cache = None
-        for t in prompt:
-            _, cache = decode_step(p, t, cache, cfg=cfg, linears=lin)
-        ref, _ = decode_step(p, ord("p"), cache, cfg=cfg, linears=lin)
-        full, _ = forward(p, np.array([prompt + [ord("p")]]), cfg=cfg, linears=lin)
-        # the kernels agree with the model: a token through the byte-dot kernels sees each
-        # Linear's input rounded to Q8_0 (0.4-1.1% of max|y| per layer), the forward does not
-        gap = np.abs(ref - full[0, -1]).max() / np.abs(full[0, -1]).max()
-        if gap > 0.03 or ref.argmax() != full[0, -1].argmax():
-            raise AssertionError(f"{scheme}: decode_step disagrees with forward (max gap {gap:.2%} of max logit)")
-        t = median_time(lambda c: decode_step(p, ord("p"), c, cfg=cfg, linears=lin), [(cache,)], repeats)
-        head = p["token_embd.weight"].size
-        nbytes = lin.nbytes + head * (4 if scheme == "fp32" else 2)
-        flops = 2 * (sum(p[n + ".weight"].size for n in lin.layers) + head)
-        rows.append(dict(label=f"MiniGPT decode {scheme}: {1e-3 / t:.1f}k tok/s", scheme=scheme, ms=t * 1e3,
-                         weight_bytes=nbytes, flops=flops, intensity=flops / nbytes, gflops=flops / t / 1e9))
+        sess = compiled.MiniGPT(p, cfg, lin)
+        got = sess.prefill(prompt[:16])
+        ref, _ = forward(p, np.array([prompt[:16]]), cfg=cfg, linears=lin)   # <= 16 tokens: the same kernels
+        if (got.argmax(1) != ref[0].argmax(1)).mean() > 0.1 or np.abs(got - ref[0]).max() > 0.05 * np.abs(ref).max():
+            raise AssertionError(f"{scheme}: the compiled MiniGPT disagrees with forward")
+        sess.prefill(prompt[16:])
+        pos = sess.pos
+
+        def step():
+            sess.pos = pos
+            sess.step(ord("p"))
+        t = median_time(step, [()], repeats)
+        flops = 2 * (sum(p[n + ".weight"].size for n in lin.layers) + p["token_embd.weight"].size)
+        rows.append(dict(label=f"MiniGPT compiled decode {scheme}: {1e-3 / t:.1f}k tok/s", scheme=scheme,
+                         ms=t * 1e3, weight_bytes=sess.weight_bytes, flops=flops,
+                         intensity=flops / sess.weight_bytes, gflops=flops / t / 1e9))
     return rows
+
+
+def smollm2_dots() -> list[dict]:
+    """SmolLM2 decode per GGUF type on the compiled step, from ``benchmarks/results/decode.json``
+    (``python -m benchmarks.decode``; both cores): weight bytes read per token and GFLOP/s."""
+    try:
+        data = common.read_json("decode")
+    except FileNotFoundError:
+        return []
+    flops = data.get("flops_per_token")
+    return [dict(label=f"SmolLM2 {r['type']}: {r['decode_tokens_per_s']:.0f} tok/s, {r['gbs']:.1f} GB/s",
+                 type=r["type"], tokens_per_s=r["decode_tokens_per_s"], weight_bytes=r["weight_bytes"],
+                 intensity=flops / r["weight_bytes"], gflops=flops * r["decode_tokens_per_s"] / 1e9)
+            for r in data.get("results", []) if r.get("engine") == "compiled" and flops]
 
 
 def plot(data: dict, path) -> None:
@@ -148,6 +164,16 @@ def plot(data: dict, path) -> None:
         ax.scatter(d["intensity"], d["gflops"], marker="*", s=80, zorder=3, color="0.3")
         ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, textcoords="offset points",
                     xytext=(6, 4 if i % 2 == 0 else -12))
+    for i, d in enumerate(data.get("smollm2_dots", [])):
+        ax.scatter(d["intensity"], d["gflops"], marker="P", s=90, zorder=4, color="tab:red", edgecolor="k", lw=0.5)
+        ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, color="tab:red",
+                    textcoords="offset points", xytext=(6, -12 if i % 2 else 4))
+    if data.get("smollm2_dots"):
+        ax.scatter([], [], marker="P", color="tab:red", edgecolor="k", lw=0.5,
+                   label="SmolLM2-135M decode, compiled step, 2 threads (benchmarks.decode): GB/s = weight bytes per "
+                         "token x tokens/s")
+        ax.scatter([], [], marker="*", color="0.3", label="MiniGPT decode, compiled step, 1 thread: fits in L3, "
+                                                            "not bandwidth-bound")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(0.05, 200)

@@ -169,7 +169,29 @@ def _build_layers(applies, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
                     x[t, i] += o[t, i] if llama else o[t, i] + biases[3][l, i]
         return x
 
-    return layers, norm
+    @njit
+    def products(x, wqkv, wo, wup, wdown, L):
+        """Only the weight products of one token through ``L`` layers (the time breakdown)."""
+        qkv = np.empty((1, q_len + 2 * kv_len), np.float32)
+        att = np.ones((1, q_len), np.float32)
+        o = np.empty((1, x.shape[1]), np.float32)
+        up = np.empty((1, up_rows), np.float32)
+        act = np.ones((1, d_ff), np.float32)
+        for l in range(L):
+            a_qkv(wqkv, l, x, qkv)
+            a_o(wo, l, att, o)
+            a_up(wup, l, x, up)
+            a_down(wdown, l, act, o)
+
+    @njit
+    def attend(kc, vc, pos):
+        """Only the attention of one token at ``pos`` over every layer's cache."""
+        q = np.ones(q_len, np.float32)
+        out = np.empty(q_len, np.float32)
+        for l in range(kc.shape[0]):
+            _attention(q, kc[l], vc[l], pos, n_head, n_kv, hd, out)
+
+    return layers, norm, products, attend
 
 
 def _build_head(a_head, norm):
@@ -210,16 +232,15 @@ class _Compiled:
             ops = [[stacked.stack([per_layer[r][l][k] for l in range(a, b)]) for k in range(len(per_layer[r][a]))]
                    for r in range(4)]
             keys = tuple(tuple(op.key() for op in role) for role in ops)
-            applies = [_compiled(("apply", key), lambda role=role: stacked.make_concat_apply(role))
-                       for key, role in zip(keys, ops)]
-            layers, norm = _compiled(("layers", keys, tuple(sorted(consts.items()))),
-                                     lambda: _build_layers(applies, **consts))
-            self.runs.append(dict(layers=layers, operands=[op for role in ops for op in role],
+            applies = [stacked.make_concat_apply(role) for role in ops]
+            layers, norm, products, attend = _compiled(("layers", keys, tuple(sorted(consts.items()))),
+                                                       lambda: _build_layers(applies, **consts))
+            self.runs.append(dict(layers=layers, products=products, attend=attend, operands=[op for role in ops for op in role],
                                   ops=[tuple(op.arrays for op in role) for role in ops],
                                   norms=tuple(n[a:b] for n in norms), biases=tuple(bb[a:b] for bb in biases),
                                   start=a, stop=b))
         hop = stacked.stack([stacked.layer_weight([head_lin])])
-        a_head = _compiled(("apply", ((hop.key(),),)), lambda: stacked.make_concat_apply([hop]))
+        a_head = stacked.make_concat_apply([hop])
         self.head_fn = _compiled(("head", hop.key(), id(norm)), lambda: _build_head(a_head, norm))
         self.head_w, self.final_norm = (hop.arrays,), final_norm
         # bytes of weights one token reads
@@ -252,6 +273,26 @@ class _Compiled:
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def pieces(self) -> dict:
+        """Callables that run one part of a decode step at the current position, for a time
+        breakdown (``benchmarks.decode``): ``"products"`` every weight product of one token
+        (layers and head), ``"attention"`` every layer's attention over the cache."""
+        d = self.runs[0]["norms"][0].shape[1]
+        x = np.ones((1, d), np.float32)
+        out = np.empty((1, self.vocab), np.float32)
+        ones = np.ones(d, np.float32)
+
+        def products():
+            for run in self.runs:
+                run["products"](x, *run["ops"], run["stop"] - run["start"])
+            self.head_fn(x, ones, ones, self.head_w, out)
+
+        def attention():
+            for run in self.runs:
+                s, e = run["start"], run["stop"]
+                run["attend"](self.kc[s:e], self.vc[s:e], max(self.pos - 1, 0))
+        return dict(products=products, attention=attention)
 
     def prefill(self, ids) -> np.ndarray:
         """Logits (T, vocab) of ``ids`` after the positions already cached."""

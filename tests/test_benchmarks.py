@@ -114,8 +114,14 @@ def test_decode_quick(out_dirs):
     from benchmarks import decode
     decode.main(["--quick"])
     data = load(out_dirs, "decode")
-    assert {r["dtype"] for r in data["results"]} == {"stored", "f32"}
+    rows = {(r["engine"], r["type"]): r for r in data["results"]}
+    assert set(rows) == {("compiled", "F32"), ("compiled", "Q4_1"), ("numpy", "f32"), ("numpy", "Q4_1")}
     assert all(r["text"].startswith("The capital of France is Paris") for r in data["results"])
+    assert rows["compiled", "F32"]["x_compiled_f32"] == 1.0
+    q = rows["compiled", "Q4_1"]
+    # Q4_1 body (5 bits/weight) and the Q8_0 head (8.5): between 4x and 8x fewer bytes than F32
+    assert 4 < rows["compiled", "F32"]["weight_bytes"] / q["weight_bytes"] < 8
+    assert q["breakdown_ms"]["products"] > 0 and q["check"]["rms_gap"] <= q["check"]["bound"]
 
 
 def test_tokenizer_quick(out_dirs):

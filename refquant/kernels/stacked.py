@@ -119,11 +119,12 @@ class Operand:
         return int(sum(a.nbytes for a in self.arrays if a.ndim > 1 and a.shape[-1] > 1))
 
     def key(self) -> tuple:
-        """What fixes the compiled apply (equal keys share one)."""
+        """What fixes the compiled apply (equal keys share one): the layout and the width
+        (the number of rows is read from the arrays)."""
         if self.kind == "f32":
-            return ("f32", self.shape)
+            return ("f32",)
         p = self.template
-        return ("packed", self.shape, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c,
+        return ("packed", self.shape[1], p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c,
                 p.dshift, p.mshift, p.mnshift, p.nb)
 
 
@@ -209,16 +210,28 @@ def stack(weights: list[tuple[str, object]]) -> Operand:
     return op
 
 
+_APPLIES: dict = {}
+
+
 def make_apply(op: Operand, tier: str | None = None):
     """``apply(w, l, X, out)``: ``out[:T] = X Ŵ_lᵀ`` for layer ``l`` of ``op`` (``w`` is
-    ``op.arrays``), X (T <= MAX_BATCH, n) float32, ``out`` (T, rows) float32."""
+    ``op.arrays``), X (T <= MAX_BATCH, n) float32, ``out`` (T, rows) float32. Built once per
+    tier and layout (``Operand.key``), then kept: each costs a numba compilation."""
+    tier = tier or bytedot.backend()
+    key = (tier, op.key())
+    if key not in _APPLIES:
+        _APPLIES[key] = _make_apply(op, tier)
+    return _APPLIES[key]
+
+
+def _make_apply(op: Operand, tier: str):
     if op.kind == "f32":
         @njit
         def apply_f32(w, l, X, out):
             matmul_f32(w[0][l], X, out)
         return apply_f32
     p = op.template
-    kern = bytedot.kernel(tier or bytedot.backend(), p)
+    kern = bytedot.kernel(tier, p)
     n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
 
     @njit
@@ -253,7 +266,16 @@ def layer_parts(lins: list) -> list[tuple[str, object]]:
 
 def make_concat_apply(ops: list[Operand], tier: str | None = None):
     """``apply(ws, l, X, out)`` for the row-concatenation of ``ops`` (1 to 3 parts; ``ws`` the
-    tuple of their ``arrays``): each part's product goes to its own columns of ``out``."""
+    tuple of their ``arrays``): each part's product goes to its own columns of ``out``.
+    Built once per tier and layouts, then kept."""
+    tier = tier or bytedot.backend()
+    key = (tier, "concat", tuple(op.key() for op in ops))
+    if key not in _APPLIES:
+        _APPLIES[key] = _make_concat_apply(ops, tier)
+    return _APPLIES[key]
+
+
+def _make_concat_apply(ops: list[Operand], tier: str):
     applies = [make_apply(op, tier) for op in ops]
     a0 = applies[0]
     if len(ops) == 1:

@@ -1,0 +1,290 @@
+"""The compiled decode step (``minigpt_np.compiled``) against the NumPy references.
+
+Piece by piece the compiled step is exact: its x rounding is ``bytedot.quantize_x_q8_0``
+bit for bit and each weight product is the very kernel ``Linear`` calls, so those are
+tested for equality. The whole model cannot be: RMSNorm / attention / softmax sum in a
+different order, and a float32 difference at a rounding boundary of Q8_0 moves an x code
+by one step, which then propagates. So end to end:
+
+* float32 weights (no x rounding): logits agree within the float32 error of the dots,
+  ``n_layer · n_max · 2⁻²⁴`` relative to the largest logit (``n_max`` the longest dot,
+  a factor 8 for the ~8 dots in sequence per layer);
+* kernel weights: both the compiled step and the NumPy forward equal the float-x forward
+  ``f`` (same Ŵ, x not rounded) plus an x-rounding perturbation of the same kind, so by
+  the triangle inequality ``|c - s| <= |c - f| + |f - s|``, about ``2 |s - f|``: the RMS
+  of the compiled step's gap to the NumPy kernel forward ``s`` is held to twice the RMS
+  of ``s - f`` (both measured here, from the references) plus the float32 term.
+"""
+import numpy as np
+import pytest
+
+from minigpt_np import compiled, llama
+from refquant import linear
+from refquant.gguf import quants
+
+F32_EPS = 2.0**-24
+
+
+# --- the pieces ------------------------------------------------------------------------
+
+def test_f16_round_is_numpys_cast_on_edges_and_a_sweep():
+    from refquant.kernels import stacked
+    from numba import njit
+
+    @njit
+    def all_rounded(x, out):
+        for i in range(x.size):
+            out[i] = stacked.f16_round(x[i])
+
+    # hand-derived: fp16 spacing is 2^-10 at 1, 2^-24 below 2^-14, 32 at 2^15..2^16
+    edges = {1 + 2.0**-11: 1.0,                   # tie -> even (1.0)
+             1 + 3 * 2.0**-11: 1 + 2.0**-9,       # tie -> even (2 ulps)
+             2.0**-25: 0.0,                       # half the smallest subnormal: tie -> 0
+             3 * 2.0**-25: 2.0**-23,              # 1.5 subnormal steps -> 2
+             65504.0: 65504.0, 65519.0: 65504.0, 65520.0: np.inf, -65520.0: -np.inf,
+             -(1 + 2.0**-10): -(1 + 2.0**-10)}
+    x = np.array(list(edges), np.float32)
+    out = np.empty_like(x)
+    all_rounded(x, out)
+    np.testing.assert_array_equal(out, np.array(list(edges.values()), np.float32))
+    rng = np.random.default_rng(1)
+    sweep = (rng.standard_normal(200_000) * 10.0 ** rng.integers(-9, 6, 200_000)).astype(np.float32)
+    out = np.empty_like(sweep)
+    all_rounded(sweep, out)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(out, sweep.astype(np.float16).astype(np.float32))
+
+
+def test_quantize_x_is_bytedots_bit_for_bit():
+    from refquant.kernels import bytedot, stacked
+
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((4, 100)).astype(np.float32)
+    X[1, :32] = 0                      # an all-zero block
+    X[2, 32:64] *= 1e-7                # a block whose scale is an fp16 subnormal
+    X[3] *= 1e4
+    nb = 4
+    want = bytedot.quantize_x_q8_0(X, nb)
+    got = (np.empty((4, 32 * nb), np.int8), np.empty((4, nb), np.float32), np.empty((4, nb), np.float32))
+    stacked.quantize_x(X, 100, *got)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="Q8_0 range"):
+        stacked.quantize_x(np.full((1, 32), 1e7, np.float32), 32, np.empty((1, 32), np.int8),
+                           np.empty((1, 1), np.float32), np.empty((1, 1), np.float32))
+
+
+def _kernel_weight(rng, kind, shape):
+    """A Linear with a byte-dot kernel: a GGML type (upper case) or a registered scheme."""
+    w = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    if kind.isupper():
+        return linear.ggml(quants.quantize(w, kind), kind, shape)
+    return linear.quantize(w, kind)
+
+
+# one kind per branch of the apply wrapper and per scale pass of the kernels (signed 8-bit
+# codes, per-row scales, nibbles with a constant offset, K-quant sub-scales, Q6_K's
+# per-16 scales, group scales with zero points); the small models below use the same
+# kinds, so each wrapper compiles once per test process
+KERNEL_KINDS = ["Q8_0", "int8_channel", "Q4_0", "Q4_K", "Q6_K", "int4_g64_asym"]
+
+
+@pytest.mark.parametrize("kind", KERNEL_KINDS)
+def test_stacked_apply_is_the_kernel_linear_calls(kind):
+    """Layer 1 of a 2-layer stack through ``make_apply`` equals ``bytedot.matmul`` on that
+    layer's own weight, bit for bit, for 1 and 3 rows of x."""
+    from refquant.kernels import bytedot, stacked, table
+
+    rng = np.random.default_rng(3)
+    lins = [_kernel_weight(rng, kind, (40, 256)) for _ in range(2)]
+    op = stacked.stack([stacked.layer_weight([lin]) for lin in lins])
+    apply = stacked.make_concat_apply([op])
+    for T in (1, 3):
+        X = rng.standard_normal((T, 256)).astype(np.float32)
+        out = np.empty((T, 40), np.float32)
+        apply((op.arrays,), 1, X, out)
+        np.testing.assert_array_equal(out, bytedot.matmul(table.packed(lins[1].qt), X))
+
+
+def test_parts_that_do_not_row_stack_fill_their_own_columns():
+    from refquant.kernels import bytedot, stacked, table
+
+    rng = np.random.default_rng(4)
+    lins = [_kernel_weight(rng, k, (r, 256)) for k, r in (("Q4_0", 24), ("Q8_0", 8), ("Q6_K", 16))]
+    parts = stacked.layer_parts(lins)
+    assert len(parts) == 3          # three layouts: no row-stacking
+    ops = [stacked.stack([p]) for p in parts]
+    X = rng.standard_normal((2, 256)).astype(np.float32)
+    out = np.empty((2, 48), np.float32)
+    stacked.make_concat_apply(ops)(tuple(op.arrays for op in ops), 0, X, out)
+    want = np.concatenate([bytedot.matmul(table.packed(lin.qt), X) for lin in lins], axis=1)
+    np.testing.assert_array_equal(out, want)
+    same = stacked.layer_parts([_kernel_weight(rng, "Q4_0", (r, 256)) for r in (8, 4)])
+    assert len(same) == 1 and same[0][1].shape == (12, 256)
+
+
+def test_schemes_that_round_x_their_own_way_have_no_compiled_path():
+    from refquant.kernels import stacked
+
+    w = np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="its own way"):
+        stacked.operand_kind(linear.quantize(w, "w8a8"))
+    assert stacked.operand_kind(linear.quantize(w, "nf4")) == "dequantized"
+    assert stacked.operand_kind(linear.DenseLinear(w)) == "f32"
+
+
+# --- a small Llama, every storage ---------------------------------------------------------
+
+TINY = llama.LlamaConfig(n_layer=2, d_model=256, d_ff=512, n_head=4, n_head_kv=2, n_rot=64, rope_base=10000.0,
+                         eps=1e-5, vocab=300, n_ctx=64)
+# per layer: q, k, v, output, gate, up, down types (layer 1 mixes q/k/v types: three parts)
+TINY_TYPES = [("Q4_K",) * 7, ("Q4_0", "Q8_0", "Q6_K", "Q4_0", "Q4_0", "Q4_0", "Q6_K")]
+SUFFIXES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def tiny_llama(stored: bool):
+    """Random weights; ``stored``: GGML types (TINY_TYPES), fused as ``llama.load`` fuses;
+    else the same dequantized weights as float32."""
+    rng = np.random.default_rng(6)
+    c = TINY
+    kv = c.n_head_kv * c.head_dim
+    shapes = dict(attn_q=(c.d_model, c.d_model), attn_k=(kv, c.d_model), attn_v=(kv, c.d_model),
+                  attn_output=(c.d_model, c.d_model), ffn_gate=(c.d_ff, c.d_model), ffn_up=(c.d_ff, c.d_model),
+                  ffn_down=(c.d_model, c.d_ff))
+    p = {}
+
+    def put(name, w, t):
+        lin = linear.ggml(quants.quantize(w, t), t, w.shape)
+        p[name] = lin if stored else linear.DenseLinear(lin.dequantize())
+
+    put("token_embd.weight", rng.standard_normal((c.vocab, c.d_model)).astype(np.float32), "Q8_0")
+    p["output.weight"] = p["token_embd.weight"]
+    p["output_norm.weight"] = (1 + 0.1 * rng.standard_normal(c.d_model)).astype(np.float32)
+    for i in range(c.n_layer):
+        for s in ("attn_norm", "ffn_norm"):
+            p[f"blk.{i}.{s}.weight"] = (1 + 0.1 * rng.standard_normal(c.d_model)).astype(np.float32)
+        for s, t in zip(SUFFIXES, TINY_TYPES[i]):
+            w = (rng.standard_normal(shapes[s]) / np.sqrt(shapes[s][1])).astype(np.float32)
+            put(f"blk.{i}.{s}.weight", w, t)
+        for group in (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")):
+            names = [f"blk.{i}.{g}.weight" for g in group]
+            p.update(zip(names, linear.fuse([p[n] for n in names])))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(True), tiny_llama(False)
+
+
+def _float_tol(cfg_layers, n_max, ref):
+    return 8 * cfg_layers * n_max * F32_EPS * np.abs(ref).max()
+
+
+def _rms(a):
+    return float(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+
+
+IDS = [5, 17, 2, 299, 140, 33, 71, 8, 90, 12, 250, 61, 3, 44, 199, 7, 120, 18, 36, 222]
+
+
+def test_tiny_llama_float_weights_equal_the_numpy_forward(tiny):
+    _, pf = tiny
+    ref, _ = llama.forward(pf, TINY, IDS)
+    sess = compiled.Llama(pf, TINY)
+    got = sess.prefill(IDS)
+    assert np.abs(got - ref).max() <= _float_tol(TINY.n_layer, TINY.d_ff, ref)
+    assert sess.pos == len(IDS)
+
+
+def test_tiny_llama_kernel_weights_within_the_x_rounding_bound(tiny):
+    ps, pf = tiny
+    s, _ = llama.forward(ps, TINY, IDS[:16])     # <= 16 tokens: the NumPy forward runs the kernels
+    f, _ = llama.forward(pf, TINY, IDS[:16])
+    sess = compiled.Llama(ps, TINY)
+    assert len(sess.runs) == 2                   # layer 1's layout differs: two compiled runs
+    c = sess.prefill(IDS[:16])
+    assert _rms(s - f) > 0                       # the kernels do round x
+    assert _rms(c - s) <= 2 * _rms(s - f) + _float_tol(TINY.n_layer, TINY.d_ff, s)
+    assert (c.argmax(1) == s.argmax(1)).mean() >= 0.9
+
+
+def test_prefill_in_blocks_equals_token_by_token_bit_for_bit(tiny):
+    """Every product and attention row is computed per token in the same order whatever
+    the block size, so 20 tokens as blocks of 16 + 4 equal 20 single steps exactly."""
+    ps, _ = tiny
+    a = compiled.Llama(ps, TINY)
+    block = a.prefill(IDS)
+    a.reset()
+    steps = np.stack([a.step(t) for t in IDS])
+    np.testing.assert_array_equal(block, steps)
+
+
+def test_session_errors(tiny):
+    ps, _ = tiny
+    sess = compiled.Llama(ps, TINY, n_ctx=8)
+    with pytest.raises(ValueError, match="empty"):
+        sess.prefill([])
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
+        sess.prefill([300])
+    sess.prefill(IDS[:8])
+    with pytest.raises(ValueError, match="exceed"):
+        sess.step(1)
+    with pytest.raises(ValueError, match="n_ctx"):
+        compiled.Llama(ps, TINY, n_ctx=65)
+
+
+# --- SmolLM2 ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_stored(smollm2_path):
+    from minigpt_np.tokenizer import Tokenizer
+
+    params, cfg, meta = llama.load(smollm2_path, dtype="stored")
+    return params, cfg, Tokenizer(meta)
+
+
+def test_smollm2_compiled_greedy_text_is_the_numpy_forwards(smollm2_stored):
+    """64 greedy tokens of the compiled step equal those of the NumPy forward on the same
+    stored weights, the first logits within the x-rounding bound, and it knows Paris."""
+    from minigpt_np import generate
+
+    params, cfg, tok = smollm2_stored
+    ids = tok.encode("The capital of France is")
+    sess = compiled.Llama(params, cfg, n_ctx=128)
+    c = sess.prefill(ids)
+    s, _ = llama.forward(params, cfg, ids)
+    f, _ = llama.forward({k: linear.DenseLinear(v.dequantize()) if isinstance(v, linear.Linear) else v
+                          for k, v in params.items()}, cfg, ids)
+    assert _rms(c - s) <= 2 * _rms(s - f) + _float_tol(cfg.n_layer, cfg.d_ff, s)
+    out_c, _ = generate.generate(sess, tok, ids, 64)
+    out_s, _ = generate.generate(llama.Session(params, cfg), tok, ids, 64)
+    assert out_c == out_s and len(out_c) == 64
+    assert "Paris" in tok.decode(out_c)
+
+
+# --- MiniGPT ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8_channel", "nf4"])
+def test_minigpt_compiled_equals_forward(scheme):
+    from minigpt_np import checkpoint, evaluate
+    from minigpt_np.model import Linears, forward
+
+    params, cfg, _ = checkpoint.load()
+    p, lin = evaluate.prepare(params, cfg, scheme)
+    prompt = list(b"the farmers have paint")   # 22 tokens: one block of 16, one of 6
+    c = compiled.MiniGPT(p, cfg, lin).prefill(prompt)
+    n_max = 4 * cfg.d_model
+    # the NumPy forward through the kernels: blocks of <= 16 tokens with their KV cache
+    s1, past = forward(p, np.array([prompt[:16]]), cfg=cfg, linears=lin)
+    s2, _ = forward(p, np.array([prompt[16:]]), cfg=cfg, linears=lin, past=past)
+    s = np.concatenate([s1[0], s2[0]])
+    if scheme in ("fp32", "nf4"):             # float products on both sides (nf4 has no kernel)
+        assert np.abs(c - s).max() <= _float_tol(cfg.n_layer, n_max, s)
+        return
+    dense = Linears(p, cfg)
+    for name, layer in lin.layers.items():
+        dense.layers[name] = linear.DenseLinear(layer.dequantize())
+    f, _ = forward(p, np.array([prompt]), cfg=cfg, linears=dense)
+    assert _rms(s - f[0]) > 0
+    assert _rms(c - s) <= 2 * _rms(s - f[0]) + _float_tol(cfg.n_layer, n_max, s)
