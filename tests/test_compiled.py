@@ -110,15 +110,16 @@ def test_parts_that_do_not_row_stack_fill_their_own_columns():
     from refquant.kernels import bytedot, stacked, table
 
     rng = np.random.default_rng(4)
-    lins = [_kernel_weight(rng, k, (r, 256)) for k, r in (("Q4_0", 24), ("Q8_0", 8), ("Q6_K", 16))]
-    parts = stacked.layer_parts(lins)
-    assert len(parts) == 3          # three layouts: no row-stacking
-    ops = [stacked.stack([p]) for p in parts]
     X = rng.standard_normal((2, 256)).astype(np.float32)
-    out = np.empty((2, 48), np.float32)
-    stacked.make_concat_apply(ops)(tuple(op.arrays for op in ops), 0, X, out)
-    want = np.concatenate([bytedot.matmul(table.packed(lin.qt), X) for lin in lins], axis=1)
-    np.testing.assert_array_equal(out, want)
+    for rows in ((24, 8, 16), (8, 40, 8)):   # the same layouts again: one compiled apply, any rows
+        lins = [_kernel_weight(rng, k, (r, 256)) for k, r in zip(("Q4_0", "Q8_0", "Q6_K"), rows)]
+        parts = stacked.layer_parts(lins)
+        assert len(parts) == 3          # three layouts: no row-stacking
+        ops = [stacked.stack([p]) for p in parts]
+        out = np.empty((2, sum(rows)), np.float32)
+        stacked.make_concat_apply(ops)(tuple(op.arrays for op in ops), 0, X, out)
+        want = np.concatenate([bytedot.matmul(table.packed(lin.qt), X) for lin in lins], axis=1)
+        np.testing.assert_array_equal(out, want)
     same = stacked.layer_parts([_kernel_weight(rng, "Q4_0", (r, 256)) for r in (8, 4)])
     assert len(same) == 1 and same[0][1].shape == (12, 256)
 

@@ -286,7 +286,6 @@ def _make_concat_apply(ops: list[Operand], tier: str):
     if len(ops) > 3:
         raise ValueError("at most 3 parts")
     a1, a2 = applies[1], applies[-1]
-    r0, r1, r2 = ops[0].shape[0], ops[1].shape[0], ops[-1].shape[0]
     three = len(ops) == 3
 
     @njit
@@ -296,7 +295,8 @@ def _make_concat_apply(ops: list[Operand], tier: str):
         out[:, start:start + rows] = tmp
 
     @njit
-    def apply_parts(ws, l, X, out):
+    def apply_parts(ws, l, X, out):   # a part's rows: axis 1 of its first array (codes or floats)
+        r0, r1, r2 = ws[0][0].shape[1], ws[1][0].shape[1], ws[-1][0].shape[1]
         part(a0, ws[0], l, X, out, 0, r0)
         part(a1, ws[1], l, X, out, r0, r1)
         if three:
