@@ -55,33 +55,36 @@ def f16_round(v):
     return np.float32(math.copysign(r, v))
 
 
-@njit
+@njit(error_model="numpy")
 def quantize_x(X, n, xq, dx, xs):
     """Rows of ``X[:, :n]`` as Q8_0 blocks into ``xq`` (T, nb·32) int8 (zero-padded),
     ``dx`` (T, nb) fp16-rounded scales and ``xs`` = ``dx · Σ x_q`` per block: the outputs of
     ``bytedot.quantize_x_q8_0``, bit for bit (tested). |x| above ``bytedot.Q8_0_MAX_ABS``
-    (the fp16 overflow of the scale) raises ValueError."""
+    (the fp16 overflow of the scale) raises ValueError. The rounding is written without
+    branches (select), so LLVM vectorizes it (numpy error model: no division check)."""
     T = X.shape[0]
     nb = dx.shape[1]
+    v = np.zeros(32, np.float32)
+    half, one = np.float32(0.5), np.float32(1)
     for t in range(T):
         for b in range(nb):
+            lo = 32 * b
+            m = min(32, n - lo) if lo < n else 0
+            for i in range(32):
+                v[i] = X[t, lo + i] if i < m else np.float32(0)
             amax = np.float32(0)
-            for i in range(32 * b, min(32 * b + 32, n)):
-                amax = max(amax, abs(X[t, i]))
+            for i in range(32):
+                amax = max(amax, abs(v[i]))
             if amax > np.float32(65504.0 * 127):
                 raise ValueError("x exceeds the byte-dot kernels' Q8_0 range (|x| <= 65504 * 127)")
             db = amax / np.float32(127)
-            inv = np.float32(1) / db if db != 0 else np.float32(0)
+            inv = one / db if db != 0 else np.float32(0)
             total = 0
             for i in range(32):
-                j = 32 * b + i
-                q = np.float32(0)
-                if j < n:
-                    v = X[t, j] * inv
-                    q = np.float32(np.trunc(v))
-                    if abs(v - q) >= np.float32(0.5):
-                        q += np.float32(1) if v >= 0 else np.float32(-1)
-                xq[t, j] = np.int8(q)
+                w = v[i] * inv
+                q = np.float32(np.trunc(w))
+                q += (one if w >= 0 else -one) if abs(w - q) >= half else np.float32(0)
+                xq[t, lo + i] = np.int8(q)
                 total += np.int32(q)
             d16 = f16_round(db)
             dx[t, b] = d16
