@@ -11,6 +11,12 @@ x = FLOP per byte the kernel reads, y = GFLOP/s achieved. Batch-1 decode is a ma
 (2 FLOP per weight), so FP32 sits at 0.5 FLOP/B, INT8 near 2 and INT4 near 4: far left
 of the ridge point, where speed is bytes moved.
 
+Two kinds of whole-model dots join them: MiniGPT's decode on the compiled step
+(``minigpt_np.compiled``, one thread, FP32 / INT8 / INT4 Linears; the model fits in L3, so
+these show per-token overhead, not the roof), and SmolLM2-135M's decode per GGUF type read
+from ``benchmarks/results/decode.json`` (``python -m benchmarks.decode``, both cores):
+FLOPs per token over the weight bytes a token reads, at the measured tokens/s.
+
 Writes ``benchmarks/results/roofline.json`` and draws ``figures/roofline.png`` from it.
 """
 from __future__ import annotations
@@ -57,7 +63,10 @@ def run(quick: bool = False) -> dict:
     shape = QUICK_SHAPE if quick else SHAPE
     # everything is measured inside the workers, each with fixed thread counts: the byte-dot
     # ceiling and MiniGPT's decode with one thread, sgemm's peak with all of them
-    extras = {1: (("int8_dot_peak", (10 if quick else 50,)), ("minigpt_decode", (10 if quick else 50,))),
+    # --quick leaves MiniGPT out (its compiled steps take ~20 s to build; the README's main
+    # job, which CI runs, draws them, and tests/test_compiled.py checks that path)
+    minigpt = (10, ()) if quick else (50,)
+    extras = {1: (("int8_dot_peak", (10 if quick else 50,)), ("minigpt_decode", minigpt)),
               2: (("sgemm_peak", (512 if quick else 2048,)),)}
     runs, dots, found = [], [], {}
     for threads in tqdm(kbench.THREADS, desc="kernels", unit="thread count"):
@@ -76,7 +85,7 @@ def run(quick: bool = False) -> dict:
                 smollm2_dots=smollm2_dots())
 
 
-def minigpt_decode(repeats: int) -> list[dict]:
+def minigpt_decode(repeats: int, schemes=("fp32", "int8_channel", "int4_g128")) -> list[dict]:
     """MiniGPT batch-1 decode on the compiled step (``minigpt_np.compiled.MiniGPT``), one
     token after a 40-token prompt, Linears FP32 / INT8 / INT4, checked against the NumPy
     forward first (kernel Linears: within the x-rounding bound of ``tests/test_compiled.py``).
@@ -90,7 +99,7 @@ def minigpt_decode(repeats: int) -> list[dict]:
     params, cfg, _ = checkpoint.load()
     prompt = list(b"the farmers have painted the red box => ")[:40]
     rows = []
-    for scheme in ("fp32", "int8_channel", "int4_g128"):
+    for scheme in schemes:
         p, lin = evaluate.prepare(params, cfg, scheme)
         sess = compiled.MiniGPT(p, cfg, lin)
         got = sess.prefill(prompt[:16])

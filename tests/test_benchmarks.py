@@ -26,7 +26,7 @@ def test_roofline_quick(out_dirs):
     assert {(d["kernel"], d["threads"]) for d in data["dots"]} == {
         (k, t) for k in ("numpy-fp32", "int8", "w8a8", "int4-g128", "q8_0", "q4_0", "q4_k", "int4-g128-x16")
         for t in (1, 2)}
-    assert all(d["pct_of_bandwidth"] > 0 for d in data["dots"]) and len(data["decode_dots"]) == 3
+    assert all(d["pct_of_bandwidth"] > 0 for d in data["dots"]) and data["decode_dots"] == []  # --quick: no MiniGPT
     for d in data["dots"]:
         assert d["intensity"] == pytest.approx(d["flops"] / d["weight_bytes"])
         assert {"ms", "gbs", "gflops", "pct_of_bandwidth", "x_fp32"} <= set(d)
@@ -115,12 +115,14 @@ def test_decode_quick(out_dirs):
     decode.main(["--quick"])
     data = load(out_dirs, "decode")
     rows = {(r["engine"], r["type"]): r for r in data["results"]}
-    assert set(rows) == {("compiled", "F32"), ("compiled", "Q4_1"), ("numpy", "f32"), ("numpy", "Q4_1")}
+    assert set(rows) == {("compiled", "Q4_1"), ("numpy", "f32"), ("numpy", "Q4_1")}
     assert all(r["text"].startswith("The capital of France is Paris") for r in data["results"])
-    assert rows["compiled", "F32"]["x_compiled_f32"] == 1.0
+    assert rows["numpy", "f32"]["x_numpy_f32"] == 1.0
     q = rows["compiled", "Q4_1"]
-    # Q4_1 body (5 bits/weight) and the Q8_0 head (8.5): between 4x and 8x fewer bytes than F32
-    assert 4 < rows["compiled", "F32"]["weight_bytes"] / q["weight_bytes"] < 8
+    # Q4_1 body (20 bytes per 32 weights) and the Q8_0 head (34 per 32), hand-counted from
+    # SmolLM2's shapes: 30 layers of 576x(576+192+192) + 576x576 + 2x1536x576 + 576x1536, head 49152x576
+    body = 30 * (576 * 960 + 576 * 576 + 2 * 1536 * 576 + 576 * 1536)
+    assert q["weight_bytes"] == body // 32 * 20 + 49152 * 576 // 32 * 34
     assert q["breakdown_ms"]["products"] > 0 and q["check"]["rms_gap"] <= q["check"]["bound"]
 
 
