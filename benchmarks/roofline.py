@@ -145,7 +145,7 @@ def plot(data: dict, path) -> None:
     peak = data["sgemm"]["gflops"]
     i8 = data["int8_dot"]["gops"]
     x = np.logspace(-2, 3, 200)
-    fig, ax = plt.subplots(figsize=(11, 7.5))
+    fig, ax = plt.subplots(figsize=(16, 7.5))
     for run, ls in zip(data["runs"], ("-", "--")):
         bw = run["read_bandwidth"]["best_gbs"]
         ax.plot(x, np.minimum(bw * x, peak), "k", ls=ls, lw=1.8,
@@ -173,10 +173,11 @@ def plot(data: dict, path) -> None:
         ax.scatter(d["intensity"], d["gflops"], marker="*", s=80, zorder=3, color="0.3")
         ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, textcoords="offset points",
                     xytext=(6, 4 if i % 2 == 0 else -12))
-    for i, d in enumerate(data.get("smollm2_dots", [])):
+    smol = sorted(data.get("smollm2_dots", []), key=lambda d: -d["gflops"])
+    for i, d in enumerate(smol):   # labels stacked in a column to the right of the kernels' dots
         ax.scatter(d["intensity"], d["gflops"], marker="P", s=90, zorder=4, color="tab:red", edgecolor="k", lw=0.5)
-        ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, color="tab:red",
-                    textcoords="offset points", xytext=(6, -12 if i % 2 else 4))
+        ax.annotate(d["label"], (d["intensity"], d["gflops"]), xytext=(12, 60 / 1.3 ** i), textcoords="data",
+                    fontsize=7, color="tab:red", arrowprops=dict(arrowstyle="-", color="tab:red", lw=0.4, alpha=0.6))
     if data.get("smollm2_dots"):
         ax.scatter([], [], marker="P", color="tab:red", edgecolor="k", lw=0.5,
                    label="SmolLM2-135M decode, compiled step, 2 threads (benchmarks.decode): GB/s = weight bytes per "
@@ -192,7 +193,7 @@ def plot(data: dict, path) -> None:
     shp = "×".join(map(str, data["kernel_shape"]))
     ax.set_title(f"Roofline, {data['machine']['cpus']} cores: batch-1 matvec at {shp} "
                  f"(filled: 1 thread, hollow: 2 threads)")
-    ax.legend(loc="upper left", fontsize=6.5, ncol=1, framealpha=0.9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6.5, ncol=1, framealpha=0.9)
     common.finish_figure(fig, ax, path)
 
 
