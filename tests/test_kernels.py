@@ -26,7 +26,7 @@ def int4_case(draw):
     return qt, g, rng
 
 
-@settings(max_examples=60)   # the legacy int16-activation kernel: a smaller share of the suite's time
+@settings(max_examples=30)   # the legacy int16-activation kernel: a smaller share of the suite's time
 @given(int4_case())
 def test_matvec_int4_equals_twin_and_dequantize(case):
     qt, g, rng = case
