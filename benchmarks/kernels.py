@@ -191,6 +191,20 @@ def in_worker(shape, threads: int, repeats: int, extras: tuple = (), quick: bool
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def in_process(shape, threads: int, repeats: int) -> dict:
+    """``measure`` (quick) in this process: numba limited to ``threads`` at run time, BLAS as it
+    is. The smoke run of ``--quick``: it reuses the kernels this process compiled already, where
+    a worker would compile each again, but its thread counts are not pinned like a worker's."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return measure(shape, threads, repeats, True)
+    finally:
+        numba.set_num_threads(before)
+
+
 def run(quick: bool = False) -> dict:
     from tqdm import tqdm
 
@@ -199,7 +213,7 @@ def run(quick: bool = False) -> dict:
     runs, rows = [], []
     for label, shape in tqdm(shapes.items(), desc="shapes", unit="shape"):
         for threads in THREADS[:1] if quick else THREADS:   # --quick: the roofline's smoke run covers 2
-            r = in_worker(shape, threads, repeats, quick=quick)
+            r = in_process(shape, threads, repeats) if quick else in_worker(shape, threads, repeats)
             for row in r["results"]:
                 row["layer"] = label
                 rows.append(row)
