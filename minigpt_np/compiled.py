@@ -283,10 +283,10 @@ class _Compiled:
         self.n_ctx, self.vocab, self.pos = n_ctx, vocab, 0
         # role -> layer -> parts (one part when the role's Linears row-stack)
         per_layer = [[stacked.layer_parts(lins) for lins in role] for role in roles]
-        sig = lambda l: tuple(tuple(stacked.stack([w]).key() for w in per_layer[r][l]) for r in range(4))  # noqa: E731
+        sig = [tuple(tuple(stacked.part_key(w) for w in per_layer[r][l]) for r in range(4)) for l in range(n_layer)]
         runs, start = [], 0
         for l in range(1, n_layer + 1):
-            if l == n_layer or sig(l) != sig(start):
+            if l == n_layer or sig[l] != sig[start]:
                 runs.append((start, l))
                 start = l
         consts = dict(n_head=n_head, n_kv=n_kv, hd=hd, n_rot=n_rot, eps=eps, d_ff=d_ff, llama=llama)

@@ -122,13 +122,22 @@ class Operand:
         return int(sum(a.nbytes for a in self.arrays if a.ndim > 1 and a.shape[-1] > 1))
 
     def key(self) -> tuple:
-        """What fixes the compiled apply (equal keys share one): the layout and the width
-        (the number of rows is read from the arrays)."""
-        if self.kind == "f32":
-            return ("f32",)
-        p = self.template
-        return ("packed", self.shape[1], p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c,
-                p.dshift, p.mshift, p.mnshift, p.nb)
+        """What fixes the compiled apply (equal keys share one): ``part_key`` of its layers."""
+        return ("f32",) if self.kind == "f32" else ("packed", layout(self.template))
+
+
+def layout(p: Packed) -> tuple:
+    """Everything about a ``Packed`` weight but its rows and values: weights with equal
+    layouts row-stack, stack over layers and share one compiled kernel and apply."""
+    return (p.kind, p.shape[1], p.nb, p.sub16, p.offset, p.c, p.dshift, p.mshift, p.mnshift,
+            p.sc is None, p.m is None, p.mn is None, p.d.dtype.str)
+
+
+def part_key(part: tuple[str, object]) -> tuple:
+    """``Operand.key`` of the operand a ``layer_weight`` result would stack into, without
+    stacking it."""
+    kind, w = part
+    return ("f32",) if kind == "f32" else ("packed", layout(w))
 
 
 def operand_kind(lin) -> str:
@@ -158,9 +167,7 @@ def _concat_rows(parts: list[Packed]) -> Packed:
     p0 = parts[0]
     if len(parts) == 1:
         return p0
-    keys = {(p.kind, p.shape[1], p.nb, p.sub16, p.offset, p.c, p.dshift, p.mshift, p.mnshift,
-             p.sc is None, p.m is None, p.mn is None, p.d.dtype) for p in parts}
-    if len(keys) != 1:
+    if len({layout(p) for p in parts}) != 1:
         raise ValueError("cannot row-stack weights of different layouts")
     cat = {f: None if getattr(p0, f) is None else np.concatenate([getattr(p, f) for p in parts])
            for f in _ARRAYS}
@@ -196,6 +203,8 @@ def stack(weights: list[tuple[str, object]]) -> Operand:
         return Operand("f32", ws[0].shape, (np.stack(ws),))
     ps = [p for _, p in weights]
     p0 = ps[0]
+    if len({layout(p) for p in ps}) != 1:
+        raise ValueError("layers' weights differ in layout")
     arrays = []
     for f in _ARRAYS:
         parts = [getattr(p, f) for p in ps]
@@ -207,10 +216,7 @@ def stack(weights: list[tuple[str, object]]) -> Operand:
         if len({a.shape for a in parts}) != 1 or len({a.dtype for a in parts}) != 1:
             raise ValueError(f"layers' {f!r} fields differ in shape or type")
         arrays.append(np.stack(parts))
-    op = Operand("packed", p0.shape, tuple(arrays), p0)
-    if len({Operand("packed", p.shape, (), p).key() for p in ps}) != 1:
-        raise ValueError("layers' weights differ in layout")
-    return op
+    return Operand("packed", p0.shape, tuple(arrays), p0)
 
 
 _APPLIES: dict = {}
