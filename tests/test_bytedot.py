@@ -243,7 +243,8 @@ k.compile(sig)
 asm = k.inspect_asm(sig)
 print(asm.count("{instruction}"), asm.count("{absent}"))
 """
-    have, other = map(int, _run_snippet(code, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4).split())
+    have, other = map(int, _run_snippet(code, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4,
+                                        REFQUANT_NUMBA_CACHE="0").split())   # a cached kernel has no asm
     assert have > 0 and other == 0
 
 
@@ -268,3 +269,41 @@ def test_bad_input_raises():
         kernels.bytedot.pack_ggml(bad, "Q8_0", 32)
     with pytest.raises(ValueError, match="power-of-two multiple of 32"):
         kernels.bytedot._log2_blocks(48)
+
+
+_CACHE_SNIPPET = """
+import numpy as np
+from refquant.kernels import bytedot as B
+from refquant.gguf import quants
+x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
+p = B.pack_ggml(quants.quantize(x[::-1].copy(), "Q4_0"), "Q4_0", 64)
+out = B.matmul(p, x, tier="numba")
+print(sum(B.kernel("numba", p).stats.cache_hits.values()), out.tobytes().hex())
+"""
+
+
+def test_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
+    """A factory-built kernel compiled in one process is loaded (not compiled) by the next,
+    and computes the same bytes; with the cache off it is compiled again."""
+    env = dict(NUMBA_CACHE_DIR=str(tmp_path), REFQUANT_KERNEL_TIER="numba")
+    first = _run_snippet(_CACHE_SNIPPET, **env).split()
+    second = _run_snippet(_CACHE_SNIPPET, **env).split()
+    off = _run_snippet(_CACHE_SNIPPET, **env, REFQUANT_NUMBA_CACHE="0").split()
+    assert (first[0], second[0], off[0]) == ("0", "1", "0")
+    assert first[1] == second[1] == off[1]
+
+
+def test_cache_key_covers_the_build_and_the_kernel_sources(monkeypatch):
+    """Entries differ by the factory's key and by the source of the kernel modules."""
+    from refquant.kernels import _cache
+
+    cls = _cache._cache_class()
+
+    def f(x):
+        return x
+
+    def index(key):
+        return cls(f, key)._index_key((), type("C", (), {"magic_tuple": lambda self: ("cpu",)})())
+    a, b = index("k1"), index("k2")
+    monkeypatch.setattr(_cache, "_source_hash", lambda: "edited")
+    assert len({a, b, index("k1")}) == 3

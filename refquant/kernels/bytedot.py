@@ -52,7 +52,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from refquant._checks import float_array
-from refquant.kernels import MAX_BATCH
+from refquant.kernels import MAX_BATCH, _cache
 
 TIERS = ("vnni", "avx2", "numba")
 TIER_ENV = "REFQUANT_KERNEL_TIER"
@@ -340,8 +340,9 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
     SIGNED = kind == "s8"
     scale_pass = _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
+    key = ("bytedot", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
     if tier == "numba":
-        return _build_numba(PLANES, SIGNED, sub16, scale_pass)
+        return _build_numba(PLANES, SIGNED, sub16, scale_pass, key)
     from refquant.kernels import simd as V
 
     dot = V.DOTS[tier]
@@ -376,7 +377,7 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     WIDTH = 2 if sub16 else 1
     CODE_BYTES = 64 if SIGNED else 32     # code bytes per block pair
 
-    @njit(parallel=True, fastmath=True, cache=False)
+    @_cache.jit(key, parallel=True, fastmath=True)
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M, R = out.shape
         nb = dx.shape[1]
@@ -524,7 +525,7 @@ def _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
     return scale_pass
 
 
-def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass):
+def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass, key):
     """The pure-numba tier: the same layout and arithmetic in plain loops (reference kernel,
     one thread)."""
 
@@ -540,7 +541,7 @@ def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass):
 
     # one thread: this tier is the portable reference, and a parallel kernel takes 3x as
     # long to compile (timed in one process), which every test process pays per format
-    @njit(fastmath=True, cache=False)
+    @_cache.jit(key, fastmath=True)
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M, R = out.shape
         nb = dx.shape[1]

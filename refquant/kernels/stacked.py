@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from refquant.kernels import MAX_BATCH, bytedot, table
+from refquant.kernels import MAX_BATCH, _cache, bytedot, table
 from refquant.kernels.bytedot import Packed
 
 _ARRAYS = ("qs", "qh", "d", "sc", "m", "mn")
@@ -55,7 +55,7 @@ def f16_round(v):
     return np.float32(math.copysign(r, v))
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", cache=_cache.enabled())
 def quantize_x(X, n, xq, dx, xs):
     """Rows of ``X[:, :n]`` as Q8_0 blocks into ``xq`` (T, nb·32) int8 (zero-padded),
     ``dx`` (T, nb) fp16-rounded scales and ``xs`` = ``dx · Σ x_q`` per block: the outputs of
@@ -91,7 +91,7 @@ def quantize_x(X, n, xq, dx, xs):
             xs[t, b] = d16 * np.float32(total)
 
 
-@njit(parallel=True, fastmath=True)
+@njit(parallel=True, fastmath=True, cache=_cache.enabled())
 def matmul_f32(W, X, out):
     """``out[t, r] = Σ_i W[r, i] X[t, i]`` (float32 accumulation, rows over both cores)."""
     R, n = W.shape
@@ -234,8 +234,9 @@ def make_apply(op: Operand, tier: str | None = None):
 
 
 def _make_apply(op: Operand, tier: str):
+    key = ("stacked.apply", tier, op.key())
     if op.kind == "f32":
-        @njit
+        @_cache.jit(key)
         def apply_f32(w, l, X, out):
             matmul_f32(w[0][l], X, out)
         return apply_f32
@@ -243,7 +244,7 @@ def _make_apply(op: Operand, tier: str):
     kern = bytedot.kernel(tier, p)
     n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
 
-    @njit
+    @_cache.jit(key)
     def apply(w, l, X, out):
         T = X.shape[0]
         xq = np.empty((T, 32 * nb), np.int8)
@@ -284,30 +285,36 @@ def make_concat_apply(ops: list[Operand], tier: str | None = None):
     return _APPLIES[key]
 
 
+def _part(a, key):
+    @_cache.jit(key)
+    def part(w, l, X, out, start, rows):
+        tmp = np.empty((X.shape[0], rows), np.float32)
+        a(w, l, X, tmp)
+        out[:, start:start + rows] = tmp
+    return part
+
+
 def _make_concat_apply(ops: list[Operand], tier: str):
     applies = [make_apply(op, tier) for op in ops]
     a0 = applies[0]
+    key = ("stacked.concat", tier, tuple(op.key() for op in ops))
     if len(ops) == 1:
-        @njit
+        @_cache.jit(key)
         def apply1(ws, l, X, out):
             a0(ws[0], l, X, out)
         return apply1
     if len(ops) > 3:
         raise ValueError("at most 3 parts")
-    a1, a2 = applies[1], applies[-1]
     three = len(ops) == 3
+    # one ``part`` per apply (a closure, not the apply passed as an argument: a function
+    # value is a pointer numba cannot cache on disk)
+    p0, p1, p2 = (_part(a, key + ("part", i)) for i, a in enumerate((applies[0], applies[1], applies[-1])))
 
-    @njit
-    def part(a, w, l, X, out, start, rows):
-        tmp = np.empty((X.shape[0], rows), np.float32)
-        a(w, l, X, tmp)
-        out[:, start:start + rows] = tmp
-
-    @njit
+    @_cache.jit(key)
     def apply_parts(ws, l, X, out):   # a part's rows: axis 1 of its first array (codes or floats)
         r0, r1, r2 = ws[0][0].shape[1], ws[1][0].shape[1], ws[-1][0].shape[1]
-        part(a0, ws[0], l, X, out, 0, r0)
-        part(a1, ws[1], l, X, out, r0, r1)
+        p0(ws[0], l, X, out, 0, r0)
+        p1(ws[1], l, X, out, r0, r1)
         if three:
-            part(a2, ws[-1], l, X, out, r0 + r1, r2)
+            p2(ws[-1], l, X, out, r0 + r1, r2)
     return apply_parts
