@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from refquant.kernels import MAX_BATCH, _cache, bytedot, stacked
+from refquant.kernels import MAX_BATCH, bytedot, stacked
 
 
 # --- the block's pieces, in numba ---------------------------------------------------------
@@ -170,9 +170,8 @@ def _gelu(u, b, act, d_ff):
         act[i] = np.float32(0.5) * v * (np.float32(2) - np.float32(2) / (_exp(np.float32(2) * z) + np.float32(1)))
 
 
-def _build_layers(applies, key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
+def _build_layers(applies, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
     """The compiled loop over layers for one run of equal layout (module docstring).
-    ``key`` names the build for numba's disk cache (``refquant.kernels._cache``).
 
     ``applies``: (qkv, o, up, down) ``stacked.make_apply`` functions. ``llama``: RMSNorm,
     RoPE, SwiGLU (gate|up stacked), no biases; else GPT-2: LayerNorm with bias, GELU,
@@ -181,14 +180,14 @@ def _build_layers(applies, key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
     q_len, kv_len = n_head * hd, n_kv * hd
     up_rows = 2 * d_ff if llama else d_ff
 
-    @_cache.jit(key + ('norm',))
+    @njit
     def norm(x, w, b, out):
         if llama:
             _rms_norm(x, w, eps, out)
         else:
             _layer_norm(x, w, b, eps, out)
 
-    @_cache.jit(key + ('layers',))
+    @njit
     def layers(x, pos0, norms, biases, wqkv, wo, wup, wdown, kc, vc, cos, sin):
         T, d = x.shape
         L = norms[0].shape[0]
@@ -232,7 +231,7 @@ def _build_layers(applies, key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
                     x[t, i] += o[t, i] if llama else o[t, i] + biases[3][l, i]
         return x
 
-    @_cache.jit(key + ('products',))
+    @njit
     def products(x, wqkv, wo, wup, wdown, L):
         """Only the weight products of one token through ``L`` layers (the time breakdown)."""
         qkv = np.empty((1, q_len + 2 * kv_len), np.float32)
@@ -246,7 +245,7 @@ def _build_layers(applies, key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
             a_up(wup, l, x, up)
             a_down(wdown, l, act, o)
 
-    @_cache.jit(key + ('attend',))
+    @njit
     def attend(kc, vc, pos):
         """Only the attention of one token at ``pos`` over every layer's cache."""
         q = np.ones(q_len, np.float32)
@@ -257,8 +256,8 @@ def _build_layers(applies, key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
     return layers, norm, products, attend
 
 
-def _build_head(a_head, norm, key):
-    @_cache.jit(key)
+def _build_head(a_head, norm):
+    @njit
     def head(x, w, b, whead, out):
         n = np.empty_like(x)
         norm(x, w, b, n)
@@ -298,7 +297,7 @@ class _Compiled:
             keys = tuple(tuple(op.key() for op in role) for role in ops)
             applies = [stacked.make_concat_apply(role, tier) for role in ops]
             key = ("compiled.layers", tier, keys, tuple(sorted(consts.items())))
-            layers, norm, products, attend = _compiled(key, lambda: _build_layers(applies, key, **consts))
+            layers, norm, products, attend = _compiled(key, lambda: _build_layers(applies, **consts))
             self.runs.append(dict(layers=layers, products=products, attend=attend, operands=[op for role in ops for op in role],
                                   ops=[tuple(op.arrays for op in role) for role in ops],
                                   norms=tuple(n[a:b] for n in norms), biases=tuple(bb[a:b] for bb in biases),
@@ -306,7 +305,7 @@ class _Compiled:
         hop = stacked.stack([stacked.layer_weight([head_lin])])
         a_head = stacked.make_concat_apply([hop], tier)
         key = ("compiled.head", tier, hop.key(), llama, eps)
-        self.head_fn = _compiled(key, lambda: _build_head(a_head, norm, key))
+        self.head_fn = _compiled(key, lambda: _build_head(a_head, norm))
         self.head_w, self.final_norm = (hop.arrays,), final_norm
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])

@@ -252,23 +252,37 @@ def smollm2_stored(smollm2_path):
     return params, cfg, Tokenizer(meta)
 
 
-def test_smollm2_compiled_greedy_text_is_the_numpy_forwards(smollm2_stored):
-    """64 greedy tokens of the compiled step equal those of the NumPy forward on the same
-    stored weights, the first logits within the x-rounding bound, and it knows Paris."""
+def test_smollm2_compiled_step_follows_the_numpy_forward_for_64_tokens(smollm2_stored):
+    """Teacher-forced on the NumPy forward's own 64 greedy tokens, the compiled step's
+    logits at every position lie within the x-rounding bound of the NumPy forward on the same
+    stored weights (twice that forward's RMS gap to the float weights at the position, plus
+    float rounding), and the compiled step's own greedy text says Paris.
+
+    Token-for-token greedy identity is not something the two can promise: both round x to
+    Q8_0 in the same kernels, but their float parts (norms, softmax, exp) differ in the
+    last ulp, so now and then an element of x rounds the other way at a half-way point,
+    and over 30 layers the two drift apart by about the x rounding itself (max |Δlogit|
+    near 1 here), more than some top-2 margins of this text (0.09 at its 15th token)."""
     from minigpt_np import generate
 
     params, cfg, tok = smollm2_stored
     ids = tok.encode("The capital of France is")
-    sess = compiled().Llama(params, cfg, n_ctx=128)
-    c = sess.prefill(ids)
-    s, _ = llama.forward(params, cfg, ids)
-    f, _ = llama.forward({k: linear.DenseLinear(v.dequantize()) if isinstance(v, linear.Linear) else v
-                          for k, v in params.items()}, cfg, ids)
-    assert _rms(c - s) <= 2 * _rms(s - f) + _float_tol(cfg.n_layer, cfg.d_ff, s)
+    floats = {k: linear.DenseLinear(v.dequantize()) if isinstance(v, linear.Linear) else v
+              for k, v in params.items()}
+    ref_tokens, _ = generate.generate(llama.Session(params, cfg), tok, ids, 64)
+    sessions = [compiled().Llama(params, cfg, n_ctx=128), llama.Session(params, cfg), llama.Session(floats, cfg)]
+    logits = [[np.ravel(sess.prefill(ids)[-1])] for sess in sessions]
+    for t in ref_tokens[:-1]:
+        for sess, out in zip(sessions, logits):
+            out.append(np.ravel(sess.step(t)))
+    assert all(len(out) == 64 for out in logits)
+    for c, s, f in zip(*logits):
+        assert c.shape == s.shape == f.shape == (params["output.weight"].shape[0],)
+        assert _rms(c - s) <= 2 * _rms(s - f) + _float_tol(cfg.n_layer, cfg.d_ff, s)
+    sess = sessions[0]
+    sess.reset()
     out_c, _ = generate.generate(sess, tok, ids, 64)
-    out_s, _ = generate.generate(llama.Session(params, cfg), tok, ids, 64)
-    assert out_c == out_s and len(out_c) == 64
-    assert "Paris" in tok.decode(out_c)
+    assert len(out_c) == 64 and "Paris" in tok.decode(out_c)
 
 
 # --- MiniGPT ----------------------------------------------------------------------------

@@ -8,6 +8,11 @@ a new entry per process and never reads one back (seen: every process compiled a
 ``repr`` must name everything that changes the code) and by a hash of the source of every
 module the kernels are built from, so editing any of them invalidates every entry.
 
+Only leaves are cached: the byte-dot kernels and the module-level helpers, never a
+function that calls a ``parallel=True`` one (``stacked``'s applies, the compiled decode
+step). numba segfaults running such a caller from its cache (numba issue #8578, open;
+seen here too: the cached ``stacked`` apply crashed on its first call).
+
 A kernel costs 1-5 s to compile (the parallel ones most); loaded, ~50 ms. Set
 ``REFQUANT_NUMBA_CACHE=0`` to compile everything afresh. The cache lives where numba puts
 it (``__pycache__`` beside the source, or ``NUMBA_CACHE_DIR``).

@@ -234,9 +234,8 @@ def make_apply(op: Operand, tier: str | None = None):
 
 
 def _make_apply(op: Operand, tier: str):
-    key = ("stacked.apply", tier, op.key())
     if op.kind == "f32":
-        @_cache.jit(key)
+        @njit
         def apply_f32(w, l, X, out):
             matmul_f32(w[0][l], X, out)
         return apply_f32
@@ -244,7 +243,7 @@ def _make_apply(op: Operand, tier: str):
     kern = bytedot.kernel(tier, p)
     n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
 
-    @_cache.jit(key)
+    @njit
     def apply(w, l, X, out):
         T = X.shape[0]
         xq = np.empty((T, 32 * nb), np.int8)
@@ -285,8 +284,8 @@ def make_concat_apply(ops: list[Operand], tier: str | None = None):
     return _APPLIES[key]
 
 
-def _part(a, key):
-    @_cache.jit(key)
+def _part(a):
+    @njit
     def part(w, l, X, out, start, rows):
         tmp = np.empty((X.shape[0], rows), np.float32)
         a(w, l, X, tmp)
@@ -297,20 +296,17 @@ def _part(a, key):
 def _make_concat_apply(ops: list[Operand], tier: str):
     applies = [make_apply(op, tier) for op in ops]
     a0 = applies[0]
-    key = ("stacked.concat", tier, tuple(op.key() for op in ops))
     if len(ops) == 1:
-        @_cache.jit(key)
+        @njit
         def apply1(ws, l, X, out):
             a0(ws[0], l, X, out)
         return apply1
     if len(ops) > 3:
         raise ValueError("at most 3 parts")
     three = len(ops) == 3
-    # one ``part`` per apply (a closure, not the apply passed as an argument: a function
-    # value is a pointer numba cannot cache on disk)
-    p0, p1, p2 = (_part(a, key + ("part", i)) for i, a in enumerate((applies[0], applies[1], applies[-1])))
+    p0, p1, p2 = (_part(a) for a in (applies[0], applies[1], applies[-1]))
 
-    @_cache.jit(key)
+    @njit
     def apply_parts(ws, l, X, out):   # a part's rows: axis 1 of its first array (codes or floats)
         r0, r1, r2 = ws[0][0].shape[1], ws[1][0].shape[1], ws[-1][0].shape[1]
         p0(ws[0], l, X, out, 0, r0)
