@@ -334,8 +334,13 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     loads, unpacking, dots and one multiply-add per block, in two accumulators (even and
     odd blocks) to hide the add latency. 8-bit codes are signed: they take
     ``dot(|x|, w·sign(x))`` with ``|x|`` computed once per call. Two rows per iteration
-    sharing the x loads took 1.8x *as long* here (Zen 3, interleaved in one process), so rows go one at a time,
-    in chunks of 16 per scratch buffer, prefetching the codes ``PREFETCH_BYTES`` ahead.
+    sharing the x loads took 1.8x *as long* here (Zen 3, interleaved in one process), so
+    rows go one at a time, in chunks of 16 per scratch buffer, prefetching the codes
+    ``PREFETCH_BYTES`` ahead. Tokens go one at a time too: four per pass sharing each
+    block's unpacked codes (eight accumulator chains) took 0.73-1.00x the time at M=16 but
+    made the one-token (decode) path of the same kernel 1.10-1.17x slower (Q4_0, Q4_1,
+    Q8_0, Q4_K, Q6_K; one thread, interleaved); splitting the scale pass into a per-row
+    decode and a per-token multiply cost the one-token path 1.2x as well.
     """
     PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
     SIGNED = kind == "s8"
