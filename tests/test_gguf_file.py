@@ -376,3 +376,70 @@ def test_dimensions_no_array_can_have_are_refused(tmp_path):
     bad.write_bytes(raw[:at] + np.array([0, 2**62, 2**62], "<u8").tobytes() + raw[at + len(dims):])
     with pytest.raises(gguf.GGUFError, match=r"'v': shape \(4611686018427387904, 4611686018427387904, 0\) spans"):
         gguf.read(bad)
+
+
+# --- 4-bit affine / GPTQ codes as Q4_0 / Q4_1 blocks (tensors.as_ggml) -----------------------
+
+def _ggml_deq(raw, type_name, shape):
+    """gguf-py's dequantization (the oracle) of our blocks."""
+    from tests.conftest import gguf_py
+
+    g = gguf_py()
+    return g.quants.dequantize(raw, g.constants.GGMLQuantizationType[type_name]).reshape(shape)
+
+
+def _gptq(rng, shape, **kw):
+    from refquant import gptq
+
+    w = rng.standard_normal(shape).astype(np.float32)
+    X = rng.standard_normal((4 * shape[1], shape[1])) * rng.uniform(0.2, 3, shape[1])
+    return gptq.gptq_quantize(w, gptq.hessian(X), **kw)[0]
+
+
+@pytest.mark.parametrize("scheme", ["int4_g32", "int4_g128", "gptq_int4_g64"])
+def test_symmetric_4bit_codes_are_q4_0_bit_for_bit(rng, scheme):
+    from refquant import schemes
+    from refquant.gguf.tensors import as_ggml
+
+    w = rng.standard_normal((6, 256)).astype(np.float32)
+    X = rng.standard_normal((512, 256))
+    qt = schemes.get(scheme).quantize(w, calib=X if scheme.startswith("gptq") else None)
+    raw, t, m_err = as_ggml(qt)
+    assert (t, m_err, raw.shape) == ("Q4_0", 0.0, (6, 256 // 32 * 18))
+    np.testing.assert_array_equal(_ggml_deq(raw, "Q4_0", (6, 256)), qt.dequantize())
+
+
+def test_asymmetric_gptq_codes_are_q4_1_within_the_rounding_of_m(rng):
+    """Q4_1 stores m = fp16(-z·s): each weight moves by |m + z·s| <= half an fp16 ulp of
+    z·s (2^-11 |z·s|), plus the float32 rounding of u·d + m."""
+    from refquant.gguf.tensors import as_ggml
+
+    qt = _gptq(rng, (8, 256), bits=4, group_size=64, sym=False)
+    raw, t, m_err = as_ggml(qt)
+    assert t == "Q4_1"
+    ref = qt.dequantize().astype(np.float64)
+    got = _ggml_deq(raw, "Q4_1", (8, 256)).astype(np.float64)
+    zs = np.repeat(qt.zeros.astype(np.float64) * qt.scales.astype(np.float64), 64, axis=1)
+    assert 0 < m_err <= np.max(zs) * 2.0 ** -11
+    assert np.all(np.abs(got - ref) <= zs * 2.0 ** -11 + 2 * np.abs(ref) * 2.0 ** -24)
+    assert np.max(np.abs(got - ref)) <= m_err + 2 * np.max(np.abs(ref)) * 2.0 ** -24
+    # the nibbles are the codes themselves
+    from refquant import packing
+
+    u = packing.unpack(qt.codes, 4, 256).reshape(8, 256)
+    np.testing.assert_array_equal(quants.block_fields(raw, "Q4_1", 256)["codes"][:, :256], u)
+
+
+def test_as_ggml_refuses_what_llama_cpp_cannot_hold(rng):
+    from refquant import affine, schemes
+    from refquant.gguf.tensors import as_ggml
+
+    w = rng.standard_normal((4, 256)).astype(np.float32)
+    with pytest.raises(ValueError, match="act-order"):
+        as_ggml(_gptq(rng, (4, 256), bits=4, group_size=64, act_order=True))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        as_ggml(affine.quantize(w, 4, granularity="group", group_size=16, scale_dtype=np.float16))
+    with pytest.raises(ValueError, match="not fp16"):
+        as_ggml(affine.quantize(w, 4, granularity="group", group_size=64))
+    with pytest.raises(ValueError, match="4-bit"):
+        as_ggml(schemes.get("gptq_int8_channel").quantize(w, calib=rng.standard_normal((64, 256))))

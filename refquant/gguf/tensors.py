@@ -85,3 +85,63 @@ def read_quantized(f: GGUFFile) -> dict[str, QuantizedTensor]:
         except (KeyError, ValueError, TypeError) as e:
             raise GGUFError(f"{f.path}: stored tensor {key!r} is malformed: {e}") from e
     return out
+
+
+def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
+    """A 4-bit group-affine tensor (RTN, GPTQ, AWQ codes) as llama.cpp blocks, without
+    re-rounding the weights: ``(raw, type_name, m_error)``.
+
+    A group of ``g`` (a multiple of 32) input columns with fp16 scale ``s`` is ``g/32``
+    blocks of 32 that all take ``d = s``:
+
+    * symmetric codes ``q`` in [-8, 7] are **Q4_0** with nibble ``q + 8``: ggml's
+      ``(nibble - 8)·d`` is the same float32 product as ``s·q``, so it dequantizes bit for
+      bit as ``qt`` does;
+    * asymmetric codes ``u`` in [0, 15] with zero point ``z`` are **Q4_1** with nibble ``u``
+      and ``m = fp16(-z·s)``: ``u·d + m`` against ``s·(u - z)``. ``-z·s`` has up to 15
+      significant bits and fp16 keeps 11, so m rounds; ``m_error`` is the largest
+      ``|m - (-z·s)|`` over the tensor (0 for Q4_0), and every weight moves by at most
+      that plus the float32 rounding of the sum.
+
+    Groups must be contiguous (no act-order permutation: GGUF has no ``g_idx``) and scales
+    fp16; anything else raises ValueError (requantize it from the dequantized weight).
+    """
+    from refquant import packing
+
+    m = qt.meta
+    kind = m.get("kind")
+    if kind not in ("affine", "gptq") or m.get("bits") != 4:
+        raise ValueError(f"{qt.scheme!r}: only 4-bit affine / GPTQ codes map to Q4_0 / Q4_1 exactly")
+    out, n = qt.shape
+    if kind == "affine":
+        if m.get("granularity") != "group":
+            raise ValueError(f"{qt.scheme!r}: needs group-wise scales, got granularity {m.get('granularity')!r}")
+        if tuple(m["padded_shape"]) != (out, n):
+            raise ValueError(f"{qt.scheme!r}: padded rows ({m['padded_shape']}) have no GGUF form")
+        gs = int(m["group_size"])
+    else:
+        gs = int(m["group_size"])
+        if not np.array_equal(m["g_idx"], np.arange(n) // gs):
+            raise ValueError(f"{qt.scheme!r}: act-order groups (a permuted g_idx) have no GGUF form")
+    if gs % 32:
+        raise ValueError(f"{qt.scheme!r}: group size {gs} is not a multiple of 32 (a ggml block)")
+    if qt.scales.dtype != np.float16:
+        raise ValueError(f"{qt.scheme!r}: scales are {qt.scales.dtype}, not fp16; the blocks would round them")
+    sym = bool(m["sym"])
+    q = packing.unpack(qt.codes, 4, n, signed=sym).reshape(out, n).astype(np.int16)
+    per = gs // 32
+    d = np.repeat(qt.scales.astype(np.float32), per, axis=1).reshape(-1)          # one per block of 32
+    blocks = (q + 8 if sym else q).reshape(-1, 32)
+    if sym and blocks.min() < 0:
+        raise ValueError(f"{qt.scheme!r}: symmetric codes below -8 do not fit a Q4_0 nibble")
+    nibbles = np.ascontiguousarray(blocks, np.uint8)
+    qs = (nibbles[:, :16] & 15) | (nibbles[:, 16:] << 4)      # ggml: element j low, j + 16 high
+    d_bytes = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+    if sym:
+        raw = np.concatenate([d_bytes, qs], axis=1)
+        return raw.reshape(out, -1), "Q4_0", 0.0
+    z = np.repeat(qt.zeros.astype(np.float64), per, axis=1).reshape(-1)
+    exact = -z * d.astype(np.float64)
+    mins = exact.astype(np.float16)
+    raw = np.concatenate([d_bytes, mins.astype("<f2").view(np.uint8).reshape(-1, 2), qs], axis=1)
+    return raw.reshape(out, -1), "Q4_1", float(np.max(np.abs(mins.astype(np.float64) - exact)))
