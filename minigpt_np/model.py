@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refquant.metrics import log_softmax  # noqa: F401  (part of this module's API: training and evaluation use it)
+
 VOCAB = 257
 EOT = 256  # end of text: separates examples and starts generation
 
@@ -100,11 +102,6 @@ def softmax(z, axis=-1):
     z = z - z.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=axis, keepdims=True)
-
-
-def log_softmax(z, axis=-1):
-    z = z - z.max(axis=axis, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def attention(q, k, v, mask, cache=None):

@@ -65,11 +65,11 @@ KLD_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)
 DP_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
 
 
-def log_softmax(logits) -> np.ndarray:
-    """Row-wise ``log softmax`` in float64, stable: ``z - max z - log Σ exp(z - max z)``."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+def log_softmax(z, axis=-1) -> np.ndarray:
+    """``log softmax`` along ``axis`` in z's own dtype, stable: ``z - max z - log Σ exp(z - max z)``
+    (the statistics below pass float64; MiniGPT's training and evaluation use it too)."""
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def _mean_se(v: np.ndarray) -> tuple[float, float]:
@@ -114,7 +114,7 @@ def kl_divergence(ref_logits, logits, tokens=None) -> dict:
     n, vocab = ref.shape
     if n < 2:
         raise ValueError(f"need at least 2 positions for the statistics, got {n}")
-    lp, lq = log_softmax(ref), log_softmax(q)
+    lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(q.astype(np.float64))
     p = np.exp(lp)
     kld = np.maximum(np.sum(p * (lp - lq), axis=1), 0.0)   # ≥ 0 in exact arithmetic; clip rounding
     top_ref, top_q = lp.argmax(axis=1), lq.argmax(axis=1)

@@ -21,6 +21,7 @@ import numpy as np
 
 from refquant.gguf.file import GGUFError, GGUFFile, GGUFTensor
 from refquant.gguf.quants import from_raw
+from refquant.gguf.quants.core import f16_bytes, join_nibbles
 from refquant.tensor import QuantizedTensor
 
 _FLOAT_GGML = {"fp16": "F16", "bf16": "BF16"}   # unscaled float schemes whose codes are a ggml type's bytes
@@ -118,9 +119,8 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
             raise ValueError(f"{qt.scheme!r}: needs group-wise scales, got granularity {m.get('granularity')!r}")
         if tuple(m["padded_shape"]) != (out, n):
             raise ValueError(f"{qt.scheme!r}: padded rows ({m['padded_shape']}) have no GGUF form")
-        gs = int(m["group_size"])
-    else:
-        gs = int(m["group_size"])
+    gs = int(m["group_size"])
+    if kind == "gptq":
         if not np.array_equal(m["g_idx"], np.arange(n) // gs):
             raise ValueError(f"{qt.scheme!r}: act-order groups (a permuted g_idx) have no GGUF form")
     if gs % 32:
@@ -134,14 +134,13 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
     blocks = (q + 8 if sym else q).reshape(-1, 32)
     if sym and blocks.min() < 0:
         raise ValueError(f"{qt.scheme!r}: symmetric codes below -8 do not fit a Q4_0 nibble")
-    nibbles = np.ascontiguousarray(blocks, np.uint8)
-    qs = (nibbles[:, :16] & 15) | (nibbles[:, 16:] << 4)      # ggml: element j low, j + 16 high
-    d_bytes = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+    qs = join_nibbles(blocks[:, :16], blocks[:, 16:])      # ggml: element j low, j + 16 high
+    d_bytes = f16_bytes(d)
     if sym:
         raw = np.concatenate([d_bytes, qs], axis=1)
         return raw.reshape(out, -1), "Q4_0", 0.0
     z = np.repeat(qt.zeros.astype(np.float64), per, axis=1).reshape(-1)
     exact = -z * d.astype(np.float64)
     mins = exact.astype(np.float16)
-    raw = np.concatenate([d_bytes, mins.astype("<f2").view(np.uint8).reshape(-1, 2), qs], axis=1)
+    raw = np.concatenate([d_bytes, f16_bytes(mins), qs], axis=1)
     return raw.reshape(out, -1), "Q4_1", float(np.max(np.abs(mins.astype(np.float64) - exact)))

@@ -27,9 +27,10 @@ from pathlib import Path
 from numba import njit
 
 ENV = "REFQUANT_NUMBA_CACHE"
-# every module whose code ends up inside a cached kernel
+# every module whose code ends up inside a kernel built with ``jit`` (the byte-dot kernels:
+# their intrinsics, and the numba tier's fp16 table in matvec)
 _SOURCES = ("refquant/kernels/bytedot.py", "refquant/kernels/simd.py", "refquant/kernels/matvec.py",
-            "refquant/kernels/stacked.py", "refquant/kernels/_cache.py", "minigpt_np/compiled.py")
+            "refquant/kernels/_cache.py")
 
 
 @functools.lru_cache(maxsize=None)

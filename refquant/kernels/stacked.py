@@ -284,15 +284,6 @@ def make_concat_apply(ops: list[Operand], tier: str | None = None):
     return _APPLIES[key]
 
 
-def _part(a):
-    @njit
-    def part(w, l, X, out, start, rows):
-        tmp = np.empty((X.shape[0], rows), np.float32)
-        a(w, l, X, tmp)
-        out[:, start:start + rows] = tmp
-    return part
-
-
 def _make_concat_apply(ops: list[Operand], tier: str):
     applies = [make_apply(op, tier) for op in ops]
     a0 = applies[0]
@@ -303,14 +294,20 @@ def _make_concat_apply(ops: list[Operand], tier: str):
         return apply1
     if len(ops) > 3:
         raise ValueError("at most 3 parts")
+    a1, a2 = applies[1], applies[-1]
     three = len(ops) == 3
-    p0, p1, p2 = (_part(a) for a in (applies[0], applies[1], applies[-1]))
+
+    @njit
+    def part(a, w, l, X, out, start, rows):
+        tmp = np.empty((X.shape[0], rows), np.float32)
+        a(w, l, X, tmp)
+        out[:, start:start + rows] = tmp
 
     @njit
     def apply_parts(ws, l, X, out):   # a part's rows: axis 1 of its first array (codes or floats)
         r0, r1, r2 = ws[0][0].shape[1], ws[1][0].shape[1], ws[-1][0].shape[1]
-        p0(ws[0], l, X, out, 0, r0)
-        p1(ws[1], l, X, out, r0, r1)
+        part(a0, ws[0], l, X, out, 0, r0)
+        part(a1, ws[1], l, X, out, r0, r1)
         if three:
-            p2(ws[-1], l, X, out, r0 + r1, r2)
+            part(a2, ws[-1], l, X, out, r0 + r1, r2)
     return apply_parts
