@@ -75,29 +75,130 @@ def test_quantize_matches_gguf_py(name, data):
     with np.errstate(all="ignore"):
         ref = np.asarray(gq().quantize(x, GT(name))).view(np.uint8).reshape(x.shape[0], -1)
     ours = quants.quantize(x, name)
-    if name in ("Q4_1", "Q5_1"):
-        # gguf-py takes the block minimum with np.min, which may return -0.0 where ggml's
-        # scan keeps the first of equal zeros (+0.0 for [0, -0, ...]; checked against the C
-        # code). Both decode identically; compare the min field up to the sign of zero.
+    if name in ("Q4_0", "Q5_0", "Q4_1", "Q5_1"):
+        # Signs of zero: gguf-py takes the block minimum with np.min and the absmax with
+        # argmax, which may return -0.0 where ggml's scans keep +0.0 (the first of equal zeros
+        # for [0, -0, ...]; max = 0 from the start for a block of -0.0, so d = 0/-8 = -0.0;
+        # both checked against the C code). Both decode identically; compare the fp16 field
+        # (Q4_0/Q5_0: d, Q4_1/Q5_1: m) up to the sign of zero.
         t = quants.TYPES[name]
+        at = 2 if name in ("Q4_1", "Q5_1") else 0
         ours, ref = ours.copy(), ref.copy()
         for a in (ours, ref):
             blocks = a.reshape(-1, t.type_size)
-            m = blocks[:, 2:4].copy().view("<u2")
-            blocks[:, 2:4] = np.where((m & 0x7FFF) == 0, 0, m).astype("<u2").view(np.uint8)
+            m = blocks[:, at:at + 2].copy().view("<u2")
+            blocks[:, at:at + 2] = np.where((m & 0x7FFF) == 0, 0, m).astype("<u2").view(np.uint8)
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("impl", ["numpy", "numba"])
 @pytest.mark.parametrize("name", sorted({k.split("/")[0] for k in GOLDEN.files} - {"x"}))
-def test_quantize_matches_bytes_from_ggml_c(name):
-    """Bytes written by ggml-quants.c itself (tests/data/make_ggml_golden.py says how)."""
+def test_quantize_matches_bytes_from_ggml_c(name, impl):
+    """Bytes written by ggml-quants.c itself (tests/data/make_ggml_golden.py says how), by the
+    NumPy reference and by the compiled kernels, on every input family of the golden set."""
     for key in GOLDEN.files:
         if key.startswith("x/"):
             family = key[2:]
-            ours = quants.quantize(GOLDEN[key], name)
+            ours = quants.quantize(GOLDEN[key], name, impl=impl)
             ref = GOLDEN[f"{name}/{family}"]
             bad = np.argwhere(ours != ref)
             assert bad.size == 0, f"{name}/{family}: {len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
+
+
+COMPILED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+            "IQ4_NL", "IQ4_XS"]
+
+
+@pytest.mark.parametrize("name", COMPILED)
+@given(data=st.data())
+def test_compiled_quantizer_writes_the_reference_bytes(name, data):
+    """The numba kernel against the NumPy reference on rows built to hit the searches'
+    branches: subnormals, 1e-30 and 3e37 scales (1/d overflowing, fp16 scales turning
+    Inf or subnormal), exact zeros, ties and repeated values."""
+    x = data.draw(weight_rows(quants.TYPES[name].block_size, max_blocks=2))
+    np.testing.assert_array_equal(quants.quantize(x, name, impl="numba"), quants.quantize(x, name, impl="numpy"))
+
+
+def test_compiled_kernels_do_only_float32_arithmetic_and_no_fma():
+    """numba widens ``float32 op int`` and ``float32 op 0.5`` to float64, which rounds
+    differently from ggml's C, and fuses ``a*b + c`` under fast-math flags: neither may be in
+    the IR. MXFP4 alone takes float64 (its ``log2``, as the reference does)."""
+    import re
+
+    from refquant.gguf.quants import compiled
+
+    for name, fn in compiled.KERNELS.items():
+        t = quants.TYPES[name]
+        fn(np.ones((1, t.block_size), np.float32), np.zeros((1, t.type_size), np.uint8))
+        ir = "\n".join(fn.inspect_llvm().values())
+        assert not re.search(r"\b(fma|fmuladd)\b|\bcontract\b|\bfast\b", ir), name
+        if name != "MXFP4":
+            assert not re.search(r"= (fadd|fsub|fmul|fdiv|fpext)\b[^\n]*double", ir), name
+
+
+def test_compiled_fp16_conversion_is_round_to_nearest_even():
+    """ggml's bit-level fp32 → fp16 against NumPy's on every 251st float32 bit pattern
+    (all exponents, subnormals, halfway cases, overflow to Inf, NaN)."""
+    from numba import njit
+
+    from refquant.gguf.quants import compiled
+
+    fp16 = compiled._fp16
+
+    @njit
+    def convert(v):
+        out = np.empty(v.size, np.uint16)
+        for i in range(v.size):
+            out[i] = fp16(v[i])
+        return out
+
+    bits = np.arange(0, 1 << 32, 251, dtype=np.uint64).astype(np.uint32)
+    bits = np.concatenate([bits, np.array([0x477FF000, 0x477FEFFF, 0x33000000, 0x33000001, 0x387FC000], np.uint32)])
+    v = bits.view(np.float32)
+    ours = convert(v)
+    with np.errstate(over="ignore"):
+        ref = v.astype(np.float16).view(np.uint16)
+    nan = np.isnan(v)
+    np.testing.assert_array_equal(ours[~nan], ref[~nan])
+    assert np.all((ours[nan] & 0x7FFF) == 0x7E00)
+
+
+def test_compiled_c_conversions():
+    """x86 ``cvttss2si`` (INT_MIN for NaN / out of range), ``roundf`` halves away from zero,
+    ``nearest_int`` halves to even, and int8 stores wrap (hand-derived values)."""
+    from numba import njit
+
+    from refquant.gguf.quants import compiled as c
+
+    @njit
+    def run(v):
+        return c._cvt(v), c._roundf(v), c._nearest_int(v)
+
+    f = np.float32
+    assert run(f(2.5)) == (2, 3, 2) and run(f(-2.5)) == (-2, -3, -2) and run(f(3.5)) == (3, 4, 4)
+    assert run(f(0.49999997)) == (0, 0, 0) and run(f(-7.7)) == (-7, -8, -8)
+    assert run(f(np.nan))[:2] == (-2**31, -2**31) and run(f(np.inf))[:2] == (-2**31, -2**31)
+    assert run(f(3e9))[:2] == (-2**31, -2**31) and run(f(-2.0**31))[:2] == (-2**31, -2**31)
+    assert [c._i8(v) for v in (127, 128, 255, 256, -129)] == [127, -128, -1, 0, 127]
+
+
+def test_compiled_threads_split_blocks_without_changing_bytes():
+    x = np.random.default_rng(3).standard_normal((64, 4096)).astype(np.float32)
+    for name in ("Q4_0", "Q6_K"):
+        one = quants.quantize(x, name, impl="numba", threads=1)
+        np.testing.assert_array_equal(quants.quantize(x, name, impl="numba", threads=2), one)
+        np.testing.assert_array_equal(quants.quantize(x[:3], name, impl="numpy"), one[:3])
+
+
+def test_quantize_impl_choices():
+    x = np.ones((1, 32), np.float32)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        quants.quantize(x, "Q8_0", impl="c")
+    with pytest.raises(ValueError, match="finite input only"):
+        quants.quantize(x, "Q8_0", impl="numba", allow_nonfinite=True)
+    with pytest.raises(ValueError, match="no compiled quantizer for BF16"):
+        quants.quantize(x, "BF16", impl="numba")
+    np.testing.assert_array_equal(quants.quantize(x, "BF16"), quants.quantize(x, "BF16", impl="numpy"))
 
 
 @pytest.mark.parametrize("name", GRID_TYPES)

@@ -2,7 +2,8 @@
 
 Not run by the tests (it needs ggml's source and a C compiler); it records where the
 golden bytes came from. Build ggml-quants.c the way llama.cpp builds ``ggml-base``
-(no ``-march`` flags, so no fused multiply-add), with four stub symbols::
+(no ``-march`` flags, so no fused multiply-add; ``-DNDEBUG`` as release builds, so that
+``nearest_int``'s range assert does not abort on the overflowing inputs), with four stub symbols::
 
     git clone https://github.com/ggml-org/ggml && cd ggml      # commit d99724f2 was used
     cat > stubs.c <<'C'
@@ -13,7 +14,7 @@ golden bytes came from. Build ggml-quants.c the way llama.cpp builds ``ggml-base
     const char *ggml_type_name(int t) { return "?"; }
     size_t ggml_type_size(int t) { return 0; }
     C
-    gcc -O2 -fPIC -shared -std=gnu11 -Iinclude -Isrc src/ggml-quants.c stubs.c -lm -o libq.so
+    gcc -O2 -DNDEBUG -fPIC -shared -std=gnu11 -Iinclude -Isrc src/ggml-quants.c stubs.c -lm -o libq.so
     python tests/data/make_ggml_golden.py path/to/libq.so
 
 Quantizers called: ``quantize_row_<type>_ref`` for every type, except IQ4_NL which uses
@@ -50,6 +51,18 @@ def inputs(rng):
     x[4, :256] = 7.0
     x[5] = np.linspace(-1, 1, 512)
     yield "degenerate", x
+    # overflowing and signed-zero corners: the scale searches' sums turn Inf/NaN here
+    x = np.zeros(shape)
+    x[0] = -0.0
+    x[1] = 3e37
+    x[2] = -3e37
+    x[3] = np.where(np.arange(512) % 2, 3e37, -3e37)
+    x[4] = 1e-40 * rng.standard_normal(512)
+    x[5, 256:] = 1e-38 * rng.standard_normal(256)
+    x[5, :256] = -0.0
+    x[6] = 1e30 * rng.standard_normal(512)
+    x[7] = rng.standard_normal(512) * np.where(np.arange(512) % 7 == 0, 1e6, 1e-3)
+    yield "extreme", x
 
 
 def main(lib_path):

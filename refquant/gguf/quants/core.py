@@ -144,9 +144,20 @@ def seqsum(terms: np.ndarray) -> np.ndarray:
 
 
 def first_absmax(x: np.ndarray) -> np.ndarray:
-    """The signed element of largest magnitude, first one on ties (C's strict ``>`` scan)."""
-    idx = np.argmax(np.abs(x), axis=-1)
-    return np.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+    """The signed element of largest magnitude, first one on ties: C's scan ``if (fabsf(v) >
+    amax)`` from ``amax = max = 0``, so NaN never wins and a block of zeros (or of NaN, as
+    overflowing scale searches produce) gives +0.0, also when its zeros are -0.0."""
+    a = np.abs(x)
+    a = np.where(np.isnan(a), np.zeros_like(a), a)
+    idx = np.argmax(a, axis=-1)[..., None]
+    v = np.take_along_axis(x, idx, axis=-1)[..., 0]
+    return np.where(np.take_along_axis(a, idx, axis=-1)[..., 0] > 0, v, np.zeros_like(v))
+
+
+def positive_max(x: np.ndarray) -> np.ndarray:
+    """C's ``if (v > max) max = v`` from ``max = 0`` over the last axis: NaN never wins."""
+    m = np.fmax.reduce(x, axis=-1)
+    return np.where(m > 0, m, np.zeros_like(m))
 
 
 def first_winner(x: np.ndarray, fn) -> np.ndarray:
@@ -278,14 +289,24 @@ register_format("F16", lambda x: x.astype("<f2").view(np.uint8),
 _CHUNK_BLOCKS = 1 << 14  # blocks per vectorized step: bounds temporaries at a few MB
 
 
-def quantize(x, type_name, *, allow_nonfinite: bool = False) -> np.ndarray:
+IMPLS = ("auto", "numpy", "numba")
+
+
+def quantize(x, type_name, *, allow_nonfinite: bool = False, impl: str = "auto", threads: int | None = None) -> np.ndarray:
     """Quantize ``x[..., n]`` row by row to ggml blocks: ``uint8[..., n / block * type_size]``.
 
     ``x`` is converted to float32 first (ggml quantizes float32 rows); it must be finite
     (``allow_nonfinite=True``: NaN/Inf go through the same float arithmetic, unchecked
     against ggml) and ``n`` a multiple of the type's block size. The bytes equal what ggml's reference
     quantizer writes for the same float32 input.
+
+    ``impl``: ``"numpy"`` is the readable reference in this package's family modules;
+    ``"numba"`` the compiled kernels of ``quants.compiled`` (same bytes, C speed, blocks
+    spread over ``threads`` threads, default all cores); ``"auto"`` takes the compiled
+    kernel when the type has one and the input is finite, else the reference.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     t = ggml_type(type_name)
     if t.name not in FORMATS:
         raise ValueError(f"refquant cannot quantize to {t.name}; quantizable types: {', '.join(FORMATS)}")
@@ -295,6 +316,16 @@ def quantize(x, type_name, *, allow_nonfinite: bool = False) -> np.ndarray:
             f"{t.name} needs rows whose length is a multiple of {t.block_size}; x has shape {x.shape}"
         )
     blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, t.block_size)
+    if impl == "numba" and allow_nonfinite:
+        raise ValueError("the compiled quantizers take finite input only; use impl='numpy' with allow_nonfinite")
+    if impl == "numba" or (impl == "auto" and not allow_nonfinite and t.block_size > 1):
+        from refquant.gguf.quants import compiled
+
+        if t.name in compiled.KERNELS:
+            out = compiled.quantize_blocks(blocks, t.name, t.type_size, threads)
+            return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
+        if impl == "numba":
+            raise ValueError(f"no compiled quantizer for {t.name}; compiled: {', '.join(compiled.KERNELS)}")
     # fp16 scales overflow to Inf for |x| beyond ~65504 * code range, exactly as in ggml
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if t.block_size == 1:

@@ -7,7 +7,7 @@ import numpy as np
 
 from refquant.gguf.quants.core import (
     F32, GROUP_MAX_EPS, f16_bytes, f16_field, f16_value, first_absmax, first_winner, join_nibbles, nearest_int,
-    pack2, register_format, register_scheme, seqsum, unpack2,
+    pack2, positive_max, register_format, register_scheme, seqsum, unpack2,
 )
 
 
@@ -134,8 +134,7 @@ def _q2_k(x):
     xs = x.reshape(B * 16, 16)
     scales, mins, L = _make_qkx2_quants(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
     scales, mins, L = scales.reshape(B, 16), mins.reshape(B, 16), L.reshape(B, 16, 16)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
+    max_scale, max_min = positive_max(scales), positive_max(mins)
     with np.errstate(all="ignore"):
         ls = nearest_int((F32(15) / max_scale)[:, None] * scales) & 0xFF
         lm = nearest_int((F32(15) / max_min)[:, None] * mins)
@@ -228,8 +227,7 @@ def _kx_fit(x, nmax, rmin, nstep):
     w = av_x[:, None] + np.abs(xs)
     scales, mins, L = _make_qkx2_quants(xs, w, nmax, rmin, 0.1, nstep, False)
     scales, mins = scales.reshape(B, 8), mins.reshape(B, 8)
-    max_scale = np.maximum(scales.max(axis=1), F32(0))
-    max_min = np.maximum(mins.max(axis=1), F32(0))
+    max_scale, max_min = positive_max(scales), positive_max(mins)
     with np.errstate(all="ignore"):
         inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
         inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))

@@ -1,0 +1,784 @@
+"""The GGML quantizers compiled with numba: the bytes of the NumPy reference, at C speed.
+
+Each function here is ``quantize_row_*_ref`` of ggml-quants.c (``quantize_iq4_nl`` /
+``quantize_iq4_xs`` for the IQ4 types) written again as scalar loops over one block at a
+time, in the C source's order of float32 operations. The NumPy modules beside this one stay
+the readable reference and the oracle: ``tests/test_gguf_quants.py`` checks these kernels
+against them and against bytes written by ggml's C itself. What keeps the bytes identical:
+
+* every float is float32 and every constant is a float32 (``_f``): numba, like NumPy,
+  widens ``float32 op int`` or ``float32 op 0.5`` to float64, which rounds differently;
+  ``tests`` reads the LLVM IR of every kernel and finds no double arithmetic in it;
+* no ``fastmath``: LLVM fuses ``a*b + c`` into an FMA only under fast-math flags, and
+  ggml's K-quant searches change their choices when it does (ggml-base is built without
+  ``-march``, so its C has no FMA either);
+* C's conversions are spelled out: ``(int)f`` is x86's ``cvttss2si`` (``INT_MIN`` for NaN
+  and out-of-range values, where LLVM's ``fptosi`` would be undefined), stores into
+  ``int8_t``/``uint8_t`` wrap, ``nearest_int`` reads the mantissa of ``f + 1.5·2^23``, fp16
+  is ggml's own bit-level RNE conversion;
+* ``log2f`` for MXFP4 is float64 ``log2`` rounded to float32, as the NumPy reference does.
+
+Kernels run on blocks ``float32[B, block]`` into ``uint8[B, type_size]`` without the GIL, so
+``quantize`` spreads chunks of blocks over threads. numba is imported only when a compiled
+quantizer is first used (``import refquant`` does not load it).
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+
+from refquant.gguf.quants.core import GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL
+
+_OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+_f = np.float32
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_KV_IQ4 = KVALUES_IQ4NL.copy()
+_KV_FP4 = KVALUES_FP4.copy()
+_EPS = _f(GROUP_MAX_EPS)
+
+
+# ----------------------------------------------------------------------------- C's scalar operations
+
+@njit(inline="always", **_OPTS)
+def _cvt(v):
+    """C ``(int)v`` as x86 ``cvttss2si`` computes it: truncation, ``INT_MIN`` if NaN or out of range."""
+    if v >= _f(-2147483648.0) and v < _f(2147483648.0):
+        return np.int64(v)
+    return np.int64(-2147483648)
+
+
+@njit(inline="always", **_OPTS)
+def _i8(v):
+    """Store into ``int8_t``: keep the low byte, signed."""
+    return ((v + 128) & 0xFF) - 128
+
+
+@njit(inline="always", **_OPTS)
+def _nearest_int(v):
+    """ggml's ``nearest_int``: the low mantissa bits of ``v + 1.5·2^23`` (float32)."""
+    s = np.float32(v + _f(12582912.0))
+    return np.int64(np.float32(s).view(np.int32) & 0x007FFFFF) - 0x00400000
+
+
+@njit(inline="always", **_OPTS)
+def _roundf(v):
+    """``(int)roundf(v)``: nearest integer, halves away from zero (INT_MIN as ``_cvt``)."""
+    t = np.trunc(v)
+    if abs(v - t) >= _f(0.5):
+        t += np.copysign(_f(1), v)
+    return _cvt(t)
+
+
+@njit(inline="always", **_OPTS)
+def _fp16(v):
+    """``ggml_compute_fp32_to_fp16``: float32 → fp16 bits, round to nearest even, NaN → 0x7E00."""
+    base = (abs(v) * _f(2.0 ** 112)) * _f(2.0 ** -110)
+    w = np.int64(np.float32(v).view(np.uint32))
+    shl1 = (w + w) & 0xFFFFFFFF
+    sign = w & 0x80000000
+    bias = shl1 & 0xFF000000
+    if bias < 0x71000000:
+        bias = 0x71000000
+    base = np.uint32((bias >> 1) + 0x07800000).view(np.float32) + base
+    bits = np.int64(np.float32(base).view(np.uint32))
+    nonsign = ((bits >> 13) & 0x7C00) + (bits & 0x0FFF)
+    return ((sign >> 16) | (0x7E00 if shl1 > 0xFF000000 else nonsign)) & 0xFFFF
+
+
+@njit(inline="always", **_OPTS)
+def _put_f16(out, b, at, v):
+    """Write ``v`` as fp16 at byte ``at`` of block ``b``; returns its float32 value (``FP16_TO_FP32``)."""
+    h = _fp16(v)
+    out[b, at] = h & 0xFF
+    out[b, at + 1] = h >> 8
+    return _F16_TO_F32[h]
+
+
+@njit(inline="always", **_OPTS)
+def _absmax(x, b, lo, hi):
+    """The signed element of largest magnitude of ``x[b, lo:hi]``, first on ties (C's ``>``)."""
+    amax = _f(0)
+    mx = _f(0)
+    for j in range(lo, hi):
+        a = abs(x[b, j])
+        if a > amax:
+            amax = a
+            mx = x[b, j]
+    return mx, amax
+
+
+@njit(inline="always", **_OPTS)
+def _best_index_int8(values, v):
+    """``best_index_int8``: index of the nearest codebook value (binary search, ties upward)."""
+    n = values.shape[0]
+    if v <= _f(values[0]):
+        return 0
+    if v >= _f(values[n - 1]):
+        return n - 1
+    ml = 0
+    mu = n - 1
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if v < _f(values[mav]):
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if v - _f(values[mu - 1]) < _f(values[mu]) - v else mu
+
+
+# ----------------------------------------------------------------------------- legacy 32-blocks
+
+@njit(**_OPTS)
+def q4_0(x, out):
+    for b in range(x.shape[0]):
+        mx, _ = _absmax(x, b, 0, 32)
+        d = mx / _f(-8)
+        idv = _f(1) / d if d != 0 else _f(0)
+        _put_f16(out, b, 0, d)
+        for j in range(16):
+            q0 = min(15, _i8(_cvt(x[b, j] * idv + _f(8.5)))) & 0xFF
+            q1 = min(15, _i8(_cvt(x[b, j + 16] * idv + _f(8.5)))) & 0xFF
+            out[b, 2 + j] = (q0 | (q1 << 4)) & 0xFF
+
+
+@njit(inline="always", **_OPTS)
+def _minmax(x, b):
+    mn = _f(3.4028234663852886e38)
+    mx = -mn
+    for j in range(32):
+        v = x[b, j]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+    return mn, mx
+
+
+@njit(**_OPTS)
+def q4_1(x, out):
+    for b in range(x.shape[0]):
+        mn, mx = _minmax(x, b)
+        d = (mx - mn) / _f(15)
+        idv = _f(1) / d if d != 0 else _f(0)
+        _put_f16(out, b, 0, d)
+        _put_f16(out, b, 2, mn)
+        for j in range(16):
+            q0 = min(15, _i8(_cvt((x[b, j] - mn) * idv + _f(0.5)))) & 0xFF
+            q1 = min(15, _i8(_cvt((x[b, j + 16] - mn) * idv + _f(0.5)))) & 0xFF
+            out[b, 4 + j] = (q0 | (q1 << 4)) & 0xFF
+
+
+@njit(inline="always", **_OPTS)
+def _put_q5(out, b, at, q0, q1, j, qh):
+    out[b, at + j] = ((q0 & 0x0F) | ((q1 & 0x0F) << 4)) & 0xFF
+    return qh | (((q0 & 0x10) >> 4) << j) | (((q1 & 0x10) >> 4) << (j + 16))
+
+
+@njit(inline="always", **_OPTS)
+def _put_u32(out, b, at, v):
+    for k in range(4):
+        out[b, at + k] = (v >> (8 * k)) & 0xFF
+
+
+@njit(**_OPTS)
+def q5_0(x, out):
+    for b in range(x.shape[0]):
+        mx, _ = _absmax(x, b, 0, 32)
+        d = mx / _f(-16)
+        idv = _f(1) / d if d != 0 else _f(0)
+        _put_f16(out, b, 0, d)
+        qh = 0
+        for j in range(16):
+            q0 = min(31, _i8(_cvt(x[b, j] * idv + _f(16.5)))) & 0xFF
+            q1 = min(31, _i8(_cvt(x[b, j + 16] * idv + _f(16.5)))) & 0xFF
+            qh = _put_q5(out, b, 6, q0, q1, j, qh)
+        _put_u32(out, b, 2, qh)
+
+
+@njit(**_OPTS)
+def q5_1(x, out):
+    for b in range(x.shape[0]):
+        mn, mx = _minmax(x, b)
+        d = (mx - mn) / _f(31)
+        idv = _f(1) / d if d != 0 else _f(0)
+        _put_f16(out, b, 0, d)
+        _put_f16(out, b, 2, mn)
+        qh = 0
+        for j in range(16):
+            q0 = _cvt((x[b, j] - mn) * idv + _f(0.5)) & 0xFF
+            q1 = _cvt((x[b, j + 16] - mn) * idv + _f(0.5)) & 0xFF
+            qh = _put_q5(out, b, 8, q0, q1, j, qh)
+        _put_u32(out, b, 4, qh)
+
+
+@njit(**_OPTS)
+def q8_0(x, out):
+    for b in range(x.shape[0]):
+        amax = _f(0)
+        for j in range(32):
+            a = abs(x[b, j])
+            amax = amax if amax > a else a
+        d = amax / _f(127)
+        idv = _f(1) / d if d != 0 else _f(0)
+        _put_f16(out, b, 0, d)
+        for j in range(32):
+            out[b, 2 + j] = _roundf(x[b, j] * idv) & 0xFF
+
+
+@njit(**_OPTS)
+def mxfp4(x, out):
+    for b in range(x.shape[0]):
+        amax = _f(0)
+        for j in range(32):
+            a = abs(x[b, j])
+            if amax < a:
+                amax = a
+        e = 0
+        if amax > _f(0):
+            lg = np.float32(math.log2(np.float64(amax)))
+            e = _cvt(np.float32(math.floor(lg)) - _f(2) + _f(127)) & 0xFF
+        bits = (0x00200000 << e) if e < 2 else ((e - 1) << 23)
+        d = np.uint32(bits).view(np.float32)
+        out[b, 0] = e
+        for j in range(16):
+            lo = _best_fp4(x[b, j], d)
+            hi = _best_fp4(x[b, j + 16], d)
+            out[b, 1 + j] = lo | (hi << 4)
+
+
+@njit(inline="always", **_OPTS)
+def _best_fp4(v, d):
+    best = 0
+    err = abs(_f(_KV_FP4[0]) * d - v)
+    for i in range(1, 16):
+        e = abs(_f(_KV_FP4[i]) * d - v)
+        if e < err:
+            best = i
+            err = e
+    return best
+
+
+# ----------------------------------------------------------------------------- K-quant scale searches
+
+@njit(**_OPTS)
+def _make_qkx2_quants(x, b, lo, n, nmax, w, L, Laux, rmin, rdelta, nstep, use_mad):
+    """``make_qkx2_quants`` on ``x[b, lo:lo+n]`` with weights ``w[:n]``, codes into ``L[lo:lo+n]``.
+    Returns ``(scale, the_min)``."""
+    mn = x[b, lo]
+    mx = x[b, lo]
+    sum_w = w[0]
+    sum_x = sum_w * x[b, lo]
+    for i in range(1, n):
+        v = x[b, lo + i]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+        sum_w += w[i]
+        sum_x += w[i] * v
+    if mn > _f(0):
+        mn = _f(0)
+    if mx == mn:
+        for i in range(n):
+            L[lo + i] = 0
+        return _f(0), -mn
+    iscale = _f(nmax) / (mx - mn)
+    scale = _f(1) / iscale
+    best_error = _f(0)
+    for i in range(n):
+        l = max(0, min(nmax, _nearest_int(iscale * (x[b, lo + i] - mn))))
+        L[lo + i] = l
+        diff = scale * _f(l) + mn - x[b, lo + i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += w[i] * diff
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * _f(step) + _f(nmax)) / (mx - mn)
+        sum_l = _f(0)
+        sum_l2 = _f(0)
+        sum_xl = _f(0)
+        for i in range(n):
+            l = max(0, min(nmax, _nearest_int(iscale * (x[b, lo + i] - mn))))
+            Laux[i] = l
+            fl = _f(l)
+            sum_l += w[i] * fl
+            sum_l2 += w[i] * fl * fl
+            sum_xl += w[i] * fl * x[b, lo + i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _f(0):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _f(0):
+                this_min = _f(0)
+                this_scale = sum_xl / sum_l2
+            cur_error = _f(0)
+            for i in range(n):
+                diff = this_scale * _f(Laux[i]) + this_min - x[b, lo + i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += w[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[lo + i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(**_OPTS)
+def _make_qx_quants(x, b, lo, n, nmax, L):
+    """``make_qx_quants`` with ``rmse_type = 1`` and no importance weights; codes ``l + nmax``."""
+    mx, amax = _absmax(x, b, lo, lo + n)
+    if amax < _EPS:
+        for i in range(n):
+            L[lo + i] = 0
+        return _f(0)
+    iscale = _f(-nmax) / mx
+    sumlx = _f(0)
+    suml2 = _f(0)
+    for i in range(n):
+        v = x[b, lo + i]
+        l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+        L[lo + i] = l + nmax
+        w = v * v
+        sumlx += w * v * _f(l)
+        suml2 += w * _f(l) * _f(l)
+    scale = sumlx / suml2 if suml2 != 0 else _f(0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(_f(nmax) + _f(0.1) * _f(step)) / mx
+        sumlx = _f(0)
+        suml2 = _f(0)
+        for i in range(n):
+            v = x[b, lo + i]
+            l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+            w = v * v
+            sumlx += w * v * _f(l)
+            suml2 += w * _f(l) * _f(l)
+        if suml2 > _f(0) and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[lo + i] = nmax + max(-nmax, min(nmax - 1, _nearest_int(iscale * x[b, lo + i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(**_OPTS)
+def _make_q3_quants(x, b, lo, n, nmax, L):
+    """``make_q3_quants`` with ``do_rmse``: coordinate descent; codes ``l + nmax``."""
+    mx, amax = _absmax(x, b, lo, lo + n)
+    if amax < _EPS:
+        for i in range(n):
+            L[lo + i] = 0
+        return _f(0)
+    iscale = _f(-nmax) / mx
+    sumlx = _f(0)
+    suml2 = _f(0)
+    for i in range(n):
+        v = x[b, lo + i]
+        l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+        L[lo + i] = l
+        w = v * v
+        sumlx += w * v * _f(l)
+        suml2 += w * _f(l) * _f(l)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            v = x[b, lo + i]
+            w = v * v
+            li = _f(L[lo + i])
+            slx = sumlx - w * v * li
+            if slx > _f(0):
+                sl2 = suml2 - w * li * li
+                new = max(-nmax, min(nmax - 1, _nearest_int(v * sl2 / slx)))
+                if new != L[lo + i]:
+                    slx += w * v * _f(new)
+                    sl2 += w * _f(new) * _f(new)
+                    if sl2 > _f(0) and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[lo + i] = new
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    for i in range(n):
+        L[lo + i] += nmax
+    return sumlx / suml2 if suml2 > _f(0) else _f(0)
+
+
+@njit(**_OPTS)
+def _pack2(out, b, at, L):
+    """Q2_K/Q3_K 2-bit codes: per 128 weights, byte l holds l, l+32, l+64, l+96."""
+    for j in range(0, 256, 128):
+        for l in range(32):
+            out[b, at + j // 4 + l] = (L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4)
+                                       | (L[j + l + 96] << 6)) & 0xFF
+
+
+# ----------------------------------------------------------------------------- K-quants
+
+@njit(**_OPTS)
+def q2_k(x, out):
+    L = np.zeros(256, np.int64)
+    Laux = np.zeros(16, np.int64)
+    w = np.zeros(16, np.float32)
+    scales = np.zeros(16, np.float32)
+    mins = np.zeros(16, np.float32)
+    sc = np.zeros(16, np.int64)
+    for b in range(x.shape[0]):
+        max_scale = _f(0)
+        max_min = _f(0)
+        for j in range(16):
+            for l in range(16):
+                w[l] = abs(x[b, 16 * j + l])
+            scales[j], mins[j] = _make_qkx2_quants(x, b, 16 * j, 16, 3, w, L, Laux, _f(-0.5), _f(0.1), 15, True)
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
+        if max_scale > _f(0):
+            iscale = _f(15) / max_scale
+            for j in range(16):
+                sc[j] = _nearest_int(iscale * scales[j]) & 0xFF
+            d = _put_f16(out, b, 80, max_scale / _f(15))
+        else:
+            for j in range(16):
+                sc[j] = 0
+            d = _put_f16(out, b, 80, _f(0))
+        if max_min > _f(0):
+            iscale = _f(15) / max_min
+            for j in range(16):
+                sc[j] = (sc[j] | (_nearest_int(iscale * mins[j]) << 4)) & 0xFF
+            dmin = _put_f16(out, b, 82, max_min / _f(15))
+        else:
+            dmin = _put_f16(out, b, 82, _f(0))
+        for j in range(16):
+            out[b, j] = sc[j]
+            dl = d * _f(sc[j] & 0xF)
+            if dl == 0:
+                continue
+            dm = dmin * _f(sc[j] >> 4)
+            for i in range(16):
+                L[16 * j + i] = max(0, min(3, _nearest_int((x[b, 16 * j + i] + dm) / dl)))
+        _pack2(out, b, 16, L)
+
+
+@njit(**_OPTS)
+def q3_k(x, out):
+    L = np.zeros(256, np.int64)
+    scales = np.zeros(16, np.float32)
+    ps = np.zeros(12, np.int64)
+    hm = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        max_scale = _f(0)
+        amax = _f(0)
+        for j in range(16):
+            scales[j] = _make_q3_quants(x, b, 16 * j, 16, 4, L)
+            a = abs(scales[j])
+            if a > amax:
+                amax = a
+                max_scale = scales[j]
+        ps[:] = 0
+        if max_scale != 0:
+            iscale = _f(-32) / max_scale
+            for j in range(16):
+                l = max(-32, min(31, _i8(_nearest_int(iscale * scales[j])))) + 32
+                if j < 8:
+                    ps[j] = l & 0xF
+                else:
+                    ps[j - 8] |= (l & 0xF) << 4
+                ps[j % 4 + 8] |= (l >> 4) << (2 * (j // 4))
+            d_all = _put_f16(out, b, 108, _f(1) / iscale)
+        else:
+            d_all = _put_f16(out, b, 108, _f(0))
+        for j in range(16):
+            s = (ps[j] & 0xF) if j < 8 else (ps[j - 8] >> 4)
+            s = (s | (((ps[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+            dl = d_all * _f(s)
+            if dl == 0:
+                continue
+            for i in range(16):
+                L[16 * j + i] = max(-4, min(3, _nearest_int(x[b, 16 * j + i] / dl))) + 4
+        hm[:] = 0
+        for j in range(256):
+            if L[j] > 3:
+                hm[j % 32] |= 1 << (j // 32)
+                L[j] -= 4
+        for j in range(32):
+            out[b, j] = hm[j]
+        for j in range(12):
+            out[b, 96 + j] = ps[j]
+        _pack2(out, b, 32, L)
+
+
+@njit(**_OPTS)
+def _kx(x, out, b, nmax, rmin, nstep, L, Laux, w, scales, mins, q):
+    """Q4_K / Q5_K up to the codes: head (d, dmin, 12 scale bytes) written, ``L[256]`` filled."""
+    max_scale = _f(0)
+    max_min = _f(0)
+    for j in range(8):
+        sum_x2 = _f(0)
+        for l in range(32):
+            v = x[b, 32 * j + l]
+            sum_x2 += v * v
+        av_x = np.sqrt(sum_x2 / _f(32))
+        for l in range(32):
+            w[l] = av_x + abs(x[b, 32 * j + l])
+        scales[j], mins[j] = _make_qkx2_quants(x, b, 32 * j, 32, nmax, w, L, Laux, rmin, _f(0.1), nstep, False)
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    inv_scale = _f(63) / max_scale if max_scale > _f(0) else _f(0)
+    inv_min = _f(63) / max_min if max_min > _f(0) else _f(0)
+    q[:] = 0
+    for j in range(8):
+        ls = min(63, _nearest_int(inv_scale * scales[j]) & 0xFF)
+        lm = min(63, _nearest_int(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            q[j] = ls
+            q[j + 4] = lm
+        else:
+            q[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            q[j - 4] |= (ls >> 4) << 6
+            q[j] |= (lm >> 4) << 6
+    for j in range(12):
+        out[b, 4 + j] = q[j]
+    d = _put_f16(out, b, 0, max_scale / _f(63))
+    dmin = _put_f16(out, b, 2, max_min / _f(63))
+    for j in range(8):
+        if j < 4:
+            sc = q[j] & 63
+            m = q[j + 4] & 63
+        else:
+            sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)
+            m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+        dl = d * _f(sc)
+        if dl == 0:
+            continue
+        dm = dmin * _f(m)
+        for i in range(32):
+            L[32 * j + i] = max(0, min(nmax, _nearest_int((x[b, 32 * j + i] + dm) / dl)))
+
+
+@njit(**_OPTS)
+def q4_k(x, out):
+    L = np.zeros(256, np.int64)
+    Laux = np.zeros(32, np.int64)
+    w = np.zeros(32, np.float32)
+    scales = np.zeros(8, np.float32)
+    mins = np.zeros(8, np.float32)
+    q = np.zeros(12, np.int64)
+    qh = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        _kx(x, out, b, 15, _f(-1.0), 20, L, Laux, w, scales, mins, q)
+        for j in range(0, 256, 64):
+            for l in range(32):
+                out[b, 16 + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
+
+
+@njit(**_OPTS)
+def q5_k(x, out):
+    L = np.zeros(256, np.int64)
+    Laux = np.zeros(32, np.int64)
+    w = np.zeros(32, np.float32)
+    scales = np.zeros(8, np.float32)
+    mins = np.zeros(8, np.float32)
+    q = np.zeros(12, np.int64)
+    qh = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        _kx(x, out, b, 31, _f(-0.5), 15, L, Laux, w, scales, mins, q)
+        qh[:] = 0
+        m1 = 1
+        m2 = 2
+        for n in range(0, 256, 64):
+            for j in range(32):
+                l1 = L[n + j]
+                if l1 > 15:
+                    l1 -= 16
+                    qh[j] |= m1
+                l2 = L[n + j + 32]
+                if l2 > 15:
+                    l2 -= 16
+                    qh[j] |= m2
+                out[b, 48 + n // 2 + j] = l1 | (l2 << 4)
+            m1 <<= 2
+            m2 <<= 2
+        for j in range(32):
+            out[b, 16 + j] = qh[j]
+
+
+@njit(**_OPTS)
+def q6_k(x, out):
+    L = np.zeros(256, np.int64)
+    scales = np.zeros(16, np.float32)
+    for b in range(x.shape[0]):
+        max_scale = _f(0)
+        max_abs = _f(0)
+        for j in range(16):
+            scales[j] = _make_qx_quants(x, b, 16 * j, 16, 32, L)
+            a = abs(scales[j])
+            if a > max_abs:
+                max_abs = a
+                max_scale = scales[j]
+        if max_abs < _EPS:
+            out[b, :] = 0
+            continue
+        iscale = _f(-128) / max_scale
+        d = _put_f16(out, b, 208, _f(1) / iscale)
+        for j in range(16):
+            out[b, 192 + j] = min(127, _nearest_int(iscale * scales[j])) & 0xFF
+        for j in range(16):
+            dl = d * _f(_i8(np.int64(out[b, 192 + j])))
+            if dl == 0:
+                continue
+            for i in range(16):
+                L[16 * j + i] = max(-32, min(31, _nearest_int(x[b, 16 * j + i] / dl))) + 32
+        for j in range(0, 256, 128):
+            ql = j // 2
+            qh = 128 + j // 4
+            for l in range(32):
+                q1 = L[j + l] & 0xF
+                q2 = L[j + l + 32] & 0xF
+                q3 = L[j + l + 64] & 0xF
+                q4 = L[j + l + 96] & 0xF
+                out[b, ql + l] = q1 | (q3 << 4)
+                out[b, ql + l + 32] = q2 | (q4 << 4)
+                out[b, qh + l] = ((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4)
+                                  | ((L[j + l + 96] >> 4) << 6)) & 0xFF
+
+
+@njit(**_OPTS)
+def q8_k(x, out):
+    for b in range(x.shape[0]):
+        mx, amax = _absmax(x, b, 0, 256)
+        if amax == 0:
+            out[b, :] = 0
+            continue
+        iscale = _f(-127) / mx
+        for j in range(256):
+            out[b, 4 + j] = min(127, _nearest_int(iscale * x[b, j])) & 0xFF
+        for j in range(16):
+            s = 0
+            for i in range(16):
+                s += _i8(np.int64(out[b, 4 + 16 * j + i]))
+            out[b, 260 + 2 * j] = s & 0xFF
+            out[b, 261 + 2 * j] = (s >> 8) & 0xFF
+        _put_u32(out, b, 0, np.int64(np.float32(_f(1) / iscale).view(np.uint32)))
+
+
+# ----------------------------------------------------------------------------- IQ4
+
+@njit(**_OPTS)
+def _iq4_scale(x, b, lo, ntry):
+    """``quantize_row_iq4_nl_impl``'s scale search for the 32 weights at ``x[b, lo:]`` (no
+    importance weights: w = x²); 0 for an all-zero block."""
+    mx, amax = _absmax(x, b, lo, lo + 32)
+    if amax < _EPS:
+        return _f(0)
+    v0 = _f(_KV_IQ4[0])
+    d = -mx / v0 if ntry > 0 else mx / v0
+    idv = _f(1) / d
+    sumqx = _f(0)
+    sumq2 = _f(0)
+    for j in range(32):
+        v = x[b, lo + j]
+        q = _f(_KV_IQ4[_best_index_int8(_KV_IQ4, idv * v)])
+        w = v * v
+        sumqx += w * q * v
+        sumq2 += w * q * q
+    d = sumqx / sumq2 if sumq2 > _f(0) else _f(0)
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        idv = _f(itry + _KV_IQ4[0]) / mx
+        sumqx = _f(0)
+        sumq2 = _f(0)
+        for j in range(32):
+            v = x[b, lo + j]
+            q = _f(_KV_IQ4[_best_index_int8(_KV_IQ4, idv * v)])
+            w = v * v
+            sumqx += w * q * v
+            sumq2 += w * q * q
+        if sumq2 > _f(0) and sumqx * sumqx > best * sumq2:
+            d = sumqx / sumq2
+            best = d * sumqx
+    return d
+
+
+@njit(**_OPTS)
+def _iq4_codes(x, b, lo, idv, out, at):
+    for j in range(16):
+        l0 = _best_index_int8(_KV_IQ4, idv * x[b, lo + j])
+        l1 = _best_index_int8(_KV_IQ4, idv * x[b, lo + 16 + j])
+        out[b, at + j] = l0 | (l1 << 4)
+
+
+@njit(**_OPTS)
+def iq4_nl(x, out):
+    for b in range(x.shape[0]):
+        d = _iq4_scale(x, b, 0, 7)
+        _put_f16(out, b, 0, d)
+        _iq4_codes(x, b, 0, _f(1) / d if d != 0 else _f(0), out, 2)
+
+
+@njit(**_OPTS)
+def iq4_xs(x, out):
+    scales = np.zeros(8, np.float32)
+    for b in range(x.shape[0]):
+        max_scale = _f(0)
+        amax = _f(0)
+        for ib in range(8):
+            scales[ib] = _iq4_scale(x, b, 32 * ib, 7)
+            a = abs(scales[ib])
+            if a > amax:
+                amax = a
+                max_scale = scales[ib]
+        d = -max_scale / _f(32)
+        _put_f16(out, b, 0, d)
+        idv = _f(1) / d if d != 0 else _f(0)
+        sh = 0
+        lo = 0
+        for ib in range(8):
+            l = max(-32, min(31, _nearest_int(idv * scales[ib])))
+            dl = d * _f(l)
+            _iq4_codes(x, b, 32 * ib, _f(1) / dl if dl != 0 else _f(0), out, 8 + 16 * ib)
+            l += 32
+            if ib % 2 == 0:
+                lo = l & 0xF
+            else:
+                out[b, 4 + ib // 2] = lo | ((l & 0xF) << 4)
+            sh |= (l >> 4) << (2 * ib)
+        out[b, 2] = sh & 0xFF
+        out[b, 3] = (sh >> 8) & 0xFF
+
+
+KERNELS = {
+    "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1, "Q8_0": q8_0, "MXFP4": mxfp4,
+    "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "Q8_K": q8_k,
+    "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs,
+}
+
+
+_MIN_CHUNK = 256  # blocks per thread task: below this, threads cost more than they save
+
+
+def quantize_blocks(blocks: np.ndarray, name: str, type_size: int, threads: int | None = None) -> np.ndarray:
+    """Quantize ``float32[B, block]`` (C-contiguous) to ``uint8[B, type_size]`` with ``name``'s
+    kernel, in chunks of blocks over ``threads`` threads (default: every core)."""
+    fn = KERNELS[name]
+    out = np.empty((len(blocks), type_size), np.uint8)
+    threads = max(1, int(threads or os.cpu_count() or 1))
+    n = len(blocks)
+    if threads == 1 or n < 2 * _MIN_CHUNK:
+        fn(blocks, out)
+        return out
+    step = max(_MIN_CHUNK, -(-n // (4 * threads)))
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(fn, blocks[i:i + step], out[i:i + step]) for i in range(0, n, step)]:
+            f.result()
+    return out
