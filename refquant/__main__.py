@@ -1,7 +1,7 @@
 """``python -m refquant``: inspect, requantize, dequantize and compare GGUF files.
 
     python -m refquant inspect FILE
-    python -m refquant quantize IN OUT --type Q4_K [--keep PATTERN ...]
+    python -m refquant quantize IN OUT --type Q4_K [--keep PATTERN ...] [--impl auto|numpy|numba]
     python -m refquant dequantize IN OUT [--type F32|F16]
     python -m refquant compare A B
 
@@ -69,9 +69,14 @@ def cmd_inspect(args) -> int:
 
 
 def _progress(items, desc):
+    """A progress bar over ``gguf.write``'s ``(name, tensor, nbytes)`` items that counts the
+    bytes written (MB/s), advancing when each tensor is done."""
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="tensor", disable=None)
+    with tqdm(total=sum(n for _, _, n in items), desc=desc, unit="B", unit_scale=True, disable=None) as bar:
+        for item in items:
+            yield item
+            bar.update(item[2])
 
 
 def _problem(path, name: str, values: np.ndarray) -> str | None:
@@ -119,7 +124,7 @@ def cmd_quantize(args) -> int:
                     fell_back.pop()
             else:  # quantized only when the writer reaches it: one tensor in memory at a time
                 out[name] = gguf.GGUFTensor(t, info.shape, lambda s=src, t=t, n=name: _quantize(
-                    s, t, n, args.input, args.allow_nonfinite))
+                    s, t, n, args.input, args.allow_nonfinite, args.impl))
         meta = dict(f.metadata)
         if "general.file_type" in meta and target.name in _FILE_TYPE:
             meta["general.file_type"] = np.uint32(_FILE_TYPE[target.name])
@@ -131,9 +136,9 @@ def cmd_quantize(args) -> int:
     return 1 if refused else 0
 
 
-def _quantize(src, t, name: str, path, allow_nonfinite: bool = False) -> np.ndarray:
+def _quantize(src, t, name: str, path, allow_nonfinite: bool = False, impl: str = "auto") -> np.ndarray:
     try:
-        return quants.quantize(src.dequantize(), t, allow_nonfinite=allow_nonfinite)
+        return quants.quantize(src.dequantize(), t, allow_nonfinite=allow_nonfinite, impl=impl)
     except ValueError as e:
         raise ValueError(f"tensor {name!r} of {path}: {e}") from None
 
@@ -215,6 +220,9 @@ def main(argv=None) -> int:
                    help="glob of tensor names to copy unchanged (repeatable), e.g. 'token_embd.*'")
     s.add_argument("--allow-nonfinite", action="store_true",
                    help="quantize tensors holding NaN/Inf too (default: copy them unchanged and exit 1)")
+    s.add_argument("--impl", default="auto", choices=quants.IMPLS,
+                   help="quantizer: the compiled kernels over every core (numba), the NumPy reference "
+                        "(numpy), or numba where it applies (auto, the default); the bytes are the same")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
     s.add_argument("input")
     s.add_argument("output")

@@ -61,13 +61,18 @@ def _group_params(wg: np.ndarray, bits: int, sym: bool, scale_dtype):
 
 def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: int = 128, sym: bool = True,
                   act_order: bool = False, static_groups: bool = False, percdamp: float = 0.01,
-                  blocksize: int = 128, scale_dtype=np.float16, scheme: str | None = None
+                  blocksize: int = 128, scale_dtype=np.float16, scheme: str | None = None, impl: str = "numba"
                   ) -> tuple[QuantizedTensor, float]:
     """GPTQ-quantize ``w`` (out, in) given the Hessian ``H`` (in, in); returns ``(qt, loss)``.
 
     ``group_size=-1`` uses one scale per output row. ``loss`` is GPTQ's
-    ``Σ (w - q)² / U_jj² / 2`` summed over the matrix.
+    ``Σ (w - q)² / U_jj² / 2`` summed over the matrix. ``impl="numpy"`` runs the per-column
+    loop below in NumPy (the readable reference), ``"numba"`` (default) the same loop compiled
+    (``refquant.kernels.gptq``, rows in parallel): the same codes, the loss summed in another
+    order.
     """
+    if impl not in ("numpy", "numba"):
+        raise ValueError(f"impl must be 'numpy' or 'numba', got {impl!r}")
     w = float_array(w, "w", ndim=2)
     H = float_array(H, "H", ndim=2)
     out, n = w.shape
@@ -79,8 +84,8 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: in
         raise ValueError(f"group_size={group_size} must be -1 or a positive divisor of in={n}")
     if not 0 <= percdamp < 1:
         raise ValueError(f"percdamp must be in [0, 1), got {percdamp}")
-    W = w.astype(np.float64).copy()
-    H = H.astype(np.float64).copy()
+    W = w.astype(np.float64)   # (astype copies: the caller's arrays stay untouched)
+    H = H.astype(np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -98,12 +103,16 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: in
     if gs < blocksize and blocksize % gs:
         blocksize -= blocksize % gs  # keep every group inside one lazy block
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
-    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    if act_order:
+        W, H = np.ascontiguousarray(W[:, perm]), H[np.ix_(perm, perm)]  # (fancy indexing returns F order)
     H[np.diag_indices(n)] += percdamp * np.mean(np.diag(H))
-    Linv = np.linalg.inv(np.linalg.cholesky(H))
-    U = np.linalg.cholesky(Linv.T @ Linv).T  # upper Cholesky factor of H⁻¹
+    U = inverse_cholesky_upper(H)
 
     codes = np.zeros((out, n), np.int16)
+    if impl == "numba":
+        loss = _compiled_loop(W, U, perm, scales, zeros, bits, sym, gs, static_groups, blocksize, scale_dtype, codes)
+        return _result(codes, scales, zeros, out, n, bits, sym, gs, group_size, act_order, static_groups, perm,
+                       scheme), loss
     loss = 0.0
     g_cur = -1
     for i1 in range(0, n, blocksize):
@@ -133,7 +142,77 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: in
             W1[:, i:] -= np.outer(err, U[j, i1 + i:i2])
             E[:, i] = err
         W[:, i2:] -= E @ U[i1:i2, i2:]
+    return _result(codes, scales, zeros, out, n, bits, sym, gs, group_size, act_order, static_groups, perm,
+                   scheme), loss
 
+
+def inverse_cholesky_upper(H: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor ``U`` of ``H⁻¹`` (``H⁻¹ = Uᵀ U``) from one Cholesky and one
+    triangular inverse: with ``J`` the order reversal, ``J H J = L Lᵀ`` gives ``H = M Mᵀ``
+    with ``M = J L J`` upper triangular, so ``H⁻¹ = M⁻ᵀ M⁻¹`` and ``U = M⁻¹`` (upper, with a
+    positive diagonal: the unique factor). About n³/2 flops where inverting H and factoring
+    the inverse again (the reference's ``cholesky_inverse`` then ``cholesky``) take ~2n³."""
+    L = np.linalg.cholesky(H[::-1, ::-1])
+    return _upper_inverse(np.ascontiguousarray(L[::-1, ::-1]))
+
+
+def _upper_inverse(M: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of an upper-triangular ``M`` by halves: ``[[A, B], [0, C]]⁻¹ =
+    [[A⁻¹, -A⁻¹ B C⁻¹], [0, C⁻¹]]``, so the work is matrix products (into ``out``)."""
+    n = M.shape[0]
+    if out is None:
+        out = np.zeros_like(M)
+    if n <= 128:
+        out[:] = np.triu(np.linalg.inv(M))
+        return out
+    k = n // 2
+    Ai, Ci = _upper_inverse(M[:k, :k], out[:k, :k]), _upper_inverse(M[k:, k:], out[k:, k:])
+    out[:k, k:] = -(Ai @ M[:k, k:]) @ Ci
+    return out
+
+
+def _compiled_loop(W, U, perm, scales, zeros, bits, sym, gs, static_groups, blocksize, scale_dtype, codes):
+    """The lazy-batch loop with the per-column work in ``refquant.kernels.gptq.columns``: the
+    same arithmetic per element as the NumPy loop above (same codes), rows in parallel, the
+    block held transposed. The earlier blocks' feedback reaches each block in one product
+    (left-looking) instead of updating every later column after each block. Group scales are
+    still fitted here, between the kernel's runs, when a group starts."""
+    from refquant.kernels import gptq as kernel
+
+    out, n = W.shape
+    qlo, qhi = affine.code_range(bits, sym=sym, full_range=False)
+    s64, s32 = scales.T.astype(np.float64), scales.T.astype(np.float32)   # (groups, out)
+    z64 = np.zeros(s64.shape, np.int64) if zeros is None else zeros.T.astype(np.int64)
+    row_loss = np.zeros(out)
+    ET = np.zeros((n, out))   # scaled errors, transposed
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        WT = np.ascontiguousarray(W[:, i1:i2].T)
+        if i1:
+            WT -= U[:i1, i1:i2].T @ ET[:i1]
+        CT = np.zeros(WT.shape, np.int64)
+        Ub = np.ascontiguousarray(U[i1:i2, i1:i2])
+        col_group = (perm[i1:i2] if static_groups else np.arange(i1, i2)) // gs
+        starts = [] if static_groups else [i for i in range(i2 - i1) if (i1 + i) % gs == 0]
+        bounds = sorted({0, i2 - i1, *starts})
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            j = i1 + a
+            if not static_groups and j % gs == 0:
+                g = j // gs
+                if gs <= blocksize:
+                    cols = WT[a:a + gs].T
+                else:   # the group reaches past this block: its columns with all feedback so far
+                    cols = W[:, j:j + gs] - (U[:j, j:j + gs].T @ ET[:j]).T if j else W[:, j:j + gs]
+                s, z = _group_params(cols, bits, sym, scale_dtype)
+                scales[:, g], s64[g], s32[g] = s, s.astype(np.float64), s.astype(np.float32)
+                if zeros is not None:
+                    zeros[:, g] = z64[g] = z
+            kernel.columns(WT, Ub, a, b, col_group, s64, s32, z64, float(qlo), float(qhi), CT, ET[i1:i2], row_loss)
+        codes[:, perm[i1:i2]] = CT.T
+    return float(row_loss.sum())
+
+
+def _result(codes, scales, zeros, out, n, bits, sym, gs, group_size, act_order, static_groups, perm, scheme):
     zeros_u8 = None if zeros is None else zeros.astype(np.uint8)
     packed = packing.pack(codes, bits, signed=sym)
     name = scheme or f"gptq_int{bits}_g{group_size}" + ("" if sym else "_asym") + ("_act" if act_order else "")
@@ -141,14 +220,14 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, *, bits: int = 4, group_size: in
         g_idx = np.empty(n, np.int32)
         g_idx[perm] = np.arange(n) // gs
         meta = dict(kind="gptq", bits=bits, sym=sym, group_size=gs, g_idx=g_idx)
-        return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta), loss
+        return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta)
     if group_size == -1:
         meta = dict(kind="affine", bits=bits, sym=sym, full_range=False, granularity="channel", axis=0,
                     group_size=None, padded_shape=(out, n))
-        return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta), loss
+        return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta)
     meta = dict(kind="affine", bits=bits, sym=sym, full_range=False, granularity="group", axis=None,
                 group_size=gs, padded_shape=(out, n))
-    return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta), loss
+    return QuantizedTensor(packed, scales, zeros_u8, (out, n), name, meta)
 
 
 @register_decoder("gptq")

@@ -99,6 +99,7 @@ def test_deterministic_and_dead_inputs_are_zeroed():
     (dict(group_size=48), "positive divisor"),
     (dict(bits=9), "bits must be one of"),
     (dict(percdamp=1.5), "percdamp"),
+    (dict(impl="torch"), "impl must be"),
 ])
 def test_bad_arguments(kw, match):
     w, X = layer(0)
@@ -149,13 +150,15 @@ def textbook(w, H, bits, gs, sym=True, act_order=False, static_groups=False, per
     (32, False, True, True, 64), (16, True, True, True, 24), (-1, False, False, False, 16),
     (64, True, True, False, 128), (8, False, True, False, 20),
 ])
-def test_every_variant_equals_the_textbook_algorithm(gs, sym, act_order, static_groups, blocksize):
+@pytest.mark.parametrize("impl", ["numpy", "numba"])
+def test_every_variant_equals_the_textbook_algorithm(gs, sym, act_order, static_groups, blocksize, impl):
     """Lazy batches of any size (including ones a group straddles) give the textbook's codes,
-    scales and zeros exactly and its loss to round-off; g_idx and the layout follow."""
+    scales and zeros exactly and its loss to round-off; g_idx and the layout follow. Both
+    the NumPy loop and the compiled one."""
     w, X = layer(3, out=8, n=64, tokens=200)
     H = gptq.hessian(X)
     qt, loss = gptq.gptq_quantize(w, H, bits=3, group_size=gs, sym=sym, act_order=act_order,
-                                  static_groups=static_groups, blocksize=blocksize)
+                                  static_groups=static_groups, blocksize=blocksize, impl=impl)
     codes, scales, zeros, want_loss = textbook(w, H, 3, gs, sym, act_order, static_groups)
     q = packing.unpack(qt.codes, 3, 64, signed=sym)
     np.testing.assert_array_equal(q, codes)
@@ -181,6 +184,37 @@ def test_every_variant_equals_the_textbook_algorithm(gs, sym, act_order, static_
     z = 0 if sym else zeros[:, group_of]
     s = scales.astype(np.float32)[:, group_of]   # the decoder reads the layout back to the same weights
     np.testing.assert_array_equal(qt.dequantize(), ((codes - z).astype(np.float32) * s).astype(np.float32))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(bits=4, group_size=128), dict(bits=4, group_size=64, sym=False, act_order=True),
+    dict(bits=3, group_size=-1, blocksize=96), dict(bits=8, group_size=256, blocksize=64),
+    dict(bits=4, group_size=32, act_order=True, static_groups=True),
+])
+def test_compiled_loop_gives_the_numpy_loops_codes(kw):
+    """The compiled column loop (rows in chunks of 256, in parallel, left-looking updates)
+    against the NumPy loop on a layer with more rows than one chunk: the same codes, scales
+    and zeros, the loss to round-off."""
+    w, X = layer(11, out=300, n=512, tokens=1200)
+    H = gptq.hessian(X)
+    a, la = gptq.gptq_quantize(w, H, impl="numpy", **kw)
+    b, lb = gptq.gptq_quantize(w, H, impl="numba", **kw)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.scales, b.scales)
+    assert (a.zeros is None) == (b.zeros is None) and (a.zeros is None or np.array_equal(a.zeros, b.zeros))
+    assert la == pytest.approx(lb, rel=1e-9)
+
+
+def test_upper_cholesky_factor_of_the_inverse():
+    """``inverse_cholesky_upper(H)`` is the upper factor U of H⁻¹ (H⁻¹ = Uᵀ U, U upper with
+    a positive diagonal), checked through H·(Uᵀ U) = I; sizes cross the 128 base case."""
+    rng = np.random.default_rng(5)
+    for n in (7, 128, 300):
+        A = rng.standard_normal((n, 2 * n))
+        H = A @ A.T / n + 0.1 * np.eye(n)
+        U = gptq.inverse_cholesky_upper(H)
+        assert np.array_equal(U, np.triu(U)) and np.all(np.diag(U) > 0)
+        np.testing.assert_allclose(H @ (U.T @ U), np.eye(n), atol=1e-9)
 
 
 def test_names_and_messages():

@@ -480,7 +480,8 @@ def write(path, metadata: dict, tensors: dict, *, progress: Callable | None = No
     objects (e.g. from ``read``, or quantized bytes; raw may be a callable) or
     ``(ggml_type, shape, raw)`` tuples. Data goes to a temporary file in the same directory
     that is fsynced and renamed over ``path``; on any error no file is left behind.
-    ``progress``, if given, wraps the tensor iteration (e.g. ``tqdm``).
+    ``progress``, if given, wraps the iteration over ``(name, tensor, nbytes)`` items (e.g.
+    ``tqdm``); each item's data is produced and written when the iteration reaches it.
     """
     path = Path(path)
     alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))

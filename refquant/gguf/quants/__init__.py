@@ -16,7 +16,7 @@ its import below and its golden bytes in the tests.
 """
 from refquant.gguf.quants import legacy, kquants, iq, mx  # noqa: F401,I001  (each registers its types, in this order)
 from refquant.gguf.quants.core import (  # noqa: F401
-    F32, FORMATS, GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL, QK_K, TYPES, TYPES_BY_ID, BlockFormat, GGMLType,
+    F32, FORMATS, GROUP_MAX_EPS, IMPLS, KVALUES_FP4, KVALUES_IQ4NL, QK_K, TYPES, TYPES_BY_ID, BlockFormat, GGMLType,
     block_fields, dequantize, error_bound, from_raw, grid, grid_types, ggml_type, nearest_int, quantize,
     quantize_tensor, register_format, roundf, seqsum,
 )

@@ -764,7 +764,8 @@ KERNELS = {
 }
 
 
-_MIN_CHUNK = 256  # blocks per thread task: below this, threads cost more than they save
+_MIN_CHUNK = 1 << 16  # weights per thread task: below this, threads cost more than they save
+_POOL: dict[int, ThreadPoolExecutor] = {}
 
 
 def quantize_blocks(blocks: np.ndarray, name: str, type_size: int, threads: int | None = None) -> np.ndarray:
@@ -774,11 +775,11 @@ def quantize_blocks(blocks: np.ndarray, name: str, type_size: int, threads: int 
     out = np.empty((len(blocks), type_size), np.uint8)
     threads = max(1, int(threads or os.cpu_count() or 1))
     n = len(blocks)
-    if threads == 1 or n < 2 * _MIN_CHUNK:
+    step = max(-(-_MIN_CHUNK // blocks.shape[1]), -(-n // (4 * threads)))
+    if threads == 1 or n <= step:
         fn(blocks, out)
         return out
-    step = max(_MIN_CHUNK, -(-n // (4 * threads)))
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(fn, blocks[i:i + step], out[i:i + step]) for i in range(0, n, step)]:
-            f.result()
+    pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "refquant-quantize"))
+    for f in [pool.submit(fn, blocks[i:i + step], out[i:i + step]) for i in range(0, n, step)]:
+        f.result()
     return out
