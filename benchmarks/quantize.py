@@ -79,7 +79,7 @@ def build_c(ggml: Path | None) -> tuple[ctypes.CDLL | None, str]:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         return None, f"build failed: {r.stderr.strip()[-300:]}"
-    return ctypes.CDLL(str(lib)), f"{cc} -O2 -DNDEBUG {ggml / 'src' / 'ggml-quants.c'}"
+    return ctypes.CDLL(str(lib)), f"{Path(cc).name} -O2 -DNDEBUG -fPIC -shared ggml-quants.c"
 
 
 def c_quantizer(lib, name: str, x: np.ndarray, out: np.ndarray):

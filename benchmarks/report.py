@@ -6,7 +6,8 @@ Replaces everything between ``<!-- results:start -->`` and ``<!-- results:end --
 README.md with tables generated from ``benchmarks/results/pareto.json`` (every scheme on
 MiniGPT, with the seeds' targets beside the measured values) and the figures, and
 between ``<!-- decode:start -->`` and ``<!-- decode:end -->`` with the SmolLM2 decode
-table from ``benchmarks/results/decode.json``.
+table from ``benchmarks/results/decode.json``, and between ``<!-- quantize:start -->`` and
+``<!-- quantize:end -->`` with the quantizer speeds from ``benchmarks/results/quantize.json``.
 ``tests/test_readme.py`` checks that the README matches what this script generates.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from refquant._atomic import atomic_open
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DECODE_START, DECODE_END = "<!-- decode:start -->", "<!-- decode:end -->"
+QUANTIZE_START, QUANTIZE_END = "<!-- quantize:start -->", "<!-- quantize:end -->"
 TARGETS = {  # scheme: (our bar on the perplexity gap in %, the seed's bar or None)
     "int8_tensor": (0.5, 5.0), "int8_channel": (0.5, 5.0), "int4_g128": (15.0, None), "gptq_int4_g128": (3.0, None),
 }
@@ -107,6 +109,30 @@ def decode_section(data: dict) -> str:
     return "\n".join(out)
 
 
+def quantize_section(data: dict) -> str:
+    """Quantizer speed against ggml's C (``benchmarks.quantize``)."""
+    n = data["shape"][0] * data["shape"][1]
+    out = [f"A {data['shape'][0]} × {data['shape'][1]} N(0,1) float32 matrix ({n / 1e6:.2f} M weights), one thread, "
+           f"median of {data['repeats']} calls interleaved in one process (thread CPU time), bytes checked equal "
+           "before timing, from `python -m benchmarks.quantize`"
+           + (f" (C: `{data['c_build']}`)" if data["c"] else " (no ggml source found: refquant alone)") + ":", "",
+           "| type | ggml C ms | refquant compiled ms | compiled / C | compiled, 2 threads ms | NumPy reference ms |",
+           "|---|---|---|---|---|---|"]
+    for r in data["types"]:
+        c = f"{r['c_ms']:.2f}" if r["c_ms"] is not None else "–"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "–"
+        out.append(f"| {r['type']} | {c} | {r['numba_ms']:.2f} | {ratio} | {r['numba_all_cores_ms']:.2f} | "
+                   f"{r['numpy_ms']:.0f} |")
+    g = data["gptq"]
+    out += ["", f"GPTQ INT4 g128 of a {g['n']} × {g['n']} layer: {g['gptq_s']:.2f} s, {g['ratio']:.2f}× one "
+            f"{g['n']}³ float32 matrix product ({g['sgemm_s']:.2f} s) in the same run."]
+    if data.get("cli"):
+        c = data["cli"]
+        out[-1] += (f" `python -m refquant quantize` of SmolLM2 to {c['type']}: {c['auto_s']:.1f} s compiled, "
+                    f"{c['numpy_s']:.1f} s with `--impl numpy` ({c['speedup']:.1f}×), the same file.")
+    return "\n".join(out)
+
+
 def _replace(readme: str, start: str, end: str, body: str) -> str:
     if start not in readme or end not in readme:
         raise ValueError(f"README.md has no {start} ... {end} section")
@@ -115,14 +141,17 @@ def _replace(readme: str, start: str, end: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def render(readme: str, data: dict, decode: dict | None = None) -> str:
+def render(readme: str, data: dict, decode: dict | None = None, quantize: dict | None = None) -> str:
     readme = _replace(readme, START, END, section(data))
+    if quantize is not None:
+        readme = _replace(readme, QUANTIZE_START, QUANTIZE_END, quantize_section(quantize))
     return readme if decode is None else _replace(readme, DECODE_START, DECODE_END, decode_section(decode))
 
 
 def main(argv=None) -> None:
     common.quick_args(__doc__).parse_args(argv)
-    text = render(README.read_text(), common.read_json("pareto"), common.read_json("decode"))
+    text = render(README.read_text(), common.read_json("pareto"), common.read_json("decode"),
+                  common.read_json("quantize"))
     with atomic_open(README, "w") as f:
         f.write(text)
     print(f"updated {README}")

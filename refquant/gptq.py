@@ -158,7 +158,8 @@ def inverse_cholesky_upper(H: np.ndarray) -> np.ndarray:
 
 def _upper_inverse(M: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Inverse of an upper-triangular ``M`` by halves: ``[[A, B], [0, C]]⁻¹ =
-    [[A⁻¹, -A⁻¹ B C⁻¹], [0, C⁻¹]]``, so the work is matrix products (into ``out``)."""
+    [[A⁻¹, -A⁻¹ B C⁻¹], [0, C⁻¹]]``, so the work is matrix products (into ``out``), those
+    with a triangular factor split again so that its zero half is skipped."""
     n = M.shape[0]
     if out is None:
         out = np.zeros_like(M)
@@ -167,8 +168,27 @@ def _upper_inverse(M: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return out
     k = n // 2
     Ai, Ci = _upper_inverse(M[:k, :k], out[:k, :k]), _upper_inverse(M[k:, k:], out[k:, k:])
-    out[:k, k:] = -(Ai @ M[:k, k:]) @ Ci
+    out[:k, k:] = -_times_upper(_upper_times(Ai, M[:k, k:]), Ci)
     return out
+
+
+def _upper_times(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A @ B`` for upper-triangular ``A``: ``[[A1, A2], [0, A3]] B`` by halves."""
+    k = A.shape[0]
+    if k <= 256:
+        return A @ B
+    h = k // 2
+    return np.concatenate([_upper_times(A[:h, :h], B[:h]) + A[:h, h:] @ B[h:], _upper_times(A[h:, h:], B[h:])])
+
+
+def _times_upper(B: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """``B @ C`` for upper-triangular ``C``: ``B [[C1, C2], [0, C3]]`` by halves."""
+    k = C.shape[0]
+    if k <= 256:
+        return B @ C
+    h = k // 2
+    return np.concatenate([_times_upper(B[:, :h], C[:h, :h]), B[:, :h] @ C[:h, h:] + _times_upper(B[:, h:], C[h:, h:])],
+                          axis=1)
 
 
 def _compiled_loop(W, U, perm, scales, zeros, bits, sym, gs, static_groups, blocksize, scale_dtype, codes):

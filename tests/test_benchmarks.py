@@ -139,3 +139,17 @@ def test_cli_memory_quick(out_dirs):
     data = load(out_dirs, "cli_memory")
     (row,) = data["results"]
     assert row["command"] == "quantize Q8_0" and row["peak_mb"] > data["interpreter_mb"] > 0
+
+
+def test_quantize_quick(out_dirs):
+    """Every type's row, bytes checked (against the NumPy reference, and ggml's C when its
+    source is found), GPTQ against one sgemm; the CLI comparison is for full runs only."""
+    from benchmarks import quantize
+    quantize.main(["--quick"])
+    data = load(out_dirs, "quantize")
+    assert [r["type"] for r in data["types"]] == quantize.TYPES and data["cli"] is None
+    for r in data["types"]:
+        assert r["bytes_equal_numpy"] and r["numba_ms"] > 0 and r["numpy_ms"] > 0
+        assert (r["c_ms"] is not None and r["bytes_equal_c"]) if data["c"] else r["c_ms"] is None
+    g = data["gptq"]
+    assert g["n"] == 256 and g["ratio"] > 0 and g["output_error_gptq"] < g["output_error_rtn"]

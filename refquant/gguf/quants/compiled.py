@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from refquant.gguf.quants.core import GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL
+from refquant.gguf.quants.constants import GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL
 
 _OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
 _f = np.float32

@@ -52,13 +52,11 @@ from typing import Callable
 import numpy as np
 
 from refquant._checks import float_array
+from refquant.gguf.quants.constants import GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL  # noqa: F401 (re-exported)
 from refquant.tensor import QuantizedTensor, register_decoder
 
 F32 = np.float32
 QK_K = 256
-GROUP_MAX_EPS = F32(1e-15)
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
-KVALUES_FP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)  # 2 * e2m1
 
 
 @dataclass(frozen=True)
