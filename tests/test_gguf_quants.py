@@ -120,6 +120,20 @@ def test_compiled_quantizer_writes_the_reference_bytes(name, data):
     np.testing.assert_array_equal(quants.quantize(x, name, impl="numba"), quants.quantize(x, name, impl="numpy"))
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@settings(max_examples=80)
+@given(data=st.data())
+def test_compiled_dequantizer_gives_the_reference_floats(name, data):
+    """Random block bytes (so Inf/NaN and subnormal fp16 scales too) decode to the NumPy
+    reference's float32 values bit for bit, with 1 and 2 threads."""
+    t = quants.TYPES[name]
+    nb = data.draw(st.integers(1, 600 if t.block_size == 32 else 80))
+    raw = np.frombuffer(data.draw(st.binary(min_size=nb * t.type_size, max_size=nb * t.type_size)), np.uint8)
+    ref = quants.dequantize(raw, name, (nb * t.block_size,), impl="numpy")
+    for threads in (1, 2):
+        assert same_floats(quants.dequantize(raw, name, (nb * t.block_size,), impl="numba", threads=threads), ref)
+
+
 def test_compiled_kernels_do_only_float32_arithmetic_and_no_fma():
     """numba widens ``float32 op int`` and ``float32 op 0.5`` to float64, which rounds
     differently from ggml's C, and fuses ``a*b + c`` under fast-math flags: neither may be in
@@ -199,6 +213,10 @@ def test_quantize_impl_choices():
         quants.quantize(x, "Q8_0", impl="numba", allow_nonfinite=True)
     with pytest.raises(ValueError, match="no compiled quantizer for BF16"):
         quants.quantize(x, "BF16", impl="numba")
+    with pytest.raises(ValueError, match="no compiled dequantizer for Q2_K"):
+        quants.dequantize(np.zeros(84, np.uint8), "Q2_K", (256,), impl="numba")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        quants.dequantize(np.zeros(34, np.uint8), "Q8_0", (32,), impl="C")
     np.testing.assert_array_equal(quants.quantize(x, "BF16"), quants.quantize(x, "BF16", impl="numpy"))
 
 

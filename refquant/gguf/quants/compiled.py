@@ -771,15 +771,145 @@ _POOL: dict[int, ThreadPoolExecutor] = {}
 def quantize_blocks(blocks: np.ndarray, name: str, type_size: int, threads: int | None = None) -> np.ndarray:
     """Quantize ``float32[B, block]`` (C-contiguous) to ``uint8[B, type_size]`` with ``name``'s
     kernel, in chunks of blocks over ``threads`` threads (default: every core)."""
-    fn = KERNELS[name]
-    out = np.empty((len(blocks), type_size), np.uint8)
+    return _run_chunks(KERNELS[name], blocks, np.empty((len(blocks), type_size), np.uint8), blocks.shape[1], threads)
+
+
+def _run_chunks(fn, src: np.ndarray, out: np.ndarray, block_size: int, threads: int | None) -> np.ndarray:
+    """``fn(src, out)`` over chunks of blocks (at least ``_MIN_CHUNK`` weights each) spread over
+    ``threads`` threads (default: every core); the kernels release the GIL."""
     threads = max(1, int(threads or os.cpu_count() or 1))
-    n = len(blocks)
-    step = max(-(-_MIN_CHUNK // blocks.shape[1]), -(-n // (4 * threads)))
+    n = len(src)
+    step = max(-(-_MIN_CHUNK // block_size), -(-n // (4 * threads)))
     if threads == 1 or n <= step:
-        fn(blocks, out)
+        fn(src, out)
         return out
     pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "refquant-quantize"))
-    for f in [pool.submit(fn, blocks[i:i + step], out[i:i + step]) for i in range(0, n, step)]:
+    for f in [pool.submit(fn, src[i:i + step], out[i:i + step]) for i in range(0, n, step)]:
         f.result()
     return out
+
+
+# ----------------------------------------------------------------------------- dequantizers
+# Each equals the NumPy reference's ``_dq*`` bit for bit (tests): the legacy types compute
+# ``q·d (+ m)`` in float64 and round once to float32, as NumPy's int32 × float32 promotion
+# does there; the K-quants multiply in float32, as their references do.
+
+@njit(inline="always", **_OPTS)
+def _f16_at(b, k, at):
+    return _F16_TO_F32[np.int64(b[k, at]) | (np.int64(b[k, at + 1]) << 8)]
+
+
+@njit(**_OPTS)
+def dq8_0(b, out):
+    for k in range(b.shape[0]):
+        d = np.float64(_f16_at(b, k, 0))
+        for j in range(32):
+            out[k, j] = np.float32(np.float64(_i8(np.int64(b[k, 2 + j]))) * d)
+
+
+@njit(inline="always", **_OPTS)
+def _legacy(b, out, k, at, qh_at, offset, has_m):
+    """Q4_0/Q4_1/Q5_0/Q5_1: nibbles at ``at`` (element j low, j + 16 high), 5th bits in the
+    u32 at ``qh_at`` (or none: -1), codes minus ``offset``, plus ``m`` when ``has_m``."""
+    d = np.float64(_f16_at(b, k, 0))
+    m = np.float64(_f16_at(b, k, 2)) if has_m else 0.0
+    qh = 0
+    if qh_at >= 0:
+        qh = (np.int64(b[k, qh_at]) | (np.int64(b[k, qh_at + 1]) << 8) | (np.int64(b[k, qh_at + 2]) << 16)
+              | (np.int64(b[k, qh_at + 3]) << 24))
+    for j in range(16):
+        v = np.int64(b[k, at + j])
+        lo = (v & 0xF) | (((qh >> j) & 1) << 4)
+        hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+        if has_m:
+            out[k, j] = np.float32(np.float64(lo) * d + m)
+            out[k, j + 16] = np.float32(np.float64(hi) * d + m)
+        else:
+            out[k, j] = np.float32(np.float64(lo - offset) * d)
+            out[k, j + 16] = np.float32(np.float64(hi - offset) * d)
+
+
+@njit(**_OPTS)
+def dq4_0(b, out):
+    for k in range(b.shape[0]):
+        _legacy(b, out, k, 2, -1, 8, False)
+
+
+@njit(**_OPTS)
+def dq4_1(b, out):
+    for k in range(b.shape[0]):
+        _legacy(b, out, k, 4, -1, 0, True)
+
+
+@njit(**_OPTS)
+def dq5_0(b, out):
+    for k in range(b.shape[0]):
+        _legacy(b, out, k, 6, 2, 16, False)
+
+
+@njit(**_OPTS)
+def dq5_1(b, out):
+    for k in range(b.shape[0]):
+        _legacy(b, out, k, 8, 4, 0, True)
+
+
+@njit(inline="always", **_OPTS)
+def _dq_kx(b, out, k, nmax_bits):
+    """Q4_K (``nmax_bits`` 4) / Q5_K (5): ``d·sc·q - dmin·mn`` per 32, in float32."""
+    d = _f16_at(b, k, 0)
+    dmin = _f16_at(b, k, 2)
+    for j in range(8):
+        if j < 4:
+            sc = np.int64(b[k, 4 + j]) & 63
+            mn = np.int64(b[k, 8 + j]) & 63
+        else:
+            sc = (np.int64(b[k, 8 + j]) & 0xF) | ((np.int64(b[k, j]) >> 6) << 4)
+            mn = (np.int64(b[k, 8 + j]) >> 4) | ((np.int64(b[k, 4 + j]) >> 6) << 4)
+        dl = d * _f(sc)
+        ml = dmin * _f(mn)
+        base = 48 if nmax_bits == 5 else 16
+        for i in range(32):
+            v = np.int64(b[k, base + (j // 2) * 32 + i])
+            q = (v >> 4) if j % 2 else (v & 0xF)
+            if nmax_bits == 5:
+                q |= ((np.int64(b[k, 16 + i]) >> j) & 1) << 4
+            out[k, 32 * j + i] = dl * _f(q) - ml
+
+
+@njit(**_OPTS)
+def dq4_k(b, out):
+    for k in range(b.shape[0]):
+        _dq_kx(b, out, k, 4)
+
+
+@njit(**_OPTS)
+def dq5_k(b, out):
+    for k in range(b.shape[0]):
+        _dq_kx(b, out, k, 5)
+
+
+@njit(**_OPTS)
+def dq6_k(b, out):
+    for k in range(b.shape[0]):
+        d = _f16_at(b, k, 208)
+        for h in range(2):
+            for l in range(32):
+                qh = np.int64(b[k, 128 + 32 * h + l])
+                for part in range(4):
+                    ql = np.int64(b[k, 64 * h + 32 * (part % 2) + l])
+                    lo = (ql >> 4) if part >= 2 else (ql & 0xF)
+                    q = (lo | (((qh >> (2 * part)) & 3) << 4)) - 32
+                    idx = 128 * h + 32 * part + l
+                    sc = _f(_i8(np.int64(b[k, 192 + idx // 16])))
+                    out[k, idx] = (d * sc) * _f(q)
+
+
+DEQUANTIZERS = {"Q4_0": dq4_0, "Q4_1": dq4_1, "Q5_0": dq5_0, "Q5_1": dq5_1, "Q8_0": dq8_0, "Q4_K": dq4_k,
+                "Q5_K": dq5_k, "Q6_K": dq6_k}
+
+
+def dequantize_blocks(blocks: np.ndarray, name: str, block_size: int, threads: int | None = None) -> np.ndarray:
+    """Decode ``uint8[B, type_size]`` to ``float32[B, block_size]`` with ``name``'s kernel, in
+    chunks over threads as ``quantize_blocks``."""
+    return _run_chunks(DEQUANTIZERS[name], np.ascontiguousarray(blocks), np.empty((len(blocks), block_size), np.float32),
+                       block_size, threads)

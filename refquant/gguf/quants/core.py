@@ -335,11 +335,15 @@ def quantize(x, type_name, *, allow_nonfinite: bool = False, impl: str = "auto",
     return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
 
 
-def dequantize(raw, type_name, shape) -> np.ndarray:
+def dequantize(raw, type_name, shape, *, impl: str = "auto", threads: int | None = None) -> np.ndarray:
     """Decode ggml block bytes to ``float32`` of ``shape`` (NumPy order, last axis = row).
 
     ``raw`` is any uint8 buffer holding exactly ``prod(shape[:-1]) * row_bytes`` bytes.
+    ``impl`` as in ``quantize``: the compiled decoders (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+    Q5_K, Q6_K) give the NumPy reference's floats bit for bit, also for Inf/NaN scales.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     t = ggml_type(type_name)
     if t.name not in FORMATS:
         raise ValueError(f"refquant cannot dequantize {t.name}; supported: {', '.join(FORMATS)}")
@@ -357,6 +361,13 @@ def dequantize(raw, type_name, shape) -> np.ndarray:
     blocks = raw.reshape(-1, t.type_size)
     if len(blocks) == 0:
         return np.zeros(shape, F32)
+    if impl != "numpy" and t.block_size > 1:
+        from refquant.gguf.quants import compiled
+
+        if t.name in compiled.DEQUANTIZERS:
+            return compiled.dequantize_blocks(blocks, t.name, t.block_size, threads).reshape(shape)
+        if impl == "numba":
+            raise ValueError(f"no compiled dequantizer for {t.name}; compiled: {', '.join(compiled.DEQUANTIZERS)}")
     fn = FORMATS[t.name].dequantize
     with np.errstate(all="ignore"):  # crafted scales may be Inf/NaN; decode them as ggml does
         if t.block_size == 1:
