@@ -19,6 +19,7 @@ the training split.
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -262,7 +263,15 @@ class Splits:
 
 def make_splits(n_train: int = 60000, n_val: int = 2000, n_test: int = 3000, seed: int = 0,
                 heldout_fraction: float = 0.1) -> Splits:
-    """Deterministic train / validation / test lines (see the module docstring)."""
+    """Deterministic train / validation / test lines (see the module docstring). Drawn once
+    per process and argument set (about 2 s for the default sizes); every call gets its own
+    lists."""
+    s = _draw_splits(n_train, n_val, n_test, seed, heldout_fraction)
+    return Splits(list(s.train), list(s.validation), list(s.test), s.heldout_verbs, list(s.test_verbs))
+
+
+@functools.lru_cache(maxsize=4)
+def _draw_splits(n_train: int, n_val: int, n_test: int, seed: int, heldout_fraction: float) -> Splits:
     rng = random.Random(seed)
     verbs = lexicon()
     heldout = frozenset(v.base for v in rng.sample(verbs, int(len(verbs) * heldout_fraction)))

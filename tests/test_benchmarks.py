@@ -67,7 +67,7 @@ def test_outliers_quick(out_dirs):
 
 def test_pareto_quick(out_dirs):
     from benchmarks import pareto
-    pareto.main(["--quick", "--limit", "30"])
+    pareto.main(["--quick", "--limit", "12"])
     data = load(out_dirs, "pareto")
     by = {r["scheme"]: r for r in data["results"]}
     assert set(pareto.QUICK_SCHEMES) <= set(by)

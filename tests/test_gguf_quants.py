@@ -110,7 +110,7 @@ COMPILED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4
 
 
 @pytest.mark.parametrize("name", COMPILED)
-@settings(max_examples=80)   # an oracle cross-check on top of the C golden bytes (every family, both)
+@settings(max_examples=50)   # an oracle cross-check on top of the C golden bytes (every family, both)
 @given(data=st.data())
 def test_compiled_quantizer_writes_the_reference_bytes(name, data):
     """The numba kernel against the NumPy reference on rows built to hit the searches'

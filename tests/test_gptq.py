@@ -1,7 +1,7 @@
 """GPTQ against a textbook column-by-column implementation, against RTN, and its special cases."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from refquant import affine, gptq, packing
 
@@ -40,6 +40,7 @@ def out_err(w, wh, X):
     return np.linalg.norm(X.astype(np.float64) @ (w.astype(np.float64) - wh).T)
 
 
+@settings(max_examples=50)   # each example runs the O(d³) textbook and three lazy-batch sizes
 @given(seed=st.integers(0, 1000), gs=st.sampled_from([32, 128]), bits=st.sampled_from([3, 4]))
 def test_lazy_batches_equal_the_textbook_algorithm(seed, gs, bits):
     w, X = layer(seed)

@@ -234,8 +234,12 @@ def test_splits_are_disjoint_and_hold_out_verb_forms(splits):
 
 
 def test_corpus_is_deterministic():
-    a, b = corpus.make_splits(n_train=200, n_val=10, n_test=10), corpus.make_splits(n_train=200, n_val=10, n_test=10)
+    a = corpus.make_splits(n_train=200, n_val=10, n_test=10)
+    corpus._draw_splits.cache_clear()   # drawn again, not served from the per-process cache
+    b = corpus.make_splits(n_train=200, n_val=10, n_test=10)
     assert a == b and a.train != corpus.make_splits(n_train=200, n_val=10, n_test=10, seed=1).train
+    a.train.append("changed")   # every call gets its own lists
+    assert corpus.make_splits(n_train=200, n_val=10, n_test=10) == b
 
 
 # --------------------------------------------------------------------- the committed checkpoint

@@ -329,23 +329,34 @@ def _make_qkx2_quants(x, b, lo, n, nmax, w, L, Laux, rmin, rdelta, nstep, use_ma
 
 
 @njit(**_OPTS)
-def _make_qx_quants(x, b, lo, n, nmax, L):
-    """``make_qx_quants`` with ``rmse_type = 1`` and no importance weights; codes ``l + nmax``."""
+def _sym_first_fit(x, b, lo, n, nmax, L, offset):
+    """The start ``make_qx_quants`` and ``make_q3_quants`` share: the signed absmax ``mx``;
+    an all-zero block gets ``L = 0`` and ``ok = False``; else ``L = l + offset`` for
+    ``l = clamp(nearest_int(-nmax/mx · x))`` and the weighted (x²) sums ``Σ w x l``, ``Σ w l²``."""
     mx, amax = _absmax(x, b, lo, lo + n)
     if amax < _EPS:
         for i in range(n):
             L[lo + i] = 0
-        return _f(0)
+        return False, mx, _f(0), _f(0)
     iscale = _f(-nmax) / mx
     sumlx = _f(0)
     suml2 = _f(0)
     for i in range(n):
         v = x[b, lo + i]
         l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
-        L[lo + i] = l + nmax
+        L[lo + i] = l + offset
         w = v * v
         sumlx += w * v * _f(l)
         suml2 += w * _f(l) * _f(l)
+    return True, mx, sumlx, suml2
+
+
+@njit(**_OPTS)
+def _make_qx_quants(x, b, lo, n, nmax, L):
+    """``make_qx_quants`` with ``rmse_type = 1`` and no importance weights; codes ``l + nmax``."""
+    ok, mx, sumlx, suml2 = _sym_first_fit(x, b, lo, n, nmax, L, nmax)
+    if not ok:
+        return _f(0)
     scale = sumlx / suml2 if suml2 != 0 else _f(0)
     best = scale * sumlx
     for step in range(-9, 10):
@@ -371,21 +382,9 @@ def _make_qx_quants(x, b, lo, n, nmax, L):
 @njit(**_OPTS)
 def _make_q3_quants(x, b, lo, n, nmax, L):
     """``make_q3_quants`` with ``do_rmse``: coordinate descent; codes ``l + nmax``."""
-    mx, amax = _absmax(x, b, lo, lo + n)
-    if amax < _EPS:
-        for i in range(n):
-            L[lo + i] = 0
+    ok, mx, sumlx, suml2 = _sym_first_fit(x, b, lo, n, nmax, L, 0)
+    if not ok:
         return _f(0)
-    iscale = _f(-nmax) / mx
-    sumlx = _f(0)
-    suml2 = _f(0)
-    for i in range(n):
-        v = x[b, lo + i]
-        l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
-        L[lo + i] = l
-        w = v * v
-        sumlx += w * v * _f(l)
-        suml2 += w * _f(l) * _f(l)
     for _ in range(5):
         changed = 0
         for i in range(n):
