@@ -1,0 +1,118 @@
+"""safetensors files (against the safetensors package) and whole GPTQ / AWQ /
+compressed-tensors checkpoints: write, read back, configs, and bad files named."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from refquant import affine, gptq
+from refquant.hf import checkpoint, safetensors
+from tests.conftest import need
+
+
+def st_numpy():
+    return need("safetensors.numpy")
+
+
+def test_files_cross_read_with_the_safetensors_package(tmp_path):
+    arrays = {"a": np.arange(12, dtype=np.float16).reshape(3, 4), "b": np.array([-1, 7], np.int32),
+              "c": np.zeros((0, 5), np.float32), "d": np.arange(6, dtype=np.uint8)}
+    safetensors.write(tmp_path / "ours.safetensors", arrays, {"format": "pt"})
+    theirs = st_numpy().load_file(str(tmp_path / "ours.safetensors"))
+    st_numpy().save_file(arrays, str(tmp_path / "theirs.safetensors"), metadata={"k": "v"})
+    back, meta = safetensors.read(tmp_path / "theirs.safetensors")
+    assert meta == {"k": "v"} and set(theirs) == set(back) == set(arrays)
+    for k, a in arrays.items():
+        for got in (theirs[k], back[k]):
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+
+
+def _raw_file(path, header: dict, data: bytes, size=None):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h) if size is None else size) + h + data)
+    return path
+
+
+def test_bf16_reads_as_float32(tmp_path):
+    # bf16 0x3F80 = 1.0, 0xC000 = -2.0 (the high halves of the float32 bits)
+    p = _raw_file(tmp_path / "b.safetensors", {"x": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}},
+                  b"\x80\x3f\x00\xc0")
+    x, _ = safetensors.read(p)
+    np.testing.assert_array_equal(x["x"], np.array([1.0, -2.0], np.float32))
+
+
+@pytest.mark.parametrize("header, data, size, match", [
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "outside the 4 data bytes"),
+    ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12 bytes"),
+    ({"x": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}, b"\0", None, "unknown dtype"),
+    ({"x": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+      "y": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}}, b"\0" * 3, None, "overlap or leave holes"),
+    ({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0" * 2, None, "cover 1 of 2"),
+    ({"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0", 10**6, "does not fit"),
+    ({"x": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}}, b"\0", None, "non-negative"),
+])
+def test_malformed_files_are_named(tmp_path, header, data, size, match):
+    p = _raw_file(tmp_path / "bad.safetensors", header, data, size)
+    with pytest.raises(safetensors.SafetensorsError, match=match):
+        safetensors.read(p)
+    (tmp_path / "short.safetensors").write_bytes(b"\x05\0\0")
+    with pytest.raises(safetensors.SafetensorsError, match="too short"):
+        safetensors.read(tmp_path / "short.safetensors")
+
+
+def tiny_model(seed=0):
+    rng = np.random.default_rng(seed)
+    names = {"model.layers.0.self_attn.q_proj": (64, 256), "model.layers.0.mlp.up_proj": (128, 256),
+             "model.layers.0.mlp.down_proj": (64, 128)}
+    ws = {k: rng.standard_normal(s).astype(np.float32) for k, s in names.items()}
+    Hs = {k: gptq.hessian(rng.standard_normal((300, s[1])).astype(np.float32)) for k, s in names.items()}
+    others = {"model.embed_tokens.weight": rng.standard_normal((50, 64)).astype(np.float16),
+              "model.norm.weight": np.ones(64, np.float32)}
+    return ws, Hs, others
+
+
+@pytest.mark.parametrize("layout, kw, fmt", [
+    ("gptq", dict(bits=4, group_size=64), "gptq"),
+    ("gptq", dict(bits=4, group_size=64, sym=False, act_order=True), "gptq_v2"),
+    ("awq", dict(bits=4, group_size=64, sym=False), "gptq"),
+    ("compressed-tensors", dict(bits=4, group_size=64), "gptq"),
+    ("compressed-tensors", dict(bits=8, group_size=-1, sym=False, act_order=True), "gptq"),
+])
+def test_checkpoint_round_trip(tmp_path, layout, kw, fmt):
+    ws, Hs, others = tiny_model()
+    q = {k: gptq.gptq_quantize(w, Hs[k], **kw)[0] for k, w in ws.items()}
+    if layout == "gptq" and fmt == "gptq" and any(not t.meta["sym"] and np.any(t.zeros == 0) for t in q.values()):
+        pytest.fail("test setup: v1 cannot store zero points of 0")
+    checkpoint.write(tmp_path, q, others, layout=layout, checkpoint_format=fmt, config={"architectures": ["X"]})
+    ck = checkpoint.read(tmp_path)
+    assert ck.scheme.layout == layout and ck.scheme.bits == kw["bits"] and ck.scheme.sym == kw.get("sym", True)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["X"]
+    assert set(ck.quantized) == set(q) and set(ck.tensors) == set(others)
+    for k, t in q.items():
+        np.testing.assert_array_equal(ck.quantized[k].dequantize(), t.dequantize())
+        if layout != "awq":   # AWQ stores every grid as asymmetric; the weights above are what matters
+            np.testing.assert_array_equal(ck.quantized[k].codes, t.codes)
+        bpw = checkpoint.stored_bits_per_weight(ck.raw[k], t.shape)
+        assert kw["bits"] < bpw < kw["bits"] + 1.5
+    for k, a in others.items():
+        np.testing.assert_array_equal(ck.tensors[k], a)
+
+
+def test_checkpoint_errors_name_the_layer(tmp_path):
+    ws, Hs, others = tiny_model()
+    q = {k: affine.quantize(w, 4, granularity="group", group_size=64, scale_dtype=np.float16) for k, w in ws.items()}
+    checkpoint.write(tmp_path, q, others, layout="gptq")
+    tensors, meta = safetensors.read(tmp_path / "model.safetensors")
+    tensors = dict(tensors)
+    tensors["model.layers.0.mlp.up_proj.scales"] = tensors["model.layers.0.mlp.up_proj.scales"][:, :64]
+    safetensors.write(tmp_path / "model.safetensors", tensors, meta)
+    with pytest.raises(ValueError, match="layer 'model.layers.0.mlp.up_proj'.*GPTQ tensors disagree"):
+        checkpoint.read(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(ValueError, match="does not fit"):
+        checkpoint.read(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bnb"}}))
+    with pytest.raises(ValueError, match="quant_method 'bnb'"):
+        checkpoint.scheme_of(tmp_path)
