@@ -1,6 +1,7 @@
-"""``python -m refquant``: inspect, requantize, dequantize and compare GGUF files.
+"""``python -m refquant``: inspect, requantize, dequantize, compare and export GGUF files.
 
-    python -m refquant inspect FILE
+    python -m refquant inspect FILE            (a .gguf, or a GPTQ/AWQ/compressed-tensors checkpoint)
+    python -m refquant export IN.gguf DIR --format gptq|awq|compressed-tensors [--bits 4 --group-size 128]
     python -m refquant quantize IN OUT --type Q4_K [--keep PATTERN ...] [--impl auto|numpy|numba]
     python -m refquant dequantize IN OUT [--type F32|F16]
     python -m refquant compare A B
@@ -49,6 +50,10 @@ def _human(n: int) -> str:
 
 
 def cmd_inspect(args) -> int:
+    from pathlib import Path
+
+    if Path(args.file).is_dir() or str(args.file).endswith(".safetensors"):
+        return _inspect_checkpoint(args.file)
     with gguf.read(args.file) as f:
         print(f"{f.path}: GGUF v{f.version}, alignment {f.alignment}, {len(f.metadata)} metadata keys, "
               f"{len(f.tensors)} tensors, data at byte {f.data_offset}")
@@ -66,6 +71,75 @@ def cmd_inspect(args) -> int:
         bpw = 8 * total / weights if weights else 0.0
         print(f"\ntotal: {weights} weights in {total} bytes ({_human(total)}), {bpw:.3f} bits per weight")
     return 0
+
+
+def _inspect_checkpoint(path) -> int:
+    """A GPTQ / AWQ / compressed-tensors checkpoint: its scheme, every quantized Linear
+    (shape, bits, group size, act-order, stored bits per weight) and the other tensors."""
+    from refquant.hf import checkpoint
+
+    ck = checkpoint.read(path)
+    s = ck.scheme
+    extra = f", checkpoint_format {s.checkpoint_format}" if s.layout == "gptq" else ""
+    print(f"{path}: {s.layout} checkpoint, {s.bits}-bit, group size {s.group_size}, "
+          f"{'symmetric' if s.sym else 'asymmetric'}{', act-order' if s.act_order else ''}{extra}")
+    print(f"\n{'quantized layer':<44} {'shape':>11} {'bits':>4} {'group':>6} {'act':>4} {'bpw':>7}")
+    stored = weights = 0
+    for prefix, qt in ck.quantized.items():
+        m = qt.meta
+        gs = m.get("group_size") or qt.shape[1]
+        bpw = checkpoint.stored_bits_per_weight(ck.raw[prefix], qt.shape)
+        print(f"{prefix:<44} {'x'.join(map(str, qt.shape)):>11} {m['bits']:>4} {gs:>6} "
+              f"{'yes' if qt.kind == 'gptq' else 'no':>4} {bpw:>7.3f}")
+        stored += bpw * qt.shape[0] * qt.shape[1] / 8
+        weights += qt.shape[0] * qt.shape[1]
+    print(f"\n{'other tensor':<44} {'shape':>11} {'dtype':>8}")
+    for name, a in ck.tensors.items():
+        print(f"{name:<44} {'x'.join(map(str, a.shape)):>11} {str(a.dtype):>8}")
+    if weights:
+        print(f"\nquantized: {weights} weights in {stored:.0f} bytes, {8 * stored / weights:.3f} bits per weight")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """A llama GGUF's Linear weights, round-to-nearest, as a GPTQ / AWQ / compressed-tensors checkpoint."""
+    from refquant import affine
+    from refquant.hf import checkpoint, llama
+
+    sym = not args.asym
+    with gguf.read(args.input) as f:
+        meta = dict(f.metadata)
+        if meta.get("general.architecture") != "llama":
+            raise ValueError(f"{args.input}: export reads llama-architecture files, got "
+                             f"{meta.get('general.architecture')!r}")
+        cfg = llama.config(meta)
+        heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+        quantized, others = {}, {}
+        for name, info in _progress_items(f.tensors.items(), "export"):
+            w = f.tensor(name).dequantize()
+            kind = name.split(".")[-2]
+            if name.startswith("blk.") and kind in heads:   # back to Hugging Face's rotary row order
+                w = w[np.argsort(llama.rope_rows(w.shape[0], heads[kind]))]
+            hf = llama.hf_name(name)
+            if name.startswith("blk.") and kind in llama.LINEARS and len(info.shape) == 2:
+                quantized[hf[: -len(".weight")]] = affine.quantize(
+                    w, args.bits, sym=sym, granularity="group", group_size=args.group_size, scale_dtype=np.float16)
+            else:
+                others[hf] = w.astype(np.float32 if w.ndim == 1 else np.float16)
+    if "lm_head.weight" not in others:
+        cfg["tie_word_embeddings"] = True
+    checkpoint.write(args.output, quantized, others, layout=args.format, checkpoint_format=args.checkpoint_format,
+                     config=cfg)
+    print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} g{args.group_size} "
+          f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors")
+    return 0
+
+
+def _progress_items(items, desc):
+    from tqdm import tqdm
+
+    items = list(items)
+    return tqdm(items, desc=desc, unit="tensor", disable=None)
 
 
 def _progress(items, desc):
@@ -210,7 +284,8 @@ def cmd_compare(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m refquant", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("inspect", help="metadata summary and tensor table")
+    s = sub.add_parser("inspect", help="metadata summary and tensor table (GGUF), or layers and scheme "
+                                      "(GPTQ / AWQ / compressed-tensors checkpoint directory or .safetensors)")
     s.add_argument("file")
     s = sub.add_parser("quantize", help="requantize every 2-D weight tensor")
     s.add_argument("input")
@@ -223,6 +298,16 @@ def main(argv=None) -> int:
     s.add_argument("--impl", default="auto", choices=quants.IMPLS,
                    help="quantizer: the compiled kernels over every core (numba), the NumPy reference "
                         "(numpy), or numba where it applies (auto, the default); the bytes are the same")
+    s = sub.add_parser("export", help="a llama GGUF as a GPTQ / AWQ / compressed-tensors checkpoint "
+                                     "(round-to-nearest; Hugging Face names and rotary row order)")
+    s.add_argument("input")
+    s.add_argument("output", help="directory: model.safetensors, config.json (+ quantize_config.json)")
+    s.add_argument("--format", required=True, choices=["gptq", "awq", "compressed-tensors"])
+    s.add_argument("--bits", type=int, default=4)
+    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--asym", action="store_true", help="zero points (AWQ stores every grid with them)")
+    s.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
+                   help="GPTQ only: v1 stores zero points minus one (the original AutoGPTQ files)")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
     s.add_argument("input")
     s.add_argument("output")
@@ -234,7 +319,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return {"inspect": cmd_inspect, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
-                "compare": cmd_compare}[args.cmd](args)
+                "compare": cmd_compare, "export": cmd_export}[args.cmd](args)
     except (gguf.GGUFError, ValueError, OSError) as e:
         _note(f"error: {e}")
         return 2

@@ -116,3 +116,56 @@ def test_checkpoint_errors_name_the_layer(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bnb"}}))
     with pytest.raises(ValueError, match="quant_method 'bnb'"):
         checkpoint.scheme_of(tmp_path)
+
+
+def test_llama_names_and_rotary_rows_by_hand():
+    from refquant.hf import llama
+    assert llama.hf_name("blk.3.attn_q.weight") == "model.layers.3.self_attn.q_proj.weight"
+    assert llama.hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert llama.hf_name("token_embd.weight") == "model.embed_tokens.weight"
+    for n in ("blk.12.ffn_down.weight", "blk.0.attn_norm.weight", "output_norm.weight", "output.weight"):
+        assert llama.gguf_name(llama.hf_name(n)) == n
+    with pytest.raises(ValueError, match="no Hugging Face Llama name"):
+        llama.hf_name("blk.0.attn_qkv.weight")
+    # 2 heads of 4 rows: GGUF row 2i + j of a head is HF row 2j + i (d/2 = 2)
+    np.testing.assert_array_equal(llama.rope_rows(8, 2), [0, 2, 1, 3, 4, 6, 5, 7])
+
+
+def test_export_cli_writes_hugging_face_rows(tmp_path):
+    """A tiny llama GGUF exported: names mapped, q/k rows back in Hugging Face's rotary
+    order (GGUF = HF[perm], llama.cpp's permute), every Linear RTN-quantized on those rows."""
+    from refquant import gguf
+    from refquant.__main__ import main
+    from refquant.hf import llama
+
+    rng = np.random.default_rng(2)
+    d, kv, ff = 64, 32, 128
+    shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d), "ffn_gate": (ff, d),
+              "ffn_up": (ff, d), "ffn_down": (d, ff)}
+    t = {f"blk.0.{k}.weight": rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    t.update({"token_embd.weight": rng.standard_normal((16, d)).astype(np.float32),
+              "blk.0.attn_norm.weight": np.ones(d, np.float32), "blk.0.ffn_norm.weight": np.ones(d, np.float32),
+              "output_norm.weight": np.ones(d, np.float32)})
+    meta = {"general.architecture": "llama", "llama.block_count": np.uint32(1), "llama.embedding_length": np.uint32(d),
+            "llama.feed_forward_length": np.uint32(ff), "llama.attention.head_count": np.uint32(4),
+            "llama.attention.head_count_kv": np.uint32(2), "llama.context_length": np.uint32(64)}
+    gguf.write(tmp_path / "m.gguf", meta, t)
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "compressed-tensors",
+                 "--group-size", "32"]) == 0
+    ck = checkpoint.read(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == 2 and cfg["tie_word_embeddings"] is True
+    for k, w in t.items():
+        name = llama.hf_name(k)
+        kind = k.split(".")[-2]
+        if kind in ("attn_q", "attn_k"):
+            w = w[np.argsort(llama.rope_rows(w.shape[0], 4 if kind == "attn_q" else 2))]
+        if kind in llama.LINEARS:
+            want = affine.quantize(w, 4, granularity="group", group_size=32, scale_dtype=np.float16)
+            np.testing.assert_array_equal(ck.quantized[name[:-len(".weight")]].dequantize(), want.dequantize())
+        else:
+            np.testing.assert_array_equal(ck.tensors[name], w.astype(ck.tensors[name].dtype))
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "bad"), "--format", "gptq",
+                 "--group-size", "48"]) == 2   # 64 inputs are not whole groups of 48: an error, no files
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
