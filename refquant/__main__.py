@@ -2,6 +2,7 @@
 
     python -m refquant inspect FILE            (a .gguf, or a GPTQ/AWQ/compressed-tensors checkpoint)
     python -m refquant export IN.gguf DIR --format gptq|awq|compressed-tensors [--bits 4 --group-size 128]
+    python -m refquant convert DIR OUT.gguf [--metadata-from IN.gguf] [--fallback Q8_0]
     python -m refquant quantize IN OUT --type Q4_K [--keep PATTERN ...] [--impl auto|numpy|numba]
     python -m refquant dequantize IN OUT [--type F32|F16]
     python -m refquant compare A B
@@ -132,6 +133,58 @@ def cmd_export(args) -> int:
                      config=cfg)
     print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} g{args.group_size} "
           f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """A GPTQ / AWQ / compressed-tensors checkpoint of a Llama model as a GGUF file: 4-bit
+    groups of a multiple of 32 become Q4_0 (symmetric, bit for bit) or Q4_1 (asymmetric, m
+    rounded to fp16, reported); any other grid is dequantized and requantized to
+    ``--fallback`` (said per tensor)."""
+    import json
+    from pathlib import Path
+
+    from refquant.gguf.tensors import as_ggml
+    from refquant.hf import checkpoint, llama
+
+    ck = checkpoint.read(args.input)
+    d = Path(args.input)
+    d = d if d.is_dir() else d.parent
+    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    if "LlamaForCausalLM" not in cfg.get("architectures", []):
+        raise ValueError(f"{args.input}: convert reads LlamaForCausalLM checkpoints, config.json says "
+                         f"{cfg.get('architectures')}")
+    meta = llama.metadata(cfg)
+    if args.metadata_from:   # the tokenizer and any other keys, from a GGUF of the same model
+        with gguf.read(args.metadata_from) as f:
+            meta = {**{k: v for k, v in f.metadata.items() if k != "general.file_type"}, **meta}
+    heads = {"attn_q": int(cfg["num_attention_heads"]),
+             "attn_k": int(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))}
+    out, exact, requant, worst_m = {}, 0, [], 0.0
+    for prefix, qt in ck.quantized.items():
+        name = llama.gguf_name(prefix + ".weight")
+        kind = name.split(".")[-2]
+        if kind in heads:   # to llama.cpp's rotary row order
+            qt = llama.permute_rows(qt, llama.rope_rows(qt.shape[0], heads[kind]))
+        try:
+            raw, t, m_err = as_ggml(qt)
+            exact += 1
+            worst_m = max(worst_m, m_err)
+        except ValueError as e:
+            t = quants.ggml_type(args.fallback).name
+            raw = quants.quantize(qt.dequantize(), t)
+            requant.append(name)
+            _note(f"{name}: {e}; requantized to {t}")
+        out[name] = gguf.GGUFTensor(t, qt.shape, raw)
+    for hf, a in ck.tensors.items():
+        name = llama.gguf_name(hf)
+        a = np.asarray(a, np.float32)
+        if name.split(".")[-2] in heads:
+            a = a[llama.rope_rows(a.shape[0], heads[name.split(".")[-2]])]
+        out[name] = a if a.ndim == 1 else gguf.GGUFTensor("F16", a.shape, a.astype("<f2").reshape(-1).view(np.uint8))
+    gguf.write(args.output, meta, out)
+    print(f"wrote {args.output}: {exact} Linears exactly as Q4_0/Q4_1 (largest fp16 rounding of m: {worst_m:.3g}), "
+          f"{len(requant)} requantized to {args.fallback}, {len(ck.tensors)} other tensors")
     return 0
 
 
@@ -308,6 +361,12 @@ def main(argv=None) -> int:
     s.add_argument("--asym", action="store_true", help="zero points (AWQ stores every grid with them)")
     s.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
                    help="GPTQ only: v1 stores zero points minus one (the original AutoGPTQ files)")
+    s = sub.add_parser("convert", help="a GPTQ / AWQ / compressed-tensors Llama checkpoint as GGUF (4-bit groups "
+                                      "exactly as Q4_0 / Q4_1, other grids requantized)")
+    s.add_argument("input", help="checkpoint directory (or its .safetensors file)")
+    s.add_argument("output")
+    s.add_argument("--fallback", default="Q8_0", help="ggml type for grids that have no exact GGUF form")
+    s.add_argument("--metadata-from", metavar="GGUF", help="copy the tokenizer and other metadata from this file")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
     s.add_argument("input")
     s.add_argument("output")
@@ -319,7 +378,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return {"inspect": cmd_inspect, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
-                "compare": cmd_compare, "export": cmd_export}[args.cmd](args)
+                "compare": cmd_compare, "export": cmd_export, "convert": cmd_convert}[args.cmd](args)
     except (gguf.GGUFError, ValueError, OSError) as e:
         _note(f"error: {e}")
         return 2

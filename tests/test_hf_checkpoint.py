@@ -131,6 +131,76 @@ def test_llama_names_and_rotary_rows_by_hand():
     np.testing.assert_array_equal(llama.rope_rows(8, 2), [0, 2, 1, 3, 4, 6, 5, 7])
 
 
+def tiny_llama_gguf(path):
+    from refquant import gguf
+
+    rng = np.random.default_rng(2)
+    d, kv, ff = 64, 32, 128
+    shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d), "ffn_gate": (ff, d),
+              "ffn_up": (ff, d), "ffn_down": (d, ff)}
+    t = {f"blk.0.{k}.weight": rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    t.update({"token_embd.weight": rng.standard_normal((16, d)).astype(np.float32),
+              "blk.0.attn_norm.weight": np.ones(d, np.float32), "blk.0.ffn_norm.weight": np.ones(d, np.float32),
+              "output_norm.weight": np.ones(d, np.float32)})
+    meta = {"general.architecture": "llama", "llama.block_count": np.uint32(1), "llama.embedding_length": np.uint32(d),
+            "llama.feed_forward_length": np.uint32(ff), "llama.attention.head_count": np.uint32(4),
+            "llama.attention.head_count_kv": np.uint32(2), "llama.context_length": np.uint32(64),
+            "tokenizer.ggml.model": "gpt2"}
+    gguf.write(path, meta, t)
+    return t
+
+
+@pytest.mark.parametrize("fmt, asym, want_type", [("gptq", False, "Q4_0"), ("compressed-tensors", True, "Q4_1"),
+                                                   ("awq", False, "Q4_1")])
+def test_export_then_convert_gives_the_round_to_nearest_weights_back(tmp_path, fmt, asym, want_type):
+    """GGUF → checkpoint → GGUF: every Linear comes back as Q4_0 / Q4_1 whose dequantized
+    weights are the RTN grid of the original (GGUF row order restored) bit for bit."""
+    from refquant import gguf
+    from refquant.__main__ import main
+
+    t = tiny_llama_gguf(tmp_path / "m.gguf")
+    args = ["--asym"] if asym else []
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", fmt, "--group-size", "32",
+                 *args]) == 0
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "back.gguf"), "--metadata-from",
+                 str(tmp_path / "m.gguf")]) == 0
+    with gguf.read(tmp_path / "back.gguf") as f:
+        assert f.metadata["tokenizer.ggml.model"] == "gpt2" and int(f.metadata["llama.attention.head_count_kv"]) == 2
+        assert set(f.tensors) == set(t)
+        for k, w in t.items():
+            got = f.tensor(k).dequantize()
+            if w.ndim == 2 and not k.startswith("token_embd"):
+                want = affine.quantize(w, 4, sym=not asym, granularity="group", group_size=32, scale_dtype=np.float16)
+                assert f.tensors[k].type.name == want_type
+                if not asym:   # Q4_0, or Q4_1 with m = fp16(-8 s), exact: the same floats
+                    np.testing.assert_array_equal(got, want.dequantize())
+                    continue
+                # Q4_1: m = fp16(-z s) rounds; each weight moves by that rounding (+ float32 sum rounding)
+                zs = want.zeros.astype(np.float64) * want.scales.astype(np.float64)
+                m_err = np.abs((-zs).astype(np.float16).astype(np.float64) + zs).repeat(32, axis=1)
+                err = np.abs(got.astype(np.float64) - want.dequantize())
+                assert np.all(err <= m_err + 2.0**-23 * np.abs(want.dequantize()) + 1e-30) and np.any(m_err > 0)
+            else:
+                np.testing.assert_array_equal(got, w.astype(np.float16 if w.ndim == 2 else np.float32))
+
+
+def test_convert_requantizes_grids_without_a_gguf_form(tmp_path, capsys):
+    from refquant import gguf
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "gptq", "--bits", "8",
+                 "--group-size", "32", "--checkpoint-format", "gptq_v2"]) == 0
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "b.gguf"), "--fallback", "Q8_0"]) == 0
+    assert "requantized to Q8_0" in capsys.readouterr().err
+    with gguf.read(tmp_path / "b.gguf") as f:
+        assert f.tensors["blk.0.attn_q.weight"].type.name == "Q8_0"
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(dict(cfg, architectures=["MistralForCausalLM"])))
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "c.gguf")]) == 2
+    assert "LlamaForCausalLM" in capsys.readouterr().err and not (tmp_path / "c.gguf").exists()
+
+
 def test_export_cli_writes_hugging_face_rows(tmp_path):
     """A tiny llama GGUF exported: names mapped, q/k rows back in Hugging Face's rotary
     order (GGUF = HF[perm], llama.cpp's permute), every Linear RTN-quantized on those rows."""

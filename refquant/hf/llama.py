@@ -67,3 +67,29 @@ def config(metadata: dict) -> dict:
                 rms_norm_eps=float(str(np.float32(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)))),
                 rope_theta=float(m.get("llama.rope.freq_base", 10000.0)),
                 vocab_size=int(m.get("llama.vocab_size", 0)) or None, torch_dtype="float16")
+
+
+def permute_rows(qt, perm: np.ndarray):
+    """``qt`` with its output rows reordered (row ``r`` of the result is row ``perm[r]``):
+    codes, scales and zero points move with their rows, so the weights move exactly."""
+    from refquant.tensor import QuantizedTensor
+
+    m = qt.meta
+    if qt.kind not in ("affine", "gptq") or (qt.kind == "affine" and m["granularity"] not in ("group", "channel")):
+        raise ValueError(f"rows of a {qt.kind} tensor ({m.get('granularity')}) cannot be reordered here")
+    return QuantizedTensor(qt.codes[perm], qt.scales[perm], None if qt.zeros is None else qt.zeros[perm],
+                           qt.shape, qt.scheme, dict(m))
+
+
+def metadata(cfg: dict) -> dict:
+    """llama GGUF metadata (``llama.*``) from a ``config.json``."""
+    n_head = int(cfg["num_attention_heads"])
+    d = int(cfg["hidden_size"])
+    return {"general.architecture": "llama", "llama.block_count": np.uint32(cfg["num_hidden_layers"]),
+            "llama.context_length": np.uint32(cfg.get("max_position_embeddings", 2048)),
+            "llama.embedding_length": np.uint32(d), "llama.feed_forward_length": np.uint32(cfg["intermediate_size"]),
+            "llama.attention.head_count": np.uint32(n_head),
+            "llama.attention.head_count_kv": np.uint32(cfg.get("num_key_value_heads", n_head)),
+            "llama.rope.freq_base": np.float32(cfg.get("rope_theta", 10000.0)),
+            "llama.attention.layer_norm_rms_epsilon": np.float32(cfg.get("rms_norm_eps", 1e-5)),
+            "llama.rope.dimension_count": np.uint32(d // n_head)}
