@@ -239,3 +239,28 @@ def test_export_cli_writes_hugging_face_rows(tmp_path):
     assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "bad"), "--format", "gptq",
                  "--group-size", "48"]) == 2   # 64 inputs are not whole groups of 48: an error, no files
     assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_smollm2_gptq_export_converts_back_to_the_same_weights(tmp_path, smollm2_path):
+    """Calibrated GPTQ (block 0's seven Linears, symmetric INT4 g64, act-order off) exported
+    as a GPTQ checkpoint and converted back: Q4_0 tensors that dequantize bit for bit to the
+    GPTQ weights the model in memory holds; the other matrices are their float16 values."""
+    from refquant import gguf
+    from refquant.__main__ import main
+    from minigpt_np import corpus, export
+
+    text = "\n".join(ln.split(" => ")[0] for ln in corpus.make_splits().test[:200])
+    layers = [f"blk.0.{k}.weight" for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                              "ffn_down")]
+    mem = export.export(smollm2_path, tmp_path / "ck", method="gptq", layout="gptq", calib_text=text,
+                        group_size=64, sequences=2, tokens=32, layers=layers, progress=False)
+    assert set(mem) == set(layers) and all(qt.scheme == "gptq_int4_g64" for qt in mem.values())
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "back.gguf"), "--metadata-from",
+                 str(smollm2_path)]) == 0
+    with gguf.read(tmp_path / "back.gguf") as f, gguf.read(smollm2_path) as src:
+        for name, qt in mem.items():
+            assert f.tensors[name].type.name == "Q4_0"
+            np.testing.assert_array_equal(f.tensor(name).dequantize(), qt.dequantize())
+        for name in ("blk.1.attn_q.weight", "blk.29.ffn_down.weight"):
+            np.testing.assert_array_equal(f.tensor(name).dequantize(),
+                                          src.tensor(name).dequantize().astype(np.float16).astype(np.float32))

@@ -1,0 +1,105 @@
+"""Calibrated export of a Llama GGUF as a GPTQ / AWQ / compressed-tensors checkpoint.
+
+    python -m minigpt_np.export model.gguf DIR --method gptq --format gptq --calib FILE \\
+        [--group-size 64] [--act-order] [--sequences 16] [--tokens 128]
+
+The model runs on ``--sequences`` windows of ``--tokens`` tokens of the calibration text
+(``llama.quantize_model``: one pass collects every Linear's Hessian / activation
+statistics), each block Linear is quantized by the registered scheme
+(``gptq_int4_g{size}``, ``gptq_int4_g128_actorder``, ``awq_int4_g128`` or the RTN
+``int4_g{size}``), and ``refquant.hf.checkpoint`` writes the layout with Hugging Face's
+names and rotary row order. (``python -m refquant export`` is the round-to-nearest export
+without a model pass; calibration needs the forward, which lives here, above refquant.)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from minigpt_np import llama, tokenizer
+
+METHODS = {"gptq": "gptq_int4_g{g}", "gptq-actorder": "gptq_int4_g{g}_actorder", "awq": "awq_int4_g{g}",
+           "rtn": "int4_g{g}"}
+
+
+def calibration_sequences(tok, text: str, n: int, length: int) -> list[list[int]]:
+    """``n`` windows of ``length`` tokens, evenly spaced over the tokenized text."""
+    ids = tok.encode(text)
+    if len(ids) < length:
+        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one window of {length}")
+    starts = np.linspace(0, len(ids) - length, num=n).astype(int)
+    return [ids[s:s + length] for s in starts]
+
+
+def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_text: str | None = None,
+           group_size: int = 64, sequences: int = 16, tokens: int = 128, checkpoint_format: str = "gptq",
+           layers=None, progress: bool = True) -> dict:
+    """Quantize every block Linear of ``model`` (or the GGUF names in ``layers``; the rest are
+    written as float16) and write the checkpoint; returns the ``QuantizedTensor`` s by GGUF
+    name (GGUF row order), as the model in memory holds them."""
+    from refquant import schemes
+    from refquant.hf import checkpoint, llama as hf_llama
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    scheme = METHODS[method].format(g=group_size)
+    if scheme not in schemes.names():
+        raise ValueError(f"no registered scheme {scheme!r} (method {method}, group size {group_size})")
+    params, cfg, meta = llama.load(model, dtype="f32")
+    seqs = None
+    if schemes.get(scheme).needs_calib:
+        if calib_text is None:
+            raise ValueError(f"{scheme} needs calibration text (--calib FILE)")
+        seqs = calibration_sequences(tokenizer.from_gguf(model), calib_text, sequences, tokens)
+    q = llama.quantize_model(params, cfg, scheme, seqs, layers=layers, progress=progress)
+    heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_head_kv}
+    quantized, in_memory, others = {}, {}, {}
+    for name in layers or llama.block_linears(cfg):
+        qt = q[name].qt
+        in_memory[name] = qt
+        kind = name.split(".")[-2]
+        if kind in heads:   # Hugging Face's rotary row order
+            qt = hf_llama.permute_rows(qt, np.argsort(hf_llama.rope_rows(qt.shape[0], heads[kind])))
+        quantized[hf_llama.hf_name(name)[: -len(".weight")]] = qt
+    for name, v in params.items():
+        if name not in in_memory and not (name == "output.weight" and v is params["token_embd.weight"]):
+            w = v.dequantize() if hasattr(v, "dequantize") else v
+            if np.ndim(w) == 2 and name.split(".")[-2] in heads:   # unquantized q/k: HF rows too
+                w = w[np.argsort(hf_llama.rope_rows(w.shape[0], heads[name.split(".")[-2]]))]
+            others[hf_llama.hf_name(name)] = np.asarray(w, np.float32 if np.ndim(w) == 1 else np.float16)
+    cfg_json = hf_llama.config(meta)
+    if "lm_head.weight" not in others:
+        cfg_json["tie_word_embeddings"] = True
+    checkpoint.write(out_dir, quantized, others, layout=layout, checkpoint_format=checkpoint_format, config=cfg_json)
+    return in_memory
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minigpt_np.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="Llama GGUF")
+    p.add_argument("output", help="checkpoint directory")
+    p.add_argument("--method", default="gptq", choices=list(METHODS))
+    p.add_argument("--format", default="gptq", choices=["gptq", "awq", "compressed-tensors"])
+    p.add_argument("--calib", help="calibration text file")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--sequences", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"])
+    args = p.parse_args(argv)
+    try:
+        text = Path(args.calib).read_text() if args.calib else None
+        export(args.model, args.output, method=args.method, layout=args.format,
+               calib_text=text, group_size=args.group_size, sequences=args.sequences, tokens=args.tokens,
+               checkpoint_format=args.checkpoint_format)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {args.method} ({args.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
