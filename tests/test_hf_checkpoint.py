@@ -264,3 +264,14 @@ def test_smollm2_gptq_export_converts_back_to_the_same_weights(tmp_path, smollm2
         for name in ("blk.1.attn_q.weight", "blk.29.ffn_down.weight"):
             np.testing.assert_array_equal(f.tensor(name).dequantize(),
                                           src.tensor(name).dequantize().astype(np.float16).astype(np.float32))
+
+
+def test_export_module_cli(tmp_path, smollm2_path, capsys):
+    from minigpt_np import export
+    with pytest.raises(SystemExit) as e:
+        export.main(["--help"])
+    assert e.value.code == 0 and "--calib" in capsys.readouterr().out
+    assert export.main([str(smollm2_path), str(tmp_path / "ck"), "--method", "gptq"]) == 2
+    assert "needs calibration text" in capsys.readouterr().err and not (tmp_path / "ck").exists()
+    assert export.main([str(smollm2_path), str(tmp_path / "ck"), "--method", "awq", "--group-size", "64"]) == 2
+    assert "no registered scheme 'awq_int4_g64'" in capsys.readouterr().err
