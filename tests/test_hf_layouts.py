@@ -1,6 +1,8 @@
 """The GPTQ, AWQ and compressed-tensors layouts: hand-worked words read off the packers'
 source (cited in refquant/hf/layouts.py), round trips, and each layout's own dequantization
 against QuantizedTensor.dequantize()."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -74,7 +76,14 @@ def _cases():
     yield "rtn int2 g32", affine.quantize(w, 2, sym=False, granularity="group", group_size=32, scale_dtype=np.float16)
 
 
-CASES = dict(_cases())
+CASE_NAMES = ["rtn sym g64", "rtn asym g128", "gptq sym g128", "gptq act-order asym g64", "gptq int8 channel",
+              "rtn int2 g32"]
+
+
+@functools.lru_cache(maxsize=1)
+def cases() -> dict:
+    """Built on first use, not at import (GPTQ compiles with numba; collection must not need it)."""
+    return dict(_cases())
 
 
 def same(a, b):
@@ -86,10 +95,10 @@ def same(a, b):
     np.testing.assert_array_equal(a.dequantize(), b.dequantize())
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASE_NAMES)
 @pytest.mark.parametrize("fmt", layouts.GPTQ_FORMATS)
 def test_gptq_round_trip_and_definition(name, fmt):
-    qt = CASES[name]
+    qt = cases()[name]
     bits, sym = qt.meta["bits"], qt.meta["sym"]
     t = layouts.to_gptq(qt, fmt)
     back = layouts.from_gptq(t, bits, sym=sym, checkpoint_format=fmt)
@@ -107,7 +116,7 @@ def test_gptq_round_trip_and_definition(name, fmt):
 
 @pytest.mark.parametrize("name", ["rtn sym g64", "rtn asym g128", "gptq sym g128"])
 def test_awq_round_trip_and_definition(name):
-    qt = CASES[name]
+    qt = cases()[name]
     t = layouts.to_awq(qt)
     gs = qt.meta["group_size"]
     np.testing.assert_array_equal(layouts.dequantize_awq(t, gs), qt.dequantize())
@@ -116,9 +125,9 @@ def test_awq_round_trip_and_definition(name):
     assert back.meta["sym"] is False
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASE_NAMES)
 def test_compressed_round_trip_and_definition(name):
-    qt = CASES[name]
+    qt = cases()[name]
     bits, sym = qt.meta["bits"], qt.meta["sym"]
     t = layouts.to_compressed(qt)
     np.testing.assert_array_equal(layouts.dequantize_compressed(t, bits, sym), qt.dequantize())
@@ -135,7 +144,7 @@ def test_v1_zero_point_off_by_one():
 
 
 def test_bad_input_is_named():
-    qt = CASES["gptq sym g128"]
+    qt = cases()["gptq sym g128"]
     t = layouts.to_gptq(qt)
     with pytest.raises(ValueError, match="GPTQ tensors disagree"):
         layouts.from_gptq(dict(t, g_idx=t["g_idx"][:-8]))
@@ -148,9 +157,9 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="needs weight_zero_point"):
         layouts.from_compressed(layouts.to_compressed(qt), sym=False)
     with pytest.raises(ValueError, match="AWQ has no act-order"):
-        layouts.to_awq(CASES["gptq act-order asym g64"])
+        layouts.to_awq(cases()["gptq act-order asym g64"])
     with pytest.raises(ValueError, match="4-bit"):
-        layouts.to_awq(CASES["gptq int8 channel"])
+        layouts.to_awq(cases()["gptq int8 channel"])
     with pytest.raises(ValueError, match="compressed-tensors tensors disagree"):
         layouts.from_compressed(dict(layouts.to_compressed(qt), weight_shape=np.array([25, 256], np.int32)))
     with pytest.raises(ValueError, match="fp16 scales"):
