@@ -204,22 +204,10 @@ def test_convert_requantizes_grids_without_a_gguf_form(tmp_path, capsys):
 def test_export_cli_writes_hugging_face_rows(tmp_path):
     """A tiny llama GGUF exported: names mapped, q/k rows back in Hugging Face's rotary
     order (GGUF = HF[perm], llama.cpp's permute), every Linear RTN-quantized on those rows."""
-    from refquant import gguf
     from refquant.__main__ import main
     from refquant.hf import llama
 
-    rng = np.random.default_rng(2)
-    d, kv, ff = 64, 32, 128
-    shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d), "ffn_gate": (ff, d),
-              "ffn_up": (ff, d), "ffn_down": (d, ff)}
-    t = {f"blk.0.{k}.weight": rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    t.update({"token_embd.weight": rng.standard_normal((16, d)).astype(np.float32),
-              "blk.0.attn_norm.weight": np.ones(d, np.float32), "blk.0.ffn_norm.weight": np.ones(d, np.float32),
-              "output_norm.weight": np.ones(d, np.float32)})
-    meta = {"general.architecture": "llama", "llama.block_count": np.uint32(1), "llama.embedding_length": np.uint32(d),
-            "llama.feed_forward_length": np.uint32(ff), "llama.attention.head_count": np.uint32(4),
-            "llama.attention.head_count_kv": np.uint32(2), "llama.context_length": np.uint32(64)}
-    gguf.write(tmp_path / "m.gguf", meta, t)
+    t = tiny_llama_gguf(tmp_path / "m.gguf")
     assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "compressed-tensors",
                  "--group-size", "32"]) == 0
     ck = checkpoint.read(tmp_path / "ck")
