@@ -41,7 +41,7 @@ def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_
     written as float16) and write the checkpoint; returns the ``QuantizedTensor`` s by GGUF
     name (GGUF row order), as the model in memory holds them."""
     from refquant import schemes
-    from refquant.hf import checkpoint, llama as hf_llama
+    from refquant.hf import llama as hf_llama
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -55,25 +55,12 @@ def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_
             raise ValueError(f"{scheme} needs calibration text (--calib FILE)")
         seqs = calibration_sequences(tokenizer.from_gguf(model), calib_text, sequences, tokens)
     q = llama.quantize_model(params, cfg, scheme, seqs, layers=layers, progress=progress)
-    heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_head_kv}
-    quantized, in_memory, others = {}, {}, {}
-    for name in layers or llama.block_linears(cfg):
-        qt = q[name].qt
-        in_memory[name] = qt
-        kind = name.split(".")[-2]
-        if kind in heads:   # Hugging Face's rotary row order
-            qt = hf_llama.permute_rows(qt, np.argsort(hf_llama.rope_rows(qt.shape[0], heads[kind])))
-        quantized[hf_llama.hf_name(name)[: -len(".weight")]] = qt
+    in_memory = {name: q[name].qt for name in layers or llama.block_linears(cfg)}
+    others = {}
     for name, v in params.items():
         if name not in in_memory and not (name == "output.weight" and v is params["token_embd.weight"]):
-            w = v.dequantize() if hasattr(v, "dequantize") else v
-            if np.ndim(w) == 2 and name.split(".")[-2] in heads:   # unquantized q/k: HF rows too
-                w = w[np.argsort(hf_llama.rope_rows(w.shape[0], heads[name.split(".")[-2]]))]
-            others[hf_llama.hf_name(name)] = np.asarray(w, np.float32 if np.ndim(w) == 1 else np.float16)
-    cfg_json = hf_llama.config(meta)
-    if "lm_head.weight" not in others:
-        cfg_json["tie_word_embeddings"] = True
-    checkpoint.write(out_dir, quantized, others, layout=layout, checkpoint_format=checkpoint_format, config=cfg_json)
+            others[name] = v.dequantize() if hasattr(v, "dequantize") else v
+    hf_llama.write_checkpoint(out_dir, in_memory, others, meta, layout=layout, checkpoint_format=checkpoint_format)
     return in_memory
 
 

@@ -105,7 +105,7 @@ def _inspect_checkpoint(path) -> int:
 def cmd_export(args) -> int:
     """A llama GGUF's Linear weights, round-to-nearest, as a GPTQ / AWQ / compressed-tensors checkpoint."""
     from refquant import affine
-    from refquant.hf import checkpoint, llama
+    from refquant.hf import llama
 
     sym = not args.asym
     with gguf.read(args.input) as f:
@@ -113,24 +113,17 @@ def cmd_export(args) -> int:
         if meta.get("general.architecture") != "llama":
             raise ValueError(f"{args.input}: export reads llama-architecture files, got "
                              f"{meta.get('general.architecture')!r}")
-        cfg = llama.config(meta)
-        heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
         quantized, others = {}, {}
         for name, info in _progress_items(f.tensors.items(), "export"):
             w = f.tensor(name).dequantize()
-            kind = name.split(".")[-2]
-            if name.startswith("blk.") and kind in heads:   # back to Hugging Face's rotary row order
-                w = w[np.argsort(llama.rope_rows(w.shape[0], heads[kind]))]
-            hf = llama.hf_name(name)
-            if name.startswith("blk.") and kind in llama.LINEARS and len(info.shape) == 2:
-                quantized[hf[: -len(".weight")]] = affine.quantize(
-                    w, args.bits, sym=sym, granularity="group", group_size=args.group_size, scale_dtype=np.float16)
+            if name.startswith("blk.") and name.split(".")[-2] in llama.LINEARS and len(info.shape) == 2:
+                # row-wise groups: quantizing in GGUF row order, then reordering, is exact
+                quantized[name] = affine.quantize(w, args.bits, sym=sym, granularity="group",
+                                                  group_size=args.group_size, scale_dtype=np.float16)
             else:
-                others[hf] = w.astype(np.float32 if w.ndim == 1 else np.float16)
-    if "lm_head.weight" not in others:
-        cfg["tie_word_embeddings"] = True
-    checkpoint.write(args.output, quantized, others, layout=args.format, checkpoint_format=args.checkpoint_format,
-                     config=cfg)
+                others[name] = w
+    llama.write_checkpoint(args.output, quantized, others, meta, layout=args.format,
+                           checkpoint_format=args.checkpoint_format)
     print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} g{args.group_size} "
           f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors")
     return 0
@@ -158,14 +151,12 @@ def cmd_convert(args) -> int:
     if args.metadata_from:   # the tokenizer and any other keys, from a GGUF of the same model
         with gguf.read(args.metadata_from) as f:
             meta = {**{k: v for k, v in f.metadata.items() if k != "general.file_type"}, **meta}
-    heads = {"attn_q": int(cfg["num_attention_heads"]),
-             "attn_k": int(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))}
     out, exact, requant, worst_m = {}, 0, [], 0.0
     for prefix, qt in ck.quantized.items():
         name = llama.gguf_name(prefix + ".weight")
-        kind = name.split(".")[-2]
-        if kind in heads:   # to llama.cpp's rotary row order
-            qt = llama.permute_rows(qt, llama.rope_rows(qt.shape[0], heads[kind]))
+        perm = llama.rotary_perm(name, qt.shape[0], cfg)
+        if perm is not None:   # to llama.cpp's rotary row order
+            qt = llama.permute_rows(qt, perm)
         try:
             raw, t, m_err = as_ggml(qt)
             exact += 1
@@ -179,8 +170,9 @@ def cmd_convert(args) -> int:
     for hf, a in ck.tensors.items():
         name = llama.gguf_name(hf)
         a = np.asarray(a, np.float32)
-        if name.split(".")[-2] in heads:
-            a = a[llama.rope_rows(a.shape[0], heads[name.split(".")[-2]])]
+        perm = llama.rotary_perm(name, a.shape[0], cfg) if a.ndim == 2 else None
+        if perm is not None:
+            a = a[perm]
         out[name] = a if a.ndim == 1 else gguf.GGUFTensor("F16", a.shape, a.astype("<f2").reshape(-1).view(np.uint8))
     gguf.write(args.output, meta, out)
     print(f"wrote {args.output}: {exact} Linears exactly as Q4_0/Q4_1 (largest fp16 rounding of m: {worst_m:.3g}), "

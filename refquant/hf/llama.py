@@ -55,6 +55,38 @@ def rope_rows(n_rows: int, n_head: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_head, 2, d // 2).swapaxes(1, 2).reshape(-1)
 
 
+def rotary_perm(gguf_name: str, n_rows: int, cfg: dict) -> np.ndarray | None:
+    """``perm`` with ``W_gguf = W_hf[perm]`` when ``gguf_name`` is a block's q or k projection
+    (heads from the ``config.json`` fields ``cfg``), else None."""
+    n_head = int(cfg["num_attention_heads"])
+    heads = {"attn_q": n_head, "attn_k": int(cfg.get("num_key_value_heads", n_head))}
+    kind = gguf_name.split(".")[-2] if gguf_name.startswith("blk.") else None
+    return rope_rows(n_rows, heads[kind]) if kind in heads else None
+
+
+def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, layout: str,
+                     checkpoint_format: str = "gptq"):
+    """A llama GGUF's tensors, given by GGUF name in GGUF row order, written as a Hugging Face
+    checkpoint: ``quantized`` (``QuantizedTensor`` s) in ``layout``, ``others`` as float16
+    matrices / float32 vectors, Hugging Face names and rotary rows, ``config.json`` from the
+    GGUF ``metadata`` (tied embeddings when there is no ``output.weight``)."""
+    from refquant.hf import checkpoint
+
+    cfg = config(metadata)
+    q_hf, o_hf = {}, {}
+    for name, qt in quantized.items():
+        perm = rotary_perm(name, qt.shape[0], cfg)
+        q_hf[hf_name(name)[: -len(".weight")]] = qt if perm is None else permute_rows(qt, np.argsort(perm))
+    for name, w in others.items():
+        w = np.asarray(w)
+        perm = rotary_perm(name, w.shape[0], cfg) if w.ndim == 2 else None
+        w = w if perm is None else w[np.argsort(perm)]
+        o_hf[hf_name(name)] = w.astype(np.float32 if w.ndim == 1 else np.float16)
+    if "lm_head.weight" not in o_hf:
+        cfg["tie_word_embeddings"] = True
+    return checkpoint.write(out_dir, q_hf, o_hf, layout=layout, checkpoint_format=checkpoint_format, config=cfg)
+
+
 def config(metadata: dict) -> dict:
     """``config.json`` fields of a ``LlamaForCausalLM`` from a llama GGUF's metadata."""
     m = metadata

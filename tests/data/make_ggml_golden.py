@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.quantize import c_quantizer   # the same ctypes calls the quantize benchmark times
+
 TYPES = {  # name: (block size, block bytes)
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
     "MXFP4": (32, 17), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
@@ -74,11 +76,7 @@ def main(lib_path):
         data[f"x/{label}"] = x
         for name, (block, size) in TYPES.items():
             out = np.zeros(x.shape[0] * x.shape[1] // block * size, np.uint8)
-            src, dst = ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data)
-            if name == "IQ4_NL":
-                lib.quantize_iq4_nl(src, dst, ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]), None)
-            else:
-                getattr(lib, f"quantize_row_{name.lower().replace('_k', '_K')}_ref")(src, dst, ctypes.c_int64(x.size))
+            c_quantizer(lib, name, x, out)()
             data[f"{name}/{label}"] = out.reshape(x.shape[0], -1)
     np.savez_compressed(Path(__file__).with_name("ggml_golden.npz"), **data)
 
