@@ -10,7 +10,15 @@ verb-tense accuracy (overall, held-out verbs, per tense x aspect) and quantizati
 The test split is the first ``--limit`` lines (1000 by default; the checkpoint's
 metadata records the full-split FP32 figures). Writes ``benchmarks/results/pareto.json``
 and draws ``figures/pareto_ppl.png`` (perplexity vs bits per weight with the Pareto
-frontier) and ``figures/verb_tense.png`` (accuracy drop vs bits per weight).
+frontier), ``figures/pareto_kld.png`` (mean KL divergence from FP32 vs bits per weight,
+with its frontier) and ``figures/verb_tense.png`` (accuracy drop vs bits per weight).
+
+KL divergence (``refquant.metrics.kl_divergence``, llama.cpp's ``--kl-divergence``
+statistics): at every next-byte position of the test lines' text, the quantized model's
+distribution against FP32's on the same lines; mean ± standard error, median, p99, max,
+same top byte, perplexity ratio (the ``kl`` entry of each row). It separates schemes
+whose perplexities tie: most bytes are predicted almost surely, which hides the
+difference in perplexity but not in the distributions.
 
 Every quantized model is also exported to GGUF (GGML types as themselves, other schemes
 as their stored parts, see ``minigpt_np.checkpoint.save_quantized``), read back, and
@@ -39,11 +47,16 @@ def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
     limit = limit or (60 if quick else 1000)
     rows = []
     export_dir = Path(tempfile.mkdtemp(prefix="refquant-export-"))
+    t0 = time.time()
+    ref = evaluate.evaluate("fp32", limit=limit, progress=False, keep_logits=True)   # the KLD reference
+    ref["seconds"] = time.time() - t0
     for name in tqdm(names, desc="schemes", unit="scheme"):
         t0 = time.time()
-        r = evaluate.evaluate(name, limit=limit, progress=False, export_dir=export_dir)
-        r["seconds"] = time.time() - t0
+        r = dict(ref) if name == "fp32" else evaluate.evaluate(name, limit=limit, progress=False,
+                                                                export_dir=export_dir, keep_logits=True)
+        r.setdefault("seconds", time.time() - t0)
         r["bits_per_weight"] = 8 * r["linear_bytes"] / r["linear_weights"]
+        r["kl"] = kl_columns(ref["logits"], r.pop("logits"), r.pop("tokens"))
         rows.append(r)
     shutil.rmtree(export_dir, ignore_errors=True)
     emb = embeddings_pass(names, min(limit, 300))
@@ -60,6 +73,18 @@ def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
         r["model_bits_per_weight"] = 8 * r["model_bytes"] / r["model_weights"]
     return dict(benchmark="pareto", quick=quick, limit=limit, machine=common.machine(), results=rows,
                 embeddings_quantized=emb, embeddings_limit=min(limit, 300), sensitivity=sens, mixed=mixed)
+
+
+def kl_columns(ref_logits, logits, tokens) -> dict:
+    """The KL statistics of ``refquant.metrics.kl_divergence`` (as llama.cpp's
+    ``--kl-divergence`` reports them) that the tables show: mean KLD ± se, median, p99,
+    max, same top token ± se, and the perplexity ratio ± se, per next-byte position."""
+    from refquant import metrics
+
+    k = metrics.kl_divergence(ref_logits, logits, tokens)
+    return dict(n=k["n"], kld_mean=k["kld"]["mean"], kld_se=k["kld"]["se"], kld_median=k["kld"]["median"],
+                kld_p99=k["kld"]["p99"], kld_max=k["kld"]["max"], same_top=k["same_top"]["mean"],
+                same_top_se=k["same_top"]["se"], ppl_ratio=k["ppl_ratio"]["mean"], ppl_ratio_se=k["ppl_ratio"]["se"])
 
 
 def embeddings_pass(names, limit: int) -> list[dict]:
@@ -173,6 +198,37 @@ def plot(data: dict, fig_dir) -> None:
         common.finish_figure(fig, ax, fig_dir / fname)
 
 
+def plot_kld(data: dict, path) -> None:
+    """Mean KLD from FP32 (log scale, ± se) against bits per weight, with the Pareto frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r["scheme"] != "fp32" and r.get("kl") and r["kl"]["kld_mean"] > 0]
+    if not rows:
+        return
+    bits = [r["bits_per_weight"] for r in rows]
+    ys = [r["kl"]["kld_mean"] for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 8))
+    ax.errorbar(bits, ys, yerr=[r["kl"]["kld_se"] for r in rows], fmt="o", ms=4, capsize=2, zorder=3)
+    f = frontier(list(zip(bits, ys)))
+    ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks([2, 3, 4, 5, 6, 8, 12, 16])
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlim(min(bits) / 1.15, max(bits) * 1.6)
+    ax.set_xlabel("bits per weight of the Linears (everything stored)")
+    ax.set_ylabel("mean KL divergence from FP32 per next-byte position [nats] (± se)")
+    ax.set_title(f"MiniGPT, every scheme: KLD from FP32 over {rows[0]['kl']['n']} positions "
+                 f"(first {data['limit']} test lines, embeddings FP16)")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    common.label_points(ax, bits, ys, [r["scheme"] for r in rows], fontsize=6.5)
+    common.finish_figure(fig, ax, path)
+
+
 def plot_sensitivity(data: dict, path) -> None:
     import matplotlib
 
@@ -198,9 +254,11 @@ def plot_sensitivity(data: dict, path) -> None:
 
 
 def print_table(data: dict) -> None:
-    print(f"{'scheme':24s} {'bpw':>7s} {'ppl':>8s} {'gap %':>7s} {'acc %':>7s} {'held %':>7s} {'s':>6s}")
+    print(f"{'scheme':24s} {'bpw':>7s} {'ppl':>8s} {'gap %':>7s} {'KLD':>9s} {'se':>8s} {'acc %':>7s} {'held %':>7s} "
+          f"{'s':>6s}")
     for r in sorted(data["results"], key=lambda r: r["bits_per_weight"]):
         print(f"{r['scheme']:24s} {r['bits_per_weight']:7.3f} {r['perplexity']:8.4f} {r.get('ppl_gap_pct', 0):7.2f} "
+              f"{r['kl']['kld_mean']:9.2e} {r['kl']['kld_se']:8.1e} "
               f"{100 * r['accuracy']:7.2f} {100 * r['heldout_accuracy']:7.2f} {r['seconds']:6.1f}")
 
 
@@ -212,6 +270,7 @@ def main(argv=None) -> None:
     data = run(args.quick, args.limit, args.schemes.split(",") if args.schemes else None)
     path = common.write_json("pareto", data)
     plot(data, common.FIGURES)
+    plot_kld(data, common.FIGURES / "pareto_kld.png")
     plot_sensitivity(data, common.FIGURES / "sensitivity.png")
     print_table(data)
     m = data["mixed"]

@@ -12,6 +12,8 @@ table from ``benchmarks/results/decode.json``, and between ``<!-- quantize:start
 """
 from __future__ import annotations
 
+import numpy as np
+
 from pathlib import Path
 
 from benchmarks import common
@@ -36,16 +38,22 @@ def section(data: dict) -> str:
     rows = sorted(data["results"], key=lambda r: (r["bits_per_weight"], r["perplexity"]))
     by = {r["scheme"]: r for r in rows}
     fp32 = by["fp32"]
+    has_kl = all("kl" in r for r in rows)   # results written before the KLD columns have none
     out = [f"MiniGPT (4 layers, d 256; FP32 test perplexity {fp32['perplexity']:.4f} per byte, verb-tense "
            f"accuracy {100 * fp32['accuracy']:.2f}%), first {data['limit']} test lines, embeddings FP16, "
            "from `python -m benchmarks.pareto` (`python -m benchmarks.report` writes this section):", "",
-           "| scheme | bits/weight | model MB | test ppl | ppl gap | target | verb-tense acc | drop (pp) | target | "
-           "held-out verbs | quantize + eval s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| scheme | bits/weight | model MB | test ppl | ppl gap | target | "
+           + ("mean KLD ± se | KLD p99 | same top | " if has_kl else "")
+           + "verb-tense acc | drop (pp) | target | held-out verbs | quantize + eval s |",
+           "|---" * (14 if has_kl else 11) + "|"]
     for r in rows:
         t, a = TARGETS.get(r["scheme"]), ACC_TARGETS.get(r["scheme"])
         gap, drop = r.get("ppl_gap_pct", 0), r.get("accuracy_drop_pp", 0)
+        k = r.get("kl")
+        kl = (f" {k['kld_mean']:.2e} ± {k['kld_se']:.1e} | {k['kld_p99']:.2e} | {100 * k['same_top']:.2f}% |"
+              if has_kl else "")
         out.append(f"| {r['scheme']} | {r['bits_per_weight']:.3f} | {r['model_bytes'] / 1e6:.2f} | "
-                   f"{r['perplexity']:.4f} | {gap:+.3f}% | {_target(*t, gap, '%') if t else ''} | "
+                   f"{r['perplexity']:.4f} | {gap:+.3f}% | {_target(*t, gap, '%') if t else ''} |{kl} "
                    f"{100 * r['accuracy']:.2f}% | {drop:+.2f} | {_target(*a, drop, ' pp') if a else ''} | "
                    f"{100 * r['heldout_accuracy']:.2f}% | {r['seconds']:.0f} |")
     m = data["mixed"]
@@ -54,8 +62,15 @@ def section(data: dict) -> str:
             f"({m.get('ppl_gap_pct', 0):+.3f}%), accuracy {100 * m['accuracy']:.2f}%."]
     pairs = [(g, b) for g, b in (("gptq_int4_g128", "int4_g128"), ("gptq_int3_g128", "int3_g128")) if g in by and b in by]
     if pairs:
-        out += ["", "GPTQ against round-to-nearest at the same format (perplexity gap to FP32):", ""]
-        out += [f"- {g}: {by[g]['ppl_gap_pct']:+.3f}% vs {b} {by[b]['ppl_gap_pct']:+.3f}%" for g, b in pairs]
+        out += ["", "GPTQ against round-to-nearest at the same format (perplexity gap to FP32"
+                + ("; mean KLD from FP32 per next-byte position ± its standard error" if has_kl else "") + "):", ""]
+        for g, b in pairs:
+            kl = ""
+            if "kl" in by[g] and "kl" in by[b]:
+                kg, kb = by[g]["kl"], by[b]["kl"]
+                kl = (f"; KLD {kg['kld_mean']:.3e} ± {kg['kld_se']:.1e} vs {kb['kld_mean']:.3e} ± {kb['kld_se']:.1e}"
+                      f" ({(kb['kld_mean'] - kg['kld_mean']) / np.hypot(kg['kld_se'], kb['kld_se']):+.1f} combined se)")
+            out.append(f"- {g}: {by[g]['ppl_gap_pct']:+.3f}% vs {b} {by[b]['ppl_gap_pct']:+.3f}%{kl}")
     emb = sorted(data.get("embeddings_quantized", []), key=lambda r: r["model_bytes"])
     if emb:
         out += ["", f"The same weight-only schemes with the tied token embedding (also the output head) quantized "
@@ -68,7 +83,8 @@ def section(data: dict) -> str:
             "lines, most of whose bytes the model predicts almost surely, so gaps are small in absolute terms "
             "and the ranking is what carries information. Quantizing the tied token embedding (the output "
             "head) costs far more than quantizing all 16 Linears.",
-            "", "![perplexity vs bits](figures/pareto_ppl.png)", "",
+            "", "![perplexity vs bits](figures/pareto_ppl.png)", ""] + (
+            ["![KL divergence vs bits](figures/pareto_kld.png)", ""] if has_kl else []) + [
             "![verb-tense accuracy drop](figures/verb_tense.png)", "",
             "![per-layer sensitivity](figures/sensitivity.png)", "",
             "![W8A8 outlier cliff](figures/outliers.png)", "",

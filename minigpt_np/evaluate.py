@@ -63,8 +63,11 @@ def prepare(params: dict, cfg: Config, scheme: str = "fp32", quantize_embeddings
     return p, Linears(p, cfg, scheme)
 
 
-def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True) -> dict:
-    """Accuracy, per-label accuracy and per-byte perplexity over ``lines``."""
+def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True, keep_logits: bool = False) -> dict:
+    """Accuracy, per-label accuracy and per-byte perplexity over ``lines``. ``keep_logits``:
+    also ``logits`` (N, vocab) float32 and ``tokens`` (N,), the next-byte predictions at
+    every position of every line's text (in a fixed order whatever the weights: the input
+    of ``refquant.metrics.kl_divergence`` against another model's)."""
     items = []
     for i, ln in enumerate(lines):
         text, label = corpus.parse(ln)
@@ -74,6 +77,7 @@ def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True
     pred = np.empty(len(lines), np.int64)
     truth = np.empty(len(lines), np.int64)
     nll, nbytes = 0.0, 0
+    kept_logits, kept_tokens = [], []
     groups = defaultdict(list)
     for it in items:
         groups[it[0]].append(it)
@@ -84,6 +88,9 @@ def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True
         logits, past = forward(params, toks, cfg=cfg, linears=linears)
         lp = log_softmax(logits.astype(np.float64))
         nll -= np.take_along_axis(lp[:, :-1], toks[:, 1:, None], -1).sum()
+        if keep_logits:
+            kept_logits.append(logits[:, :-1].reshape(-1, logits.shape[-1]).astype(np.float32))
+            kept_tokens.append(toks[:, 1:].reshape(-1))
         nbytes += B * (L - 1)
         # the 9 continuations at once: (B*9, CONT_LEN), padded; padding only follows the label
         cont = np.full((B, 9, CONT_LEN), ord("\n"), np.int64)
@@ -106,8 +113,11 @@ def score(params, cfg, linears, lines, *, batch: int = 48, progress: bool = True
         nbytes += sum(len(CONT[k]) for k in t)
     correct = pred == truth
     per_label = {lab: float(correct[truth == j].mean()) for j, lab in enumerate(corpus.LABELS) if (truth == j).any()}
-    return dict(accuracy=float(correct.mean()), per_label=per_label, perplexity=float(np.exp(nll / nbytes)),
-                n=len(lines), correct=correct)
+    out = dict(accuracy=float(correct.mean()), per_label=per_label, perplexity=float(np.exp(nll / nbytes)),
+               n=len(lines), correct=correct)
+    if keep_logits:
+        out.update(logits=np.concatenate(kept_logits), tokens=np.concatenate(kept_tokens))
+    return out
 
 
 def export_check(path, params, cfg, linears, scheme, lines) -> dict:
@@ -140,15 +150,16 @@ def _same(a, b) -> bool:
 
 
 def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: int | None = None, path=None,
-             progress: bool = True, export_dir=None) -> dict:
-    """Metrics of the committed checkpoint (or ``path``) on the test split under ``scheme``."""
+             progress: bool = True, export_dir=None, keep_logits: bool = False) -> dict:
+    """Metrics of the committed checkpoint (or ``path``) on the test split under ``scheme``
+    (``keep_logits``: with ``score``'s ``logits`` and ``tokens``)."""
     params, cfg, _ = checkpoint.load(path or checkpoint.DEFAULT)
     splits = corpus.make_splits()
     test, verbs = splits.test[:limit], splits.test_verbs[:limit]
     t0 = time.time()
     p, linears = prepare(params, cfg, scheme, quantize_embeddings, progress)
     quant_s = time.time() - t0
-    r = score(p, cfg, linears, test, progress=progress)
+    r = score(p, cfg, linears, test, progress=progress, keep_logits=keep_logits)
     if export_dir is not None and scheme != "fp32":
         from pathlib import Path
 

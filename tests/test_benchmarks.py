@@ -84,8 +84,17 @@ def test_pareto_quick(out_dirs):
     vocab, d = params["token_embd.weight"].shape
     # Q4_K token embedding: 144 bytes per 256 weights instead of FP16's 512
     assert by["q4_k"]["model_bytes"] - emb["q4_k"]["model_bytes"] == vocab * d * 2 - vocab * d // 256 * 144
-    for f in ("pareto_ppl.png", "verb_tense.png", "sensitivity.png"):
+    for f in ("pareto_ppl.png", "pareto_kld.png", "verb_tense.png", "sensitivity.png"):
         assert (out_dirs / "figures" / f).stat().st_size > 10_000
+    # KLD from FP32 at every next-byte position of the 12 lines' text (EOT + text + SEP)
+    from minigpt_np import corpus
+    positions = sum(len((corpus.parse(ln)[0] + corpus.SEP).encode()) for ln in corpus.make_splits().test[:12])
+    kl = {s: r["kl"] for s, r in by.items()}
+    assert all(k["n"] == positions for k in kl.values())
+    assert kl["fp32"]["kld_mean"] == 0 and kl["fp32"]["same_top"] == 1 and kl["fp32"]["ppl_ratio"] == 1
+    # rounding to 4 bits moves the distributions far more than to fp16 (a 2^-11 relative step)
+    assert 0 < kl["fp16"]["kld_mean"] < kl["int8_channel"]["kld_mean"] < kl["int4_g128"]["kld_mean"]
+    assert kl["int4_g128"]["kld_mean"] > 2 * kl["int4_g128"]["kld_se"] > 0
 
 
 def test_training_curve_figure(out_dirs):

@@ -336,27 +336,15 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     ``dot(|x|, w·sign(x))`` with ``|x|`` computed once per call. Two rows per iteration
     sharing the x loads took 1.8x *as long* here (Zen 3, interleaved in one process), so
     rows go one at a time, in chunks of 16 per scratch buffer, prefetching the codes
-    ``PREFETCH_BYTES`` ahead. Below four tokens (decode), tokens go one at a time too:
-    sharing each block's unpacked codes over four tokens made the one-token path
-    1.10-1.17x slower (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K; one thread, interleaved).
-
-    From four tokens on (prefill), a second path: per row, the codes are unpacked once
-    into a scratch row and its block scales decoded once (``row_pass``: ``d_b`` and the
-    offset coefficient, four copies in the layout of a group of four tokens); the tokens'
-    x blocks are interleaved four at a time (one pointer addresses all four, where four
-    pointers spilled to the stack), and ``tile4`` runs four accumulators over the row. Its
-    per-block work is one code load for four tokens' dots; the per-row work that the
-    one-token path repeats per token (``scale_pass``) becomes one multiply of 8 lanes
-    per two blocks. 0.64-0.96x the time of the one-token path at M = 16 (SmolLM2's
-    shapes, Q4_0/Q4_1/Q8_0/Q4_K/Q6_K, both cores, interleaved in one process). The two
-    paths sum a row's float epilogue in different orders, so a token's result in a batch
-    of four or more can differ from its result alone in the last bits (both are within
-    the bound the tests hold the kernel to).
+    ``PREFETCH_BYTES`` ahead. Tokens go one at a time too: four per pass sharing each
+    block's unpacked codes (eight accumulator chains) took 0.73-1.00x the time at M=16 but
+    made the one-token (decode) path of the same kernel 1.10-1.17x slower (Q4_0, Q4_1,
+    Q8_0, Q4_K, Q6_K; one thread, interleaved); splitting the scale pass into a per-row
+    decode and a per-token multiply cost the one-token path 1.2x as well.
     """
     PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
     SIGNED = kind == "s8"
     scale_pass = _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
-    row_pass = _row_pass(sub16, offset, has_sc, has_mn, c, dshift, mnshift) if tier != "numba" else None
     key = ("bytedot", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
     if tier == "numba":
         return _build_numba(PLANES, SIGNED, sub16, scale_pass, key)
@@ -394,97 +382,12 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     WIDTH = 2 if sub16 else 1
     CODE_BYTES = 64 if SIGNED else 32     # code bytes per block pair
 
-    @njit(inline="always")
-    def tile4(wb, nb, xg, ag, dg):
-        """Four tokens against one row's unpacked codes ``wb``: four accumulators; their
-        x blocks interleaved (``xg[128 b + 32 k]``) and their scales too (``dg[4 b + k]``,
-        Q6_K ``dg[2 (4 b + k) + j]``)."""
-        a0 = V.zeros_f32()
-        a1 = V.zeros_f32()
-        a2 = V.zeros_f32()
-        a3 = V.zeros_f32()
-        for b in range(nb):
-            w = V.load32(wb, 32 * b)
-            a0 = acc_block(a0, bdot(w, V.load32(xg, 128 * b), V.load32(ag, 128 * b)), dg, 4 * b)
-            a1 = acc_block(a1, bdot(w, V.load32(xg, 128 * b + 32), V.load32(ag, 128 * b + 32)), dg, 4 * b + 1)
-            a2 = acc_block(a2, bdot(w, V.load32(xg, 128 * b + 64), V.load32(ag, 128 * b + 64)), dg, 4 * b + 2)
-            a3 = acc_block(a3, bdot(w, V.load32(xg, 128 * b + 96), V.load32(ag, 128 * b + 96)), dg, 4 * b + 3)
-        return V.hsum_f32(a0), V.hsum_f32(a1), V.hsum_f32(a2), V.hsum_f32(a3)
-
     @_cache.jit(key, parallel=True, fastmath=True)
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M, R = out.shape
         nb = dx.shape[1]
         flat = qs.reshape(-1)
         last = flat.size - 1
-        if M >= 4:    # prefill: the tile path (docstring); tokens past a multiple of 4 one at a time
-            G4 = M // 4
-            NW4 = 4 * WIDTH * nb
-            DX = s16[0] if sub16 else dx         # d_x per scale (Q6_K: per 16)
-            XS = s16[1] if sub16 else xs         # d_x S per scale
-            xg = np.empty((G4, 128 * nb), xq.dtype)
-            ag = np.empty((G4, 128 * nb), xq.dtype)
-            dxg = np.empty((G4, NW4), np.float32)
-            xsg = np.empty((G4, NW4), np.float32)
-            for g in range(G4):
-                for k in range(4):
-                    xk, ak = xq[4 * g + k], xa[4 * g + k]
-                    for b in range(nb):
-                        V.store32(xg[g], 128 * b + 32 * k, V.load32(xk, 32 * b))
-                        V.store32(ag[g], 128 * b + 32 * k, V.load32(ak, 32 * b))
-                        for j in range(WIDTH):
-                            dxg[g, (4 * b + k) * WIDTH + j] = DX[4 * g + k, WIDTH * b + j]
-                            xsg[g, (4 * b + k) * WIDTH + j] = XS[4 * g + k, WIDTH * b + j]
-            for ch in prange((R + 15) // 16):
-                dw = np.empty(NW4, np.float32)
-                mw = np.empty(NW4, np.float32)
-                dg = np.empty(NW4, np.float32)
-                tv = np.empty(8, np.float32)
-                wb = np.empty(32 * nb, qs.dtype)
-                for r in range(16 * ch, min(16 * ch + 16, R)):
-                    row, hrow = qs[r], qh[r]
-                    for p in range(nb // 2):
-                        lo, hi = codes2(row, hrow, p)
-                        V.store32(wb, 64 * p, lo)
-                        V.store32(wb, 64 * p + 32, hi)
-                    row_pass(r, d, sc, m, mn, nb, dw, mw)
-                    for g in range(G4):
-                        dxr, xsr = dxg[g], xsg[g]
-                        for i in range(NW4):
-                            dg[i] = dw[i] * dxr[i]
-                        s0, s1, s2, s3 = tile4(wb, nb, xg[g], ag[g], dg)
-                        if offset != OFFSET_NONE:   # lane l of 8: token l // W (mod 4)
-                            tvv = V.zeros_f32()
-                            for i in range(0, NW4, 8):
-                                tvv = V.add_f32x8(tvv, V.mul_f32x8(V.load_f32x8(mw, i), V.load_f32x8(xsr, i)))
-                            V.store_f32x8(tv, 0, tvv)
-                            if sub16:
-                                s0 += tv[0] + tv[1]
-                                s1 += tv[2] + tv[3]
-                                s2 += tv[4] + tv[5]
-                                s3 += tv[6] + tv[7]
-                            else:
-                                s0 += tv[0] + tv[4]
-                                s1 += tv[1] + tv[5]
-                                s2 += tv[2] + tv[6]
-                                s3 += tv[3] + tv[7]
-                        out[4 * g, r] = s0
-                        out[4 * g + 1, r] = s1
-                        out[4 * g + 2, r] = s2
-                        out[4 * g + 3, r] = s3
-                    for mi in range(4 * G4, M):     # dw/mw: token k = 0 of a group's layout
-                        dxm, xsm = DX[mi], XS[mi]
-                        a0 = V.zeros_f32()
-                        t = np.float32(0)
-                        for b in range(nb):
-                            for j in range(WIDTH):
-                                dg[WIDTH * b + j] = dw[4 * WIDTH * b + j] * dxm[WIDTH * b + j]
-                                t += mw[4 * WIDTH * b + j] * xsm[WIDTH * b + j]
-                        for b in range(nb):
-                            a0 = acc_block(a0, bdot(V.load32(wb, 32 * b), V.load32(xq[mi], 32 * b),
-                                                    V.load32(xa[mi], 32 * b)), dg, b)
-                        out[mi, r] = V.hsum_f32(a0) + t
-            return
         for ch in prange((R + 15) // 16):
             ds = np.empty(WIDTH * nb, np.float32)
             for r in range(16 * ch, min(16 * ch + 16, R)):
@@ -625,59 +528,6 @@ def _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
             t *= -np.float32(c)
         return t
     return scale_pass
-
-
-def _row_pass(sub16, offset, has_sc, has_mn, c, dshift, mnshift):
-    """``row_pass(r, d, sc, m, mn, nb, dw, mw)``: row ``r``'s weight scale ``d_b`` and offset
-    coefficient of every block (Q6_K: of every 16 weights) into ``dw``/``mw``, so that
-    ``y = Σ_b dw_b d_x,b Σ u x_q + Σ_b mw_b (d_x S)_b``: the terms of ``scale_pass`` with
-    the token's ``d_x`` left out (the prefill path decodes a row once for all tokens).
-    Each value is written four times, in the layout of a group of four tokens:
-    ``dw[(4 b + k) W + j]`` for token k (W = 2 for Q6_K's two scales per block, else 1)."""
-    WIDTH = 2 if sub16 else 1
-    from refquant.kernels import simd as V
-
-    scale = _scale_reader(lambda a, r, i: V.f16_at(a[r], i))
-    G = 1 if dshift >= _ROW_SHIFT else 1 << dshift
-    MN_PER_BLOCK = mnshift == 0
-    cf = -np.float32(c)
-
-    @njit(inline="always")
-    def put(a, i, v):
-        """``v`` at index i (= W b + j) of all four tokens of a group: ``a[(4 b + k) W + j]``."""
-        b, j = i // WIDTH, i % WIDTH
-        for k in range(4):
-            a[(4 * b + k) * WIDTH + j] = v
-
-    @njit(inline="always", fastmath=True)
-    def row_pass(r, d, sc, m, mn, nb, dw, mw):
-        per_row = dshift >= _ROW_SHIFT
-        ng = 1 if per_row else (nb + G - 1) // G
-        span = nb if per_row else G
-        for gi in range(ng):
-            dg = scale(d, r, gi)
-            mg = np.float32(0)
-            if offset == OFFSET_MIN:
-                mg = scale(m, r, gi)
-                if has_mn and not MN_PER_BLOCK:
-                    mg *= np.float32(mn[r, gi])
-            for k in range(min(span, nb - gi * G)):
-                b = gi * G + k
-                if sub16:
-                    for j in range(2):
-                        sj = dg * np.float32(sc[r, 2 * b + j])
-                        put(dw, 2 * b + j, sj)
-                        put(mw, 2 * b + j, cf * sj if offset == OFFSET_CONST else np.float32(0))
-                    continue
-                db = dg * np.float32(sc[r, b]) if has_sc else dg
-                put(dw, b, db)
-                if offset == OFFSET_CONST:
-                    put(mw, b, cf * db)
-                elif offset == OFFSET_MIN:
-                    put(mw, b, mg * np.float32(mn[r, b]) if (has_mn and MN_PER_BLOCK) else mg)
-                else:
-                    put(mw, b, np.float32(0))
-    return row_pass
 
 
 def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass, key):

@@ -83,18 +83,6 @@ def load32(typingctx, arr, idx):
 
 
 @intrinsic
-def store32(typingctx, arr, idx, v):
-    """Store 32 bytes at ``arr[idx]`` of a 1-D uint8/int8 array (unaligned ``vmovdqu``)."""
-    if not _c_vector(arr, types.uint8, types.int8) or v != I8x32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _V32I8), align=1)
-        return context.get_dummy_value()
-    return types.none(arr, types.intp, I8x32), codegen
-
-
-@intrinsic
 def load_bits32(typingctx, arr, idx):
     """4 bytes at ``arr[idx]`` as 32 bits, bit j -> byte j as 0 or 1 (``vpbroadcastd``/``vpshufb``/``vpcmpeqb`` on AVX2)."""
     if not _c_vector(arr, types.uint8):
