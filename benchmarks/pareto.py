@@ -157,6 +157,17 @@ def frontier(points):
     return out
 
 
+def _bits_axis(ax, bits, ticks) -> None:
+    """The x axis every Pareto figure shares: bits per weight on a log2 scale."""
+    import matplotlib
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlim(min(bits) / 1.15, max(bits) * 1.6)
+    ax.set_xlabel("bits per weight of the Linears (everything stored)")
+
+
 def plot(data: dict, fig_dir) -> None:
     import matplotlib
 
@@ -182,14 +193,10 @@ def plot(data: dict, fig_dir) -> None:
         if mixed and key in mixed:
             ax.scatter([mixed["bits_per_weight"]], [mixed[key]], marker="*", s=140, color="tab:red", zorder=4,
                        label=mixed["scheme"])
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([2, 3, 4, 5, 6, 8, 12, 16, 32])
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlim(min(bits) / 1.15, max(bits) * 1.6)
+        _bits_axis(ax, bits, [2, 3, 4, 5, 6, 8, 12, 16, 32])
         lo, hi = np.nanmin(ys + [0.0]), np.nanmax(ys + [0.0])
         pad = 0.08 * (hi - lo) or 0.1  # all points on the FP32 line: any visible range
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xlabel("bits per weight of the Linears (everything stored)")
         ax.set_ylabel(ylabel if key != "accuracy_drop_pp" else f"{ylabel} (one test line = {100 / data['limit']:.2g} pp)")
         ax.set_title(f"MiniGPT, every scheme: first {data['limit']} test lines, embeddings FP16")
         ax.legend(fontsize=8, loc="upper right")
@@ -214,12 +221,8 @@ def plot_kld(data: dict, path) -> None:
     ax.errorbar(bits, ys, yerr=[r["kl"]["kld_se"] for r in rows], fmt="o", ms=4, capsize=2, zorder=3)
     f = frontier(list(zip(bits, ys)))
     ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
-    ax.set_xscale("log", base=2)
+    _bits_axis(ax, bits, [2, 3, 4, 5, 6, 8, 12, 16])
     ax.set_yscale("log")
-    ax.set_xticks([2, 3, 4, 5, 6, 8, 12, 16])
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlim(min(bits) / 1.15, max(bits) * 1.6)
-    ax.set_xlabel("bits per weight of the Linears (everything stored)")
     ax.set_ylabel("mean KL divergence from FP32 per next-byte position [nats] (± se)")
     ax.set_title(f"MiniGPT, every scheme: KLD from FP32 over {rows[0]['kl']['n']} positions "
                  f"(first {data['limit']} test lines, embeddings FP16)")
