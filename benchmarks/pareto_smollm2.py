@@ -131,6 +131,33 @@ def task(setup: Setup, scheme: str, embeddings: bool = False) -> dict:
     return row
 
 
+PROMPT = "The capital of France is"
+
+
+def gguf_task(setup: Setup, method: str = "gptq") -> dict:
+    """GPTQ in a file llama.cpp runs: ``minigpt_np.export.export_gguf`` writes the block
+    Linears as Q4_0 (GPTQ INT4 with an fp16 scale per 32 inputs, block for block), calibrated
+    on the sweep's calibration text; the file is read back with ``refquant.gguf`` and
+    evaluated like every scheme, and greedy-decodes ``PROMPT``."""
+    from benchmarks.pareto import kl_columns
+    from minigpt_np import export, generate, llama, tokenizer
+
+    t0 = time.time()
+    out = Path(setup.ref).parent / f"{method}-q4_0.gguf"
+    r = export.export_gguf(setup.model, out, method=method, type_name="Q4_0", calib=[list(c) for c in setup.calib],
+                           layers=setup.layers, progress=False)
+    t1 = time.time()
+    params, cfg, _ = llama.load(out, dtype="f32")
+    kl = kl_columns(np.load(setup.ref, mmap_mode="r"), logits_of(params, cfg, setup.windows),
+                    setup.windows[:, 1:].reshape(-1))
+    tok = tokenizer.from_gguf(out)
+    ids, _ = generate.generate(llama.Session(params, cfg), tok, tok.encode(PROMPT), 8)
+    return dict(scheme=f"{r['scheme']} -> {r['type']} file", method=method, type=r["type"], kl=kl,
+                bits_per_weight=8 * 18 / 32, file_bytes=out.stat().st_size,
+                greedy=PROMPT + tok.decode(ids), seconds_quantize=t1 - t0, seconds_eval=time.time() - t1,
+                seconds=time.time() - t0)
+
+
 def weight_only(names) -> list[str]:
     from refquant import schemes
 
@@ -153,17 +180,20 @@ def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: 
     with tempfile.TemporaryDirectory(prefix="refquant-pareto-") as work:
         setup = prepare(model, work, windows=windows, length=length, calib_sequences=4 if quick else 16,
                         calib_length=32 if quick else 128, layers=layers)
-        jobs = [(n, False) for n in names] + [(n, True) for n in weight_only(names)]
+        jobs = [(gguf_task, "gptq")] + [(task, n, e) for n in names for e in (False, True)
+                                         if not e or n in weight_only(names)]
         if scheduler or dask:
             rows = _dask_map(setup, jobs, scheduler)
         else:
-            rows = [task(setup, n, e) for n, e in tqdm(jobs, desc="SmolLM2 schemes", unit="task",
-                                                       disable=not progress)]
+            rows = [fn(setup, *a) for fn, *a in tqdm(jobs, desc="SmolLM2 schemes", unit="task",
+                                                    disable=not progress)]
+        files = [r for r in rows if "file_bytes" in r]
+        rows = [r for r in rows if "file_bytes" not in r]
     return dict(benchmark="pareto_smollm2", quick=quick, model=model.name, windows=windows, length=length,
                 positions=windows * length, calib_sequences=int(setup.calib.shape[0]),
                 calib_length=int(setup.calib.shape[1]), layers="all block Linears" if layers is None else layers,
                 machine=common.machine(), results=[r for r in rows if not r["embeddings_quantized"]],
-                embeddings_quantized=[r for r in rows if r["embeddings_quantized"]],
+                embeddings_quantized=[r for r in rows if r["embeddings_quantized"]], files=files,
                 seconds_total=time.time() - t0, executor="dask" if scheduler or dask else "serial")
 
 
@@ -175,7 +205,7 @@ def _dask_map(setup: Setup, jobs, scheduler: str | None) -> list[dict]:
     cluster = None if scheduler else LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                                   dashboard_address=None)
     with Client(scheduler or cluster) as client:
-        futures = [client.submit(task, setup, n, e, pure=False) for n, e in jobs]
+        futures = [client.submit(fn, setup, *a, pure=False) for fn, *a in jobs]
         progress(futures, notebook=False)
         rows = client.gather(futures)
     if cluster is not None:
@@ -190,15 +220,16 @@ def without_timings(data: dict) -> dict:
 
     out = {k: v for k, v in data.items() if k not in ("seconds_total", "executor", "machine")}
     out["results"] = [strip(r) for r in data["results"]]
-    out["embeddings_quantized"] = [strip(r) for r in data["embeddings_quantized"]]
+    for k in ("embeddings_quantized", "files"):
+        out[k] = [strip(r) for r in data[k]]
     return out
 
 
 def print_table(data: dict) -> None:
     print(f"{'scheme':26s} {'bpw':>7s} {'KLD':>9s} {'se':>8s} {'p99':>8s} {'same top %':>10s} {'ppl ratio':>9s} "
           f"{'s':>6s}")
-    for r in sorted(data["results"] + data["embeddings_quantized"], key=lambda r: r["bits_per_weight"]):
+    for r in sorted(data["results"] + data["embeddings_quantized"] + data["files"], key=lambda r: r["bits_per_weight"]):
         k = r["kl"]
-        name = r["scheme"] + (" +emb" if r["embeddings_quantized"] else "")
+        name = r["scheme"] + (" +emb" if r.get("embeddings_quantized") else "")
         print(f"{name:26s} {r['bits_per_weight']:7.3f} {k['kld_mean']:9.2e} {k['kld_se']:8.1e} {k['kld_p99']:8.2e} "
               f"{100 * k['same_top']:10.2f} {k['ppl_ratio']:9.4f} {r['seconds']:6.1f}")

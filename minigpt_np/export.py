@@ -1,7 +1,8 @@
-"""Calibrated export of a Llama GGUF as a GPTQ / AWQ / compressed-tensors checkpoint.
+"""Calibrated export of a Llama GGUF as a GPTQ / AWQ / compressed-tensors checkpoint, or as GGUF.
 
     python -m minigpt_np.export model.gguf DIR --method gptq --format gptq --calib FILE \\
         [--group-size 64] [--act-order] [--sequences 16] [--tokens 128]
+    python -m minigpt_np.export model.gguf out.gguf --method gptq --format gguf --type Q4_0 --calib FILE
 
 The model runs on ``--sequences`` windows of ``--tokens`` tokens of the calibration text
 (``llama.quantize_model``: one pass collects every Linear's Hessian / activation
@@ -64,12 +65,58 @@ def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_
     return in_memory
 
 
+GGUF_SCHEMES = {("gptq", "Q4_0"): "gptq_int4_g32", ("rtn", "Q4_0"): "int4_g32", ("rtn", "Q4_1"): "int4_g32_asym"}
+
+
+def export_gguf(model, out_path, *, method: str = "gptq", type_name: str = "Q4_0", calib_text: str | None = None,
+                calib=None, sequences: int = 16, tokens: int = 128, layers=None, progress: bool = True) -> dict:
+    """Quantize the block Linears of the Llama GGUF ``model`` (or the GGUF names in
+    ``layers``) by ``method`` on a grid that *is* a GGML type, and write a GGUF llama.cpp
+    runs: those Linears as ``type_name`` blocks (``refquant.gguf.tensors.as_ggml``: GPTQ's
+    symmetric INT4 grid with an fp16 scale per 32 inputs is Q4_0 block for block, with no
+    second rounding), every other tensor exactly as the source stores it.
+
+    ``calib``: token-id sequences, or ``calib_text`` cut into ``sequences`` windows of
+    ``tokens``. Returns ``dict(layers=..., scheme=..., m_error=...)`` (``m_error``: the
+    largest fp16 rounding of a Q4_1 ``m``; 0 for Q4_0).
+    """
+    from refquant import gguf, schemes
+    from refquant.gguf.tensors import as_ggml
+
+    key = (method, type_name.upper())
+    if key not in GGUF_SCHEMES:
+        raise ValueError(f"no exact GGUF grid for method {method!r} as {type_name!r}; "
+                         f"choose one of {', '.join(f'{m} -> {t}' for m, t in GGUF_SCHEMES)}")
+    scheme = GGUF_SCHEMES[key]
+    params, cfg, meta = llama.load(model, dtype="f32")
+    seqs = calib
+    if schemes.get(scheme).needs_calib and seqs is None:
+        if calib_text is None:
+            raise ValueError(f"{scheme} needs calibration text (--calib FILE)")
+        seqs = calibration_sequences(tokenizer.from_gguf(model), calib_text, sequences, tokens)
+    names = list(layers or llama.block_linears(cfg))
+    q = llama.quantize_model(params, cfg, scheme, seqs, layers=names, progress=progress)
+    out, worst = {}, 0.0
+    for name in names:
+        raw, t, m_err = as_ggml(q[name].qt)
+        out[name] = gguf.GGUFTensor(t, q[name].shape, raw)
+        worst = max(worst, m_err)
+    with gguf.read(model) as f:
+        for name in f.tensors:
+            out.setdefault(name, f.tensor(name))
+        ftype = {"Q4_0": 2, "Q4_1": 3}[key[1]]
+        gguf.write(out_path, {**f.metadata, "general.file_type": np.uint32(ftype)}, out)
+    return dict(layers=len(names), scheme=scheme, type=key[1], m_error=worst)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minigpt_np.export", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="Llama GGUF")
     p.add_argument("output", help="checkpoint directory")
     p.add_argument("--method", default="gptq", choices=list(METHODS))
-    p.add_argument("--format", default="gptq", choices=["gptq", "awq", "compressed-tensors"])
+    p.add_argument("--format", default="gptq", choices=["gptq", "awq", "compressed-tensors", "gguf"],
+                   help="gguf: OUTPUT is a .gguf file, the Linears as --type blocks (export_gguf)")
+    p.add_argument("--type", default="Q4_0", choices=["Q4_0", "Q4_1"], help="gguf: the ggml type (Q4_1: rtn only)")
     p.add_argument("--calib", help="calibration text file")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--sequences", type=int, default=16)
@@ -78,6 +125,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         text = Path(args.calib).read_text() if args.calib else None
+        if args.format == "gguf":
+            r = export_gguf(args.model, args.output, method=args.method, type_name=args.type, calib_text=text,
+                            sequences=args.sequences, tokens=args.tokens)
+            print(f"wrote {args.output}: {r['layers']} Linears {r['scheme']} as {r['type']} "
+                  f"(largest fp16 rounding of m: {r['m_error']:.3g})")
+            return 0
         export(args.model, args.output, method=args.method, layout=args.format,
                calib_text=text, group_size=args.group_size, sequences=args.sequences, tokens=args.tokens,
                checkpoint_format=args.checkpoint_format)

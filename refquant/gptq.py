@@ -269,6 +269,8 @@ def _register_scheme(name: str, description: str, **kw):  # pragma: no mutate bl
 
 _register_scheme("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", bits=4, group_size=128)
 _register_scheme("gptq_int4_g64", "GPTQ INT4 symmetric, fp16 scale per 64 inputs", bits=4, group_size=64)
+_register_scheme("gptq_int4_g32", "GPTQ INT4 symmetric, fp16 scale per 32 inputs (ggml's block: exactly Q4_0)",
+                 bits=4, group_size=32)
 _register_scheme("gptq_int4_g128_actorder", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4,
                  group_size=128, act_order=True)
 _register_scheme("gptq_int3_g128", "GPTQ INT3 symmetric, fp16 scale per 128 inputs", bits=3, group_size=128)

@@ -86,6 +86,7 @@ NBYTES = {
     "q6_k": lambda o, n: o * n // 256 * 210, "iq4_nl": lambda o, n: o * n // 32 * 18,
     "iq4_xs": lambda o, n: o * n // 256 * 136,
     "gptq_int4_g128": lambda o, n: _affine_bytes(o, n, 4, 128, 2), "gptq_int4_g64": lambda o, n: _affine_bytes(o, n, 4, 64, 2),
+    "gptq_int4_g32": lambda o, n: _affine_bytes(o, n, 4, 32, 2),
     "gptq_int4_g128_actorder": lambda o, n: _affine_bytes(o, n, 4, 128, 2) + 4 * n,   # + int32 g_idx per input
     "gptq_int3_g128": lambda o, n: _affine_bytes(o, n, 3, 128, 2),
     "gptq_int8_channel": lambda o, n: _affine_bytes(o, n, 8, "channel", 2),

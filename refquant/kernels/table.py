@@ -75,6 +75,7 @@ KERNELS: dict[str, KernelEntry] = {
     **{f"int4_g{g}{a}": _AFFINE for g in (32, 64, 128) for a in ("", "_asym")},
     "gptq_int4_g128": _AFFINE,
     "gptq_int4_g64": _AFFINE,
+    "gptq_int4_g32": _AFFINE,
     "awq_int4_g128": KernelEntry(_affine, prepare_x=_awq_x),
     **{t: _GGML for t in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")},
 }
