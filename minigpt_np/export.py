@@ -77,8 +77,9 @@ def export_gguf(model, out_path, *, method: str = "gptq", type_name: str = "Q4_0
     second rounding), every other tensor exactly as the source stores it.
 
     ``calib``: token-id sequences, or ``calib_text`` cut into ``sequences`` windows of
-    ``tokens``. Returns ``dict(layers=..., scheme=..., m_error=...)`` (``m_error``: the
-    largest fp16 rounding of a Q4_1 ``m``; 0 for Q4_0).
+    ``tokens``. Returns ``dict(layers=..., scheme=..., type=..., m_error=..., quantized=...)``
+    (``m_error``: the largest fp16 rounding of a Q4_1 ``m``, 0 for Q4_0; ``quantized``: the
+    ``QuantizedTensor`` s by GGUF name, as the model in memory holds them).
     """
     from refquant import gguf, schemes
     from refquant.gguf.tensors import as_ggml
@@ -106,7 +107,7 @@ def export_gguf(model, out_path, *, method: str = "gptq", type_name: str = "Q4_0
             out.setdefault(name, f.tensor(name))
         ftype = {"Q4_0": 2, "Q4_1": 3}[key[1]]
         gguf.write(out_path, {**f.metadata, "general.file_type": np.uint32(ftype)}, out)
-    return dict(layers=len(names), scheme=scheme, type=key[1], m_error=worst)
+    return dict(layers=len(names), scheme=scheme, type=key[1], m_error=worst, quantized={n: q[n].qt for n in names})
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,6 @@
     python -m refquant export IN.gguf DIR --format gptq|awq|compressed-tensors [--bits 4 --group-size 128]
     python -m refquant convert DIR OUT.gguf [--metadata-from IN.gguf] [--fallback Q8_0]
     python -m refquant quantize IN OUT --type Q4_K [--keep PATTERN ...] [--impl auto|numpy|numba]
-    python -m refquant quantize IN OUT --type Q4_0 --method gptq --calib FILE     (Llama GGUFs)
     python -m refquant dequantize IN OUT [--type F32|F16]
     python -m refquant compare A B
 
@@ -209,25 +208,7 @@ def _note(msg: str) -> None:
     print(shorten(msg), file=sys.stderr)
 
 
-def cmd_quantize_calibrated(args) -> int:
-    """``--method gptq``: a model pass for calibration, so the Llama forward of
-    ``minigpt_np`` (the package above refquant that runs models) does the work."""
-    from pathlib import Path
-
-    from minigpt_np.export import export_gguf
-
-    if not args.calib:
-        raise ValueError(f"--method {args.method} needs calibration text: --calib FILE")
-    r = export_gguf(args.input, args.output, method=args.method, type_name=args.type,
-                    calib_text=Path(args.calib).read_text())
-    print(f"wrote {args.output}: {r['layers']} block Linears {r['scheme']} as {r['type']} blocks, "
-          "every other tensor as the input stores it")
-    return 0
-
-
 def cmd_quantize(args) -> int:
-    if args.method != "rtn":
-        return cmd_quantize_calibrated(args)
     target = quants.ggml_type(args.type)
     if not target.can_quantize:
         raise SystemExit(f"error: refquant cannot quantize to {target.name}; choose one of {', '.join(quants.quantizable())}")
@@ -349,10 +330,6 @@ def main(argv=None) -> int:
     s.add_argument("input")
     s.add_argument("output")
     s.add_argument("--type", required=True, help=f"ggml type: {', '.join(quants.quantizable())}")
-    s.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
-                   help="gptq: the block Linears of a Llama GGUF by GPTQ on the --type grid (Q4_0: fp16 scale "
-                        "per 32, exactly ggml's blocks), calibrated on --calib text; everything else as stored")
-    s.add_argument("--calib", metavar="FILE", help="--method gptq: calibration text")
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="glob of tensor names to copy unchanged (repeatable), e.g. 'token_embd.*'")
     s.add_argument("--allow-nonfinite", action="store_true",

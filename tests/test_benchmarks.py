@@ -97,6 +97,40 @@ def test_pareto_quick(out_dirs):
     assert kl["int4_g128"]["kld_mean"] > 2 * kl["int4_g128"]["kld_se"] > 0
 
 
+def test_pareto_smollm2_quick_serial_equals_dask(out_dirs, smollm2_path):
+    """The SmolLM2 sweep on block 0-1's Linears: KLD at every position of the windows, the
+    bytes counted by hand, GPTQ -> Q4_0 in a file that reads back and says Paris, and the
+    same JSON (timings aside) from one dask.distributed task per scheme."""
+    from benchmarks import pareto, pareto_smollm2 as P
+    from minigpt_np import llama
+
+    pareto.main(["--model", "smollm2", "--quick"])
+    data = load(out_dirs, "pareto_smollm2")
+    by = {r["scheme"]: r for r in data["results"]}
+    assert set(by) == set(P.QUICK_SCHEMES) and data["executor"] == "serial"
+    assert all(r["kl"]["n"] == data["windows"] * data["length"] == data["positions"] for r in by.values())
+    _, cfg, _ = llama.load(smollm2_path)
+    layers = data["layers"]
+    shapes = [(cfg.d_model if k in ("attn_q", "attn_output") else cfg.d_model // cfg.n_head * cfg.n_head_kv
+               if k in ("attn_k", "attn_v") else cfg.d_ff if k in ("ffn_gate", "ffn_up") else cfg.d_model,
+               cfg.d_ff if k == "ffn_down" else cfg.d_model) for k in (n.split(".")[2] for n in layers)]
+    weights = sum(o * n for o, n in shapes)
+    # int4_g128: 4-bit codes and an fp16 scale per 128 inputs, 576-wide rows stored as 640
+    int4 = sum(o * ((n + -n % 128) // 2 + (n + -n % 128) // 128 * 2) for o, n in shapes)
+    assert by["int4_g128"]["linear_bytes"] == int4 and by["q4_0"]["linear_bytes"] == weights // 32 * 18
+    assert by["q8_0"]["bits_per_weight"] == 8.5 and not by["q8_0"]["fitted"]
+    assert any("short last group" in f for f in by["int4_g128"]["fitted"])
+    kld = {s: r["kl"]["kld_mean"] for s, r in by.items()}
+    assert 0 < kld["q8_0"] < kld["q4_0"] and kld["q8_0"] < kld["int4_g128"]
+    assert {r["scheme"] for r in data["embeddings_quantized"]} == set(P.QUICK_SCHEMES)
+    f, = data["files"]
+    assert f["type"] == "Q4_0" and "Paris" in f["greedy"] and f["kl"]["kld_mean"] < kld["q4_0"]
+    assert (out_dirs / "figures" / "pareto_kld.png").stat().st_size > 10_000
+    dask = json.loads(json.dumps(P.run(True, dask=True, progress=False)))
+    assert dask["executor"] == "dask"
+    assert P.without_timings(dask) == P.without_timings(data)
+
+
 def test_training_curve_figure(out_dirs):
     from benchmarks import training
     log = {"config": {"n_layer": 1, "d_model": 8, "n_head": 1, "n_ctx": 4}, "steps": 60, "batch_size": 2,

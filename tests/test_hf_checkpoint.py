@@ -262,3 +262,35 @@ def test_export_module_cli(tmp_path, smollm2_path, capsys):
     assert "needs calibration text" in capsys.readouterr().err and not (tmp_path / "ck").exists()
     assert export.main([str(smollm2_path), str(tmp_path / "ck"), "--method", "awq", "--group-size", "64"]) == 2
     assert "no registered scheme 'awq_int4_g64'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,type_name,want_sym", [("gptq", "Q4_0", True), ("rtn", "Q4_1", False)])
+def test_smollm2_gptq_exported_as_gguf_blocks_is_the_gptq_model(tmp_path, smollm2_path, method, type_name, want_sym):
+    """GPTQ INT4 with an fp16 scale per 32 inputs written as Q4_0 (and RTN asymmetric as Q4_1):
+    block 0's Linears read back as those blocks and dequantize bit for bit to the tensors the
+    model in memory holds (Q4_1: within the fp16 rounding of m); every other tensor keeps the
+    source file's bytes."""
+    from refquant import gguf
+    from minigpt_np import corpus, export
+
+    text = "\n".join(ln.split(" => ")[0] for ln in corpus.make_splits().test[:200])
+    layers = [f"blk.0.{k}" for k in ("attn_q.weight", "attn_v.weight", "ffn_down.weight")]
+    r = export.export_gguf(smollm2_path, tmp_path / "out.gguf", method=method, type_name=type_name, calib_text=text,
+                           sequences=2, tokens=32, layers=layers, progress=False)
+    assert set(r["quantized"]) == set(layers)
+    with gguf.read(tmp_path / "out.gguf") as f, gguf.read(smollm2_path) as src:
+        assert f.metadata["general.file_type"] == {"Q4_0": 2, "Q4_1": 3}[type_name]
+        assert set(f.tensors) == set(src.tensors)
+        for name, qt in r["quantized"].items():
+            assert qt.meta["sym"] is want_sym and f.tensors[name].type.name == type_name
+            got, want = f.tensor(name).dequantize(), qt.dequantize()
+            if want_sym:
+                np.testing.assert_array_equal(got, want)
+            else:   # u·d + m against s·(u - z): m = fp16(-z·s) moves every weight by at most its rounding
+                assert 0 < r["m_error"] <= np.abs(qt.scales.astype(np.float64)).max() * 15 * 2.0 ** -11
+                assert np.abs(got - want).max() <= r["m_error"] + 4 * np.finfo(np.float32).eps * np.abs(want).max()
+        for name in ("blk.0.attn_k.weight", "token_embd.weight", "blk.5.ffn_norm.weight"):
+            np.testing.assert_array_equal(np.asarray(f.tensor(name).raw), np.asarray(src.tensor(name).raw))
+    with pytest.raises(ValueError, match="no exact GGUF grid"):
+        export.export_gguf(smollm2_path, tmp_path / "x.gguf", method="gptq", type_name="Q4_1")
+    assert not (tmp_path / "x.gguf").exists()

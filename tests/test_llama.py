@@ -251,3 +251,45 @@ def test_calibration_hook_and_quantize_model(smollm2):
                                      scheme="gptq_int4_g64")
         np.testing.assert_array_equal(g[name].qt.codes, want.codes)
         np.testing.assert_array_equal(g[name].qt.scales, want.scales)
+
+
+def test_fit_scheme_falls_back_as_llama_cpp_and_pads_short_groups():
+    # 576 = 2.25 x 256: the K-quants take llama.cpp's fallback types; 1536 = 6 x 256 keeps them
+    assert llama.fit_scheme("q4_k", 576) == ("q5_0", None) and llama.fit_scheme("q4_k", 1536) == ("q4_k", None)
+    assert [llama.fit_scheme(s, 576)[0] for s in ("q2_k", "q3_k", "q5_k", "q6_k", "iq4_xs")] == \
+        ["iq4_nl", "iq4_nl", "q5_1", "q8_0", "iq4_nl"]
+    # 576 = 4.5 x 128: a short last group; 9 x 64 divides
+    assert llama.fit_scheme("gptq_int4_g128", 576) == ("gptq_int4_g128", 128)
+    assert llama.fit_scheme("int4_g64", 576) == ("int4_g64", None)
+    assert llama.fit_scheme("nf4", 576) == ("nf4", None) and llama.fit_scheme("q8_0", 576) == ("q8_0", None)
+    with pytest.raises(ValueError, match="no fallback"):
+        llama.fit_scheme("q8_0", 48)
+
+
+def test_a_short_last_group_is_a_padded_row():
+    """``pad=128`` on a 576-wide weight: the first 512 columns are int4_g128's groups, the
+    last 64 one symmetric group of their own (zeros never raise an absmax), and x is padded
+    to match; the padding is stored and counted."""
+    from refquant import calibration
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 576)).astype(np.float32)
+    lin = linear.quantize(w, "int4_g128", pad=128)
+    assert isinstance(lin, linear.PaddedLinear) and lin.shape == (8, 576) and lin.inner.shape == (8, 640)
+    d = lin.dequantize()
+    np.testing.assert_array_equal(d[:, :512], linear.quantize(w[:, :512], "int4_g128").dequantize())
+    np.testing.assert_array_equal(d[:, 512:], linear.quantize(w[:, 512:], "int4_g64").dequantize())
+    assert lin.nbytes == 8 * (640 // 2 + 5 * 2)          # 4-bit codes + an fp16 scale per group, padding included
+    x = rng.standard_normal((20, 576)).astype(np.float32)   # more rows than a kernel batch: the float path
+    np.testing.assert_allclose(lin(x), x @ d.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(lin.rows([1, 5]), d[[1, 5]])
+    assert linear.quantize(w, "int4_g64", pad=64).__class__ is linear.QuantizedLinear   # 576 = 9 x 64: no padding
+    # calibration statistics padded: the extra inputs are dead
+    st = calibration.LayerStats(keep_inputs=True).add_batch(x)
+    p = st.padded(640)
+    assert p.n == st.n and p.xtx.shape == (640, 640) and not p.xtx[576:].any() and not p.xtx[:, 576:].any()
+    np.testing.assert_array_equal(p.xtx[:576, :576], st.xtx)
+    np.testing.assert_array_equal(p.X, np.pad(x, ((0, 0), (0, 64))))
+    assert not p.mean_abs[576:].any() and not p.max_abs[576:].any()
+    with pytest.raises(ValueError, match="cannot pad"):
+        st.padded(100)
