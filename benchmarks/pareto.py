@@ -299,12 +299,14 @@ def main(argv=None) -> None:
     ap.add_argument("--schemes", default=None, help="comma-separated scheme names (default: all)")
     ap.add_argument("--scheduler", default=None, help="SmolLM2: a dask.distributed scheduler address")
     ap.add_argument("--dask", action="store_true", help="SmolLM2: one task per scheme on a dask LocalCluster")
+    ap.add_argument("--workdir", default=None, help="SmolLM2: where the reference logits go (remote workers "
+                    "must see it, and the model, at the same path)")
     args = ap.parse_args(argv)
     names = args.schemes.split(",") if args.schemes else None
     if args.model == "smollm2":
         from benchmarks import pareto_smollm2
 
-        data = pareto_smollm2.run(args.quick, names, scheduler=args.scheduler, dask=args.dask)
+        data = pareto_smollm2.run(args.quick, names, scheduler=args.scheduler, dask=args.dask, workdir=args.workdir)
         path = common.write_json("pareto_smollm2", data)
         plot_kld(common.FIGURES / "pareto_kld.png", smollm2=data)
         pareto_smollm2.print_table(data)

@@ -165,9 +165,13 @@ def weight_only(names) -> list[str]:
 
 
 def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: bool = False, model=None,
-        windows: int | None = None, length: int | None = None, progress: bool = True) -> dict:
+        windows: int | None = None, length: int | None = None, workdir=None, extras: bool = True,
+        progress: bool = True) -> dict:
     """The sweep (module docstring); ``dask`` or ``scheduler``: one dask.distributed task per
-    scheme, on a ``LocalCluster`` or on the scheduler at that address."""
+    scheme, on a ``LocalCluster`` or on the scheduler at that address. ``workdir``: where the
+    reference logits go (a temporary directory by default; with remote workers, a directory
+    they see at the same path, as they must see ``model``). ``extras=False``: only the
+    schemes, without the embeddings pass and the GPTQ -> Q4_0 file."""
     from minigpt_np import llama
     from refquant import schemes
 
@@ -177,11 +181,11 @@ def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: 
     model = Path(model or llama.default_model())
     layers = [f"blk.{i}.{s}" for i in range(2) for s in llama.LINEAR_SUFFIXES] if quick else None
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="refquant-pareto-") as work:
+    with tempfile.TemporaryDirectory(prefix="refquant-pareto-", dir=workdir) as work:
         setup = prepare(model, work, windows=windows, length=length, calib_sequences=4 if quick else 16,
                         calib_length=32 if quick else 128, layers=layers)
-        jobs = [(gguf_task, "gptq")] + [(task, n, e) for n in names for e in (False, True)
-                                         if not e or n in weight_only(names)]
+        jobs = [(gguf_task, "gptq")] * extras + [(task, n, e) for n in names for e in (False, True)
+                                                  if not e or (extras and n in weight_only(names))]
         if scheduler or dask:
             rows = _dask_map(setup, jobs, scheduler)
         else:
@@ -202,8 +206,20 @@ def _dask_map(setup: Setup, jobs, scheduler: str | None) -> list[dict]:
         from dask.distributed import Client, LocalCluster, progress
     except ImportError:
         raise SystemExit('dask.distributed is not installed: pip install -e ".[dask]"') from None
-    cluster = None if scheduler else LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                                  dashboard_address=None)
+    import logging
+    import os
+
+    import dask
+
+    # dask's nanny starts workers with one BLAS thread; OpenBLAS then takes other code paths
+    # and the logits differ in the last bits. The worker gets this process's setting, so one
+    # task at a time computes exactly what the serial run does. (Remote workers: start them
+    # with the same OPENBLAS_NUM_THREADS for identical results.)
+    same = {k: os.environ.get(k, str(os.cpu_count())) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                                 "OPENBLAS_NUM_THREADS")}
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in same.items()}):
+        cluster = None if scheduler else LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                      dashboard_address=None, silence_logs=logging.WARNING)
     with Client(scheduler or cluster) as client:
         futures = [client.submit(fn, setup, *a, pure=False) for fn, *a in jobs]
         progress(futures, notebook=False)

@@ -152,15 +152,16 @@ def smollm2_section(data: dict) -> str:
         out += ["", f"GPTQ in a file llama.cpp runs: `python -m minigpt_np.export model.gguf out.gguf --method gptq "
                 f"--format gguf --type Q4_0 --calib FILE` writes GPTQ INT4 with an fp16 scale per 32 inputs as Q4_0 "
                 f"blocks ({f['file_bytes'] / 1e6:.1f} MB). Read back with `refquant.gguf`: mean KLD {_kl(f['kl'])}{vs}; "
-                f"greedy: \"{f['greedy'].strip()}\"."]
+                f"greedy: \"{' '.join(f['greedy'].split())}\"."]
     emb = sorted(data.get("embeddings_quantized", []), key=lambda r: r["model_bits_per_weight"])
     if emb:
         out += ["", "The weight-only schemes again with the tied token embedding / output head quantized too "
                 "(bits per weight of the whole model's matrices):", "",
-                "| scheme | model bits/weight | mean KLD ± se | same top | KLD × Linears only |", "|---|---|---|---|---|"]
+                "| scheme | model bits/weight | mean KLD ± se | same top | mean KLD, Linears only |",
+                "|---|---|---|---|---|"]
         out += [f"| {r['scheme']} | {r['model_bits_per_weight']:.3f} | {_kl(r['kl'])} | "
-                f"{100 * r['kl']['same_top']:.2f}% | {r['kl']['kld_mean'] / by[r['scheme']]['kl']['kld_mean']:.2f} |"
-                for r in emb if r["scheme"] in by]
+                f"{100 * r['kl']['same_top']:.2f}% | {_kl(by[r['scheme']]['kl']) if r['scheme'] in by else ''} |"
+                for r in emb]
     out += ["", "![KL divergence vs bits, both models](figures/pareto_kld.png)"]
     return "\n".join(out)
 
