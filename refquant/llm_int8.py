@@ -19,7 +19,7 @@ import numpy as np
 from refquant._checks import float_array
 from refquant.calibration import as_stats
 from refquant.schemes import register
-from refquant.smoothquant import absmax_int8, int8_bound, quantize_tokens
+from refquant.smoothquant import absmax_int8, exact_int8_products, int8_bound, quantize_tokens
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -65,8 +65,8 @@ def act_quant(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
 def matmul(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
     """``X Ŵᵀ``: int32-exact int8 part + FP16 outlier part (accumulated in float32)."""
     X, o, q, sx = _split(qt, X)
-    acc = q.astype(np.int32) @ qt.codes.view(np.int8).astype(np.int32).T
-    y = acc.astype(np.float64) * sx * qt.scales[None, :]
+    acc = exact_int8_products(q, qt.codes.view(np.int8))
+    y = acc * sx * qt.scales[None, :]
     if o.size:
         y += X[:, o].astype(np.float16).astype(np.float32) @ qt.meta["outlier_weights"].astype(np.float32).T
     return y.astype(np.float32)

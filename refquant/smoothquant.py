@@ -60,6 +60,16 @@ def absmax_int8(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
+def exact_int8_products(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``q @ codesᵀ`` of int8 matrices (M, K) and (N, K), exactly, as float64: every product
+    is at most 127² in magnitude and every partial sum an integer below ``127²·K < 2^53``
+    (K < 5·10^11), so float64 BLAS computes the int32 result bit for bit -- at BLAS speed,
+    where NumPy's integer matmul has no BLAS and ran minutes per MiniGPT evaluation."""
+    if q.shape[-1] >= 2**53 // 127**2:
+        raise ValueError(f"K = {q.shape[-1]} is too long for exact float64 sums")
+    return q.astype(np.float64) @ codes.astype(np.float64).T
+
+
 def quantize_tokens(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-token (row) symmetric int8 activations: ``absmax_int8`` of float32 ``X``."""
     return absmax_int8(np.asarray(X, np.float32))
@@ -98,8 +108,8 @@ def matmul(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
     X = np.atleast_2d(np.asarray(X, np.float32))
     s = qt.meta.get("smooth")
     q, sx = quantize_tokens(X if s is None else X / s)
-    acc = q.astype(np.int32) @ qt.codes.view(np.int8).astype(np.int32).T  # exact: |acc| < 2^31
-    return (acc.astype(np.float64) * sx * qt.scales[None, :]).astype(np.float32)
+    acc = exact_int8_products(q, qt.codes.view(np.int8))
+    return (acc * sx * qt.scales[None, :]).astype(np.float32)
 
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------

@@ -86,3 +86,17 @@ def test_bad_arguments():
         smoothquant.smooth_scales(np.ones(3), np.ones((2, 3)), 1.5)
     with pytest.raises(ValueError, match="X has 5 features"):
         awq.awq_quantize(np.ones((2, 128), np.float32), np.ones((4, 5), np.float32))
+
+
+def test_exact_int8_products_are_the_integer_matmul():
+    """float64 BLAS on int8 codes: every partial sum is an integer below 2^53, so the result is
+    the integer product exactly, the extremes ±127²·K included."""
+    from refquant.smoothquant import exact_int8_products
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (7, 1536)).astype(np.int8)
+    c = rng.integers(-127, 128, (5, 1536)).astype(np.int8)
+    q[0], q[1], c[0] = 127, -127, 127
+    got = exact_int8_products(q, c)
+    np.testing.assert_array_equal(got, q.astype(np.int64) @ c.astype(np.int64).T)
+    assert got[0, 0] == 127 * 127 * 1536 and got[1, 0] == -127 * 127 * 1536
