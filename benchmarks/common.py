@@ -99,3 +99,15 @@ def label_points(ax, xs, ys, names, fontsize: float = 7.0, cluster_px: float = 4
             ax.annotate(names[i], (xs[i], ys[i]), xytext=off, textcoords="offset points", fontsize=fontsize,
                         ha="left" if right else "right", va="center",
                         arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6", shrinkA=0, shrinkB=2))
+
+
+def kl_columns(ref_logits, logits, tokens) -> dict:
+    """The KL statistics of ``refquant.metrics.kl_divergence`` (as llama.cpp's
+    ``--kl-divergence`` reports them) that the tables show: mean KLD ± se, median, p99,
+    max, same top token ± se, and the perplexity ratio ± se, per next-byte position."""
+    from refquant import metrics
+
+    k = metrics.kl_divergence(ref_logits, logits, tokens)
+    return dict(n=k["n"], kld_mean=k["kld"]["mean"], kld_se=k["kld"]["se"], kld_median=k["kld"]["median"],
+                kld_p99=k["kld"]["p99"], kld_max=k["kld"]["max"], same_top=k["same_top"]["mean"],
+                same_top_se=k["same_top"]["se"], ppl_ratio=k["ppl_ratio"]["mean"], ppl_ratio_se=k["ppl_ratio"]["se"])

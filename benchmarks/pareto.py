@@ -60,7 +60,7 @@ def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
                                                                 export_dir=export_dir, keep_logits=True)
         r.setdefault("seconds", time.time() - t0)
         r["bits_per_weight"] = 8 * r["linear_bytes"] / r["linear_weights"]
-        r["kl"] = kl_columns(ref["logits"], r.pop("logits"), r.pop("tokens"))
+        r["kl"] = common.kl_columns(ref["logits"], r.pop("logits"), r.pop("tokens"))
         rows.append(r)
     shutil.rmtree(export_dir, ignore_errors=True)
     emb = embeddings_pass(names, min(limit, 300))
@@ -77,18 +77,6 @@ def run(quick: bool = False, limit: int | None = None, names=None) -> dict:
         r["model_bits_per_weight"] = 8 * r["model_bytes"] / r["model_weights"]
     return dict(benchmark="pareto", quick=quick, limit=limit, machine=common.machine(), results=rows,
                 embeddings_quantized=emb, embeddings_limit=min(limit, 300), sensitivity=sens, mixed=mixed)
-
-
-def kl_columns(ref_logits, logits, tokens) -> dict:
-    """The KL statistics of ``refquant.metrics.kl_divergence`` (as llama.cpp's
-    ``--kl-divergence`` reports them) that the tables show: mean KLD ± se, median, p99,
-    max, same top token ± se, and the perplexity ratio ± se, per next-byte position."""
-    from refquant import metrics
-
-    k = metrics.kl_divergence(ref_logits, logits, tokens)
-    return dict(n=k["n"], kld_mean=k["kld"]["mean"], kld_se=k["kld"]["se"], kld_median=k["kld"]["median"],
-                kld_p99=k["kld"]["p99"], kld_max=k["kld"]["max"], same_top=k["same_top"]["mean"],
-                same_top_se=k["same_top"]["se"], ppl_ratio=k["ppl_ratio"]["mean"], ppl_ratio_se=k["ppl_ratio"]["se"])
 
 
 def embeddings_pass(names, limit: int) -> list[dict]:

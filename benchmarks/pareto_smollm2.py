@@ -94,7 +94,6 @@ def prepare(model, workdir, *, windows: int, length: int, calib_sequences: int, 
 def task(setup: Setup, scheme: str, embeddings: bool = False) -> dict:
     """One scheme: quantize (the block Linears; with ``embeddings`` the token embedding /
     tied head too), run the evaluation windows, compare with the reference."""
-    from benchmarks.pareto import kl_columns
     from minigpt_np import llama
     from refquant import linear, schemes
 
@@ -116,7 +115,7 @@ def task(setup: Setup, scheme: str, embeddings: bool = False) -> dict:
     t1 = time.time()
     logits = logits_of(q, cfg, setup.windows)
     ref = np.load(setup.ref, mmap_mode="r")
-    row["kl"] = kl_columns(ref, logits, setup.windows[:, 1:].reshape(-1))
+    row["kl"] = common.kl_columns(ref, logits, setup.windows[:, 1:].reshape(-1))
     weights = sum(int(np.prod(params[n].shape)) for n in names)
     row.update(linear_weights=weights, linear_bytes=int(sum(q[n].nbytes for n in names)))
     row["bits_per_weight"] = 8 * row["linear_bytes"] / weights
@@ -139,7 +138,6 @@ def gguf_task(setup: Setup, method: str = "gptq") -> dict:
     Linears as Q4_0 (GPTQ INT4 with an fp16 scale per 32 inputs, block for block), calibrated
     on the sweep's calibration text; the file is read back with ``refquant.gguf`` and
     evaluated like every scheme, and greedy-decodes ``PROMPT``."""
-    from benchmarks.pareto import kl_columns
     from minigpt_np import export, generate, llama, tokenizer
 
     t0 = time.time()
@@ -148,7 +146,7 @@ def gguf_task(setup: Setup, method: str = "gptq") -> dict:
                            layers=setup.layers, progress=False)
     t1 = time.time()
     params, cfg, _ = llama.load(out, dtype="f32")
-    kl = kl_columns(np.load(setup.ref, mmap_mode="r"), logits_of(params, cfg, setup.windows),
+    kl = common.kl_columns(np.load(setup.ref, mmap_mode="r"), logits_of(params, cfg, setup.windows),
                     setup.windows[:, 1:].reshape(-1))
     tok = tokenizer.from_gguf(out)
     ids, _ = generate.generate(llama.Session(params, cfg), tok, tok.encode(PROMPT), 8)
