@@ -111,3 +111,11 @@ def kl_columns(ref_logits, logits, tokens) -> dict:
     return dict(n=k["n"], kld_mean=k["kld"]["mean"], kld_se=k["kld"]["se"], kld_median=k["kld"]["median"],
                 kld_p99=k["kld"]["p99"], kld_max=k["kld"]["max"], same_top=k["same_top"]["mean"],
                 same_top_se=k["same_top"]["se"], ppl_ratio=k["ppl_ratio"]["mean"], ppl_ratio_se=k["ppl_ratio"]["se"])
+
+
+def weight_only(names) -> list[str]:
+    """The schemes of ``names`` that store weights alone (no calibration, no activation
+    rounding): the ones the embeddings passes quantize the token embedding with."""
+    from refquant import schemes
+
+    return [n for n in names if n != "fp32" and not schemes.get(n).needs_calib and schemes.get(n).act_quant is None]

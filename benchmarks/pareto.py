@@ -85,7 +85,7 @@ def embeddings_pass(names, limit: int) -> list[dict]:
 
     params, _, _ = checkpoint.load()
     n_weights = sum(v.size for v in params.values())
-    todo = [n for n in names if n != "fp32" and not schemes.get(n).needs_calib and schemes.get(n).act_quant is None]
+    todo = common.weight_only(names)
     rows = []
     for name in tqdm(todo, desc="embeddings quantized", unit="scheme"):
         r = evaluate.evaluate(name, quantize_embeddings=True, limit=limit, progress=False)

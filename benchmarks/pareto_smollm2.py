@@ -91,6 +91,12 @@ def prepare(model, workdir, *, windows: int, length: int, calib_sequences: int, 
     return Setup(str(model), str(ref), ev, calib, None if layers is None else tuple(layers))
 
 
+def compare(setup: Setup, params, cfg) -> dict:
+    """The KL statistics of ``params`` on the evaluation windows against the reference logits."""
+    return common.kl_columns(np.load(setup.ref, mmap_mode="r"), logits_of(params, cfg, setup.windows),
+                             setup.windows[:, 1:].reshape(-1))
+
+
 def task(setup: Setup, scheme: str, embeddings: bool = False) -> dict:
     """One scheme: quantize (the block Linears; with ``embeddings`` the token embedding /
     tied head too), run the evaluation windows, compare with the reference."""
@@ -113,9 +119,7 @@ def task(setup: Setup, scheme: str, embeddings: bool = False) -> dict:
         q["token_embd.weight"] = q["output.weight"] = linear.quantize(emb.dequantize(), e_scheme, pad=pad)
         row["embedding_scheme"] = e_scheme
     t1 = time.time()
-    logits = logits_of(q, cfg, setup.windows)
-    ref = np.load(setup.ref, mmap_mode="r")
-    row["kl"] = common.kl_columns(ref, logits, setup.windows[:, 1:].reshape(-1))
+    row["kl"] = compare(setup, params=q, cfg=cfg)
     weights = sum(int(np.prod(params[n].shape)) for n in names)
     row.update(linear_weights=weights, linear_bytes=int(sum(q[n].nbytes for n in names)))
     row["bits_per_weight"] = 8 * row["linear_bytes"] / weights
@@ -146,20 +150,13 @@ def gguf_task(setup: Setup, method: str = "gptq") -> dict:
                            layers=setup.layers, progress=False)
     t1 = time.time()
     params, cfg, _ = llama.load(out, dtype="f32")
-    kl = common.kl_columns(np.load(setup.ref, mmap_mode="r"), logits_of(params, cfg, setup.windows),
-                    setup.windows[:, 1:].reshape(-1))
+    kl = compare(setup, params, cfg)
     tok = tokenizer.from_gguf(out)
     ids, _ = generate.generate(llama.Session(params, cfg), tok, tok.encode(PROMPT), 8)
     return dict(scheme=f"{r['scheme']} -> {r['type']} file", method=method, type=r["type"], kl=kl,
                 bits_per_weight=8 * 18 / 32, file_bytes=out.stat().st_size,
                 greedy=PROMPT + tok.decode(ids), seconds_quantize=t1 - t0, seconds_eval=time.time() - t1,
                 seconds=time.time() - t0)
-
-
-def weight_only(names) -> list[str]:
-    from refquant import schemes
-
-    return [n for n in names if n != "fp32" and not schemes.get(n).needs_calib and schemes.get(n).act_quant is None]
 
 
 def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: bool = False, model=None,
@@ -183,7 +180,7 @@ def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: 
         setup = prepare(model, work, windows=windows, length=length, calib_sequences=4 if quick else 16,
                         calib_length=32 if quick else 128, layers=layers)
         jobs = [(gguf_task, "gptq")] * extras + [(task, n, e) for n in names for e in (False, True)
-                                                  if not e or (extras and n in weight_only(names))]
+                                                  if not e or (extras and n in common.weight_only(names))]
         if scheduler or dask:
             rows = _dask_map(setup, jobs, scheduler)
         else:
