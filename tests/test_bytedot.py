@@ -97,7 +97,10 @@ def test_kernel_is_dequantized_weight_times_rounded_x(name, tier, data):
     bound = kernel_bound(w_hat, x_hat).T + 1e-300
     err = np.abs(Y - x_hat @ w_hat.T)
     assert np.all(err <= bound), (err / bound).max()
-    np.testing.assert_array_equal(y, Y[0])
+    assert np.all(np.abs(y - x_hat[0] @ w_hat.T) <= bound[0])
+    if tier == "numba" or X.shape[0] < kernels.bytedot.TILE_MIN_M:
+        np.testing.assert_array_equal(y, Y[0])   # one kernel: each token computed alike
+    # else the batch took the tile kernel, whose float epilogue sums in another order
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_k", "int4_g128_asym", "int8_channel", "q6_k"])

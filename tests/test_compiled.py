@@ -217,15 +217,25 @@ def test_tiny_llama_kernel_weights_within_the_x_rounding_bound(tiny):
     assert (c.argmax(1) == s.argmax(1)).mean() >= 0.9
 
 
-def test_prefill_in_blocks_equals_token_by_token_bit_for_bit(tiny):
-    """Every product and attention row is computed per token in the same order whatever
-    the block size, so 20 tokens as blocks of 16 + 4 equal 20 single steps exactly."""
-    ps, _ = tiny
+def test_prefill_in_blocks_equals_token_by_token_within_the_x_rounding_bound(tiny):
+    """20 tokens as blocks of 16 + 4 (the kernels' tile path) against 20 single steps
+    (their one-token path): the two sum each row's float epilogue in another order, which
+    can move an activation across a Q8_0 rounding step, so they agree within the bound
+    the x rounding implies, not bit for bit; with float32 weights (one kernel for every
+    block size) they agree exactly."""
+    ps, pf = tiny
+    f, _ = llama.forward(pf, TINY, IDS)
+    s, _ = llama.forward(ps, TINY, IDS)
     a = compiled().Llama(ps, TINY)
     block = a.prefill(IDS)
     a.reset()
     steps = np.stack([a.step(t) for t in IDS])
-    np.testing.assert_array_equal(block, steps)
+    assert _rms(block - steps) <= 2 * _rms(s - f) + _float_tol(TINY.n_layer, TINY.d_ff, s)
+    assert (block.argmax(1) == steps.argmax(1)).mean() >= 0.9
+    b = compiled().Llama(pf, TINY)
+    block = b.prefill(IDS)
+    b.reset()
+    np.testing.assert_array_equal(block, np.stack([b.step(t) for t in IDS]))
 
 
 def test_session_errors(tiny):
@@ -281,8 +291,8 @@ def test_smollm2_compiled_step_follows_the_numpy_forward_for_64_tokens(smollm2_s
         assert _rms(c - s) <= 2 * _rms(s - f) + _float_tol(cfg.n_layer, cfg.d_ff, s)
     sess = sessions[0]
     sess.reset()
-    out_c, _ = generate.generate(sess, tok, ids, 64)
-    assert len(out_c) == 64 and "Paris" in tok.decode(out_c)
+    out_c, _ = generate.generate(sess, tok, ids, 64)   # may stop early at EOS
+    assert "Paris" in tok.decode(out_c)
 
 
 # --- MiniGPT ----------------------------------------------------------------------------

@@ -36,6 +36,12 @@ as they are. Scales stay in their stored width (fp16, uint8 sub-scales), so the 
 kernel reads are the format's own bits per weight (Q4_K: 4.625 instead of 4.5, its 12-byte
 6-bit scale packing widened to one byte per scale and min).
 
+**Prefill.** From ``TILE_MIN_M`` rows of X on, the SIMD tiers run ``tile_kernel``: per
+chunk of 16 rows, the codes are unpacked to bytes and the scales decoded once, then tiles
+of 2 rows x 4 tokens share every load (``_tile``, one compilation for every format). Its
+float epilogue sums in another order than the one-token kernel's, so a token's result in
+a batch differs from its result alone in the last bits; both are held to the same bound.
+
 **Tiers.** ``vnni`` and ``avx2`` run the vector code of ``simd``; ``numba`` is the same
 arithmetic in plain loops on the same layout (LLVM vectorizes it as it can), the
 portable fallback and the readable reference for the layout. ``backend()`` names the
@@ -340,7 +346,10 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     block's unpacked codes (eight accumulator chains) took 0.73-1.00x the time at M=16 but
     made the one-token (decode) path of the same kernel 1.10-1.17x slower (Q4_0, Q4_1,
     Q8_0, Q4_K, Q6_K; one thread, interleaved); splitting the scale pass into a per-row
-    decode and a per-token multiply cost the one-token path 1.2x as well.
+    decode and a per-token multiply cost the one-token path 1.2x as well, and so did the
+    8-lane scale pass of ``scale_pass_groups`` for one block per scale (Q4_0/Q4_1 on
+    576-wide rows: 1.16-1.19x). Batches of ``TILE_MIN_M`` tokens or more therefore take a
+    separate kernel (``tile_kernel``), compiled apart so that it cannot slow this one.
     """
     PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
     SIGNED = kind == "s8"
@@ -350,28 +359,8 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
         return _build_numba(PLANES, SIGNED, sub16, scale_pass, key)
     from refquant.kernels import simd as V
 
-    dot = V.DOTS[tier]
-
-    @njit(inline="always")
-    def codes2(row, hrow, p):
-        """The two blocks 2p, 2p+1 of a row as unsigned bytes (or signed for s8)."""
-        if SIGNED:
-            return V.load32(row, 64 * p), V.load32(row, 64 * p + 32)
-        w = V.load32(row, 32 * p)
-        lo, hi = V.low_nibbles(w), V.high_nibbles(w)
-        if PLANES >= 1:
-            lo = V.or_shifted(lo, V.load_bits32(hrow, 8 * PLANES * p), 4)
-            hi = V.or_shifted(hi, V.load_bits32(hrow, 8 * PLANES * p + 4 * PLANES), 4)
-        if PLANES == 2:
-            lo = V.or_shifted(lo, V.load_bits32(hrow, 16 * p + 4), 5)
-            hi = V.or_shifted(hi, V.load_bits32(hrow, 16 * p + 12), 5)
-        return lo, hi
-
-    @njit(inline="always")
-    def bdot(w, x, ax):
-        if SIGNED:
-            return dot(V.zeros_i32(), ax, V.sign_apply(w, x))
-        return dot(V.zeros_i32(), w, x)
+    codes2 = _codes2(PLANES, SIGNED)
+    bdot = _bdot(tier, SIGNED)
 
     @njit(inline="always")
     def acc_block(acc, v, ds, b):
@@ -407,6 +396,42 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
                                        2 * p + 1)
                     out[mi, r] = (V.hsum_f32(a0) + V.hsum_f32(a1)) + t
     return kernel
+
+
+def _codes2(PLANES: int, SIGNED: bool):
+    """``codes2(row, hrow, p)``: the two blocks 2p, 2p+1 of a row as 32 unsigned bytes each
+    (signed for 8-bit codes): nibbles, plus ``PLANES`` bit planes for 5/6-bit codes."""
+    from refquant.kernels import simd as V
+
+    @njit(inline="always")
+    def codes2(row, hrow, p):
+        if SIGNED:
+            return V.load32(row, 64 * p), V.load32(row, 64 * p + 32)
+        w = V.load32(row, 32 * p)
+        lo, hi = V.low_nibbles(w), V.high_nibbles(w)
+        if PLANES >= 1:
+            lo = V.or_shifted(lo, V.load_bits32(hrow, 8 * PLANES * p), 4)
+            hi = V.or_shifted(hi, V.load_bits32(hrow, 8 * PLANES * p + 4 * PLANES), 4)
+        if PLANES == 2:
+            lo = V.or_shifted(lo, V.load_bits32(hrow, 16 * p + 4), 5)
+            hi = V.or_shifted(hi, V.load_bits32(hrow, 16 * p + 12), 5)
+        return lo, hi
+    return codes2
+
+
+def _bdot(tier: str, SIGNED: bool):
+    """``bdot(w, x, ax)``: the 8 int32 lanes of a 32-byte block dot (``Σ₄ w·x``); signed
+    codes take ``dot(|x|, w·sign(x))`` with ``ax = |x|``."""
+    from refquant.kernels import simd as V
+
+    dot = V.DOTS[tier]
+
+    @njit(inline="always")
+    def bdot(w, x, ax):
+        if SIGNED:
+            return dot(V.zeros_i32(), ax, V.sign_apply(w, x))
+        return dot(V.zeros_i32(), w, x)
+    return bdot
 
 
 def _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift):
@@ -570,6 +595,252 @@ def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass, key):
     return kernel
 
 
+# --- the prefill path: rows unpacked once, tiles of 2 rows x 4 tokens ------------------
+
+TILE_MIN_M = 4   # from this many tokens on, ``run`` takes the tile kernel (SIMD tiers)
+TILE_GROUPS = 8  # parallel tasks per tile-kernel call, each with its own scratch
+
+
+def _unit_scales(sub16, offset, has_sc, has_mn, c, dshift, mnshift):
+    """``(lanes8, one)``: a row's weight scale and offset coefficient per *unit* (a block;
+    for Q6_K each 16 weights, two units per block), such that with the token's ``d_x`` and
+    ``XS`` = ``d_x S`` of each unit::
+
+        y = Σ_u s_u · d_x,u · (dot of unit u)  +  Σ_u mu_u · XS_u
+
+    ``lanes8(r, u, d, sc, m, mn)`` -> ``(s, mu)`` as 8-lane vectors for units u..u+7 (all
+    within the row); ``one(r, u, d, sc, m, mn)`` -> the two scalars of unit u."""
+    from refquant.kernels import simd as V
+
+    scale = _scale_reader(lambda a, r, i: V.f16_at(a[r], i))
+    per_row = dshift >= _ROW_SHIFT
+    G = 1 if per_row else 1 << dshift          # blocks per stored scale
+    UG = 2 * G if sub16 else G                 # units per stored scale
+    MN_PER_BLOCK = mnshift == 0
+    cf = -np.float32(c)
+    glanes = V.make_group_lanes(G) if G in (1, 2, 4, 8) and not per_row else None
+
+    @njit(inline="always", fastmath=True)
+    def one(r, u, d, sc, m, mn):
+        gi = 0 if per_row else u // UG
+        s = scale(d, r, gi)
+        if sub16 or has_sc:
+            s *= np.float32(sc[r, u])
+        mu = np.float32(0)
+        if offset == OFFSET_CONST:
+            mu = cf * s
+        elif offset == OFFSET_MIN:
+            mu = scale(m, r, gi)
+            if has_mn:
+                mu *= np.float32(mn[r, u] if MN_PER_BLOCK else mn[r, gi])
+        return s, mu
+
+    @njit(inline="always", fastmath=True)
+    def lanes8(r, u, d, sc, m, mn):
+        if per_row:
+            s = V.mul_f32x8(V.ones_f32(), scale(d, r, 0))
+        elif sub16 or has_sc:       # K-quants and Q6_K: 8 units share one d
+            s = V.mul_f32x8(V.bytes8_f32(sc[r], u), scale(d, r, u // UG))
+        else:
+            s = glanes(d[r], u // G)
+        if offset == OFFSET_CONST:
+            mu = V.mul_f32x8(s, cf)
+        elif offset == OFFSET_MIN:
+            if has_sc:
+                mu = V.mul_f32x8(V.bytes8_f32(mn[r], u), scale(m, r, u // UG))
+            else:
+                mu = glanes(m[r], u // G)
+                if has_mn:
+                    mu = V.mul_f32x8(mu, glanes(mn[r], u // G))
+        else:
+            mu = V.zeros_f32()
+        return s, mu
+    return lanes8, one
+
+
+_TILES: dict = {}
+
+
+def _tile(tier: str, signed: bool, sub16: bool):
+    """``tile(wb, P, nrows, xq, xa, res)``: ``res[t, i]`` = Σ_b P[i, t, b] · (the block dot
+    of row i of a chunk with token t), for the chunk's codes as bytes ``wb`` (16 rows; an
+    odd ``nrows`` followed by a zero row) and every token of ``xq``/``xa`` (x_q and
+    |x_q|, zero-padded to a multiple of 4 tokens); ``P[i, t]`` holds the ``ds`` of
+    ``_scale_pass`` (``d_b · d_x,b``; Q6_K two per block). Two rows times four tokens per
+    pass: each block's two code loads serve four tokens, each token's x load two rows,
+    and every product is one dot, one convert and one multiply-add by a scale broadcast
+    from memory, into eight accumulators summed by one ``hsum8``. Layout-independent: one
+    compilation per tier, signedness and scale width serves every format."""
+    key = (tier, signed, sub16)
+    if key in _TILES:
+        return _TILES[key]
+    from refquant.kernels import simd as V
+
+    bdot = _bdot(tier, signed)
+
+    @njit(inline="always")
+    def acc(c, v, p, b):
+        if sub16:
+            return V.fma_lanes2(c, v, p[2 * b], p[2 * b + 1])
+        return V.fma_lanes(c, v, p[b])
+
+    @_cache.jit(("bytedot.tile", tier, signed, sub16), fastmath=True)
+    def tile(wb, P, nrows, xq, xa, res):
+        T4 = xq.shape[0]
+        nb = xq.shape[1] // 32
+        tmp = np.empty(8, np.float32)
+        for i in range(0, nrows, 2):
+            w0r, w1r = wb[i], wb[i + 1]
+            for t in range(0, T4, 4):
+                x0, x1, x2, x3 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3]
+                b0, b1, b2, b3 = xa[t], xa[t + 1], xa[t + 2], xa[t + 3]
+                p00, p01, p02, p03 = P[i, t], P[i, t + 1], P[i, t + 2], P[i, t + 3]
+                p10, p11, p12, p13 = P[i + 1, t], P[i + 1, t + 1], P[i + 1, t + 2], P[i + 1, t + 3]
+                c00 = V.zeros_f32()
+                c01 = V.zeros_f32()
+                c02 = V.zeros_f32()
+                c03 = V.zeros_f32()
+                c10 = V.zeros_f32()
+                c11 = V.zeros_f32()
+                c12 = V.zeros_f32()
+                c13 = V.zeros_f32()
+                for b in range(nb):
+                    o = 32 * b
+                    w0, w1 = V.load32(w0r, o), V.load32(w1r, o)
+                    v, a = V.load32(x0, o), V.load32(b0, o)
+                    c00 = acc(c00, bdot(w0, v, a), p00, b)
+                    c10 = acc(c10, bdot(w1, v, a), p10, b)
+                    v, a = V.load32(x1, o), V.load32(b1, o)
+                    c01 = acc(c01, bdot(w0, v, a), p01, b)
+                    c11 = acc(c11, bdot(w1, v, a), p11, b)
+                    v, a = V.load32(x2, o), V.load32(b2, o)
+                    c02 = acc(c02, bdot(w0, v, a), p02, b)
+                    c12 = acc(c12, bdot(w1, v, a), p12, b)
+                    v, a = V.load32(x3, o), V.load32(b3, o)
+                    c03 = acc(c03, bdot(w0, v, a), p03, b)
+                    c13 = acc(c13, bdot(w1, v, a), p13, b)
+                V.store_f32x8(tmp, 0, V.hsum8(c00, c01, c02, c03, c10, c11, c12, c13))
+                for k in range(4):
+                    res[t + k, i] = tmp[k]
+                    res[t + k, i + 1] = tmp[4 + k]
+    _TILES[key] = tile
+    return tile
+
+
+def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn: bool, c: int,
+                 dshift: int, mshift: int, mnshift: int):
+    """The prefill kernel of one format (``kernel``'s signature and result, up to the order
+    of its float epilogue). Per chunk of 16 rows: the codes are unpacked once into bytes;
+    the scales are decoded once per row, 8 units at a time (``_unit_scales``), and
+    multiplied by every token's ``d_x`` into ``P``, their offset terms summed for 16 tokens
+    at once; ``_tile`` then runs the chunk against all tokens, four at a time. The
+    one-token kernel unpacks and decodes every block again per token.
+
+    The chunks run in a plain ``@njit`` function (``chunks``), which the parallel kernel
+    only calls, ``TILE_GROUPS`` times: the same loops inlined into the ``prange`` body ran
+    1.5x as long on one thread (3072 x 576 Q4_1, M = 16)."""
+    from refquant.kernels import simd as V
+
+    PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
+    SIGNED = kind == "s8"
+    WIDTH = 2 if sub16 else 1
+    codes2 = _codes2(PLANES, SIGNED)
+    lanes8, one = _unit_scales(sub16, offset, has_sc, has_mn, c, dshift, mnshift)
+    tile = _tile(tier, SIGNED, sub16)
+    key = ("bytedot.tiles", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
+
+    @njit(inline="always")
+    def row_units(r, u0, k0, d, sc, m, mn, DX, XST, M, Pi, o):
+        """Units u0..u0+7 of row r: ``P`` for every token; offsets of units u0+k0.. into o."""
+        sv, mv = lanes8(r, u0, d, sc, m, mn)
+        for t in range(M):
+            V.store_f32x8(Pi[t], u0, V.mul_f32x8(sv, V.load_f32x8(DX[t], u0)))
+        o0, o1 = o
+        if offset != OFFSET_NONE:
+            mus = np.empty(8, np.float32)
+            V.store_f32x8(mus, 0, mv)
+            for k in range(k0, 8):
+                o0 = V.add_f32x8(o0, V.mul_f32x8(V.load_f32x8(XST[u0 + k], 0), mus[k]))
+                o1 = V.add_f32x8(o1, V.mul_f32x8(V.load_f32x8(XST[u0 + k], 8), mus[k]))
+        return o0, o1
+
+    @_cache.jit(key + ("chunks",), fastmath=True)
+    def chunks(g, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
+        """Chunks g, g + ng, ... of 16 rows, with their own scratch."""
+        M, R = out.shape
+        T4, NU = DX.shape
+        nb = xq4.shape[1] // 32
+        wb = np.zeros((16, 32 * nb), qs.dtype)
+        P = np.zeros((16, T4, NU), np.float32)
+        res = np.empty((T4, 16), np.float32)
+        toff = np.empty((16, 16), np.float32)
+        for ch in range(g, (R + 15) // 16, ng):
+            r0 = 16 * ch
+            nrows = min(16, R - r0)
+            if nrows < 16:
+                wb[nrows:] = 0
+            for i in range(nrows):
+                r = r0 + i
+                row, hrow, wr, Pi = qs[r], qh[r], wb[i], P[i]
+                for p in range(nb // 2):
+                    lo, hi = codes2(row, hrow, p)
+                    V.store32(wr, 64 * p, lo)
+                    V.store32(wr, 64 * p + 32, hi)
+                o = (V.zeros_f32(), V.zeros_f32())      # offset terms of tokens 0-7, 8-15
+                for u0 in range(0, NU - 7, 8):
+                    o = row_units(r, u0, 0, d, sc, m, mn, DX, XST, M, Pi, o)
+                oi = toff[i]
+                if NU % 8 and NU >= 8:   # the last units: the last 8, the new ones' offsets
+                    o = row_units(r, NU - 8, 8 - NU % 8, d, sc, m, mn, DX, XST, M, Pi, o)
+                V.store_f32x8(oi, 0, o[0])
+                V.store_f32x8(oi, 8, o[1])
+                if NU < 8:
+                    for u in range(NU):
+                        s1, m1 = one(r, u, d, sc, m, mn)
+                        for t in range(M):
+                            Pi[t, u] = s1 * DX[t, u]
+                            oi[t] += m1 * XST[u, t]
+            tile(wb, P, nrows, xq4, xa4, res)
+            for t in range(M):
+                for i in range(nrows):
+                    out[t, r0 + i] = res[t, i] + toff[i, t]
+
+    @_cache.jit(key, parallel=True)
+    def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+        M, R = out.shape
+        nb = dx.shape[1]
+        NU = WIDTH * nb
+        T4 = (M + 3) // 4 * 4
+        xq4 = np.zeros((T4, xq.shape[1]), xq.dtype)
+        xa4 = np.zeros((T4, xq.shape[1]), xq.dtype)
+        xq4[:M] = xq
+        xa4[:M] = xa
+        DX = np.zeros((T4, NU), np.float32)      # d_x per unit
+        XST = np.zeros((NU, 16), np.float32)     # d_x S per unit, tokens last (M <= 16)
+        for t in range(M):
+            for u in range(NU):
+                DX[t, u] = dx[t, u // WIDTH]
+                XST[u, t] = s16[1, t, u] if sub16 else xs[t, u]
+        ng = min((R + 15) // 16, TILE_GROUPS)
+        for g in prange(ng):
+            chunks(g, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
+    return kernel
+
+
+_TILE_KERNELS: dict = {}
+
+
+def tile_kernel(tier: str, p: Packed):
+    """The prefill (tile) kernel of a SIMD tier for ``p``'s layout (built on first use)."""
+    if tier == "numba":
+        raise ValueError("the numba tier has no tile kernel: its one kernel takes every M")
+    key = (tier, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
+           p.mnshift)
+    if key not in _TILE_KERNELS:
+        _TILE_KERNELS[key] = _build_tiles(*key)
+    return _TILE_KERNELS[key]
+
+
 _KERNELS: dict = {}
 
 
@@ -600,7 +871,8 @@ def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndar
     if xs16 is None:
         xs16 = np.zeros((2, M, 8), np.float32)
     xa = np.abs(xq) if p.kind == "s8" else xq   # |x_q|: the unsigned operand of the signed (8-bit) path only
-    kernel(tier, p)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
+    k = tile_kernel(tier, p) if M >= TILE_MIN_M and tier != "numba" else kernel(tier, p)
+    k(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
     return out
 
 

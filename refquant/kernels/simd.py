@@ -83,6 +83,18 @@ def load32(typingctx, arr, idx):
 
 
 @intrinsic
+def store32(typingctx, arr, idx, v):
+    """Store 32 bytes at ``arr[idx]`` of a 1-D uint8/int8 array (unaligned ``vmovdqu``)."""
+    if not _c_vector(arr, types.uint8, types.int8) or v != I8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _V32I8), align=1)
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, I8x32), codegen
+
+
+@intrinsic
 def load_bits32(typingctx, arr, idx):
     """4 bytes at ``arr[idx]`` as 32 bits, bit j -> byte j as 0 or 1 (``vpbroadcastd``/``vpshufb``/``vpcmpeqb`` on AVX2)."""
     if not _c_vector(arr, types.uint8):
@@ -231,6 +243,14 @@ def zeros_f32(typingctx):
 
 
 @intrinsic
+def ones_f32(typingctx):
+    """Eight float32 ones."""
+    def codegen(context, builder, sig, args):
+        return _splat(_V8F32, 1.0)
+    return F32x8(), codegen
+
+
+@intrinsic
 def fma_lanes(typingctx, acc, v, s):
     """``acc + float(v) · s``: int32 lanes converted (``vcvtdq2ps``), times a broadcast
     float32 (``vbroadcastss``), added (``vfmadd231ps`` when LLVM contracts, else mul + add)."""
@@ -261,6 +281,18 @@ def fma_lanes2(typingctx, acc, v, s_lo, s_hi):
         sv = builder.shuffle_vector(sv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 4 + [1] * 4))
         return builder.fadd(a, builder.fmul(f, sv, flags=("contract",)), flags=("contract",))
     return F32x8(F32x8, I32x8, types.float32, types.float32), codegen
+
+
+@intrinsic
+def fma_vec(typingctx, acc, v, s):
+    """``acc + float(v) · s`` for a vector ``s`` of eight scales (``vcvtdq2ps`` + ``vfmadd231ps``)."""
+    if acc != F32x8 or v != I32x8 or s != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        f = builder.sitofp(args[1], _V8F32)
+        return builder.fadd(args[0], builder.fmul(f, args[2], flags=("contract",)), flags=("contract",))
+    return F32x8(F32x8, I32x8, F32x8), codegen
 
 
 @intrinsic
@@ -349,6 +381,27 @@ def add_f32x8(typingctx, a, b):
     def codegen(context, builder, sig, args):
         return builder.fadd(args[0], args[1])
     return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def hsum8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The lane sums of eight vectors as one vector, ``[Σ a0, Σ a1, ..., Σ a7]`` (three
+    rounds of pairwise adds: ``vhaddps`` twice, then the two 128-bit halves)."""
+    if any(a != F32x8 for a in (a0, a1, a2, a3, a4, a5, a6, a7)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def hadd(a, b):   # per 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3]
+            ev = ir.Constant(_V8I32, [0, 2, 8, 10, 4, 6, 12, 14])
+            od = ir.Constant(_V8I32, [1, 3, 9, 11, 5, 7, 13, 15])
+            return builder.fadd(builder.shuffle_vector(a, b, ev), builder.shuffle_vector(a, b, od))
+        a = list(args)
+        u0 = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]))   # [Σ0..3 of low halves | of high halves]
+        u1 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]))
+        lo = builder.shuffle_vector(u0, u1, ir.Constant(_V8I32, [0, 1, 2, 3, 8, 9, 10, 11]))
+        hi = builder.shuffle_vector(u0, u1, ir.Constant(_V8I32, [4, 5, 6, 7, 12, 13, 14, 15]))
+        return builder.fadd(lo, hi)
+    return F32x8(F32x8, F32x8, F32x8, F32x8, F32x8, F32x8, F32x8, F32x8), codegen
 
 
 @intrinsic

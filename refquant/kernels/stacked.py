@@ -241,6 +241,9 @@ def _make_apply(op: Operand, tier: str):
         return apply_f32
     p = op.template
     kern = bytedot.kernel(tier, p)
+    tiles = tier != "numba"
+    kern_t = bytedot.tile_kernel(tier, p) if tiles else kern
+    tile_min = bytedot.TILE_MIN_M
     n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
 
     @njit
@@ -260,7 +263,10 @@ def _make_apply(op: Operand, tier: str):
                     s16[0, t, h] = dx[t, h // 2]
                     s16[1, t, h] = np.float32(np.float64(dx[t, h // 2]) * tot)
         xa = np.abs(xq) if signed else xq
-        kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
+        if tiles and T >= tile_min:
+            kern_t(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
+        else:
+            kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
     return apply
 
 
