@@ -176,11 +176,11 @@ def plot(data: dict, path) -> None:
     for i, d in enumerate(data.get("decode_dots", [])):
         ax.scatter(d["intensity"], d["gflops"], marker="*", s=80, zorder=3, color="0.3")
         ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, textcoords="offset points",
-                    xytext=(6, 4 if i % 2 == 0 else -12))
+                    xytext=(-6, 4) if i == 0 else (6, 4 if i % 2 == 0 else -12), ha="right" if i == 0 else "left")
     smol = sorted(data.get("smollm2_dots", []), key=lambda d: -d["gflops"])
     for i, d in enumerate(smol):   # labels stacked in a column to the right of the kernels' dots
         ax.scatter(d["intensity"], d["gflops"], marker="P", s=90, zorder=4, color="tab:red", edgecolor="k", lw=0.5)
-        ax.annotate(d["label"], (d["intensity"], d["gflops"]), xytext=(12, 60 / 1.3 ** i), textcoords="data",
+        ax.annotate(d["label"], (d["intensity"], d["gflops"]), xytext=(12, 120 / 1.3 ** i), textcoords="data",
                     fontsize=7, color="tab:red", arrowprops=dict(arrowstyle="-", color="tab:red", lw=0.4, alpha=0.6))
     if data.get("smollm2_dots"):
         ax.scatter([], [], marker="P", color="tab:red", edgecolor="k", lw=0.5,
