@@ -684,6 +684,12 @@ def _tile(tier: str, signed: bool, sub16: bool):
             return V.fma_lanes2(c, v, p[2 * b], p[2 * b + 1])
         return V.fma_lanes(c, v, p[b])
 
+    @njit(inline="always")
+    def token(c0, c1, w0, w1, xr, ar, p0, p1, b, o):
+        """One token's x block against both rows' codes: one load, two dots."""
+        v, a = V.load32(xr, o), V.load32(ar, o)
+        return acc(c0, bdot(w0, v, a), p0, b), acc(c1, bdot(w1, v, a), p1, b)
+
     @_cache.jit(("bytedot.tile", tier, signed, sub16), fastmath=True)
     def tile(wb, P, nrows, xq, xa, res):
         T4 = xq.shape[0]
@@ -707,24 +713,37 @@ def _tile(tier: str, signed: bool, sub16: bool):
                 for b in range(nb):
                     o = 32 * b
                     w0, w1 = V.load32(w0r, o), V.load32(w1r, o)
-                    v, a = V.load32(x0, o), V.load32(b0, o)
-                    c00 = acc(c00, bdot(w0, v, a), p00, b)
-                    c10 = acc(c10, bdot(w1, v, a), p10, b)
-                    v, a = V.load32(x1, o), V.load32(b1, o)
-                    c01 = acc(c01, bdot(w0, v, a), p01, b)
-                    c11 = acc(c11, bdot(w1, v, a), p11, b)
-                    v, a = V.load32(x2, o), V.load32(b2, o)
-                    c02 = acc(c02, bdot(w0, v, a), p02, b)
-                    c12 = acc(c12, bdot(w1, v, a), p12, b)
-                    v, a = V.load32(x3, o), V.load32(b3, o)
-                    c03 = acc(c03, bdot(w0, v, a), p03, b)
-                    c13 = acc(c13, bdot(w1, v, a), p13, b)
+                    c00, c10 = token(c00, c10, w0, w1, x0, b0, p00, p10, b, o)
+                    c01, c11 = token(c01, c11, w0, w1, x1, b1, p01, p11, b, o)
+                    c02, c12 = token(c02, c12, w0, w1, x2, b2, p02, p12, b, o)
+                    c03, c13 = token(c03, c13, w0, w1, x3, b3, p03, p13, b, o)
                 V.store_f32x8(tmp, 0, V.hsum8(c00, c01, c02, c03, c10, c11, c12, c13))
                 for k in range(4):
                     res[t + k, i] = tmp[k]
                     res[t + k, i + 1] = tmp[4 + k]
     _TILES[key] = tile
     return tile
+
+
+@_cache.jit("bytedot.tile_inputs")
+def _tile_inputs(xq, xa, dx, xs, s16, width):
+    """The tile kernels' views of the rounded x: x_q and |x_q| zero-padded to a multiple of
+    4 tokens, ``DX`` = d_x per unit, ``XST`` = d_x S per unit with the tokens last (16
+    columns: M <= 16); ``width`` 2 (Q6_K, units of 16 weights, ``s16[1]``) or 1 (``xs``)."""
+    M = xq.shape[0]
+    nu = width * dx.shape[1]
+    T4 = (M + 3) // 4 * 4
+    xq4 = np.zeros((T4, xq.shape[1]), xq.dtype)
+    xa4 = np.zeros((T4, xq.shape[1]), xq.dtype)
+    xq4[:M] = xq
+    xa4[:M] = xa
+    DX = np.zeros((T4, nu), np.float32)
+    XST = np.zeros((nu, 16), np.float32)
+    for t in range(M):
+        for u in range(nu):
+            DX[t, u] = dx[t, u // width]
+            XST[u, t] = s16[1, t, u] if width == 2 else xs[t, u]
+    return xq4, xa4, DX, XST
 
 
 def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn: bool, c: int,
@@ -807,21 +826,8 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
 
     @_cache.jit(key, parallel=True)
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        M, R = out.shape
-        nb = dx.shape[1]
-        NU = WIDTH * nb
-        T4 = (M + 3) // 4 * 4
-        xq4 = np.zeros((T4, xq.shape[1]), xq.dtype)
-        xa4 = np.zeros((T4, xq.shape[1]), xq.dtype)
-        xq4[:M] = xq
-        xa4[:M] = xa
-        DX = np.zeros((T4, NU), np.float32)      # d_x per unit
-        XST = np.zeros((NU, 16), np.float32)     # d_x S per unit, tokens last (M <= 16)
-        for t in range(M):
-            for u in range(NU):
-                DX[t, u] = dx[t, u // WIDTH]
-                XST[u, t] = s16[1, t, u] if sub16 else xs[t, u]
-        ng = min((R + 15) // 16, TILE_GROUPS)
+        xq4, xa4, DX, XST = _tile_inputs(xq, xa, dx, xs, s16, WIDTH)
+        ng = min((out.shape[1] + 15) // 16, TILE_GROUPS)
         for g in prange(ng):
             chunks(g, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
     return kernel
