@@ -665,8 +665,8 @@ def _tile(tier: str, signed: bool, sub16: bool):
     """``tile(wb, P, nrows, xq, xa, res)``: ``res[t, i]`` = Σ_b P[i, t, b] · (the block dot
     of row i of a chunk with token t), for the chunk's codes as bytes ``wb`` (16 rows; an
     odd ``nrows`` followed by a zero row) and every token of ``xq``/``xa`` (x_q and
-    |x_q|, zero-padded to a multiple of 4 tokens); ``P[i, t]`` holds the ``ds`` of
-    ``_scale_pass`` (``d_b · d_x,b``; Q6_K two per block). Two rows times four tokens per
+    |x_q|, zero-padded to a multiple of 4 tokens); ``P[i, t, u]`` = ``s_u · d_x,u`` per unit
+    (``_unit_scales``: ``d_b · d_x,b``; Q6_K two units per block). Two rows times four tokens per
     pass: each block's two code loads serve four tokens, each token's x load two rows,
     and every product is one dot, one convert and one multiply-add by a scale broadcast
     from memory, into eight accumulators summed by one ``hsum8``. Layout-independent: one
