@@ -16,9 +16,10 @@ on the same stored weights (within the x-rounding bound of ``tests/test_compiled
 Then ``--rounds`` rounds time, interleaved (every engine once per round, so machine-wide
 slowdowns hit all alike): a 64-token prompt (prefill), and greedy decoding of ``-n`` tokens
 after "The capital of France is" (``--quick``: the shipped file only, 4 tokens). The prompt
-is timed ``PROMPT_CALLS`` times per engine per round. Speeds are medians over rounds (and
-calls) of wall time, the prompt's also its 90th percentile (the time's 10th) (the kernels
-run on both cores, so thread CPU time would miss half the work). Per type, a per-token
+is timed ``PROMPT_CALLS`` times per engine per round (all calls in ``prompt_rounds``).
+Speeds are medians over rounds (and calls) of wall time, the prompt's also its 90th
+percentile, i.e. the time's 10th (the kernels run on both cores, so thread CPU time would
+miss half the work). Per type, a per-token
 breakdown (median of 30 calls each, at the position decoding ended): the weight products
 of all layers and the head, the attention over the cache, and the rest of the step
 (norms, RoPE, activations, embedding lookup, Python).
@@ -167,7 +168,7 @@ def run(quick: bool = False, n: int = 64, rounds: int = 3) -> dict:
         r["x_numpy_f32"] = r["decode_tokens_per_s"] / speed[("numpy", "f32")]
     weights = {id(v): v.shape[0] * v.shape[1] for v in pf.values() if isinstance(v, Linear)}  # head tied: once
     return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, prompt_tokens=len(long_prompt),
-                new_tokens=n, rounds=rounds, prompt_calls=prompt_calls, machine=common.machine(), flops_per_token=2 * sum(weights.values()),
+                new_tokens=n, rounds=rounds, machine=common.machine(), flops_per_token=2 * sum(weights.values()),
                 results=rows)
 
 

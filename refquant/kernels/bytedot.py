@@ -351,8 +351,7 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     576-wide rows: 1.16-1.19x). Batches of ``TILE_MIN_M`` tokens or more therefore take a
     separate kernel (``tile_kernel``), compiled apart so that it cannot slow this one.
     """
-    PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
-    SIGNED = kind == "s8"
+    PLANES, SIGNED = _kind_consts(kind)
     scale_pass = _scale_pass(tier, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
     key = ("bytedot", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
     if tier == "numba":
@@ -396,6 +395,11 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
                                        2 * p + 1)
                     out[mi, r] = (V.hsum_f32(a0) + V.hsum_f32(a1)) + t
     return kernel
+
+
+def _kind_consts(kind: str) -> tuple[int, bool]:
+    """``(PLANES, SIGNED)`` of a code kind: bit planes beyond the nibble, 8-bit signed codes."""
+    return {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind], kind == "s8"
 
 
 def _codes2(PLANES: int, SIGNED: bool):
@@ -760,8 +764,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     1.5x as long on one thread (3072 x 576 Q4_1, M = 16)."""
     from refquant.kernels import simd as V
 
-    PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}[kind]
-    SIGNED = kind == "s8"
+    PLANES, SIGNED = _kind_consts(kind)
     WIDTH = 2 if sub16 else 1
     codes2 = _codes2(PLANES, SIGNED)
     lanes8, one = _unit_scales(sub16, offset, has_sc, has_mn, c, dshift, mnshift)
@@ -833,6 +836,21 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     return kernel
 
 
+def _layout_key(tier: str, p: Packed) -> tuple:
+    """What a kernel is compiled for: the tier and every compile-time constant of the layout
+    (the arguments of ``_build`` / ``_build_tiles``)."""
+    return (tier, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
+            p.mnshift)
+
+
+def kernels_for(tier: str, p: Packed):
+    """``(one_token, batch)``: the kernels for ``p``'s layout on ``tier``; ``batch`` takes
+    X of ``TILE_MIN_M`` rows or more (the tile kernel on SIMD tiers; the numba tier's one
+    kernel takes every M)."""
+    k = kernel(tier, p)
+    return k, (k if tier == "numba" else tile_kernel(tier, p))
+
+
 _TILE_KERNELS: dict = {}
 
 
@@ -840,8 +858,7 @@ def tile_kernel(tier: str, p: Packed):
     """The prefill (tile) kernel of a SIMD tier for ``p``'s layout (built on first use)."""
     if tier == "numba":
         raise ValueError("the numba tier has no tile kernel: its one kernel takes every M")
-    key = (tier, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
-           p.mnshift)
+    key = _layout_key(tier, p)
     if key not in _TILE_KERNELS:
         _TILE_KERNELS[key] = _build_tiles(*key)
     return _TILE_KERNELS[key]
@@ -852,8 +869,7 @@ _KERNELS: dict = {}
 
 def kernel(tier: str, p: Packed):
     """The compiled kernel of tier ``tier`` for ``p``'s layout (built on first use, then kept)."""
-    key = (tier, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
-           p.mnshift)
+    key = _layout_key(tier, p)
     if key not in _KERNELS:
         _KERNELS[key] = _build(*key)
     return _KERNELS[key]
@@ -877,8 +893,8 @@ def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndar
     if xs16 is None:
         xs16 = np.zeros((2, M, 8), np.float32)
     xa = np.abs(xq) if p.kind == "s8" else xq   # |x_q|: the unsigned operand of the signed (8-bit) path only
-    k = tile_kernel(tier, p) if M >= TILE_MIN_M and tier != "numba" else kernel(tier, p)
-    k(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
+    one, batch = kernels_for(tier, p)
+    (batch if M >= TILE_MIN_M else one)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
     return out
 
 

@@ -240,9 +240,7 @@ def _make_apply(op: Operand, tier: str):
             matmul_f32(w[0][l], X, out)
         return apply_f32
     p = op.template
-    kern = bytedot.kernel(tier, p)
-    tiles = tier != "numba"
-    kern_t = bytedot.tile_kernel(tier, p) if tiles else kern
+    kern, kern_t = bytedot.kernels_for(tier, p)
     tile_min = bytedot.TILE_MIN_M
     n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
 
@@ -263,7 +261,7 @@ def _make_apply(op: Operand, tier: str):
                     s16[0, t, h] = dx[t, h // 2]
                     s16[1, t, h] = np.float32(np.float64(dx[t, h // 2]) * tot)
         xa = np.abs(xq) if signed else xq
-        if tiles and T >= tile_min:
+        if T >= tile_min:
             kern_t(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
         else:
             kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
