@@ -759,9 +759,10 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     at once; ``_tile`` then runs the chunk against all tokens, four at a time. The
     one-token kernel unpacks and decodes every block again per token.
 
-    The chunks run in a plain ``@njit`` function (``chunks``), which the parallel kernel
-    only calls, ``TILE_GROUPS`` times: the same loops inlined into the ``prange`` body ran
-    1.5x as long on one thread (3072 x 576 Q4_1, M = 16)."""
+    The chunks run in a plain ``@njit`` function (``chunks``), which one parallel function
+    per tuple of array types (``_parallel_chunks``, shared by every layout) calls
+    ``TILE_GROUPS`` times: the same loops inlined into a ``prange`` body ran 1.5x as long on one thread
+    (3072 x 576 Q4_1, M = 16)."""
     from refquant.kernels import simd as V
 
     PLANES, SIGNED = _kind_consts(kind)
@@ -772,14 +773,13 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     key = ("bytedot.tiles", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
 
     @njit(inline="always")
-    def row_units(r, u0, k0, d, sc, m, mn, DX, XST, M, Pi, o):
+    def row_units(r, u0, k0, d, sc, m, mn, DX, XST, M, Pi, o, mus):
         """Units u0..u0+7 of row r: ``P`` for every token; offsets of units u0+k0.. into o."""
         sv, mv = lanes8(r, u0, d, sc, m, mn)
         for t in range(M):
             V.store_f32x8(Pi[t], u0, V.mul_f32x8(sv, V.load_f32x8(DX[t], u0)))
         o0, o1 = o
         if offset != OFFSET_NONE:
-            mus = np.empty(8, np.float32)
             V.store_f32x8(mus, 0, mv)
             for k in range(k0, 8):
                 o0 = V.add_f32x8(o0, V.mul_f32x8(V.load_f32x8(XST[u0 + k], 0), mus[k]))
@@ -796,6 +796,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
         P = np.zeros((16, T4, NU), np.float32)
         res = np.empty((T4, 16), np.float32)
         toff = np.empty((16, 16), np.float32)
+        mus = np.empty(8, np.float32)
         for ch in range(g, (R + 15) // 16, ng):
             r0 = 16 * ch
             nrows = min(16, R - r0)
@@ -810,10 +811,10 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                     V.store32(wr, 64 * p + 32, hi)
                 o = (V.zeros_f32(), V.zeros_f32())      # offset terms of tokens 0-7, 8-15
                 for u0 in range(0, NU - 7, 8):
-                    o = row_units(r, u0, 0, d, sc, m, mn, DX, XST, M, Pi, o)
+                    o = row_units(r, u0, 0, d, sc, m, mn, DX, XST, M, Pi, o, mus)
                 oi = toff[i]
                 if NU % 8 and NU >= 8:   # the last units: the last 8, the new ones' offsets
-                    o = row_units(r, NU - 8, 8 - NU % 8, d, sc, m, mn, DX, XST, M, Pi, o)
+                    o = row_units(r, NU - 8, 8 - NU % 8, d, sc, m, mn, DX, XST, M, Pi, o, mus)
                 V.store_f32x8(oi, 0, o[0])
                 V.store_f32x8(oi, 8, o[1])
                 if NU < 8:
@@ -827,13 +828,42 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                 for i in range(nrows):
                     out[t, r0 + i] = res[t, i] + toff[i, t]
 
-    @_cache.jit(key, parallel=True)
+    @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         xq4, xa4, DX, XST = _tile_inputs(xq, xa, dx, xs, s16, WIDTH)
-        ng = min((out.shape[1] + 15) // 16, TILE_GROUPS)
-        for g in prange(ng):
-            chunks(g, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
+        _parallel_chunks(chunks, min((out.shape[1] + 15) // 16, TILE_GROUPS), qs, qh, d, sc, m, mn, xq4, xa4,
+                         DX, XST, out)
     return kernel
+
+
+def _parallel_chunks(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
+    """``chunks(g, ng, qs, ..., out)`` for g in ``prange(ng)`` (numba only).
+
+    ``chunks`` reaches the parallel function as a first-class function (a numba
+    ``FunctionType``), so one parallel compilation (~3 s) per tuple of array types serves
+    every layout, where a ``prange`` wrapper per layout cost 3.3 s each."""
+    raise NotImplementedError("numba only")
+
+
+_PARALLEL: dict = {}
+
+
+@overload(_parallel_chunks)
+def _parallel_chunks_ov(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
+    arrays = (qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
+    if arrays not in _PARALLEL:
+        fn = types.FunctionType(types.void(types.int64, types.int64, *arrays))
+
+        @njit(types.void(fn, types.int64, *arrays), parallel=True)
+        def par(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
+            for g in prange(ng):
+                chunks(np.int64(g), ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
+        _PARALLEL[arrays] = par
+    par = _PARALLEL[arrays]
+
+    def impl(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
+        par(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
+    return impl
 
 
 def _layout_key(tier: str, p: Packed) -> tuple:
