@@ -241,10 +241,10 @@ k = B._build("{tier}", p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not 
              p.mnshift)
 z8 = np.zeros((1, 64), np.int8)
 f = np.zeros((1, 2), np.float32)
-args = (p.qs, p.qh, p.d, B._DUMMY_U8, p.m, B._DUMMY_U8, z8, z8, f, f, np.zeros((2, 1, 8), np.float32), f)
+args = (0, 1, p.qs, p.qh, p.d, B._DUMMY_U8, p.m, B._DUMMY_U8, z8, z8, f, f, np.zeros((2, 1, 8), np.float32), f)
 sig = tuple(typeof(a) for a in args)
-k.compile(sig)
-asm = k.inspect_asm(sig)
+k.chunks.compile(sig)          # the kernel's loops (its parallel part calls them by address)
+asm = k.chunks.inspect_asm(sig)
 print(asm.count("{instruction}"), asm.count("{absent}"))
 """
     have, other = map(int, _run_snippet(code, NUMBA_CPU_NAME="znver4", NUMBA_CPU_FEATURES=_ZEN4,

@@ -71,6 +71,7 @@ _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
 # interleaved in one process (thread CPU time, median of 31): no prefetch 1.34x, 1 KiB
 # 1.11x, 8 KiB 0.92x (p10 0.98x) the time of 4 KiB (Zen 3)
 PREFETCH_BYTES = 4096
+GROUPS = 8   # parallel tasks per SIMD kernel call, each a contiguous run of 16-row chunks with its own scratch
 
 
 # --- tiers -----------------------------------------------------------------------------
@@ -370,14 +371,16 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     WIDTH = 2 if sub16 else 1
     CODE_BYTES = 64 if SIGNED else 32     # code bytes per block pair
 
-    @_cache.jit(key, parallel=True, fastmath=True)
-    def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+    @_cache.jit(key + ("rows",), fastmath=True)
+    def rows(g, ng, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+        """Group g of ng: its contiguous run of 16-row chunks."""
         M, R = out.shape
         nb = dx.shape[1]
         flat = qs.reshape(-1)
         last = flat.size - 1
-        for ch in prange((R + 15) // 16):
-            ds = np.empty(WIDTH * nb, np.float32)
+        ds = np.empty(WIDTH * nb, np.float32)
+        nch = (R + 15) // 16
+        for ch in range(nch * g // ng, nch * (g + 1) // ng):
             for r in range(16 * ch, min(16 * ch + 16, R)):
                 row, hrow = qs[r], qh[r]
                 ahead = r * qs.shape[1] + PREFETCH_BYTES
@@ -394,6 +397,12 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
                         a1 = acc_block(a1, bdot(hi, V.load32(xm, 64 * p + 32), V.load32(am, 64 * p + 32)), ds,
                                        2 * p + 1)
                     out[mi, r] = (V.hsum_f32(a0) + V.hsum_f32(a1)) + t
+
+    @njit
+    def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+        _parallel_chunks(rows, min((out.shape[1] + 15) // 16, GROUPS), qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16,
+                         out)
+    kernel.chunks = rows      # the compiled loops (the asm test reads them)
     return kernel
 
 
@@ -602,7 +611,6 @@ def _build_numba(PLANES: int, SIGNED: bool, sub16: bool, scale_pass, key):
 # --- the prefill path: rows unpacked once, tiles of 2 rows x 4 tokens ------------------
 
 TILE_MIN_M = 4   # from this many tokens on, ``run`` takes the tile kernel (SIMD tiers)
-TILE_GROUPS = 8  # parallel tasks per tile-kernel call, each with its own scratch
 
 
 def _unit_scales(sub16, offset, has_sc, has_mn, c, dshift, mnshift):
@@ -761,7 +769,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
 
     The chunks run in a plain ``@njit`` function (``chunks``), which one parallel function
     per tuple of array types (``_parallel_chunks``, shared by every layout) calls
-    ``TILE_GROUPS`` times: the same loops inlined into a ``prange`` body ran 1.5x as long on one thread
+    ``GROUPS`` times: the same loops inlined into a ``prange`` body ran 1.5x as long on one thread
     (3072 x 576 Q4_1, M = 16)."""
     from refquant.kernels import simd as V
 
@@ -787,8 +795,8 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
         return o0, o1
 
     @_cache.jit(key + ("chunks",), fastmath=True)
-    def chunks(g, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
-        """Chunks g, g + ng, ... of 16 rows, with their own scratch."""
+    def chunks(g, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, s16, out):
+        """Group g of ng: its contiguous run of 16-row chunks, with its own scratch."""
         M, R = out.shape
         T4, NU = DX.shape
         nb = xq4.shape[1] // 32
@@ -797,7 +805,8 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
         res = np.empty((T4, 16), np.float32)
         toff = np.empty((16, 16), np.float32)
         mus = np.empty(8, np.float32)
-        for ch in range(g, (R + 15) // 16, ng):
+        nch = (R + 15) // 16
+        for ch in range(nch * g // ng, nch * (g + 1) // ng):
             r0 = 16 * ch
             nrows = min(16, R - r0)
             if nrows < 16:
@@ -831,17 +840,22 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         xq4, xa4, DX, XST = _tile_inputs(xq, xa, dx, xs, s16, WIDTH)
-        _parallel_chunks(chunks, min((out.shape[1] + 15) // 16, TILE_GROUPS), qs, qh, d, sc, m, mn, xq4, xa4,
-                         DX, XST, out)
+        _parallel_chunks(chunks, min((out.shape[1] + 15) // 16, GROUPS), qs, qh, d, sc, m, mn, xq4, xa4, DX, XST,
+                         s16, out)
+    kernel.chunks = chunks
     return kernel
 
 
-def _parallel_chunks(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
-    """``chunks(g, ng, qs, ..., out)`` for g in ``prange(ng)`` (numba only).
+def _parallel_chunks(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
+    """``chunks(g, ng, qs, ..., out)`` for g in ``prange(ng)`` (numba only): the parallel
+    part of every SIMD kernel, whose chunk functions (one-token ``rows``, prefill ``chunks``)
+    take group g of ng: a contiguous run of 16-row chunks.
 
-    ``chunks`` reaches the parallel function as a first-class function (a numba
-    ``FunctionType``), so one parallel compilation (~3 s) per tuple of array types serves
-    every layout, where a ``prange`` wrapper per layout cost 3.3 s each."""
+    One parallel function per tuple of argument types (``_PARALLEL``) serves every layout:
+    the chunk function reaches it as a first-class function by its address (a numba
+    ``FunctionType``), not as a constant, which would link its code into every caller for
+    numba to optimize again. A ``prange`` wrapper per layout cost ~3 s to compile; a caller
+    of the chunk function by name (the stacked applies, the compiled step) seconds more."""
     raise NotImplementedError("numba only")
 
 
@@ -849,20 +863,24 @@ _PARALLEL: dict = {}
 
 
 @overload(_parallel_chunks)
-def _parallel_chunks_ov(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
-    arrays = (qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
-    if arrays not in _PARALLEL:
-        fn = types.FunctionType(types.void(types.int64, types.int64, *arrays))
+def _parallel_chunks_ov(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
+    from numba.core.types.function_type import CompileResultWAP
 
-        @njit(types.void(fn, types.int64, *arrays), parallel=True)
-        def par(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
+    arrays = (qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out)
+    sig = types.void(types.int64, types.int64, *arrays)
+    if arrays not in _PARALLEL:
+        @njit(types.void(types.FunctionType(sig), types.int64, *arrays), parallel=True)
+        def par(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
             for g in prange(ng):
-                chunks(np.int64(g), ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
+                chunks(np.int64(g), ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out)
         _PARALLEL[arrays] = par
     par = _PARALLEL[arrays]
+    disp = chunks.dispatcher
+    disp.compile(sig.args)
+    wap = CompileResultWAP(disp.overloads[sig.args])
 
-    def impl(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out):
-        par(chunks, ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, out)
+    def impl(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
+        par(wap, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out)
     return impl
 
 
