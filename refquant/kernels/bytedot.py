@@ -400,8 +400,8 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
 
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        _parallel_chunks(rows, min((out.shape[1] + 15) // 16, GROUPS), qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16,
-                         out)
+        _parallel_rows(rows, min((out.shape[1] + 15) // 16, GROUPS), 0, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16,
+                       out)
     kernel.chunks = rows      # the compiled loops (the asm test reads them)
     return kernel
 
@@ -768,7 +768,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     one-token kernel unpacks and decodes every block again per token.
 
     The chunks run in a plain ``@njit`` function (``chunks``), which one parallel function
-    per tuple of array types (``_parallel_chunks``, shared by every layout) calls
+    per tuple of array types (``_parallel``, shared by every layout) calls
     ``GROUPS`` times: the same loops inlined into a ``prange`` body ran 1.5x as long on one thread
     (3072 x 576 Q4_1, M = 16)."""
     from refquant.kernels import simd as V
@@ -839,49 +839,74 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
 
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        xq4, xa4, DX, XST = _tile_inputs(xq, xa, dx, xs, s16, WIDTH)
-        _parallel_chunks(chunks, min((out.shape[1] + 15) // 16, GROUPS), qs, qh, d, sc, m, mn, xq4, xa4, DX, XST,
-                         s16, out)
+        _parallel_tiles(chunks, min((out.shape[1] + 15) // 16, GROUPS), WIDTH, qs, qh, d, sc, m, mn, xq, xa, dx, xs,
+                        s16, out)
     kernel.chunks = chunks
     return kernel
-
-
-def _parallel_chunks(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
-    """``chunks(g, ng, qs, ..., out)`` for g in ``prange(ng)`` (numba only): the parallel
-    part of every SIMD kernel, whose chunk functions (one-token ``rows``, prefill ``chunks``)
-    take group g of ng: a contiguous run of 16-row chunks.
-
-    One parallel function per tuple of argument types (``_PARALLEL``) serves every layout:
-    the chunk function reaches it as a first-class function by its address (a numba
-    ``FunctionType``), not as a constant, which would link its code into every caller for
-    numba to optimize again. A ``prange`` wrapper per layout cost ~3 s to compile; a caller
-    of the chunk function by name (the stacked applies, the compiled step) seconds more."""
-    raise NotImplementedError("numba only")
 
 
 _PARALLEL: dict = {}
 
 
-@overload(_parallel_chunks)
-def _parallel_chunks_ov(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
+def _parallel(arrays: tuple, tiles: bool):
+    """``(chunk signature, par)``: the parallel part of the SIMD kernels for arguments of the
+    numba types ``arrays`` (qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out), by its address.
+
+    ``par(chunks, ng, width, *arrays)`` runs ``chunks(g, ng, ...)`` for g in ``prange(ng)``;
+    with ``tiles`` it first pads x for the tile kernel (``_tile_inputs``, ``width`` units
+    per block) and hands the chunks those copies. One compilation per tuple of types (and
+    cached on disk) serves every layout: ``chunks`` is a first-class function argument."""
     from numba.core.types.function_type import CompileResultWAP
 
-    arrays = (qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out)
-    sig = types.void(types.int64, types.int64, *arrays)
-    if arrays not in _PARALLEL:
-        @njit(types.void(types.FunctionType(sig), types.int64, *arrays), parallel=True)
-        def par(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
-            for g in prange(ng):
-                chunks(np.int64(g), ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out)
-        _PARALLEL[arrays] = par
-    par = _PARALLEL[arrays]
-    disp = chunks.dispatcher
-    disp.compile(sig.args)
-    wap = CompileResultWAP(disp.overloads[sig.args])
+    key = (arrays, tiles)
+    if key not in _PARALLEL:
+        inner = arrays
+        if tiles:
+            f32 = types.Array(types.float32, 2, "C")
+            xq4 = types.Array(arrays[6].dtype, 2, "C")
+            inner = arrays[:6] + (xq4, xq4, f32, f32) + arrays[10:]
+        csig = types.void(types.int64, types.int64, *inner)
+        psig = types.void(types.FunctionType(csig), types.int64, types.int64, *arrays)
+        if tiles:
+            def par(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+                xq4, xa4, DX, XST = _tile_inputs(xq, xa, dx, xs, s16, width)
+                for g in prange(ng):
+                    chunks(np.int64(g), ng, qs, qh, d, sc, m, mn, xq4, xa4, DX, XST, s16, out)
+        else:
+            def par(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+                for g in prange(ng):
+                    chunks(np.int64(g), ng, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
+        disp = _cache.jit(("bytedot.parallel", tiles, str(psig)), parallel=True)(par)
+        disp.compile(psig.args)
+        _PARALLEL[key] = csig, CompileResultWAP(disp.overloads[psig.args])
+    return _PARALLEL[key]
 
-    def impl(chunks, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out):
-        par(wap, ng, qs, qh, d, sc, m, mn, xa, xb, xc, xd, s16, out)
-    return impl
+
+def _parallel_stub(tiles: bool):
+    """A numba-only function ``f(chunks, ng, width, qs, ..., out)`` that calls ``_parallel``'s
+    ``par`` with ``chunks``, both by address: a function named as a constant would link its
+    code into every caller (the thin kernels, the stacked applies, the compiled step), which
+    numba then optimizes again, seconds per caller."""
+    from numba.core.types.function_type import CompileResultWAP
+
+    def f(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+        raise NotImplementedError("numba only")
+
+    @overload(f)
+    def _f(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+        csig, par = _parallel((qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out), tiles)
+        disp = chunks.dispatcher
+        disp.compile(csig.args)
+        fn = CompileResultWAP(disp.overloads[csig.args])
+
+        def impl(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+            par(fn, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
+        return impl
+    return f
+
+
+_parallel_rows = _parallel_stub(False)
+_parallel_tiles = _parallel_stub(True)
 
 
 def _layout_key(tier: str, p: Packed) -> tuple:
