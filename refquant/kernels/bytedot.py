@@ -674,10 +674,11 @@ _TILES: dict = {}
 
 
 def _tile(tier: str, signed: bool, sub16: bool):
-    """``tile(wb, P, nrows, xq, xa, res)``: ``res[t, i]`` = Σ_b P[i, t, b] · (the block dot
-    of row i of a chunk with token t), for the chunk's codes as bytes ``wb`` (16 rows; an
-    odd ``nrows`` followed by a zero row) and every token of ``xq``/``xa`` (x_q and
-    |x_q|, zero-padded to a multiple of 4 tokens); ``P[i, t, u]`` = ``s_u · d_x,u`` per unit
+    """``tile(wb, P, nrows, xq, xa, toff, out, r0, tmp)``: ``out[t, r0 + i]`` = ``toff[i, t]``
+    + Σ_b P[i, t, b] · (the block dot of row i of a chunk with token t), for the chunk's
+    codes as bytes ``wb`` (16 rows; an odd ``nrows`` followed by a zero row) and every
+    token of ``xq``/``xa`` (x_q and |x_q|, zero-padded to a multiple of 4 tokens; ``out``
+    has the real ones); ``tmp`` 8 floats of scratch; ``P[i, t, u]`` = ``s_u · d_x,u`` per unit
     (``_unit_scales``: ``d_b · d_x,b``; Q6_K two units per block). Two rows times four tokens per
     pass: each block's two code loads serve four tokens, each token's x load two rows,
     and every product is one dot, one convert and one multiply-add by a scale broadcast
@@ -703,10 +704,10 @@ def _tile(tier: str, signed: bool, sub16: bool):
         return acc(c0, bdot(w0, v, a), p0, b), acc(c1, bdot(w1, v, a), p1, b)
 
     @_cache.jit(("bytedot.tile", tier, signed, sub16), fastmath=True)
-    def tile(wb, P, nrows, xq, xa, res):
+    def tile(wb, P, nrows, xq, xa, toff, out, r0, tmp):
+        M = out.shape[0]
         T4 = xq.shape[0]
         nb = xq.shape[1] // 32
-        tmp = np.empty(8, np.float32)
         for i in range(0, nrows, 2):
             w0r, w1r = wb[i], wb[i + 1]
             for t in range(0, T4, 4):
@@ -730,9 +731,10 @@ def _tile(tier: str, signed: bool, sub16: bool):
                     c02, c12 = token(c02, c12, w0, w1, x2, b2, p02, p12, b, o)
                     c03, c13 = token(c03, c13, w0, w1, x3, b3, p03, p13, b, o)
                 V.store_f32x8(tmp, 0, V.hsum8(c00, c01, c02, c03, c10, c11, c12, c13))
-                for k in range(4):
-                    res[t + k, i] = tmp[k]
-                    res[t + k, i + 1] = tmp[4 + k]
+                for k in range(min(4, M - t)):
+                    out[t + k, r0 + i] = tmp[k] + toff[i, t + k]
+                    if i + 1 < nrows:
+                        out[t + k, r0 + i + 1] = tmp[4 + k] + toff[i + 1, t + k]
     _TILES[key] = tile
     return tile
 
@@ -747,8 +749,10 @@ def _tile_inputs(xq, xa, dx, xs, s16, width):
     T4 = (M + 3) // 4 * 4
     xq4 = np.zeros((T4, xq.shape[1]), xq.dtype)
     xa4 = np.zeros((T4, xq.shape[1]), xq.dtype)
-    xq4[:M] = xq
-    xa4[:M] = xa
+    for t in range(M):        # loops, not slice assignments: numba compiles those with a
+        for i in range(xq.shape[1]):   # shape-mismatch error path whose formatting costs seconds
+            xq4[t, i] = xq[t, i]
+            xa4[t, i] = xa[t, i]
     DX = np.zeros((T4, nu), np.float32)
     XST = np.zeros((nu, 16), np.float32)
     for t in range(M):
@@ -802,7 +806,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
         nb = xq4.shape[1] // 32
         wb = np.zeros((16, 32 * nb), qs.dtype)
         P = np.zeros((16, T4, NU), np.float32)
-        res = np.empty((T4, 16), np.float32)
+        tmp = np.empty(8, np.float32)
         toff = np.empty((16, 16), np.float32)
         mus = np.empty(8, np.float32)
         nch = (R + 15) // 16
@@ -832,10 +836,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                         for t in range(M):
                             Pi[t, u] = s1 * DX[t, u]
                             oi[t] += m1 * XST[u, t]
-            tile(wb, P, nrows, xq4, xa4, res)
-            for t in range(M):
-                for i in range(nrows):
-                    out[t, r0 + i] = res[t, i] + toff[i, t]
+            tile(wb, P, nrows, xq4, xa4, toff, out, r0, tmp)
 
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
