@@ -53,6 +53,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -71,7 +72,6 @@ _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
 # interleaved in one process (thread CPU time, median of 31): no prefetch 1.34x, 1 KiB
 # 1.11x, 8 KiB 0.92x (p10 0.98x) the time of 4 KiB (Zen 3)
 PREFETCH_BYTES = 4096
-GROUPS = 8   # parallel tasks per SIMD kernel call, each a contiguous run of 16-row chunks with its own scratch
 
 
 # --- tiers -----------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
 
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        _parallel_rows(rows, min((out.shape[1] + 15) // 16, GROUPS), 0, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16,
+        _parallel_rows(rows, _tasks(out.shape[1]), 0, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16,
                        out)
     kernel.chunks = rows      # the compiled loops (the asm test reads them)
     return kernel
@@ -773,7 +773,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
 
     The chunks run in a plain ``@njit`` function (``chunks``), which one parallel function
     per tuple of array types (``_parallel``, shared by every layout) calls
-    ``GROUPS`` times: the same loops inlined into a ``prange`` body ran 1.5x as long on one thread
+    once per thread (``_tasks``): the same loops inlined into a ``prange`` body ran 1.5x as long on one thread
     (3072 x 576 Q4_1, M = 16)."""
     from refquant.kernels import simd as V
 
@@ -840,10 +840,18 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
 
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        _parallel_tiles(chunks, min((out.shape[1] + 15) // 16, GROUPS), WIDTH, qs, qh, d, sc, m, mn, xq, xa, dx, xs,
+        _parallel_tiles(chunks, _tasks(out.shape[1]), WIDTH, qs, qh, d, sc, m, mn, xq, xa, dx, xs,
                         s16, out)
     kernel.chunks = chunks
     return kernel
+
+
+@njit
+def _tasks(rows):
+    """Parallel tasks of a SIMD kernel call: one per thread (a contiguous run of 16-row
+    chunks each, with its own scratch), fewer for small matrices. Eight tasks on two
+    threads made SmolLM2's decode step 1.2x as long (task calls, scratch allocations)."""
+    return max(1, min((rows + 15) // 16, numba.get_num_threads()))
 
 
 _PARALLEL: dict = {}
