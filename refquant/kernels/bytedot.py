@@ -400,8 +400,7 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
 
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        _parallel_rows(rows, _tasks(out.shape[1]), 0, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16,
-                       out)
+        _parallel_rows(rows, _tasks(out.shape[1]), 0, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
     kernel.chunks = rows      # the compiled loops (the asm test reads them)
     return kernel
 
@@ -772,9 +771,9 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     one-token kernel unpacks and decodes every block again per token.
 
     The chunks run in a plain ``@njit`` function (``chunks``), which one parallel function
-    per tuple of array types (``_parallel``, shared by every layout) calls
-    once per thread (``_tasks``): the same loops inlined into a ``prange`` body ran 1.5x as long on one thread
-    (3072 x 576 Q4_1, M = 16)."""
+    per tuple of array types (``_parallel``, shared by every layout) calls once per thread
+    (``_tasks``): the same loops inlined into a ``prange`` body ran 1.5x as long on one
+    thread (3072 x 576 Q4_1, M = 16)."""
     from refquant.kernels import simd as V
 
     PLANES, SIGNED = _kind_consts(kind)
@@ -840,8 +839,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
 
     @njit
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        _parallel_tiles(chunks, _tasks(out.shape[1]), WIDTH, qs, qh, d, sc, m, mn, xq, xa, dx, xs,
-                        s16, out)
+        _parallel_tiles(chunks, _tasks(out.shape[1]), WIDTH, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
     kernel.chunks = chunks
     return kernel
 
