@@ -8,10 +8,13 @@ a new entry per process and never reads one back (seen: every process compiled a
 ``repr`` must name everything that changes the code) and by a hash of the source of every
 module the kernels are built from, so editing any of them invalidates every entry.
 
-Only leaves are cached: the byte-dot kernels and the module-level helpers, never a
-function that calls a ``parallel=True`` one (``stacked``'s applies, the compiled decode
-step). numba segfaults running such a caller from its cache (numba issue #8578, open;
-seen here too: the cached ``stacked`` apply crashed on its first call).
+Only leaves are cached: the byte-dot kernels' chunk functions, their shared parallel
+function (it calls a chunk function by address, not by name) and the module-level
+helpers; never a function that calls a ``parallel=True`` one by name (``stacked``'s
+applies, the compiled decode step). numba segfaults running such a caller from its cache
+(numba issue #8578, open; seen here too: the cached ``stacked`` apply crashed on its
+first call). The thin per-layout kernels could not be cached anyway: they hold the chunk
+function's address, which numba does not cache.
 
 A kernel costs 1-5 s to compile (the parallel ones most); loaded, ~50 ms. Set
 ``REFQUANT_NUMBA_CACHE=0`` to compile everything afresh. The cache lives where numba puts

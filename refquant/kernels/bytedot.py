@@ -342,8 +342,8 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     odd blocks) to hide the add latency. 8-bit codes are signed: they take
     ``dot(|x|, w·sign(x))`` with ``|x|`` computed once per call. Two rows per iteration
     sharing the x loads took 1.8x *as long* here (Zen 3, interleaved in one process), so
-    rows go one at a time, in chunks of 16 per scratch buffer, prefetching the codes
-    ``PREFETCH_BYTES`` ahead. Tokens go one at a time too: four per pass sharing each
+    rows go one at a time, in chunks of 16 (a contiguous run of chunks and one scratch
+    buffer per thread, ``_tasks``), prefetching the codes ``PREFETCH_BYTES`` ahead. Tokens go one at a time too: four per pass sharing each
     block's unpacked codes (eight accumulator chains) took 0.73-1.00x the time at M=16 but
     made the one-token (decode) path of the same kernel 1.10-1.17x slower (Q4_0, Q4_1,
     Q8_0, Q4_K, Q6_K; one thread, interleaved); splitting the scale pass into a per-row
@@ -863,8 +863,6 @@ def _parallel(arrays: tuple, tiles: bool):
     with ``tiles`` it first pads x for the tile kernel (``_tile_inputs``, ``width`` units
     per block) and hands the chunks those copies. One compilation per tuple of types (and
     cached on disk) serves every layout: ``chunks`` is a first-class function argument."""
-    from numba.core.types.function_type import CompileResultWAP
-
     key = (arrays, tiles)
     if key not in _PARALLEL:
         inner = arrays
@@ -884,9 +882,17 @@ def _parallel(arrays: tuple, tiles: bool):
                 for g in prange(ng):
                     chunks(np.int64(g), ng, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
         disp = _cache.jit(("bytedot.parallel", tiles, str(psig)), parallel=True)(par)
-        disp.compile(psig.args)
-        _PARALLEL[key] = csig, CompileResultWAP(disp.overloads[psig.args])
+        _PARALLEL[key] = csig, _by_address(disp, psig)
     return _PARALLEL[key]
+
+
+def _by_address(disp, sig):
+    """``disp`` compiled for ``sig`` as a numba first-class function value that callers
+    reach by its address (``CompileResultWAP``), so its code is never linked into them."""
+    from numba.core.types.function_type import CompileResultWAP
+
+    disp.compile(sig.args)
+    return CompileResultWAP(disp.overloads[sig.args])
 
 
 def _parallel_stub(tiles: bool):
@@ -894,17 +900,13 @@ def _parallel_stub(tiles: bool):
     ``par`` with ``chunks``, both by address: a function named as a constant would link its
     code into every caller (the thin kernels, the stacked applies, the compiled step), which
     numba then optimizes again, seconds per caller."""
-    from numba.core.types.function_type import CompileResultWAP
-
     def f(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         raise NotImplementedError("numba only")
 
     @overload(f)
     def _f(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         csig, par = _parallel((qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out), tiles)
-        disp = chunks.dispatcher
-        disp.compile(csig.args)
-        fn = CompileResultWAP(disp.overloads[csig.args])
+        fn = _by_address(chunks.dispatcher, csig)
 
         def impl(chunks, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
             par(fn, ng, width, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
