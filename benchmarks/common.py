@@ -18,7 +18,21 @@ def machine() -> dict:
     import numpy as np
 
     return dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
-                processor=platform.processor(), cpus=os.cpu_count())
+                processor=platform.processor(), cpu=_cpu(), cpus=os.cpu_count())
+
+
+def _cpu() -> str:
+    """The CPU's model name, family and model from ``/proc/cpuinfo`` (hosts of one name differ:
+    "AMD EPYC" has been a Zen 3 and a Zen 5 here), or "" where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    f = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        f.setdefault(k.strip(), v.strip())
+    return f"{f.get('model name', '')} (family {f.get('cpu family', '?')}, model {f.get('model', '?')})"
 
 
 def write_json(name: str, data: dict) -> Path:

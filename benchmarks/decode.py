@@ -13,13 +13,16 @@ shipped file dequantized at load, ``llama.forward``: the reference path) and ``n
 
 Before timing, every compiled model's prompt logits are checked against the NumPy forward
 on the same stored weights (within the x-rounding bound of ``tests/test_compiled.py``).
-Then ``--rounds`` rounds time, interleaved (every engine once per round, so machine-wide
-slowdowns hit all alike): a 64-token prompt (prefill), and greedy decoding of ``-n`` tokens
-after "The capital of France is" (``--quick``: the shipped file only, 4 tokens). The prompt
-is timed ``PROMPT_CALLS`` times per engine per round (all calls in ``prompt_rounds``).
-Speeds are medians over rounds (and calls) of wall time, the prompt's also its 90th
-percentile, i.e. the time's 10th (the kernels run on both cores, so thread CPU time would
-miss half the work). Per type, a per-token
+Then five rounds time, interleaved (every engine once per round, so machine-wide
+slowdowns hit all alike): a 64-token prompt (prefill, with the logits of its last token
+only, as generation asks for them and llama.cpp computes them), timed ``PROMPT_CALLS``
+times per engine per round (all calls in ``prompt_rounds``); and greedy decoding of
+``-n`` tokens after "The capital of France is" (``--quick``: the shipped file only, 4
+tokens), every step timed, the compiled engines stepping in turn token by token
+(``lockstep``), each NumPy engine alone. Speeds are medians of wall time over all calls
+(decode: over rounds × ``-n`` steps), with the 90th percentile of speed, i.e. the time's
+10th, beside them (the kernels run on both cores, so thread CPU time would miss half the
+work); ``decode_rounds`` holds each round's tokens/s. Per type, a per-token
 breakdown (median of 30 calls each, at the position decoding ended): the weight products
 of all layers and the head, the attention over the cache, and the rest of the step
 (norms, RoPE, activations, embedding lookup, Python).
@@ -93,6 +96,30 @@ def breakdown(sess, token: int, repeats: int = 30) -> dict:
     return dict(step=1e3 * total, **ms, rest=max(0.0, 1e3 * total - sum(ms.values())))
 
 
+def lockstep(sessions: dict, ids, n: int) -> tuple[dict, dict]:
+    """Greedy decoding of ``n`` tokens after ``ids`` in every session of ``sessions`` at
+    once, one step of each in turn (so that a slowdown of the machine hits them all alike):
+    ``(seconds per step, token ids)`` per session. Steps go on past an end-of-text token
+    (the work per step is the same)."""
+    logits, times, out = {}, {k: [] for k in sessions}, {k: [] for k in sessions}
+    for k, sess in sessions.items():
+        sess.reset()
+        logits[k] = sess.prefill(ids, last_only=True)[-1]
+    for _ in range(n):
+        for k, sess in sessions.items():
+            nxt = int(np.argmax(logits[k]))
+            out[k].append(nxt)
+            t0 = time.perf_counter()
+            logits[k] = sess.step(nxt)
+            times[k].append(time.perf_counter() - t0)
+    return times, out
+
+
+def _until(ids: list, stop: set) -> list:
+    """``ids`` up to the first stop token."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in stop), ids)
+
+
 def write_files(src: Path, out_dir: Path, types) -> dict:
     """The shipped model re-written by ``python -m refquant quantize`` per type."""
     from refquant.__main__ import main as cli
@@ -108,11 +135,12 @@ def write_files(src: Path, out_dir: Path, types) -> dict:
     return paths
 
 
-def run(quick: bool = False, n: int = 64, rounds: int = 3) -> dict:
+def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
     from tqdm import tqdm
 
-    from minigpt_np import compiled, generate, llama
+    from minigpt_np import compiled, llama
     from minigpt_np.tokenizer import Tokenizer
+    from refquant.kernels import bytedot
     from refquant.linear import Linear
 
     n, rounds = (4, 1) if quick else (n, rounds)
@@ -138,21 +166,30 @@ def run(quick: bool = False, n: int = 64, rounds: int = 3) -> dict:
 
     decode = {k: [] for k in engines}
     prompt = {k: [] for k in engines}
+    rounds_tps = {k: [] for k in engines}
     texts = {}
+    stop = {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}
+    # the compiled engines share numba's thread pool and step in turn; each NumPy engine
+    # steps alone (OpenBLAS's spinning threads would slow whatever ran next)
+    groups = [[k for k in engines if k[0] == "compiled"]] + [[k] for k in engines if k[0] != "compiled"]
     for _ in tqdm(range(rounds), desc="rounds", unit="round"):
         for k, (_, _, sess, _) in engines.items():
             for _ in range(prompt_calls):
                 sess.reset()
                 t0 = time.perf_counter()
-                sess.prefill(long_prompt)
+                sess.prefill(long_prompt, last_only=True)
                 prompt[k].append(len(long_prompt) / (time.perf_counter() - t0))
-            out, st = generate.generate(sess, tok, ids, n)
-            decode[k].append(st["tokens_per_s"])
-            texts[k] = PROMPT + tok.decode(out)
+        for group in groups:
+            times, out = lockstep({k: engines[k][2] for k in group}, ids, n)
+            for k in group:
+                decode[k] += times[k]
+                rounds_tps[k].append(n / sum(times[k]))
+                texts[k] = PROMPT + tok.decode(_until(out[k], stop))
     rows = []
     for k, (params, cfg, sess, file_bytes) in engines.items():
-        row = dict(engine=k[0], type=k[1], decode_tokens_per_s=float(np.median(decode[k])),
-                   decode_rounds=decode[k], prompt_tokens_per_s=float(np.median(prompt[k])),
+        row = dict(engine=k[0], type=k[1], decode_tokens_per_s=1 / float(np.median(decode[k])),
+                   decode_p90_tokens_per_s=1 / float(np.percentile(decode[k], 10)), decode_rounds=rounds_tps[k],
+                   decode_steps=len(decode[k]), prompt_tokens_per_s=float(np.median(prompt[k])),
                    prompt_p90_tokens_per_s=float(np.percentile(prompt[k], 90)), prompt_rounds=prompt[k],
                    text=texts[k])
         if k[0] == "compiled":
@@ -168,7 +205,7 @@ def run(quick: bool = False, n: int = 64, rounds: int = 3) -> dict:
         r["x_numpy_f32"] = r["decode_tokens_per_s"] / speed[("numpy", "f32")]
     weights = {id(v): v.shape[0] * v.shape[1] for v in pf.values() if isinstance(v, Linear)}  # head tied: once
     return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, prompt_tokens=len(long_prompt),
-                new_tokens=n, rounds=rounds, machine=common.machine(), flops_per_token=2 * sum(weights.values()),
+                new_tokens=n, rounds=rounds, machine=common.machine(), tier=bytedot.backend(), flops_per_token=2 * sum(weights.values()),
                 results=rows)
 
 

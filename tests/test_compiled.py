@@ -239,6 +239,26 @@ def test_prefill_in_blocks_equals_token_by_token_within_the_x_rounding_bound(tin
     np.testing.assert_array_equal(block, np.stack([b.step(t) for t in IDS]))
 
 
+def test_last_only_prefill_is_the_last_row_of_the_full_one(tiny):
+    """``last_only`` (what generation asks for after a prompt) runs the head on the last
+    token alone and leaves the cache as a full prefill does: its logits are the full
+    prefill's last row (bit for bit on the float kernel, whose rows are independent), and
+    so are the NumPy session's (to float32 rounding: BLAS takes another path for 1 row)."""
+    ps, pf = tiny
+    for engine, params, exact in (("compiled", pf, True), ("compiled", ps, False), ("numpy", pf, False)):
+        sess = compiled().Llama(params, TINY) if engine == "compiled" else llama.Session(params, TINY)
+        full = sess.prefill(IDS)
+        nxt = sess.step(9)
+        sess.reset()
+        last = sess.prefill(IDS, last_only=True)
+        assert last.shape == (1, TINY.vocab)
+        if exact:
+            np.testing.assert_array_equal(last, full[-1:])
+        else:
+            np.testing.assert_allclose(last, full[-1:], rtol=0, atol=1e-5 * np.abs(full).max())
+        np.testing.assert_allclose(sess.step(9), nxt, rtol=0, atol=1e-5 * np.abs(nxt).max())
+
+
 def test_session_errors(tiny):
     ps, _ = tiny
     sess = compiled().Llama(ps, TINY, n_ctx=8)
