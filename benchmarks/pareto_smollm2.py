@@ -138,10 +138,11 @@ PROMPT = "The capital of France is"
 
 
 def gguf_task(setup: Setup, method: str = "gptq") -> dict:
-    """GPTQ in a file llama.cpp runs: ``minigpt_np.export.export_gguf`` writes the block
-    Linears as Q4_0 (GPTQ INT4 with an fp16 scale per 32 inputs, block for block), calibrated
-    on the sweep's calibration text; the file is read back with ``refquant.gguf`` and
-    evaluated like every scheme, and greedy-decodes ``PROMPT``."""
+    """GPTQ or AWQ in a file llama.cpp runs: ``minigpt_np.export.export_gguf`` writes the block
+    Linears as Q4_0 (symmetric INT4 with an fp16 scale per 32 inputs, block for block; AWQ's
+    scales folded into the norms and up rows), calibrated on the sweep's calibration text;
+    the file is read back with ``refquant.gguf`` and evaluated like every scheme, and
+    greedy-decodes ``PROMPT``."""
     from minigpt_np import export, generate, llama, tokenizer
 
     t0 = time.time()
@@ -166,7 +167,7 @@ def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: 
     scheme, on a ``LocalCluster`` or on the scheduler at that address. ``workdir``: where the
     reference logits go (a temporary directory by default; with remote workers, a directory
     they see at the same path, as they must see ``model``). ``extras=False``: only the
-    schemes, without the embeddings pass and the GPTQ -> Q4_0 file."""
+    schemes, without the embeddings pass and the GPTQ / AWQ -> Q4_0 files."""
     from minigpt_np import llama
     from refquant import schemes
 
@@ -179,7 +180,7 @@ def run(quick: bool = False, names=None, *, scheduler: str | None = None, dask: 
     with tempfile.TemporaryDirectory(prefix="refquant-pareto-", dir=workdir) as work:
         setup = prepare(model, work, windows=windows, length=length, calib_sequences=4 if quick else 16,
                         calib_length=32 if quick else 128, layers=layers)
-        jobs = [(gguf_task, "gptq")] * extras + [(task, n, e) for n in names for e in (False, True)
+        jobs = [(gguf_task, m) for m in ("gptq", "awq") if extras] + [(task, n, e) for n in names for e in (False, True)
                                                   if not e or (extras and n in common.weight_only(names))]
         if scheduler or dask:
             rows = _dask_map(setup, jobs, scheduler)

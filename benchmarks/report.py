@@ -149,8 +149,12 @@ def smollm2_section(data: dict) -> str:
     for f in data.get("files", []):
         q = by.get("q4_0")
         vs = f" against plain Q4_0 {_kl(q['kl'])} ({_vs_se(f['kl'], q['kl']):+.1f} combined se)" if q else ""
-        out += ["", f"GPTQ in a file llama.cpp runs: `python -m minigpt_np.export model.gguf out.gguf --method gptq "
-                f"--format gguf --type Q4_0 --calib FILE` writes GPTQ INT4 with an fp16 scale per 32 inputs as Q4_0 "
+        method = f.get("method", "gptq")
+        what = ("GPTQ INT4 with an fp16 scale per 32 inputs" if method == "gptq" else
+                "AWQ with its input scalings folded into the norms and `ffn_up` rows (`llama.awq_model`; "
+                "nothing left to undo at run time), symmetric INT4 with an fp16 scale per 32 inputs,")
+        out += ["", f"{method.upper()} in a file llama.cpp runs: `python -m minigpt_np.export model.gguf out.gguf "
+                f"--method {method} --format gguf --type Q4_0 --calib FILE` writes {what} as Q4_0 "
                 f"blocks ({f['file_bytes'] / 1e6:.1f} MB). Read back with `refquant.gguf`: mean KLD {_kl(f['kl'])}{vs}; "
                 f"greedy: \"{' '.join(f['greedy'].split())}\"."]
     emb = sorted(data.get("embeddings_quantized", []), key=lambda r: r["model_bits_per_weight"])

@@ -3,14 +3,17 @@
     python -m minigpt_np.export model.gguf DIR --method gptq --format gptq --calib FILE \\
         [--group-size 64] [--act-order] [--sequences 16] [--tokens 128]
     python -m minigpt_np.export model.gguf out.gguf --method gptq --format gguf --type Q4_0 --calib FILE
+    python -m minigpt_np.export model.gguf out.gguf --method awq --format gguf --type Q4_0 --calib FILE
 
 The model runs on ``--sequences`` windows of ``--tokens`` tokens of the calibration text
 (``llama.quantize_model``: one pass collects every Linear's Hessian / activation
 statistics), each block Linear is quantized by the registered scheme
 (``gptq_int4_g{size}``, ``gptq_int4_g128_actorder``, ``awq_int4_g128`` or the RTN
 ``int4_g{size}``), and ``refquant.hf.checkpoint`` writes the layout with Hugging Face's
-names and rotary row order. (``python -m refquant export`` is the round-to-nearest export
-without a model pass; calibration needs the forward, which lives here, above refquant.)
+names and rotary row order. As GGUF (``export_gguf``), GPTQ or AWQ (its scales folded into
+the norms, ``llama.awq_model``) on grids that are Q4_0 / Q4_1 exactly. (``python -m refquant
+export`` is the round-to-nearest export without a model pass; calibration needs the
+forward, which lives here, above refquant.)
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_
     return in_memory
 
 
-GGUF_SCHEMES = {("gptq", "Q4_0"): "gptq_int4_g32", ("rtn", "Q4_0"): "int4_g32", ("rtn", "Q4_1"): "int4_g32_asym"}
+GGUF_SCHEMES = {("gptq", "Q4_0"): "gptq_int4_g32", ("rtn", "Q4_0"): "int4_g32", ("rtn", "Q4_1"): "int4_g32_asym",
+                ("awq", "Q4_0"): "int4_g32", ("awq", "Q4_1"): "int4_g32_asym"}   # AWQ: folded (llama.awq_model)
 
 
 def export_gguf(model, out_path, *, method: str = "gptq", type_name: str = "Q4_0", calib_text: str | None = None,
@@ -74,12 +78,16 @@ def export_gguf(model, out_path, *, method: str = "gptq", type_name: str = "Q4_0
     ``layers``) by ``method`` on a grid that *is* a GGML type, and write a GGUF llama.cpp
     runs: those Linears as ``type_name`` blocks (``refquant.gguf.tensors.as_ggml``: GPTQ's
     symmetric INT4 grid with an fp16 scale per 32 inputs is Q4_0 block for block, with no
-    second rounding), every other tensor exactly as the source stores it.
+    second rounding), every other tensor exactly as the source stores it. ``method="awq"``
+    quantizes whole blocks (``llama.awq_model``): its input scalings are folded into the
+    blocks' ``attn_norm`` / ``ffn_norm`` weights (written as float32) and ``ffn_up`` rows,
+    and the Linears are INT4 g32 on the folded weights (Q4_0 symmetric, Q4_1 asymmetric).
 
     ``calib``: token-id sequences, or ``calib_text`` cut into ``sequences`` windows of
     ``tokens``. Returns ``dict(layers=..., scheme=..., type=..., m_error=..., quantized=...)``
     (``m_error``: the largest fp16 rounding of a Q4_1 ``m``, 0 for Q4_0; ``quantized``: the
-    ``QuantizedTensor`` s by GGUF name, as the model in memory holds them).
+    ``QuantizedTensor`` s by GGUF name, as the model in memory holds them; ``folded``: AWQ's
+    rescaled norm weights by name).
     """
     from refquant import gguf, schemes
     from refquant.gguf.tensors import as_ggml
@@ -91,13 +99,22 @@ def export_gguf(model, out_path, *, method: str = "gptq", type_name: str = "Q4_0
     scheme = GGUF_SCHEMES[key]
     params, cfg, meta = llama.load(model, dtype="f32")
     seqs = calib
-    if schemes.get(scheme).needs_calib and seqs is None:
+    if (method == "awq" or schemes.get(scheme).needs_calib) and seqs is None:
         if calib_text is None:
-            raise ValueError(f"{scheme} needs calibration text (--calib FILE)")
+            raise ValueError(f"{method} needs calibration text (--calib FILE)")
         seqs = calibration_sequences(tokenizer.from_gguf(model), calib_text, sequences, tokens)
     names = list(layers or llama.block_linears(cfg))
-    q = llama.quantize_model(params, cfg, scheme, seqs, layers=names, progress=progress)
     out, worst = {}, 0.0
+    if method == "awq":   # whole blocks: the scales fold into their norms and up rows
+        blocks = sorted({int(n.split(".")[1]) for n in names})
+        q, folded = llama.awq_model(params, cfg, seqs, group_size=32, sym=key[1] == "Q4_0", blocks=blocks,
+                                    progress=progress)
+        names = [f"blk.{i}.{s}" for i in blocks for s in llama.LINEAR_SUFFIXES]
+        for name in folded:
+            if name not in names:     # a norm: float32, as the source stores it
+                out[name] = gguf.GGUFTensor.from_array(q[name])
+    else:
+        q = llama.quantize_model(params, cfg, scheme, seqs, layers=names, progress=progress)
     for name in names:
         raw, t, m_err = as_ggml(q[name].qt)
         out[name] = gguf.GGUFTensor(t, q[name].shape, raw)
@@ -107,7 +124,9 @@ def export_gguf(model, out_path, *, method: str = "gptq", type_name: str = "Q4_0
             out.setdefault(name, f.tensor(name))
         ftype = {"Q4_0": 2, "Q4_1": 3}[key[1]]
         gguf.write(out_path, {**f.metadata, "general.file_type": np.uint32(ftype)}, out)
-    return dict(layers=len(names), scheme=scheme, type=key[1], m_error=worst, quantized={n: q[n].qt for n in names})
+    return dict(layers=len(names), scheme=f"awq+{scheme}" if method == "awq" else scheme, type=key[1],
+                m_error=worst, quantized={n: q[n].qt for n in names},
+                folded={n: q[n] for n in folded if n not in names} if method == "awq" else {})
 
 
 def main(argv=None) -> int:

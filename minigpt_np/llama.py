@@ -293,6 +293,93 @@ def hessians(params, cfg: LlamaConfig, sequences, *, progress: bool = False) -> 
     return {n: st.H for n, st in stats.items()}
 
 
+# AWQ's groups in a Llama block (llm-awq's ``auto_scale_block``): the op whose output is the
+# input of the Linears after it, which is where their shared input scaling folds in. v -> o
+# is left out when v's outputs are fewer than o's inputs (grouped-query attention), as there.
+AWQ_GROUPS = (("attn_norm.weight", ("attn_q.weight", "attn_k.weight", "attn_v.weight")),
+              ("attn_v.weight", ("attn_output.weight",)),
+              ("ffn_norm.weight", ("ffn_gate.weight", "ffn_up.weight")),
+              ("ffn_up.weight", ("ffn_down.weight",)))
+
+
+def awq_fold(params, cfg: LlamaConfig, sequences, *, group_size: int = 128, sym: bool = False, blocks=None,
+             n_grid: int = 20, max_tokens: int = 512, progress: bool = False) -> tuple[dict, dict, dict]:
+    """AWQ's input scalings, searched and folded into a Llama as llm-awq applies them:
+    ``(params, inputs, scales)``.
+
+    For each group of Linears that read one op's output (``AWQ_GROUPS``: q/k/v after
+    ``attn_norm``, gate/up after ``ffn_norm``, down after up, o after v when their widths
+    match), one input scaling ``s`` is searched on the group's stacked weights
+    (``refquant.awq.search_scale``) with the calibration inputs of one pass of the model;
+    the Linears' columns are multiplied by it and the op before divided by it (a norm's
+    weight, or up's rows), which leaves the model's output unchanged in exact arithmetic.
+    Every scale is searched on the unscaled weights and all are applied after, as llm-awq
+    does. One difference from llm-awq: the search minimises the error of the group's Linear
+    outputs, where llm-awq takes the output of the whole attention / MLP module.
+
+    ``blocks``: the block indices (default all). Returns the folded ``params`` (those blocks'
+    Linears as float ``DenseLinear`` s, their norms rescaled, every other entry as given),
+    the calibration inputs of each of those Linears as the folded model sees them (``X / s``,
+    at most ``max_tokens`` rows, float64) and the scales ``s`` by the name of the op they
+    were folded into.
+    """
+    from refquant import awq, calibration
+
+    blocks = range(cfg.n_layer) if blocks is None else sorted(set(int(b) for b in blocks))
+    names = [f"blk.{i}.{s}" for i in blocks for s in LINEAR_SUFFIXES]
+    stats = calibration.collect(_run(params, cfg), sequences, names, keep_inputs=True, progress=progress)
+    W = {n: np.asarray(params[n].dequantize(), np.float64) for n in names}
+    X = {n: stats[n].X.astype(np.float64) for n in names}
+    X = {n: x[:: max(1, x.shape[0] // max_tokens)][:max_tokens] for n, x in X.items()}
+    out, scales = dict(params), {}
+    for i in blocks:
+        p = f"blk.{i}."
+        found = []
+        for prev, lins in AWQ_GROUPS:
+            lins = [p + n for n in lins]
+            if p + prev in W and W[p + prev].shape[0] != W[lins[0]].shape[1]:
+                continue    # v -> o under grouped-query attention
+            s, _ = awq.search_scale(np.vstack([W[n] for n in lins]), X[lins[0]], group_size=group_size, sym=sym,
+                                    n_grid=n_grid)
+            found.append((p + prev, lins, s))
+        for prev, lins, s in found:
+            for n in lins:
+                W[n] = W[n] * s
+                X[n] = X[n] / s
+            if prev in W:
+                W[prev] = W[prev] / s[:, None]
+            else:
+                out[prev] = (np.asarray(params[prev], np.float64) / s).astype(np.float32)
+            scales[prev] = s
+    for n in names:
+        out[n] = linear.DenseLinear(W[n].astype(np.float32))
+    return out, X, scales
+
+
+def awq_model(params, cfg: LlamaConfig, sequences, *, group_size: int = 128, sym: bool = False, blocks=None,
+              n_grid: int = 20, max_tokens: int = 512, progress: bool = False) -> tuple[dict, dict]:
+    """AWQ on a Llama with nothing left to undo at run time: ``(params, scales)``.
+
+    ``awq_fold`` folds the scalings in; then each Linear of those blocks gets the clip
+    search on its folded inputs (not q and k, as in llm-awq) and INT4 with an fp16 scale per
+    ``group_size`` (``awq.folded_quantize``: plain ``int4_g{size}`` codes, so a GGUF can hold
+    them as Q4_0 / Q4_1). Returns ``params`` with those Linears quantized and norms
+    rescaled, and ``awq_fold``'s scales.
+    """
+    from tqdm import tqdm
+
+    from refquant import awq
+
+    out, X, scales = awq_fold(params, cfg, sequences, group_size=group_size, sym=sym, blocks=blocks, n_grid=n_grid,
+                              max_tokens=max_tokens, progress=progress)
+    for n in tqdm(list(X), desc="AWQ clip and quantize", unit="layer", disable=not progress):
+        clip = not n.endswith(("attn_q.weight", "attn_k.weight"))
+        out[n] = linear.QuantizedLinear(awq.folded_quantize(out[n].dequantize(), X[n], group_size=group_size,
+                                                            sym=sym, clip=clip, n_grid=n_grid, max_tokens=max_tokens),
+                                        prefill="kernel")
+    return out, scales
+
+
 def fit_scheme(scheme: str, n_in: int) -> tuple[str, int | None]:
     """``(scheme, pad)`` for a Linear of width ``n_in``, as the tools that ship these formats
     handle a width the grid does not divide: a GGML type whose block does not divide it

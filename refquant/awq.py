@@ -39,13 +39,56 @@ def _rtn(w, bits, group_size, sym, scale_dtype, max_abs=None):
     return q, s[..., 0], (None if z is None else z[..., 0]), affine.dequantize_codes(q, s, z).reshape(out, n)
 
 
+def search_scale(w: np.ndarray, X: np.ndarray, *, bits: int = 4, group_size: int = 128, sym: bool = False,
+                 n_grid: int = 20, alpha: float | None = None, scale_dtype=np.float16) -> tuple[np.ndarray, float]:
+    """AWQ's input scaling for ``w`` (out, in) on inputs ``X`` (tokens, in), float64:
+    ``(s, α)`` minimising ``||X Ŵ(α)ᵀ - X wᵀ||²`` over the grid (module docstring).
+
+    ``w`` may be several Linears that read the same input, stacked by rows (q/k/v after one
+    norm): row groups are quantized apart, so the stack's error is the sum of theirs, and
+    one ``s`` serves them all, as llm-awq searches it for such a group.
+    """
+    ref = X @ w.T
+    x_mean = np.mean(np.abs(X), axis=0)
+    best = (np.inf, 0.0, np.ones(w.shape[1]))
+    for a in ([alpha] if alpha is not None else [i / n_grid for i in range(n_grid)]):
+        s = np.maximum(x_mean, 1e-4) ** a
+        s = s / np.sqrt(s.max() * s.min())
+        err = np.mean((X @ (_rtn(w * s, bits, group_size, sym, scale_dtype)[3] / s).T - ref) ** 2)
+        if err < best[0]:
+            best = (err, a, s)
+    return best[2], best[1]
+
+
+def clip_ranges(w: np.ndarray, X: np.ndarray, *, bits: int = 4, group_size: int = 128, sym: bool = False,
+                n_grid: int = 20, max_shrink: float = 0.5, scale_dtype=np.float16) -> np.ndarray:
+    """llm-awq's ``auto_clip``: per (row, group) the clip ``max|w| (1 - i/n_grid)``, ``i <
+    max_shrink · n_grid``, with the smallest output error of that group on ``X``; (out, groups)."""
+    out, n = w.shape
+    G = n // group_size
+    org_max = np.abs(w).reshape(out, G, group_size).max(axis=2)
+    max_abs = org_max.copy()
+    best_err = np.full((out, G), np.inf)
+    for i in range(int(max_shrink * n_grid)):
+        m = org_max * (1 - i / n_grid)
+        dq = _rtn(w, bits, group_size, sym, scale_dtype, m)[3]
+        for g in range(G):
+            sl = slice(g * group_size, (g + 1) * group_size)
+            e = np.mean((X[:, sl] @ (dq[:, sl] - w[:, sl]).T) ** 2, axis=0)
+            better = e < best_err[:, g]
+            best_err[better, g] = e[better]
+            max_abs[better, g] = m[better, g]
+    return max_abs
+
+
 def awq_quantize(w: np.ndarray, X: np.ndarray, *, bits: int = 4, group_size: int = 128, sym: bool = False,
                  n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5, max_tokens: int = 512,
                  alpha: float | None = None, scale_dtype=np.float16, scheme: str = "awq_int4_g128"
                  ) -> QuantizedTensor:
     """AWQ-quantize ``w`` (out, in) with calibration inputs ``X`` (tokens, in).
 
-    ``alpha`` fixes α instead of searching it (``alpha=0, clip=False`` is RTN).
+    ``alpha`` fixes α instead of searching it (``alpha=0, clip=False`` is RTN; ``alpha=0``
+    alone is the clip search on weights whose ``s`` is already folded in, ``s = 1``).
     """
     w = float_array(w, "w", ndim=2).astype(np.float64)
     X = float_array(X, "X", ndim=2).astype(np.float64)
@@ -55,42 +98,35 @@ def awq_quantize(w: np.ndarray, X: np.ndarray, *, bits: int = 4, group_size: int
     if n % group_size:
         raise ValueError(f"group_size={group_size} must divide in={n}")
     X = X[:: max(1, X.shape[0] // max_tokens)][:max_tokens]
-    ref = X @ w.T
-    x_mean = np.mean(np.abs(X), axis=0)
-
-    def scales_for(a):
-        s = np.maximum(x_mean, 1e-4) ** a
-        return s / np.sqrt(s.max() * s.min())
-
-    best = (np.inf, 0.0, np.ones(n))
-    for a in ([alpha] if alpha is not None else [i / n_grid for i in range(n_grid)]):
-        s = scales_for(a)
-        err = np.mean((X @ (_rtn(w * s, bits, group_size, sym, scale_dtype)[3] / s).T - ref) ** 2)
-        if err < best[0]:
-            best = (err, a, s)
-    _, a, s = best
+    s, a = search_scale(w, X, bits=bits, group_size=group_size, sym=sym, n_grid=n_grid, alpha=alpha,
+                        scale_dtype=scale_dtype)
     ws = w * s
-    max_abs = None
-    if clip:
-        Xs = X / s
-        G = n // group_size
-        org_max = np.abs(ws).reshape(out, G, group_size).max(axis=2)
-        max_abs = org_max.copy()
-        best_err = np.full((out, G), np.inf)
-        for i in range(int(max_shrink * n_grid)):
-            m = org_max * (1 - i / n_grid)
-            _, _, _, dq = _rtn(ws, bits, group_size, sym, scale_dtype, m)
-            for g in range(G):
-                sl = slice(g * group_size, (g + 1) * group_size)
-                e = np.mean((Xs[:, sl] @ (dq[:, sl] - ws[:, sl]).T) ** 2, axis=0)
-                better = e < best_err[:, g]
-                best_err[better, g] = e[better]
-                max_abs[better, g] = m[better, g]
+    max_abs = clip_ranges(ws, X / s, bits=bits, group_size=group_size, sym=sym, n_grid=n_grid,
+                          max_shrink=max_shrink, scale_dtype=scale_dtype) if clip else None
     q, sc, z, _ = _rtn(ws, bits, group_size, sym, scale_dtype, max_abs)
     meta = dict(kind="awq", bits=bits, sym=sym, full_range=False, granularity="group", axis=None,
                 group_size=group_size, padded_shape=(out, n), awq_scales=s.astype(np.float32), alpha=a)
     return QuantizedTensor(packing.pack(q.reshape(out, n), bits, signed=sym), sc,
                            None if z is None else z.astype(np.uint8), (out, n), scheme, meta)
+
+
+def folded_quantize(w: np.ndarray, X: np.ndarray, *, group_size: int = 128, sym: bool = False, clip: bool = True,
+                    n_grid: int = 20, max_shrink: float = 0.5, max_tokens: int = 512) -> QuantizedTensor:
+    """The last step of AWQ on a weight whose input scaling is already folded in (``w·diag(s)``
+    with ``s`` divided out of the op before it, as llm-awq applies it): the clip search on
+    ``X`` (the inputs as the folded model sees them, ``X / s``), then INT4 with an fp16 scale
+    per group. Nothing of AWQ is left to undo at run time, so the result is a plain
+    group-affine tensor of scheme ``int4_g{group_size}`` (``_asym`` when not ``sym``): the
+    grid of round-to-nearest, with AWQ's ranges. This is what a GGUF can hold
+    (``refquant.gguf.tensors.as_ggml``)."""
+    from refquant import schemes
+
+    name = f"int4_g{group_size}" + ("" if sym else "_asym")
+    schemes.get(name)    # raises for a group size with no registered grid
+    qt = awq_quantize(w, X, group_size=group_size, sym=sym, clip=clip, n_grid=n_grid, max_shrink=max_shrink,
+                      max_tokens=max_tokens, alpha=0.0, scheme=name)
+    meta = {k: v for k, v in qt.meta.items() if k not in ("awq_scales", "alpha")}
+    return QuantizedTensor(qt.codes, qt.scales, qt.zeros, qt.shape, name, {**meta, "kind": "affine"})
 
 
 @register_decoder("awq")

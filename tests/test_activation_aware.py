@@ -53,6 +53,28 @@ def test_awq_with_alpha_zero_and_no_clip_is_rtn():
     np.testing.assert_array_equal(a.dequantize(), rtn.dequantize())
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_folded_awq_without_clip_is_the_rtn_scheme_and_clip_only_lowers_the_error(sym):
+    """With the scaling folded in (``s = 1``), AWQ's last step on ``w`` is the registered RTN
+    grid itself, same codes and scheme, kind ``affine`` (what a GGUF can hold); its clip
+    search can only lower the output error on the inputs it searched (the unclipped range is
+    one of its candidates)."""
+    rng = np.random.default_rng(4)
+    w, X = rng.standard_normal((16, 256)).astype(np.float32), acts(4)
+    name = "int4_g32" if sym else "int4_g32_asym"
+    rtn = schemes.get(name).quantize(w)
+    plain = awq.folded_quantize(w, X, group_size=32, sym=sym, clip=False)
+    assert (plain.scheme, plain.meta) == (rtn.scheme, rtn.meta)
+    np.testing.assert_array_equal(plain.codes, rtn.codes)
+    np.testing.assert_array_equal(plain.dequantize(), rtn.dequantize())
+    clipped = awq.folded_quantize(w, X, group_size=32, sym=sym)
+    err = lambda qt: np.linalg.norm(X.astype(np.float64) @ (qt.dequantize() - w).T)  # noqa: E731
+    assert err(clipped) <= err(plain)
+    assert not np.array_equal(clipped.codes, plain.codes)
+    with pytest.raises(ValueError, match=f"unknown scheme '{name.replace('32', '16')}'"):
+        awq.folded_quantize(w, X, group_size=16, sym=sym)
+
+
 def test_awq_protects_salient_channels_better_than_rtn():
     rng = np.random.default_rng(2)
     X = acts(2, outliers=(3, 70, 200))

@@ -295,3 +295,67 @@ def test_smollm2_gptq_exported_as_gguf_blocks_is_the_gptq_model(tmp_path, smollm
     with pytest.raises(ValueError, match="no exact GGUF grid"):
         export.export_gguf(smollm2_path, tmp_path / "x.gguf", method="gptq", type_name="Q4_1")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def _calib_text():
+    from minigpt_np import corpus
+
+    return "\n".join(ln.split(" => ")[0] for ln in corpus.make_splits().test[:200])
+
+
+def test_awq_folded_into_smollm2_leaves_its_output_unchanged(smollm2_path):
+    """``llama.awq_fold`` before any quantization: q/k/v's columns times ``s`` with
+    ``attn_norm`` divided by it, gate/up with ``ffn_norm``, down with up's rows (no v -> o:
+    SmolLM2's v has 192 outputs, o 576 inputs) give the same logits as the model as loaded,
+    to float32 rounding, while the scales themselves are far from 1."""
+    from minigpt_np import export, llama, tokenizer
+
+    params, cfg, _ = llama.load(smollm2_path, dtype="f32")
+    seqs = export.calibration_sequences(tokenizer.from_gguf(smollm2_path), _calib_text(), 2, 32)
+    folded, X, scales = llama.awq_fold(params, cfg, seqs, group_size=32, sym=True, blocks=[0, 3])
+    assert set(scales) == {f"blk.{i}.{s}" for i in (0, 3) for s in ("attn_norm.weight", "ffn_norm.weight",
+                                                                      "ffn_up.weight")}
+    assert set(X) == {f"blk.{i}.{s}" for i in (0, 3) for s in llama.LINEAR_SUFFIXES}
+    assert min(s.max() / s.min() for s in scales.values()) > 2
+    ids = seqs[1][:12]
+    want, _ = llama.forward(params, cfg, ids)
+    got, _ = llama.forward(folded, cfg, ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    np.testing.assert_array_equal(folded["blk.1.attn_norm.weight"], params["blk.1.attn_norm.weight"])
+    broken = dict(folded, **{"blk.3.ffn_norm.weight": params["blk.3.ffn_norm.weight"]})   # one fold left out
+    assert np.abs(llama.forward(broken, cfg, ids)[0] - want).max() > 100 * np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("type_name,sym", [("Q4_0", True), ("Q4_1", False)])
+def test_smollm2_awq_exported_as_gguf_blocks_is_the_awq_model(tmp_path, smollm2_path, type_name, sym):
+    """AWQ to GGUF: asking for one Linear of block 0 quantizes the whole block (its scales
+    fold into the block's norms and up rows); its 7 Linears read back as ``type_name``
+    blocks that dequantize bit for bit to the model in memory (Q4_1: within the fp16
+    rounding of m), the rescaled norms as float32 equal to it, every other tensor keeps the
+    source's bytes. An unfolded AWQ tensor has no GGUF form."""
+    from refquant import gguf
+    from refquant.gguf.tensors import as_ggml
+    from minigpt_np import export, llama
+
+    r = export.export_gguf(smollm2_path, tmp_path / "awq.gguf", method="awq", type_name=type_name,
+                           calib_text=_calib_text(), sequences=2, tokens=32, layers=["blk.0.attn_q.weight"],
+                           progress=False)
+    assert set(r["quantized"]) == {f"blk.0.{s}" for s in llama.LINEAR_SUFFIXES}
+    assert set(r["folded"]) == {"blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"}
+    with gguf.read(tmp_path / "awq.gguf") as f, gguf.read(smollm2_path) as src:
+        assert set(f.tensors) == set(src.tensors)
+        for name, qt in r["quantized"].items():
+            assert qt.meta["sym"] is sym and f.tensors[name].type.name == type_name
+            got, want = f.tensor(name).dequantize(), qt.dequantize()
+            tol = 0 if sym else r["m_error"] + 4 * np.finfo(np.float32).eps * np.abs(want).max()
+            assert np.abs(got - want).max() <= tol
+        for name, w in r["folded"].items():
+            assert f.tensors[name].type.name == "F32"
+            np.testing.assert_array_equal(f.tensor(name).dequantize(), w)
+            assert not np.array_equal(w, src.tensor(name).dequantize())
+        for name in ("blk.1.attn_q.weight", "blk.1.attn_norm.weight", "token_embd.weight"):
+            np.testing.assert_array_equal(np.asarray(f.tensor(name).raw), np.asarray(src.tensor(name).raw))
+    from refquant import awq
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="no place in a GGUF tensor"):
+        as_ggml(awq.awq_quantize(np.ones((2, 64), np.float32) + x[:2], x, group_size=32))

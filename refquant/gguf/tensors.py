@@ -105,12 +105,17 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
       that plus the float32 rounding of the sum.
 
     Groups must be contiguous (no act-order permutation: GGUF has no ``g_idx``) and scales
-    fp16; anything else raises ValueError (requantize it from the dequantized weight).
+    fp16; anything else raises ValueError (requantize it from the dequantized weight). AWQ
+    codes carry an input scaling ``s`` a GGUF tensor has no place for: fold it into the op
+    before first (``minigpt_np.llama.awq_model``), which leaves plain group-affine codes.
     """
     from refquant import packing
 
     m = qt.meta
     kind = m.get("kind")
+    if kind == "awq":
+        raise ValueError(f"{qt.scheme!r}: AWQ's input scaling s has no place in a GGUF tensor; fold it into "
+                         "the preceding op and quantize the folded weight (minigpt_np.llama.awq_model)")
     if kind not in ("affine", "gptq") or m.get("bits") != 4:
         raise ValueError(f"{qt.scheme!r}: only 4-bit affine / GPTQ codes map to Q4_0 / Q4_1 exactly")
     out, n = qt.shape
