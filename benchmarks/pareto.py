@@ -178,7 +178,12 @@ def plot(data: dict, fig_dir) -> None:
         ax.scatter(bits, ys, s=22, zorder=3)
         if key == "ppl_gap_pct":
             f = frontier(list(zip(bits, ys)))
-            ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
+            ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier (registered schemes)")
+        files = [r for r in data.get("files", ()) if r.get("kl")]
+        if files:   # GPTQ / AWQ written as GGUF files and read back (benchmarks.pareto_smollm2.gguf_task)
+            ax.errorbar([r["bits_per_weight"] for r in files], [r["kl"]["kld_mean"] for r in files],
+                        yerr=[r["kl"]["kld_se"] for r in files], fmt="*", ms=10, color="tab:red", capsize=2,
+                        zorder=4, label="GGUF files llama.cpp runs, read back")
         ax.axhline(0.0, color="k", ls="--", lw=1, label=f"FP32 (perplexity {fp32['perplexity']:.4f}, accuracy "
                    f"{100 * fp32['accuracy']:.1f}%)" if fp32 else "FP32")
         mixed = data.get("mixed")
@@ -222,7 +227,12 @@ def plot_kld(path, minigpt: dict | None = None, smollm2: dict | None = None) -> 
         ys = [r["kl"]["kld_mean"] for r in rows]
         ax.errorbar(bits, ys, yerr=[r["kl"]["kld_se"] for r in rows], fmt="o", ms=4, capsize=2, zorder=3)
         f = frontier(list(zip(bits, ys)))
-        ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
+        ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier (registered schemes)")
+        files = [r for r in data.get("files", ()) if r.get("kl")]
+        if files:   # GPTQ / AWQ written as GGUF files and read back (benchmarks.pareto_smollm2.gguf_task)
+            ax.errorbar([r["bits_per_weight"] for r in files], [r["kl"]["kld_mean"] for r in files],
+                        yerr=[r["kl"]["kld_se"] for r in files], fmt="*", ms=10, color="tab:red", capsize=2,
+                        zorder=4, label="GGUF files llama.cpp runs, read back")
         _bits_axis(ax, bits, [2, 3, 4, 5, 6, 8, 12, 16])
         ax.set_yscale("log")
         n = rows[0]["kl"]["n"]
@@ -240,7 +250,8 @@ def plot_kld(path, minigpt: dict | None = None, smollm2: dict | None = None) -> 
         ax.legend(fontsize=8, loc="upper right")
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    for ax, (_, _, rows, _) in zip(axes[0], panels):
+    for ax, (_, data, rows, _) in zip(axes[0], panels):
+        rows = rows + [dict(r, scheme=f"{r['method']} -> {r['type']} file") for r in data.get("files", ()) if r.get("kl")]
         common.label_points(ax, [r["bits_per_weight"] for r in rows], [r["kl"]["kld_mean"] for r in rows],
                             [r["scheme"] for r in rows], fontsize=6.5)
     common.finish_figure(fig, axes[0][-1], path)
