@@ -343,7 +343,12 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     ``dot(|x|, w·sign(x))`` with ``|x|`` computed once per call. Two rows per iteration
     sharing the x loads took 1.8x *as long* here (Zen 3, interleaved in one process), so
     rows go one at a time, in chunks of 16 (a contiguous run of chunks and one scratch
-    buffer per thread, ``_tasks``), prefetching the codes ``PREFETCH_BYTES`` ahead. Tokens go one at a time too: four per pass sharing each
+    buffer per thread, ``_tasks``), prefetching the codes ``PREFETCH_BYTES`` ahead. Tokens
+    loop outside the rows of a chunk (its codes are in L1 again for the second token): with
+    the token loop inside the row loop instead, the one-token path carried it per row and took
+    1.03-1.15x as long on 576-wide rows (Q4_0, Q4_1, Q8_0) and 1.01-1.12x on 4096-wide ones,
+    except Q4_0 there (0.96-0.97x) (Zen 5, tiers vnni and avx2, one and two threads,
+    interleaved in one process, bit-identical results). Tokens go one at a time too: four per pass sharing each
     block's unpacked codes (eight accumulator chains) took 0.73-1.00x the time at M=16 but
     made the one-token (decode) path of the same kernel 1.10-1.17x slower (Q4_0, Q4_1,
     Q8_0, Q4_K, Q6_K; one thread, interleaved); splitting the scale pass into a per-row
@@ -381,12 +386,12 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
         ds = np.empty(WIDTH * nb, np.float32)
         nch = (R + 15) // 16
         for ch in range(nch * g // ng, nch * (g + 1) // ng):
-            for r in range(16 * ch, min(16 * ch + 16, R)):
-                row, hrow = qs[r], qh[r]
-                ahead = r * qs.shape[1] + PREFETCH_BYTES
-                for mi in range(M):
+            for mi in range(M):     # tokens outside rows (docstring)
+                xm, am = xq[mi], xa[mi]
+                for r in range(16 * ch, min(16 * ch + 16, R)):
+                    row, hrow = qs[r], qh[r]
+                    ahead = r * qs.shape[1] + PREFETCH_BYTES
                     t = scale_pass(ds, r, mi, d, sc, m, mn, dx, xs, s16)
-                    xm, am = xq[mi], xa[mi]
                     a0 = V.zeros_f32()
                     a1 = V.zeros_f32()
                     for p in range(nb // 2):
