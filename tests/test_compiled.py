@@ -259,6 +259,22 @@ def test_last_only_prefill_is_the_last_row_of_the_full_one(tiny):
         np.testing.assert_allclose(sess.step(9), nxt, rtol=0, atol=1e-5 * np.abs(nxt).max())
 
 
+def test_step_is_a_one_token_prefill_bit_for_bit(tiny):
+    """``step`` takes a shorter path than ``prefill`` (its own checks, the embedding row
+    decoded by the block decoder directly): the same row as ``Linear.rows`` and the same
+    logits as ``prefill([t])`` from the same position, bit for bit."""
+    ps, _ = tiny
+    a, b = compiled().Llama(ps, TINY), compiled().Llama(ps, TINY)
+    emb = ps["token_embd.weight"]
+    for t in (0, 7, TINY.vocab - 1):
+        np.testing.assert_array_equal(a._embed_one(t), emb.rows(np.array([t])))
+    a.prefill(IDS[:5])
+    b.prefill(IDS[:5])
+    for t in (7, 0, TINY.vocab - 1):
+        np.testing.assert_array_equal(a.step(np.int64(t)), b.prefill([t])[0])
+    assert a.pos == b.pos == 8
+
+
 def test_session_errors(tiny):
     ps, _ = tiny
     sess = compiled().Llama(ps, TINY, n_ctx=8)
@@ -266,6 +282,10 @@ def test_session_errors(tiny):
         sess.prefill([])
     with pytest.raises(ValueError, match=r"\[0, 300\)"):
         sess.prefill([300])
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
+        sess.step(300)
+    with pytest.raises(TypeError):
+        sess.step(1.5)
     sess.prefill(IDS[:8])
     with pytest.raises(ValueError, match="exceed"):
         sess.step(1)
