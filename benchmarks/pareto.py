@@ -178,12 +178,7 @@ def plot(data: dict, fig_dir) -> None:
         ax.scatter(bits, ys, s=22, zorder=3)
         if key == "ppl_gap_pct":
             f = frontier(list(zip(bits, ys)))
-            ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier (registered schemes)")
-        files = [r for r in data.get("files", ()) if r.get("kl")]
-        if files:   # GPTQ / AWQ written as GGUF files and read back (benchmarks.pareto_smollm2.gguf_task)
-            ax.errorbar([r["bits_per_weight"] for r in files], [r["kl"]["kld_mean"] for r in files],
-                        yerr=[r["kl"]["kld_se"] for r in files], fmt="*", ms=10, color="tab:red", capsize=2,
-                        zorder=4, label="GGUF files llama.cpp runs, read back")
+            ax.plot([bits[i] for i in f], [ys[i] for i in f], "r-", lw=1, label="Pareto frontier")
         ax.axhline(0.0, color="k", ls="--", lw=1, label=f"FP32 (perplexity {fp32['perplexity']:.4f}, accuracy "
                    f"{100 * fp32['accuracy']:.1f}%)" if fp32 else "FP32")
         mixed = data.get("mixed")
