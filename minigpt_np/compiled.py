@@ -439,7 +439,7 @@ def _row_decoder(emb):
     ``quants.dequantize``, so the same floats) without the layers of Python around it."""
     from refquant.linear import QuantizedLinear
 
-    if isinstance(emb, QuantizedLinear) and emb.qt.kind == "ggml" and emb._w is None:
+    if isinstance(emb, QuantizedLinear) and emb.qt.kind == "ggml":
         from refquant.gguf.quants import compiled as qc, core
 
         t = core.ggml_type(emb.qt.meta["ggml_type"])
