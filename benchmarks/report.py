@@ -205,10 +205,10 @@ def decode_section(data: dict) -> str:
             f"token at {f32['gbs']:.1f} GB/s, against "
             + ", ".join(f"{r['weight_bytes'] / 1e6:.0f} MB for {r['type']} ({r['gbs']:.1f} GB/s)"
                         for r in comp if r["type"] != "F32")
-            + ". The quantized steps read well below F32's pace: their weight products are bound by the "
-            "kernels' work per row (SmolLM2's rows are 576 or 1536 wide, so the per-row part of the work "
-            "counts), not by memory, which is why their ratio to F32 moves from run to run with the share of "
-            "memory bandwidth and of compute this shared host gives each at the time"
+            + ". The quantized steps read below F32's pace, the 4-bit ones well below: their weight products "
+            "are bound more by the kernels' work per row (SmolLM2's rows are 576 or 1536 wide, so the per-row "
+            "part of the work counts) than by memory, which is why their ratio to F32 moves from run to run "
+            "with the share of memory bandwidth and of compute this shared host gives each at the time"
             + ". MiniGPT's dots on the roofline are a different regime: its 13 MB of FP32 weights fit in "
             "the 32 MB L3, so its decode is not bandwidth-bound, and the seeds' 3-4x (INT8) / 5-6x (INT4) "
             "prediction applies to models that do not fit in cache, such as SmolLM2 here."]
