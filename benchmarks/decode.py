@@ -138,7 +138,7 @@ def write_files(src: Path, out_dir: Path, types) -> dict:
 def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
     from tqdm import tqdm
 
-    from minigpt_np import compiled, llama
+    from minigpt_np import compiled, generate, llama
     from minigpt_np.tokenizer import Tokenizer
     from refquant.kernels import bytedot
     from refquant.linear import Linear
@@ -168,7 +168,7 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
     prompt = {k: [] for k in engines}
     rounds_tps = {k: [] for k in engines}
     texts = {}
-    stop = {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}
+    stop = generate.stop_ids(tok)
     # the compiled engines share numba's thread pool and step in turn; each NumPy engine
     # steps alone (OpenBLAS's spinning threads would slow whatever ran next)
     groups = [[k for k in engines if k[0] == "compiled"]] + [[k] for k in engines if k[0] != "compiled"]
@@ -205,8 +205,8 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
         r["x_numpy_f32"] = r["decode_tokens_per_s"] / speed[("numpy", "f32")]
     weights = {id(v): v.shape[0] * v.shape[1] for v in pf.values() if isinstance(v, Linear)}  # head tied: once
     return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, prompt_tokens=len(long_prompt),
-                new_tokens=n, rounds=rounds, machine=common.machine(), tier=bytedot.backend(), flops_per_token=2 * sum(weights.values()),
-                results=rows)
+                new_tokens=n, rounds=rounds, machine=common.machine(), tier=bytedot.backend(),
+                flops_per_token=2 * sum(weights.values()), results=rows)
 
 
 def main(argv=None) -> None:

@@ -44,6 +44,11 @@ def session(params, cfg, engine: str = "compiled"):
     return compiled.Llama(params, cfg)
 
 
+def stop_ids(tok: Tokenizer) -> set[int]:
+    """The token ids that end generation: end of text, end of turn."""
+    return {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}
+
+
 def generate(sess, tok: Tokenizer, prompt_ids: list[int], n: int, *, temp: float = 0.0, seed: int = 0,
              on_token=None) -> tuple[list[int], dict]:
     """Up to ``n`` new token ids after ``prompt_ids`` and timing stats, from a fresh start of
@@ -51,7 +56,7 @@ def generate(sess, tok: Tokenizer, prompt_ids: list[int], n: int, *, temp: float
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
     rng = np.random.default_rng(seed)
-    stop = {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}
+    stop = stop_ids(tok)
     sess.reset()
     t0 = time.perf_counter()
     logits = sess.prefill(prompt_ids, last_only=True)

@@ -81,33 +81,46 @@ def clip_ranges(w: np.ndarray, X: np.ndarray, *, bits: int = 4, group_size: int 
     return max_abs
 
 
+def _checked(w, X, group_size: int, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` (out, in) and ``X`` (tokens, in) as float64, checked, X thinned to ``max_tokens`` rows."""
+    w = float_array(w, "w", ndim=2).astype(np.float64)
+    X = float_array(X, "X", ndim=2).astype(np.float64)
+    n = w.shape[1]
+    if X.shape[1] != n:
+        raise ValueError(f"X has {X.shape[1]} features but w has in={n}")
+    if n % group_size:
+        raise ValueError(f"group_size={group_size} must divide in={n}")
+    return w, X[:: max(1, X.shape[0] // max_tokens)][:max_tokens]
+
+
+def _clipped(ws, Xs, *, bits, group_size, sym, n_grid, clip, max_shrink, scale_dtype, scheme, **meta
+             ) -> QuantizedTensor:
+    """The clip search of the (scaled) weight ``ws`` on its inputs ``Xs``, then its group
+    codes, as a ``QuantizedTensor`` of ``scheme`` with ``meta`` (its ``kind`` and extras)."""
+    out, n = ws.shape
+    max_abs = clip_ranges(ws, Xs, bits=bits, group_size=group_size, sym=sym, n_grid=n_grid,
+                          max_shrink=max_shrink, scale_dtype=scale_dtype) if clip else None
+    q, sc, z, _ = _rtn(ws, bits, group_size, sym, scale_dtype, max_abs)
+    meta = dict(bits=bits, sym=sym, full_range=False, granularity="group", axis=None, group_size=group_size,
+                padded_shape=(out, n), **meta)
+    return QuantizedTensor(packing.pack(q.reshape(out, n), bits, signed=sym), sc,
+                           None if z is None else z.astype(np.uint8), (out, n), scheme, meta)
+
+
 def awq_quantize(w: np.ndarray, X: np.ndarray, *, bits: int = 4, group_size: int = 128, sym: bool = False,
                  n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5, max_tokens: int = 512,
                  alpha: float | None = None, scale_dtype=np.float16, scheme: str = "awq_int4_g128"
                  ) -> QuantizedTensor:
     """AWQ-quantize ``w`` (out, in) with calibration inputs ``X`` (tokens, in).
 
-    ``alpha`` fixes α instead of searching it (``alpha=0, clip=False`` is RTN; ``alpha=0``
-    alone is the clip search on weights whose ``s`` is already folded in, ``s = 1``).
+    ``alpha`` fixes α instead of searching it (``alpha=0, clip=False`` is RTN).
     """
-    w = float_array(w, "w", ndim=2).astype(np.float64)
-    X = float_array(X, "X", ndim=2).astype(np.float64)
-    out, n = w.shape
-    if X.shape[1] != n:
-        raise ValueError(f"X has {X.shape[1]} features but w has in={n}")
-    if n % group_size:
-        raise ValueError(f"group_size={group_size} must divide in={n}")
-    X = X[:: max(1, X.shape[0] // max_tokens)][:max_tokens]
+    w, X = _checked(w, X, group_size, max_tokens)
     s, a = search_scale(w, X, bits=bits, group_size=group_size, sym=sym, n_grid=n_grid, alpha=alpha,
                         scale_dtype=scale_dtype)
-    ws = w * s
-    max_abs = clip_ranges(ws, X / s, bits=bits, group_size=group_size, sym=sym, n_grid=n_grid,
-                          max_shrink=max_shrink, scale_dtype=scale_dtype) if clip else None
-    q, sc, z, _ = _rtn(ws, bits, group_size, sym, scale_dtype, max_abs)
-    meta = dict(kind="awq", bits=bits, sym=sym, full_range=False, granularity="group", axis=None,
-                group_size=group_size, padded_shape=(out, n), awq_scales=s.astype(np.float32), alpha=a)
-    return QuantizedTensor(packing.pack(q.reshape(out, n), bits, signed=sym), sc,
-                           None if z is None else z.astype(np.uint8), (out, n), scheme, meta)
+    return _clipped(w * s, X / s, bits=bits, group_size=group_size, sym=sym, n_grid=n_grid, clip=clip,
+                    max_shrink=max_shrink, scale_dtype=scale_dtype, scheme=scheme, kind="awq",
+                    awq_scales=s.astype(np.float32), alpha=a)
 
 
 def folded_quantize(w: np.ndarray, X: np.ndarray, *, group_size: int = 128, sym: bool = False, clip: bool = True,
@@ -123,10 +136,9 @@ def folded_quantize(w: np.ndarray, X: np.ndarray, *, group_size: int = 128, sym:
 
     name = f"int4_g{group_size}" + ("" if sym else "_asym")
     schemes.get(name)    # raises for a group size with no registered grid
-    qt = awq_quantize(w, X, group_size=group_size, sym=sym, clip=clip, n_grid=n_grid, max_shrink=max_shrink,
-                      max_tokens=max_tokens, alpha=0.0, scheme=name)
-    meta = {k: v for k, v in qt.meta.items() if k not in ("awq_scales", "alpha")}
-    return QuantizedTensor(qt.codes, qt.scales, qt.zeros, qt.shape, name, {**meta, "kind": "affine"})
+    w, X = _checked(w, X, group_size, max_tokens)
+    return _clipped(w, X, bits=4, group_size=group_size, sym=sym, n_grid=n_grid, clip=clip, max_shrink=max_shrink,
+                    scale_dtype=np.float16, scheme=name, kind="affine")
 
 
 @register_decoder("awq")
