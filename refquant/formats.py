@@ -21,18 +21,50 @@ fmt            layout     bias   special values
                                  a zero whose sign bit is the NaN's sign inverted.
                                  One code per uint8 (low 4 bits).
 ``e8m0``       0/8/0      127    OCP MX scale: 2^(c-127) for c in 0..254, 0xFF = NaN.
-                                 No sign, no zero: zero, negatives, Inf, NaN and
-                                 overflow -> 0xFF. Rounding follows ml_dtypes'
-                                 ``float8_e8m0fnu``: in the normal float32 range the
-                                 halfway case rounds up (1.5 -> 2, 3 -> 4); a float32
-                                 subnormal rounds up to 2^-126 only when strictly above
-                                 2^-127.
+                                 No sign, no zero: zero (either sign), negatives,
+                                 Inf, NaN and overflow -> 0xFF. Four roundings,
+                                 ``encode(..., rounding=...)``: see "E8M0" below.
 =============  =========  =====  ===============================================
 
 Inputs are first converted to float32 (exact for float16 and float32 inputs), so all
 rounding is a single rounding from float32, as a cast from float32 does. NaN payloads:
 ``fp16`` keeps the top mantissa bits (NumPy's rule, never turning NaN into Inf),
 ``bf16`` gives sign|0x7FC0, the fp8 formats give sign|all-ones-quiet (0x7E / 0x7F).
+
+E8M0 rounding. Its values are the powers of two 2^-127 .. 2^127, so rounding a positive
+float32 ``x = 2^e (1 + f)`` (normal) picks 2^e or 2^(e+1); ``rounding=`` names the rule:
+
+* ``"value"`` (the default): the nearer of the two by value, the midpoint ``1.5 * 2^e``
+  going up. For a normal float32 that is "mantissa bit 22 set rounds up"; a float32
+  subnormal (below 2^-126) goes to 2^-126 from ``1.5 * 2^-127`` on and to 2^-127 (code 0,
+  the smallest value) below it. This is ml_dtypes' ``float8_e8m0fnu`` cast from 0.7.0 on.
+  Default because it is the cast's own definition (round to nearest) applied to the value,
+  with no exception at the bottom of the range, and what the newest oracle does.
+* ``"bits"``: ml_dtypes 0.5.1 to 0.6.0, which round on the float32 bit pattern (mantissa
+  field >= 0x400000 rounds up, else down). Identical to ``"value"`` on every input except
+  the float32 subnormals strictly between 2^-127 and 1.5 * 2^-127 (bit patterns 0x00400001
+  to 0x005FFFFF, 2,097,151 of them), which it sends to 2^-126 (code 1) instead of 2^-127:
+  a subnormal's mantissa field has no implicit bit, so "half the field" is not the midpoint.
+  (Checked over all 2^32 float32 patterns against ml_dtypes 0.5.1, 0.6.0 and 0.7.0; the
+  0.7.0 changelog names the change, ml_dtypes #434.) PyTorch's cast
+  (``c10/util/Float8_e8m0fnu.h``, ``fp8e8m0fnu_from_fp32_value``: guard/round/sticky bits
+  of the float32 pattern) rounds positive values this way too; it differs on what has no
+  E8M0 value (it drops the sign, and sends zero to code 0), where refquant gives NaN.
+* ``"floor"``: 2^floor(log2 x), the OCP MX v1.0 shared-scale rule (section 6.3:
+  ``X = 2^(floor(log2 amax) - emax_elem)``), :func:`refquant.mx.shared_exponent`'s rule,
+  CUDA's ``__nv_cvt_float_to_e8m0`` with ``cudaRoundZero`` and torchao's ``FLOOR``; values
+  below 2^-127 clamp to code 0, and a finite float32 never overflows (FLT_MAX -> code 254).
+  Exact: ggml's ``quantize_row_mxfp4_ref`` computes ``floorf(log2f(amax))``, which returns
+  k for some floats just below 2^k (its own row in ``gguf.quants`` reproduces that).
+* ``"ceil"``: 2^ceil(log2 x), rounding toward +Inf (CUDA's ``cudaRoundPosInf``, torchao's
+  ``RCEIL``); above 2^127 overflows.
+
+Worked edges (code, for value / bits / floor / ceil): 1.0 -> 127 in all four; 1.5 -> 128 /
+128 / 127 / 128; 1.4999999 -> 127 / 127 / 127 / 128; 1.25 * 2^-127 (subnormal 0x00500000)
+-> 0 / 1 / 0 / 1; 1.5 * 2^-127 -> 1 / 1 / 0 / 1; 2^-127 -> 0 in all four; the smallest
+subnormal 2^-149 -> 0 in all four (nothing is smaller than 2^-127); 1.5 * 2^127 and FLT_MAX
+-> 0xFF / 0xFF / 254 / 0xFF; +Inf, NaN, +0, -0 and every negative -> 0xFF. With
+``saturate=True`` finite overflow and +Inf give 254 instead (NaN, zero, negatives stay 0xFF).
 
 The rounding itself is one formula for every format: with ``emin = 1 - bias``,
 ``e = max(floor(log2|x|), emin)`` and ``m = round_half_even(|x| / 2^(e - M))``, the
@@ -143,14 +175,20 @@ def decode(bits: np.ndarray, fmt: str) -> np.ndarray:
     return np.where(neg, -out, out).astype(np.float32)
 
 
-def encode(x: np.ndarray, fmt: str, *, saturate: bool = False) -> np.ndarray:
+E8M0_ROUNDINGS = ("value", "bits", "floor", "ceil")
+
+
+def encode(x: np.ndarray, fmt: str, *, saturate: bool = False, rounding: str = "value") -> np.ndarray:
     """Float values -> bit patterns of ``fmt``, round-to-nearest-even.
 
     Returns uint16 for 16-bit formats, uint32 for fp32 and uint8 otherwise. NaN, Inf and
     overflow follow ml_dtypes' casts (module docstring). ``saturate=True`` clamps finite
     overflow and ±Inf to ±max instead (NaN stays NaN where the format has one).
+    ``rounding`` chooses E8M0's rule (``"value"``, ``"bits"``, ``"floor"``, ``"ceil"``:
+    module docstring); the other formats have one rule and accept only ``"value"``.
     """
     f = get_format(fmt)
+    one_of(rounding, "rounding", E8M0_ROUNDINGS if f.name == "e8m0" else ("value",))
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.dtype.kind != "f":
@@ -159,7 +197,7 @@ def encode(x: np.ndarray, fmt: str, *, saturate: bool = False) -> np.ndarray:
     if f.name == "fp32":
         return x.view(np.uint32).copy()
     if f.name == "e8m0":
-        return _encode_e8m0(x)
+        return _encode_e8m0(x, rounding, saturate)
     nan, inf = np.isnan(x), np.isinf(x)
     finite = np.abs(np.where(nan | inf, np.float32(0), x)).astype(np.float64)
     _, k = np.frexp(finite)                       # finite = m * 2^k, m in [0.5, 1)
@@ -188,12 +226,22 @@ def encode(x: np.ndarray, fmt: str, *, saturate: bool = False) -> np.ndarray:
     return (code | (sign << f.sign_bit)).astype(f.storage_dtype)
 
 
-def _encode_e8m0(x: np.ndarray) -> np.ndarray:
+def _encode_e8m0(x: np.ndarray, rounding: str, saturate: bool) -> np.ndarray:
+    """E8M0 codes from float32 ``x`` by ``rounding`` (module docstring), read off the bit
+    pattern: code = biased exponent field, plus one where the rule rounds up."""
     bits = x.view(np.uint32).astype(np.int64)
     e_field, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
-    code = np.where(e_field == 0, (mant > 0x400000).astype(np.int64), e_field + (mant >= 0x400000))
-    bad = np.isnan(x) | (x <= 0) | np.isinf(x) | (code > 0xFE)
-    return np.where(bad, 0xFF, code).astype(np.uint8)
+    sub = e_field == 0                     # x < 2^-126: x = mant * 2^-149, 2^-127 is mant 0x400000
+    up = {
+        "value": np.where(sub, mant >= 0x600000, mant >= 0x400000),
+        "bits": np.where(sub, mant > 0x400000, mant >= 0x400000),
+        "floor": np.zeros(bits.shape, bool),
+        "ceil": np.where(sub, mant > 0x400000, mant > 0),
+    }[rounding]
+    code = np.where(sub, 0, e_field) + up
+    over = (code > 0xFE) | np.isposinf(x)
+    bad = np.isnan(x) | (x <= 0) | (over & ~saturate)
+    return np.where(bad, 0xFF, np.where(over, 0xFE, code)).astype(np.uint8)
 
 
 def round_to(x: np.ndarray, fmt: str, *, saturate: bool = False) -> np.ndarray:

@@ -59,10 +59,11 @@ def _unpack_elements(qt: QuantizedTensor, fmt: str) -> np.ndarray:
 
 
 def shared_exponent(amax: np.ndarray, emax_elem: int) -> np.ndarray:
-    """OCP MX scale exponent ``floor(log2(amax)) - emax_elem``, clamped to [-127, 127]."""
+    """OCP MX scale exponent ``floor(log2(amax)) - emax_elem``, clamped to [-127, 127]:
+    E8M0's ``"floor"`` rounding of amax (``formats.encode``), less the element's emax."""
     amax = np.where(amax == 0, _F32_MIN_NORMAL, amax).astype(np.float32)
-    _, k = np.frexp(amax)          # amax = m 2^k, m in [0.5, 1): floor(log2 amax) = k - 1, exactly
-    return np.clip(k - 1 - emax_elem, -127, 127)
+    floor_log2 = formats.encode(amax, "e8m0", rounding="floor").astype(np.int64) - 127   # exact, from the bits
+    return np.clip(floor_log2 - emax_elem, -127, 127)
 
 
 def quantize_mx(w: np.ndarray, name: str = "mxfp4", *, scheme: str | None = None) -> QuantizedTensor:

@@ -29,6 +29,8 @@ def _tiers() -> list[str]:
 
 
 TIERS = _tiers()
+# the default run checks the tier this machine uses (the best it has); `pytest -m slow` the others
+TIER_PARAMS = [pytest.param(t, marks=[pytest.mark.slow] if i else []) for i, t in enumerate(TIERS)]
 SCHEMES = sorted(KERNELS)
 # in-features per scheme family: whole blocks of the format (K-quants: 256), groups of the
 # INT4 schemes; the affine INT8 ones take any length (the kernel pads to whole blocks)
@@ -73,7 +75,7 @@ def _quantize(name, w):
     return s, s.quantize(w, calib=calib)
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", TIER_PARAMS)
 @pytest.mark.parametrize("name", SCHEMES)
 @settings(max_examples=30)   # x 17 schemes x every tier (M >= 4: the tile kernel, else the one-token one)
 @given(data=st.data())
@@ -86,12 +88,16 @@ def test_kernel_is_dequantized_weight_times_rounded_x(name, tier, data):
     if entry.prepare_x is not None:
         w_hat = w_hat * qt.meta["awq_scales"]
     x_hat = kernel_x_hat(entry, qt, X, s.act_quant)
+    before = os.environ.get(kernels.bytedot.TIER_ENV)
     os.environ[kernels.bytedot.TIER_ENV] = tier
     try:
         Y = entry.matmul(qt, X)
         y = entry.matmul(qt, X[0])
-    finally:
-        del os.environ[kernels.bytedot.TIER_ENV]
+    finally:   # (not monkeypatch: a function-scoped fixture would span every Hypothesis example)
+        if before is None:
+            del os.environ[kernels.bytedot.TIER_ENV]
+        else:
+            os.environ[kernels.bytedot.TIER_ENV] = before
     assert Y.shape == (X.shape[0], w.shape[0]) and Y.dtype == np.float32
     assert y.shape == (w.shape[0],)
     bound = kernel_bound(w_hat, x_hat).T + 1e-300

@@ -30,6 +30,27 @@ def oracle_encode(x, fmt):
         return np.asarray(x, np.float32).astype(dtype).view(storage)
 
 
+# The float32 bit patterns where E8M0's "value" and "bits" roundings differ (formats' docstring:
+# the subnormals strictly between 2^-127 and 1.5·2^-127).
+E8M0_BAND = (0x00400001, 0x005FFFFF)
+
+
+def e8m0_oracle_rounding() -> str:
+    """Which documented E8M0 rounding the installed ml_dtypes follows: ml_dtypes changed its
+    cast in 0.7.0 ("bits" before, "value" since), so the oracle comparison holds it to the
+    rule it states, read off three inputs of the band, and fails if it follows neither."""
+    probe = np.array([E8M0_BAND[0], 0x00500000, E8M0_BAND[1]], np.uint32).view(np.float32)
+    o = oracle_encode(probe, "e8m0")
+    rules = [r for r in ("value", "bits") if np.array_equal(formats.encode(probe, "e8m0", rounding=r), o)]
+    assert len(rules) == 1, f"ml_dtypes {need('ml_dtypes').__version__} gives {o} on the band: neither rule"
+    return rules[0]
+
+
+def encode_as_oracle(x, fmt):
+    """``formats.encode`` under the rule the oracle follows (only E8M0 has more than one)."""
+    return formats.encode(x, fmt, rounding=e8m0_oracle_rounding() if fmt == "e8m0" else "value")
+
+
 def all_patterns(fmt):
     width = formats.get_format(fmt).width
     return np.arange(1 << width, dtype=np.uint16 if width == 16 else np.uint8)
@@ -52,7 +73,7 @@ def test_decode_every_bit_pattern_like_the_oracle(fmt):
 @pytest.mark.parametrize("fmt", FMTS)
 def test_encode_every_float16_value_like_the_oracle(fmt):
     x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)   # incl. NaNs, Infs, subnormals
-    np.testing.assert_array_equal(formats.encode(x, fmt), oracle_encode(x, fmt))
+    np.testing.assert_array_equal(encode_as_oracle(x, fmt), oracle_encode(x, fmt))
 
 
 @st.composite
@@ -79,7 +100,7 @@ def float32_inputs(draw, fmt):
 @given(data=st.data())
 def test_encode_float32_like_the_oracle(fmt, data):
     x = np.array(data.draw(st.lists(float32_inputs(fmt), min_size=1, max_size=16)), np.float32)
-    np.testing.assert_array_equal(formats.encode(x, fmt), oracle_encode(x, fmt))
+    np.testing.assert_array_equal(encode_as_oracle(x, fmt), oracle_encode(x, fmt))
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -190,16 +211,72 @@ def test_range_edge_of_unscaled_formats():
 
 
 def test_e8m0_rounding_edges():
-    """E8M0 rounds the float32 exponent field up from 1.5 (ties up), a subnormal input up from
-    its exponent as soon as its field exceeds 0x400000 (1.25·2^-127 -> 2^-126, as ml_dtypes);
-    non-positive and too-large values as ml_dtypes' float8_e8m0fnu does."""
-    cases = {2.0**-127: 0x00, np.float32(2.0**-127 * 1.5): 0x01, np.float32(2.0**-127 * 1.25): 0x01,
-             1.0: 127, 1.5: 128, np.float32(1.4999999): 127, 2.0**127: 254, np.float32(1.5 * 2.0**127): 0xFF,
-             0.0: 0xFF, -1.0: 0xFF}
-    x = np.array(list(cases), np.float32)
-    got = formats.encode(x, "e8m0")
-    np.testing.assert_array_equal(got, list(cases.values()))
-    np.testing.assert_array_equal(got, oracle_encode(x, "e8m0"))
+    """Each E8M0 rounding on the edges worked by hand in formats' docstring (value / bits /
+    floor / ceil): ties, the subnormal band, the bottom and top of the range, and what has no
+    E8M0 value (zero, negatives, Inf, NaN); ``saturate`` keeps finite overflow and +Inf at 254."""
+    f32 = lambda v: float(np.float32(v))
+    cases = [   # (x, (value, bits, floor, ceil))
+        (1.0, (127, 127, 127, 127)), (0.25, (125, 125, 125, 125)), (1.5, (128, 128, 127, 128)),
+        (f32(np.nextafter(np.float32(1.5), np.float32(0))), (127, 127, 127, 128)),
+        (f32(3 * 2.0**-5), (124, 124, 123, 124)),                # 1.5·2^-4: the tie goes up to 2^-3
+        (f32(1.25 * 2.0**-127), (0, 1, 0, 1)), (f32(1.5 * 2.0**-127), (1, 1, 0, 1)),
+        (f32(2.0**-127), (0, 0, 0, 0)), (f32(2.0**-149), (0, 0, 0, 0)), (f32(2.0**-126), (1, 1, 1, 1)),
+        (2.0**127, (254, 254, 254, 254)), (f32(1.5 * 2.0**127), (255, 255, 254, 255)),
+        (f32(np.finfo(np.float32).max), (255, 255, 254, 255)),
+        (np.inf, (255,) * 4), (np.nan, (255,) * 4), (0.0, (255,) * 4), (-0.0, (255,) * 4), (-1.0, (255,) * 4),
+        (-np.inf, (255,) * 4),
+    ]
+    x = np.array([c[0] for c in cases], np.float32)
+    for i, rule in enumerate(formats.E8M0_ROUNDINGS):
+        want = np.array([c[1][i] for c in cases])
+        np.testing.assert_array_equal(formats.encode(x, "e8m0", rounding=rule), want, err_msg=rule)
+        sat = np.where(np.isin(x, [np.inf, f32(1.5 * 2.0**127), f32(np.finfo(np.float32).max)]), 254, want)
+        np.testing.assert_array_equal(formats.encode(x, "e8m0", rounding=rule, saturate=True), sat, err_msg=rule)
+    assert formats.encode(x, "e8m0").tolist() == formats.encode(x, "e8m0", rounding="value").tolist()
+    with pytest.raises(ValueError, match="rounding"):
+        formats.encode(x, "e8m0", rounding="nearest")
+    with pytest.raises(ValueError, match="rounding"):
+        formats.encode(x, "fp16", rounding="floor")
+
+
+def _e8m0_differences(bits: np.ndarray) -> np.ndarray:
+    """The bit patterns among ``bits`` where refquant's default E8M0 rounding and the installed
+    ml_dtypes give different codes."""
+    x = bits.view(np.float32)
+    return bits[formats.encode(x, "e8m0") != oracle_encode(x, "e8m0")]
+
+
+def _check_e8m0_differences(bits: np.ndarray):
+    """The differences are exactly the documented band (ml_dtypes < 0.7, rule "bits") or none
+    (ml_dtypes >= 0.7, rule "value"): listed and counted, not assumed from the version."""
+    diff = _e8m0_differences(bits)
+    band = bits[(bits >= E8M0_BAND[0]) & (bits <= E8M0_BAND[1])]
+    assert band.size > 0
+    expected = band if e8m0_oracle_rounding() == "bits" else band[:0]
+    assert diff.size == expected.size and np.array_equal(np.sort(diff), np.sort(expected)), (
+        f"{diff.size} differences, e.g. {[hex(int(b)) for b in diff[:5]]}; expected {expected.size}")
+
+
+def test_e8m0_differs_from_the_oracle_only_on_the_documented_band():
+    """Every positive float32 subnormal, every bit pattern of [1, 2) and of the top binade,
+    and every 4093rd pattern otherwise (the slow tier checks all of them)."""
+    parts = [np.arange(0, 1 << 23), np.arange(0x3F800000, 0x40000000), np.arange(0x7F000000, 0x7F800001),
+             np.arange(0, 1 << 32, 4093)]
+    _check_e8m0_differences(np.concatenate(parts).astype(np.uint32))
+
+
+@pytest.mark.slow   # 2^32 casts on each side (about a minute)
+def test_e8m0_differs_from_the_oracle_only_on_the_documented_band_exhaustively():
+    """Every float32 bit pattern."""
+    diffs = []
+    for hi in range(256):
+        bits = (np.arange(1 << 24, dtype=np.uint32) | np.uint32(hi << 24))
+        diffs.append(_e8m0_differences(bits))
+    diff = np.concatenate(diffs)
+    if e8m0_oracle_rounding() == "bits":
+        np.testing.assert_array_equal(diff, np.arange(E8M0_BAND[0], E8M0_BAND[1] + 1, dtype=np.uint32))
+    else:
+        assert diff.size == 0, [hex(int(b)) for b in diff[:5]]
 
 
 def test_scaled_formats_record_their_layout_and_never_overflow():

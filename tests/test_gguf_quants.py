@@ -1,5 +1,12 @@
 """GGML block formats: dequantize against gguf-py, quantize against gguf-py and against
 bytes written by ggml's own C quantizers, and the nearest-grid-point bound."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -134,21 +141,82 @@ def test_compiled_dequantizer_gives_the_reference_floats(name, data):
         assert same_floats(quants.dequantize(raw, name, (nb * t.block_size,), impl="numba", threads=threads), ref)
 
 
-def test_compiled_kernels_do_only_float32_arithmetic_and_no_fma():
+_IR_SNIPPET = """
+import json, sys
+import numpy as np
+from refquant.gguf import quants
+from refquant.gguf.quants import compiled
+out = {}
+for name, fn in compiled.KERNELS.items():
+    t = quants.TYPES[name]
+    fn(np.ones((1, t.block_size), np.float32), np.zeros((1, t.type_size), np.uint8))
+    out[name] = ["\\n".join(fn.inspect_llvm().values()), fn.py_func.__name__]
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def float32_ir_violations(ir: str, *, allow_double: bool = False) -> list[str]:
+    """The lines of an LLVM IR module that break ggml's float semantics: a fused multiply-add
+    (``fma``/``fmuladd`` calls, ``contract`` or ``fast`` flags) or, unless ``allow_double``,
+    float64 arithmetic or a widening to it."""
+    bad = [l for l in ir.splitlines() if re.search(r"\b(fma|fmuladd)\b|\bcontract\b|\bfast\b", l)]
+    if not allow_double:
+        bad += [l for l in ir.splitlines() if re.search(r"= (fadd|fsub|fmul|fdiv|fpext)\b[^\n]*double", l)]
+    return bad
+
+
+def _float_instructions(ir: str) -> int:
+    return len(re.findall(r"= (?:fadd|fsub|fmul|fdiv|fcmp|fptosi|sitofp)\b", ir))
+
+
+def test_compiled_kernels_do_only_float32_arithmetic_and_no_fma(tmp_path):
     """numba widens ``float32 op int`` and ``float32 op 0.5`` to float64, which rounds
     differently from ggml's C, and fuses ``a*b + c`` under fast-math flags: neither may be in
-    the IR. MXFP4 alone takes float64 (its ``log2``, as the reference does)."""
-    import re
+    the IR. MXFP4 alone takes float64 (its ``log2``, as the reference does).
 
+    A kernel loaded from numba's disk cache has no IR (``inspect_llvm`` returns an empty
+    module), so the kernels are compiled in a subprocess whose cache directory is empty, and
+    each IR must hold its kernel's body: the function defined, its float work present."""
     from refquant.gguf.quants import compiled
 
-    for name, fn in compiled.KERNELS.items():
-        t = quants.TYPES[name]
-        fn(np.ones((1, t.block_size), np.float32), np.zeros((1, t.type_size), np.uint8))
-        ir = "\n".join(fn.inspect_llvm().values())
-        assert not re.search(r"\b(fma|fmuladd)\b|\bcontract\b|\bfast\b", ir), name
-        if name != "MXFP4":
-            assert not re.search(r"= (fadd|fsub|fmul|fdiv|fpext)\b[^\n]*double", ir), name
+    dump = tmp_path / "ir.json"
+    r = subprocess.run([sys.executable, "-c", _IR_SNIPPET, str(dump)], capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).parents[1], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nc")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    irs = json.loads(dump.read_text())
+    assert sorted(irs) == sorted(compiled.KERNELS)
+    for name, (ir, fn_name) in irs.items():
+        assert re.search(rf"define [^\n]*{fn_name}", ir), f"{name}: the IR does not define {fn_name}"
+        assert _float_instructions(ir) >= 10, f"{name}: {_float_instructions(ir)} float instructions, not a kernel's body"
+        bad = float32_ir_violations(ir, allow_double=name == "MXFP4")
+        assert not bad, f"{name}: {bad[:3]}"
+
+
+def test_ir_checker_fails_on_fma_and_float64():
+    """The negative control of the IR check: kernels with a fused multiply-add (fast-math or
+    contraction) or a float64 operation are caught; the same kernel without them is not."""
+    from numba import njit
+
+    def axpy(a, out):   # arrays in and out, as the kernels (a float return is boxed via double)
+        out[0] = a[0] * a[1] + a[2]
+
+    def widen(a, out):
+        out[0] = a[0] * 0.1
+
+    a, out = np.array([1.5, 2.5, 0.5], np.float32), np.zeros(1, np.float32)
+    irs = {}
+    for label, opts in {"plain": {}, "fast": {"fastmath": True}, "contract": {"fastmath": {"contract"}}}.items():
+        fn = njit(**opts)(axpy)
+        fn(a, out)
+        irs[label] = "\n".join(fn.inspect_llvm().values())
+    wide = njit(widen)
+    wide(a, out)
+    irs["double"] = "\n".join(wide.inspect_llvm().values())
+    assert all(_float_instructions(ir) >= 1 for ir in irs.values())
+    assert float32_ir_violations(irs["plain"]) == []
+    for label in ("fast", "contract", "double"):
+        assert float32_ir_violations(irs[label]), label
+    assert float32_ir_violations(irs["double"], allow_double=True) == []
 
 
 def test_compiled_fp16_conversion_is_round_to_nearest_even():
