@@ -97,6 +97,7 @@ def test_pareto_quick(out_dirs):
     assert kl["int4_g128"]["kld_mean"] > 2 * kl["int4_g128"]["kld_se"] > 0
 
 
+@pytest.mark.oracle
 def test_pareto_smollm2_quick_serial_equals_dask(out_dirs, smollm2_path):
     """The SmolLM2 sweep on block 0-1's Linears: KLD at every position of the windows, the
     bytes counted by hand, GPTQ and AWQ -> Q4_0 in files that read back, say Paris and

@@ -19,6 +19,9 @@ from refquant import kernels   # kernels.bytedot loads numba on first use (refqu
 from refquant.kernels.table import KERNELS, packed
 from tests.oracles import kernel_bound, kernel_x_hat, q8_0_round_trip
 
+pytestmark = pytest.mark.oracle   # the byte-dot kernels rely on numba/llvmlite (intrinsics, first-class functions, the cache API)
+
+
 def _tiers() -> list[str]:
     """The tiers this machine runs, for parametrizing; a missing numba/llvmlite fails the tests
     (on their first use of the kernels), not the collection of the whole suite."""

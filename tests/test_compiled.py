@@ -23,6 +23,8 @@ from refquant import linear
 from refquant.gguf import quants
 from tests.conftest import need
 
+pytestmark = pytest.mark.oracle   # the compiled decode relies on numba (parallel loops, first-class functions)
+
 F32_EPS = 2.0**-24
 
 

@@ -7,6 +7,8 @@ from hypothesis.extra import numpy as hnp
 from refquant import formats
 from tests.conftest import need
 
+pytestmark = pytest.mark.oracle   # ml_dtypes is the oracle of every float format
+
 # format -> (oracle dtype, ml_dtypes' name for it or NumPy's float16; storage dtype of the bit patterns)
 ORACLES = {
     "fp16": ("float16", np.uint16),       # NumPy's float16 is the oracle for binary16

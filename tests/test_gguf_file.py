@@ -139,6 +139,7 @@ def test_every_metadata_type_round_trips(tmp_path):
     assert sha256(p) == sha256(q)
 
 
+@pytest.mark.oracle
 def test_gguf_py_reads_our_files_and_we_read_theirs(tmp_path):
     from tests.conftest import gguf_py as need_gguf_py
 
@@ -396,6 +397,7 @@ def _gptq(rng, shape, **kw):
     return gptq.gptq_quantize(w, gptq.hessian(X), **kw)[0]
 
 
+@pytest.mark.oracle
 @pytest.mark.parametrize("scheme", ["int4_g32", "int4_g128", "gptq_int4_g64"])
 def test_symmetric_4bit_codes_are_q4_0_bit_for_bit(rng, scheme):
     from refquant import schemes
@@ -409,6 +411,7 @@ def test_symmetric_4bit_codes_are_q4_0_bit_for_bit(rng, scheme):
     np.testing.assert_array_equal(_ggml_deq(raw, "Q4_0", (6, 256)), qt.dequantize())
 
 
+@pytest.mark.oracle
 def test_asymmetric_gptq_codes_are_q4_1_within_the_rounding_of_m(rng):
     """Q4_1 stores m = fp16(-z·s): each weight moves by |m + z·s| <= half an fp16 ulp of
     z·s (2^-11 |z·s|), plus the float32 rounding of u·d + m."""

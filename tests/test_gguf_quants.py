@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 from refquant.gguf import quants
 from tests.conftest import gguf_py, smollm2_gguf
 
+pytestmark = pytest.mark.oracle   # gguf-py is the oracle of the GGML types; the compiled quantizers rely on numba's IR
 
 def gq():
     """gguf-py's quants module (a missing gguf-py fails the cross-checks; conftest.gguf_py)."""

@@ -15,6 +15,7 @@ def st_numpy():
     return need("safetensors.numpy")
 
 
+@pytest.mark.oracle
 def test_files_cross_read_with_the_safetensors_package(tmp_path):
     arrays = {"a": np.arange(12, dtype=np.float16).reshape(3, 4), "b": np.array([-1, 7], np.int32),
               "c": np.zeros((0, 5), np.float32), "d": np.arange(6, dtype=np.uint8)}

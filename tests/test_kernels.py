@@ -6,6 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from refquant import affine, kernels
 
+pytestmark = pytest.mark.oracle   # the matvec kernels rely on numba
+
 REL = 1e-5   # float32 accumulation vs the float64 twin, relative to sum |w x| (tests/conftest.py TOL)
 
 
