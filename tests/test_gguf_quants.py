@@ -99,6 +99,17 @@ def test_quantize_matches_gguf_py(name, data):
     np.testing.assert_array_equal(ours, ref)
 
 
+def test_every_block_type_and_kernel_is_checked_against_ggml_c():
+    """The golden set covers every block type refquant quantizes and every compiled quantizer
+    (a type added without golden bytes would otherwise never meet ggml's C), on 8 input families."""
+    golden = {k.split("/")[0] for k in GOLDEN.files} - {"x"}
+    assert set(quants.quantizable()) - {"F32", "F16", "BF16"} == golden
+    assert set(COMPILED) == golden
+    from refquant.gguf.quants import compiled
+    assert set(compiled.KERNELS) == set(COMPILED)
+    assert sum(k.startswith("x/") for k in GOLDEN.files) == 8
+
+
 @pytest.mark.parametrize("impl", ["numpy", "numba"])
 @pytest.mark.parametrize("name", sorted({k.split("/")[0] for k in GOLDEN.files} - {"x"}))
 def test_quantize_matches_bytes_from_ggml_c(name, impl):
@@ -138,8 +149,15 @@ def test_compiled_dequantizer_gives_the_reference_floats(name, data):
     nb = data.draw(st.integers(1, 600 if t.block_size == 32 else 80))
     raw = np.frombuffer(data.draw(st.binary(min_size=nb * t.type_size, max_size=nb * t.type_size)), np.uint8)
     ref = quants.dequantize(raw, name, (nb * t.block_size,), impl="numpy")
-    for threads in (1, 2):
-        assert same_floats(quants.dequantize(raw, name, (nb * t.block_size,), impl="numba", threads=threads), ref)
+    from refquant.gguf.quants import compiled
+
+    saved = compiled._MIN_CHUNK
+    compiled._MIN_CHUNK = t.block_size   # chunks from one block on, so 2 threads split every draw of 2+ blocks
+    try:
+        for threads in (1, 2):
+            assert same_floats(quants.dequantize(raw, name, (nb * t.block_size,), impl="numba", threads=threads), ref)
+    finally:
+        compiled._MIN_CHUNK = saved
 
 
 _IR_SNIPPET = """

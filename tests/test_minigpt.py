@@ -289,6 +289,7 @@ def test_quantized_gguf_export_round_trips_exactly(scheme, tmp_path):
     params = init_params(cfg, 0)
     p, lin = evaluate.prepare(params, cfg, scheme)
     r = evaluate.export_check(tmp_path / "m.gguf", p, cfg, lin, scheme, corpus.make_splits(200, 10, 10).test)
+    assert len(r["weights"]) == len(lin.layers) > 0
     for name, (written, read) in zip(lin.layers, r["weights"]):
         if isinstance(read, np.ndarray):   # fp16/bf16: a plain F16/BF16 tensor, read back as floats
             np.testing.assert_array_equal(read, written.dequantize())

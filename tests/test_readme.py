@@ -67,5 +67,7 @@ def test_results_section_is_generated_from_the_committed_json(tmp_path, monkeypa
 
 
 def test_readme_figures_exist():
-    for f in re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", README):
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", README)
+    assert len(figures) >= 4, figures
+    for f in figures:
         assert (ROOT / f).stat().st_size > 10_000, f
