@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt_np.model import EOT, Config
+from minigpt_np.model import EOT, Config, validate
 from refquant import gguf
 
 DEFAULT = Path(__file__).resolve().parent / "checkpoints" / "minigpt.gguf"
@@ -41,7 +41,7 @@ def metadata(cfg: Config, extra: dict | None = None) -> dict:
         "general.file_type": np.uint32(0),
         "gpt2.context_length": np.uint32(cfg.n_ctx),
         "gpt2.embedding_length": np.uint32(cfg.d_model),
-        "gpt2.feed_forward_length": np.uint32(4 * cfg.d_model),
+        "gpt2.feed_forward_length": np.uint32(cfg.d_ff),
         "gpt2.block_count": np.uint32(cfg.n_layer),
         "gpt2.attention.head_count": np.uint32(cfg.n_head),
         "gpt2.attention.layer_norm_epsilon": np.float32(cfg.eps),
@@ -73,11 +73,19 @@ def load(path=DEFAULT, *, parts: bool = True) -> tuple[dict, Config, dict]:
         m = f.metadata
         if m.get("general.architecture") != "gpt2":
             raise gguf.GGUFError(f"{path}: not a gpt2 GGUF (architecture {m.get('general.architecture')!r})")
-        cfg = Config(n_layer=int(m["gpt2.block_count"]), d_model=int(m["gpt2.embedding_length"]),
+        keys = ("gpt2.block_count", "gpt2.embedding_length", "gpt2.attention.head_count", "gpt2.context_length",
+                "tokenizer.ggml.tokens", "gpt2.attention.layer_norm_epsilon")
+        missing = [k for k in keys if k not in m]
+        if missing:
+            raise gguf.GGUFError(f"{path}: metadata key {missing[0]} is missing")
+        d = int(m["gpt2.embedding_length"])
+        cfg = Config(n_layer=int(m["gpt2.block_count"]), d_model=d,
                      n_head=int(m["gpt2.attention.head_count"]), n_ctx=int(m["gpt2.context_length"]),
-                     vocab=len(m["tokenizer.ggml.tokens"]),
+                     vocab=len(m["tokenizer.ggml.tokens"]), d_ff=int(m.get("gpt2.feed_forward_length", 4 * d)),
                      eps=float(f"{m['gpt2.attention.layer_norm_epsilon']:.7g}"))  # float32 -> the decimal it came from
         skip = set() if parts else gguf_tensors.part_names(f)
+        if not skip:   # (with parts, load_quantized validates once the Linears are rebuilt)
+            validate(f.tensors, cfg, path)
         params = {n: f.tensor(n).dequantize().copy() for n in f.tensors if n not in skip}
         return params, cfg, dict(m)
 
@@ -120,4 +128,5 @@ def load_quantized(path):
         qts = gguf_tensors.read_quantized(f)
     for n, qt in qts.items():
         params[n] = qt.dequantize()
+    validate(params, cfg, path)
     return params, cfg, {n[: -len(".weight")]: qt for n, qt in qts.items()}

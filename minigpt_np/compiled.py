@@ -30,6 +30,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from minigpt_np.model import token_ids
 from refquant.kernels import MAX_BATCH, bytedot, stacked
 
 
@@ -369,11 +370,7 @@ class _Compiled:
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
         """Logits (T, vocab) of ``ids`` after the positions already cached; ``last_only``:
         (1, vocab), the last token's (the head, 49152 x 576 on SmolLM2, then runs once)."""
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("tokens is empty")
-        if ids.min() < 0 or ids.max() >= self.vocab:
-            raise ValueError(f"token ids must be in [0, {self.vocab}), got {ids.min()}..{ids.max()}")
+        ids = token_ids(ids, self.vocab).reshape(-1)
         if self.pos + ids.size > self.n_ctx:
             raise ValueError(f"{self.pos + ids.size} positions exceed this session's context of {self.n_ctx}")
         starts = range(0, ids.size, MAX_BATCH)
@@ -389,6 +386,8 @@ class _Compiled:
         interpreter object a call touches comes from memory again: measured on SmolLM2 Q4_0,
         the embedding row through ``Linear.rows`` took ~120 µs right after a step against
         ~17 µs warm, and the prefill path's NumPy checks and concatenation ~70 µs more."""
+        if isinstance(token, bool):   # operator.index takes True as 1
+            raise TypeError(f"a token id must be an integer, got {token!r}")
         t = operator.index(token)
         if not 0 <= t < self.vocab:
             raise ValueError(f"token ids must be in [0, {self.vocab}), got {t}..{t}")
@@ -407,6 +406,9 @@ class Llama(_Compiled):
     cache holds (default: the model's context, at most 4096)."""
 
     def __init__(self, params, cfg, *, n_ctx: int | None = None):
+        from minigpt_np.llama import validate
+
+        validate(params, cfg)   # the kernels below trust every shape
         n_ctx = min(cfg.n_ctx, 4096) if n_ctx is None else int(n_ctx)
         if not 0 < n_ctx <= cfg.n_ctx:
             raise ValueError(f"n_ctx must be in 1..{cfg.n_ctx}, got {n_ctx}")
@@ -459,9 +461,10 @@ class MiniGPT(_Compiled):
     with a compiled path; None: the float32 weights in ``params``)."""
 
     def __init__(self, params, cfg, linears=None):
-        from minigpt_np.model import Linears
+        from minigpt_np.model import Linears, validate
 
         linears = linears or Linears(params, cfg)
+        validate({**params, **{n + ".weight": lin for n, lin in linears.layers.items()}}, cfg)   # the kernels trust shapes
         L = cfg.n_layer
         lin = lambda i, s: linears.layers[f"blk.{i}.{s}"]  # noqa: E731
         roles = [[[lin(i, s)] for i in range(L)] for s in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")]
@@ -477,7 +480,7 @@ class MiniGPT(_Compiled):
                     (np.asarray(params["output_norm.weight"], np.float32),
                      np.asarray(params["output_norm.bias"], np.float32)),
                     n_layer=L, n_head=cfg.n_head, n_kv=cfg.n_head, hd=cfg.d_model // cfg.n_head, n_rot=0,
-                    eps=cfg.eps, d_ff=4 * cfg.d_model, llama=False, n_ctx=cfg.n_ctx, vocab=cfg.vocab)
+                    eps=cfg.eps, d_ff=cfg.d_ff, llama=False, n_ctx=cfg.n_ctx, vocab=cfg.vocab)
 
     def _embed(self, ids):
         return (self.params["token_embd.weight"][ids]

@@ -32,9 +32,77 @@ class Config:
     n_ctx: int = 128
     vocab: int = VOCAB
     eps: float = 1e-5
+    d_ff: int | None = None   # the MLP's width; None: 4 * d_model (GPT-2's)
+
+    def __post_init__(self):
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def token_ids(tokens, vocab: int) -> np.ndarray:
+    """``tokens`` as an int64 array of ids in ``[0, vocab)`` (same shape), or an error: floats
+    and bools are refused, not cast (a cast turns 1.7 and True into token 1)."""
+    t = np.asarray(tokens)
+    if t.size == 0:
+        raise ValueError("tokens is empty")
+    if not isinstance(tokens, np.ndarray) and t.dtype.kind in "iu" and any(
+            isinstance(v, (bool, np.bool_)) for v in np.asarray(tokens, dtype=object).reshape(-1)):
+        t = t.astype(bool)   # a list mixing bools and ints converts to ints: refuse it as bools
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got {t.dtype} ({t.reshape(-1)[:3].tolist()}...)")
+    t = t.astype(np.int64)
+    if t.min() < 0 or t.max() >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}), got {t.min()}..{t.max()}")
+    return t
+
+
+def check_tensors(tensors, want: dict, source, *, optional=()) -> None:
+    """The tensors an engine reads, against the shapes its config implies, before any
+    kernel sees them: every name of ``want`` present (unless in ``optional``) with exactly
+    that shape (``.shape`` of an array, a ``QuantizedTensor``, a Linear or a GGUF tensor
+    entry: rows first), and no tensor the engine would ignore. ``ValueError`` naming
+    ``source`` (the file, or "params"), the tensor, the expected and the found shape."""
+    for name, shape in want.items():
+        if name not in tensors:
+            if name in optional:
+                continue
+            raise ValueError(f"{source}: tensor {name} is missing (the config needs shape {shape})")
+        found = tuple(int(n) for n in tensors[name].shape)
+        if found != tuple(shape):
+            raise ValueError(f"{source}: tensor {name} has shape {found}, the config needs {tuple(shape)}")
+    unknown = sorted(set(tensors) - set(want))
+    if unknown:
+        raise ValueError(f"{source}: tensor {unknown[0]} is not one this model reads"
+                         + (f" ({len(unknown)} such tensors)" if len(unknown) > 1 else ""))
+
+
+def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward reads, with the shape the config implies (rows first)."""
+    d, ff = cfg.d_model, cfg.d_ff
+    want = {"token_embd.weight": (cfg.vocab, d), "position_embd.weight": (cfg.n_ctx, d),
+            "output_norm.weight": (d,), "output_norm.bias": (d,)}
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        for ln in ("attn_norm", "ffn_norm"):
+            want[b + ln + ".weight"] = want[b + ln + ".bias"] = (d,)
+        for name, (out, inp) in (("attn_qkv", (3 * d, d)), ("attn_output", (d, d)), ("ffn_up", (ff, d)),
+                                 ("ffn_down", (d, ff))):
+            want[b + name + ".weight"], want[b + name + ".bias"] = (out, inp), (out,)
+    return want
+
+
+def validate(tensors, cfg: Config, source="params") -> None:
+    """A MiniGPT against its config before any engine runs it: positive sizes, ``d_model`` a
+    multiple of ``n_head``, and every tensor's shape (``tensor_shapes``, ``check_tensors``)."""
+    for field in ("n_layer", "d_model", "n_head", "n_ctx", "vocab", "d_ff"):
+        if getattr(cfg, field) < 1:
+            raise ValueError(f"{source}: {field} must be positive, got {getattr(cfg, field)}")
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"{source}: d_model {cfg.d_model} is not a multiple of head_count {cfg.n_head}")
+    check_tensors(tensors, tensor_shapes(cfg), source)
 
 
 def linear_names(cfg: Config) -> list[str]:
@@ -54,7 +122,7 @@ def init_params(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
         for ln in ("attn_norm", "ffn_norm"):
             p[b + ln + ".weight"], p[b + ln + ".bias"] = np.ones(d), np.zeros(d)
         for name, (out, inp), std in (("attn_qkv", (3 * d, d), 0.02), ("attn_output", (d, d), resid),
-                                      ("ffn_up", (4 * d, d), 0.02), ("ffn_down", (d, 4 * d), resid)):
+                                      ("ffn_up", (cfg.d_ff, d), 0.02), ("ffn_down", (d, cfg.d_ff), resid)):
             p[b + name + ".weight"] = rng.normal(0, std, (out, inp))
             p[b + name + ".bias"] = np.zeros(out)
     p["output_norm.weight"], p["output_norm.bias"] = np.ones(d), np.zeros(d)
@@ -66,7 +134,8 @@ def config_from_params(params: dict) -> Config:
     (pass ``cfg`` explicitly for other values; checkpoints store it)."""
     n_layer = len({k.split(".")[1] for k in params if k.startswith("blk.")})
     vocab, d = params["token_embd.weight"].shape
-    return Config(n_layer=n_layer, d_model=d, n_ctx=params["position_embd.weight"].shape[0], vocab=vocab)
+    return Config(n_layer=n_layer, d_model=d, n_ctx=params["position_embd.weight"].shape[0], vocab=vocab,
+                  d_ff=params["blk.0.ffn_up.weight"].shape[0] if n_layer else None)
 
 
 # --- primitives --------------------------------------------------------------------------
@@ -128,6 +197,7 @@ class Linears:
     def __init__(self, params: dict, cfg: Config, method=None, calib=None):
         from refquant import linear
 
+        validate(params, cfg)
         self.params = params
         self.layers = {}
         for name in linear_names(cfg):
@@ -157,7 +227,7 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
     list, per Linear its input, and the final hidden state ``"hidden"``.
     """
     cfg = cfg or config_from_params(params)
-    tokens = np.atleast_2d(np.asarray(tokens))
+    tokens = np.atleast_2d(token_ids(tokens, cfg.vocab))
     B, T = tokens.shape
     t0 = 0 if not past else past[0][0].shape[2]
     if t0 + T > cfg.n_ctx:

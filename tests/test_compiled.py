@@ -295,6 +295,104 @@ def test_session_errors(tiny):
         compiled().Llama(ps, TINY, n_ctx=65)
 
 
+def test_token_ids_given_as_floats_or_bools_are_refused(tiny):
+    ps, pf = tiny
+    for sess in (compiled().Llama(ps, TINY, n_ctx=8), llama.Session(pf, TINY)):
+        for bad in ([1.7], [True, 2], np.array([1.0])):
+            with pytest.raises(TypeError, match="integers"):
+                sess.prefill(bad)
+        with pytest.raises(TypeError):
+            sess.step(True)
+        assert sess.pos == 0
+
+
+# Models whose tensors and config disagree (issue 36, D1-D5): each engine, NumPy and compiled,
+# refuses each before any kernel runs, naming the tensor or the config field.
+def _llama_edits():
+    c, d = TINY, TINY.d_model
+    rng = np.random.default_rng(9)
+    emb = lambda rows: linear.DenseLinear(rng.standard_normal((rows, d)).astype(np.float32))  # noqa: E731
+    rows = lambda n, cols: linear.DenseLinear(rng.standard_normal((n, cols)).astype(np.float32))  # noqa: E731
+    return {   # name: (config changes, tensor changes, what the message names)
+        "D1 head wider than the vocabulary": ({}, {"output.weight": emb(c.vocab + 32)}, "output.weight"),
+        "D2 head narrower than the vocabulary": ({}, {"output.weight": emb(c.vocab - 32)}, "output.weight"),
+        "D3 rope wider than a head": ({"n_rot": 2 * c.head_dim}, {}, "rope.dimension_count"),
+        "D4 ffn width not the tensors'": ({"d_ff": c.d_ff + 128}, {}, "ffn_gate.weight"),
+        "D5 heads not a multiple of kv heads": ({"n_head_kv": 3}, {}, "head_count_kv"),
+        "more layers than tensors": ({"n_layer": 3}, {}, "blk.2.attn_norm.weight is missing"),
+        "a tensor past the layers": ({"n_layer": 1}, {}, "blk.1.* is not one this model reads"),
+        "ffn_down wider than ffn_up": ({}, {"blk.0.ffn_down.weight": rows(d, c.d_ff + 32)}, "blk.0.ffn_down.weight"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_llama_edits()))
+def test_inconsistent_llama_models_are_refused_by_every_engine(tiny, case):
+    from dataclasses import replace
+
+    ps, pf = tiny
+    cfg_edit, tensor_edit, named = _llama_edits()[case]
+    cfg = replace(TINY, **cfg_edit)
+    match = named.replace(".", r"\.").replace("*", r"\S+")
+    for params in (ps, pf):
+        params = {**params, **tensor_edit}
+        with pytest.raises(ValueError, match=match):
+            compiled().Llama(params, cfg, n_ctx=8)
+        with pytest.raises(ValueError, match=match):
+            llama.Session(params, cfg)
+
+
+@pytest.mark.parametrize("case", ["D1", "D3", "D4", "D5", "layers"])
+def test_inconsistent_llama_files_are_refused_when_loaded(tmp_path, case):
+    """The same checks on a file's own metadata and tensor entries, named with the file."""
+    from tests.test_hf_checkpoint import tiny_llama_gguf
+    from refquant import gguf
+
+    p = tmp_path / "m.gguf"
+    t = tiny_llama_gguf(p)
+    with gguf.read(p) as f:
+        meta = dict(f.metadata)
+    meta["tokenizer.ggml.tokens"] = [f"t{i}" for i in range(16)]
+    edit = {"D1": ({}, {"output.weight": np.zeros((24, 64), np.float32)}, "output.weight"),
+            "D3": ({"llama.rope.dimension_count": np.uint32(32)}, {}, "rope.dimension_count"),
+            "D4": ({"llama.feed_forward_length": np.uint32(96)}, {}, "ffn_gate.weight"),
+            "D5": ({"llama.attention.head_count_kv": np.uint32(3)}, {}, "head_count_kv"),
+            "layers": ({"llama.block_count": np.uint32(2)}, {}, "blk.1.attn_norm.weight is missing")}[case]
+    gguf.write(p, {**meta, **edit[0]}, {**t, **edit[1]})
+    for dtype in ("f32", "stored"):
+        with pytest.raises(ValueError, match=rf"m\.gguf.*{edit[2].replace('.', r'[.]')}"):
+            llama.load(p, dtype=dtype)
+
+
+def test_inconsistent_minigpt_models_are_refused_by_every_engine():
+    """MiniGPT's engines on edited tensors and configs (issue 36): fewer or more embedding
+    rows than tokens, a head count that does not divide d_model, a cut MLP; the MLP width
+    is the config's (``d_ff``, ``gpt2.feed_forward_length``), not 4 d_model."""
+    from dataclasses import replace
+
+    from minigpt_np import model
+
+    cfg = model.Config(n_layer=1, d_model=32, n_head=2, n_ctx=16, vocab=300)
+    params = model.init_params(cfg, 0)
+    edits = [({}, {"token_embd.weight": np.zeros((200, 32), np.float32)}, "token_embd.weight"),
+             ({"vocab": 297}, {}, "token_embd.weight"),
+             ({"n_head": 3}, {}, "head_count 3"),
+             ({}, {"blk.0.ffn_up.weight": np.zeros((64, 32), np.float32)}, "blk.0.ffn_up.weight"),
+             ({"d_ff": 64}, {}, "blk.0.ffn_up.weight")]
+    for cfg_edit, tensor_edit, named in edits:
+        c, p = replace(cfg, **cfg_edit), {**params, **tensor_edit}
+        with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+            compiled().MiniGPT(p, c)
+        with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+            model.Linears(p, c)
+    narrow = model.Config(n_layer=1, d_model=32, n_head=2, n_ctx=16, vocab=300, d_ff=64)   # a real d_ff != 4 d
+    p = model.init_params(narrow, 1)
+    ids = [5, 17, 256]
+    want = model.forward(p, ids, cfg=narrow)[0][0]
+    np.testing.assert_allclose(compiled().MiniGPT(p, narrow).prefill(ids), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="integers"):
+        model.forward(p, [1.5], cfg=narrow)
+
+
 # --- SmolLM2 ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
