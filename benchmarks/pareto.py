@@ -42,6 +42,7 @@ from tqdm import tqdm
 from benchmarks import common
 from minigpt_np import evaluate
 from refquant import schemes
+from refquant._checks import cli_int
 
 QUICK_SCHEMES = ("fp32", "fp16", "int8_channel", "int4_g128", "q4_k")
 
@@ -289,7 +290,7 @@ def main(argv=None) -> None:
     ap = common.quick_args(__doc__)
     ap.add_argument("--model", default="minigpt", choices=["minigpt", "smollm2"],
                     help="smollm2: benchmarks.pareto_smollm2 (KL divergence on the real model)")
-    ap.add_argument("--limit", type=int, default=None, help="MiniGPT: the first N test lines")
+    ap.add_argument("--limit", type=cli_int(1, 1 << 30), default=None, help="MiniGPT: the first N test lines")
     ap.add_argument("--schemes", default=None, help="comma-separated scheme names (default: all)")
     ap.add_argument("--scheduler", default=None, help="SmolLM2: a dask.distributed scheduler address")
     ap.add_argument("--dask", action="store_true", help="SmolLM2: one task per scheme on a dask LocalCluster")

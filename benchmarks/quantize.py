@@ -40,6 +40,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.machine import interleaved_times
 from refquant.gguf import quants
+from refquant._checks import cli_int
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"]
 _STUBS = """#include <stddef.h>
@@ -214,7 +215,7 @@ def print_table(data: dict) -> None:
 def main(argv=None) -> None:
     ap = common.quick_args(__doc__)
     ap.add_argument("--ggml-src", help="ggml or llama.cpp checkout to build ggml-quants.c from")
-    ap.add_argument("--repeats", type=int, default=30, help="timed calls per type and implementation")
+    ap.add_argument("--repeats", type=cli_int(1, 10**5), default=30, help="timed calls per type and implementation")
     args = ap.parse_args(argv)
     data = run(args.quick, args.ggml_src, args.repeats)
     path = common.write_json("quantize", data)

@@ -18,6 +18,7 @@ from benchmarks import common
 from benchmarks.common import machine
 from refquant import metrics, schemes
 from refquant.kernels.table import KERNELS
+from refquant._checks import cli_int
 
 
 def run(size: int, seed: int = 0) -> dict:
@@ -75,7 +76,7 @@ def plot(data: dict, path) -> None:
 
 def main(argv=None) -> None:
     ap = common.quick_args(__doc__)
-    ap.add_argument("--size", type=int, default=4096, help="matrix side (default 4096)")
+    ap.add_argument("--size", type=cli_int(1, 1 << 15), default=4096, help="matrix side (default 4096)")
     args = ap.parse_args(argv)
     data = run(256 if args.quick else args.size)
     path = common.write_json("schemes", data)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from minigpt_np import checkpoint, corpus
 from refquant import gguf
 from minigpt_np.model import EOT, Config, Linears, forward, log_softmax, quantize_sequential
+from refquant._checks import cli_int
 
 CONT = [list((label + "\n").encode()) for label in corpus.LABELS]
 CONT_LEN = max(len(c) for c in CONT)
@@ -253,10 +254,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scheme", default="fp32")
     ap.add_argument("--quantize-embeddings", action="store_true")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test lines")
+    ap.add_argument("--limit", type=cli_int(1, 1 << 30), default=None, help="evaluate only the first N test lines")
     ap.add_argument("--model", default=None, help="checkpoint path (default: the committed one); a llama-"
                     "architecture GGUF (e.g. SmolLM2) is evaluated by perplexity on real text instead")
-    ap.add_argument("--tokens", type=int, default=4096,
+    ap.add_argument("--tokens", type=cli_int(2, 1 << 30), default=4096,
                     help="llama models: score the first N tokens of pydoc_data.topics (default 4096)")
     args = ap.parse_args(argv)
     if args.model is not None and _architecture(args.model) == "llama":

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt_np import llama, tokenizer
+from refquant._checks import cli_int
 
 METHODS = {"gptq": "gptq_int4_g{g}", "gptq-actorder": "gptq_int4_g{g}_actorder", "awq": "awq_int4_g{g}",
            "rtn": "int4_g{g}"}
@@ -138,9 +139,9 @@ def main(argv=None) -> int:
                    help="gguf: OUTPUT is a .gguf file, the Linears as --type blocks (export_gguf)")
     p.add_argument("--type", default="Q4_0", choices=["Q4_0", "Q4_1"], help="gguf: the ggml type (Q4_1: rtn only)")
     p.add_argument("--calib", help="calibration text file")
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--sequences", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--group-size", type=cli_int(1, 1 << 20, also=(-1,)), default=64)
+    p.add_argument("--sequences", type=cli_int(1, 1 << 16), default=16)
+    p.add_argument("--tokens", type=cli_int(2, 1 << 20), default=128)
     p.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"])
     args = p.parse_args(argv)
     try:

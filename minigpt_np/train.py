@@ -29,6 +29,7 @@ import numpy as np
 
 from minigpt_np import corpus
 from minigpt_np.model import GELU_A, GELU_C, Config, forward, init_params
+from refquant._checks import cli_float, cli_int
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,17 +243,17 @@ def save_state(path: Path, params, opt, step, log, rng) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=2400)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=cli_int(1, 10**7), default=2400)
+    ap.add_argument("--batch-size", type=cli_int(1, 1 << 16), default=16)
+    ap.add_argument("--lr", type=cli_float(0.0, 1.0, lo_open=True), default=1e-3)
+    ap.add_argument("--warmup", type=cli_int(0, 10**7), default=100)
+    ap.add_argument("--seed", type=cli_int(0, 2**32 - 1), default=0)
     ap.add_argument("--state", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "train_state.npz")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "minigpt_np" / "checkpoints" / "minigpt.gguf")
     ap.add_argument("--log", type=Path, default=ROOT / "benchmarks" / "results" / "minigpt_train.json",
                     help="training log (JSON), which `python -m benchmarks.training` draws")
-    ap.add_argument("--eval-lines", type=int, default=None,
+    ap.add_argument("--eval-lines", type=cli_int(1, 1 << 30), default=None,
                     help="test lines the final metrics are recorded on (default: the whole test split)")
     args = ap.parse_args(argv)
     from minigpt_np import checkpoint

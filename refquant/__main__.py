@@ -21,6 +21,7 @@ import numpy as np
 from refquant import gguf
 from refquant.gguf import quants
 from refquant.gguf.file import shorten
+from refquant._checks import cli_int
 
 # llama.cpp's llama_ftype for a file whose weights are all one type (general.file_type)
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
@@ -342,8 +343,9 @@ def main(argv=None) -> int:
     s.add_argument("input")
     s.add_argument("output", help="directory: model.safetensors, config.json (+ quantize_config.json)")
     s.add_argument("--format", required=True, choices=["gptq", "awq", "compressed-tensors"])
-    s.add_argument("--bits", type=int, default=4)
-    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--bits", type=cli_int(2, 8), default=4)
+    s.add_argument("--group-size", type=cli_int(1, 1 << 20, also=(-1,)), default=128,
+                   help="weights per scale (-1: one per output channel)")
     s.add_argument("--asym", action="store_true", help="zero points (AWQ stores every grid with them)")
     s.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
                    help="GPTQ only: v1 stores zero points minus one (the original AutoGPTQ files)")

@@ -66,3 +66,44 @@ def one_of(value, name: str, allowed) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
     return value
+
+
+# --- command-line numbers (argparse ``type=`` callables) ----------------------------------
+# Every numeric option of every CLI (refquant, minigpt_np, benchmarks) goes through these,
+# so 0, a negative, NaN or a huge value ends in argparse's one-line usage error, not a
+# traceback or a silent reinterpretation.
+
+def cli_int(lo: int, hi: int, *, also=()):
+    """An argparse ``type``: an integer in ``[lo, hi]`` (or one of ``also``, e.g. -1)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not (lo <= v <= hi or v in also):
+            extra = "".join(f" or {a}" for a in also)
+            raise argparse.ArgumentTypeError(f"{v} is not in [{lo}, {hi}]{extra}")
+        return v
+
+    parse.__name__ = "integer"   # argparse names the type in its messages
+    return parse
+
+
+def cli_float(lo: float, hi: float, *, lo_open: bool = False):
+    """An argparse ``type``: a finite float in ``[lo, hi]`` (``(lo, hi]`` if ``lo_open``)."""
+    import argparse
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"{text} is not in {'(' if lo_open else '['}{lo}, {hi}]")
+        return v
+
+    parse.__name__ = "number"
+    return parse

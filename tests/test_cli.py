@@ -108,3 +108,60 @@ def test_messages_from_hostile_files_are_one_short_line(tmp_path, capsys):
     with pytest.raises(gguf.GGUFError) as e:
         gguf.write(tmp_path / "w.gguf", {}, {"n" * 100_000: np.ones(1, np.float32)})
     assert len(str(e.value)) <= 300
+
+
+# Every numeric option of every CLI, fed 0, a negative, NaN and a huge value: each one the
+# option does not take ends in argparse's one-line usage error (exit 2), before any work.
+NUMERIC_OPTIONS = [   # (module, the other arguments, option, the values of the four it accepts)
+    ("refquant.__main__", ["export", "in.gguf", "out", "--format", "gptq"], "--bits", ()),
+    ("refquant.__main__", ["export", "in.gguf", "out", "--format", "gptq"], "--group-size", ()),
+    ("minigpt_np.export", ["m.gguf", "out"], "--group-size", ()),
+    ("minigpt_np.export", ["m.gguf", "out"], "--sequences", ()),
+    ("minigpt_np.export", ["m.gguf", "out"], "--tokens", ()),
+    ("minigpt_np.evaluate", [], "--limit", ()),
+    ("minigpt_np.evaluate", [], "--tokens", ()),
+    ("minigpt_np.generate", ["--prompt", "x"], "-n", ()),
+    ("minigpt_np.generate", ["--prompt", "x"], "--temp", ("0",)),
+    ("minigpt_np.generate", ["--prompt", "x"], "--seed", ("0",)),
+    ("minigpt_np.train", [], "--steps", ()),
+    ("minigpt_np.train", [], "--batch-size", ()),
+    ("minigpt_np.train", [], "--lr", ()),
+    ("minigpt_np.train", [], "--warmup", ("0",)),
+    ("minigpt_np.train", [], "--seed", ("0",)),
+    ("minigpt_np.train", [], "--eval-lines", ()),
+    ("benchmarks.schemes", [], "--size", ()),
+    ("benchmarks.quantize", [], "--repeats", ()),
+    ("benchmarks.pareto", [], "--limit", ()),
+]
+
+
+@pytest.mark.parametrize("module, args, option, accepted", NUMERIC_OPTIONS)
+def test_every_numeric_option_is_range_checked(module, args, option, accepted, capsys):
+    import importlib
+
+    main_ = importlib.import_module(module).main
+    for value in ("0", "-5", "nan", "1" + "0" * 30):
+        if value in accepted:
+            continue
+        with pytest.raises(SystemExit) as e:
+            main_([*args, option, value])
+        assert e.value.code == 2, (option, value)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"error: argument {option}" in err[-1], err
+
+
+def test_no_numeric_option_escapes_the_range_checks():
+    """Every ``add_argument`` with a numeric type in the three packages uses ``cli_int`` /
+    ``cli_float``, and every such option is in the test above."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    raw, checked = [], set()
+    for pkg in ("refquant", "minigpt_np", "benchmarks"):
+        for p in (root / pkg).rglob("*.py"):
+            text = p.read_text()
+            raw += [f"{p.name}: {m}" for m in re.findall(r"add_argument\([^)]*type=(?:int|float)\b", text)]
+            mod = ".".join(p.relative_to(root).with_suffix("").parts)
+            checked |= {(mod, o) for o in re.findall(r"add_argument\(\"(-[-\w]+)\"[^\n]*type=cli_(?:int|float)", text)}
+    assert raw == []
+    assert len(checked) >= 19 and checked == {(m, o) for m, _, o, _ in NUMERIC_OPTIONS}
