@@ -306,6 +306,57 @@ def test_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
     assert first[1] == second[1] == off[1]
 
 
+_DAMAGE_SNIPPET = """
+import numpy as np
+from refquant.kernels import bytedot as B
+from refquant.gguf import quants
+from refquant.gguf.quants import compiled
+x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
+q = quants.quantize(x, "Q4_0", impl="numba")
+out = B.matmul(B.pack_ggml(q, "Q4_0", 64), x, tier="numba")
+hits = sum(compiled.q4_0.stats.cache_hits.values()) + sum(B.kernel("numba", B.pack_ggml(q, "Q4_0", 64)).stats.cache_hits.values())
+print(hits, q.tobytes().hex() + out.tobytes().hex())
+"""
+
+
+def _damage(cache_dir, suffix, how):
+    files = sorted(cache_dir.rglob(f"*{suffix}"))
+    assert files, f"no {suffix} files under {cache_dir}"
+    for f in files:
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2] if how == "truncate" else bytes(b ^ 0x5A for b in data))
+    return len(files)
+
+
+@pytest.mark.parametrize("suffix, how", [(".nbi", "truncate"), pytest.param(".nbc", "garble", marks=pytest.mark.slow),
+                                         pytest.param(".nbi", "garble", marks=pytest.mark.slow)])
+def test_a_damaged_cache_entry_is_a_miss(tmp_path, suffix, how):
+    """A truncated or garbled index or data file (a full disk, a copied tree) is recompiled and
+    rewritten, for the compiled quantizers and the factory-built kernels alike: the next
+    process computes the same bytes, and the one after loads from the mended cache."""
+    env = dict(NUMBA_CACHE_DIR=str(tmp_path), REFQUANT_KERNEL_TIER="numba")
+    first = _run_snippet(_DAMAGE_SNIPPET, **env).split()
+    assert _damage(tmp_path, suffix, how) >= 2
+    mended = _run_snippet(_DAMAGE_SNIPPET, **env).split()
+    again = _run_snippet(_DAMAGE_SNIPPET, **env).split()
+    assert mended[1] == first[1] == again[1]
+    assert int(first[0]) == 0 and int(mended[0]) < 2 <= int(again[0])
+
+
+@pytest.mark.slow   # three cold compilations at once
+def test_three_processes_compile_into_one_cold_cache(tmp_path):
+    """Processes compiling the same kernels at once into a cold cache all succeed, agree, and
+    leave a cache the next process loads from."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "REFQUANT_KERNEL_TIER": "numba"}
+    procs = [subprocess.Popen([sys.executable, "-c", _DAMAGE_SNIPPET], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__))) for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert len({o.split()[1] for o, _ in outs}) == 1
+    after = _run_snippet(_DAMAGE_SNIPPET, **{k: env[k] for k in ("NUMBA_CACHE_DIR", "REFQUANT_KERNEL_TIER")}).split()
+    assert after[1] == outs[0][0].split()[1] and int(after[0]) >= 2
+
+
 def test_cache_key_covers_the_build_and_the_kernel_sources(monkeypatch):
     """Entries differ by the factory's key and by the source of the kernel modules."""
     from refquant.kernels import _cache

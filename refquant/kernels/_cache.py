@@ -52,16 +52,53 @@ def enabled() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _cache_class():
-    """A ``FunctionCache`` whose index key is ours (None if this numba lacks the hook)."""
+def _tolerant_class():
+    """A ``FunctionCache`` that takes an entry it cannot read for a miss (None if this numba
+    lacks the private API it builds on).
+
+    A truncated or garbled index (``.nbi``) or data file (``.nbc``), as a full disk or a
+    copied tree leaves, makes numba's own cache raise (``UnpicklingError``, ``EOFError``...)
+    on every later run. Here the damaged index is removed, the function compiles, and the
+    entry is written anew; a failure to write (a full disk) leaves the function compiled
+    and uncached."""
     try:
         from numba.core.caching import FunctionCache
     except ImportError:   # pragma: no cover - numba moved its private cache API
         return None
-    if not hasattr(FunctionCache, "_index_key"):   # pragma: no cover
+    if not all(hasattr(FunctionCache, a) for a in ("_index_key", "load_overload", "save_overload")):
+        return None   # pragma: no cover
+
+    class TolerantCache(FunctionCache):
+        def load_overload(self, sig, target_context):
+            try:
+                return super().load_overload(sig, target_context)
+            except Exception:   # a damaged entry: a miss
+                self._drop_index()
+                return None
+
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except Exception:   # cannot write: stays compiled in this process only
+                self._drop_index()
+
+        def _drop_index(self):
+            try:
+                os.unlink(self._cache_file._index_path)
+            except (AttributeError, OSError):
+                pass
+
+    return TolerantCache
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_class():
+    """A tolerant ``FunctionCache`` whose index key is ours (None if numba lacks the hooks)."""
+    base = _tolerant_class()
+    if base is None:   # pragma: no cover
         return None
 
-    class KeyedCache(FunctionCache):
+    class KeyedCache(base):
         def __init__(self, py_func, key: str):
             super().__init__(py_func)
             self._refquant_key = hashlib.sha256(f"{key}|{_source_hash()}".encode()).hexdigest()
@@ -72,14 +109,16 @@ def _cache_class():
     return KeyedCache
 
 
-def jit(key, **options):
-    """``numba.njit(**options)``, cached on disk under ``key`` (module docstring)."""
+def jit(key=None, **options):
+    """``numba.njit(**options)``, cached on disk under ``key`` (module docstring); ``key=None``:
+    under numba's own key (the source file's stamp), for plain module-level functions. Either
+    way through the tolerant cache (``_tolerant_class``). ``REFQUANT_NUMBA_CACHE=0``: no cache."""
     def wrap(fn):
         d = njit(**options)(fn)
-        cls = _cache_class() if enabled() else None
+        cls = (_tolerant_class() if key is None else _cache_class()) if enabled() else None
         if cls is not None:
             try:
-                d._cache = cls(fn, repr(key))
+                d._cache = cls(fn) if key is None else cls(fn, repr(key))
             except Exception:   # pragma: no cover - no writable cache directory: compile as before
                 pass
         return d

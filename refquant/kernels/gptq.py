@@ -12,12 +12,14 @@ chunk's rows, which vectorizes, and the chunk stays in L2 for the whole block.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from refquant.kernels import _cache
 
 CHUNK = 256  # rows per parallel task: 128 columns x 256 rows x 8 bytes = 256 KiB, in L2
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@_cache.jit(None, parallel=True, error_model="numpy")
 def columns(WT, U, a, b, col_group, s64, s32, z, qlo, qhi, codes, ET, row_loss):  # pragma: no cover (numba)
     """Process block columns ``a..b-1``. ``WT`` (bs, out) float64: the block transposed,
     updated in place; ``U`` the block's (bs, bs) part of the upper Cholesky factor of H⁻¹;

@@ -32,8 +32,10 @@ import numpy as np
 from numba import njit
 
 from refquant.gguf.quants.constants import GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL
+from refquant.kernels import _cache
 
-_OPTS = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+_OPTS = dict(nogil=True, error_model="numpy", boundscheck=False)
+_kernel = _cache.jit(None, **_OPTS)   # on disk, a damaged entry recompiled (kernels._cache)
 _f = np.float32
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 _KV_IQ4 = KVALUES_IQ4NL.copy()
@@ -132,7 +134,7 @@ def _best_index_int8(values, v):
 
 # ----------------------------------------------------------------------------- legacy 32-blocks
 
-@njit(**_OPTS)
+@_kernel
 def q4_0(x, out):
     for b in range(x.shape[0]):
         mx, _ = _absmax(x, b, 0, 32)
@@ -158,7 +160,7 @@ def _minmax(x, b):
     return mn, mx
 
 
-@njit(**_OPTS)
+@_kernel
 def q4_1(x, out):
     for b in range(x.shape[0]):
         mn, mx = _minmax(x, b)
@@ -184,7 +186,7 @@ def _put_u32(out, b, at, v):
         out[b, at + k] = (v >> (8 * k)) & 0xFF
 
 
-@njit(**_OPTS)
+@_kernel
 def q5_0(x, out):
     for b in range(x.shape[0]):
         mx, _ = _absmax(x, b, 0, 32)
@@ -199,7 +201,7 @@ def q5_0(x, out):
         _put_u32(out, b, 2, qh)
 
 
-@njit(**_OPTS)
+@_kernel
 def q5_1(x, out):
     for b in range(x.shape[0]):
         mn, mx = _minmax(x, b)
@@ -215,7 +217,7 @@ def q5_1(x, out):
         _put_u32(out, b, 4, qh)
 
 
-@njit(**_OPTS)
+@_kernel
 def q8_0(x, out):
     for b in range(x.shape[0]):
         amax = _f(0)
@@ -229,7 +231,7 @@ def q8_0(x, out):
             out[b, 2 + j] = _roundf(x[b, j] * idv) & 0xFF
 
 
-@njit(**_OPTS)
+@_kernel
 def mxfp4(x, out):
     for b in range(x.shape[0]):
         amax = _f(0)
@@ -264,7 +266,7 @@ def _best_fp4(v, d):
 
 # ----------------------------------------------------------------------------- K-quant scale searches
 
-@njit(**_OPTS)
+@_kernel
 def _make_qkx2_quants(x, b, lo, n, nmax, w, L, Laux, rmin, rdelta, nstep, use_mad):
     """``make_qkx2_quants`` on ``x[b, lo:lo+n]`` with weights ``w[:n]``, codes into ``L[lo:lo+n]``.
     Returns ``(scale, the_min)``."""
@@ -328,7 +330,7 @@ def _make_qkx2_quants(x, b, lo, n, nmax, w, L, Laux, rmin, rdelta, nstep, use_ma
     return scale, -mn
 
 
-@njit(**_OPTS)
+@_kernel
 def _sym_first_fit(x, b, lo, n, nmax, L, offset):
     """The start ``make_qx_quants`` and ``make_q3_quants`` share: the signed absmax ``mx``;
     an all-zero block gets ``L = 0`` and ``ok = False``; else ``L = l + offset`` for
@@ -351,7 +353,7 @@ def _sym_first_fit(x, b, lo, n, nmax, L, offset):
     return True, mx, sumlx, suml2
 
 
-@njit(**_OPTS)
+@_kernel
 def _make_qx_quants(x, b, lo, n, nmax, L):
     """``make_qx_quants`` with ``rmse_type = 1`` and no importance weights; codes ``l + nmax``."""
     ok, mx, sumlx, suml2 = _sym_first_fit(x, b, lo, n, nmax, L, nmax)
@@ -379,7 +381,7 @@ def _make_qx_quants(x, b, lo, n, nmax, L):
     return scale
 
 
-@njit(**_OPTS)
+@_kernel
 def _make_q3_quants(x, b, lo, n, nmax, L):
     """``make_q3_quants`` with ``do_rmse``: coordinate descent; codes ``l + nmax``."""
     ok, mx, sumlx, suml2 = _sym_first_fit(x, b, lo, n, nmax, L, 0)
@@ -410,7 +412,7 @@ def _make_q3_quants(x, b, lo, n, nmax, L):
     return sumlx / suml2 if suml2 > _f(0) else _f(0)
 
 
-@njit(**_OPTS)
+@_kernel
 def _pack2(out, b, at, L):
     """Q2_K/Q3_K 2-bit codes: per 128 weights, byte l holds l, l+32, l+64, l+96."""
     for j in range(0, 256, 128):
@@ -421,7 +423,7 @@ def _pack2(out, b, at, L):
 
 # ----------------------------------------------------------------------------- K-quants
 
-@njit(**_OPTS)
+@_kernel
 def q2_k(x, out):
     L = np.zeros(256, np.int64)
     Laux = np.zeros(16, np.int64)
@@ -467,7 +469,7 @@ def q2_k(x, out):
         _pack2(out, b, 16, L)
 
 
-@njit(**_OPTS)
+@_kernel
 def q3_k(x, out):
     L = np.zeros(256, np.int64)
     scales = np.zeros(16, np.float32)
@@ -515,7 +517,7 @@ def q3_k(x, out):
         _pack2(out, b, 32, L)
 
 
-@njit(**_OPTS)
+@_kernel
 def _kx(x, out, b, nmax, rmin, nstep, L, Laux, w, scales, mins, q):
     """Q4_K / Q5_K up to the codes: head (d, dmin, 12 scale bytes) written, ``L[256]`` filled."""
     max_scale = _f(0)
@@ -565,7 +567,7 @@ def _kx(x, out, b, nmax, rmin, nstep, L, Laux, w, scales, mins, q):
             L[32 * j + i] = max(0, min(nmax, _nearest_int((x[b, 32 * j + i] + dm) / dl)))
 
 
-@njit(**_OPTS)
+@_kernel
 def q4_k(x, out):
     L = np.zeros(256, np.int64)
     Laux = np.zeros(32, np.int64)
@@ -581,7 +583,7 @@ def q4_k(x, out):
                 out[b, 16 + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
 
 
-@njit(**_OPTS)
+@_kernel
 def q5_k(x, out):
     L = np.zeros(256, np.int64)
     Laux = np.zeros(32, np.int64)
@@ -612,7 +614,7 @@ def q5_k(x, out):
             out[b, 16 + j] = qh[j]
 
 
-@njit(**_OPTS)
+@_kernel
 def q6_k(x, out):
     L = np.zeros(256, np.int64)
     scales = np.zeros(16, np.float32)
@@ -652,7 +654,7 @@ def q6_k(x, out):
                                   | ((L[j + l + 96] >> 4) << 6)) & 0xFF
 
 
-@njit(**_OPTS)
+@_kernel
 def q8_k(x, out):
     for b in range(x.shape[0]):
         mx, amax = _absmax(x, b, 0, 256)
@@ -673,7 +675,7 @@ def q8_k(x, out):
 
 # ----------------------------------------------------------------------------- IQ4
 
-@njit(**_OPTS)
+@_kernel
 def _iq4_scale(x, b, lo, ntry):
     """``quantize_row_iq4_nl_impl``'s scale search for the 32 weights at ``x[b, lo:]`` (no
     importance weights: w = x²); 0 for an all-zero block."""
@@ -709,7 +711,7 @@ def _iq4_scale(x, b, lo, ntry):
     return d
 
 
-@njit(**_OPTS)
+@_kernel
 def _iq4_codes(x, b, lo, idv, out, at):
     for j in range(16):
         l0 = _best_index_int8(_KV_IQ4, idv * x[b, lo + j])
@@ -717,7 +719,7 @@ def _iq4_codes(x, b, lo, idv, out, at):
         out[b, at + j] = l0 | (l1 << 4)
 
 
-@njit(**_OPTS)
+@_kernel
 def iq4_nl(x, out):
     for b in range(x.shape[0]):
         d = _iq4_scale(x, b, 0, 7)
@@ -725,7 +727,7 @@ def iq4_nl(x, out):
         _iq4_codes(x, b, 0, _f(1) / d if d != 0 else _f(0), out, 2)
 
 
-@njit(**_OPTS)
+@_kernel
 def iq4_xs(x, out):
     scales = np.zeros(8, np.float32)
     for b in range(x.shape[0]):
@@ -798,7 +800,7 @@ def _f16_at(b, k, at):
     return _F16_TO_F32[np.int64(b[k, at]) | (np.int64(b[k, at + 1]) << 8)]
 
 
-@njit(**_OPTS)
+@_kernel
 def dq8_0(b, out):
     for k in range(b.shape[0]):
         d = np.float64(_f16_at(b, k, 0))
@@ -828,25 +830,25 @@ def _legacy(b, out, k, at, qh_at, offset, has_m):
             out[k, j + 16] = np.float32(np.float64(hi - offset) * d)
 
 
-@njit(**_OPTS)
+@_kernel
 def dq4_0(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 2, -1, 8, False)
 
 
-@njit(**_OPTS)
+@_kernel
 def dq4_1(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 4, -1, 0, True)
 
 
-@njit(**_OPTS)
+@_kernel
 def dq5_0(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 6, 2, 16, False)
 
 
-@njit(**_OPTS)
+@_kernel
 def dq5_1(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 8, 4, 0, True)
@@ -875,19 +877,19 @@ def _dq_kx(b, out, k, nmax_bits):
             out[k, 32 * j + i] = dl * _f(q) - ml
 
 
-@njit(**_OPTS)
+@_kernel
 def dq4_k(b, out):
     for k in range(b.shape[0]):
         _dq_kx(b, out, k, 4)
 
 
-@njit(**_OPTS)
+@_kernel
 def dq5_k(b, out):
     for k in range(b.shape[0]):
         _dq_kx(b, out, k, 5)
 
 
-@njit(**_OPTS)
+@_kernel
 def dq6_k(b, out):
     for k in range(b.shape[0]):
         d = _f16_at(b, k, 208)
