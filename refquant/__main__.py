@@ -149,6 +149,10 @@ def cmd_convert(args) -> int:
     out, exact, requant, worst_m = {}, 0, [], 0.0
     for prefix, qt in ck.quantized.items():
         name = llama.gguf_name(prefix + ".weight")
+        scales = np.asarray(qt.scales, np.float32)
+        if not args.allow_nonfinite and not np.isfinite(scales).all():
+            raise ValueError(f"{args.input}: layer {prefix!r} has {int((~np.isfinite(scales)).sum())} non-finite "
+                             "scale(s) (NaN or Inf); --allow-nonfinite converts it anyway")
         perm = llama.rotary_perm(name, qt.shape[0], cfg)
         if perm is not None:   # to llama.cpp's rotary row order
             qt = llama.permute_rows(qt, perm)
@@ -355,6 +359,7 @@ def main(argv=None) -> int:
     s.add_argument("output")
     s.add_argument("--fallback", default="Q8_0", help="ggml type for grids that have no exact GGUF form")
     s.add_argument("--metadata-from", metavar="GGUF", help="copy the tokenizer and other metadata from this file")
+    s.add_argument("--allow-nonfinite", action="store_true", help="convert layers with NaN or Inf scales anyway")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
     s.add_argument("input")
     s.add_argument("output")

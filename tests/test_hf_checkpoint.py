@@ -360,3 +360,86 @@ def test_smollm2_awq_exported_as_gguf_blocks_is_the_awq_model(tmp_path, smollm2_
     x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     with pytest.raises(ValueError, match="no place in a GGUF tensor"):
         as_ggml(awq.awq_quantize(np.ones((2, 64), np.float32) + x[:2], x, group_size=32))
+
+
+def _edited_config(ck, fmt, edit):
+    """Rewrite the quantization config of checkpoint ``ck`` (written as ``fmt``) by ``edit(qc)``."""
+    cfg = json.loads((ck / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    edit(qc if fmt != "compressed-tensors" else qc["config_groups"]["group_0"]["weights"])
+    (ck / "config.json").write_text(json.dumps(cfg))
+    if (ck / "quantize_config.json").exists():
+        (ck / "quantize_config.json").unlink()
+
+
+# (issue 36, H1-H3) every config field is read as written or refused: missing, null,
+# wrong-typed, out of range, or disagreeing with the tensors; never coerced or ignored
+BAD_CONFIGS = [
+    ("gptq", "bits", lambda qc: qc.pop("bits"), "'bits' is missing"),
+    ("gptq", "bits", lambda qc: qc.update(bits=None), "'bits' must be int"),
+    ("gptq", "bits", lambda qc: qc.update(bits=4.5), "'bits' must be int"),
+    ("gptq", "bits", lambda qc: qc.update(bits="4"), "'bits' must be int"),
+    ("gptq", "bits", lambda qc: qc.update(bits=3), "bits 3 is not one of"),
+    ("gptq", "sym", lambda qc: qc.update(sym="false"), "'sym' must be bool"),
+    ("gptq", "group_size", lambda qc: qc.update(group_size=0), "group_size 0"),
+    ("gptq", "group_size", lambda qc: qc.update(group_size=64), "group_size 64 disagrees with the tensors' 32"),
+    ("gptq", "group_size", lambda qc: qc.update(group_size=2**40), "disagrees"),
+    ("awq", "bits", lambda qc: qc.update(bits=3), "bits 3 is not one of"),
+    ("awq", "bits", lambda qc: qc.update(bits=True), "'bits' must be int"),
+    ("awq", "group_size", lambda qc: qc.update(group_size=None), "'group_size' must be int"),
+    ("compressed-tensors", "num_bits", lambda w: w.update(num_bits=None), "'num_bits' must be int"),
+    ("compressed-tensors", "group_size", lambda w: w.update(group_size=-1), "group_size -1 must be a positive"),
+    ("compressed-tensors", "group_size", lambda w: w.update(group_size=7), "disagrees"),
+]
+
+
+@pytest.mark.parametrize("fmt, field, edit, message", BAD_CONFIGS)
+def test_config_fields_are_checked_or_refused(tmp_path, fmt, field, edit, message):
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", fmt, "--group-size", "32"]) == 0
+    _edited_config(tmp_path / "ck", fmt, edit)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.read(tmp_path / "ck")
+    for cmd in (["inspect", str(tmp_path / "ck")], ["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf")]):
+        assert main(cmd) == 2, cmd   # a one-line error, not a traceback
+    assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("shape", ["list", "string", "not an object"])
+def test_config_of_the_wrong_shape_is_refused(tmp_path, shape):
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "compressed-tensors",
+                 "--group-size", "32"]) == 0
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    if shape == "list":
+        qc["config_groups"] = [qc["config_groups"]["group_0"]]
+    elif shape == "string":
+        qc["config_groups"]["group_0"]["weights"] = "int4"
+    else:
+        cfg["quantization_config"] = [qc]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config_groups|weights object|not an object"):
+        checkpoint.read(tmp_path / "ck")
+    assert main(["inspect", str(tmp_path / "ck")]) == 2
+
+
+def test_convert_refuses_non_finite_scales_and_names_the_layer(tmp_path, capsys):
+    from refquant.__main__ import main
+    from refquant.hf import safetensors
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "gptq", "--group-size", "32"]) == 0
+    tensors, meta = safetensors.read(tmp_path / "ck" / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.scales"
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 3] = np.nan
+    safetensors.write(tmp_path / "ck" / "model.safetensors", tensors, meta)
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.mlp.up_proj" in err and "non-finite" in err and not (tmp_path / "o.gguf").exists()
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf"), "--allow-nonfinite"]) == 0

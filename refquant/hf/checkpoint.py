@@ -67,15 +67,56 @@ def _load_json(path: Path):
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
 
 
+_MISSING = object()
+_BITS = (2, 4, 8)   # the int32-packed layouts' code widths (layouts.INT32_BITS)
+
+
+def _get(qc: dict, d, keys, kind, default=_MISSING):
+    """``qc``'s value for the first of ``keys`` present, which must be a ``kind`` (int: not a
+    bool, a float or a string; bool: true or false, not "false"), else ``ValueError`` naming
+    the directory and the field: a config field is read as written or refused, never coerced."""
+    for k in keys:
+        if k in qc:
+            v = qc[k]
+            ok = isinstance(v, bool) if kind is bool else isinstance(v, kind) and not isinstance(v, bool)
+            if not ok:
+                raise ValueError(f"{d}: quantization config field {k!r} must be {kind.__name__}, got {v!r}")
+            return v
+    if default is _MISSING:
+        raise ValueError(f"{d}: quantization config field {keys[0]!r} is missing")
+    return default
+
+
+def _bits(v: int, d, field: str, allowed=_BITS) -> int:
+    if v not in allowed:
+        raise ValueError(f"{d}: {field} {v} is not one of the widths this layout holds {allowed}")
+    return v
+
+
+def _group_size(v: int, d, field: str, *, channel_ok: bool = True) -> int:
+    if not (v >= 1 or (channel_ok and v == -1)):
+        raise ValueError(f"{d}: {field} {v} must be a positive group size" + (" or -1 (per channel)" if channel_ok else ""))
+    return v
+
+
 def scheme_of(directory) -> Scheme:
-    """The layout and grid a checkpoint directory's config files describe."""
+    """The layout and grid a checkpoint directory's config files describe. Every field read
+    is checked for its type and range (``_get``); ``read`` checks the group size against the
+    tensors."""
     d = Path(directory)
     qc = None
     if (d / "config.json").is_file():
-        qc = _load_json(d / "config.json").get("quantization_config")
+        cfg = _load_json(d / "config.json")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{d / 'config.json'}: not a JSON object")
+        qc = cfg.get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise ValueError(f"{d / 'config.json'}: quantization_config is not an object ({type(qc).__name__})")
     for name in ("quantize_config.json", "quant_config.json"):
         if qc is None and (d / name).is_file():
             qc = _load_json(d / name)
+            if not isinstance(qc, dict):
+                raise ValueError(f"{d / name}: not a JSON object")
             qc.setdefault("quant_method", "gptq" if name == "quantize_config.json" else "awq")
     if not isinstance(qc, dict):
         raise ValueError(f"{d}: no quantization config (config.json's quantization_config, quantize_config.json "
@@ -85,26 +126,40 @@ def scheme_of(directory) -> Scheme:
         fmt = qc.get("checkpoint_format", "gptq")
         if fmt not in layouts.GPTQ_FORMATS:
             raise ValueError(f"{d}: GPTQ checkpoint_format {fmt!r} is not one of {layouts.GPTQ_FORMATS}")
-        return Scheme("gptq", int(qc["bits"]), int(qc["group_size"]), bool(qc.get("sym", True)),
-                      bool(qc.get("desc_act", False)), fmt, qc)
+        return Scheme("gptq", _bits(_get(qc, d, ("bits",), int), d, "bits"),
+                      _group_size(_get(qc, d, ("group_size",), int), d, "group_size"),
+                      _get(qc, d, ("sym",), bool, True), _get(qc, d, ("desc_act",), bool, False), fmt, qc)
     if method == "awq":
         if str(qc.get("version", "gemm")).lower() != "gemm":
             raise ValueError(f"{d}: only AWQ's GEMM layout is read, got version {qc.get('version')!r}")
-        return Scheme("awq", int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size"))),
-                      False, False, config=qc)
+        bits = _bits(_get(qc, d, ("bits", "w_bit"), int, 4), d, "bits", allowed=(4,))   # GEMM packs nibbles
+        gs = _group_size(_get(qc, d, ("group_size", "q_group_size"), int), d, "group_size", channel_ok=False)
+        return Scheme("awq", bits, gs, False, False, config=qc)
     if method == "compressed-tensors":
         if qc.get("format") != "pack-quantized":
             raise ValueError(f"{d}: only compressed-tensors' pack-quantized format is read, got {qc.get('format')!r}")
-        groups = list(qc.get("config_groups", {}).values())
-        if len(groups) != 1 or "weights" not in groups[0]:
-            raise ValueError(f"{d}: expected one config_groups entry with weights, got {len(groups)}")
-        w = groups[0]["weights"]
+        groups = qc.get("config_groups", {})
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise ValueError(f"{d}: expected config_groups to be an object with one entry, got {groups!r:.80}")
+        w = next(iter(groups.values()))
+        w = w.get("weights") if isinstance(w, dict) else None
+        if not isinstance(w, dict):
+            raise ValueError(f"{d}: the config_groups entry has no weights object")
         if w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
             raise ValueError(f"{d}: pack-quantized int weights per group or channel expected, got {w}")
-        gs = int(w["group_size"]) if w["strategy"] == "group" else -1
-        return Scheme("compressed-tensors", int(w["num_bits"]), gs, bool(w.get("symmetric", True)),
-                      bool(w.get("actorder")), config=qc)
+        gs = (_group_size(_get(w, d, ("group_size",), int), d, "group_size", channel_ok=False)
+              if w["strategy"] == "group" else -1)
+        return Scheme("compressed-tensors", _bits(_get(w, d, ("num_bits",), int), d, "num_bits"), gs,
+                      _get(w, d, ("symmetric",), bool, True), bool(w.get("actorder")), config=qc)
     raise ValueError(f"{d}: quant_method {method!r} is not one of gptq, awq, compressed-tensors")
+
+
+def _check_group_size(qt: QuantizedTensor, scheme: Scheme) -> None:
+    """The config's group size is the tensors' (-1, per channel, also matches one group per row)."""
+    got, want = _per_row(qt), scheme.group_size
+    if got == want or (want == qt.shape[1] and got == -1):
+        return
+    raise ValueError(f"the config's group_size {want} disagrees with the tensors' {got}")
 
 
 def _files(path) -> tuple[Path, list[Path]]:
@@ -133,6 +188,7 @@ def read(path) -> Checkpoint:
         raw[prefix] = parts
         try:
             quantized[prefix] = from_layout(parts, scheme)
+            _check_group_size(quantized[prefix], scheme)
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"{directory}: layer {prefix!r}: {e}") from None
     return Checkpoint(scheme, quantized, tensors, raw)
@@ -157,20 +213,26 @@ def to_layout(qt: QuantizedTensor, layout: str, checkpoint_format: str = "gptq")
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+def _per_row(qt: QuantizedTensor) -> int:
+    """The group size a config states for ``qt``: -1 for one scale per row (per channel, or
+    GPTQ's group_size -1, which records the row's width), else the group size."""
+    m = qt.meta
+    return -1 if m.get("granularity") == "channel" or m.get("group_size") == qt.shape[1] else m["group_size"]
+
+
 def config_for(layout: str, qt: QuantizedTensor, checkpoint_format: str = "gptq") -> dict:
     """The quantization config of a checkpoint whose Linears are all like ``qt``."""
     m = qt.meta
-    bits, sym = m["bits"], m["sym"]
-    gs = qt.shape[1] if m.get("granularity") == "channel" else m["group_size"]
+    bits, sym, per_row = m["bits"], m["sym"], _per_row(qt)
+    gs = qt.shape[1] if per_row == -1 else per_row
     act = qt.kind == "gptq"
     if layout == "gptq":
-        return dict(quant_method="gptq", bits=bits, group_size=-1 if m.get("granularity") == "channel" else gs,
-                    desc_act=act, sym=sym, checkpoint_format=checkpoint_format)
+        return dict(quant_method="gptq", bits=bits, group_size=per_row, desc_act=act, sym=sym,
+                    checkpoint_format=checkpoint_format)
     if layout == "awq":
         return dict(quant_method="awq", bits=bits, group_size=gs, zero_point=True, version="gemm")
-    weights = dict(num_bits=bits, type="int", symmetric=sym,
-                   strategy="channel" if m.get("granularity") == "channel" else "group",
-                   group_size=None if m.get("granularity") == "channel" else gs, actorder="group" if act else None)
+    weights = dict(num_bits=bits, type="int", symmetric=sym, strategy="channel" if per_row == -1 else "group",
+                   group_size=None if per_row == -1 else gs, actorder="group" if act else None)
     return dict(quant_method="compressed-tensors", format="pack-quantized",
                 config_groups={"group_0": dict(targets=["Linear"], weights=weights)}, ignore=["lm_head"])
 
