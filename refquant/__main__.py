@@ -118,7 +118,7 @@ def cmd_export(args) -> int:
             else:
                 others[name] = w
     llama.write_checkpoint(args.output, quantized, others, meta, layout=args.format,
-                           checkpoint_format=args.checkpoint_format)
+                           checkpoint_format=args.checkpoint_format, force=args.force)
     print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} g{args.group_size} "
           f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors")
     return 0
@@ -351,6 +351,7 @@ def main(argv=None) -> int:
     s.add_argument("--group-size", type=cli_int(1, 1 << 20, also=(-1,)), default=128,
                    help="weights per scale (-1: one per output channel)")
     s.add_argument("--asym", action="store_true", help="zero points (AWQ stores every grid with them)")
+    s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
     s.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
                    help="GPTQ only: v1 stores zero points minus one (the original AutoGPTQ files)")
     s = sub.add_parser("convert", help="a GPTQ / AWQ / compressed-tensors Llama checkpoint as GGUF (4-bit groups "

@@ -66,3 +66,71 @@ def atomic_open(path, mode: str = "wb"):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def recover_directory(path) -> None:
+    """Finish or roll back what a killed ``atomic_directory`` writer of ``path`` left: its old
+    directory moved aside (``.NAME.old``) is put back if nothing replaced it, else removed;
+    unfinished new directories (``.NAME.PID.new``) of dead writers are removed."""
+    import shutil
+
+    path = Path(path)
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        if path.exists():        # killed after the new one was renamed in: finish
+            shutil.rmtree(old, ignore_errors=True)
+        else:                    # killed between the two renames: roll back
+            os.rename(old, path)
+    for new in path.parent.glob(f".{glob_escape(path.name)}.*.new"):
+        pid = new.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(new, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path, *, force: bool = False):
+    """Build a directory in a temporary sibling (yielded) and make it appear as ``path`` in
+    one step: after a kill at any point, ``path`` is entirely the old directory or entirely
+    the new one, and the next call recovers (``recover_directory``).
+
+    An existing ``path`` that is not empty is refused unless ``force``: the old directory is
+    then renamed aside, the new one renamed in, and the old one removed (a rename cannot
+    replace a non-empty directory). On an exception the new directory is removed and
+    ``path`` is left as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise FileExistsError(f"{path} exists and is not empty: choose a new directory, or pass --force "
+                              "(force=True) to replace it")
+    new = path.parent / f".{path.name}.{os.getpid()}.new"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir()
+    try:
+        yield new
+        _fsync_dir(new)
+        if path.exists():
+            old = path.parent / f".{path.name}.old"
+            os.rename(path, old)
+            os.rename(new, path)
+            _fsync_dir(path.parent)
+            shutil.rmtree(old)
+        else:
+            os.rename(new, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise

@@ -443,3 +443,119 @@ def test_convert_refuses_non_finite_scales_and_names_the_layer(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "model.layers.0.mlp.up_proj" in err and "non-finite" in err and not (tmp_path / "o.gguf").exists()
     assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf"), "--allow-nonfinite"]) == 0
+
+
+def _tree(d):
+    """Every file under ``d`` with its bytes' hash (None if ``d`` does not exist)."""
+    import hashlib
+    from pathlib import Path
+
+    d = Path(d)
+    if not d.exists():
+        return None
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_export_into_a_non_empty_directory_needs_force(tmp_path, capsys):
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    args = ["export", str(tmp_path / "m.gguf"), str(out), "--format", "awq", "--group-size", "32"]
+    assert main(args) == 2 and "--force" in capsys.readouterr().err and _tree(out) == {"mine.txt": _tree(out)["mine.txt"]}
+    assert main([*args, "--force"]) == 0
+    assert sorted(_tree(out)) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "m.gguf"]   # nothing left beside it
+
+
+_KILLED_EXPORT = """
+import os, sys
+from refquant.__main__ import main
+real, calls = os.rename, [0]
+def rename(a, b):
+    calls[0] += 1
+    if str(calls[0]) == sys.argv[1]:
+        os._exit(9)          # killed: no cleanup runs
+    real(a, b)
+os.rename = rename
+import shutil
+real_rmtree = shutil.rmtree
+def rmtree(p, *a, **k):
+    if str(p).endswith(".old") and sys.argv[1] == "rmtree":
+        os._exit(9)
+    real_rmtree(p, *a, **k)
+shutil.rmtree = rmtree
+sys.exit(main(["export", sys.argv[2], sys.argv[3], "--format", "gptq", "--group-size", "32", "--force"]))
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["1", "2", "rmtree"])
+def test_a_killed_export_leaves_the_old_or_the_new_checkpoint(tmp_path, kill_at):
+    """Killed before the old directory moves aside (1), between the two renames (2), or while
+    the old one is removed (rmtree): the next writer's recovery leaves the old checkpoint or
+    the new one, whole, and its own run ends with the new one and no temporary files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from refquant._atomic import recover_directory
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / "ck"
+    assert main(["export", str(tmp_path / "m.gguf"), str(out), "--format", "awq", "--group-size", "32"]) == 0
+    old = _tree(out)
+    r = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, kill_at, str(tmp_path / "m.gguf"), str(out)],
+                       cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr[-2000:]
+    recover_directory(out)
+    after = _tree(out)
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "new"), "--format", "gptq", "--group-size", "32"]) == 0
+    new = _tree(tmp_path / "new")
+    assert after in (old, new) and old != new, kill_at
+    assert main(["export", str(tmp_path / "m.gguf"), str(out), "--format", "gptq", "--group-size", "32", "--force"]) == 0
+    assert _tree(out) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "m.gguf", "new"]
+
+
+@pytest.mark.slow   # 24 real kills at random times
+def test_exports_killed_at_random_times_leave_the_old_or_the_new_checkpoint(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from refquant._atomic import recover_directory
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    out, ref = tmp_path / "ck", tmp_path / "ref"
+    cmd = lambda fmt, d: ["export", str(tmp_path / "m.gguf"), str(d), "--format", fmt, "--group-size", "32"]  # noqa: E731
+    assert main(cmd("gptq", ref)) == 0
+    new = _tree(ref)
+    assert main(cmd("awq", out)) == 0
+    old = _tree(out)
+    rng = random.Random(0)
+    t0 = time.perf_counter()
+    assert subprocess.run([sys.executable, "-m", "refquant", *cmd("gptq", tmp_path / "timed")],
+                          cwd=Path(__file__).parents[1], capture_output=True).returncode == 0
+    span = time.perf_counter() - t0
+    seen = set()
+    for _ in range(24):
+        p = subprocess.Popen([sys.executable, "-m", "refquant", *cmd("gptq", out), "--force"],
+                             cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 1.0) * span)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        recover_directory(out)
+        after = _tree(out)
+        assert after in (old, new)
+        seen.add("new" if after == new else "old")
+        if after == new:   # back to the old one for the next kill
+            assert main([*cmd("awq", out), "--force"]) == 0
+    assert main([*cmd("gptq", out), "--force"]) == 0 and _tree(out) == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "m.gguf", "ref", "timed"]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refquant._atomic import atomic_open
+from refquant._atomic import atomic_directory, atomic_open
 from refquant.hf import layouts, safetensors
 from refquant.tensor import QuantizedTensor
 
@@ -238,9 +238,13 @@ def config_for(layout: str, qt: QuantizedTensor, checkpoint_format: str = "gptq"
 
 
 def write(directory, quantized: dict, tensors: dict | None = None, *, layout: str,
-          checkpoint_format: str = "gptq", config: dict | None = None) -> Path:
+          checkpoint_format: str = "gptq", config: dict | None = None, force: bool = False) -> Path:
     """Write ``model.safetensors`` and the layout's config (``config.json``'s
-    ``quantization_config``, merged into ``config`` if given; GPTQ also ``quantize_config.json``)."""
+    ``quantization_config``, merged into ``config`` if given; GPTQ also ``quantize_config.json``).
+
+    The directory appears whole or not at all (``_atomic.atomic_directory``): built beside
+    ``directory`` and renamed in, so a failure or a kill never leaves one file of the new
+    checkpoint beside another of the old. An existing non-empty ``directory`` needs ``force``."""
     if not quantized:
         raise ValueError("no quantized layers to write")
     d = Path(directory)
@@ -249,12 +253,13 @@ def write(directory, quantized: dict, tensors: dict | None = None, *, layout: st
         for k, v in to_layout(qt, layout, checkpoint_format).items():
             out[f"{prefix}.{k}"] = v
     qc = config_for(layout, next(iter(quantized.values())), checkpoint_format)
-    safetensors.write(d / "model.safetensors", out, {"format": "pt"})
     cfg = dict(config or {})
     cfg["quantization_config"] = qc
-    _write_json(d / "config.json", cfg)
-    if layout == "gptq":
-        _write_json(d / "quantize_config.json", qc)
+    with atomic_directory(d, force=force) as new:
+        safetensors.write(new / "model.safetensors", out, {"format": "pt"})
+        _write_json(new / "config.json", cfg)
+        if layout == "gptq":
+            _write_json(new / "quantize_config.json", qc)
     return d
 
 

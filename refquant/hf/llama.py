@@ -65,7 +65,7 @@ def rotary_perm(gguf_name: str, n_rows: int, cfg: dict) -> np.ndarray | None:
 
 
 def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, layout: str,
-                     checkpoint_format: str = "gptq"):
+                     checkpoint_format: str = "gptq", force: bool = False):
     """A llama GGUF's tensors, given by GGUF name in GGUF row order, written as a Hugging Face
     checkpoint: ``quantized`` (``QuantizedTensor`` s) in ``layout``, ``others`` as float16
     matrices / float32 vectors, Hugging Face names and rotary rows, ``config.json`` from the
@@ -84,7 +84,8 @@ def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, 
         o_hf[hf_name(name)] = w.astype(np.float32 if w.ndim == 1 else np.float16)
     if "lm_head.weight" not in o_hf:
         cfg["tie_word_embeddings"] = True
-    return checkpoint.write(out_dir, q_hf, o_hf, layout=layout, checkpoint_format=checkpoint_format, config=cfg)
+    return checkpoint.write(out_dir, q_hf, o_hf, layout=layout, checkpoint_format=checkpoint_format, config=cfg,
+                            force=force)
 
 
 def config(metadata: dict) -> dict:
