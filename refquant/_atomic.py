@@ -19,6 +19,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` (say ENOSPC from a write, which names no file) saying which output it was writing."""
+    root = e.__cause__ if isinstance(e.__cause__, OSError) else e
+    return OSError(root.errno, f"{root.strerror or root} (writing {path})")
+
+
 def remove_stale(path) -> list[Path]:
     """Remove the temporary files that killed writers of ``path`` left behind: ``.NAME.PID.*.tmp``
     beside it whose process no longer runs (a live writer's file is left alone). Returns them."""
@@ -56,9 +62,11 @@ def atomic_open(path, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:   # e.g. a full disk: say which file
+            raise _naming(e, path) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -131,6 +139,8 @@ def atomic_directory(path, *, force: bool = False):
         else:
             os.rename(new, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(new, ignore_errors=True)
+        if isinstance(e, OSError):   # name the output the user asked for, not the temporary one
+            raise _naming(e, path) from e
         raise

@@ -165,3 +165,28 @@ def test_no_numeric_option_escapes_the_range_checks():
             checked |= {(mod, o) for o in re.findall(r"add_argument\(\"(-[-\w]+)\"[^\n]*type=cli_(?:int|float)", text)}
     assert raw == []
     assert len(checked) >= 19 and checked == {(m, o) for m, _, o, _ in NUMERIC_OPTIONS}
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """ENOSPC (a write names no file) during quantize and export: a one-line error naming
+    the output, and no file or directory of it left behind (issue 36, F2)."""
+    import errno
+    import os
+
+    from tests.test_hf_checkpoint import tiny_llama_gguf
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "q.gguf"
+    assert main(["quantize", str(tmp_path / "m.gguf"), str(out), "--type", "Q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(out) in err
+    ck = tmp_path / "ck"
+    assert main(["export", str(tmp_path / "m.gguf"), str(ck), "--format", "gptq", "--group-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(ck) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
