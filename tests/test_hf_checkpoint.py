@@ -559,3 +559,44 @@ def test_exports_killed_at_random_times_leave_the_old_or_the_new_checkpoint(tmp_
             assert main([*cmd("awq", out), "--force"]) == 0
     assert main([*cmd("gptq", out), "--force"]) == 0 and _tree(out) == new
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "m.gguf", "ref", "timed"]
+
+
+@pytest.mark.slow   # 20 real kills at random times
+def test_converts_killed_at_random_times_leave_the_old_or_the_new_file(tmp_path):
+    """``convert`` writes one GGUF through ``gguf.write`` (a temporary file renamed in): killed
+    at any time, the output is the old file or the new one, and the next run removes what
+    the killed one left."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    for fmt in ("gptq", "awq"):
+        assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / fmt), "--format", fmt, "--group-size", "32"]) == 0
+    out = tmp_path / "out.gguf"
+    convert = lambda fmt: ["convert", str(tmp_path / fmt), str(out), "--metadata-from", str(tmp_path / "m.gguf")]  # noqa: E731
+    assert main(convert("gptq")) == 0
+    new = out.read_bytes()
+    assert main(convert("awq")) == 0
+    old = out.read_bytes()
+    assert old != new
+    t0 = time.perf_counter()
+    assert main(convert("awq")) == 0
+    span = max(time.perf_counter() - t0, 0.05) + 1.0   # + the interpreter's start
+    rng = random.Random(1)
+    for _ in range(20):
+        p = subprocess.Popen([sys.executable, "-m", "refquant", *convert("gptq")], cwd=Path(__file__).parents[1],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.2) * span)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert out.read_bytes() in (old, new)
+        if out.read_bytes() == new:
+            assert main(convert("awq")) == 0
+    assert main(convert("gptq")) == 0 and out.read_bytes() == new
+    assert not list(tmp_path.glob(".*.tmp"))
