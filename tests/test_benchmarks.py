@@ -18,6 +18,7 @@ def load(tmp, name):
     return json.loads((tmp / "results" / f"{name}.json").read_text())
 
 
+@pytest.mark.slow   # the main job runs the full roofline in CI (README command 1)
 def test_roofline_quick(out_dirs):
     from benchmarks import roofline
     roofline.main(["--quick"])
@@ -161,6 +162,7 @@ def test_requant_quick(out_dirs):
     assert abs(rows["Q8_0"]["ppl_change_pct"]) < 3.0
 
 
+@pytest.mark.slow   # two SmolLM2 engines compiled and timed (~20 s)
 def test_decode_quick(out_dirs):
     from benchmarks import decode
     decode.main(["--quick"])
