@@ -83,8 +83,9 @@ def load(path=DEFAULT, *, parts: bool = True) -> tuple[dict, Config, dict]:
                      n_head=int(m["gpt2.attention.head_count"]), n_ctx=int(m["gpt2.context_length"]),
                      vocab=len(m["tokenizer.ggml.tokens"]), d_ff=int(m.get("gpt2.feed_forward_length", 4 * d)),
                      eps=float(f"{m['gpt2.attention.layer_norm_epsilon']:.7g}"))  # float32 -> the decimal it came from
-        skip = set() if parts else gguf_tensors.part_names(f)
-        if not skip:   # (with parts, load_quantized validates once the Linears are rebuilt)
+        stored_parts = gguf_tensors.part_names(f)
+        skip = set() if parts else stored_parts
+        if not stored_parts:   # (a file storing parts: load_quantized validates once the Linears are rebuilt)
             validate(f.tensors, cfg, path)
         params = {n: f.tensor(n).dequantize().copy() for n in f.tensors if n not in skip}
         return params, cfg, dict(m)

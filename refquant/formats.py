@@ -232,12 +232,14 @@ def _encode_e8m0(x: np.ndarray, rounding: str, saturate: bool) -> np.ndarray:
     bits = x.view(np.uint32).astype(np.int64)
     e_field, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
     sub = e_field == 0                     # x < 2^-126: x = mant * 2^-149, 2^-127 is mant 0x400000
-    up = {
-        "value": np.where(sub, mant >= 0x600000, mant >= 0x400000),
-        "bits": np.where(sub, mant > 0x400000, mant >= 0x400000),
-        "floor": np.zeros(bits.shape, bool),
-        "ceil": np.where(sub, mant > 0x400000, mant > 0),
-    }[rounding]
+    if rounding == "value":
+        up = np.where(sub, mant >= 0x600000, mant >= 0x400000)
+    elif rounding == "bits":
+        up = np.where(sub, mant > 0x400000, mant >= 0x400000)
+    elif rounding == "ceil":
+        up = np.where(sub, mant > 0x400000, mant > 0)
+    else:   # floor
+        up = np.zeros(bits.shape, bool)
     code = np.where(sub, 0, e_field) + up
     over = (code > 0xFE) | np.isposinf(x)
     bad = np.isnan(x) | (x <= 0) | (over & ~saturate)

@@ -155,11 +155,13 @@ def scheme_of(directory) -> Scheme:
 
 
 def _check_group_size(qt: QuantizedTensor, scheme: Scheme) -> None:
-    """The config's group size is the tensors' (-1, per channel, also matches one group per row)."""
-    got, want = _per_row(qt), scheme.group_size
-    if got == want or (want == qt.shape[1] and got == -1):
-        return
-    raise ValueError(f"the config's group_size {want} disagrees with the tensors' {got}")
+    """The config's group size agrees with the tensors: -1 (per channel) is one scale per row,
+    ``g`` is ``ceil(in / g)`` scales per row (AutoGPTQ's last group of a row may be short)."""
+    n, groups, want = qt.shape[1], np.asarray(qt.scales).shape[-1], scheme.group_size
+    expected = 1 if want == -1 else -(-n // want)
+    if groups != expected:
+        raise ValueError(f"the config's group_size {want} gives {expected} group(s) per row of {n} inputs; "
+                         f"the tensors hold {groups}")
 
 
 def _files(path) -> tuple[Path, list[Path]]:
@@ -252,7 +254,9 @@ def write(directory, quantized: dict, tensors: dict | None = None, *, layout: st
     for prefix, qt in quantized.items():
         for k, v in to_layout(qt, layout, checkpoint_format).items():
             out[f"{prefix}.{k}"] = v
-    qc = config_for(layout, next(iter(quantized.values())), checkpoint_format)
+    # the config states one group size: a layer's, unless every layer has one group per row
+    grouped = [qt for qt in quantized.values() if _per_row(qt) != -1]
+    qc = config_for(layout, (grouped or list(quantized.values()))[0], checkpoint_format)
     cfg = dict(config or {})
     cfg["quantization_config"] = qc
     with atomic_directory(d, force=force) as new:
