@@ -135,7 +135,7 @@ def atomic_directory(path, *, force: bool = False):
             os.rename(path, old)
             os.rename(new, path)
             _fsync_dir(path.parent)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)   # the new one is in place; recover_directory finishes this
         else:
             os.rename(new, path)
         _fsync_dir(path.parent)
