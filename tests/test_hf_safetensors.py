@@ -141,33 +141,16 @@ DTYPE_CASES = [pytest.param(_x(dtype=f'"{d}"', shape=f"[{48 // BITS[d]}]", offse
                pytest.param(_x(dtype='"f32"'), b"ab", "unknown dtype", id="lower-case")]
 
 
-@pytest.mark.parametrize("text, data, expect", S1)
-def test_s1_deep_nesting_is_refused_at_serde_jsons_depth(tmp_path, text, data, expect):
-    _check(tmp_path, text, data, expect)
+# each finding's cases, the finding named in the case id (e.g. ``s3-wraps-to-4``)
+FINDINGS = {"s1": S1, "s2": S2, "s3": S3, "s4": S4, "s5": S5, "s6": S6, "dtype": DTYPE_CASES}
+ALL_CASES = [pytest.param(*c.values, id=f"{f}-{c.id}", marks=c.marks) for f, cases in FINDINGS.items() for c in cases]
 
 
-@pytest.mark.parametrize("text, data, expect", S2)
-def test_s2_huge_dimensions_are_refused_with_a_byte_count(tmp_path, text, data, expect):
-    _check(tmp_path, text, data, expect)
-
-
-@pytest.mark.parametrize("text, data, expect", S3)
-def test_s3_element_counts_that_overflow_usize_are_refused(tmp_path, text, data, expect):
-    _check(tmp_path, text, data, expect)
-
-
-@pytest.mark.parametrize("text, data, expect", S4)
-def test_s4_dtypes_that_are_not_names_are_refused(tmp_path, text, data, expect):
-    _check(tmp_path, text, data, expect)
-
-
-@pytest.mark.parametrize("text, data, expect", S5)
-def test_s5_numbers_of_thousands_of_digits_are_refused_with_the_file(tmp_path, text, data, expect):
-    _check(tmp_path, text, data, expect)
-
-
-@pytest.mark.parametrize("text, data, expect", S6)
-def test_s6_the_reference_json_rules(tmp_path, text, data, expect):
+@pytest.mark.parametrize("text, data, expect", ALL_CASES)
+def test_each_finding_gets_the_verdict_worked_out_for_it(tmp_path, text, data, expect):
+    """S1 nesting, S2 huge dimensions, S3 counts past usize, S4 dtypes that are not names, S5
+    numbers of thousands of digits, S6 serde's JSON rules, and the dtypes refquant cannot read:
+    refused with the named field, or read."""
     _check(tmp_path, text, data, expect)
 
 
@@ -175,11 +158,6 @@ def test_s6_a_repeated_name_keeps_its_last_entry(tmp_path):
     p = _file(tmp_path / "t.safetensors", f'{{"x":{_entry(shape="[1]", offsets="[0,1]")},"x":{_entry()}}}', b"ab")
     x, _ = safetensors.read(p)
     assert x["x"].tolist() == [97, 98]
-
-
-@pytest.mark.parametrize("text, data, expect", DTYPE_CASES)
-def test_dtypes_refquant_cannot_read_are_valid_headers_refused_by_read(tmp_path, text, data, expect):
-    _check(tmp_path, text, data, expect)
 
 
 @pytest.mark.parametrize("dtype, data, want", [
@@ -197,8 +175,6 @@ def test_dtypes_numpy_lacks_read_as_float32(tmp_path, dtype, data, want):
     assert x["x"].dtype == want.dtype
     np.testing.assert_array_equal(x["x"], want)
 
-
-ALL_CASES = S1 + S2 + S3 + S4 + S5 + S6 + DTYPE_CASES
 
 
 @pytest.mark.oracle
