@@ -68,15 +68,11 @@ def atomic_open(path, mode: str = "wb"):
         if isinstance(e, OSError) and e.filename is None:   # e.g. a full disk: say which file
             raise _naming(e, path) from e
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    _fsync_dir(path.parent)   # make the rename itself durable
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: a rename into it), where the platform allows it."""
     with contextlib.suppress(OSError):
         dfd = os.open(path, os.O_RDONLY)
         try:
