@@ -26,92 +26,12 @@ dequantizes everything once at load (0.5 GB for SmolLM2): the readable float ref
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from minigpt_np.model import check_tensors, log_softmax, softmax, token_ids  # noqa: F401  (log_softmax is part of this module's API)
+from minigpt_np.model import log_softmax, softmax, token_ids  # noqa: F401  (log_softmax is part of this module's API)
 from refquant import linear
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    n_layer: int
-    d_model: int
-    d_ff: int
-    n_head: int
-    n_head_kv: int
-    n_rot: int
-    rope_base: float
-    eps: float
-    vocab: int
-    n_ctx: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-
-def config_from_metadata(m: dict, source="metadata") -> LlamaConfig:
-    """The hyperparameters of a llama GGUF's metadata, checked by ``check_config``."""
-    arch = m.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"not a llama-architecture GGUF (general.architecture = {arch!r})")
-    missing = [k for k in ("llama.attention.head_count", "llama.embedding_length", "llama.block_count",
-                           "llama.feed_forward_length", "tokenizer.ggml.tokens") if k not in m]
-    if missing:
-        raise ValueError(f"{source}: metadata key {missing[0]} is missing")
-    n_head = int(m["llama.attention.head_count"])
-    d = int(m["llama.embedding_length"])
-    cfg = LlamaConfig(
-        n_layer=int(m["llama.block_count"]), d_model=d, d_ff=int(m["llama.feed_forward_length"]), n_head=n_head,
-        n_head_kv=int(m.get("llama.attention.head_count_kv", n_head)),
-        n_rot=int(m.get("llama.rope.dimension_count", d // max(n_head, 1))),
-        rope_base=float(m.get("llama.rope.freq_base", 10000.0)),
-        eps=float(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        vocab=len(m["tokenizer.ggml.tokens"]), n_ctx=int(m.get("llama.context_length", 2048)))
-    check_config(cfg, source)
-    if "llama.vocab_size" in m and int(m["llama.vocab_size"]) != cfg.vocab:
-        raise ValueError(f"{source}: llama.vocab_size is {m['llama.vocab_size']} but the tokenizer has {cfg.vocab} tokens")
-    return cfg
-
-
-def check_config(cfg: LlamaConfig, source="params") -> None:
-    """The head arithmetic the forward relies on: positive sizes, ``d_model`` a multiple of
-    ``n_head``, ``n_head`` a multiple of ``n_head_kv`` (grouped-query attention), an even
-    rotary width no wider than a head."""
-    for field in ("n_layer", "d_model", "d_ff", "n_head", "n_head_kv", "vocab", "n_ctx"):
-        if getattr(cfg, field) < 1:
-            raise ValueError(f"{source}: {field} must be positive, got {getattr(cfg, field)}")
-    if cfg.d_model % cfg.n_head:
-        raise ValueError(f"{source}: d_model {cfg.d_model} is not a multiple of head_count {cfg.n_head}")
-    if cfg.n_head % cfg.n_head_kv:
-        raise ValueError(f"{source}: head_count {cfg.n_head} is not a multiple of head_count_kv {cfg.n_head_kv}")
-    if not (0 < cfg.n_rot <= cfg.head_dim and cfg.n_rot % 2 == 0):
-        raise ValueError(f"{source}: rope.dimension_count {cfg.n_rot} must be even and in (0, head_dim "
-                         f"{cfg.head_dim}]")
-
-
-def tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the forward reads, with the shape the config implies (rows first)."""
-    d, q, kv, ff = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.d_ff
-    want = {"token_embd.weight": (cfg.vocab, d), "output_norm.weight": (d,), "output.weight": (cfg.vocab, d)}
-    for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        want.update({p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,), p + "attn_q.weight": (q, d),
-                     p + "attn_k.weight": (kv, d), p + "attn_v.weight": (kv, d), p + "attn_output.weight": (d, q),
-                     p + "ffn_gate.weight": (ff, d), p + "ffn_up.weight": (ff, d), p + "ffn_down.weight": (d, ff)})
-    return want
-
-
-def validate(tensors, cfg: LlamaConfig, source="params") -> None:
-    """A model against its config, before any engine (NumPy or compiled) runs it: the head
-    arithmetic (``check_config``) and every tensor's shape (``tensor_shapes``; ``output.weight``
-    may be absent: tied to the embedding). ``tensors`` maps names to anything with a
-    ``.shape``: arrays, Linears, a GGUF file's tensor entries. ``ValueError`` naming the
-    source, the tensor, the expected and the found shape."""
-    check_config(cfg, source)
-    check_tensors(tensors, tensor_shapes(cfg), source, optional=("output.weight",))
+from refquant.hf.llama import (LlamaConfig, check_config, config_from_metadata, tensor_shapes,  # noqa: F401
+                               validate)  # (the architecture's config and checks, shared with convert)
 
 
 def default_model():

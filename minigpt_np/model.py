@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from refquant.metrics import log_softmax  # noqa: F401  (part of this module's API: training and evaluation use it)
+from refquant._checks import check_tensors
 
 VOCAB = 257
 EOT = 256  # end of text: separates examples and starts generation
@@ -57,26 +58,6 @@ def token_ids(tokens, vocab: int) -> np.ndarray:
     if t.min() < 0 or t.max() >= vocab:
         raise ValueError(f"token ids must be in [0, {vocab}), got {t.min()}..{t.max()}")
     return t
-
-
-def check_tensors(tensors, want: dict, source, *, optional=()) -> None:
-    """The tensors an engine reads, against the shapes its config implies, before any
-    kernel sees them: every name of ``want`` present (unless in ``optional``) with exactly
-    that shape (``.shape`` of an array, a ``QuantizedTensor``, a Linear or a GGUF tensor
-    entry: rows first), and no tensor the engine would ignore. ``ValueError`` naming
-    ``source`` (the file, or "params"), the tensor, the expected and the found shape."""
-    for name, shape in want.items():
-        if name not in tensors:
-            if name in optional:
-                continue
-            raise ValueError(f"{source}: tensor {name} is missing (the config needs shape {shape})")
-        found = tuple(int(n) for n in tensors[name].shape)
-        if found != tuple(shape):
-            raise ValueError(f"{source}: tensor {name} has shape {found}, the config needs {tuple(shape)}")
-    unknown = sorted(set(tensors) - set(want))
-    if unknown:
-        raise ValueError(f"{source}: tensor {unknown[0]} is not one this model reads"
-                         + (f" ({len(unknown)} such tensors)" if len(unknown) > 1 else ""))
 
 
 def tensor_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

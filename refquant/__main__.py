@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import os
 import sys
 
 import numpy as np
@@ -70,15 +71,27 @@ def cmd_inspect(args) -> int:
 
 
 def _inspect_checkpoint(path) -> int:
-    """A GPTQ / AWQ / compressed-tensors checkpoint: its scheme, every quantized Linear
-    (shape, bits, group size, act-order, stored bits per weight) and the other tensors."""
+    """A GPTQ / AWQ / compressed-tensors checkpoint as its tensors hold it: every quantized
+    Linear (shape, bits, group size, act-order, stored bits per weight), the other tensors,
+    and a summary of the layers (not the config's claims; a claim the tensors do not bear
+    out, such as ``desc_act`` with no permuted ``g_idx``, is said)."""
     from refquant.hf import checkpoint
 
     ck = checkpoint.read(path)
-    s = ck.scheme
+    s, layers = ck.scheme, list(ck.quantized.values())
+    bits = sorted({qt.meta["bits"] for qt in layers})
+    groups = sorted({checkpoint.per_row(qt) for qt in layers})
+    groups = ["per row" if g == -1 else str(g) for g in groups]
+    act = sum(checkpoint.act_order(qt) for qt in layers)
+    sym = all(qt.meta["sym"] for qt in layers)
     extra = f", checkpoint_format {s.checkpoint_format}" if s.layout == "gptq" else ""
-    print(f"{path}: {s.layout} checkpoint, {s.bits}-bit, group size {s.group_size}, "
-          f"{'symmetric' if s.sym else 'asymmetric'}{', act-order' if s.act_order else ''}{extra}")
+    print(f"{path}: {s.layout} checkpoint{extra}, {len(layers)} quantized layers: "
+          f"{'/'.join(map(str, bits))}-bit, group size{'s' if len(groups) > 1 else ''} "
+          f"{', '.join(groups)}, {'symmetric' if sym else 'asymmetric'}"
+          + (f", act-order in {act}" if act else ""))
+    if s.act_order and not act:
+        print(f"note: the config says act-order ({'desc_act' if s.layout == 'gptq' else 'actorder'}), "
+              "but no layer's g_idx is permuted")
     print(f"\n{'quantized layer':<44} {'shape':>11} {'bits':>4} {'group':>6} {'act':>4} {'bpw':>7}")
     stored = weights = 0
     for prefix, qt in ck.quantized.items():
@@ -86,7 +99,7 @@ def _inspect_checkpoint(path) -> int:
         gs = m.get("group_size") or qt.shape[1]
         bpw = checkpoint.stored_bits_per_weight(ck.raw[prefix], qt.shape)
         print(f"{prefix:<44} {'x'.join(map(str, qt.shape)):>11} {m['bits']:>4} {gs:>6} "
-              f"{'yes' if qt.kind == 'gptq' else 'no':>4} {bpw:>7.3f}")
+              f"{'yes' if checkpoint.act_order(qt) else 'no':>4} {bpw:>7.3f}")
         stored += bpw * qt.shape[0] * qt.shape[1] / 8
         weights += qt.shape[0] * qt.shape[1]
     print(f"\n{'other tensor':<44} {'shape':>11} {'dtype':>8}")
@@ -108,18 +121,31 @@ def cmd_export(args) -> int:
         if meta.get("general.architecture") != "llama":
             raise ValueError(f"{args.input}: export reads llama-architecture files, got "
                              f"{meta.get('general.architecture')!r}")
+        linears = {n for n, info in f.tensors.items()
+                   if n.startswith("blk.") and n.split(".")[-2] in llama.LINEARS and len(info.shape) == 2}
+        widths = sorted({f.tensors[n].shape[1] for n in linears})
+        if args.group_size == -1 and args.format == "awq":
+            raise ValueError("--group-size -1 (one group per row) has no AWQ form: AWQ's config states one group "
+                             "width for every Linear; choose --group-size " + ("64" if widths else "128"))
+        if args.group_size != -1 and any(n % args.group_size for n in widths):
+            fits = [g for g in (256, 128, 64, 32, 16) if all(n % g == 0 for n in widths)]
+            raise ValueError(f"{args.input}: --group-size {args.group_size} does not divide every Linear's "
+                             f"input width ({', '.join(map(str, widths))}); choose --group-size "
+                             + (f"{fits[0]}" if fits else "dividing them") + " or -1 (one group per row)")
         quantized, others = {}, {}
         for name, info in _progress_items(f.tensors.items(), "export"):
             w = f.tensor(name).dequantize()
-            if name.startswith("blk.") and name.split(".")[-2] in llama.LINEARS and len(info.shape) == 2:
+            if name in linears:
                 # row-wise groups: quantizing in GGUF row order, then reordering, is exact
-                quantized[name] = affine.quantize(w, args.bits, sym=sym, granularity="group",
-                                                  group_size=args.group_size, scale_dtype=np.float16)
+                grid = (dict(granularity="channel", axis=0) if args.group_size == -1
+                        else dict(granularity="group", group_size=args.group_size))
+                quantized[name] = affine.quantize(w, args.bits, sym=sym, scale_dtype=np.float16, **grid)
             else:
                 others[name] = w
     llama.write_checkpoint(args.output, quantized, others, meta, layout=args.format,
                            checkpoint_format=args.checkpoint_format, force=args.force)
-    print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} g{args.group_size} "
+    grid = "per row" if args.group_size == -1 else f"g{args.group_size}"
+    print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} {grid} "
           f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors")
     return 0
 
@@ -142,10 +168,14 @@ def cmd_convert(args) -> int:
     if "LlamaForCausalLM" not in cfg.get("architectures", []):
         raise ValueError(f"{args.input}: convert reads LlamaForCausalLM checkpoints, config.json says "
                          f"{cfg.get('architectures')}")
-    meta = llama.metadata(cfg)
+    meta = llama.metadata(cfg, d / "config.json")
     if args.metadata_from:   # the tokenizer and any other keys, from a GGUF of the same model
         with gguf.read(args.metadata_from) as f:
             meta = {**{k: v for k, v in f.metadata.items() if k != "general.file_type"}, **meta}
+    # what llama.cpp and minigpt_np's engines would refuse, refused before anything is converted
+    llama.validate({**{llama.gguf_name(p + ".weight"): qt for p, qt in ck.quantized.items()},
+                    **{llama.gguf_name(n): a for n, a in ck.tensors.items()}},
+                   llama.config_from_metadata(meta, args.input), args.input)
     out, exact, requant, worst_m = {}, 0, [], 0.0
     for prefix, qt in ck.quantized.items():
         name = llama.gguf_name(prefix + ".weight")
@@ -373,6 +403,9 @@ def main(argv=None) -> int:
     try:
         return {"inspect": cmd_inspect, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
                 "compare": cmd_compare, "export": cmd_export, "convert": cmd_convert}[args.cmd](args)
+    except BrokenPipeError:   # the reader went away (``inspect ... | head``): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (gguf.GGUFError, ValueError, OSError) as e:
         _note(f"error: {e}")
         return 2

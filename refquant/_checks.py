@@ -107,3 +107,23 @@ def cli_float(lo: float, hi: float, *, lo_open: bool = False):
 
     parse.__name__ = "number"
     return parse
+
+
+def check_tensors(tensors, want: dict, source, *, optional=()) -> None:
+    """The tensors a model reads, against the shapes its config implies, before any kernel
+    sees them or a file is written: every name of ``want`` present (unless in ``optional``)
+    with exactly that shape (``.shape`` of an array, a ``QuantizedTensor``, a Linear or a
+    GGUF tensor entry: rows first), and no tensor the model would ignore. ``ValueError`` naming
+    ``source`` (the file, or "params"), the tensor, the expected and the found shape."""
+    for name, shape in want.items():
+        if name not in tensors:
+            if name in optional:
+                continue
+            raise ValueError(f"{source}: tensor {name} is missing (the config needs shape {shape})")
+        found = tuple(int(n) for n in tensors[name].shape)
+        if found != tuple(shape):
+            raise ValueError(f"{source}: tensor {name} has shape {found}, the config needs {tuple(shape)}")
+    unknown = sorted(set(tensors) - set(want))
+    if unknown:
+        raise ValueError(f"{source}: tensor {unknown[0]} is not one this model reads"
+                         + (f" ({len(unknown)} such tensors)" if len(unknown) > 1 else ""))

@@ -1,7 +1,11 @@
 """safetensors files (against the safetensors package) and whole GPTQ / AWQ /
 compressed-tensors checkpoints: write, read back, configs, and bad files named."""
 import json
+import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,7 +150,7 @@ def tiny_llama_gguf(path):
     meta = {"general.architecture": "llama", "llama.block_count": np.uint32(1), "llama.embedding_length": np.uint32(d),
             "llama.feed_forward_length": np.uint32(ff), "llama.attention.head_count": np.uint32(4),
             "llama.attention.head_count_kv": np.uint32(2), "llama.context_length": np.uint32(64),
-            "tokenizer.ggml.model": "gpt2"}
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [chr(ord("a") + i) for i in range(16)]}
     gguf.write(path, meta, t)
     return t
 
@@ -225,9 +229,61 @@ def test_export_cli_writes_hugging_face_rows(tmp_path):
         else:
             np.testing.assert_array_equal(ck.tensors[name], w.astype(ck.tensors[name].dtype))
     assert main(["inspect", str(tmp_path / "ck")]) == 0
+
+
+def test_export_names_the_cli_options_for_a_group_size_that_does_not_fit(tmp_path, capsys):
+    """64 and 128 inputs are not whole groups of 48: a one-line error naming the option and a
+    size that fits (an API argument such as pad=True is no help on the command line); no files."""
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
     assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "bad"), "--format", "gptq",
-                 "--group-size", "48"]) == 2   # 64 inputs are not whole groups of 48: an error, no files
-    assert not (tmp_path / "bad" / "model.safetensors").exists()
+                 "--group-size", "48"]) == 2
+    err = capsys.readouterr().err
+    assert "--group-size 48 does not divide every Linear's input width (64, 128); choose --group-size 64" in err
+    assert "pad=" not in err and not (tmp_path / "bad").exists()
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "bad"), "--format", "awq",
+                 "--group-size", "-1"]) == 2
+    assert "--group-size -1 (one group per row) has no AWQ form" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_export_per_row_converts_back_as_q4_0_bit_for_bit(tmp_path, capsys, fmt):
+    """``--group-size -1``: one fp16 scale per output row (per channel), which is Q4_0 with
+    every block of a row taking the row's scale: the converted GGUF dequantizes to the
+    per-channel RTN grid of the original rows exactly."""
+    from refquant import gguf
+    from refquant.__main__ import main
+
+    t = tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", fmt, "--group-size", "-1"]) == 0
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    assert "4-bit, group size per row, symmetric" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "back.gguf")]) == 0
+    with gguf.read(tmp_path / "back.gguf") as f:
+        for name, w in t.items():
+            if name.split(".")[-2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+                assert f.tensors[name].type.name == "Q4_0"
+                want = affine.quantize(w, 4, granularity="channel", axis=0, scale_dtype=np.float16).dequantize()
+                np.testing.assert_array_equal(f.tensor(name).dequantize(), want)
+
+
+def test_inspect_reports_the_tensors_and_says_which_config_claims_they_do_not_bear_out(tmp_path, capsys):
+    """A GPTQ config claiming desc_act over natural-order g_idx: inspect says the layers are
+    not act-order and notes the claim; ``inspect | head`` ends quietly (no broken-pipe error)."""
+    from refquant.__main__ import main
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "gptq", "--group-size", "32"]) == 0
+    _edited_config(tmp_path / "ck", "gptq", lambda qc: qc.update(desc_act=True))
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "7 quantized layers: 4-bit, group size 32, symmetric\n" in out
+    assert "note: the config says act-order (desc_act), but no layer's g_idx is permuted" in out
+    assert " yes " not in out
+    r = subprocess.run(f"{sys.executable} -m refquant inspect {tmp_path / 'ck'} | head -1", shell=True,
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.stdout.startswith(str(tmp_path / "ck")) and "Broken pipe" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_smollm2_gptq_export_converts_back_to_the_same_weights(tmp_path, smollm2_path):
@@ -407,6 +463,64 @@ def test_config_fields_are_checked_or_refused(tmp_path, fmt, field, edit, messag
     assert not (tmp_path / "o.gguf").exists()
 
 
+# (issue 36) convert checks the model against its config.json as the engines do
+# (refquant.hf.llama.validate): the tiny model has d 64, 4 heads, 2 kv heads, ff 128, 16 tokens
+BAD_MODEL_CONFIGS = [
+    (dict(num_attention_heads=0), "'num_attention_heads' must be a positive integer"),
+    (dict(num_attention_heads="4"), "'num_attention_heads' must be a positive integer"),
+    (dict(num_attention_heads=None), "'num_attention_heads' must be a positive integer"),
+    (dict(hidden_size=True), "'hidden_size' must be a positive integer"),
+    (dict(rms_norm_eps="1e-5"), "'rms_norm_eps' must be a finite number"),
+    (dict(num_hidden_layers=2), r"tensor blk\.1\.attn_norm\.weight is missing"),
+    (dict(intermediate_size=96), r"tensor blk\.0\.ffn_gate\.weight has shape \(128, 64\), the config needs \(96, 64\)"),
+    (dict(num_attention_heads=3), "d_model 64 is not a multiple of head_count 3"),
+    (dict(num_key_value_heads=4), r"tensor blk\.0\.attn_k\.weight has shape \(32, 64\), the config needs \(64, 64\)"),
+    (dict(num_key_value_heads=3), "head_count 4 is not a multiple of head_count_kv 3"),
+    (dict(vocab_size=20), r"tensor token_embd\.weight has shape \(16, 64\), the config needs \(20, 64\)"),
+]
+
+
+@pytest.mark.parametrize("edit, message", BAD_MODEL_CONFIGS, ids=[str(e) for e, _ in BAD_MODEL_CONFIGS])
+def test_convert_refuses_a_model_its_config_does_not_describe(tmp_path, capsys, edit, message):
+    from refquant.__main__ import main
+    from refquant.hf import llama
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "gptq", "--group-size", "32"]) == 0
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["vocab_size"] == 16   # the tokenizer's token count: transformers sizes the embedding by it
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**cfg, **edit}))
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "o.gguf").exists()
+    # the engines' own check gives the same verdict on the same metadata (one validation)
+    with pytest.raises(ValueError, match=message):
+        shapes = {llama.gguf_name(p + ".weight"): q for p, q in checkpoint.read(tmp_path / "ck").quantized.items()}
+        shapes.update({llama.gguf_name(n): a for n, a in checkpoint.read(tmp_path / "ck").tensors.items()})
+        llama.validate(shapes, llama.config_from_metadata(llama.metadata({**cfg, **edit})))
+
+
+def test_convert_refuses_a_tokenizer_of_another_size_than_the_embedding(tmp_path, capsys):
+    """``--metadata-from`` a GGUF whose tokenizer has 20 tokens, for a checkpoint whose
+    embedding has 16 rows: the file would make the engines read past the logits."""
+    from refquant import gguf
+    from refquant.__main__ import main
+
+    t = tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "gptq", "--group-size", "32"]) == 0
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    del cfg["vocab_size"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with gguf.read(tmp_path / "m.gguf") as f:
+        meta = dict(f.metadata, **{"tokenizer.ggml.tokens": [f"t{i}" for i in range(20)]})
+    gguf.write(tmp_path / "m20.gguf", meta, t)
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf"), "--metadata-from",
+                 str(tmp_path / "m20.gguf")]) == 2
+    assert "token_embd.weight has shape (16, 64), the config needs (20, 64)" in capsys.readouterr().err
+    assert not (tmp_path / "o.gguf").exists()
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_a_group_as_wide_as_some_rows_reads_back(tmp_path, fmt):
     """Group size 64 on a model whose attention rows are 64 wide (one group) and MLP rows 128
@@ -460,7 +574,6 @@ def test_convert_refuses_non_finite_scales_and_names_the_layer(tmp_path, capsys)
 def _tree(d):
     """Every file under ``d`` with its bytes' hash (None if ``d`` does not exist)."""
     import hashlib
-    from pathlib import Path
 
     d = Path(d)
     if not d.exists():
@@ -508,9 +621,6 @@ def test_a_killed_export_leaves_the_old_or_the_new_checkpoint(tmp_path, kill_at)
     """Killed before the old directory moves aside (1), between the two renames (2), or while
     the old one is removed (rmtree): the next writer's recovery leaves the old checkpoint or
     the new one, whole, and its own run ends with the new one and no temporary files."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from refquant._atomic import recover_directory
     from refquant.__main__ import main
@@ -536,10 +646,7 @@ def test_a_killed_export_leaves_the_old_or_the_new_checkpoint(tmp_path, kill_at)
 def test_exports_killed_at_random_times_leave_the_old_or_the_new_checkpoint(tmp_path):
     import random
     import signal
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     from refquant._atomic import recover_directory
     from refquant.__main__ import main
@@ -580,10 +687,7 @@ def test_converts_killed_at_random_times_leave_the_old_or_the_new_file(tmp_path)
     the killed one left."""
     import random
     import signal
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     from refquant.__main__ import main
 

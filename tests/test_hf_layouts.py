@@ -166,3 +166,37 @@ def test_bad_input_is_named():
         layouts.to_gptq(affine.quantize(np.ones((2, 64), np.float32), 4, granularity="group", group_size=32))
     with pytest.raises(ValueError, match="int-packed layout"):
         layouts.to_gptq(affine.quantize(np.ones((2, 64), np.float32), 8, scale_dtype=np.float16))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_short_last_group_reads_with_its_group_size(act_order):
+    """AutoGPTQ gives a row of n inputs ceil(n / g) groups, the last one short: 96 inputs at
+    g 64 are groups of 64 and 32 (SmolLM2's 576 at g 128: 4 x 128 + 64). The tensor reads
+    with group size 64 (not 96 // 2 = 48), decodes by GPTQ's own definition, writes back the
+    same words, and the layouts whose readers assume whole groups refuse it."""
+    rng = np.random.default_rng(3)
+    out, n, g = 16, 96, 64
+    g_idx = np.arange(n, dtype=np.int32) // g
+    if act_order:
+        g_idx = g_idx[rng.permutation(n)]
+    t = dict(qweight=packing.pack_int32(rng.integers(0, 16, (n, out)), 4, axis=0),
+             qzeros=packing.pack_int32(np.full((2, out), 7), 4, axis=1),
+             scales=rng.uniform(0.01, 0.1, (2, out)).astype(np.float16), g_idx=g_idx)
+    qt = layouts.from_gptq(t, 4, sym=True)
+    assert qt.meta["group_size"] == 64 and qt.kind == "gptq"
+    np.testing.assert_array_equal(qt.dequantize(), layouts.dequantize_gptq(t, 4))
+    back = layouts.to_gptq(qt)
+    for k in t:
+        np.testing.assert_array_equal(back[k], t[k])
+    with pytest.raises(ValueError, match="does not divide 96 inputs|no act-order"):
+        layouts.to_awq(qt)
+    with pytest.raises(ValueError, match="does not divide 96 inputs"):
+        layouts.to_compressed(qt)
+    if not act_order:   # and it is Q4_0 exactly, the short group's two blocks under its own scale
+        from refquant.gguf import quants
+        from refquant.gguf.tensors import as_ggml
+
+        raw, t_name, _ = as_ggml(qt)
+        assert t_name == "Q4_0"
+        np.testing.assert_array_equal(quants.dequantize(raw, "Q4_0", qt.shape), layouts.dequantize_gptq(t, 4))
+

@@ -93,7 +93,8 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
     re-rounding the weights: ``(raw, type_name, m_error)``.
 
     A group of ``g`` (a multiple of 32) input columns with fp16 scale ``s`` is ``g/32``
-    blocks of 32 that all take ``d = s``:
+    blocks of 32 that all take ``d = s`` (a per-row scale: one group as wide as the row; a
+    short last group, as AutoGPTQ writes: fewer blocks):
 
     * symmetric codes ``q`` in [-8, 7] are **Q4_0** with nibble ``q + 8``: ggml's
       ``(nibble - 8)·d`` is the same float32 product as ``s·q``, so it dequantizes bit for
@@ -120,11 +121,12 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
         raise ValueError(f"{qt.scheme!r}: only 4-bit affine / GPTQ codes map to Q4_0 / Q4_1 exactly")
     out, n = qt.shape
     if kind == "affine":
-        if m.get("granularity") != "group":
-            raise ValueError(f"{qt.scheme!r}: needs group-wise scales, got granularity {m.get('granularity')!r}")
+        if m.get("granularity") not in ("group", "channel") or (m["granularity"] == "channel" and m.get("axis") != 0):
+            raise ValueError(f"{qt.scheme!r}: needs group-wise or per-row scales, got granularity "
+                             f"{m.get('granularity')!r}")
         if tuple(m["padded_shape"]) != (out, n):
             raise ValueError(f"{qt.scheme!r}: padded rows ({m['padded_shape']}) have no GGUF form")
-    gs = int(m["group_size"])
+    gs = n if m.get("granularity") == "channel" else int(m["group_size"])   # per row: one group of n
     if kind == "gptq":
         if not np.array_equal(m["g_idx"], np.arange(n) // gs):
             raise ValueError(f"{qt.scheme!r}: act-order groups (a permuted g_idx) have no GGUF form")
@@ -134,8 +136,10 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
         raise ValueError(f"{qt.scheme!r}: scales are {qt.scales.dtype}, not fp16; the blocks would round them")
     sym = bool(m["sym"])
     q = packing.unpack(qt.codes, 4, n, signed=sym).reshape(out, n).astype(np.int16)
-    per = gs // 32
-    d = np.repeat(qt.scales.astype(np.float32), per, axis=1).reshape(-1)          # one per block of 32
+    # one scale per block of 32 (a block lies in one group: gs % 32 == 0); a short last group
+    # (AutoGPTQ's ceil(n / gs) groups) has fewer blocks than the others
+    group = np.arange(0, n, 32) // gs                                   # the group of every block
+    d = qt.scales.astype(np.float32)[:, group].reshape(-1)
     blocks = (q + 8 if sym else q).reshape(-1, 32)
     if sym and blocks.min() < 0:
         raise ValueError(f"{qt.scheme!r}: symmetric codes below -8 do not fit a Q4_0 nibble")
@@ -144,7 +148,7 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
     if sym:
         raw = np.concatenate([d_bytes, qs], axis=1)
         return raw.reshape(out, -1), "Q4_0", 0.0
-    z = np.repeat(qt.zeros.astype(np.float64), per, axis=1).reshape(-1)
+    z = qt.zeros.astype(np.float64)[:, group].reshape(-1)
     exact = -z * d.astype(np.float64)
     mins = exact.astype(np.float16)
     raw = np.concatenate([d_bytes, f16_bytes(mins), qs], axis=1)

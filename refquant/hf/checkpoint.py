@@ -215,26 +215,31 @@ def to_layout(qt: QuantizedTensor, layout: str, checkpoint_format: str = "gptq")
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def _per_row(qt: QuantizedTensor) -> int:
+def per_row(qt: QuantizedTensor) -> int:
     """The group size a config states for ``qt``: -1 for one scale per row (per channel, or
     GPTQ's group_size -1, which records the row's width), else the group size."""
     m = qt.meta
     return -1 if m.get("granularity") == "channel" or m.get("group_size") == qt.shape[1] else m["group_size"]
 
 
+def act_order(qt: QuantizedTensor) -> bool:
+    """Whether ``qt``'s groups are permuted (GPTQ's act-order: ``g_idx`` not ascending)."""
+    return qt.kind == "gptq" and bool(np.any(np.diff(np.asarray(qt.meta["g_idx"])) < 0))
+
+
 def config_for(layout: str, qt: QuantizedTensor, checkpoint_format: str = "gptq") -> dict:
     """The quantization config of a checkpoint whose Linears are all like ``qt``."""
     m = qt.meta
-    bits, sym, per_row = m["bits"], m["sym"], _per_row(qt)
-    gs = qt.shape[1] if per_row == -1 else per_row
-    act = qt.kind == "gptq"
+    bits, sym, width = m["bits"], m["sym"], per_row(qt)
+    gs = qt.shape[1] if width == -1 else width
+    act = act_order(qt)
     if layout == "gptq":
-        return dict(quant_method="gptq", bits=bits, group_size=per_row, desc_act=act, sym=sym,
+        return dict(quant_method="gptq", bits=bits, group_size=width, desc_act=act, sym=sym,
                     checkpoint_format=checkpoint_format)
     if layout == "awq":
         return dict(quant_method="awq", bits=bits, group_size=gs, zero_point=True, version="gemm")
-    weights = dict(num_bits=bits, type="int", symmetric=sym, strategy="channel" if per_row == -1 else "group",
-                   group_size=None if per_row == -1 else gs, actorder="group" if act else None)
+    weights = dict(num_bits=bits, type="int", symmetric=sym, strategy="channel" if width == -1 else "group",
+                   group_size=None if width == -1 else gs, actorder="group" if act else None)
     return dict(quant_method="compressed-tensors", format="pack-quantized",
                 config_groups={"group_0": dict(targets=["Linear"], weights=weights)}, ignore=["lm_head"])
 
@@ -255,7 +260,7 @@ def write(directory, quantized: dict, tensors: dict | None = None, *, layout: st
         for k, v in to_layout(qt, layout, checkpoint_format).items():
             out[f"{prefix}.{k}"] = v
     # the config states one group size: a layer's, unless every layer has one group per row
-    grouped = [qt for qt in quantized.values() if _per_row(qt) != -1]
+    grouped = [qt for qt in quantized.values() if per_row(qt) != -1]
     qc = config_for(layout, (grouped or list(quantized.values()))[0], checkpoint_format)
     cfg = dict(config or {})
     cfg["quantization_config"] = qc

@@ -89,8 +89,8 @@ def _tensor(u, z, scales, g_idx, bits: int, sym: bool, gs: int, scheme: str) -> 
     codes = packing.pack((u - half if sym else u).astype(np.int16), bits, signed=sym)
     zeros = None if sym else z.astype(np.uint8)
     scales = np.ascontiguousarray(scales, np.float16)
-    natural = np.array_equal(g_idx, np.arange(n) // gs)
-    if not natural:
+    natural = n % gs == 0 and np.array_equal(g_idx, np.arange(n) // gs)
+    if not natural:   # act-order, or a short last group: the general form, a group per input
         meta = dict(kind="gptq", bits=bits, sym=sym, group_size=gs, g_idx=np.asarray(g_idx, np.int32))
         return QuantizedTensor(codes, scales, zeros, (out, n), scheme, meta)
     channel = scales.shape[1] == 1 and gs == n
@@ -141,8 +141,9 @@ def from_gptq(t: dict, bits: int = 4, *, sym: bool = True, checkpoint_format: st
     """A ``QuantizedTensor`` from AutoGPTQ tensors (``quantize_config.json``'s bits, sym and
     checkpoint_format). Act-order ``g_idx`` gives kind ``gptq``; natural order an affine one."""
     u, z, scales, g_idx = _gptq_fields(t, bits, checkpoint_format)
-    n, groups = len(g_idx), scales.shape[0]
-    gs = n // groups
+    # the group width is the largest group's: AutoGPTQ gives a row of n inputs ceil(n / g)
+    # groups, the last one short when g does not divide n (SmolLM2's 576 inputs at g 128: 4 x 128 + 64)
+    gs = int(np.bincount(g_idx).max())
     # (an asymmetric v1 zero point of 0 reads back as 2^b, as AutoGPTQ decodes it; uint8 holds it)
     return _tensor(u, z.T, scales.T, g_idx, bits, sym, gs, scheme or f"gptq_int{bits}_g{gs}")
 
@@ -173,6 +174,8 @@ def to_awq(qt: QuantizedTensor) -> dict:
         raise ValueError(f"AWQ's GEMM layout holds 4-bit codes, got {bits} bits")
     if not np.array_equal(g_idx, np.arange(len(g_idx)) // gs):
         raise ValueError("AWQ has no act-order: groups must be contiguous runs of input columns")
+    if len(g_idx) % gs:
+        raise ValueError(f"AWQ's groups divide the row: group size {gs} does not divide {len(g_idx)} inputs")
     return dict(qweight=_awq_pack(u.T), qzeros=_awq_pack(z.T), scales=np.ascontiguousarray(qt.scales.T, np.float16))
 
 
@@ -212,6 +215,8 @@ def to_compressed(qt: QuantizedTensor) -> dict:
     u, z, g_idx, bits, sym, gs = _grid(qt)
     if bits not in packing.INT32_BITS:
         raise ValueError(f"pack-quantized words hold 2, 4 or 8-bit codes here, got {bits} bits")
+    if len(g_idx) % gs:   # its reader takes the group width as inputs // groups
+        raise ValueError(f"pack-quantized groups divide the row: group size {gs} does not divide {len(g_idx)} inputs")
     out = dict(weight_packed=packing.pack_int32(u, bits, axis=1),   # q + 2^(b-1) = u in both grids
                weight_scale=np.ascontiguousarray(qt.scales, np.float16),
                weight_shape=np.array(qt.shape, np.int32))

@@ -8,12 +8,21 @@ with ``i + d/2`` of each head, llama.cpp's pairs ``2i`` with ``2i + 1``, and
 query head) and ``k_proj`` (per key/value head) when it writes a GGUF: GGUF row
 ``h·d + 2i + j`` is Hugging Face row ``h·d + j·d/2 + i``. Reordering rows moves whole rows
 of codes, scales and zero points, so it is exact for every per-row layout.
+
+The architecture's hyperparameters (``LlamaConfig``, read from GGUF metadata by
+``config_from_metadata``) and one check of a model against them (``validate``: head
+arithmetic, every tensor's shape) live here, beside the names, so that every reader of a
+Llama -- both of ``minigpt_np``'s engines and ``python -m refquant convert`` -- accepts and
+refuses the same models.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
+
+from refquant._checks import check_tensors
 
 _BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -22,6 +31,91 @@ _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output
 _BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
 _TOP_BACK = {v: k for k, v in _TOP.items()}
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layer: int
+    d_model: int
+    d_ff: int
+    n_head: int
+    n_head_kv: int
+    n_rot: int
+    rope_base: float
+    eps: float
+    vocab: int
+    n_ctx: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def config_from_metadata(m: dict, source="metadata") -> LlamaConfig:
+    """The hyperparameters of a llama GGUF's metadata, checked by ``check_config``. The
+    vocabulary is the tokenizer's token count (``tokenizer.ggml.tokens``), else
+    ``llama.vocab_size``; when both are present they must agree."""
+    arch = m.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"not a llama-architecture GGUF (general.architecture = {arch!r})")
+    missing = [k for k in ("llama.attention.head_count", "llama.embedding_length", "llama.block_count",
+                           "llama.feed_forward_length") if k not in m]
+    if "tokenizer.ggml.tokens" not in m and "llama.vocab_size" not in m:
+        missing.append("tokenizer.ggml.tokens")
+    if missing:
+        raise ValueError(f"{source}: metadata key {missing[0]} is missing")
+    n_head = int(m["llama.attention.head_count"])
+    d = int(m["llama.embedding_length"])
+    cfg = LlamaConfig(
+        n_layer=int(m["llama.block_count"]), d_model=d, d_ff=int(m["llama.feed_forward_length"]), n_head=n_head,
+        n_head_kv=int(m.get("llama.attention.head_count_kv", n_head)),
+        n_rot=int(m.get("llama.rope.dimension_count", d // max(n_head, 1))),
+        rope_base=float(m.get("llama.rope.freq_base", 10000.0)),
+        eps=float(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        vocab=len(m["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in m else int(m["llama.vocab_size"]),
+        n_ctx=int(m.get("llama.context_length", 2048)))
+    check_config(cfg, source)
+    if "llama.vocab_size" in m and int(m["llama.vocab_size"]) != cfg.vocab:
+        raise ValueError(f"{source}: llama.vocab_size is {m['llama.vocab_size']} but the tokenizer has {cfg.vocab} tokens")
+    return cfg
+
+
+def check_config(cfg: LlamaConfig, source="params") -> None:
+    """The head arithmetic the forward relies on: positive sizes, ``d_model`` a multiple of
+    ``n_head``, ``n_head`` a multiple of ``n_head_kv`` (grouped-query attention), an even
+    rotary width no wider than a head."""
+    for field in ("n_layer", "d_model", "d_ff", "n_head", "n_head_kv", "vocab", "n_ctx"):
+        if getattr(cfg, field) < 1:
+            raise ValueError(f"{source}: {field} must be positive, got {getattr(cfg, field)}")
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"{source}: d_model {cfg.d_model} is not a multiple of head_count {cfg.n_head}")
+    if cfg.n_head % cfg.n_head_kv:
+        raise ValueError(f"{source}: head_count {cfg.n_head} is not a multiple of head_count_kv {cfg.n_head_kv}")
+    if not (0 < cfg.n_rot <= cfg.head_dim and cfg.n_rot % 2 == 0):
+        raise ValueError(f"{source}: rope.dimension_count {cfg.n_rot} must be even and in (0, head_dim "
+                         f"{cfg.head_dim}]")
+
+
+def tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward reads, with the shape the config implies (rows first)."""
+    d, q, kv, ff = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim, cfg.d_ff
+    want = {"token_embd.weight": (cfg.vocab, d), "output_norm.weight": (d,), "output.weight": (cfg.vocab, d)}
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        want.update({p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,), p + "attn_q.weight": (q, d),
+                     p + "attn_k.weight": (kv, d), p + "attn_v.weight": (kv, d), p + "attn_output.weight": (d, q),
+                     p + "ffn_gate.weight": (ff, d), p + "ffn_up.weight": (ff, d), p + "ffn_down.weight": (d, ff)})
+    return want
+
+
+def validate(tensors, cfg: LlamaConfig, source="params") -> None:
+    """A model against its config, before any engine (NumPy or compiled) runs it: the head
+    arithmetic (``check_config``) and every tensor's shape (``tensor_shapes``; ``output.weight``
+    may be absent: tied to the embedding). ``tensors`` maps names to anything with a
+    ``.shape``: arrays, Linears, a GGUF file's tensor entries. ``ValueError`` naming the
+    source, the tensor, the expected and the found shape."""
+    check_config(cfg, source)
+    check_tensors(tensors, tensor_shapes(cfg), source, optional=("output.weight",))
 
 
 def hf_name(gguf_name: str) -> str:
@@ -99,7 +193,8 @@ def config(metadata: dict) -> dict:
                 max_position_embeddings=int(m.get("llama.context_length", 2048)),
                 rms_norm_eps=float(str(np.float32(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)))),
                 rope_theta=float(m.get("llama.rope.freq_base", 10000.0)),
-                vocab_size=int(m.get("llama.vocab_size", 0)) or None, torch_dtype="float16")
+                vocab_size=int(m.get("llama.vocab_size", 0)) or len(m.get("tokenizer.ggml.tokens", ())) or None,
+                torch_dtype="float16")
 
 
 def permute_rows(qt, perm: np.ndarray):
@@ -114,15 +209,35 @@ def permute_rows(qt, perm: np.ndarray):
                            qt.shape, qt.scheme, dict(m))
 
 
-def metadata(cfg: dict) -> dict:
-    """llama GGUF metadata (``llama.*``) from a ``config.json``."""
-    n_head = int(cfg["num_attention_heads"])
-    d = int(cfg["hidden_size"])
-    return {"general.architecture": "llama", "llama.block_count": np.uint32(cfg["num_hidden_layers"]),
-            "llama.context_length": np.uint32(cfg.get("max_position_embeddings", 2048)),
-            "llama.embedding_length": np.uint32(d), "llama.feed_forward_length": np.uint32(cfg["intermediate_size"]),
-            "llama.attention.head_count": np.uint32(n_head),
-            "llama.attention.head_count_kv": np.uint32(cfg.get("num_key_value_heads", n_head)),
-            "llama.rope.freq_base": np.float32(cfg.get("rope_theta", 10000.0)),
-            "llama.attention.layer_norm_rms_epsilon": np.float32(cfg.get("rms_norm_eps", 1e-5)),
-            "llama.rope.dimension_count": np.uint32(d // n_head)}
+def _field(cfg: dict, key: str, kind, default, source):
+    """``config.json``'s ``key`` as written (an int is not a bool, a float or a string; a
+    float may be an int), ``default`` when absent, else ``ValueError`` naming the field."""
+    if key not in cfg:
+        if default is None:
+            raise ValueError(f"{source}: config.json field {key!r} is missing")
+        return default
+    v = cfg[key]
+    ok = (isinstance(v, int) if kind is int else isinstance(v, (int, float)) and np.isfinite(v)) \
+        and not isinstance(v, bool)
+    if not ok or (kind is int and not 0 < v < 2**32):
+        raise ValueError(f"{source}: config.json field {key!r} must be a "
+                         f"{'positive integer below 2^32' if kind is int else 'finite number'}, got {v!r}")
+    return v
+
+
+def metadata(cfg: dict, source="config.json") -> dict:
+    """llama GGUF metadata (``llama.*``) from a ``config.json``, every field checked for its
+    type and range (``config_from_metadata`` then checks the head arithmetic)."""
+    f = lambda key, kind=int, default=None: _field(cfg, key, kind, default, source)  # noqa: E731
+    n_head, d = f("num_attention_heads"), f("hidden_size")
+    m = {"general.architecture": "llama", "llama.block_count": np.uint32(f("num_hidden_layers")),
+         "llama.context_length": np.uint32(f("max_position_embeddings", int, 2048)),
+         "llama.embedding_length": np.uint32(d), "llama.feed_forward_length": np.uint32(f("intermediate_size")),
+         "llama.attention.head_count": np.uint32(n_head),
+         "llama.attention.head_count_kv": np.uint32(f("num_key_value_heads", int, n_head)),
+         "llama.rope.freq_base": np.float32(f("rope_theta", float, 10000.0)),
+         "llama.attention.layer_norm_rms_epsilon": np.float32(f("rms_norm_eps", float, 1e-5)),
+         "llama.rope.dimension_count": np.uint32(d // n_head)}
+    if cfg.get("vocab_size") is not None:
+        m["llama.vocab_size"] = np.uint32(f("vocab_size"))
+    return m
