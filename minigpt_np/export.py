@@ -41,7 +41,7 @@ def calibration_sequences(tok, text: str, n: int, length: int) -> list[list[int]
 
 def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_text: str | None = None,
            group_size: int = 64, sequences: int = 16, tokens: int = 128, checkpoint_format: str = "gptq",
-           layers=None, progress: bool = True, force: bool = False) -> dict:
+           layers=None, progress: bool = True, force: bool = False, write_tokenizer: bool = True) -> dict:
     """Quantize every block Linear of ``model`` (or the GGUF names in ``layers``; the rest are
     written as float16) and write the checkpoint; returns the ``QuantizedTensor`` s by GGUF
     name (GGUF row order), as the model in memory holds them."""
@@ -66,7 +66,7 @@ def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_
         if name not in in_memory and not (name == "output.weight" and v is params["token_embd.weight"]):
             others[name] = v.dequantize() if hasattr(v, "dequantize") else v
     hf_llama.write_checkpoint(out_dir, in_memory, others, meta, layout=layout, checkpoint_format=checkpoint_format,
-                              force=force)
+                              force=force, tokenizer=write_tokenizer)
     return in_memory
 
 
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=cli_int(2, 1 << 20), default=128)
     p.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"])
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
+    p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files beside the checkpoint")
     args = p.parse_args(argv)
     try:
         text = Path(args.calib).read_text() if args.calib else None
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
             return 0
         export(args.model, args.output, method=args.method, layout=args.format,
                calib_text=text, group_size=args.group_size, sequences=args.sequences, tokens=args.tokens,
-               checkpoint_format=args.checkpoint_format, force=args.force)
+               checkpoint_format=args.checkpoint_format, force=args.force, write_tokenizer=not args.no_tokenizer)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

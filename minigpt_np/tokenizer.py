@@ -5,7 +5,7 @@ This is the GPT-2 scheme llama.cpp implements for ``tokenizer.ggml.model == "gpt
 1. **Pre-tokenization** splits text into pieces that BPE never merges across. llama.cpp
    picks the split rules from ``tokenizer.ggml.pre``; the ones implemented here:
 
-   * ``gpt2`` (and the default): the GPT-2 pattern
+   * ``gpt-2`` (and the others of its family): the GPT-2 pattern
      ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)``
      (text no alternative matches, e.g. a lone newline before a word, is its own piece);
    * ``smollm`` (also starcoder, refact, command-r, codeshell, exaone, minerva): every
@@ -35,9 +35,12 @@ from functools import lru_cache
 
 import numpy as np
 
+from refquant.hf.tokenizer import PRE_TOKENIZERS
+
 CONTROL = 3
-DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-GPT2_PRE = {"gpt2", "default", "mpt", "olmo", "jais"}
+# llama.cpp's pre-tokenizer names by regex set (refquant.hf.tokenizer.PRE_TOKENIZERS, from src/llama-vocab.cpp)
+DIGIT_SPLIT_PRE = set(PRE_TOKENIZERS["smollm"][0])
+GPT2_PRE = set(PRE_TOKENIZERS["gpt2"][0])
 
 
 @lru_cache(maxsize=1)
@@ -120,7 +123,10 @@ class Tokenizer:
         if model != "gpt2":
             raise ValueError(f"only byte-level BPE ('gpt2') vocabularies are supported, got {model!r}")
         self.pre = str(metadata.get("tokenizer.ggml.pre", "default"))
-        if self.pre not in DIGIT_SPLIT_PRE | GPT2_PRE:
+        # llama.cpp's "default" splits differently from GPT-2 (four regexes); with no merges
+        # (MiniGPT's byte vocabulary) every split gives the same tokens, so it is read there only
+        no_merges = len(metadata.get("tokenizer.ggml.merges", ())) == 0
+        if self.pre not in DIGIT_SPLIT_PRE | GPT2_PRE and not (self.pre == "default" and no_merges):
             raise ValueError(f"pre-tokenizer {self.pre!r} is not implemented (known: "
                              f"{', '.join(sorted(DIGIT_SPLIT_PRE | GPT2_PRE))})")
         self.tokens = [str(t) for t in metadata["tokenizer.ggml.tokens"]]

@@ -92,6 +92,7 @@ def _inspect_checkpoint(path) -> int:
     if s.act_order and not act:
         print(f"note: the config says act-order ({'desc_act' if s.layout == 'gptq' else 'actorder'}), "
               "but no layer's g_idx is permuted")
+    print(f"tokenizer: {_tokenizer_summary(path)}")
     print(f"\n{'quantized layer':<44} {'shape':>11} {'bits':>4} {'group':>6} {'act':>4} {'bpw':>7}")
     stored = weights = 0
     for prefix, qt in ck.quantized.items():
@@ -110,10 +111,32 @@ def _inspect_checkpoint(path) -> int:
     return 0
 
 
+def _tokenizer_summary(path) -> str:
+    """What ``convert`` would make of a checkpoint's tokenizer files, in a few words."""
+    import json
+    from pathlib import Path
+
+    from refquant.hf import tokenizer as hf_tokenizer
+
+    d = Path(path) if Path(path).is_dir() else Path(path).parent
+    if not (d / "tokenizer.json").is_file():
+        return "none (no tokenizer.json)"
+    try:
+        cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        m = hf_tokenizer.gguf_metadata(d, cfg if isinstance(cfg, dict) else {})
+    except (ValueError, OSError) as e:
+        return f"unreadable ({e})"
+    special = int((m["tokenizer.ggml.token_type"] == hf_tokenizer.CONTROL).sum())
+    return (f"byte-level BPE, {len(m['tokenizer.ggml.tokens'])} tokens ({special} control), "
+            f"{len(m['tokenizer.ggml.merges'])} merges, pre-tokenizer {m['tokenizer.ggml.pre']}"
+            + (", chat template" if "tokenizer.chat_template" in m else ""))
+
+
 def cmd_export(args) -> int:
     """A llama GGUF's Linear weights, round-to-nearest, as a GPTQ / AWQ / compressed-tensors checkpoint."""
     from refquant import affine
     from refquant.hf import llama
+    from refquant.hf import tokenizer as hf_tokenizer
 
     sym = not args.asym
     with gguf.read(args.input) as f:
@@ -121,6 +144,11 @@ def cmd_export(args) -> int:
         if meta.get("general.architecture") != "llama":
             raise ValueError(f"{args.input}: export reads llama-architecture files, got "
                              f"{meta.get('general.architecture')!r}")
+        if not args.no_tokenizer and "tokenizer.ggml.tokens" in meta:
+            try:   # before the weights: a tokenizer that cannot be written fails fast
+                hf_tokenizer.hf_files(meta)
+            except ValueError as e:
+                raise ValueError(f"{args.input}: {e}; --no-tokenizer writes the checkpoint without one") from None
         linears = {n for n, info in f.tensors.items()
                    if n.startswith("blk.") and n.split(".")[-2] in llama.LINEARS and len(info.shape) == 2}
         widths = sorted({f.tensors[n].shape[1] for n in linears})
@@ -142,11 +170,13 @@ def cmd_export(args) -> int:
                 quantized[name] = affine.quantize(w, args.bits, sym=sym, scale_dtype=np.float16, **grid)
             else:
                 others[name] = w
-    llama.write_checkpoint(args.output, quantized, others, meta, layout=args.format,
-                           checkpoint_format=args.checkpoint_format, force=args.force)
+    _, with_tokenizer = llama.write_checkpoint(args.output, quantized, others, meta, layout=args.format,
+                                               checkpoint_format=args.checkpoint_format, force=args.force,
+                                               tokenizer=not args.no_tokenizer)
     grid = "per row" if args.group_size == -1 else f"g{args.group_size}"
     print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} {grid} "
-          f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors")
+          f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors, "
+          + ("the tokenizer" if with_tokenizer else "no tokenizer"))
     return 0
 
 
@@ -160,6 +190,7 @@ def cmd_convert(args) -> int:
 
     from refquant.gguf.tensors import as_ggml
     from refquant.hf import checkpoint, llama
+    from refquant.hf import tokenizer as hf_tokenizer
 
     ck = checkpoint.read(args.input)
     d = Path(args.input)
@@ -172,6 +203,11 @@ def cmd_convert(args) -> int:
     if args.metadata_from:   # the tokenizer and any other keys, from a GGUF of the same model
         with gguf.read(args.metadata_from) as f:
             meta = {**{k: v for k, v in f.metadata.items() if k != "general.file_type"}, **meta}
+    elif (d / "tokenizer.json").is_file():
+        meta.update(hf_tokenizer.gguf_metadata(d, cfg, pre=args.pre))
+    elif not args.no_tokenizer:
+        raise ValueError(f"{args.input}: no tokenizer.json: pass --metadata-from GGUF (a GGUF of the same model) "
+                         "or --no-tokenizer for a weights-only file")
     # what llama.cpp and minigpt_np's engines would refuse, refused before anything is converted
     llama.validate({**{llama.gguf_name(p + ".weight"): qt for p, qt in ck.quantized.items()},
                     **{llama.gguf_name(n): a for n, a in ck.tensors.items()}},
@@ -204,8 +240,11 @@ def cmd_convert(args) -> int:
             a = a[perm]
         out[name] = a if a.ndim == 1 else gguf.GGUFTensor("F16", a.shape, a.astype("<f2").reshape(-1).view(np.uint8))
     gguf.write(args.output, meta, out)
+    source = (f"the tokenizer of {args.metadata_from}" if args.metadata_from else
+              f"the tokenizer of tokenizer.json ({meta['tokenizer.ggml.pre']})" if "tokenizer.ggml.tokens" in meta
+              else "no tokenizer")
     print(f"wrote {args.output}: {exact} Linears exactly as Q4_0/Q4_1 (largest fp16 rounding of m: {worst_m:.3g}), "
-          f"{len(requant)} requantized to {args.fallback}, {len(ck.tensors)} other tensors")
+          f"{len(requant)} requantized to {args.fallback}, {len(ck.tensors)} other tensors, {source}")
     return 0
 
 
@@ -384,12 +423,19 @@ def main(argv=None) -> int:
     s.add_argument("--force", action="store_true", help="replace OUTPUT if it exists and is not empty")
     s.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
                    help="GPTQ only: v1 stores zero points minus one (the original AutoGPTQ files)")
+    s.add_argument("--no-tokenizer", action="store_true",
+                   help="write no tokenizer.json / tokenizer_config.json / generation_config.json")
     s = sub.add_parser("convert", help="a GPTQ / AWQ / compressed-tensors Llama checkpoint as GGUF (4-bit groups "
                                       "exactly as Q4_0 / Q4_1, other grids requantized)")
     s.add_argument("input", help="checkpoint directory (or its .safetensors file)")
     s.add_argument("output")
     s.add_argument("--fallback", default="Q8_0", help="ggml type for grids that have no exact GGUF form")
-    s.add_argument("--metadata-from", metavar="GGUF", help="copy the tokenizer and other metadata from this file")
+    s.add_argument("--metadata-from", metavar="GGUF",
+                   help="copy the tokenizer and other metadata from this file (wins over tokenizer.json)")
+    s.add_argument("--pre", metavar="NAME", help="llama.cpp's name of tokenizer.json's pre-tokenizer "
+                                                 "(tokenizer.ggml.pre), e.g. starcoder; default: the family's")
+    s.add_argument("--no-tokenizer", action="store_true",
+                   help="write a weights-only GGUF when the checkpoint has no tokenizer.json")
     s.add_argument("--allow-nonfinite", action="store_true", help="convert layers with NaN or Inf scales anyway")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
     s.add_argument("input")

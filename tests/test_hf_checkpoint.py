@@ -150,7 +150,9 @@ def tiny_llama_gguf(path):
     meta = {"general.architecture": "llama", "llama.block_count": np.uint32(1), "llama.embedding_length": np.uint32(d),
             "llama.feed_forward_length": np.uint32(ff), "llama.attention.head_count": np.uint32(4),
             "llama.attention.head_count_kv": np.uint32(2), "llama.context_length": np.uint32(64),
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [chr(ord("a") + i) for i in range(16)]}
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": [chr(ord("a") + i) for i in range(15)] + ["ab"],
+            "tokenizer.ggml.token_type": np.ones(16, np.int32), "tokenizer.ggml.merges": ["a b"]}
     gguf.write(path, meta, t)
     return t
 
@@ -591,7 +593,8 @@ def test_export_into_a_non_empty_directory_needs_force(tmp_path, capsys):
     args = ["export", str(tmp_path / "m.gguf"), str(out), "--format", "awq", "--group-size", "32"]
     assert main(args) == 2 and "--force" in capsys.readouterr().err and _tree(out) == {"mine.txt": _tree(out)["mine.txt"]}
     assert main([*args, "--force"]) == 0
-    assert sorted(_tree(out)) == ["config.json", "model.safetensors"]
+    assert sorted(_tree(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                  "tokenizer_config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "m.gguf"]   # nothing left beside it
 
 

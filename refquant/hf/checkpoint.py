@@ -245,9 +245,11 @@ def config_for(layout: str, qt: QuantizedTensor, checkpoint_format: str = "gptq"
 
 
 def write(directory, quantized: dict, tensors: dict | None = None, *, layout: str,
-          checkpoint_format: str = "gptq", config: dict | None = None, force: bool = False) -> Path:
+          checkpoint_format: str = "gptq", config: dict | None = None, force: bool = False,
+          files: dict | None = None) -> Path:
     """Write ``model.safetensors`` and the layout's config (``config.json``'s
-    ``quantization_config``, merged into ``config`` if given; GPTQ also ``quantize_config.json``).
+    ``quantization_config``, merged into ``config`` if given; GPTQ also ``quantize_config.json``),
+    and ``files`` (file name -> JSON object, e.g. the tokenizer's) beside them.
 
     The directory appears whole or not at all (``_atomic.atomic_directory``): built beside
     ``directory`` and renamed in, so a failure or a kill never leaves one file of the new
@@ -269,12 +271,14 @@ def write(directory, quantized: dict, tensors: dict | None = None, *, layout: st
         _write_json(new / "config.json", cfg)
         if layout == "gptq":
             _write_json(new / "quantize_config.json", qc)
+        for name, obj in (files or {}).items():
+            _write_json(new / name, obj)
     return d
 
 
 def _write_json(path: Path, obj) -> None:
     with atomic_open(path, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
+        f.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def stored_bits_per_weight(parts: dict, shape) -> float:

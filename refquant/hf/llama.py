@@ -159,14 +159,22 @@ def rotary_perm(gguf_name: str, n_rows: int, cfg: dict) -> np.ndarray | None:
 
 
 def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, layout: str,
-                     checkpoint_format: str = "gptq", force: bool = False):
+                     checkpoint_format: str = "gptq", force: bool = False, tokenizer: bool = True):
     """A llama GGUF's tensors, given by GGUF name in GGUF row order, written as a Hugging Face
     checkpoint: ``quantized`` (``QuantizedTensor`` s) in ``layout``, ``others`` as float16
     matrices / float32 vectors, Hugging Face names and rotary rows, ``config.json`` from the
-    GGUF ``metadata`` (tied embeddings when there is no ``output.weight``)."""
+    GGUF ``metadata`` (tied embeddings when there is no ``output.weight``), and the tokenizer
+    files of its ``tokenizer.ggml.*`` keys (``refquant.hf.tokenizer.hf_files``) unless
+    ``tokenizer=False``; a file without a tokenizer gets none. Returns the directory and
+    whether a tokenizer was written."""
     from refquant.hf import checkpoint
+    from refquant.hf import tokenizer as hf_tokenizer
 
     cfg = config(metadata)
+    files = {}
+    if tokenizer and "tokenizer.ggml.tokens" in metadata:
+        files = hf_tokenizer.hf_files(metadata, context_length=cfg["max_position_embeddings"])
+        cfg.update(files.pop("config"))
     q_hf, o_hf = {}, {}
     for name, qt in quantized.items():
         perm = rotary_perm(name, qt.shape[0], cfg)
@@ -179,7 +187,7 @@ def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, 
     if "lm_head.weight" not in o_hf:
         cfg["tie_word_embeddings"] = True
     return checkpoint.write(out_dir, q_hf, o_hf, layout=layout, checkpoint_format=checkpoint_format, config=cfg,
-                            force=force)
+                            force=force, files=files), bool(files)
 
 
 def config(metadata: dict) -> dict:

@@ -1,0 +1,377 @@
+"""Byte-level BPE tokenizers between GGUF metadata and Hugging Face's tokenizer files.
+
+A GGUF file carries its tokenizer as ``tokenizer.ggml.*`` keys; a Hugging Face checkpoint as
+``tokenizer.json`` (read by the ``tokenizers`` library), ``tokenizer_config.json`` and
+``generation_config.json`` (read by transformers). ``hf_files`` writes the second from the
+first (``export``); ``gguf_metadata`` reads it back into the keys llama.cpp's
+``convert_hf_to_gguf.py`` writes for a GPT-2-style BPE (``convert``). Only ``tokenizer.ggml.model
+== "gpt2"`` (byte-level BPE) is handled: SmolLM, GPT-2, StarCoder, Llama 3 and Qwen2 use it.
+
+What the reader reproduces, from llama.cpp's ``convert_hf_to_gguf.py`` (``get_vocab_base``,
+``_set_vocab_gpt2``, ``LlamaModel.set_vocab``, read at commit 0024aa7) and gguf-py's
+``SpecialVocab`` (``gguf/vocab.py``, 0.19):
+
+* **tokens**: id ``i`` of ``[0, vocab_size)`` (``config.json``'s ``vocab_size``, else the
+  vocabulary's) is its token in ``model.vocab`` or ``added_tokens``, else ``[PAD{i}]``;
+* **token types**: an added token is CONTROL (3) when ``special`` or when it looks special
+  (``<|...|>``, ``<｜...｜>``, ``<unused...>``, ``<pad>``, ``<mask>``, ``<2mass>``,
+  ``[@BOS@]``), else USER_DEFINED (4, ``▁`` written as a space); ``[PAD{i}]`` is UNUSED (5);
+  the rest NORMAL (1);
+* **merges** as ``"a b"`` strings (pairs ``[a, b]`` joined; a space inside a part as ``Ġ``);
+* **special ids** (``bos``/``eos``/``unk``/``sep``/``pad``/``mask``): the token
+  ``tokenizer_config.json`` names, looked up in ``added_tokens``, else ``config.json``'s
+  ``{kind}_token_id``; **add_bos/add_eos** from a ``TemplateProcessing`` post-processor,
+  overridden by ``tokenizer_config.json``'s booleans; **chat template** from
+  ``tokenizer_config.json``, else ``chat_template.jinja``, else ``chat_template.json``;
+* for Llama models: ``add_space_prefix`` when ``tokenizer_config.json`` has
+  ``add_prefix_space``, and ``add_bos_token = False`` when ``vocab_size`` is 49152 (the
+  converter's rule for "granite small models", which SmolLM's vocabulary also meets);
+* **tokenizer.ggml.pre**, llama.cpp's name for the pre-tokenizer. The converter hashes the
+  tokenizer's encoding of a check text; without a tokenizer to run, this reader recognises
+  the ``pre_tokenizer`` object itself (``PRE_TOKENIZERS``: the forms the converters and hub
+  files write for each family) and names the family's reference model (``gpt-2``,
+  ``smollm``, ``llama-bpe``, ``qwen2``); ``pre=`` names another member of the same family
+  (``starcoder`` for a StarCoder file). An unknown pre-tokenizer is refused, naming it.
+
+The writer is the inverse: every token in ``model.vocab`` at its GGUF id (``[PAD{i}]`` left
+out: ``config.json``'s ``vocab_size`` restores them), CONTROL and USER_DEFINED tokens also in
+``added_tokens`` (the ``tokenizers`` library assigns them the vocabulary's id), the family's
+``pre_tokenizer``, a ``TemplateProcessing`` post-processor when BOS is added, merges as
+strings (which every ``tokenizers`` version reads), ``tokenizer_class
+"PreTrainedTokenizerFast"`` (transformers 5 rebuilds the pre-tokenizer of a model-specific
+class and would drop the digit split).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+SPECIALS = ("bos", "eos", "unk", "sep", "pad", "mask")          # SpecialVocab's order
+_ID_KEY = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
+           "sep": "seperator_token_id", "pad": "padding_token_id", "mask": "mask_token_id"}   # (sic: gguf-py)
+
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _byte_level(use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _split(regex: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+
+
+# family -> (llama.cpp's pre names of that family (the first is the reference model's), the
+# normalizer, the pre_tokenizer, whether BPE ignores merges for whole-vocabulary words); the
+# families are llama.cpp's regex sets (src/llama-vocab.cpp, llm_tokenizer_bpe)
+PRE_TOKENIZERS = {
+    "gpt2": (("gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "gigachat", "jina-v2-es",
+              "jina-v2-de", "a.x-4.0", "mellum", "exaone4"),
+             None, _byte_level(True), False),
+    "smollm": (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+               None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                            _byte_level(True)]}, False),
+    "llama3": (("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"),
+               None, {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _byte_level(False)]}, True),
+    "qwen2": (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"),
+              {"type": "NFC"}, {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _byte_level(False)]},
+              False),
+}
+_FAMILY = {name: fam for fam, (names, *_) in PRE_TOKENIZERS.items() for name in names}
+_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+
+
+def family(pre: str) -> str:
+    """The regex family (a key of ``PRE_TOKENIZERS``) of llama.cpp's pre-tokenizer ``pre``."""
+    if pre not in _FAMILY:
+        raise ValueError(f"tokenizer.ggml.pre {pre!r} is not a pre-tokenizer refquant can write or name (known: "
+                         f"the {', '.join(names[0] for names, *_ in PRE_TOKENIZERS.values())} families, "
+                         "refquant.hf.tokenizer.PRE_TOKENIZERS)")
+    return _FAMILY[pre]
+
+
+def _looks_special(t: str) -> bool:
+    """``convert_hf_to_gguf.py``'s ``does_token_look_special``."""
+    return (t in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (t.startswith("<|") and t.endswith("|>"))
+            or (t.startswith("<｜") and t.endswith("｜>")) or (t.startswith("<unused") and t.endswith(">")))
+
+
+# ----------------------------------------------------------------------------- GGUF -> HF
+
+def hf_files(metadata: dict, *, context_length: int | None = None) -> dict:
+    """``{"tokenizer.json": ..., "tokenizer_config.json": ..., "generation_config.json": ...}``
+    (JSON objects) of a GGUF's ``tokenizer.ggml.*`` metadata, and ``"config"``: the special
+    token ids ``config.json`` carries. ``ValueError`` for a tokenizer that is not byte-level
+    BPE, a pre-tokenizer not in ``PRE_TOKENIZERS``, or inconsistent keys."""
+    m = metadata
+    model = m.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"only byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') are written as "
+                         f"tokenizer.json, got {model!r}")
+    pre = str(m.get("tokenizer.ggml.pre", ""))
+    _, normalizer, pre_tokenizer, ignore_merges = PRE_TOKENIZERS[family(pre)]
+    tokens = [str(t) for t in m.get("tokenizer.ggml.tokens", ())]
+    n = len(tokens)
+    types = np.asarray(m.get("tokenizer.ggml.token_type", np.full(n, NORMAL)), np.int64)
+    if n == 0 or types.shape != (n,):
+        raise ValueError(f"tokenizer.ggml.token_type has {types.size} entries for {n} tokens")
+    vocab, added = {}, []
+    for i, (t, k) in enumerate(zip(tokens, types)):
+        if k == UNUSED and t == f"[PAD{i}]":
+            continue                     # config.json's vocab_size brings it back
+        if k not in (NORMAL, CONTROL, USER_DEFINED):
+            raise ValueError(f"token {i} ({t!r}) has type {k}; a byte-level BPE tokenizer.json holds normal, "
+                             "control and user-defined tokens")
+        if t in vocab:
+            raise ValueError(f"token {t!r} appears twice (ids {vocab[t]} and {i})")
+        vocab[t] = i
+        if k != NORMAL:
+            added.append({"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": bool(k == CONTROL)})
+    merges = [str(x) for x in m.get("tokenizer.ggml.merges", ())]
+    for x in merges:
+        k = x.find(" ", 1)
+        if k < 0 or " " in x[k + 1:]:
+            raise ValueError(f"merge {x!r} is not two tokens separated by one space")
+
+    ids = {kind: int(m[f"tokenizer.ggml.{key}"]) for kind, key in _ID_KEY.items() if f"tokenizer.ggml.{key}" in m}
+    for kind, i in ids.items():
+        if not 0 <= i < n:
+            raise ValueError(f"tokenizer.ggml.{_ID_KEY[kind]} {i} is outside the {n} tokens")
+    add_bos = bool(m.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(m.get("tokenizer.ggml.add_eos_token", False))
+    single = []
+    if add_bos or add_eos:
+        for kind in ("bos", "eos"):
+            if (add_bos if kind == "bos" else add_eos) and kind not in ids:
+                raise ValueError(f"tokenizer.ggml.add_{kind}_token is set but there is no {kind} token id")
+        bos, eos = (tokens[ids[k]] if k in ids else None for k in ("bos", "eos"))
+        piece = lambda t, type_id: {"SpecialToken": {"id": t, "type_id": type_id}}  # noqa: E731
+        seq = lambda s, type_id: {"Sequence": {"id": s, "type_id": type_id}}  # noqa: E731
+        single = ([piece(bos, 0)] if add_bos else []) + [seq("A", 0)] + ([piece(eos, 0)] if add_eos else [])
+        pair = single + [seq("B", 1)] + ([piece(eos, 1)] if add_eos else [])
+        specials = {t: {"id": t, "ids": [vocab[t]], "tokens": [t]}
+                    for t, on in ((bos, add_bos), (eos, add_eos)) if on}
+        post = {"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}]}
+    else:
+        post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer, "post_processor": post, "decoder": _DECODER,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}}
+
+    in_added = {a["id"] for a in added}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for kind, i in ids.items():
+        cfg[f"{kind}_token"] = tokens[i]
+    config_ids = {f"{kind}_token_id": i for kind, i in ids.items()
+                  if kind in ("bos", "eos", "pad") or i not in in_added}   # what added_tokens cannot resolve
+    for key in ("add_bos_token", "add_eos_token"):
+        if f"tokenizer.ggml.{key}" in m:       # consistent with the post-processor above
+            cfg[key] = bool(m[f"tokenizer.ggml.{key}"])
+    if "tokenizer.ggml.add_space_prefix" in m:
+        cfg["add_prefix_space"] = bool(m["tokenizer.ggml.add_space_prefix"])
+    if context_length:
+        cfg["model_max_length"] = int(context_length)
+    if "tokenizer.chat_template" in m:
+        cfg["chat_template"] = str(m["tokenizer.chat_template"])
+    cfg["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                      "single_word", "special")} for a in added}
+    generation = {k: v for k, v in config_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": cfg, "generation_config.json": generation,
+            "config": config_ids}
+
+
+# ----------------------------------------------------------------------------- HF -> GGUF
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+
+
+def _name(t):
+    """A special token of ``tokenizer_config.json``: a string, or an AddedToken object."""
+    return t.get("content") if isinstance(t, dict) else t if isinstance(t, str) else None
+
+
+def _canonical(obj):
+    """A ``pre_tokenizer`` (or normalizer) as the fields that decide how text is split: the
+    serializer's defaults filled in, the offsets-only ``trim_offsets`` dropped."""
+    if isinstance(obj, dict):
+        t = obj.get("type")
+        if t == "ByteLevel":
+            return {"type": t, "add_prefix_space": bool(obj.get("add_prefix_space", True)),
+                    "use_regex": bool(obj.get("use_regex", True))}
+        if t == "Sequence" and "pretokenizers" in obj:
+            items = [_canonical(p) for p in obj["pretokenizers"]]
+            return items[0] if len(items) == 1 else {"type": t, "pretokenizers": items}
+        if t == "Split":
+            return {"type": t, "pattern": obj.get("pattern"), "behavior": obj.get("behavior"),
+                    "invert": bool(obj.get("invert", False))}
+        return {k: _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_canonical(v) for v in obj]
+    return obj
+
+
+def recognise(tokenizer_json: dict) -> str | None:
+    """The family (a key of ``PRE_TOKENIZERS``) whose normalizer and pre-tokenizer
+    ``tokenizer_json`` has, or None."""
+    got = (_canonical(tokenizer_json.get("normalizer")), _canonical(tokenizer_json.get("pre_tokenizer")))
+    for fam, (_, normalizer, pre_tokenizer, _) in PRE_TOKENIZERS.items():
+        if got == (_canonical(normalizer), _canonical(pre_tokenizer)):
+            return fam
+    return None
+
+
+def _describe(tokenizer_json: dict) -> str:
+    """The regexes (or the JSON) of an unrecognised pre-tokenizer, for an error message."""
+    regexes = []
+
+    def walk(o):
+        if isinstance(o, dict):
+            if "Regex" in o:
+                regexes.append(o["Regex"])
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+    walk(tokenizer_json.get("pre_tokenizer"))
+    if regexes:
+        return "the Split regex " + ", ".join(repr(r) for r in regexes)
+    return json.dumps(tokenizer_json.get("pre_tokenizer"))[:200]
+
+
+def gguf_metadata(directory, config: dict | None = None, *, pre: str | None = None) -> dict:
+    """The ``tokenizer.*`` GGUF keys of the Hugging Face tokenizer files in ``directory``, as
+    ``convert_hf_to_gguf.py`` writes them for a GPT-2-style BPE (see the module docstring);
+    ``config`` is the checkpoint's ``config.json``. ``pre`` names llama.cpp's pre-tokenizer
+    (it must be of the family the file's pre-tokenizer is, when that one is recognised).
+    ``ValueError`` naming what is missing or unknown."""
+    d = Path(directory)
+    config = config or {}
+    if not (d / "tokenizer.json").is_file():
+        raise ValueError(f"{d}: no tokenizer.json")
+    tj = _load(d / "tokenizer.json")
+    tc = _load(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else None
+    if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+        raise ValueError(f"{d / 'tokenizer.json'}: no model object")
+    if tc is not None and not isinstance(tc, dict):
+        raise ValueError(f"{d / 'tokenizer_config.json'}: not a JSON object")
+    model = tj["model"]
+    if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict) \
+            or not isinstance(model.get("merges"), list):
+        raise ValueError(f"{d / 'tokenizer.json'}: a BPE model with vocab and merges expected, got "
+                         f"type {model.get('type')!r}")
+    fam = recognise(tj)
+    if fam is None and pre is None:
+        raise ValueError(f"{d / 'tokenizer.json'}: its pre-tokenizer ({_describe(tj)}) is not one refquant "
+                         "knows (gpt-2, smollm, llama-bpe, qwen2 families); --pre NAME names llama.cpp's")
+    if pre is not None and fam is not None and family(pre) != fam:
+        raise ValueError(f"{d / 'tokenizer.json'}: its pre-tokenizer is the {PRE_TOKENIZERS[fam][0][0]} "
+                         f"family's; --pre {pre} is the {PRE_TOKENIZERS[family(pre)][0][0]} family's")
+    name = pre if pre is not None else PRE_TOKENIZERS[fam][0][0]
+
+    added = {}
+    for a in tj.get("added_tokens") or []:
+        if not isinstance(a, dict) or not isinstance(a.get("content"), str) or not isinstance(a.get("id"), int):
+            raise ValueError(f"{d / 'tokenizer.json'}: an added_tokens entry without content and id: {a!r:.80}")
+        added.setdefault(a["content"], a)
+    ids = {}
+    for t, i in model["vocab"].items():
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise ValueError(f"{d / 'tokenizer.json'}: vocab id of {t!r} is {i!r}")
+        ids.setdefault(i, t)
+    for t, a in added.items():
+        ids.setdefault(a["id"], t)
+    size = config.get("vocab_size") or max(ids) + 1
+    if not isinstance(size, int) or max(ids) >= size:
+        raise ValueError(f"{d}: config.json's vocab_size {size!r} is smaller than the tokenizer's largest id {max(ids)}")
+    tokens, types = [], []
+    for i in range(size):
+        t = ids.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif t in added:
+            special = bool(added[t].get("special")) or _looks_special(t)
+            tokens.append(t if special else t.replace("\u2581", " "))
+            types.append(CONTROL if special else USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(NORMAL)
+    merges = []
+    for x in model["merges"]:
+        if isinstance(x, str):
+            merges.append(x)
+        elif isinstance(x, list) and len(x) == 2 and all(isinstance(p, str) for p in x):
+            merges.append(" ".join(p.replace(" ", "\u0120") for p in x))
+        else:
+            raise ValueError(f"{d / 'tokenizer.json'}: merge {x!r:.60} is neither 'a b' nor [a, b]")
+
+    out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": name, "tokenizer.ggml.tokens": tokens,
+           "tokenizer.ggml.token_type": np.array(types, np.int32), "tokenizer.ggml.merges": merges}
+    if tc is not None:
+        for kind in SPECIALS:
+            t = _name(tc.get(f"{kind}_token"))
+            if t is not None and t in added:
+                out.setdefault(f"tokenizer.ggml.{_ID_KEY[kind]}", np.uint32(added[t]["id"]))
+    for kind in SPECIALS:
+        v = config.get(f"{kind}_token_id")
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < size:
+            out.setdefault(f"tokenizer.ggml.{_ID_KEY[kind]}", np.uint32(v))
+    flags = _post_processor_flags(tj.get("post_processor"), tc or {})
+    for kind in ("bos", "eos"):
+        v = (tc or {}).get(f"add_{kind}_token")
+        if isinstance(v, bool):
+            flags[kind] = v
+        if kind in flags:
+            out[f"tokenizer.ggml.add_{kind}_token"] = flags[kind]
+    if tc is not None:
+        template = tc.get("chat_template")
+        if template is None and (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        elif template is None and (d / "chat_template.json").is_file():
+            template = (_load(d / "chat_template.json") or {}).get("chat_template")
+        if isinstance(template, str):
+            out["tokenizer.chat_template"] = template
+        if "LlamaForCausalLM" in (config.get("architectures") or []):
+            if "add_prefix_space" in tc:
+                out["tokenizer.ggml.add_space_prefix"] = bool(tc["add_prefix_space"])
+            if size == 49152:
+                out["tokenizer.ggml.add_bos_token"] = False
+    return out
+
+
+def _post_processor_flags(post, tc: dict) -> dict:
+    """``{"bos": bool, "eos": bool}`` a ``TemplateProcessing`` post-processor (alone or in a
+    ``Sequence``) implies, as ``SpecialVocab._try_load_from_tokenizer_json`` reads it."""
+    procs = post.get("processors", []) if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
+    flags = {}
+    for p in procs:
+        if not isinstance(p, dict) or p.get("type") != "TemplateProcessing":
+            continue
+        single = p.get("single") or []
+        bos, eos = _name(tc.get("bos_token")), _name(tc.get("eos_token"))
+
+        def special(piece):
+            return piece.get("SpecialToken", {}).get("id") if isinstance(piece, dict) else None
+        if len(single) > 1:
+            flags["bos"] = special(single[0]) is not None and special(single[0]) == bos
+            if special(single[-1]) is not None:
+                flags["eos"] = special(single[-1]) == eos
+    return flags
+
