@@ -281,3 +281,19 @@ def test_smollm2_export_convert_keeps_every_tokenizer_key_and_generates_the_same
             logits = s.step(out[-1])
         texts.append(tok.decode(out))
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+@pytest.mark.parametrize("vocab, config, message", [
+    ({}, {}, "the vocabulary is empty"),
+    ({"a": 2**40}, {}, "a vocabulary of 1099511627777 ids"),
+    ({"a": 0}, {"vocab_size": 2**31}, "a vocabulary of 2147483648 ids"),
+    ({"a": 5}, {"vocab_size": 3}, "vocab_size 3 is smaller than the tokenizer's largest id 5"),
+    ({"a": -1}, {}, "vocab id of 'a' is -1"),
+    ({"a": "0"}, {}, "vocab id of 'a' is '0'"),
+])
+def test_a_malformed_vocabulary_is_refused_before_anything_is_built(tmp_path, vocab, config, message):
+    tj = {"pre_tokenizer": hf_tokenizer.PRE_TOKENIZERS["gpt2"][2], "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match=message):
+        hf_tokenizer.gguf_metadata(tmp_path, config)
+

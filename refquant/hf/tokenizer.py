@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+MAX_VOCAB = 1 << 24        # ids past this are a malformed file, not a vocabulary (padding would fill them)
 SPECIALS = ("bos", "eos", "unk", "sep", "pad", "mask")          # SpecialVocab's order
 _ID_KEY = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
            "sep": "seperator_token_id", "pad": "padding_token_id", "mask": "mask_token_id"}   # (sic: gguf-py)
@@ -297,9 +298,13 @@ def gguf_metadata(directory, config: dict | None = None, *, pre: str | None = No
         ids.setdefault(i, t)
     for t, a in added.items():
         ids.setdefault(a["id"], t)
+    if not ids:
+        raise ValueError(f"{d / 'tokenizer.json'}: the vocabulary is empty")
     size = config.get("vocab_size") or max(ids) + 1
-    if not isinstance(size, int) or max(ids) >= size:
+    if not isinstance(size, int) or isinstance(size, bool) or max(ids) >= size:
         raise ValueError(f"{d}: config.json's vocab_size {size!r} is smaller than the tokenizer's largest id {max(ids)}")
+    if size > MAX_VOCAB:
+        raise ValueError(f"{d}: a vocabulary of {size} ids (the largest real ones have about 2^18); refused")
     tokens, types = [], []
     for i in range(size):
         t = ids.get(i)
