@@ -357,6 +357,26 @@ def test_three_processes_compile_into_one_cold_cache(tmp_path):
     assert after[1] == outs[0][0].split()[1] and int(after[0]) >= 2
 
 
+def test_cache_key_of_the_compiled_quantizers_covers_their_constants():
+    """numba freezes the global tables a function reads (KVALUES_IQ4NL, ...) into its code and
+    keys the entry by the function's own file only: the quantizers' entries also carry a hash
+    of constants.py, so editing a table there invalidates them."""
+    from refquant.gguf.quants import compiled
+    from refquant.kernels import _cache
+
+    fn = compiled.q4_0
+    if not _cache.enabled():
+        pytest.fail("REFQUANT_NUMBA_CACHE=0 in the test environment (conftest removes it)")
+    assert fn._cache.deps == _cache._source_hash(("refquant/gguf/quants/constants.py",)) != ""
+    ctx = type("C", (), {"magic_tuple": lambda self: ("cpu",)})()
+    key = fn._cache._index_key((), ctx)
+    fn._cache.deps, old = "edited", fn._cache.deps
+    try:
+        assert fn._cache._index_key((), ctx) != key
+    finally:
+        fn._cache.deps = old
+
+
 def test_cache_key_covers_the_build_and_the_kernel_sources(monkeypatch):
     """Entries differ by the factory's key and by the source of the kernel modules."""
     from refquant.kernels import _cache

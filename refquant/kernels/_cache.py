@@ -37,10 +37,10 @@ _SOURCES = ("refquant/kernels/bytedot.py", "refquant/kernels/simd.py", "refquant
 
 
 @functools.lru_cache(maxsize=None)
-def _source_hash() -> str:
+def _source_hash(sources: tuple = _SOURCES) -> str:
     root = Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
-    for rel in _SOURCES:
+    for rel in sources:
         p = root / rel
         h.update(rel.encode())
         h.update(p.read_bytes() if p.exists() else b"-")
@@ -69,6 +69,12 @@ def _tolerant_class():
         return None   # pragma: no cover
 
     class TolerantCache(FunctionCache):
+        deps = ""   # a hash of the modules whose constants the function freezes (``jit(deps=...)``)
+
+        def _index_key(self, sig, codegen):
+            key = super()._index_key(sig, codegen)
+            return key if not self.deps else (*key[:2], (*key[2], self.deps))
+
         def load_overload(self, sig, target_context):
             try:
                 return super().load_overload(sig, target_context)
@@ -109,16 +115,21 @@ def _cache_class():
     return KeyedCache
 
 
-def jit(key=None, **options):
+def jit(key=None, *, deps: tuple = (), **options):
     """``numba.njit(**options)``, cached on disk under ``key`` (module docstring); ``key=None``:
-    under numba's own key (the source file's stamp), for plain module-level functions. Either
-    way through the tolerant cache (``_tolerant_class``). ``REFQUANT_NUMBA_CACHE=0``: no cache."""
+    under numba's own key (the function's bytecode, the entry dropped when its source file
+    changes), for plain module-level functions, plus the contents of ``deps`` (paths from
+    the repository root): numba freezes the global arrays a function reads into its code, so
+    an edit of the module that defines them must invalidate the entry too. Either way
+    through the tolerant cache (``_tolerant_class``). ``REFQUANT_NUMBA_CACHE=0``: no cache."""
     def wrap(fn):
         d = njit(**options)(fn)
         cls = (_tolerant_class() if key is None else _cache_class()) if enabled() else None
         if cls is not None:
             try:
                 d._cache = cls(fn) if key is None else cls(fn, repr(key))
+                if deps:
+                    d._cache.deps = _source_hash(tuple(deps))
             except Exception:   # pragma: no cover - no writable cache directory: compile as before
                 pass
         return d

@@ -35,7 +35,8 @@ from refquant.gguf.quants.constants import GROUP_MAX_EPS, KVALUES_FP4, KVALUES_I
 from refquant.kernels import _cache
 
 _OPTS = dict(nogil=True, error_model="numpy", boundscheck=False)
-_kernel = _cache.jit(None, **_OPTS)   # on disk, a damaged entry recompiled (kernels._cache)
+# on disk, a damaged entry recompiled, an edit of the constants' module recompiled (kernels._cache)
+_kernel = _cache.jit(None, deps=("refquant/gguf/quants/constants.py",), **_OPTS)
 _f = np.float32
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 _KV_IQ4 = KVALUES_IQ4NL.copy()
