@@ -4,7 +4,7 @@
 
 For each thread count a fresh worker process is started with numba's and BLAS's thread
 counts set before NumPy loads (OpenBLAS reads them only then). The worker measures the
-read bandwidth with that many threads, builds every kernel of ``refquant.kernels.table``
+read bandwidth with that many threads, builds every byte-dot kernel the registry lists (``schemes.kernels()``)
 on each layer shape (Llama-7B's up and down projections, SmolLM2-135M's), checks each
 result against ``Ŵ x̂`` in float64 from ``dequantize`` and gguf.quants' Q8_0, then times
 all of them and NumPy FP32 round robin (``machine.interleaved_times``), >= 31 calls each,
@@ -43,9 +43,8 @@ def _kernel_schemes() -> tuple:
     INT8 kernels on the same layouts, only their codes differ) and INT8 per tensor (the
     per-channel kernel with one repeated scale)."""
     from refquant import schemes
-    from refquant.kernels.table import KERNELS
 
-    return tuple(n for n in KERNELS if not schemes.get(n).needs_calib and n != "int8_tensor")
+    return tuple(n for n in schemes.kernels() if not schemes.get(n).needs_calib and n != "int8_tensor")
 
 
 KERNEL_SCHEMES = _kernel_schemes()
@@ -74,7 +73,6 @@ def _cases(shape, x, names=KERNEL_SCHEMES):
     """(label, scheme, quantized tensor, matvec, bytes read) per kernel; the weight is a
     block of rows quantized once and tiled to ``shape`` (speed does not depend on values)."""
     from refquant import affine, kernels, schemes
-    from refquant.kernels.table import KERNELS, packed
     from refquant.tensor import QuantizedTensor
 
     rows, n = shape
@@ -96,8 +94,8 @@ def _cases(shape, x, names=KERNEL_SCHEMES):
                              and q0.scales.shape[0] == w0.shape[0] else q0.scales, tile(q0.zeros), shape, name, meta)
         if name == "w8a8":   # per-row scales of shape (rows,)
             qt = QuantizedTensor(qt.codes, np.tile(q0.scales, reps)[:rows], None, shape, name, meta)
-        entry = KERNELS[name]
-        yield _label(name), qt, (lambda e: lambda qt, x: e.matmul(qt, x))(entry), packed(qt).nbytes
+        entry = s.kernel
+        yield _label(name), qt, (lambda e: lambda qt, x: e.matmul(qt, x))(entry), entry.packed(qt).nbytes
     qt = affine.quantize(np.tile(w0, (reps, 1))[:rows], 4, granularity="group", group_size=128, scale_dtype=np.float16,
                          pad=True)
     yield "int4-g128-x16", qt, lambda qt, x: kernels.matvec_int4(qt.codes, qt.scales, None, x, group_size=128), qt.nbytes
@@ -106,8 +104,8 @@ def _cases(shape, x, names=KERNEL_SCHEMES):
 def _verify(label, qt, fn, x):
     """The kernel's first rows against Ŵ x̂ (float64): within 1e-4 of Σ|ŵ||x̂| (the tests
     hold every kernel to a derived bound; this guards the benchmark's own plumbing)."""
+    from refquant import schemes
     from refquant.kernels import bytedot
-    from refquant.kernels.table import KERNELS
     from refquant.smoothquant import act_quant
 
     y = fn(qt, x)
@@ -116,7 +114,7 @@ def _verify(label, qt, fn, x):
     if label == "int4-g128-x16":
         from refquant.kernels.matvec import dequantize_activation_int16
         x_hat = dequantize_activation_int16(np.pad(x, (0, -x.size % 128)), 128)[: x.size]
-    elif KERNELS[qt.scheme].activation == "per_token":
+    elif schemes.get(qt.scheme).kernel.round_x is not None:   # W8A8: x per token
         x_hat = act_quant(qt, x[None])[0].astype(np.float64)
     else:
         xq, dx, _ = bytedot.quantize_x_q8_0(x[None], -(-x.size // 32))

@@ -43,7 +43,7 @@ def int8_dot_peak(repeats: int = 50) -> dict:
     w = rng.standard_normal((1024, 4096)).astype(np.float32)
     x = rng.standard_normal(4096).astype(np.float32)
     raw = quants.quantize(w, "Q8_0")
-    p = bytedot.pack_ggml(raw, "Q8_0", 4096)
+    p = quants.pack_ggml(raw, "Q8_0", 4096)
     xq, dx, xs = bytedot.quantize_x_q8_0(x[None], p.nb)
     ref = quants.dequantize(raw, "Q8_0", w.shape).astype(np.float64) @ (xq.reshape(-1, 32) * dx.reshape(-1, 1)).reshape(-1)
     if not np.allclose(bytedot.run(p, xq, dx, xs)[0], ref, rtol=1e-4, atol=1e-3):

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from benchmarks import common
 from benchmarks.common import machine
 from refquant import metrics, schemes
-from refquant.kernels.table import KERNELS
 from refquant._checks import cli_int
 
 
@@ -36,8 +35,8 @@ def run(size: int, seed: int = 0) -> dict:
         y = s.matvec(qt, x)
         xq = x if s.act_quant is None else s.act_quant(qt, x[None])[0]  # W8A8 types round x too
         ref = w_hat.astype(np.float64) @ xq
-        if name in KERNELS:   # byte-dot kernels multiply by x rounded to int8 (AWQ: by x / s)
-            entry = KERNELS[name]
+        if s.kernel is not None:   # byte-dot kernels multiply by x rounded to int8 (AWQ: by x / s)
+            entry = s.kernel
             w_eff = w_hat * qt.meta["awq_scales"] if entry.prepare_x is not None else w_hat
             ref = w_eff.astype(np.float64) @ entry.x_hat(qt, x)[0]
         if w_hat.shape != w.shape or not np.allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()):

@@ -5,11 +5,10 @@ Modules: ``affine`` (integer grids), ``formats`` (fp16/bf16/fp8/fp4/e8m0 bit-exa
 ``packing`` (bit packing), ``schemes`` (the registry of named schemes), ``metrics``.
 Every quantizer returns a ``QuantizedTensor``.
 """
-from refquant import schemes  # noqa: I001  (the registry first, then the families, in this order)
+from refquant import schemes  # noqa: I001  (the registry, then the families: registration order is listing order)
 from refquant import formats, codebooks, mx, affine, packing, metrics
 from refquant.gguf import quants as _ggml  # noqa: F401  (registers the GGML schemes)
 from refquant import gptq, awq, smoothquant, llm_int8  # noqa: F401
-from refquant.kernels import table as _kernel_table  # noqa: F401  (attaches the byte-dot kernels)
 from refquant.tensor import QuantizedTensor
 
 __all__ = ["QuantizedTensor", "affine", "codebooks", "formats", "metrics", "mx", "packing", "schemes"]

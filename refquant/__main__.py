@@ -146,17 +146,20 @@ def cmd_export(args) -> int:
                              f"{meta.get('general.architecture')!r}")
         if not args.no_tokenizer and "tokenizer.ggml.tokens" in meta:
             try:   # before the weights: a tokenizer that cannot be written fails fast
-                hf_tokenizer.hf_files(meta)
+                lost = hf_tokenizer.hf_files(meta)["lost"]
             except ValueError as e:
                 raise ValueError(f"{args.input}: {e}; --no-tokenizer writes the checkpoint without one") from None
+            if lost:
+                _note(f"export: the Hugging Face tokenizer files have no place for {', '.join(lost)}")
         linears = {n for n, info in f.tensors.items()
                    if n.startswith("blk.") and n.split(".")[-2] in llama.LINEARS and len(info.shape) == 2}
         widths = sorted({f.tensors[n].shape[1] for n in linears})
+        fits = [g for g in (256, 128, 64, 32, 16) if all(n % g == 0 for n in widths)]
         if args.group_size == -1 and args.format == "awq":
             raise ValueError("--group-size -1 (one group per row) has no AWQ form: AWQ's config states one group "
-                             "width for every Linear; choose --group-size " + ("64" if widths else "128"))
+                             "width for every Linear; choose --group-size " + (f"{fits[0]}" if fits else "dividing "
+                                                                                 "every Linear's input width"))
         if args.group_size != -1 and any(n % args.group_size for n in widths):
-            fits = [g for g in (256, 128, 64, 32, 16) if all(n % g == 0 for n in widths)]
             raise ValueError(f"{args.input}: --group-size {args.group_size} does not divide every Linear's "
                              f"input width ({', '.join(map(str, widths))}); choose --group-size "
                              + (f"{fits[0]}" if fits else "dividing them") + " or -1 (one group per row)")
@@ -196,16 +199,19 @@ def cmd_convert(args) -> int:
     d = Path(args.input)
     d = d if d.is_dir() else d.parent
     cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-    if "LlamaForCausalLM" not in cfg.get("architectures", []):
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architectures"), list) \
+            or "LlamaForCausalLM" not in cfg["architectures"]:
         raise ValueError(f"{args.input}: convert reads LlamaForCausalLM checkpoints, config.json says "
-                         f"{cfg.get('architectures')}")
+                         f"{cfg.get('architectures') if isinstance(cfg, dict) else cfg!r}")
     meta = llama.metadata(cfg, d / "config.json")
     if args.metadata_from:   # the tokenizer and any other keys, from a GGUF of the same model
         with gguf.read(args.metadata_from) as f:
             meta = {**{k: v for k, v in f.metadata.items() if k != "general.file_type"}, **meta}
+    elif args.no_tokenizer:
+        pass
     elif (d / "tokenizer.json").is_file():
         meta.update(hf_tokenizer.gguf_metadata(d, cfg, pre=args.pre))
-    elif not args.no_tokenizer:
+    else:
         raise ValueError(f"{args.input}: no tokenizer.json: pass --metadata-from GGUF (a GGUF of the same model) "
                          "or --no-tokenizer for a weights-only file")
     # what llama.cpp and minigpt_np's engines would refuse, refused before anything is converted
@@ -435,7 +441,7 @@ def main(argv=None) -> int:
     s.add_argument("--pre", metavar="NAME", help="llama.cpp's name of tokenizer.json's pre-tokenizer "
                                                  "(tokenizer.ggml.pre), e.g. starcoder; default: the family's")
     s.add_argument("--no-tokenizer", action="store_true",
-                   help="write a weights-only GGUF when the checkpoint has no tokenizer.json")
+                   help="write a weights-only GGUF (tokenizer.json, if any, is not read)")
     s.add_argument("--allow-nonfinite", action="store_true", help="convert layers with NaN or Inf scales anyway")
     s = sub.add_parser("dequantize", help="write every tensor as F32 or F16")
     s.add_argument("input")

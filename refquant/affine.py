@@ -37,6 +37,7 @@ import numpy as np
 
 from refquant import packing
 from refquant._checks import float_array, int_in, one_of, positive_int
+from refquant.kernels.table import AFFINE
 from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
@@ -276,19 +277,20 @@ def error_bound(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
-def _register_scheme(name: str, description: str, **kw):  # pragma: no mutate block
-    register(name, description=description, bound=lambda w, qt: error_bound(qt) * (1 + 2**-20))(
+def _register_scheme(name: str, description: str, kernel=None, **kw):  # pragma: no mutate block
+    register(name, description=description, bound=lambda w, qt: error_bound(qt) * (1 + 2**-20), kernel=kernel)(
         lambda w, *, calib=None: quantize(w, scheme=name, **kw))
 
 
 for _sym, _suffix in ((True, ""), (False, "_asym")):
     _kind = "symmetric" if _sym else "asymmetric (uint8 zero point)"
+    # the byte-dot kernels take symmetric INT8 (w·sign(x) needs no zero point) and INT4 groups
     _register_scheme(f"int8_tensor{_suffix}", f"INT8 {_kind}, one fp32 scale per tensor",
-                     bits=8, granularity="tensor", sym=_sym)
+                     kernel=AFFINE if _sym else None, bits=8, granularity="tensor", sym=_sym)
     _register_scheme(f"int8_channel{_suffix}", f"INT8 {_kind}, one fp32 scale per output channel",
-                     bits=8, granularity="channel", axis=0, sym=_sym)
+                     kernel=AFFINE if _sym else None, bits=8, granularity="channel", axis=0, sym=_sym)
     for _g in (128, 64, 32):
         _register_scheme(f"int4_g{_g}{_suffix}", f"INT4 {_kind}, fp16 scale per group of {_g} inputs",
-                         bits=4, granularity="group", group_size=_g, sym=_sym, scale_dtype=np.float16)
+                         kernel=AFFINE, bits=4, granularity="group", group_size=_g, sym=_sym, scale_dtype=np.float16)
 _register_scheme("int3_g128", "INT3 symmetric, fp16 scale per group of 128 inputs (RTN baseline for GPTQ INT3)",
                  bits=3, granularity="group", group_size=128, scale_dtype=np.float16)

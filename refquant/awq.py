@@ -19,11 +19,14 @@ preceding LayerNorm or Linear where there is one, which is the same arithmetic.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from refquant import affine, packing
 from refquant._checks import float_array
 from refquant.calibration import as_stats
+from refquant.kernels.table import AFFINE
 from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
@@ -149,5 +152,11 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
+def _divide_x(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
+    """x as the folded weight ``Q(W diag(s))`` multiplies it: ``x / s``."""
+    return (np.asarray(X, np.float32) / qt.meta["awq_scales"]).astype(np.float32)
+
+
 register("awq_int4_g128", description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
-         needs_calib=True, needs_inputs=True)(lambda w, *, calib=None: awq_quantize(w, as_stats(calib).X))
+         needs_calib=True, needs_inputs=True, kernel=replace(AFFINE, prepare_x=_divide_x))(
+    lambda w, *, calib=None: awq_quantize(w, as_stats(calib).X))

@@ -43,6 +43,7 @@ import numpy as np
 from refquant import affine, packing
 from refquant._checks import float_array, int_in
 from refquant.calibration import as_stats
+from refquant.kernels.table import AFFINE
 from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
@@ -262,16 +263,18 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes; calib = inputs X (tokens, in) or LayerStats) -------------------
 
-def _register_scheme(name: str, description: str, **kw):  # pragma: no mutate block
-    register(name, description=description, needs_calib=True)(
+def _register_scheme(name: str, description: str, kernel=None, **kw):  # pragma: no mutate block
+    register(name, description=description, needs_calib=True, kernel=kernel)(
         lambda w, *, calib=None: gptq_quantize(w, as_stats(calib).H, scheme=name, **kw)[0])
 
 
-_register_scheme("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", bits=4, group_size=128)
-_register_scheme("gptq_int4_g64", "GPTQ INT4 symmetric, fp16 scale per 64 inputs", bits=4, group_size=64)
+# without act-order the codes are plain affine groups: the byte-dot kernels multiply them
+_register_scheme("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", AFFINE, bits=4, group_size=128)
+_register_scheme("gptq_int4_g64", "GPTQ INT4 symmetric, fp16 scale per 64 inputs", AFFINE, bits=4, group_size=64)
 _register_scheme("gptq_int4_g32", "GPTQ INT4 symmetric, fp16 scale per 32 inputs (ggml's block: exactly Q4_0)",
-                 bits=4, group_size=32)
+                 AFFINE, bits=4, group_size=32)
 _register_scheme("gptq_int4_g128_actorder", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4,
                  group_size=128, act_order=True)
 _register_scheme("gptq_int3_g128", "GPTQ INT3 symmetric, fp16 scale per 128 inputs", bits=3, group_size=128)
-_register_scheme("gptq_int8_channel", "GPTQ INT8 symmetric, fp16 scale per output channel", bits=8, group_size=-1)
+_register_scheme("gptq_int8_channel", "GPTQ INT8 symmetric, fp16 scale per output channel", AFFINE, bits=8,
+                 group_size=-1)

@@ -65,6 +65,13 @@ class Linear:
     def _matmul(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def operand_kind(self) -> str:
+        """How a compiled step (``refquant.kernels.stacked``) multiplies by this weight:
+        ``"f32"`` (a float32 matrix), ``"packed"`` (the byte-dot layout, x as Q8_0 blocks) or
+        ``"dequantized"`` (its float32 dequantization, as the NumPy reference does);
+        ValueError for a weight whose product rounds or transforms x its own way."""
+        raise ValueError(f"a {type(self).__name__} has no compiled operand")
+
     def __call__(self, x) -> np.ndarray:
         x = float_array(x, "x")
         if x.ndim == 0 or x.shape[-1] != self.shape[1]:
@@ -95,6 +102,9 @@ class DenseLinear(Linear):
 
     def _slice(self, start: int, stop: int) -> "DenseLinear":
         return DenseLinear(self.w[start:stop])
+
+    def operand_kind(self) -> str:
+        return "f32"
 
 
 class QuantizedLinear(Linear):
@@ -143,6 +153,19 @@ class QuantizedLinear(Linear):
         if s.act_quant is not None:
             X = s.act_quant(self.qt, X)
         return X @ self.weight.T
+
+    def operand_kind(self) -> str:
+        entry = self.scheme.kernel
+        if entry is not None and entry.q8_0:
+            return "packed"
+        if self.scheme.act_quant is not None or entry is not None:
+            raise ValueError(f"scheme {self.qt.scheme!r} rounds or transforms x its own way; the compiled step "
+                             "covers float32, schemes without a kernel, and kernels with Q8_0 activations")
+        return "dequantized"
+
+    def packed(self):
+        """The byte-dot kernels' form of the weight (``bytedot.Packed``; ``operand_kind`` "packed")."""
+        return self.scheme.kernel.packed(self.qt)
 
     def _slice(self, start: int, stop: int) -> "QuantizedLinear":
         q = self.qt

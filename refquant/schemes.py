@@ -8,8 +8,10 @@ A ``Scheme`` turns a 2-D float weight ``w`` of shape (out, in) into a
     y = s.matvec(qt, x)              # x: (in,)   -> (out,)      = W x
     Y = s.matmul(qt, X)              # X: (M, in) -> (M, out)    = X W^T (a Linear layer)
 
-The NumPy reference ``matvec`` / ``matmul`` dequantize and then multiply; faster kernels
-plug in per scheme without changing the results beyond float round-off.
+The NumPy reference ``matvec`` / ``matmul`` dequantize and then multiply. A scheme with a
+byte-dot kernel multiplies ``Ŵ`` by x rounded as the kernel rounds it (llama.cpp's Q8_0
+blocks, or the scheme's own rounding): ``KernelEntry.x_hat`` is that x, and the contract
+suite checks the kernel against ``x_hat`` times the dequantized weight.
 
 Schemes register themselves where they are implemented, one module per family (as
 gguf-py's block types do): ``formats`` (fp32 … fp8), ``codebooks`` (NF4, FP4), ``mx``
@@ -24,7 +26,7 @@ registered (and fails until its byte count is written down). Schemes listed in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -47,6 +49,7 @@ class Scheme:
     matvec_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, x)
     matmul_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, X)
     max_batch: int | None = None   # rows of X matmul_fn takes (None: any; the byte-dot kernels: 16)
+    kernel: object | None = None   # the byte-dot kernels' entry (refquant.kernels.table.KernelEntry), if any
     # schemes that quantize activations too (W8A8, SmoothQuant, LLM.int8()): X -> X as the
     # layer sees it; the layer computes act_quant(qt, X) @ qt.dequantize().T
     act_quant: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None
@@ -114,28 +117,36 @@ _REGISTRY: dict[str, Scheme] = {}
 
 
 def register(name: str, *, description: str, bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None,
-             needs_calib: bool = False, needs_inputs: bool = False, matvec=None, matmul=None, act_quant=None):
+             needs_calib: bool = False, needs_inputs: bool = False, matvec=None, matmul=None, act_quant=None,
+             kernel=None):
     """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``.
 
     ``matvec(qt, x)`` / ``matmul(qt, X)``: optional exact products used instead of
-    dequantize-then-multiply, for any number of rows (inputs already validated). The
-    byte-dot kernels are attached afterwards by ``refquant.kernels.table`` (``set_kernel``).
+    dequantize-then-multiply, for any number of rows (inputs already validated).
+    ``kernel``: the family's ``refquant.kernels.table.KernelEntry``, which then computes
+    ``matvec`` and ``matmul`` of up to ``kernels.MAX_BATCH`` rows (x rounded as it says).
+    An entry is complete when registered: the registry is never changed afterwards.
     """
+    if kernel is not None and (matvec is not None or matmul is not None):
+        raise ValueError(f"scheme {name!r}: a byte-dot kernel or exact products, not both")
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"scheme {name!r} is already registered")
-        _REGISTRY[name] = Scheme(name, description, fn, bound, needs_calib, needs_inputs, matvec, matmul,
-                                 None, act_quant)
+        from refquant.kernels import MAX_BATCH
+
+        fast = {} if kernel is None else dict(matvec_fn=kernel.matmul, matmul_fn=kernel.matmul, max_batch=MAX_BATCH)
+        _REGISTRY[name] = Scheme(name, description, fn, bound, needs_calib, needs_inputs,
+                                 **({"matvec_fn": matvec, "matmul_fn": matmul} | fast), act_quant=act_quant,
+                                 kernel=kernel)
         return fn
 
     return deco
 
 
-def set_kernel(name: str, kernel, *, max_batch: int) -> None:
-    """Make ``kernel(qt, X)`` (1-D x or up to ``max_batch`` rows) scheme ``name``'s
-    ``matvec``/``matmul`` (``refquant.kernels.table`` does this for every entry)."""
-    _REGISTRY[name] = replace(get(name), matvec_fn=kernel, matmul_fn=kernel, max_batch=max_batch)
+def kernels() -> dict:
+    """``{name: KernelEntry}`` of every registered scheme the byte-dot kernels multiply."""
+    return {n: s.kernel for n, s in _REGISTRY.items() if s.kernel is not None}
 
 
 def get(name: str) -> Scheme:

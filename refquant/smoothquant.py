@@ -22,10 +22,13 @@ effective weight ``Q(W diag(s)) diag(s)⁻¹`` and whose activation rounding is
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from refquant._checks import float_array
 from refquant.calibration import as_stats
+from refquant.kernels.table import AFFINE
 from refquant.schemes import register
 from refquant.tensor import QuantizedTensor, register_decoder
 
@@ -128,8 +131,17 @@ def int8_bound(w, qt):
     return b
 
 
+def _token_blocks(X: np.ndarray, nb: int):
+    """x as W8A8 rounds it (``quantize_tokens``), in the byte-dot kernels' block form."""
+    from refquant.kernels.bytedot import blocks_of_rows
+
+    q, s = quantize_tokens(np.asarray(X, np.float32))
+    return blocks_of_rows(q, s, nb)
+
+
 register("w8a8", description="int8 per-channel weights x int8 per-token activations, int32 accumulation",
-         act_quant=act_quant, bound=int8_bound)(lambda w, *, calib=None: quantize(w))
+         act_quant=act_quant, bound=int8_bound, kernel=replace(AFFINE, round_x=_token_blocks))(
+    lambda w, *, calib=None: quantize(w))
 register("smoothquant_w8a8", description="SmoothQuant (alpha 0.5) then W8A8", needs_calib=True, bound=int8_bound,
          act_quant=act_quant, matmul=matmul, matvec=lambda qt, x: matmul(qt, x[None])[0])(
     lambda w, *, calib=None: quantize(w, smooth=smooth_scales(as_stats(calib).max_abs, w), scheme="smoothquant_w8a8"))

@@ -21,7 +21,7 @@ def kernel_x_hat(entry, qt, X, act_quant=None):
     X = np.atleast_2d(np.asarray(X, np.float32))
     if entry.prepare_x is not None:
         X = (X / qt.meta["awq_scales"]).astype(np.float32)
-    if entry.activation == "per_token":
+    if entry.round_x is not None:   # the scheme's own rounding (W8A8: per token), which act_quant also is
         return act_quant(qt, X).astype(np.float64)
     return q8_0_round_trip(X)
 

@@ -16,7 +16,6 @@ from hypothesis import given, settings, strategies as st
 from refquant import schemes
 from refquant.gguf import quants
 from refquant import kernels   # kernels.bytedot loads numba on first use (refquant.kernels.__getattr__)
-from refquant.kernels.table import KERNELS, packed
 from tests.oracles import kernel_bound, kernel_x_hat, q8_0_round_trip
 
 pytestmark = pytest.mark.oracle   # the byte-dot kernels rely on numba/llvmlite (intrinsics, first-class functions, the cache API)
@@ -34,7 +33,12 @@ def _tiers() -> list[str]:
 TIERS = _tiers()
 # the default run checks the tier this machine uses (the best it has); `pytest -m slow` the others
 TIER_PARAMS = [pytest.param(t, marks=[pytest.mark.slow] if i else []) for i, t in enumerate(TIERS)]
+KERNELS = schemes.kernels()   # the registry's view: every scheme whose family declared a kernel
 SCHEMES = sorted(KERNELS)
+
+
+def packed(qt):
+    return KERNELS[qt.scheme].packed(qt)
 # in-features per scheme family: whole blocks of the format (K-quants: 256), groups of the
 # INT4 schemes; the affine INT8 ones take any length (the kernel pads to whole blocks)
 _BLOCK = {"q4_k": 256, "q5_k": 256, "q6_k": 256}
@@ -148,6 +152,23 @@ def test_compiled_q8_0_activation_is_llama_cpp_q8_0(M, n, seed, scale):
     np.testing.assert_array_equal(xs, dx * xq.reshape(M, nb, 32).sum(axis=2))
 
 
+def test_q8_0_activation_ties_round_away_from_zero():
+    """A block whose max|x| is 127 has d = 1 exactly, so x·(1/d) = x: the halves are exact
+    ties, which llama.cpp's roundf takes away from zero (2.5 -> 3, -0.5 -> -1), as
+    ``gguf.quants``' Q8_0 (checked against gguf-py) does."""
+    ties = np.array([2.5, -2.5, 0.5, -0.5, 126.5, -126.5, 3.5, -3.5], np.float32)
+    X = np.zeros((1, 64), np.float32)
+    X[0, 0], X[0, 1:9] = 127, ties
+    X[0, 32], X[0, 33:41] = -127, ties
+    xq, dx, _ = kernels.bytedot.quantize_x_q8_0(X, 2)
+    want = np.array([3, -3, 1, -1, 127, -127, 4, -4])
+    np.testing.assert_array_equal(xq[0, 1:9], want)
+    np.testing.assert_array_equal(xq[0, 33:41], want)
+    assert dx.tolist() == [[1.0, 1.0]]
+    raw = quants.quantize(X, "Q8_0").reshape(2, 34)
+    np.testing.assert_array_equal(xq.reshape(2, 32), raw[:, 2:].view(np.int8))
+
+
 def test_q8_0_block_by_hand():
     """w = 1..32 gives d_w = fp16(32/127) and codes roundf(i·127/32); x = ones gives
     d_x = fp16(1/127) and codes 127: y = d_w·d_x·127·Σ codes."""
@@ -244,7 +265,7 @@ import numpy as np
 from numba import typeof
 from refquant.kernels import bytedot as B
 from refquant.gguf import quants
-p = B.pack_ggml(quants.quantize(np.ones((2, 64), np.float32), "Q4_1", impl="numpy"), "Q4_1", 64)  # (a compiled
+p = quants.pack_ggml(quants.quantize(np.ones((2, 64), np.float32), "Q4_1", impl="numpy"), "Q4_1", 64)  # (a compiled
 # quantizer would be built for the Zen 4 target too, and run here)
 k = B._build("{tier}", p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
              p.mnshift)
@@ -275,11 +296,11 @@ def test_bad_input_raises():
     with pytest.raises(TypeError, match="Packed"):
         kernels.bytedot.matmul(qt, np.ones(64, np.float32))
     with pytest.raises(ValueError, match="no byte-dot kernel for IQ4_NL"):
-        kernels.bytedot.pack_ggml(quants.quantize(np.ones((1, 32), np.float32), "IQ4_NL"), "IQ4_NL", 32)
+        quants.pack_ggml(quants.quantize(np.ones((1, 32), np.float32), "IQ4_NL"), "IQ4_NL", 32)
     bad = quants.quantize(np.ones((1, 32), np.float32), "Q8_0")
     bad[0, 2] = 0x80                    # a crafted code -128
     with pytest.raises(ValueError, match="code -128"):
-        kernels.bytedot.pack_ggml(bad, "Q8_0", 32)
+        quants.pack_ggml(bad, "Q8_0", 32)
     with pytest.raises(ValueError, match="power-of-two multiple of 32"):
         kernels.bytedot._log2_blocks(48)
 
@@ -289,7 +310,7 @@ import numpy as np
 from refquant.kernels import bytedot as B
 from refquant.gguf import quants
 x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
-p = B.pack_ggml(quants.quantize(x[::-1].copy(), "Q4_0"), "Q4_0", 64)
+p = quants.pack_ggml(quants.quantize(x[::-1].copy(), "Q4_0"), "Q4_0", 64)
 out = B.matmul(p, x, tier="numba")
 print(sum(B.kernel("numba", p).stats.cache_hits.values()), out.tobytes().hex())
 """
@@ -313,8 +334,8 @@ from refquant.gguf import quants
 from refquant.gguf.quants import compiled
 x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
 q = quants.quantize(x, "Q4_0", impl="numba")
-out = B.matmul(B.pack_ggml(q, "Q4_0", 64), x, tier="numba")
-hits = sum(compiled.q4_0.stats.cache_hits.values()) + sum(B.kernel("numba", B.pack_ggml(q, "Q4_0", 64)).stats.cache_hits.values())
+out = B.matmul(quants.pack_ggml(q, "Q4_0", 64), x, tier="numba")
+hits = sum(compiled.q4_0.stats.cache_hits.values()) + sum(B.kernel("numba", quants.pack_ggml(q, "Q4_0", 64)).stats.cache_hits.values())
 print(hits, q.tobytes().hex() + out.tobytes().hex())
 """
 

@@ -465,14 +465,22 @@ def test_config_fields_are_checked_or_refused(tmp_path, fmt, field, edit, messag
     assert not (tmp_path / "o.gguf").exists()
 
 
-# (issue 36) convert checks the model against its config.json as the engines do
-# (refquant.hf.llama.validate): the tiny model has d 64, 4 heads, 2 kv heads, ff 128, 16 tokens
-BAD_MODEL_CONFIGS = [
+# (issue 36) convert reads config.json's fields as written (the parser, llama.metadata) and
+# then checks the model against them as the engines do (llama.config_from_metadata and
+# validate, what minigpt_np's engines call): the tiny model has d 64, 4 heads, 2 kv heads,
+# ff 128, 16 tokens
+BAD_FIELDS = [
     (dict(num_attention_heads=0), "'num_attention_heads' must be a positive integer"),
     (dict(num_attention_heads="4"), "'num_attention_heads' must be a positive integer"),
     (dict(num_attention_heads=None), "'num_attention_heads' must be a positive integer"),
     (dict(hidden_size=True), "'hidden_size' must be a positive integer"),
-    (dict(rms_norm_eps="1e-5"), "'rms_norm_eps' must be a finite number"),
+    (dict(rms_norm_eps="1e-5"), "'rms_norm_eps' must be a positive float32"),
+    (dict(rms_norm_eps=-1e-5), "'rms_norm_eps' must be a positive float32"),
+    (dict(rope_theta=1e39), "'rope_theta' must be a positive float32"),
+    (dict(rope_theta=10**400), "'rope_theta' must be a positive float32"),
+    (dict(architectures=5), "convert reads LlamaForCausalLM checkpoints"),
+]
+BAD_MODELS = [
     (dict(num_hidden_layers=2), r"tensor blk\.1\.attn_norm\.weight is missing"),
     (dict(intermediate_size=96), r"tensor blk\.0\.ffn_gate\.weight has shape \(128, 64\), the config needs \(96, 64\)"),
     (dict(num_attention_heads=3), "d_model 64 is not a multiple of head_count 3"),
@@ -482,8 +490,9 @@ BAD_MODEL_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("edit, message", BAD_MODEL_CONFIGS, ids=[str(e) for e, _ in BAD_MODEL_CONFIGS])
-def test_convert_refuses_a_model_its_config_does_not_describe(tmp_path, capsys, edit, message):
+@pytest.mark.parametrize("edit, message, engines", [(e, m, False) for e, m in BAD_FIELDS] +
+                         [(e, m, True) for e, m in BAD_MODELS], ids=[str(e) for e, _ in BAD_FIELDS + BAD_MODELS])
+def test_convert_refuses_a_model_its_config_does_not_describe(tmp_path, capsys, edit, message, engines):
     from refquant.__main__ import main
     from refquant.hf import llama
 
@@ -496,11 +505,13 @@ def test_convert_refuses_a_model_its_config_does_not_describe(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "o.gguf").exists()
-    # the engines' own check gives the same verdict on the same metadata (one validation)
-    with pytest.raises(ValueError, match=message):
-        shapes = {llama.gguf_name(p + ".weight"): q for p, q in checkpoint.read(tmp_path / "ck").quantized.items()}
-        shapes.update({llama.gguf_name(n): a for n, a in checkpoint.read(tmp_path / "ck").tensors.items()})
-        llama.validate(shapes, llama.config_from_metadata(llama.metadata({**cfg, **edit})))
+    if engines:   # the parser accepts these fields; the engines' own check refuses the model the same way
+        meta = llama.metadata({**cfg, **edit})
+        ck = checkpoint.read(tmp_path / "ck")
+        shapes = {llama.gguf_name(p + ".weight"): q for p, q in ck.quantized.items()}
+        shapes.update({llama.gguf_name(n): a for n, a in ck.tensors.items()})
+        with pytest.raises(ValueError, match=message):
+            llama.validate(shapes, llama.config_from_metadata(meta))
 
 
 def test_convert_refuses_a_tokenizer_of_another_size_than_the_embedding(tmp_path, capsys):

@@ -169,20 +169,27 @@ def test_bad_input_is_named():
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_short_last_group_reads_with_its_group_size(act_order):
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_short_last_group_reads_with_its_group_size(act_order, sym):
     """AutoGPTQ gives a row of n inputs ceil(n / g) groups, the last one short: 96 inputs at
     g 64 are groups of 64 and 32 (SmolLM2's 576 at g 128: 4 x 128 + 64). The tensor reads
     with group size 64 (not 96 // 2 = 48), decodes by GPTQ's own definition, writes back the
-    same words, and the layouts whose readers assume whole groups refuse it."""
+    same words, and the layouts whose readers assume whole groups refuse it. Without
+    act-order it is Q4_0 (symmetric) or Q4_1 (zero points) block for block; with act-order
+    GGUF has no form for it."""
+    from refquant.gguf import quants
+    from refquant.gguf.tensors import as_ggml
+
     rng = np.random.default_rng(3)
     out, n, g = 16, 96, 64
     g_idx = np.arange(n, dtype=np.int32) // g
     if act_order:
         g_idx = g_idx[rng.permutation(n)]
+    zeros = np.full((2, out), 7) if sym else rng.integers(1, 15, (2, out))   # v1 stores z - 1
     t = dict(qweight=packing.pack_int32(rng.integers(0, 16, (n, out)), 4, axis=0),
-             qzeros=packing.pack_int32(np.full((2, out), 7), 4, axis=1),
+             qzeros=packing.pack_int32(zeros, 4, axis=1),
              scales=rng.uniform(0.01, 0.1, (2, out)).astype(np.float16), g_idx=g_idx)
-    qt = layouts.from_gptq(t, 4, sym=True)
+    qt = layouts.from_gptq(t, 4, sym=sym)
     assert qt.meta["group_size"] == 64 and qt.kind == "gptq"
     np.testing.assert_array_equal(qt.dequantize(), layouts.dequantize_gptq(t, 4))
     back = layouts.to_gptq(qt)
@@ -192,11 +199,24 @@ def test_gptq_short_last_group_reads_with_its_group_size(act_order):
         layouts.to_awq(qt)
     with pytest.raises(ValueError, match="does not divide 96 inputs"):
         layouts.to_compressed(qt)
-    if not act_order:   # and it is Q4_0 exactly, the short group's two blocks under its own scale
-        from refquant.gguf import quants
-        from refquant.gguf.tensors import as_ggml
+    if act_order:
+        with pytest.raises(ValueError, match="act-order"):
+            as_ggml(qt)
+        return
+    raw, t_name, m_err = as_ggml(qt)
+    assert t_name == ("Q4_0" if sym else "Q4_1")
+    got, want = quants.dequantize(raw, t_name, qt.shape), layouts.dequantize_gptq(t, 4)
+    if sym:
+        np.testing.assert_array_equal(got, want)
+    else:   # m = fp16(-z·s): within m's rounding plus the float32 rounding of the sum
+        assert np.abs(got - want).max() <= m_err + 4 * np.finfo(np.float32).eps * np.abs(want).max()
+        assert m_err < 1e-3
 
-        raw, t_name, _ = as_ggml(qt)
-        assert t_name == "Q4_0"
-        np.testing.assert_array_equal(quants.dequantize(raw, "Q4_0", qt.shape), layouts.dequantize_gptq(t, 4))
 
+def test_gptq_scales_of_groups_g_idx_does_not_use_are_refused():
+    rng = np.random.default_rng(4)
+    t = dict(qweight=packing.pack_int32(rng.integers(0, 16, (128, 8)), 4, axis=0),
+             qzeros=packing.pack_int32(np.full((5, 8), 7), 4, axis=1),
+             scales=np.ones((5, 8), np.float16), g_idx=np.arange(128, dtype=np.int32) // 32)
+    with pytest.raises(ValueError, match="GPTQ tensors disagree"):
+        layouts.from_gptq(t, 4)

@@ -297,3 +297,181 @@ def test_a_malformed_vocabulary_is_refused_before_anything_is_built(tmp_path, vo
     with pytest.raises(ValueError, match=message):
         hf_tokenizer.gguf_metadata(tmp_path, config)
 
+
+
+# --- gguf-py's SpecialVocab (what convert_hf_to_gguf.py calls) as the oracle of the special
+# tokens, add_* flags and chat templates, on the shapes real checkpoints have
+_ADDED = ["<s>", "</s>", "<pad>", "<|endoftext|>", "<|im_end|>", "<cls>", "<sep>", "<unk>"]
+
+
+def _tpl(*pieces):
+    return [{"SpecialToken": {"id": p, "type_id": 0}} if p.startswith("<") else {"Sequence": {"id": p, "type_id": 0}}
+            for p in pieces]
+
+
+def _roberta():
+    return {"type": "RobertaProcessing", "sep": ["<sep>", 6], "cls": ["<cls>", 5], "trim_offsets": True,
+            "add_prefix_space": False}
+
+
+SV_CASES = {
+    "plain": dict(tc={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
+    "bos template, no tokenizer_config": dict(tc=None, post=_tpl("<s>", "A")),
+    "cls for bos": dict(tc={"cls_token": "<cls>", "eos_token": "</s>"}, post=_tpl("<cls>", "A")),
+    "trailing token is not the eos": dict(tc={"bos_token": "<s>", "eos_token": "<|im_end|>"},
+                                          post=_tpl("<s>", "A", "<|endoftext|>")),
+    "eos-only template": dict(tc={"eos_token": "</s>"}, post=_tpl("A", "</s>")),
+    "pair with a separator": dict(tc={"bos_token": "<s>", "eos_token": "</s>"}, post=_tpl("<s>", "A"),
+                                  pair=_tpl("<s>", "A", "</s>", "B")),
+    "add_sep_token": dict(tc={"bos_token": "<s>", "sep_token": "<sep>", "add_sep_token": True}),
+    "roberta": dict(tc={"bos_token": "<s>", "eos_token": "</s>"}, post=_roberta()),
+    "sep for eos": dict(tc={"bos_token": "<s>", "sep_token": "<sep>"}, config={"eos_token_id": 1}),
+    "dict tokens and add flags": dict(tc={"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"},
+                                          "add_bos_token": True, "add_eos_token": False}),
+    "null template beside a .jinja": dict(tc={"chat_template": None, "bos_token": "<s>"}, jinja="{{ x }}"),
+    "empty tokenizer_config and a .jinja": dict(tc={}, jinja="{{ x }}"),
+    "a .jinja": dict(tc={"eos_token": "</s>"}, jinja="{{ y }}"),
+    "chat_template.json": dict(tc={"eos_token": "</s>"}, template_json={"chat_template": "{{ z }}"}),
+    "named templates": dict(tc={"chat_template": [{"name": "default", "template": "A"},
+                                                  {"name": "tool_use", "template": "B"}]}),
+    "ids from config.json": dict(tc={"bos_token": "<nope>"}, config={"bos_token_id": 2, "pad_token_id": 3}),
+    "text_config ids": dict(tc={"eos_token": "</s>"}, config={"text_config": {"pad_token_id": 2}}),
+}
+
+
+def _sv_dir(d, case):
+    vocab = {c: i for i, c in enumerate("abcdefgh", start=len(_ADDED))}
+    vocab.update({t: i for i, t in enumerate(_ADDED)})
+    added = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+             for i, t in enumerate(_ADDED)]
+    post = case.get("post")
+    if isinstance(post, list):
+        post = {"type": "TemplateProcessing", "single": post, "pair": case.get("pair", post + _tpl("B")),
+                "special_tokens": {}}
+    tj = {"added_tokens": added, "pre_tokenizer": hf_tokenizer.PRE_TOKENIZERS["gpt2"][2], "post_processor": post,
+          "model": {"type": "BPE", "vocab": vocab, "merges": ["a b"] if "ab" in vocab else []}}
+    d.mkdir()
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    if case.get("tc") is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(case["tc"]))
+    (d / "config.json").write_text(json.dumps(case.get("config", {})))
+    if "jinja" in case:
+        (d / "chat_template.jinja").write_text(case["jinja"])
+    if "template_json" in case:
+        (d / "chat_template.json").write_text(json.dumps(case["template_json"]))
+    return case.get("config", {})
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", list(SV_CASES))
+def test_special_tokens_flags_and_templates_are_special_vocabs(tmp_path, name):
+    from refquant import gguf as rq_gguf
+    from tests.conftest import gguf_py
+
+    gg = gguf_py()
+    config = _sv_dir(tmp_path / "ck", SV_CASES[name])
+    w = gg.GGUFWriter(str(tmp_path / "sv.gguf"), "llama")
+    gg.SpecialVocab(tmp_path / "ck", load_merges=True).add_to_gguf(w, quiet=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with rq_gguf.read(tmp_path / "sv.gguf") as f:
+        want = {k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")}
+    got = hf_tokenizer.gguf_metadata(tmp_path / "ck", config)
+    got = {k: v for k, v in got.items() if k not in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
+                                                       "tokenizer.ggml.tokens", "tokenizer.ggml.token_type")}
+    if "tokenizer.ggml.merges" not in want:   # gguf-py writes no empty list
+        assert got.pop("tokenizer.ggml.merges") == []
+    for k in ("tokenizer.chat_templates",):   # gguf-py lists the names of a set, in its order
+        if k in want:
+            want[k] = sorted(want[k])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert _same(want[k], got[k]) or (isinstance(want[k], list) and list(want[k]) == list(got[k])), k
+
+
+def _edit_json(path, fn):
+    obj = json.loads(path.read_text()) if path.exists() else {}
+    obj = fn(obj) or obj
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+# malformed tokenizer files: a one-line error from convert (exit 2), an "unreadable" line
+# from inspect, never a traceback; each reached a traceback before (the review of 2026-12-06)
+BAD_TOKENIZER_FILES = {
+    "added_tokens not a list": ("tokenizer.json", lambda t: t.update(added_tokens=5)),
+    "added token id -1": ("tokenizer.json", lambda t: t.update(added_tokens=[dict(
+        id=-1, content="x", single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)])),
+    "special not a bool": ("tokenizer.json", lambda t: t.update(added_tokens=[dict(
+        id=3, content="d", single_word=False, lstrip=False, rstrip=False, normalized=False, special="false")])),
+    "pretokenizers not a list": ("tokenizer.json", lambda t: t.update(
+        pre_tokenizer={"type": "Sequence", "pretokenizers": 5})),
+    "processors not a list": ("tokenizer.json", lambda t: t.update(
+        post_processor={"type": "Sequence", "processors": 3})),
+    "template single not a list": ("tokenizer.json", lambda t: t.update(
+        post_processor={"type": "TemplateProcessing", "single": 7, "pair": [], "special_tokens": {}})),
+    "merge of unknown tokens": ("tokenizer.json", lambda t: t["model"].update(merges=["zz qq"])),
+    "two tokens at one id": ("tokenizer.json", lambda t: t["model"]["vocab"].update(zz=0)),
+    "nested 100000 deep": ("tokenizer.json", lambda t: "[" * 100000 + "]" * 100000),
+    "config nested 100000 deep": ("tokenizer_config.json", lambda t: "[" * 100000 + "]" * 100000),
+    "5000-digit number": ("tokenizer_config.json", lambda t: '{"bos_token": ' + "9" * 5000 + "}"),
+    "lone surrogate template": ("tokenizer_config.json", lambda t: '{"chat_template": "\\udc80"}'),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TOKENIZER_FILES))
+def test_malformed_tokenizer_files_give_one_line_errors(tmp_path, capsys, name):
+    from refquant.__main__ import main
+    from tests.test_hf_checkpoint import tiny_llama_gguf
+
+    tiny_llama_gguf(tmp_path / "m.gguf")
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "ck"), "--format", "gptq", "--group-size", "32"]) == 0
+    file, edit = BAD_TOKENIZER_FILES[name]
+    _edit_json(tmp_path / "ck" / file, edit)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and not (tmp_path / "o.gguf").exists()
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    assert "\ntokenizer: unreadable (" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "ck"), str(tmp_path / "o.gguf"), "--no-tokenizer"]) == 0   # not read
+
+
+def test_an_added_token_already_in_the_vocabulary_keeps_its_vocabulary_id(tmp_path):
+    """tokenizers gives such a token its vocabulary id and leaves the stated id empty, so
+    convert_hf_to_gguf writes [PAD{i}] there; the same string twice would abort llama.cpp."""
+    tokenizers = need("tokenizers")
+    vocab = {"a": 0, "b": 1, "ab": 2, "<s>": 3}
+    added = [dict(id=5, content="<s>", single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)]
+    tj = {"added_tokens": added, "pre_tokenizer": hf_tokenizer.PRE_TOKENIZERS["gpt2"][2],
+          "model": {"type": "BPE", "vocab": vocab, "merges": ["a b"]}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert theirs.token_to_id("<s>") == 3 and theirs.id_to_token(5) is None
+    m = hf_tokenizer.gguf_metadata(tmp_path, {"vocab_size": 6})
+    assert m["tokenizer.ggml.tokens"] == ["a", "b", "ab", "<s>", "[PAD4]", "[PAD5]"]
+    assert m["tokenizer.ggml.token_type"].tolist() == [1, 1, 1, 3, 5, 5]
+
+
+def test_export_names_the_tokenizer_keys_the_files_cannot_carry(tmp_path, capsys, smollm2_meta):
+    from refquant import gguf
+    from refquant.__main__ import main
+    from tests.test_hf_checkpoint import tiny_llama_gguf
+
+    t = tiny_llama_gguf(tmp_path / "m.gguf")
+    meta = dict(_meta(tmp_path / "m.gguf"), **{"tokenizer.ggml.eot_token_id": np.uint32(3),
+                                                "tokenizer.chat_template.tool_use": "x"})
+    gguf.write(tmp_path / "e.gguf", meta, t)
+    assert main(["export", str(tmp_path / "e.gguf"), str(tmp_path / "ck"), "--format", "gptq", "--group-size", "32"]) == 0
+    assert ("the Hugging Face tokenizer files have no place for tokenizer.chat_template.tool_use, "
+            "tokenizer.ggml.eot_token_id") in capsys.readouterr().err
+    meta = dict(_meta(tmp_path / "m.gguf"), **{"tokenizer.ggml.bos_token_id": np.uint32(2),
+                                                "tokenizer.ggml.add_bos_token": True})
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"][:2] + ["[PAD2]"] + meta["tokenizer.ggml.tokens"][3:]
+    meta["tokenizer.ggml.token_type"] = np.where(np.arange(16) == 2, 5, 1).astype(np.int32)
+    meta["tokenizer.ggml.merges"] = []
+    gguf.write(tmp_path / "p.gguf", meta, t)
+    assert main(["export", str(tmp_path / "p.gguf"), str(tmp_path / "ck2"), "--format", "gptq",
+                 "--group-size", "32"]) == 2
+    assert "bos_token_id 2 is an unused padding token ('[PAD2]')" in capsys.readouterr().err
+

@@ -75,6 +75,27 @@ def test_layers_point_down():
     assert not bad, bad
 
 
+# refquant.kernels is a leaf: besides itself, only the tensor type and the input checks (the
+# format rows and schemes pass it what it needs: fields and layouts, x's rounding)
+KERNELS_MAY_IMPORT = ("refquant.kernels", "refquant.tensor", "refquant._checks")
+
+
+def test_kernels_are_a_leaf():
+    bad = sorted(f"{m} imports {d}" for m, deps in import_graph().items() if m.startswith("refquant.kernels")
+                 for d in deps if not d.startswith(KERNELS_MAY_IMPORT))
+    assert not bad, bad
+
+
+def test_a_scheme_has_its_kernel_whatever_is_imported_first():
+    """The kernel is part of a scheme's registration: importing one family alone (no
+    ``import refquant`` to wire anything afterwards) gives its schemes their kernels."""
+    code = ("import refquant.awq, refquant.smoothquant; from refquant import schemes; "
+            "print(sorted(n for n in ('awq_int4_g128', 'w8a8', 'int4_g32') if schemes.get(n).kernel is not None))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['awq_int4_g128', 'int4_g32', 'w8a8']"
+
+
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
 
@@ -84,6 +105,7 @@ def test_the_graph_checks_bite():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     g = import_graph()
     assert "refquant.kernels.bytedot" in g["refquant.kernels.table"]    # an import inside a function
+    assert "refquant.kernels.bytedot" in g["refquant.gguf.quants.core"]   # the format rows call the kernels
     assert "refquant.gguf.quants" in g["refquant.gguf.file"] and "minigpt_np.model" in g["minigpt_np.corpus"]
 
 

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 import refquant
 from refquant import schemes
-from refquant.kernels.table import KERNELS
 from tests.oracles import kernel_bound, kernel_x_hat
 from tests.conftest import TOL
 
@@ -164,6 +163,7 @@ def naive_products(w_hat, X):
     return out
 
 
+KERNELS = schemes.kernels()
 FAST = [n for n in NAMES if schemes.get(n).matmul_fn is not None]
 
 

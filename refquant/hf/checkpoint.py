@@ -62,9 +62,11 @@ class Checkpoint:
 
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:   # (JSONDecodeError, 4300+ digits are ValueErrors)
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a readable JSON file (nested too deeply)") from None
 
 
 _MISSING = object()

@@ -124,7 +124,7 @@ def _gptq_fields(t: dict, bits: int, checkpoint_format: str):
     if checkpoint_format == "gptq":
         z = z + 1   # v1 stores z - 1; a stored 15 (z = 0 written as -1) reads back as 16, as AutoGPTQ does
     g_idx = np.asarray(t["g_idx"], np.int64)
-    if u.shape != (out, n) or g_idx.min() < 0 or g_idx.max() >= groups:
+    if u.shape != (out, n) or g_idx.min() < 0 or g_idx.max() + 1 != groups:
         raise ValueError(f"GPTQ tensors disagree: qweight gives {u.shape}, scales {scales.shape}, "
                          f"g_idx of {n} inputs in groups {g_idx.min()}..{g_idx.max()}")
     return u, z, scales, g_idx

@@ -175,6 +175,7 @@ def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, 
     if tokenizer and "tokenizer.ggml.tokens" in metadata:
         files = hf_tokenizer.hf_files(metadata, context_length=cfg["max_position_embeddings"])
         cfg.update(files.pop("config"))
+        files.pop("lost")
     q_hf, o_hf = {}, {}
     for name, qt in quantized.items():
         perm = rotary_perm(name, qt.shape[0], cfg)
@@ -225,11 +226,15 @@ def _field(cfg: dict, key: str, kind, default, source):
             raise ValueError(f"{source}: config.json field {key!r} is missing")
         return default
     v = cfg[key]
-    ok = (isinstance(v, int) if kind is int else isinstance(v, (int, float)) and np.isfinite(v)) \
-        and not isinstance(v, bool)
-    if not ok or (kind is int and not 0 < v < 2**32):
+    if kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**32
+    else:   # stored as float32: positive and finite there
+        with np.errstate(over="ignore"):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2.0**128 \
+                and 0 < np.float32(v) < np.inf
+    if not ok:
         raise ValueError(f"{source}: config.json field {key!r} must be a "
-                         f"{'positive integer below 2^32' if kind is int else 'finite number'}, got {v!r}")
+                         f"{'positive integer below 2^32' if kind is int else 'positive float32'}, got {v!r:.40}")
     return v
 
 

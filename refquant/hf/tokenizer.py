@@ -50,9 +50,9 @@ import numpy as np
 
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 MAX_VOCAB = 1 << 24        # ids past this are a malformed file, not a vocabulary (padding would fill them)
-SPECIALS = ("bos", "eos", "unk", "sep", "pad", "mask")          # SpecialVocab's order
 _ID_KEY = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
-           "sep": "seperator_token_id", "pad": "padding_token_id", "mask": "mask_token_id"}   # (sic: gguf-py)
+           "sep": "seperator_token_id", "pad": "padding_token_id", "mask": "mask_token_id",
+           "eot": "eot_token_id", "eom": "eom_token_id"}   # (sic: gguf-py's "seperator"; cls has no key)
 
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -75,10 +75,10 @@ PRE_TOKENIZERS = {
     "gpt2": (("gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "gigachat", "jina-v2-es",
               "jina-v2-de", "a.x-4.0", "mellum", "exaone4"),
              None, _byte_level(True), False),
-    "smollm": (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+    "smollm": (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
                None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                             _byte_level(True)]}, False),
-    "llama3": (("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"),
+    "llama3": (("llama-bpe", "llama3", "llama-v3", "falcon3"),   # (dbrx, smaug-bpe: same regex, no ignore_merges)
                None, {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _byte_level(False)]}, True),
     "qwen2": (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"),
               {"type": "NFC"}, {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _byte_level(False)]},
@@ -107,8 +107,9 @@ def _looks_special(t: str) -> bool:
 
 def hf_files(metadata: dict, *, context_length: int | None = None) -> dict:
     """``{"tokenizer.json": ..., "tokenizer_config.json": ..., "generation_config.json": ...}``
-    (JSON objects) of a GGUF's ``tokenizer.ggml.*`` metadata, and ``"config"``: the special
-    token ids ``config.json`` carries. ``ValueError`` for a tokenizer that is not byte-level
+    (JSON objects) of a GGUF's ``tokenizer.ggml.*`` metadata, ``"config"``: the special
+    token ids ``config.json`` carries, and ``"lost"``: the tokenizer keys the files have no
+    place for (EOT/EOM/FIM ids, named chat templates...), which ``gguf_metadata`` cannot restore. ``ValueError`` for a tokenizer that is not byte-level
     BPE, a pre-tokenizer not in ``PRE_TOKENIZERS``, or inconsistent keys."""
     m = metadata
     model = m.get("tokenizer.ggml.model")
@@ -117,6 +118,9 @@ def hf_files(metadata: dict, *, context_length: int | None = None) -> dict:
                          f"tokenizer.json, got {model!r}")
     pre = str(m.get("tokenizer.ggml.pre", ""))
     _, normalizer, pre_tokenizer, ignore_merges = PRE_TOKENIZERS[family(pre)]
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        if not isinstance(m.get(key, []), (list, tuple)):
+            raise ValueError(f"{key} is not a list of strings")
     tokens = [str(t) for t in m.get("tokenizer.ggml.tokens", ())]
     n = len(tokens)
     types = np.asarray(m.get("tokenizer.ggml.token_type", np.full(n, NORMAL)), np.int64)
@@ -141,10 +145,13 @@ def hf_files(metadata: dict, *, context_length: int | None = None) -> dict:
         if k < 0 or " " in x[k + 1:]:
             raise ValueError(f"merge {x!r} is not two tokens separated by one space")
 
-    ids = {kind: int(m[f"tokenizer.ggml.{key}"]) for kind, key in _ID_KEY.items() if f"tokenizer.ggml.{key}" in m}
+    ids = {kind: int(m[f"tokenizer.ggml.{key}"]) for kind, key in _ID_KEY.items()
+           if f"tokenizer.ggml.{key}" in m and kind not in ("eot", "eom")}   # (no place the reader looks)
     for kind, i in ids.items():
         if not 0 <= i < n:
             raise ValueError(f"tokenizer.ggml.{_ID_KEY[kind]} {i} is outside the {n} tokens")
+        if tokens[i] not in vocab:
+            raise ValueError(f"tokenizer.ggml.{_ID_KEY[kind]} {i} is an unused padding token ({tokens[i]!r})")
     add_bos = bool(m.get("tokenizer.ggml.add_bos_token", False))
     add_eos = bool(m.get("tokenizer.ggml.add_eos_token", False))
     single = []
@@ -189,8 +196,12 @@ def hf_files(metadata: dict, *, context_length: int | None = None) -> dict:
     cfg["added_tokens_decoder"] = {str(a["id"]): {k: a[k] for k in ("content", "lstrip", "normalized", "rstrip",
                                                                       "single_word", "special")} for a in added}
     generation = {k: v for k, v in config_ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    carried = {"model", "pre", "tokens", "token_type", "merges", "add_bos_token", "add_eos_token", "add_space_prefix"}
+    carried |= {_ID_KEY[k] for k in ids}
+    lost = sorted(k for k in m if k.startswith("tokenizer.") and k != "tokenizer.chat_template"
+                  and k.removeprefix("tokenizer.ggml.") not in carried)
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": cfg, "generation_config.json": generation,
-            "config": config_ids}
+            "config": config_ids, "lost": lost}
 
 
 # ----------------------------------------------------------------------------- HF -> GGUF
@@ -198,8 +209,10 @@ def hf_files(metadata: dict, *, context_length: int | None = None) -> dict:
 def _load(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:   # (ValueError: 4300+ digits)
         raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a readable JSON file (nested too deeply)") from None
 
 
 def _name(t):
@@ -215,7 +228,7 @@ def _canonical(obj):
         if t == "ByteLevel":
             return {"type": t, "add_prefix_space": bool(obj.get("add_prefix_space", True)),
                     "use_regex": bool(obj.get("use_regex", True))}
-        if t == "Sequence" and "pretokenizers" in obj:
+        if t == "Sequence" and isinstance(obj.get("pretokenizers"), list):
             items = [_canonical(p) for p in obj["pretokenizers"]]
             return items[0] if len(items) == 1 else {"type": t, "pretokenizers": items}
         if t == "Split":
@@ -261,9 +274,16 @@ def gguf_metadata(directory, config: dict | None = None, *, pre: str | None = No
     ``convert_hf_to_gguf.py`` writes them for a GPT-2-style BPE (see the module docstring);
     ``config`` is the checkpoint's ``config.json``. ``pre`` names llama.cpp's pre-tokenizer
     (it must be of the family the file's pre-tokenizer is, when that one is recognised).
-    ``ValueError`` naming what is missing or unknown."""
+    ``ValueError`` naming what is missing, malformed or unknown; files the ``tokenizers``
+    library would refuse (merges of tokens not in the vocabulary, a token twice) are refused."""
     d = Path(directory)
-    config = config or {}
+    try:
+        return _gguf_metadata(d, config if isinstance(config, dict) else {}, pre)
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:   # a field of the wrong kind
+        raise ValueError(f"{d}: malformed tokenizer files ({type(e).__name__}: {e})") from None
+
+
+def _gguf_metadata(d: Path, config: dict, pre: str | None) -> dict:
     if not (d / "tokenizer.json").is_file():
         raise ValueError(f"{d}: no tokenizer.json")
     tj = _load(d / "tokenizer.json")
@@ -286,18 +306,30 @@ def gguf_metadata(directory, config: dict | None = None, *, pre: str | None = No
                          f"family's; --pre {pre} is the {PRE_TOKENIZERS[family(pre)][0][0]} family's")
     name = pre if pre is not None else PRE_TOKENIZERS[fam][0][0]
 
+    entries = tj.get("added_tokens") or []
+    if not isinstance(entries, list):
+        raise ValueError(f"{d / 'tokenizer.json'}: added_tokens is not a list")
     added = {}
-    for a in tj.get("added_tokens") or []:
-        if not isinstance(a, dict) or not isinstance(a.get("content"), str) or not isinstance(a.get("id"), int):
-            raise ValueError(f"{d / 'tokenizer.json'}: an added_tokens entry without content and id: {a!r:.80}")
+    for a in entries:
+        ok = isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int) \
+            and not isinstance(a.get("id"), bool) and a["id"] >= 0 and isinstance(a.get("special", False), bool)
+        if not ok:
+            raise ValueError(f"{d / 'tokenizer.json'}: an added_tokens entry needs a string content, an id >= 0 "
+                             f"and a boolean special: {a!r:.80}")
         added.setdefault(a["content"], a)
-    ids = {}
-    for t, i in model["vocab"].items():
+    ids, vocab = {}, model["vocab"]
+    for t, i in vocab.items():
         if not isinstance(i, int) or isinstance(i, bool) or i < 0:
             raise ValueError(f"{d / 'tokenizer.json'}: vocab id of {t!r} is {i!r}")
-        ids.setdefault(i, t)
+        if i in ids:
+            raise ValueError(f"{d / 'tokenizer.json'}: vocab id {i} is both {ids[i]!r} and {t!r}")
+        ids[i] = t
     for t, a in added.items():
-        ids.setdefault(a["id"], t)
+        if t not in vocab:   # one already in the vocabulary keeps its vocabulary id (as tokenizers does)
+            if a["id"] in ids:
+                raise ValueError(f"{d / 'tokenizer.json'}: added token {t!r} takes id {a['id']}, which is "
+                                 f"{ids[a['id']]!r}")
+            ids[a["id"]] = t
     if not ids:
         raise ValueError(f"{d / 'tokenizer.json'}: the vocabulary is empty")
     size = config.get("vocab_size") or max(ids) + 1
@@ -326,57 +358,193 @@ def gguf_metadata(directory, config: dict | None = None, *, pre: str | None = No
             merges.append(" ".join(p.replace(" ", "\u0120") for p in x))
         else:
             raise ValueError(f"{d / 'tokenizer.json'}: merge {x!r:.60} is neither 'a b' nor [a, b]")
+    known = set(vocab) | set(added)
+    for x in merges:
+        k = x.find(" ", 1)
+        a, b = x[:k], x[k + 1:]
+        if k < 0 or a not in known or b not in known or a + b not in known:
+            raise ValueError(f"{d / 'tokenizer.json'}: merge {x!r} is not of two tokens into a token of the "
+                             "vocabulary (the tokenizers library refuses it too)")
 
+    bad = next((t for t in tokens if _surrogate(t)), None)
+    if bad is not None:
+        raise ValueError(f"{d / 'tokenizer.json'}: token {bad!r} holds a lone surrogate (no UTF-8 form)")
     out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": name, "tokenizer.ggml.tokens": tokens,
            "tokenizer.ggml.token_type": np.array(types, np.int32), "tokenizer.ggml.merges": merges}
-    if tc is not None:
-        for kind in SPECIALS:
-            t = _name(tc.get(f"{kind}_token"))
-            if t is not None and t in added:
-                out.setdefault(f"tokenizer.ggml.{_ID_KEY[kind]}", np.uint32(added[t]["id"]))
-    for kind in SPECIALS:
-        v = config.get(f"{kind}_token_id")
-        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < size:
-            out.setdefault(f"tokenizer.ggml.{_ID_KEY[kind]}", np.uint32(v))
-    flags = _post_processor_flags(tj.get("post_processor"), tc or {})
-    for kind in ("bos", "eos"):
-        v = (tc or {}).get(f"add_{kind}_token")
-        if isinstance(v, bool):
-            flags[kind] = v
-        if kind in flags:
-            out[f"tokenizer.ggml.add_{kind}_token"] = flags[kind]
-    if tc is not None:
-        template = tc.get("chat_template")
-        if template is None and (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        elif template is None and (d / "chat_template.json").is_file():
-            template = (_load(d / "chat_template.json") or {}).get("chat_template")
-        if isinstance(template, str):
-            out["tokenizer.chat_template"] = template
-        if "LlamaForCausalLM" in (config.get("architectures") or []):
-            if "add_prefix_space" in tc:
-                out["tokenizer.ggml.add_space_prefix"] = bool(tc["add_prefix_space"])
-            if size == 49152:
-                out["tokenizer.ggml.add_bos_token"] = False
+    ids, add, template = _special_vocab(d, tj, tc, config)
+    for kind, i in ids.items():
+        if kind in _ID_KEY:
+            if not 0 <= i < size:
+                raise ValueError(f"{d}: the {kind} token's id {i} is outside the {size} tokens")
+            out[f"tokenizer.ggml.{_ID_KEY[kind]}"] = np.uint32(i)
+    for kind, v in add.items():
+        if kind in ("bos", "eos", "sep"):
+            out[f"tokenizer.ggml.add_{kind}_token"] = v
+    for t in (template if isinstance(template, list) else [template]):
+        text = t.get("template") if isinstance(t, dict) else t
+        if isinstance(text, str) and _surrogate(text):
+            raise ValueError(f"{d}: the chat template holds a lone surrogate (no UTF-8 form)")
+    if isinstance(template, str):
+        out["tokenizer.chat_template"] = template
+    elif isinstance(template, list):   # named templates, as gguf-py's add_chat_template writes them
+        names = []
+        for choice in template:
+            if not isinstance(choice, dict):
+                raise ValueError(f"{d}: a chat template entry is not an object: {choice!r:.60}")
+            nm = "".join(c if c.isascii() and c.isalnum() else "_" for c in str(choice.get("name", "")))
+            t = choice.get("template")
+            if nm and isinstance(t, str):
+                if nm == "default":
+                    out["tokenizer.chat_template"] = t
+                else:
+                    out[f"tokenizer.chat_template.{nm}"] = t
+                    names.append(nm)
+        if names:
+            out["tokenizer.chat_templates"] = sorted(set(names))
+    if "LlamaForCausalLM" in _architectures(config):   # LlamaModel.set_vocab
+        if tc is not None and "add_prefix_space" in tc:
+            out["tokenizer.ggml.add_space_prefix"] = bool(tc["add_prefix_space"])
+        if config.get("vocab_size", 32000) == 49152:
+            out["tokenizer.ggml.add_bos_token"] = False
     return out
 
 
-def _post_processor_flags(post, tc: dict) -> dict:
-    """``{"bos": bool, "eos": bool}`` a ``TemplateProcessing`` post-processor (alone or in a
-    ``Sequence``) implies, as ``SpecialVocab._try_load_from_tokenizer_json`` reads it."""
-    procs = post.get("processors", []) if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
-    flags = {}
+def _surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _architectures(config: dict) -> list:
+    a = config.get("architectures")
+    return a if isinstance(a, list) else []
+
+
+def _special_vocab(d: Path, tj: dict, tc: dict | None, config: dict):
+    """``(ids, add, chat_template)``: gguf-py's ``SpecialVocab(d)`` (``_try_load_from_tokenizer_json``
+    then ``_try_load_from_config_json``, gguf 0.19) step by step. Special tokens named in
+    ``tokenizer_config.json`` (``cls`` standing in for a missing ``bos``, ``sep`` for
+    ``eos``) get the id of their first ``added_tokens`` entry, else ``config.json``'s
+    ``{kind}_token_id``; the first id set for a kind stays. add_bos/add_eos/add_sep come from
+    the post-processor (``RobertaProcessing``: all three; a ``TemplateProcessing``: its
+    leading and trailing special tokens, and a separator between A and B in ``pair``), then
+    from ``tokenizer_config.json``'s booleans. A trailing special token that is not the
+    configured EOS becomes the EOS, and the configured one the EOT (then EOM)."""
+    tc = dict(tc) if tc else None
+    kinds = ["bos", "eos", "unk", "sep", "pad", "cls", "mask"]
+    ids, add = {}, {}
+    added = tj.get("added_tokens") or []
+
+    def tok(piece):   # the SpecialToken id of a template piece, or None
+        v = piece.get("SpecialToken") if isinstance(piece, dict) else None
+        return v.get("id") if isinstance(v, dict) else None
+
+    get = (tc or {}).get
+    bos, cls, eos, sep = get("bos_token"), get("cls_token"), get("eos_token"), get("sep_token")
+    if not bos and cls and tc:
+        tc["bos_token"] = bos = cls
+    if not eos and sep and tc:
+        tc["eos_token"] = eos = sep
+    post = tj.get("post_processor")
+    procs = (post.get("processors", [post]) if isinstance(post, dict) else None) if post else []
+    if not isinstance(procs, list):
+        raise ValueError(f"{d / 'tokenizer.json'}: post_processor is not an object with a list of processors")
     for p in procs:
-        if not isinstance(p, dict) or p.get("type") != "TemplateProcessing":
+        if not isinstance(p, dict):
             continue
-        single = p.get("single") or []
-        bos, eos = _name(tc.get("bos_token")), _name(tc.get("eos_token"))
-
-        def special(piece):
-            return piece.get("SpecialToken", {}).get("id") if isinstance(piece, dict) else None
+        if p.get("type") == "RobertaProcessing":
+            add.update(bos=True, eos=True, sep=True)
+            if not cls and tc:
+                tc["cls_token"] = cls = (p.get("cls") or [bos])[0]
+            if not sep and tc:
+                tc["sep_token"] = sep = (p.get("sep") or [eos])[0]
+            continue
+        if p.get("type") != "TemplateProcessing":
+            continue
+        single, pair = p.get("single") or [], p.get("pair") or []
+        if not isinstance(single, list) or not isinstance(pair, list):
+            raise ValueError(f"{d / 'tokenizer.json'}: TemplateProcessing's single and pair must be lists")
+        first = last = None
         if len(single) > 1:
-            flags["bos"] = special(single[0]) is not None and special(single[0]) == bos
-            if special(single[-1]) is not None:
-                flags["eos"] = special(single[-1]) == eos
-    return flags
+            first = tok(single[0])
+            if first:
+                if not tc:
+                    bos = first
+                add["bos"] = first in (bos, cls)
+            last = tok(single[-1])
+            if last:
+                if not tc:
+                    eos = last
+                elif last != eos:
+                    extra = "eot" if "eot" not in kinds else "eom" if "eom" not in kinds else None
+                    if extra:
+                        kinds.append(extra)
+                        tc[f"{extra}_token"] = eos
+                    tc["eos_token"] = eos = last
+                add["eos"] = last == eos
+        if pair:
+            start = 1 if first and tok(pair[0]) == first else 0
+            stop = -1 if last and tok(pair[-1]) == last else None
+            mid = pair[start:stop]
+            if mid:
+                a = mid[0].get("Sequence", {}).get("id") if isinstance(mid[0], dict) else None
+                b = mid[-1].get("Sequence", {}).get("id") if isinstance(mid[-1], dict) else None
+                mid = mid[1:-1]
+                if a == "A" and b == "B" and mid:
+                    add_sep = False
+                    e = tok(mid[0])
+                    if e and e in (sep, eos) and not last:
+                        add_sep = True
+                    if len(mid) == 2 and tok(mid[1]) and tok(mid[1]) in (sep, eos):
+                        add_sep = True
+                    add["sep"] = add_sep
+                    if add_sep and not sep and tc:
+                        tc["sep_token"] = eos
+    template = None
+    if tc:
+        alt = None
+        if (d / "chat_template.jinja").is_file():
+            alt = _read_text(d / "chat_template.jinja")
+            extra = sorted((d / "additional_chat_templates").glob("*.jinja"))
+            if extra:
+                alt = [{"name": "default", "template": alt}] + [{"name": f.stem, "template": _read_text(f)}
+                                                                 for f in extra]
+        elif (d / "chat_template.json").is_file():
+            obj = _load(d / "chat_template.json")
+            alt = obj.get("chat_template") if isinstance(obj, dict) else None
+        template = tc.get("chat_template", alt)
+        if template is not None and not isinstance(template, (str, list)):
+            template = None
+        for kind in kinds:
+            flag = tc.get(f"add_{kind}_token")
+            if isinstance(flag, bool):
+                add[kind] = flag
+            content = _name(tc.get(f"{kind}_token"))
+            if not isinstance(content, str):
+                continue
+            i = next((a.get("id") for a in added if isinstance(a, dict) and a.get("content") == content), None)
+            _set_id(ids, kind, i, d)
+    for kind in kinds:
+        i = config.get(f"{kind}_token_id")
+        if i is None and isinstance(config.get("text_config"), dict):
+            i = config["text_config"].get(f"{kind}_token_id")
+        _set_id(ids, kind, i, d)
+    return ids, add, template
 
+
+def _set_id(ids: dict, kind: str, i, d) -> None:
+    """``SpecialVocab._set_special_token``: an int id sets ``kind`` once; anything else is ignored."""
+    if not isinstance(i, int) or isinstance(i, bool):
+        return
+    if i < 0:
+        raise ValueError(f"{d}: invalid id {i} for the {kind} token")
+    ids.setdefault(kind, i)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable UTF-8 file ({e})") from None

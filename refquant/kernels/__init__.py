@@ -1,7 +1,8 @@
 """numba kernels for quantized matvec / small-batch matmul.
 
-``bytedot``: the byte-dot kernels every registered integer scheme and GGML type runs on
-(``table.KERNELS`` wires them), x rounded to int8 as llama.cpp does; ``simd``: the vector
+``bytedot``: the byte-dot kernels the integer schemes and GGML types run on (a family
+declares a scheme's ``table.KernelEntry`` when it registers it), x rounded to int8 as
+llama.cpp does; ``simd``: the vector
 intrinsics they are built from; ``stacked``: weights of one role stacked over a model's
 layers and their product inside numba code (the compiled decode step); ``matvec``: the INT4 kernel that rounds x to int16 instead
 (more accurate, slower), kept for that comparison.

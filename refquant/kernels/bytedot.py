@@ -50,6 +50,7 @@ tier in use; ``REFQUANT_KERNEL_TIER=avx2|numba`` forces a lower one.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ from refquant.kernels import MAX_BATCH, _cache
 TIERS = ("vnni", "avx2", "numba")
 TIER_ENV = "REFQUANT_KERNEL_TIER"
 OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2
-GGML_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+_OFFSETS = {"none": OFFSET_NONE, "const": OFFSET_CONST, "min": OFFSET_MIN}   # ByteDotLayout.offset
 # Q8_0 stores d_x = max|x|/127 as fp16: beyond 65504 it would be Inf (llama.cpp's too)
 Q8_0_MAX_ABS = 65504.0 * 127
 _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
@@ -207,29 +208,16 @@ def _log2_blocks(group: int) -> int:
     return group.bit_length() - 6
 
 
-def pack_ggml(raw: np.ndarray, type_name: str, n: int) -> Packed:
-    """Repack GGML block bytes ``uint8[rows, row_bytes]`` of rows of ``n`` weights."""
-    from refquant.gguf import quants
-
-    t = quants.ggml_type(type_name).name
-    if t not in GGML_TYPES:
-        raise ValueError(f"no byte-dot kernel for {t}; kernels exist for {', '.join(GGML_TYPES)}")
-    f = quants.block_fields(raw, t, n)
-    if t == "Q8_0":
-        return pack_codes(f["codes"], "s8", n, d=f["d"], dshift=0, offset=OFFSET_NONE)
-    if t in ("Q4_0", "Q5_0"):
-        return pack_codes(f["codes"], "u4" if t == "Q4_0" else "u5", n, d=f["d"], dshift=0, offset=OFFSET_CONST,
-                          c=8 if t == "Q4_0" else 16)
-    if t in ("Q4_1", "Q5_1"):
-        return pack_codes(f["codes"], "u4" if t == "Q4_1" else "u5", n, d=f["d"], dshift=0, offset=OFFSET_MIN,
-                          m=f["m"])
-    if t in ("Q4_K", "Q5_K"):   # ŵ = d·sc·u - dmin·mn: the min field is -dmin (fp16 sign flip, exact)
-        return pack_codes(f["codes"], "u4" if t == "Q4_K" else "u5", n, d=f["d"], dshift=3, offset=OFFSET_MIN,
-                          sc=f["sc"], m=f["dmin"] ^ np.uint16(0x8000), mshift=3, mn=f["mn"], mnshift=0)
-    if t == "Q6_K":
-        return pack_codes(f["codes"], "u6", n, d=f["d"], dshift=3, offset=OFFSET_CONST, c=32, sc=f["sc"],
-                          sub16=True)
-    raise ValueError(f"no byte-dot kernel for {t}")
+def pack_fields(f: dict, layout, n: int) -> Packed:
+    """Repack a ggml type's stored fields (``gguf.quants.block_fields``: ``codes``, ``d`` and
+    ``sc``/``m``/``mn`` where the type has them) as its ``layout`` says (a
+    ``gguf.quants.ByteDotLayout``: code kind, offset, scale sharing)."""
+    m = None if layout.m is None else f[layout.m]
+    if m is not None and layout.negate_m:   # fp16 sign flip: exact
+        m = m ^ np.uint16(0x8000)
+    return pack_codes(f["codes"], layout.kind, n, d=f["d"], dshift=layout.dshift, offset=_OFFSETS[layout.offset],
+                      c=layout.c, sc=f.get("sc"), m=m, mshift=layout.mshift, mn=f.get("mn"), mnshift=layout.mnshift,
+                      sub16=layout.sub16)
 
 
 def pack_affine(qt) -> Packed:
@@ -255,34 +243,66 @@ def pack_affine(qt) -> Packed:
 
 # --- activation quantization ---------------------------------------------------------
 
-@njit(cache=False)
-def _q8_0_rows(X, xq, d, sums):
-    """quantize_row_q8_0_ref per block of 32: ``d = amax/127``, ``q = roundf(x·(1/d))``
-    (half away from zero), unrounded d; ``sums`` gets Σ q per block."""
-    M, nb = d.shape
-    for m in range(M):
+@njit(inline="always")
+def f16_round(v):
+    """float32 ``v`` rounded to the nearest fp16 value (ties to even; Inf beyond 65504),
+    as float32: ``np.float32(np.float16(v))`` in numba code. An fp16 number has 11
+    significant bits, so its spacing in [2^(e-1), 2^e) is 2^(e-11), and never below the
+    subnormal spacing 2^-24; scaling by a power of two is exact, so ``rint`` does the
+    rounding."""
+    a = abs(np.float64(v))
+    if a == 0.0 or not np.isfinite(a):
+        return v
+    e = math.frexp(a)[1]
+    ue = max(e - 11, -24)
+    r = math.ldexp(np.rint(math.ldexp(a, -ue)), ue)
+    if r > 65504.0:
+        r = np.inf
+    return np.float32(math.copysign(r, v))
+
+
+@_cache.jit(None, error_model="numpy")   # on disk, a damaged entry recompiled (kernels._cache)
+def quantize_x(X, n, xq, dx, xs):
+    """Rows of ``X[:, :n]`` as Q8_0 blocks into ``xq`` (T, nb·32) int8 (zero-padded),
+    ``dx`` (T, nb) fp16-rounded scales and ``xs`` = ``dx · Σ x_q`` per block. Per block,
+    ``quantize_row_q8_0_ref``: ``d = amax/127``, ``q = roundf(x·(1/d))`` (ties away from
+    zero), d stored as fp16. The one Q8_0 rounder: ``quantize_x_q8_0`` and the compiled step
+    (``stacked``) both call it. |x| above ``Q8_0_MAX_ABS`` (the fp16 overflow of the scale)
+    raises ValueError. The rounding is written without branches (select), so LLVM
+    vectorizes it (numpy error model: no division check)."""
+    T = X.shape[0]
+    nb = dx.shape[1]
+    v = np.zeros(32, np.float32)
+    half, one = np.float32(0.5), np.float32(1)
+    for t in range(T):
         for b in range(nb):
+            lo = 32 * b
+            m = min(32, n - lo) if lo < n else 0
+            for i in range(32):
+                v[i] = X[t, lo + i] if i < m else np.float32(0)
             amax = np.float32(0)
             for i in range(32):
-                amax = max(amax, abs(X[m, 32 * b + i]))
+                amax = max(amax, abs(v[i]))
+            if amax > np.float32(65504.0 * 127):
+                raise ValueError("x exceeds the byte-dot kernels' Q8_0 range (|x| <= 65504 * 127)")
             db = amax / np.float32(127)
-            inv = np.float32(1) / db if db != 0 else np.float32(0)
+            inv = one / db if db != 0 else np.float32(0)
             total = 0
             for i in range(32):
-                v = X[m, 32 * b + i] * inv
-                t = np.float32(np.trunc(v))
-                if abs(v - t) >= np.float32(0.5):
-                    t += np.float32(1) if v >= 0 else np.float32(-1)
-                xq[m, 32 * b + i] = np.int8(t)
-                total += np.int32(t)
-            d[m, b] = db
-            sums[m, b] = total
+                w = v[i] * inv
+                q = np.float32(np.trunc(w))
+                q += (one if w >= 0 else -one) if abs(w - q) >= half else np.float32(0)
+                xq[t, lo + i] = np.int8(q)
+                total += np.int32(q)
+            d16 = f16_round(db)
+            dx[t, b] = d16
+            xs[t, b] = d16 * np.float32(total)
 
 
 def quantize_x_q8_0(X: np.ndarray, nb: int):
     """X (M, n) float32 as Q8_0 blocks over ``nb`` blocks (zero-padded): ``(x_q int8 (M, nb·32),
-    d_x float32 (M, nb) fp16-rounded, S·d_x float32 (M, nb))``. Bit-identical to
-    ``gguf.quants.quantize(X, "Q8_0")`` (tested), so with llama.cpp's limits: blocks whose
+    d_x float32 (M, nb) fp16-rounded, S·d_x float32 (M, nb))`` (``quantize_x``). Bit-identical
+    to ``gguf.quants.quantize(X, "Q8_0")`` (tested), so with llama.cpp's limits: blocks whose
     max|x| is below ~7.6e-6 (fp16's smallest subnormal times 127 / 2) round to zero, and
     |x| beyond 8.3e6 is refused (ValueError) rather than turned into Inf."""
     M, n = X.shape
@@ -290,24 +310,19 @@ def quantize_x_q8_0(X: np.ndarray, nb: int):
     if amax / 127 > 65504.0:
         raise ValueError(f"x reaches |x| = {amax:.3g}: its Q8_0 block scale max|x|/127 overflows fp16 "
                          f"(the byte-dot kernels take |x| <= {Q8_0_MAX_ABS:.4g})")
-    Xp = X if n == nb * 32 else _pad_cols(X, nb * 32)
     xq = np.empty((M, nb * 32), np.int8)
-    d = np.empty((M, nb), np.float32)
-    sums = np.empty((M, nb), np.int32)
-    _q8_0_rows(np.ascontiguousarray(Xp, np.float32), xq, d, sums)
-    dx = d.astype(np.float16).astype(np.float32)
-    return xq, dx, (dx * sums.astype(np.float32)).astype(np.float32)
+    dx = np.empty((M, nb), np.float32)
+    xs = np.empty((M, nb), np.float32)
+    quantize_x(np.ascontiguousarray(X, np.float32), n, xq, dx, xs)
+    return xq, dx, xs
 
 
-def quantize_x_per_token(X: np.ndarray, nb: int):
-    """W8A8's x: one int8 scale per row (``max|x|/127``, round half to even), as
-    ``refquant.smoothquant.quantize_tokens``; returned in the block form the kernel reads."""
-    from refquant.smoothquant import quantize_tokens
-
-    q, s = quantize_tokens(np.asarray(X, np.float32))
-    M = X.shape[0]
-    xq = _pad_cols(q.astype(np.int8), nb * 32)
-    dx = np.repeat(np.asarray(s, np.float32).reshape(M, 1), nb, axis=1)
+def blocks_of_rows(xq: np.ndarray, scale: np.ndarray, nb: int):
+    """Int8 rows ``xq`` (M, n) with one scale per row, in the block form the kernels read:
+    ``(x_q (M, nb·32) zero-padded, d_x (M, nb), S·d_x (M, nb))`` (a per-token rounder's output)."""
+    M = xq.shape[0]
+    xq = _pad_cols(np.asarray(xq, np.int8), nb * 32)
+    dx = np.repeat(np.asarray(scale, np.float32).reshape(M, 1), nb, axis=1)
     sums = xq.reshape(M, nb, 32).sum(axis=2, dtype=np.int32)
     return xq, dx, (dx * sums.astype(np.float32)).astype(np.float32)
 
@@ -997,13 +1012,14 @@ def _check_X(p: Packed, X, name: str) -> np.ndarray:
     return np.ascontiguousarray(X2, np.float32)
 
 
-def matmul(p: Packed, X: np.ndarray, *, per_token: bool = False, tier: str | None = None) -> np.ndarray:
+def matmul(p: Packed, X: np.ndarray, *, round_x=None, tier: str | None = None) -> np.ndarray:
     """``Ŵ x̂`` for x of shape (n,) -> (rows,), or ``X̂ Ŵᵀ`` for X of shape (M <= 16, n) -> (M, rows).
 
-    x is rounded to Q8_0 blocks (``per_token=False``) or to one int8 scale per token (W8A8).
+    x is rounded to Q8_0 blocks (``round_x=None``, llama.cpp's) or by ``round_x(X, nb) ->
+    (x_q, d_x, S·d_x)`` (e.g. W8A8's one int8 scale per token, ``blocks_of_rows``).
     """
     X2 = _check_X(p, X, "x" if np.ndim(X) == 1 else "X")
-    xq, dx, xs = (quantize_x_per_token if per_token else quantize_x_q8_0)(X2, p.nb)
+    xq, dx, xs = (round_x or quantize_x_q8_0)(X2, p.nb)
     xs16 = None
     if p.sub16:   # Q6_K: d_x per 16 and its offset's d_x Σ x_q per 16
         dx16 = np.repeat(dx, 2, axis=1)

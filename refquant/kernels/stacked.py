@@ -9,15 +9,15 @@ a float32 stack, and ``make_apply(op)`` returns an ``@njit`` function::
 
     apply(w, l, X, out)     # out[:T] = X Ŵ_lᵀ for X (T <= kernels.MAX_BATCH, n) float32
 
-that rounds X to Q8_0 blocks exactly as ``bytedot.quantize_x_q8_0`` does (the block scale
-rounded to fp16 by ``f16_round``, tested bit-identical to NumPy's cast) and calls the
-same compiled kernel ``bytedot.matmul`` calls. So a model step built from these computes,
+that rounds X to Q8_0 blocks with ``bytedot.quantize_x``, the one Q8_0 rounder (the block
+scale rounded to fp16 by ``f16_round``, tested bit-identical to NumPy's cast), and calls
+the same compiled kernel ``bytedot.matmul`` calls. So a model step built from these computes,
 Linear by Linear, what the NumPy reference computes with ``Linear`` objects.
 
-Which Linears have an operand (``operand_kind``): float32 (``DenseLinear``), and every
-``QuantizedLinear`` whose scheme has a byte-dot kernel that rounds x to Q8_0 blocks with no
-transform of x first (``kernels.table``: every GGML type with a kernel, INT8, INT4 RTN and
-GPTQ). Schemes without a kernel run on their dequantized weight (``dequantized=True``,
+Which Linears have an operand (``operand_kind``, which the Linear answers): float32
+(``DenseLinear``), and every ``QuantizedLinear`` whose scheme has a byte-dot kernel that
+rounds x to Q8_0 blocks with no transform of x first (``KernelEntry.q8_0``: every GGML type
+with a kernel, INT8, INT4 RTN and GPTQ). Schemes without a kernel run on their dequantized weight (``dequantized=True``,
 what the NumPy reference does for them too); schemes that round x their own way (W8A8,
 SmoothQuant, LLM.int8(), AWQ's x transform) have no compiled path and are refused.
 """
@@ -30,68 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from refquant.kernels import MAX_BATCH, _cache, bytedot, table
-from refquant.kernels.bytedot import Packed
+from refquant.kernels import MAX_BATCH, _cache, bytedot
+from refquant.kernels.bytedot import Packed, f16_round, quantize_x  # noqa: F401  (the step's x rounding)
 
 _ARRAYS = ("qs", "qh", "d", "sc", "m", "mn")
 _DUMMY = {"sc": np.uint8, "m": np.uint16, "mn": np.uint8}
 
 
-@njit(inline="always")
-def f16_round(v):
-    """float32 ``v`` rounded to the nearest fp16 value (ties to even; Inf beyond 65504),
-    as float32: ``np.float32(np.float16(v))`` in numba code. An fp16 number has 11
-    significant bits, so its spacing in [2^(e-1), 2^e) is 2^(e-11), and never below the
-    subnormal spacing 2^-24; scaling by a power of two is exact, so ``rint`` does the
-    rounding."""
-    a = abs(np.float64(v))
-    if a == 0.0 or not np.isfinite(a):
-        return v
-    e = math.frexp(a)[1]
-    ue = max(e - 11, -24)
-    r = math.ldexp(np.rint(math.ldexp(a, -ue)), ue)
-    if r > 65504.0:
-        r = np.inf
-    return np.float32(math.copysign(r, v))
-
-
-@njit(error_model="numpy", cache=_cache.enabled())
-def quantize_x(X, n, xq, dx, xs):
-    """Rows of ``X[:, :n]`` as Q8_0 blocks into ``xq`` (T, nb·32) int8 (zero-padded),
-    ``dx`` (T, nb) fp16-rounded scales and ``xs`` = ``dx · Σ x_q`` per block: the outputs of
-    ``bytedot.quantize_x_q8_0``, bit for bit (tested). |x| above ``bytedot.Q8_0_MAX_ABS``
-    (the fp16 overflow of the scale) raises ValueError. The rounding is written without
-    branches (select), so LLVM vectorizes it (numpy error model: no division check)."""
-    T = X.shape[0]
-    nb = dx.shape[1]
-    v = np.zeros(32, np.float32)
-    half, one = np.float32(0.5), np.float32(1)
-    for t in range(T):
-        for b in range(nb):
-            lo = 32 * b
-            m = min(32, n - lo) if lo < n else 0
-            for i in range(32):
-                v[i] = X[t, lo + i] if i < m else np.float32(0)
-            amax = np.float32(0)
-            for i in range(32):
-                amax = max(amax, abs(v[i]))
-            if amax > np.float32(65504.0 * 127):
-                raise ValueError("x exceeds the byte-dot kernels' Q8_0 range (|x| <= 65504 * 127)")
-            db = amax / np.float32(127)
-            inv = one / db if db != 0 else np.float32(0)
-            total = 0
-            for i in range(32):
-                w = v[i] * inv
-                q = np.float32(np.trunc(w))
-                q += (one if w >= 0 else -one) if abs(w - q) >= half else np.float32(0)
-                xq[t, lo + i] = np.int8(q)
-                total += np.int32(q)
-            d16 = f16_round(db)
-            dx[t, b] = d16
-            xs[t, b] = d16 * np.float32(total)
-
-
-@njit(parallel=True, fastmath=True, cache=_cache.enabled())
+@_cache.jit(None, parallel=True, fastmath=True)
 def matmul_f32(W, X, out):
     """``out[t, r] = Σ_i W[r, i] X[t, i]`` (float32 accumulation, rows over both cores)."""
     R, n = W.shape
@@ -142,24 +88,12 @@ def part_key(part: tuple[str, object]) -> tuple:
 
 def operand_kind(lin) -> str:
     """``"f32"``, ``"packed"`` or ``"dequantized"`` for a ``refquant.linear.Linear`` (module
-    docstring); ValueError for a scheme whose product the compiled path does not compute."""
-    from refquant.linear import DenseLinear, QuantizedLinear
-
-    if isinstance(lin, DenseLinear):
-        return "f32"
-    if not isinstance(lin, QuantizedLinear):
+    docstring): the Linear says (``Linear.operand_kind``); ValueError for a scheme whose
+    product the compiled path does not compute."""
+    kind = getattr(lin, "operand_kind", None)
+    if kind is None:
         raise TypeError(f"expected a refquant.linear Linear, got {type(lin).__name__}")
-    entry = table.KERNELS.get(lin.qt.scheme)
-    if entry is not None and entry.activation == "q8_0" and entry.prepare_x is None:
-        return "packed"
-    if lin.scheme.act_quant is not None or entry is not None:
-        raise ValueError(f"scheme {lin.qt.scheme!r} rounds or transforms x its own way; the compiled step "
-                         "covers float32, schemes without a kernel, and kernels with Q8_0 activations")
-    return "dequantized"
-
-
-def _packed(lin) -> Packed:
-    return table.packed(lin.qt)
+    return kind()
 
 
 def _concat_rows(parts: list[Packed]) -> Packed:
@@ -184,7 +118,7 @@ def layer_weight(lins: list) -> tuple[str, object]:
         lins = [g[0]]            # already row-stacked by linear.fuse
     kinds = {operand_kind(lin) for lin in lins}
     if kinds == {"packed"}:
-        return "packed", _concat_rows([_packed(lin) for lin in lins])
+        return "packed", _concat_rows([lin.packed() for lin in lins])
     if "packed" in kinds:
         raise ValueError("cannot row-stack a kernel weight with a float one")
     ws = [lin.dequantize() for lin in lins]

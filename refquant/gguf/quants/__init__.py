@@ -11,14 +11,15 @@ the helpers live in ``core``; each family registers its types there (``register_
 * ``iq``: IQ4_NL, IQ4_XS;
 * ``mx``: MXFP4.
 
-A new type is one file (its quantizer, dequantizer and ``register_format`` call) plus
-its import below and its golden bytes in the tests.
+A new type is one file (its quantizer, dequantizer and ``register_format`` call, with a
+``ByteDotLayout`` when the byte-dot kernels can multiply it) plus its import below and its
+golden bytes in the tests.
 """
 from refquant.gguf.quants import legacy, kquants, iq, mx  # noqa: F401,I001  (each registers its types, in this order)
 from refquant.gguf.quants.core import (  # noqa: F401
-    F32, FORMATS, GROUP_MAX_EPS, IMPLS, KVALUES_FP4, KVALUES_IQ4NL, QK_K, TYPES, TYPES_BY_ID, BlockFormat, GGMLType,
-    block_fields, dequantize, error_bound, from_raw, grid, grid_types, ggml_type, nearest_int, quantize,
-    quantize_tensor, register_format, roundf, seqsum,
+    F32, FORMATS, GROUP_MAX_EPS, IMPLS, KVALUES_FP4, KVALUES_IQ4NL, QK_K, TYPES, TYPES_BY_ID, BlockFormat,
+    ByteDotLayout, GGMLType, block_fields, byte_dot_types, dequantize, error_bound, from_raw, grid, grid_types,
+    ggml_type, nearest_int, pack_ggml, quantize, quantize_tensor, register_format, roundf, seqsum,
 )
 
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from refquant._checks import float_array
 from refquant.gguf.quants.constants import GROUP_MAX_EPS, KVALUES_FP4, KVALUES_IQ4NL  # noqa: F401 (re-exported)
+from refquant.kernels.table import KernelEntry
 from refquant.tensor import QuantizedTensor, register_decoder
 
 F32 = np.float32
@@ -252,6 +253,26 @@ def min_codes(x, nmax):
 # ----------------------------------------------------------------------------- the format registry
 
 @dataclass(frozen=True)
+class ByteDotLayout:
+    """How the byte-dot kernels read a type's blocks (``refquant.kernels.bytedot.pack_codes``):
+    integer codes ``u`` of ``kind`` (``"s8"``, ``"u4"``, ``"u5"``, ``"u6"``) per block of 32,
+    its scale ``d`` shared by ``2^dshift`` blocks (times ``sc``, when the type's fields have
+    one), and the offset: ``"none"`` (ŵ = d·u), ``"const"`` (ŵ = d·(u − c)) or ``"min"``
+    (ŵ = d·u + m·mn, ``m`` the fields entry named, negated when ``negate_m``: the K types
+    store ``dmin`` and subtract it). The codes and scales come from the type's ``fields``."""
+
+    kind: str
+    offset: str = "none"
+    c: int = 0
+    dshift: int = 0
+    m: str | None = None
+    negate_m: bool = False
+    mshift: int = 0
+    mnshift: int = 0
+    sub16: bool = False     # Q6_K: an int8 sub-scale per 16 weights
+
+
+@dataclass(frozen=True)
 class BlockFormat:
     """What refquant implements for one ggml type (registered by the family modules)."""
 
@@ -262,20 +283,30 @@ class BlockFormat:
     code_fields: tuple = ()            # (first byte, end byte, kind) of each code field of a block
     scale_factor: int | None = None    # largest factor an fp16 scale is multiplied by when decoding
     fields: Callable | None = None     # uint8 (B, type_size) -> stored fields per block (``block_fields``)
+    byte_dot: ByteDotLayout | None = None   # the byte-dot kernels' reading of ``fields`` (None: no kernel)
 
 
 FORMATS: dict[str, BlockFormat] = {}
 
 
 def register_format(name: str, quantize, dequantize, *, levels=None, code_fields=(), scale_factor=None,
-                    fields=None) -> None:
+                    fields=None, byte_dot: ByteDotLayout | None = None) -> None:
     """Register ggml type ``name``'s quantizer and dequantizer (and, for ``grid`` and
-    ``error_bound``, its code fields; for the kernels, its ``block_fields`` decoder)."""
+    ``error_bound``, its code fields; for the kernels, its ``block_fields`` decoder and the
+    ``ByteDotLayout`` they read it by: the type's scheme then multiplies on them)."""
     if name not in TYPES:
         raise ValueError(f"{name} is not a ggml type")
     if name in FORMATS:
         raise ValueError(f"ggml type {name} is already registered")
-    FORMATS[name] = BlockFormat(name, quantize, dequantize, levels, tuple(code_fields), scale_factor, fields)
+    if byte_dot is not None and fields is None:
+        raise ValueError(f"ggml type {name}: a byte-dot layout reads the type's fields; give fields=")
+    FORMATS[name] = BlockFormat(name, quantize, dequantize, levels, tuple(code_fields), scale_factor, fields,
+                                byte_dot)
+
+
+def byte_dot_types() -> tuple[str, ...]:
+    """The ggml types the byte-dot kernels multiply (a ``ByteDotLayout`` in their row)."""
+    return tuple(n for n, f in FORMATS.items() if f.byte_dot is not None)
 
 
 register_format("F32", lambda x: x.astype("<f4").view(np.uint8),
@@ -491,14 +522,32 @@ def from_raw(raw, type_name, shape, scheme: str | None = None):
                            {"kind": "ggml", "ggml_type": t.name})
 
 
+def pack_ggml(raw, type_name: str, n: int):
+    """Block bytes ``uint8[rows, row_bytes]`` of rows of ``n`` weights in the byte-dot kernels'
+    layout (``kernels.bytedot.Packed``), as the type's ``ByteDotLayout`` says."""
+    from refquant.kernels import bytedot   # numba loads here
+
+    t = ggml_type(type_name).name
+    layout = FORMATS[t].byte_dot if t in FORMATS else None
+    if layout is None:
+        raise ValueError(f"no byte-dot kernel for {t}; kernels exist for {', '.join(byte_dot_types())}")
+    return bytedot.pack_fields(block_fields(raw, t, n), layout, n)
+
+
+GGML_KERNEL = KernelEntry(lambda qt: pack_ggml(qt.codes, qt.meta["ggml_type"], qt.shape[1]))
+
+
 def register_scheme(type_name: str, description: str) -> None:
     """Register ggml type ``type_name`` as the scheme ``type_name.lower()`` (``refquant.schemes``):
-    ``quantize_tensor`` with ``error_bound`` as its bound."""
+    ``quantize_tensor`` with ``error_bound`` as its bound, multiplied on the byte-dot kernels
+    when its row has a ``ByteDotLayout``."""
     from refquant.schemes import register
 
     bpw = TYPES[type_name].bits_per_weight
+    fmt = FORMATS.get(type_name)
     register(type_name.lower(), description=f"GGML {type_name} ({bpw:g} bpw): {description}",
-             bound=lambda w, qt: error_bound(w, qt.codes, type_name))(
+             bound=lambda w, qt: error_bound(w, qt.codes, type_name),
+             kernel=GGML_KERNEL if fmt is not None and fmt.byte_dot is not None else None)(
         lambda w, *, calib=None: quantize_tensor(w, type_name))
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from refquant.gguf.quants.core import (
-    F32, GROUP_MAX_EPS, f16_bytes, f16_field, f16_value, first_absmax, first_winner, join_nibbles, nearest_int,
-    pack2, positive_max, register_format, register_scheme, seqsum, unpack2,
+    F32, GROUP_MAX_EPS, ByteDotLayout, f16_bytes, f16_field, f16_value, first_absmax, first_winner, join_nibbles,
+    nearest_int, pack2, positive_max, register_format, register_scheme, seqsum, unpack2,
 )
 
 
@@ -355,12 +355,14 @@ register_format("Q2_K", _q2_k, _dq2_k, levels=4, code_fields=[(16, 80, "crumb0")
 register_format("Q3_K", _q3_k, _dq3_k,
                 levels=8, code_fields=[(0, 32, "bit2"), (32, 96, "crumb0")], scale_factor=128)
 register_format("Q4_K", _q4_k, _dq4_k,
-                levels=16, code_fields=[(16, 144, "nibble")], scale_factor=1008, fields=_fields_k45)
+                levels=16, code_fields=[(16, 144, "nibble")], scale_factor=1008, fields=_fields_k45,
+                byte_dot=ByteDotLayout("u4", "min", dshift=3, m="dmin", negate_m=True, mshift=3))
 register_format("Q5_K", _q5_k, _dq5_k,
-                levels=32, code_fields=[(16, 48, "bit4"), (48, 176, "nibble")], scale_factor=2016, fields=_fields_k45)
+                levels=32, code_fields=[(16, 48, "bit4"), (48, 176, "nibble")], scale_factor=2016, fields=_fields_k45,
+                byte_dot=ByteDotLayout("u5", "min", dshift=3, m="dmin", negate_m=True, mshift=3))
 register_format("Q6_K", _q6_k, _dq6_k,
                 levels=64, code_fields=[(0, 128, "nibble"), (128, 192, "crumb4")], scale_factor=4096,
-                fields=_fields_q6_k)
+                fields=_fields_q6_k, byte_dot=ByteDotLayout("u6", "const", c=32, dshift=3, sub16=True))
 register_format("Q8_K", _q8_k, _dq8_k)
 
 

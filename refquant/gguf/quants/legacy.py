@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from refquant.gguf.quants.core import (
-    F32, bit_planes, f16_bytes, f16_field, f16_value, inv, join_nibbles, min_codes, register_format,
+    F32, ByteDotLayout, bit_planes, f16_bytes, f16_field, f16_value, inv, join_nibbles, min_codes, register_format,
     register_scheme, roundf, split_nibbles, sym_codes,
 )
 
@@ -102,15 +102,20 @@ def _fields_q5(b):   # Q5_0 (d, qh, qs) or Q5_1 (d, m, qh, qs): codes as stored,
 
 register_format("BF16", _bf16, _dbf16)
 register_format("Q4_0", _q4_0, _dq4_0,
-                levels=16, code_fields=[(2, 18, "nibble")], scale_factor=8, fields=_fields_q4)
+                levels=16, code_fields=[(2, 18, "nibble")], scale_factor=8, fields=_fields_q4,
+                byte_dot=ByteDotLayout("u4", "const", c=8))
 register_format("Q4_1", _q4_1, _dq4_1,
-                levels=16, code_fields=[(4, 20, "nibble")], scale_factor=16, fields=_fields_q4)
+                levels=16, code_fields=[(4, 20, "nibble")], scale_factor=16, fields=_fields_q4,
+                byte_dot=ByteDotLayout("u4", "min", m="m"))
 register_format("Q5_0", _q5_0, _dq5_0,
-                levels=32, code_fields=[(2, 6, "bit4"), (6, 22, "nibble")], scale_factor=16, fields=_fields_q5)
+                levels=32, code_fields=[(2, 6, "bit4"), (6, 22, "nibble")], scale_factor=16, fields=_fields_q5,
+                byte_dot=ByteDotLayout("u5", "const", c=16))
 register_format("Q5_1", _q5_1, _dq5_1,
-                levels=32, code_fields=[(4, 8, "bit4"), (8, 24, "nibble")], scale_factor=32, fields=_fields_q5)
+                levels=32, code_fields=[(4, 8, "bit4"), (8, 24, "nibble")], scale_factor=32, fields=_fields_q5,
+                byte_dot=ByteDotLayout("u5", "min", m="m"))
 register_format("Q8_0", _q8_0, _dq8_0,
-                levels=256, code_fields=[(2, 34, "byte")], scale_factor=128, fields=_fields_q8_0)
+                levels=256, code_fields=[(2, 34, "byte")], scale_factor=128, fields=_fields_q8_0,
+                byte_dot=ByteDotLayout("s8"))
 
 
 # the registered schemes (refquant.schemes) of these types
