@@ -116,6 +116,33 @@ def test_kernel_is_dequantized_weight_times_rounded_x(name, tier, data):
     # else the batch took the tile kernel, whose float epilogue sums in another order
 
 
+@pytest.mark.parametrize("tier", TIER_PARAMS)
+@pytest.mark.parametrize("name", SCHEMES)
+def test_the_plain_loop_reference_is_the_dequantized_product_and_every_tier_is_it(name, tier):
+    """``layout.reference`` (y = Σ_b d_x,b (d_b Σ u·x_q + m_b S_b) in loops over blocks, from
+    the repacked fields) equals x̂ Ŵᵀ from ``dequantize`` and gguf.quants' Q8_0 in float64,
+    and every tier's kernel, one token and a batch of 6, is within the epilogue bound of it."""
+    from refquant.kernels import layout
+
+    rng = np.random.default_rng(11)
+    n = 512 if _unit(name) > 1 else 200
+    w = rng.standard_normal((5, n)).astype(np.float32)
+    X = rng.standard_normal((6, n)).astype(np.float32)
+    s, qt = _quantize(name, w)
+    entry = KERNELS[name]
+    Xk = entry.prepare_x(qt, X) if entry.prepare_x is not None else X
+    p = packed(qt)
+    xq, dx, _ = (entry.round_x or kernels.bytedot.quantize_x_q8_0)(Xk, p.nb)
+    ref = layout.reference(p, xq, dx)
+    w_hat = qt.dequantize().astype(np.float64) * (qt.meta["awq_scales"] if entry.prepare_x is not None else 1)
+    x_hat = kernel_x_hat(entry, qt, X, s.act_quant)
+    np.testing.assert_allclose(ref, x_hat @ w_hat.T, rtol=1e-9, atol=1e-9 * np.abs(x_hat).max() * np.abs(w_hat).sum())
+    bound = kernel_bound(w_hat, x_hat).T + 1e-300
+    for M in (1, 6):
+        y = kernels.bytedot.matmul(p, Xk[:M], round_x=entry.round_x, tier=tier)
+        assert np.all(np.abs(y - ref[:M]) <= bound[:M]), M
+
+
 @pytest.mark.parametrize("name", ["q4_0", "q4_k", "int4_g128_asym", "int8_channel", "q6_k"])
 @settings(max_examples=50)
 @given(data=st.data())

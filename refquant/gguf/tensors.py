@@ -130,8 +130,10 @@ def as_ggml(qt: QuantizedTensor) -> tuple[np.ndarray, str, float]:
     if kind == "gptq":
         if not np.array_equal(m["g_idx"], np.arange(n) // gs):
             raise ValueError(f"{qt.scheme!r}: act-order groups (a permuted g_idx) have no GGUF form")
-    if gs % 32 or n % 32:
-        raise ValueError(f"{qt.scheme!r}: group size {gs} and row width {n} must be multiples of 32 (a ggml block)")
+    if gs % 32:
+        raise ValueError(f"{qt.scheme!r}: group size {gs} is not a multiple of 32 (a ggml block)")
+    if n % 32:
+        raise ValueError(f"{qt.scheme!r}: row width {n} is not a multiple of 32 (a ggml block)")
     if qt.scales.dtype != np.float16:
         raise ValueError(f"{qt.scheme!r}: scales are {qt.scales.dtype}, not fp16; the blocks would round them")
     sym = bool(m["sym"])

@@ -32,8 +32,9 @@ from numba import njit
 ENV = "REFQUANT_NUMBA_CACHE"
 # every module whose code ends up inside a kernel built with ``jit`` (the byte-dot kernels:
 # their intrinsics, and the numba tier's fp16 table in matvec)
-_SOURCES = ("refquant/kernels/bytedot.py", "refquant/kernels/simd.py", "refquant/kernels/matvec.py",
-            "refquant/kernels/_cache.py")
+_SOURCES = ("refquant/kernels/bytedot.py", "refquant/kernels/layout.py", "refquant/kernels/rows.py",
+            "refquant/kernels/tiles.py", "refquant/kernels/threads.py", "refquant/kernels/simd.py",
+            "refquant/kernels/matvec.py", "refquant/kernels/_cache.py")
 
 
 @functools.lru_cache(maxsize=None)

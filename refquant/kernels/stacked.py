@@ -24,13 +24,12 @@ SmoothQuant, LLM.int8(), AWQ's x transform) have no compiled path and are refuse
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
-from refquant.kernels import MAX_BATCH, _cache, bytedot
+from refquant.kernels import _cache, bytedot
 from refquant.kernels.bytedot import Packed, f16_round, quantize_x  # noqa: F401  (the step's x rounding)
 
 _ARRAYS = ("qs", "qh", "d", "sc", "m", "mn")

@@ -1,0 +1,298 @@
+"""The byte-dot kernels' weight layout and x rounding, and the plain-loop reference of what
+every kernel computes.
+
+Every integer weight layout here (INT8, INT4 groups, W8A8, and the ggml types whose rows
+carry a ``ByteDotLayout``) is, per block of 32 weights, an unsigned (for 8-bit: signed)
+code ``u`` times a block scale plus a block offset::
+
+    ŵ_i = d_b · u_i + m_b            (i in block b)
+
+and x is rounded once per call to llama.cpp's Q8_0 (``quantize_x``: per block of 32,
+``d_x = max|x|/127`` stored as fp16, ``x_q = roundf(x / d_x)``), so with
+``S_b = Σ_{i∈b} x_q,i``::
+
+    y_r = Σ_b d_x,b · ( d_b · Σ_{i∈b} u_i x_q,i  +  m_b · S_b )
+
+``reference`` is that sum in plain loops (float64), the readable twin every tier is tested
+against. ``Packed`` holds the repacked weights: codes of two consecutive blocks share 32
+bytes (block 2p in the low nibbles, block 2p+1 in the high ones), 5- and 6-bit codes add
+one or two bit planes of 4 bytes per block, 8-bit codes are stored as they are; scales
+stay in their stored width (fp16, uint8 sub-scales), so a kernel reads the format's own
+bits per weight. ``pack_*`` build it once per tensor; stored bytes never change.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from refquant.kernels import _cache
+
+OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2
+_OFFSETS = {"none": OFFSET_NONE, "const": OFFSET_CONST, "min": OFFSET_MIN}   # ByteDotLayout.offset
+# Q8_0 stores d_x = max|x|/127 as fp16: beyond 65504 it would be Inf (llama.cpp's too)
+Q8_0_MAX_ABS = 65504.0 * 127
+_ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
+
+
+# --- the repacked form ---------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """Weights in the kernels' layout (module docstring). Per row ``r`` and block ``b``::
+
+        d_b = d[r, b >> dshift] · (sc[r, b] if sc is given else 1)        (fp16 or float32 d)
+        m_b = -c · d_b                                  (offset "const", c = 8, 16, 32)
+            =  m[r, b >> mshift] · (mn[r, b >> mnshift] if mn is given)   (offset "min")
+        ŵ_i = d_b · u_i + m_b
+
+    ``kind``: ``"s8"`` (int8 codes, ``qs`` int8 (rows, nb·32)), ``"u4"``/``"u5"``/``"u6"``
+    (nibbles ``qs`` uint8 (rows, nb·16) plus 1 or 2 bit planes ``qh`` (rows, nb·4·planes)).
+    ``sub16``: Q6_K's int8 sub-scale per 16 weights (``sc`` int8 (rows, 2·nb)).
+    Rows are zero-padded to ``nb`` blocks: whole block pairs and whole scale groups.
+    """
+
+    kind: str
+    shape: tuple[int, int]
+    nb: int
+    qs: np.ndarray
+    qh: np.ndarray
+    d: np.ndarray
+    dshift: int
+    offset: int
+    c: int = 0
+    sc: np.ndarray | None = None
+    m: np.ndarray | None = None
+    mshift: int = 0
+    mn: np.ndarray | None = None
+    mnshift: int = 0
+    sub16: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matvec reads: codes, bit planes and every scale field."""
+        arrays = [self.qs, self.qh, self.d, self.sc, self.m, self.mn]
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+def _blocks_padded(n: int, dshift: int) -> int:
+    """Blocks of 32 per row, padded to a whole number of block pairs and of scale groups."""
+    unit = 2 if dshift >= _ROW_SHIFT else max(2, 1 << dshift)
+    return -(-n // (32 * unit)) * unit
+
+
+def _pad_cols(a: np.ndarray, cols: int) -> np.ndarray:
+    if a.shape[1] == cols:
+        return np.ascontiguousarray(a)
+    out = np.zeros((a.shape[0], cols), a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def _scale_cols(nb: int, shift: int) -> int:
+    return 1 if shift >= _ROW_SHIFT else -(-nb // (1 << shift))
+
+
+def _f16_bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float16).view(np.uint16)
+
+
+def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: int, c: int = 0, sc=None,
+               m=None, mshift: int = 0, mn=None, mnshift: int = 0, sub16: bool = False) -> Packed:
+    """Repack integer codes ``uint8[rows, ≥n]`` (``int8`` for ``"s8"``) with their scale fields."""
+    rows = codes.shape[0]
+    nb = _blocks_padded(n, dshift)
+    if m is not None and mshift != dshift or mn is not None and mnshift not in (0, dshift):
+        raise ValueError("the min field must share the scale's blocks (mshift == dshift, mnshift 0 or dshift)")
+    if kind == "s8":
+        qs = _pad_cols(np.ascontiguousarray(codes[:, :n]).view(np.int8), nb * 32)
+        if np.any(qs == -128):   # w·sign(x) must not wrap: ggml's Q8_0 and INT8 codes lie in [-127, 127]
+            raise ValueError("int8 code -128 found: the byte-dot kernels take 8-bit codes in [-127, 127] "
+                             "(what ggml's Q8_0 and refquant's INT8 quantizers write)")
+        qh = np.zeros((rows, 0), np.uint8)
+    else:
+        bits = {"u4": 4, "u5": 5, "u6": 6}[kind]
+        u = _pad_cols(np.ascontiguousarray(codes[:, :n], np.uint8), nb * 32).reshape(rows, nb // 2, 2, 32)
+        qs = ((u[:, :, 0] & 15) | ((u[:, :, 1] & 15) << 4)).reshape(rows, nb * 16)
+        planes = [np.packbits((u >> k) & 1, axis=-1, bitorder="little").reshape(rows, nb, 1, 4)
+                  for k in range(4, bits)]
+        qh = np.concatenate(planes, axis=2).reshape(rows, -1) if planes else np.zeros((rows, 0), np.uint8)
+    scols = lambda a, sh, per=1: None if a is None else _pad_cols(a, per * _scale_cols(nb, sh))  # noqa: E731
+    return Packed(kind, (rows, n), nb, np.ascontiguousarray(qs), np.ascontiguousarray(qh), scols(d, dshift),
+                  int(dshift), int(offset), int(c), scols(sc, 0, 2 if sub16 else 1), scols(m, mshift),
+                  int(mshift), scols(mn, mnshift), int(mnshift), bool(sub16))
+
+
+def _log2_blocks(group: int) -> int:
+    if group % 32 or group & (group - 1):
+        raise ValueError(f"group size {group} is not a power-of-two multiple of 32; the byte-dot kernels need one")
+    return group.bit_length() - 6
+
+
+def pack_fields(f: dict, layout, n: int) -> Packed:
+    """Repack a ggml type's stored fields (``gguf.quants.block_fields``: ``codes``, ``d`` and
+    ``sc``/``m``/``mn`` where the type has them) as its ``layout`` says (a
+    ``gguf.quants.ByteDotLayout``: code kind, offset, scale sharing)."""
+    m = None if layout.m is None else f[layout.m]
+    if m is not None and layout.negate_m:   # fp16 sign flip: exact
+        m = m ^ np.uint16(0x8000)
+    return pack_codes(f["codes"], layout.kind, n, d=f["d"], dshift=layout.dshift, offset=_OFFSETS[layout.offset],
+                      c=layout.c, sc=f.get("sc"), m=m, mshift=layout.mshift, mn=f.get("mn"), mnshift=layout.mnshift,
+                      sub16=layout.sub16)
+
+
+def pack_affine(qt) -> Packed:
+    """Repack an ``affine`` INT8 (symmetric, per tensor/channel) or INT4 (group) tensor."""
+    bits, n, rows = qt.meta.get("bits", 8 if qt.kind == "w8a8" else None), qt.shape[1], qt.shape[0]
+    if bits == 8 and qt.zeros is None:
+        s = np.broadcast_to(np.asarray(qt.scales, np.float32).reshape(-1, 1), (rows, 1))
+        return pack_codes(qt.codes.view(np.int8), "s8", n, d=np.ascontiguousarray(s), dshift=_ROW_SHIFT,
+                          offset=OFFSET_NONE)
+    if bits != 4 or qt.meta.get("granularity") != "group" or qt.scales.dtype != np.float16:
+        raise ValueError(f"no byte-dot kernel for {qt.scheme!r} (bits {bits}, {qt.meta.get('granularity')})")
+    g = _log2_blocks(qt.meta["group_size"])
+    b = qt.codes.view(np.uint8)
+    u = np.empty((rows, 2 * b.shape[1]), np.uint8)
+    u[:, 0::2], u[:, 1::2] = b & 15, b >> 4
+    d = _f16_bits(qt.scales)
+    if qt.zeros is None:    # two's complement nibble n holds q; n ^ 8 = q + 8
+        return pack_codes(u ^ 8, "u4", n, d=d, dshift=g, offset=OFFSET_CONST, c=8)
+    # ŵ = s (u - z) = s·u + (-s)·z
+    return pack_codes(u, "u4", n, d=d, dshift=g, offset=OFFSET_MIN, m=d ^ np.uint16(0x8000), mshift=g,
+                      mn=np.asarray(qt.zeros, np.uint8), mnshift=g)
+
+
+# --- activation quantization ---------------------------------------------------------
+
+@njit(inline="always")
+def f16_round(v):
+    """float32 ``v`` rounded to the nearest fp16 value (ties to even; Inf beyond 65504),
+    as float32: ``np.float32(np.float16(v))`` in numba code. An fp16 number has 11
+    significant bits, so its spacing in [2^(e-1), 2^e) is 2^(e-11), and never below the
+    subnormal spacing 2^-24; scaling by a power of two is exact, so ``rint`` does the
+    rounding."""
+    a = abs(np.float64(v))
+    if a == 0.0 or not np.isfinite(a):
+        return v
+    e = math.frexp(a)[1]
+    ue = max(e - 11, -24)
+    r = math.ldexp(np.rint(math.ldexp(a, -ue)), ue)
+    if r > 65504.0:
+        r = np.inf
+    return np.float32(math.copysign(r, v))
+
+
+@_cache.jit(None, error_model="numpy")   # on disk, a damaged entry recompiled (kernels._cache)
+def quantize_x(X, n, xq, dx, xs):
+    """Rows of ``X[:, :n]`` as Q8_0 blocks into ``xq`` (T, nb·32) int8 (zero-padded),
+    ``dx`` (T, nb) fp16-rounded scales and ``xs`` = ``dx · Σ x_q`` per block. Per block,
+    ``quantize_row_q8_0_ref``: ``d = amax/127``, ``q = roundf(x·(1/d))`` (ties away from
+    zero), d stored as fp16. The one Q8_0 rounder: ``quantize_x_q8_0`` and the compiled step
+    (``stacked``) both call it. |x| above ``Q8_0_MAX_ABS`` (the fp16 overflow of the scale)
+    raises ValueError. The rounding is written without branches (select), so LLVM
+    vectorizes it (numpy error model: no division check)."""
+    T = X.shape[0]
+    nb = dx.shape[1]
+    v = np.zeros(32, np.float32)
+    half, one = np.float32(0.5), np.float32(1)
+    for t in range(T):
+        for b in range(nb):
+            lo = 32 * b
+            m = min(32, n - lo) if lo < n else 0
+            for i in range(32):
+                v[i] = X[t, lo + i] if i < m else np.float32(0)
+            amax = np.float32(0)
+            for i in range(32):
+                amax = max(amax, abs(v[i]))
+            if amax > np.float32(65504.0 * 127):
+                raise ValueError("x exceeds the byte-dot kernels' Q8_0 range (|x| <= 65504 * 127)")
+            db = amax / np.float32(127)
+            inv = one / db if db != 0 else np.float32(0)
+            total = 0
+            for i in range(32):
+                w = v[i] * inv
+                q = np.float32(np.trunc(w))
+                q += (one if w >= 0 else -one) if abs(w - q) >= half else np.float32(0)
+                xq[t, lo + i] = np.int8(q)
+                total += np.int32(q)
+            d16 = f16_round(db)
+            dx[t, b] = d16
+            xs[t, b] = d16 * np.float32(total)
+
+
+def quantize_x_q8_0(X: np.ndarray, nb: int):
+    """X (M, n) float32 as Q8_0 blocks over ``nb`` blocks (zero-padded): ``(x_q int8 (M, nb·32),
+    d_x float32 (M, nb) fp16-rounded, S·d_x float32 (M, nb))`` (``quantize_x``). Bit-identical
+    to ``gguf.quants.quantize(X, "Q8_0")`` (tested), so with llama.cpp's limits: blocks whose
+    max|x| is below ~7.6e-6 (fp16's smallest subnormal times 127 / 2) round to zero, and
+    |x| beyond 8.3e6 is refused (ValueError) rather than turned into Inf."""
+    M, n = X.shape
+    amax = float(np.max(np.abs(X)))
+    if amax / 127 > 65504.0:
+        raise ValueError(f"x reaches |x| = {amax:.3g}: its Q8_0 block scale max|x|/127 overflows fp16 "
+                         f"(the byte-dot kernels take |x| <= {Q8_0_MAX_ABS:.4g})")
+    xq = np.empty((M, nb * 32), np.int8)
+    dx = np.empty((M, nb), np.float32)
+    xs = np.empty((M, nb), np.float32)
+    quantize_x(np.ascontiguousarray(X, np.float32), n, xq, dx, xs)
+    return xq, dx, xs
+
+
+def blocks_of_rows(xq: np.ndarray, scale: np.ndarray, nb: int):
+    """Int8 rows ``xq`` (M, n) with one scale per row, in the block form the kernels read:
+    ``(x_q (M, nb·32) zero-padded, d_x (M, nb), S·d_x (M, nb))`` (a per-token rounder's output)."""
+    M = xq.shape[0]
+    xq = _pad_cols(np.asarray(xq, np.int8), nb * 32)
+    dx = np.repeat(np.asarray(scale, np.float32).reshape(M, 1), nb, axis=1)
+    sums = xq.reshape(M, nb, 32).sum(axis=2, dtype=np.int32)
+    return xq, dx, (dx * sums.astype(np.float32)).astype(np.float32)
+
+
+def _codes(p: Packed) -> np.ndarray:
+    """The codes ``u`` (rows, nb·32) of ``p``: int8 as stored, or nibbles plus bit planes."""
+    rows, nb = p.shape[0], p.nb
+    if p.kind == "s8":
+        return p.qs.astype(np.int64)
+    pairs = p.qs.reshape(rows, nb // 2, 32)
+    u = np.stack([pairs & 15, pairs >> 4], axis=2).reshape(rows, nb, 32).astype(np.int64)
+    planes = {"u4": 0, "u5": 1, "u6": 2}[p.kind]
+    if planes:
+        bits = np.unpackbits(p.qh.reshape(rows, nb, planes, 4), axis=-1, bitorder="little")
+        for k in range(planes):
+            u |= bits[:, :, k, :].astype(np.int64) << (4 + k)
+    return u.reshape(rows, nb * 32)
+
+
+def _f16(a) -> np.ndarray:
+    a = np.asarray(a)
+    return (a.view(np.float16) if a.dtype == np.uint16 else a).astype(np.float64)
+
+
+def reference(p: Packed, xq: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """``y[t, r] = Σ_b d_x,b (d_b Σ_{i∈b} u_i x_q,i + m_b S_b)`` in plain loops over blocks,
+    float64, from the ``Packed`` fields as its docstring defines them (Q6_K: ``d_b`` per 16
+    weights). ``xq`` (M, nb·32) int8 and ``dx`` (M, nb): ``quantize_x_q8_0``'s first two."""
+    rows, nb = p.shape[0], p.nb
+    u = _codes(p)
+    unit = 16 if p.sub16 else 32
+    per = 32 // unit
+    y = np.zeros((xq.shape[0], rows))
+    for t in range(xq.shape[0]):
+        for r in range(rows):
+            for b in range(nb):
+                d = _f16(p.d)[r, b >> p.dshift]
+                for h in range(per):
+                    s = slice(32 * b + unit * h, 32 * b + unit * (h + 1))
+                    dot = float(np.dot(u[r, s], xq[t, s].astype(np.int64)))
+                    db = d * (float(p.sc[r, per * b + h]) if p.sc is not None else 1.0)
+                    if p.offset == OFFSET_NONE:
+                        m = 0.0
+                    elif p.offset == OFFSET_CONST:
+                        m = -p.c * db
+                    else:
+                        m = _f16(p.m)[r, b >> p.mshift] * (float(p.mn[r, b >> p.mnshift]) if p.mn is not None else 1.0)
+                    S = float(xq[t, s].astype(np.int64).sum())
+                    y[t, r] += float(dx[t, b]) * (db * dot + m * S)
+    return y
