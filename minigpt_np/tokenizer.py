@@ -35,10 +35,10 @@ from functools import lru_cache
 
 import numpy as np
 
-from refquant.hf.tokenizer import PRE_TOKENIZERS
+from refquant.hf.pretokenizers import PRE_TOKENIZERS
 
 CONTROL = 3
-# llama.cpp's pre-tokenizer names by regex set (refquant.hf.tokenizer.PRE_TOKENIZERS, from src/llama-vocab.cpp)
+# llama.cpp's pre-tokenizer names by regex set (refquant.hf.pretokenizers.PRE_TOKENIZERS, from src/llama-vocab.cpp)
 DIGIT_SPLIT_PRE = set(PRE_TOKENIZERS["smollm"][0])
 GPT2_PRE = set(PRE_TOKENIZERS["gpt2"][0])
 

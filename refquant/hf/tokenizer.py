@@ -48,53 +48,17 @@ from pathlib import Path
 
 import numpy as np
 
+from refquant.hf.pretokenizers import (  # noqa: F401  (re-exported)
+    GPT2_REGEX, LLAMA3_REGEX, PRE_TOKENIZERS, QWEN2_REGEX, _describe, _split, family, recognise,
+)
+
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 MAX_VOCAB = 1 << 24        # ids past this are a malformed file, not a vocabulary (padding would fill them)
 _ID_KEY = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
            "sep": "seperator_token_id", "pad": "padding_token_id", "mask": "mask_token_id",
            "eot": "eot_token_id", "eom": "eom_token_id"}   # (sic: gguf-py's "seperator"; cls has no key)
 
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-
-
-def _byte_level(use_regex: bool) -> dict:
-    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
-
-
-def _split(regex: str) -> dict:
-    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
-
-
-# family -> (llama.cpp's pre names of that family (the first is the reference model's), the
-# normalizer, the pre_tokenizer, whether BPE ignores merges for whole-vocabulary words); the
-# families are llama.cpp's regex sets (src/llama-vocab.cpp, llm_tokenizer_bpe)
-PRE_TOKENIZERS = {
-    "gpt2": (("gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "gigachat", "jina-v2-es",
-              "jina-v2-de", "a.x-4.0", "mellum", "exaone4"),
-             None, _byte_level(True), False),
-    "smollm": (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
-               None, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                            _byte_level(True)]}, False),
-    "llama3": (("llama-bpe", "llama3", "llama-v3", "falcon3"),   # (dbrx, smaug-bpe: same regex, no ignore_merges)
-               None, {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _byte_level(False)]}, True),
-    "qwen2": (("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"),
-              {"type": "NFC"}, {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _byte_level(False)]},
-              False),
-}
-_FAMILY = {name: fam for fam, (names, *_) in PRE_TOKENIZERS.items() for name in names}
 _DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-
-
-def family(pre: str) -> str:
-    """The regex family (a key of ``PRE_TOKENIZERS``) of llama.cpp's pre-tokenizer ``pre``."""
-    if pre not in _FAMILY:
-        raise ValueError(f"tokenizer.ggml.pre {pre!r} is not a pre-tokenizer refquant can write or name (known: "
-                         f"the {', '.join(names[0] for names, *_ in PRE_TOKENIZERS.values())} families, "
-                         "refquant.hf.tokenizer.PRE_TOKENIZERS)")
-    return _FAMILY[pre]
 
 
 def _looks_special(t: str) -> bool:
@@ -218,55 +182,6 @@ def _load(path: Path):
 def _name(t):
     """A special token of ``tokenizer_config.json``: a string, or an AddedToken object."""
     return t.get("content") if isinstance(t, dict) else t if isinstance(t, str) else None
-
-
-def _canonical(obj):
-    """A ``pre_tokenizer`` (or normalizer) as the fields that decide how text is split: the
-    serializer's defaults filled in, the offsets-only ``trim_offsets`` dropped."""
-    if isinstance(obj, dict):
-        t = obj.get("type")
-        if t == "ByteLevel":
-            return {"type": t, "add_prefix_space": bool(obj.get("add_prefix_space", True)),
-                    "use_regex": bool(obj.get("use_regex", True))}
-        if t == "Sequence" and isinstance(obj.get("pretokenizers"), list):
-            items = [_canonical(p) for p in obj["pretokenizers"]]
-            return items[0] if len(items) == 1 else {"type": t, "pretokenizers": items}
-        if t == "Split":
-            return {"type": t, "pattern": obj.get("pattern"), "behavior": obj.get("behavior"),
-                    "invert": bool(obj.get("invert", False))}
-        return {k: _canonical(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_canonical(v) for v in obj]
-    return obj
-
-
-def recognise(tokenizer_json: dict) -> str | None:
-    """The family (a key of ``PRE_TOKENIZERS``) whose normalizer and pre-tokenizer
-    ``tokenizer_json`` has, or None."""
-    got = (_canonical(tokenizer_json.get("normalizer")), _canonical(tokenizer_json.get("pre_tokenizer")))
-    for fam, (_, normalizer, pre_tokenizer, _) in PRE_TOKENIZERS.items():
-        if got == (_canonical(normalizer), _canonical(pre_tokenizer)):
-            return fam
-    return None
-
-
-def _describe(tokenizer_json: dict) -> str:
-    """The regexes (or the JSON) of an unrecognised pre-tokenizer, for an error message."""
-    regexes = []
-
-    def walk(o):
-        if isinstance(o, dict):
-            if "Regex" in o:
-                regexes.append(o["Regex"])
-            for v in o.values():
-                walk(v)
-        elif isinstance(o, list):
-            for v in o:
-                walk(v)
-    walk(tokenizer_json.get("pre_tokenizer"))
-    if regexes:
-        return "the Split regex " + ", ".join(repr(r) for r in regexes)
-    return json.dumps(tokenizer_json.get("pre_tokenizer"))[:200]
 
 
 def gguf_metadata(directory, config: dict | None = None, *, pre: str | None = None) -> dict:
