@@ -42,7 +42,8 @@ from benchmarks.machine import interleaved_times
 from refquant.gguf import quants
 from refquant._checks import cli_int
 
-TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"]
+# every compiled quantizer but Q8_K's (an activation format: nothing stores weights in it)
+TYPES = [n for n in quants.quantizable() if n not in ("F32", "F16", "BF16", "Q8_K")]
 _STUBS = """#include <stddef.h>
 #include <stdlib.h>
 void ggml_abort(const char *f, int l, const char *fmt, ...) { abort(); }

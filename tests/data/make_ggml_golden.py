@@ -27,12 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.quantize import c_quantizer   # the same ctypes calls the quantize benchmark times
+from refquant.gguf import quants
 
-TYPES = {  # name: (block size, block bytes)
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "MXFP4": (32, 17), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144),
-    "Q5_K": (256, 176), "Q6_K": (256, 210), "Q8_K": (256, 292), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
-}
+# every block type refquant quantizes: (block size, block bytes) from the type table
+TYPES = {n: (quants.TYPES[n].block_size, quants.TYPES[n].type_size)
+         for n in quants.quantizable() if n not in ("F32", "F16", "BF16")}
 
 
 def inputs(rng):

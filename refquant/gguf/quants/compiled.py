@@ -37,6 +37,24 @@ from refquant.kernels import _cache
 _OPTS = dict(nogil=True, error_model="numpy", boundscheck=False)
 # on disk, a damaged entry recompiled, an edit of the constants' module recompiled (kernels._cache)
 _kernel = _cache.jit(None, deps=("refquant/gguf/quants/constants.py",), **_OPTS)
+KERNELS: dict = {}        # ggml type -> its compiled quantizer (float32 blocks, uint8 out)
+DEQUANTIZERS: dict = {}   # ggml type -> its compiled dequantizer
+
+
+def _quantizer(type_name: str):
+    """``@_quantizer("Q4_0")``: compile ``fn(x, out)`` (``_kernel``) as the type's quantizer."""
+    def deco(fn):
+        KERNELS[type_name] = _kernel(fn)
+        return KERNELS[type_name]
+    return deco
+
+
+def _dequantizer(type_name: str):
+    """``@_dequantizer("Q4_0")``: compile ``fn(b, out)`` (``_kernel``) as the type's dequantizer."""
+    def deco(fn):
+        DEQUANTIZERS[type_name] = _kernel(fn)
+        return DEQUANTIZERS[type_name]
+    return deco
 _f = np.float32
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 _KV_IQ4 = KVALUES_IQ4NL.copy()
@@ -135,7 +153,7 @@ def _best_index_int8(values, v):
 
 # ----------------------------------------------------------------------------- legacy 32-blocks
 
-@_kernel
+@_quantizer("Q4_0")
 def q4_0(x, out):
     for b in range(x.shape[0]):
         mx, _ = _absmax(x, b, 0, 32)
@@ -161,7 +179,7 @@ def _minmax(x, b):
     return mn, mx
 
 
-@_kernel
+@_quantizer("Q4_1")
 def q4_1(x, out):
     for b in range(x.shape[0]):
         mn, mx = _minmax(x, b)
@@ -187,7 +205,7 @@ def _put_u32(out, b, at, v):
         out[b, at + k] = (v >> (8 * k)) & 0xFF
 
 
-@_kernel
+@_quantizer("Q5_0")
 def q5_0(x, out):
     for b in range(x.shape[0]):
         mx, _ = _absmax(x, b, 0, 32)
@@ -202,7 +220,7 @@ def q5_0(x, out):
         _put_u32(out, b, 2, qh)
 
 
-@_kernel
+@_quantizer("Q5_1")
 def q5_1(x, out):
     for b in range(x.shape[0]):
         mn, mx = _minmax(x, b)
@@ -218,7 +236,7 @@ def q5_1(x, out):
         _put_u32(out, b, 4, qh)
 
 
-@_kernel
+@_quantizer("Q8_0")
 def q8_0(x, out):
     for b in range(x.shape[0]):
         amax = _f(0)
@@ -232,7 +250,7 @@ def q8_0(x, out):
             out[b, 2 + j] = _roundf(x[b, j] * idv) & 0xFF
 
 
-@_kernel
+@_quantizer("MXFP4")
 def mxfp4(x, out):
     for b in range(x.shape[0]):
         amax = _f(0)
@@ -424,7 +442,7 @@ def _pack2(out, b, at, L):
 
 # ----------------------------------------------------------------------------- K-quants
 
-@_kernel
+@_quantizer("Q2_K")
 def q2_k(x, out):
     L = np.zeros(256, np.int64)
     Laux = np.zeros(16, np.int64)
@@ -470,7 +488,7 @@ def q2_k(x, out):
         _pack2(out, b, 16, L)
 
 
-@_kernel
+@_quantizer("Q3_K")
 def q3_k(x, out):
     L = np.zeros(256, np.int64)
     scales = np.zeros(16, np.float32)
@@ -568,7 +586,7 @@ def _kx(x, out, b, nmax, rmin, nstep, L, Laux, w, scales, mins, q):
             L[32 * j + i] = max(0, min(nmax, _nearest_int((x[b, 32 * j + i] + dm) / dl)))
 
 
-@_kernel
+@_quantizer("Q4_K")
 def q4_k(x, out):
     L = np.zeros(256, np.int64)
     Laux = np.zeros(32, np.int64)
@@ -576,7 +594,6 @@ def q4_k(x, out):
     scales = np.zeros(8, np.float32)
     mins = np.zeros(8, np.float32)
     q = np.zeros(12, np.int64)
-    qh = np.zeros(32, np.int64)
     for b in range(x.shape[0]):
         _kx(x, out, b, 15, _f(-1.0), 20, L, Laux, w, scales, mins, q)
         for j in range(0, 256, 64):
@@ -584,7 +601,7 @@ def q4_k(x, out):
                 out[b, 16 + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
 
 
-@_kernel
+@_quantizer("Q5_K")
 def q5_k(x, out):
     L = np.zeros(256, np.int64)
     Laux = np.zeros(32, np.int64)
@@ -615,7 +632,7 @@ def q5_k(x, out):
             out[b, 16 + j] = qh[j]
 
 
-@_kernel
+@_quantizer("Q6_K")
 def q6_k(x, out):
     L = np.zeros(256, np.int64)
     scales = np.zeros(16, np.float32)
@@ -655,7 +672,7 @@ def q6_k(x, out):
                                   | ((L[j + l + 96] >> 4) << 6)) & 0xFF
 
 
-@_kernel
+@_quantizer("Q8_K")
 def q8_k(x, out):
     for b in range(x.shape[0]):
         mx, amax = _absmax(x, b, 0, 256)
@@ -720,7 +737,7 @@ def _iq4_codes(x, b, lo, idv, out, at):
         out[b, at + j] = l0 | (l1 << 4)
 
 
-@_kernel
+@_quantizer("IQ4_NL")
 def iq4_nl(x, out):
     for b in range(x.shape[0]):
         d = _iq4_scale(x, b, 0, 7)
@@ -728,7 +745,7 @@ def iq4_nl(x, out):
         _iq4_codes(x, b, 0, _f(1) / d if d != 0 else _f(0), out, 2)
 
 
-@_kernel
+@_quantizer("IQ4_XS")
 def iq4_xs(x, out):
     scales = np.zeros(8, np.float32)
     for b in range(x.shape[0]):
@@ -757,13 +774,6 @@ def iq4_xs(x, out):
             sh |= (l >> 4) << (2 * ib)
         out[b, 2] = sh & 0xFF
         out[b, 3] = (sh >> 8) & 0xFF
-
-
-KERNELS = {
-    "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1, "Q8_0": q8_0, "MXFP4": mxfp4,
-    "Q2_K": q2_k, "Q3_K": q3_k, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k, "Q8_K": q8_k,
-    "IQ4_NL": iq4_nl, "IQ4_XS": iq4_xs,
-}
 
 
 _MIN_CHUNK = 1 << 16  # weights per thread task: below this, threads cost more than they save
@@ -801,7 +811,7 @@ def _f16_at(b, k, at):
     return _F16_TO_F32[np.int64(b[k, at]) | (np.int64(b[k, at + 1]) << 8)]
 
 
-@_kernel
+@_dequantizer("Q8_0")
 def dq8_0(b, out):
     for k in range(b.shape[0]):
         d = np.float64(_f16_at(b, k, 0))
@@ -831,25 +841,25 @@ def _legacy(b, out, k, at, qh_at, offset, has_m):
             out[k, j + 16] = np.float32(np.float64(hi - offset) * d)
 
 
-@_kernel
+@_dequantizer("Q4_0")
 def dq4_0(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 2, -1, 8, False)
 
 
-@_kernel
+@_dequantizer("Q4_1")
 def dq4_1(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 4, -1, 0, True)
 
 
-@_kernel
+@_dequantizer("Q5_0")
 def dq5_0(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 6, 2, 16, False)
 
 
-@_kernel
+@_dequantizer("Q5_1")
 def dq5_1(b, out):
     for k in range(b.shape[0]):
         _legacy(b, out, k, 8, 4, 0, True)
@@ -878,19 +888,19 @@ def _dq_kx(b, out, k, nmax_bits):
             out[k, 32 * j + i] = dl * _f(q) - ml
 
 
-@_kernel
+@_dequantizer("Q4_K")
 def dq4_k(b, out):
     for k in range(b.shape[0]):
         _dq_kx(b, out, k, 4)
 
 
-@_kernel
+@_dequantizer("Q5_K")
 def dq5_k(b, out):
     for k in range(b.shape[0]):
         _dq_kx(b, out, k, 5)
 
 
-@_kernel
+@_dequantizer("Q6_K")
 def dq6_k(b, out):
     for k in range(b.shape[0]):
         d = _f16_at(b, k, 208)
@@ -904,10 +914,6 @@ def dq6_k(b, out):
                     idx = 128 * h + 32 * part + l
                     sc = _f(_i8(np.int64(b[k, 192 + idx // 16])))
                     out[k, idx] = (d * sc) * _f(q)
-
-
-DEQUANTIZERS = {"Q4_0": dq4_0, "Q4_1": dq4_1, "Q5_0": dq5_0, "Q5_1": dq5_1, "Q8_0": dq8_0, "Q4_K": dq4_k,
-                "Q5_K": dq5_k, "Q6_K": dq6_k}
 
 
 def dequantize_blocks(blocks: np.ndarray, name: str, block_size: int, threads: int | None = None) -> np.ndarray:
