@@ -105,17 +105,25 @@ def test_every_scheme_has_a_hand_written_byte_count():
     assert set(NAMES) - {"llm_int8"} == set(NBYTES)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_shapes_dtypes_and_bytes(scheme, shape, dtype):
-    w = make_weight(shape, dtype=dtype)
-    qt = quantize(scheme, w)
-    assert isinstance(qt, refquant.QuantizedTensor)
-    assert qt.shape == shape and qt.scheme == scheme.name
-    w_hat = qt.dequantize()
-    assert w_hat.shape == shape and w_hat.dtype == np.float32
-    want = _llm_int8_bytes(qt) if scheme.name == "llm_int8" else NBYTES[scheme.name](*shape)
-    assert qt.nbytes == want, "stored bytes differ from the format's hand count"
+def test_shapes_dtypes_bytes_and_product_shapes(scheme):
+    """Every shape of ``SHAPES`` in float16/32/64: a QuantizedTensor of that shape, a float32
+    dequantization, the stored bytes the format's hand count says, and float32 products of
+    the right shapes (one vector, five rows)."""
+    rng = np.random.default_rng(6)
+    for shape in SHAPES:
+        for dtype in (np.float16, np.float32, np.float64):
+            qt = quantize(scheme, make_weight(shape, dtype=dtype))
+            case = f"{scheme.name} {shape} {np.dtype(dtype).name}"
+            assert isinstance(qt, refquant.QuantizedTensor), case
+            assert qt.shape == shape and qt.scheme == scheme.name, case
+            w_hat = qt.dequantize()
+            assert w_hat.shape == shape and w_hat.dtype == np.float32, case
+            want = _llm_int8_bytes(qt) if scheme.name == "llm_int8" else NBYTES[scheme.name](*shape)
+            assert qt.nbytes == want, f"{case}: stored bytes differ from the format's hand count"
+        y = scheme.matvec(qt, rng.standard_normal(shape[1]).astype(np.float32))
+        Y = scheme.matmul(qt, rng.standard_normal((5, shape[1])).astype(np.float32))
+        assert y.shape == (shape[0],) and y.dtype == np.float32, case
+        assert Y.shape == (5, shape[0]) and Y.dtype == np.float32, case
 
 
 def test_only_calibrated_schemes_lack_an_error_bound():
@@ -134,21 +142,12 @@ def test_error_within_the_scheme_bound(name):
     assert np.all(err <= scheme.error_bound(w, qt))
 
 
-def test_quantization_is_deterministic(scheme):
+def test_quantizing_twice_gives_the_same_bytes(scheme):
+    """Determinism: the same weight quantizes to the same codes and the same dequantization."""
     w = make_weight((16, 256), seed=3)
     a, b = quantize(scheme, w), quantize(scheme, w)
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.dequantize(), b.dequantize())
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_matvec_and_matmul_shapes(scheme, shape):
-    qt = quantize(scheme, make_weight(shape, seed=5))
-    rng = np.random.default_rng(6)
-    y = scheme.matvec(qt, rng.standard_normal(shape[1]).astype(np.float32))
-    Y = scheme.matmul(qt, rng.standard_normal((5, shape[1])).astype(np.float32))
-    assert y.shape == (shape[0],) and y.dtype == np.float32
-    assert Y.shape == (5, shape[0]) and Y.dtype == np.float32
 
 
 def naive_products(w_hat, X):
