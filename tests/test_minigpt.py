@@ -266,13 +266,49 @@ def test_activation_quantizing_schemes_round_the_layer_inputs():
     np.testing.assert_allclose(lin(name, x), want, rtol=1e-5, atol=1e-6)
 
 
-def test_sequential_calibration_quantizes_every_layer():
+def test_sequential_calibration_calibrates_layer_k_on_the_quantized_layers_before_it(monkeypatch):
+    """The property: a spy on ``linear.quantize`` records, per layer, the inputs it was
+    calibrated on and the tensor it produced; layer k's inputs must be exactly what the
+    model gives with layers 0..k-1 replaced by their quantized tensors (and no others),
+    collected again here by a plain forward with a hook."""
+    from refquant import calibration, linear
+    from minigpt_np.model import linear_names
+
+    cfg = Config(n_layer=2, d_model=128, n_head=2, n_ctx=16)
+    params = init_params(cfg, 0)
+    seqs = np.random.default_rng(0).integers(0, 256, (6, 16))
+    names = linear_names(cfg)
+    calls, real = [], linear.quantize
+
+    def spy(w, scheme, *, calib=None, **kw):
+        out = real(w, scheme, calib=calib, **kw)
+        if scheme == "gptq_int4_g128":   # (Linears builds its float layers through it too)
+            calls.append((next(n for n in names if params[n + ".weight"] is w), np.array(calib), out))
+        return out
+    monkeypatch.setattr(linear, "quantize", spy)
+    lin = quantize_sequential(params, cfg, "gptq_int4_g128", seqs, progress=False)
+    assert [c[0] for c in calls] == names
+    assert all(lin.layers[n] is out for n, _, out in calls) and all(
+        layer.qt.scheme == "gptq_int4_g128" for layer in lin.layers.values())
+    monkeypatch.setattr(linear, "quantize", real)
+    for k, (name, X, _) in enumerate(calls):
+        model = Linears(params, cfg)
+        for done, _, out in calls[:k]:
+            model.layers[done] = out
+        want = calibration.collect(lambda t, hook: forward(params, t, cfg=cfg, linears=model, hook=hook), seqs,
+                                   [name], progress=False, keep_inputs=True)[name].X
+        np.testing.assert_array_equal(X, want)
+        if k:   # and they differ from the float model's: the quantized layers were in the pass
+            flt = calibration.collect(lambda t, hook: forward(params, t, cfg=cfg, hook=hook), seqs, [name],
+                                      progress=False, keep_inputs=True)[name].X
+            assert not np.array_equal(X, flt)
+
+
+def test_calibration_statistics_are_their_definitions():
     from refquant import calibration
     cfg = Config(n_layer=1, d_model=128, n_head=2, n_ctx=16)
     params = init_params(cfg, 0)
     seqs = np.random.default_rng(0).integers(0, 256, (8, 16))
-    lin = quantize_sequential(params, cfg, "gptq_int4_g128", seqs, progress=False)
-    assert all(layer.qt.scheme == "gptq_int4_g128" for layer in lin.layers.values())
     stats = calibration.collect(lambda t, hook: forward(params, t, cfg=cfg, hook=hook), seqs, ["blk.0.ffn_up"],
                                 progress=False, keep_inputs=True)["blk.0.ffn_up"]
     X = stats.X.astype(np.float64)
