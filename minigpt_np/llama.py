@@ -349,10 +349,10 @@ def fit_scheme(scheme: str, n_in: int) -> tuple[str, int | None]:
     """``(scheme, pad)`` for a Linear of width ``n_in``, as the tools that ship these formats
     handle a width the grid does not divide: a GGML type whose block does not divide it
     falls back to llama.cpp's type for such rows (``quants.FALLBACK``: Q4_K -> Q5_0, ...);
-    a group size ``g`` (``_g{g}`` in the name) that does not divide it gets a short last
-    group (``pad=g``: ``refquant.linear.quantize`` zero-pads the rows). Anything else: as is."""
-    import re
-
+    a group size ``g`` (the scheme's registered ``group_size``) that does not divide it gets
+    a short last group (``pad=g``: ``refquant.linear.quantize`` zero-pads the rows).
+    Anything else: as is."""
+    from refquant import schemes
     from refquant.gguf import quants
 
     t = scheme.upper()
@@ -360,8 +360,8 @@ def fit_scheme(scheme: str, n_in: int) -> tuple[str, int | None]:
         if t not in quants.FALLBACK:
             raise ValueError(f"{scheme}: rows of {n_in} are not whole {t} blocks and llama.cpp has no fallback")
         return quants.FALLBACK[t].lower(), None
-    g = re.search(r"_g(\d+)", scheme)
-    return scheme, (int(g.group(1)) if g and n_in % int(g.group(1)) else None)
+    g = schemes.get(scheme).group_size
+    return scheme, (g if g and n_in % g else None)
 
 
 def quantize_model(params, cfg: LlamaConfig, scheme, sequences=None, *, sequential: bool = False,

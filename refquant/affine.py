@@ -278,7 +278,8 @@ def error_bound(qt: QuantizedTensor) -> np.ndarray:
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
 def _register_scheme(name: str, description: str, kernel=None, **kw):  # pragma: no mutate block
-    register(name, description=description, bound=lambda w, qt: error_bound(qt) * (1 + 2**-20), kernel=kernel)(
+    register(name, description=description, bound=lambda w, qt: error_bound(qt) * (1 + 2**-20), kernel=kernel,
+             group_size=kw.get("group_size"))(
         lambda w, *, calib=None: quantize(w, scheme=name, **kw))
 
 

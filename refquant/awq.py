@@ -158,5 +158,5 @@ def _divide_x(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
 
 
 register("awq_int4_g128", description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
-         needs_calib=True, needs_inputs=True, kernel=replace(AFFINE, prepare_x=_divide_x))(
+         needs_calib=True, needs_inputs=True, kernel=replace(AFFINE, prepare_x=_divide_x), group_size=128)(
     lambda w, *, calib=None: awq_quantize(w, as_stats(calib).X))

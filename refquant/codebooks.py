@@ -189,9 +189,11 @@ def error_bound(w: np.ndarray, qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
-for _cb, _dq, _desc in (("nf4", False, "NF4 (QLoRA), fp32 absmax per block of 64"),
-                        ("nf4", True, "NF4 + double quantization: absmax as 8-bit dynamic map per 256 blocks"),
-                        ("fp4", False, "bitsandbytes FP4, fp32 absmax per block of 64")):
-    _name = _cb + ("_dq" if _dq else "")
-    register(_name, description=_desc, bound=error_bound)(
-        lambda w, *, calib=None, _cb=_cb, _dq=_dq, _name=_name: quantize(w, _cb, double_quant=_dq, scheme=_name))
+def _register_scheme(name: str, codebook: str, double_quant: bool, description: str) -> None:
+    register(name, description=description, bound=error_bound)(
+        lambda w, *, calib=None: quantize(w, codebook, double_quant=double_quant, scheme=name))
+
+
+_register_scheme("nf4", "nf4", False, "NF4 (QLoRA), fp32 absmax per block of 64")
+_register_scheme("nf4_dq", "nf4", True, "NF4 + double quantization: absmax as 8-bit dynamic map per 256 blocks")
+_register_scheme("fp4", "fp4", False, "bitsandbytes FP4, fp32 absmax per block of 64")

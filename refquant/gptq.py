@@ -264,7 +264,8 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
 # --- schemes (refquant.schemes; calib = inputs X (tokens, in) or LayerStats) -------------------
 
 def _register_scheme(name: str, description: str, kernel=None, **kw):  # pragma: no mutate block
-    register(name, description=description, needs_calib=True, kernel=kernel)(
+    register(name, description=description, needs_calib=True, kernel=kernel,
+             group_size=kw["group_size"] if kw.get("group_size", -1) > 0 else None)(
         lambda w, *, calib=None: gptq_quantize(w, as_stats(calib).H, scheme=name, **kw)[0])
 
 

@@ -50,6 +50,7 @@ class Scheme:
     matmul_fn: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None   # fast kernel, (qt, X)
     max_batch: int | None = None   # rows of X matmul_fn takes (None: any; the byte-dot kernels: 16)
     kernel: object | None = None   # the byte-dot kernels' entry (refquant.kernels.table.KernelEntry), if any
+    group_size: int | None = None  # inputs per scale along a row, for grouped grids (None: not grouped so)
     # schemes that quantize activations too (W8A8, SmoothQuant, LLM.int8()): X -> X as the
     # layer sees it; the layer computes act_quant(qt, X) @ qt.dequantize().T
     act_quant: Callable[[QuantizedTensor, np.ndarray], np.ndarray] | None = None
@@ -118,13 +119,15 @@ _REGISTRY: dict[str, Scheme] = {}
 
 def register(name: str, *, description: str, bound: Callable[[np.ndarray, QuantizedTensor], np.ndarray] | None = None,
              needs_calib: bool = False, needs_inputs: bool = False, matvec=None, matmul=None, act_quant=None,
-             kernel=None):
+             kernel=None, group_size: int | None = None):
     """Decorator registering ``fn(w, *, calib) -> QuantizedTensor`` as scheme ``name``.
 
     ``matvec(qt, x)`` / ``matmul(qt, X)``: optional exact products used instead of
     dequantize-then-multiply, for any number of rows (inputs already validated).
     ``kernel``: the family's ``refquant.kernels.table.KernelEntry``, which then computes
     ``matvec`` and ``matmul`` of up to ``kernels.MAX_BATCH`` rows (x rounded as it says).
+    ``group_size``: the inputs that share a scale along a row, for grouped integer grids
+    (read by tools that fit a grid to a width, never parsed from the name).
     An entry is complete when registered: the registry is never changed afterwards.
     """
     if kernel is not None and (matvec is not None or matmul is not None):
@@ -138,7 +141,7 @@ def register(name: str, *, description: str, bound: Callable[[np.ndarray, Quanti
         fast = {} if kernel is None else dict(matvec_fn=kernel.matmul, matmul_fn=kernel.matmul, max_batch=MAX_BATCH)
         _REGISTRY[name] = Scheme(name, description, fn, bound, needs_calib, needs_inputs,
                                  **({"matvec_fn": matvec, "matmul_fn": matmul} | fast), act_quant=act_quant,
-                                 kernel=kernel)
+                                 kernel=kernel, group_size=group_size)
         return fn
 
     return deco

@@ -303,3 +303,14 @@ def test_nf4_dq_bound_holds_with_a_huge_outlier():
     err = np.abs(w.astype(np.float64) - qt.dequantize())
     assert err.max() > 1e34                                   # the effect is real, not a tiny one
     assert np.all(err <= s.error_bound(w.astype(np.float64), qt))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if schemes.get(n).group_size])
+def test_a_registered_group_size_is_the_one_the_quantizer_uses(name):
+    """``Scheme.group_size`` is data the tools read (``llama.fit_scheme``): it must be the
+    width of the groups the scheme's tensors have."""
+    s = schemes.get(name)
+    qt = quantize(s, make_weight((4, 2 * s.group_size), seed=2))
+    assert qt.meta["group_size"] == s.group_size
+    assert qt.scales.shape[-1] == 2
+
