@@ -31,7 +31,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from minigpt_np.model import token_ids
-from refquant.kernels import MAX_BATCH, bytedot, stacked
+from refquant.kernels import MAX_BATCH, bytedot, kvcache, stacked
 
 
 # --- the block's pieces, in numba ---------------------------------------------------------
@@ -113,44 +113,48 @@ def _exp(x):
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@njit(fastmath=_FAST, error_model="numpy")
-def _attention(q, kc, vc, pos, n_head, n_kv, hd, out):
-    """One query row ``q`` (n_head·hd) against cached positions 0..pos of layer caches
-    ``kc``/``vc`` (n_kv, positions, hd): ``out`` (n_head·hd). The ``n_head / n_kv`` query
-    heads of a key/value head go together, so each cached row is read once."""
-    group = n_head // n_kv
-    scale = np.float32(1.0 / math.sqrt(hd))
-    S = pos + 1
-    s = np.empty((group, S), np.float32)
-    for kv in range(n_kv):
-        for j in range(S):
-            for g in range(group):
-                qo = (kv * group + g) * hd
-                a = np.float32(0)
-                for i in range(hd):
-                    a += q[qo + i] * kc[kv, j, i]
-                s[g, j] = a * scale
-        for g in range(group):
-            mx = s[g, 0]
-            for j in range(1, S):
-                mx = max(mx, s[g, j])
-            tot = np.float32(0)
-            for j in range(S):
-                e = _exp(s[g, j] - mx)
-                s[g, j] = e
-                tot += e
-            inv = np.float32(1) / tot
-            for j in range(S):
-                s[g, j] *= inv
-            qo = (kv * group + g) * hd
-            for i in range(hd):
-                out[qo + i] = 0
-        for j in range(S):
-            for g in range(group):
-                qo = (kv * group + g) * hd
-                p = s[g, j]
-                for i in range(hd):
-                    out[qo + i] += p * vc[kv, j, i]
+def _make_attention(cache_key: tuple):
+    """``attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out)``: one query row ``q``
+    (n_head·hd) against positions 0..pos of layer ``l``, sequence ``seq`` of a ``KVCache``'s
+    arrays, read only through the cache's ``k_dot`` / ``v_acc``: ``out`` (n_head·hd). The
+    ``n_head / n_kv`` query heads of a key/value head go together, so each cached row is
+    read once."""
+    if cache_key not in _ATTENTION:
+        _, k_dot, v_acc = kvcache.ops(*cache_key[1:])
+
+        @njit(fastmath=_FAST, error_model="numpy")
+        def attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out):
+            group = n_head // n_kv
+            scale = np.float32(1.0 / math.sqrt(hd))
+            S = pos + 1
+            s = np.empty((group, S), np.float32)
+            for kv in range(n_kv):
+                for j in range(S):
+                    for g in range(group):
+                        s[g, j] = k_dot(k, l, seq, kv, j, q, (kv * group + g) * hd, hd) * scale
+                for g in range(group):
+                    mx = s[g, 0]
+                    for j in range(1, S):
+                        mx = max(mx, s[g, j])
+                    tot = np.float32(0)
+                    for j in range(S):
+                        e = _exp(s[g, j] - mx)
+                        s[g, j] = e
+                        tot += e
+                    inv = np.float32(1) / tot
+                    for j in range(S):
+                        s[g, j] *= inv
+                    qo = (kv * group + g) * hd
+                    for i in range(hd):
+                        out[qo + i] = 0
+                for j in range(S):
+                    for g in range(group):
+                        v_acc(v, l, seq, kv, j, s[g, j], out, (kv * group + g) * hd, hd)
+        _ATTENTION[cache_key] = attention
+    return _ATTENTION[cache_key]
+
+
+_ATTENTION: dict = {}
 
 
 @njit(fastmath=_FAST, error_model="numpy")
@@ -173,13 +177,17 @@ def _gelu(u, b, act, d_ff):
         act[i] = np.float32(0.5) * v * (np.float32(2) - np.float32(2) / (_exp(np.float32(2) * z) + np.float32(1)))
 
 
-def _build_layers(applies, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
+def _build_layers(applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
     """The compiled loop over layers for one run of equal layout (module docstring).
 
-    ``applies``: (qkv, o, up, down) ``stacked.make_apply`` functions. ``llama``: RMSNorm,
-    RoPE, SwiGLU (gate|up stacked), no biases; else GPT-2: LayerNorm with bias, GELU,
-    biases on every Linear (positions are added to the embedding by the caller)."""
+    ``applies``: (qkv, o, up, down) ``stacked.make_apply`` functions; ``cache_key``: the
+    ``KVCache``'s (its storage types: the cache is written by its ``store`` and read by the
+    attention built on its ``k_dot``/``v_acc``). ``llama``: RMSNorm, RoPE, SwiGLU (gate|up
+    stacked), no biases; else GPT-2: LayerNorm with bias, GELU, biases on every Linear
+    (positions are added to the embedding by the caller)."""
     a_qkv, a_o, a_up, a_down = applies
+    store = kvcache.ops(*cache_key[1:])[0]
+    attention = _make_attention(cache_key)
     q_len, kv_len = n_head * hd, n_kv * hd
     up_rows = 2 * d_ff if llama else d_ff
 
@@ -191,7 +199,7 @@ def _build_layers(applies, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
             _layer_norm(x, w, b, eps, out)
 
     @njit
-    def layers(x, pos0, norms, biases, wqkv, wo, wup, wdown, kc, vc, cos, sin):
+    def layers(x, pos0, norms, biases, wqkv, wo, wup, wdown, k, v, cos, sin):
         T, d = x.shape
         L = norms[0].shape[0]
         n = np.empty((T, d), np.float32)
@@ -211,12 +219,9 @@ def _build_layers(applies, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
                 else:
                     for i in range(q_len + 2 * kv_len):
                         qkv[t, i] += biases[0][l, i]
-                for h in range(n_kv):
-                    for i in range(hd):
-                        kc[l, h, pos, i] = qkv[t, q_len + h * hd + i]
-                        vc[l, h, pos, i] = qkv[t, q_len + kv_len + h * hd + i]
+                store(k, v, l, 0, pos, qkv[t], q_len, q_len + kv_len, n_kv, hd)
             for t in range(T):
-                _attention(qkv[t], kc[l], vc[l], pos0 + t, n_head, n_kv, hd, att[t])
+                attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t])
             a_o(wo, l, att, o)
             for t in range(T):
                 for i in range(d):
@@ -249,12 +254,12 @@ def _build_layers(applies, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
             a_down(wdown, l, act, o)
 
     @njit
-    def attend(kc, vc, pos):
+    def attend(k, v, pos):
         """Only the attention of one token at ``pos`` over every layer's cache."""
         q = np.ones(q_len, np.float32)
         out = np.empty(q_len, np.float32)
-        for l in range(kc.shape[0]):
-            _attention(q, kc[l], vc[l], pos, n_head, n_kv, hd, out)
+        for l in range(k.shape[0]):
+            attention(q, k, v, l, 0, pos, n_head, n_kv, hd, out)
 
     return layers, norm, products, attend
 
@@ -282,7 +287,7 @@ class _Compiled:
 
     def _setup(self, roles, head_lin, norms, biases, final_norm, *, n_layer, n_head, n_kv, hd, n_rot, eps, d_ff,
                llama, n_ctx, vocab, rope_base=10000.0):
-        self.n_ctx, self.vocab, self.pos = n_ctx, vocab, 0
+        self.n_ctx, self.vocab = n_ctx, vocab
         # role -> layer -> parts (one part when the role's Linears row-stack)
         per_layer = [[stacked.layer_parts(lins) for lins in role] for role in roles]
         sig = [tuple(tuple(stacked.part_key(w) for w in per_layer[r][l]) for r in range(4)) for l in range(n_layer)]
@@ -299,8 +304,9 @@ class _Compiled:
                    for r in range(4)]
             keys = tuple(tuple(op.key() for op in role) for role in ops)
             applies = [stacked.make_concat_apply(role, tier) for role in ops]
-            key = ("compiled.layers", tier, keys, tuple(sorted(consts.items())))
-            layers, norm, products, attend = _compiled(key, lambda: _build_layers(applies, **consts))
+            cache_key = ("kv", "f32", "f32")
+            key = ("compiled.layers", tier, keys, cache_key, tuple(sorted(consts.items())))
+            layers, norm, products, attend = _compiled(key, lambda: _build_layers(applies, cache_key, **consts))
             self.runs.append(dict(layers=layers, products=products, attend=attend, operands=[op for role in ops for op in role],
                                   ops=[tuple(op.arrays for op in role) for role in ops],
                                   norms=tuple(n[a:b] for n in norms), biases=tuple(bb[a:b] for bb in biases),
@@ -312,8 +318,7 @@ class _Compiled:
         self.head_w, self.final_norm = (hop.arrays,), final_norm
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
-        self.kc = np.zeros((n_layer, n_kv, n_ctx, hd), np.float32)
-        self.vc = np.zeros_like(self.kc)
+        self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx)
         if llama:
             from minigpt_np.llama import rope_angles
 
@@ -322,9 +327,14 @@ class _Compiled:
         else:
             self.cos = self.sin = np.zeros((1, 1), np.float32)
 
+    @property
+    def pos(self) -> int:
+        """Positions the cache holds (sequence 0's)."""
+        return int(self.cache.pos[0])
+
     def reset(self) -> None:
         """Forget every position (the cache is overwritten from position 0)."""
-        self.pos = 0
+        self.cache.reset()
 
     def _block(self, x: np.ndarray, head: str = "all") -> np.ndarray | None:
         """The layers on a block of tokens, then the head on ``"all"`` of them, the
@@ -333,9 +343,9 @@ class _Compiled:
         x = np.ascontiguousarray(x, np.float32)
         for run in self.runs:
             s, e = run["start"], run["stop"]
-            x = run["layers"](x, self.pos, run["norms"], run["biases"], *run["ops"], self.kc[s:e], self.vc[s:e],
-                              self.cos, self.sin)
-        self.pos += T
+            x = run["layers"](x, self.pos, run["norms"], run["biases"], *run["ops"], self.cache.k[s:e],
+                              self.cache.v[s:e], self.cos, self.sin)
+        self.cache.pos[0] += T
         if head == "none":
             return None
         if head == "last":
@@ -364,7 +374,7 @@ class _Compiled:
         def attention():
             for run in self.runs:
                 s, e = run["start"], run["stop"]
-                run["attend"](self.kc[s:e], self.vc[s:e], max(self.pos - 1, 0))
+                run["attend"](self.cache.k[s:e], self.cache.v[s:e], max(self.pos - 1, 0))
         return dict(products=products, attention=attention)
 
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:

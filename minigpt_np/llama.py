@@ -13,9 +13,9 @@ token embedding when the model ties them, as SmolLM2 does).
   converter permutes Hugging Face's q/k rows so this layout reproduces HF's rotate-half.
 * **Grouped-query attention**: ``head_count / head_count_kv`` query heads share each
   key/value head.
-* **KV cache**: ``forward`` takes and returns ``cache`` (per layer (K, V) of shape
-  (positions, kv_heads, head_dim)), so decoding one token at a time gives the same logits
-  as one pass over the whole sequence.
+* **KV cache**: ``forward`` takes and returns ``cache``, a ``refquant.kernels.kvcache.KVCache``
+  (the operand the compiled step holds too), so decoding one token at a time gives the
+  same logits as one pass over the whole sequence.
 
 Weights are ``refquant.linear`` Linears, so the model code is the same for every storage:
 ``load(path, dtype="stored")`` keeps every quantized matrix in its GGUF bytes and runs
@@ -30,6 +30,7 @@ import numpy as np
 
 from minigpt_np.model import log_softmax, softmax, token_ids  # noqa: F401  (log_softmax is part of this module's API)
 from refquant import linear
+from refquant.kernels.kvcache import KVCache
 from refquant.hf.llama import (LlamaConfig, check_config, config_from_metadata, tensor_shapes,  # noqa: F401
                                validate)  # (the architecture's config and checks, shared with convert)
 
@@ -116,20 +117,28 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *, hook=None,
-            last_only: bool = False):
-    """Logits (T, vocab) for ``tokens`` following the positions already in ``cache``.
+def new_cache(cfg: LlamaConfig, n_ctx: int | None = None) -> KVCache:
+    """An empty ``KVCache`` for ``cfg`` (float32 keys and values; ``n_ctx`` positions, the
+    model's by default: allocated lazily, only written rows take memory)."""
+    return KVCache(cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx or cfg.n_ctx)
 
-    Returns ``(logits, cache)`` with the new keys/values appended. ``hook(name, x)``, if
+
+def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None, *, hook=None,
+            last_only: bool = False):
+    """Logits (T, vocab) for ``tokens`` following the positions already in ``cache`` (a
+    ``refquant.kernels.kvcache.KVCache``, sequence 0; None: a new one).
+
+    Returns ``(logits, cache)`` with the new keys/values stored. ``hook(name, x)``, if
     given, sees the input (T, in) of every Linear before it is applied (calibration).
     ``last_only``: the logits of the last token only, (1, vocab) — what generation needs
     after a prompt (llama.cpp's default too); the head then runs on one row, not T.
     """
     tokens = token_ids(tokens, cfg.vocab).reshape(-1)
-    past = 0 if not cache else cache[0][0].shape[0]
+    cache = new_cache(cfg) if cache is None else cache
+    past = int(cache.pos[0])
     T, hd, nh, nkv = tokens.size, cfg.head_dim, cfg.n_head, cfg.n_head_kv
-    if past + T > cfg.n_ctx:
-        raise ValueError(f"{past + T} positions exceed the context length {cfg.n_ctx}")
+    if past + T > min(cfg.n_ctx, cache.n_ctx):
+        raise ValueError(f"{past + T} positions exceed the context length {min(cfg.n_ctx, cache.n_ctx)}")
     pos = np.arange(past, past + T)
     def mm(x, *names):
         if hook is not None:
@@ -140,7 +149,6 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
 
     x = params["token_embd.weight"].rows(tokens)
     angles = rope_angles(pos, cfg.n_rot, cfg.rope_base)
-    new_cache = []
     group = nh // nkv
     mask = np.triu(np.full((T, past + T), -np.inf, np.float32), k=past + 1)
     for i in range(cfg.n_layer):
@@ -149,11 +157,8 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
         q, k, v = mm(n, p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight")
         q = rope(q.reshape(T, nh, hd), pos, cfg.n_rot, cfg.rope_base, angles)
         k = rope(k.reshape(T, nkv, hd), pos, cfg.n_rot, cfg.rope_base, angles)
-        v = v.reshape(T, nkv, hd)
-        if cache:
-            k = np.concatenate([cache[i][0], k])
-            v = np.concatenate([cache[i][1], v])
-        new_cache.append((k, v))
+        cache.store(0, i, past, k, v.reshape(T, nkv, hd))
+        k, v = cache.keys(0, i, past + T), cache.values(0, i, past + T)
         qg = q.reshape(T, nkv, group, hd).transpose(1, 2, 0, 3)            # (kv, group, T, hd)
         scores = qg @ k.transpose(1, 2, 0)[:, None] / np.float32(np.sqrt(hd)) + mask  # (kv, group, T, S)
         att = softmax(scores) @ v.transpose(1, 0, 2)[:, None]                # (kv, group, T, hd)
@@ -162,8 +167,9 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: list | None = None, *
         m = rms_norm(x, params[p + "ffn_norm.weight"], cfg.eps)
         gate, up = mm(m, p + "ffn_gate.weight", p + "ffn_up.weight")
         x = x + mm(_silu(gate) * up, p + "ffn_down.weight")
+    cache.pos[0] = past + T
     x = rms_norm(x[-1:] if last_only else x, params["output_norm.weight"], cfg.eps)
-    return params["output.weight"](x), new_cache
+    return params["output.weight"](x), cache
 
 
 class Session:
@@ -172,16 +178,18 @@ class Session:
     ``step(id)`` -> logits (vocab,), ``reset()``. The
     NumPy reference for ``minigpt_np.compiled.Llama``, which has the same interface."""
 
-    def __init__(self, params: dict, cfg: LlamaConfig):
+    def __init__(self, params: dict, cfg: LlamaConfig, *, n_ctx: int | None = None):
         validate(params, cfg)
-        self.params, self.cfg, self.n_ctx, self.cache = params, cfg, cfg.n_ctx, None
+        self.params, self.cfg = params, cfg
+        self.cache = new_cache(cfg, n_ctx)   # the same operand the compiled session holds
+        self.n_ctx = self.cache.n_ctx
 
     @property
     def pos(self) -> int:
-        return 0 if not self.cache else self.cache[0][0].shape[0]
+        return int(self.cache.pos[0])
 
     def reset(self) -> None:
-        self.cache = None
+        self.cache.reset()
 
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
         logits, self.cache = forward(self.params, self.cfg, ids, self.cache, last_only=last_only)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refquant.kernels.kvcache import KVCache
 from refquant.metrics import log_softmax  # noqa: F401  (part of this module's API: training and evaluation use it)
 from refquant._checks import check_tensors
 
@@ -202,7 +203,9 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
     in ``params`` as they are).
 
     ``past``: per-layer ``(k, v)`` of shape (B, H, T_past, d_head) from an earlier call
-    (the KV cache); ``present`` is the same list extended by these tokens. ``hook(name, x)``
+    (the KV cache); ``present`` is the same list extended by these tokens. Or, for one
+    sequence (B = 1), a ``refquant.kernels.kvcache.KVCache`` (what ``Session`` and the
+    compiled engine hold), which stores the new rows and is returned as ``present``. ``hook(name, x)``
     sees every Linear's input (calibration). ``tape``, a dict, receives what training's
     backward pass needs (``minigpt_np.train``): per norm, attention and GELU their cache
     list, per Linear its input, and the final hidden state ``"hidden"``.
@@ -210,7 +213,10 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
     cfg = cfg or config_from_params(params)
     tokens = np.atleast_2d(token_ids(tokens, cfg.vocab))
     B, T = tokens.shape
-    t0 = 0 if not past else past[0][0].shape[2]
+    kv = past if isinstance(past, KVCache) else None
+    if kv is not None and B != 1:
+        raise ValueError(f"a KVCache holds one sequence here; got a batch of {B}")
+    t0 = int(kv.pos[0]) if kv is not None else 0 if not past else past[0][0].shape[2]
     if t0 + T > cfg.n_ctx:
         raise ValueError(f"sequence of {t0 + T} tokens exceeds the context of {cfg.n_ctx}")
     H, d = cfg.n_head, cfg.d_model
@@ -235,7 +241,11 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
         h = layer_norm(x, params[b + "attn_norm.weight"], params[b + "attn_norm.bias"], cfg.eps, rec(b + "attn_norm"))
         qkv = lin(b + "attn_qkv", h).reshape(B, T, 3, H, dh).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        if past:
+        if kv is not None:
+            kv.store(0, i, t0, k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2))
+            k = kv.keys(0, i, t0 + T).transpose(1, 0, 2)[None]
+            v = kv.values(0, i, t0 + T).transpose(1, 0, 2)[None]
+        elif past:
             k = np.concatenate([past[i][0], k], axis=2)
             v = np.concatenate([past[i][1], v], axis=2)
         present.append((k, v))
@@ -248,7 +258,37 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
     if tape is not None:
         tape["hidden"] = h
     logits = h.reshape(B * T, d) @ params["token_embd.weight"].T   # tied head, one 2-D BLAS call
+    if kv is not None:
+        kv.pos[0] = t0 + T
+        present = kv
     return logits.reshape(B, T, -1), present
+
+
+class Session:
+    """Token-by-token MiniGPT on the NumPy forward with a ``KVCache`` (the operand the
+    compiled engine holds): ``prefill(ids)`` -> logits (T, vocab) (``last_only``: (1,
+    vocab)), ``step(id)`` -> logits (vocab,), ``reset()``, ``pos``. The NumPy reference for
+    ``minigpt_np.compiled.MiniGPT``, which has the same interface."""
+
+    def __init__(self, params: dict, cfg: Config, linears: Linears | None = None):
+        validate(params, cfg)
+        self.params, self.cfg, self.linears, self.n_ctx = params, cfg, linears, cfg.n_ctx
+        self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.d_model // cfg.n_head, cfg.n_ctx)
+
+    @property
+    def pos(self) -> int:
+        return int(self.cache.pos[0])
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
+        logits, _ = forward(self.params, np.asarray(token_ids(ids, self.cfg.vocab)).reshape(1, -1), cfg=self.cfg,
+                            linears=self.linears, past=self.cache)
+        return logits[0, -1:] if last_only else logits[0]
+
+    def step(self, token: int) -> np.ndarray:
+        return self.prefill([token])[0]
 
 
 def decode_step(params: dict, token: int, cache: list | None, *, cfg=None, linears=None):

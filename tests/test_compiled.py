@@ -201,6 +201,40 @@ def test_tiny_llama_float_weights_equal_the_numpy_forward(tiny):
     assert sess.pos == len(IDS)
 
 
+def test_compiled_and_numpy_sessions_hold_the_same_kv_cache(tiny):
+    """Both engines hold a ``KVCache`` (layers, sequences, kv heads, positions, head_dim):
+    after the same prefill and steps, the rows they stored agree within float32 rounding of
+    the products that made them (the NumPy q/k/v come from BLAS, the compiled ones from the
+    step's float kernel), and the rows past the last position were never written."""
+    _, pf = tiny
+    ref, comp = llama.Session(pf, TINY), compiled().Llama(pf, TINY)
+    for sess in (ref, comp):
+        sess.prefill(IDS[:12])
+        for t in IDS[12:15]:
+            sess.step(t)
+    n = 15
+    assert ref.pos == comp.pos == n and ref.cache.key() == comp.cache.key() == ("kv", "f32", "f32")
+    for a, b in ((ref.cache.k, comp.cache.k), (ref.cache.v, comp.cache.v)):
+        assert a.shape[:3] == b.shape[:3] == (TINY.n_layer, 1, TINY.n_head_kv)
+        np.testing.assert_allclose(b[:, :, :, :n], a[:, :, :, :n], rtol=1e-4, atol=1e-4 * np.abs(a).max())
+        assert not a[:, :, :, n:].any() and not b[:, :, :, n:].any()
+    assert np.abs(ref.cache.k[:, :, :, :n]).max() > 0
+    comp.reset()
+    assert comp.pos == 0 and comp.cache.pos.tolist() == [0]
+
+
+def test_kv_cache_refuses_what_it_cannot_hold():
+    from refquant.kernels.kvcache import KVCache
+
+    with pytest.raises(ValueError, match="type_k 'q8_0' is not a cache type"):
+        KVCache(2, 1, 8, 16, type_k="q8_0")
+    with pytest.raises(ValueError, match="n_ctx must be a positive integer"):
+        KVCache(2, 1, 8, 0)
+    c = KVCache(2, 1, 8, 4)
+    with pytest.raises(ValueError, match="outside this cache's 4"):
+        c.store(0, 0, 3, np.zeros((2, 1, 8)), np.zeros((2, 1, 8)))
+
+
 def test_tiny_llama_kernel_weights_within_the_x_rounding_bound(tiny):
     ps, pf = tiny
     s, _ = llama.forward(ps, TINY, IDS[:16])     # <= 16 tokens: the NumPy forward runs the kernels
@@ -455,3 +489,27 @@ def test_minigpt_compiled_equals_forward(scheme):
     f, _ = forward(p, np.array([prompt]), cfg=cfg, linears=dense)
     assert _rms(s - f[0]) > 0
     assert _rms(c - s) <= 2 * _rms(s - f[0]) + _float_tol(cfg.n_layer, n_max, s)
+
+
+def test_minigpt_numpy_session_and_the_compiled_one_hold_the_same_cache():
+    """``model.Session`` (the NumPy forward on a ``KVCache``) against ``compiled.MiniGPT``
+    on float weights: the same logits within float32 rounding, token by token after a
+    prefill, the same stored rows, and the session equals one forward over every token."""
+    from minigpt_np import checkpoint
+    from minigpt_np.model import Session, forward
+
+    params, cfg, _ = checkpoint.load()
+    ids = list(b"the farmers have paint")
+    ref, comp = Session(params, cfg), compiled().MiniGPT(params, cfg)
+    a = np.concatenate([ref.prefill(ids[:10]), *[ref.step(t)[None] for t in ids[10:]]])
+    b = np.concatenate([comp.prefill(ids[:10]), *[comp.step(t)[None] for t in ids[10:]]])
+    whole, _ = forward(params, np.array([ids]), cfg=cfg)
+    tol = _float_tol(cfg.n_layer, 4 * cfg.d_model, whole[0])
+    assert np.abs(a - whole[0]).max() <= tol and np.abs(b - whole[0]).max() <= tol
+    n = len(ids)
+    assert ref.pos == comp.pos == n
+    for x, y in ((ref.cache.k, comp.cache.k), (ref.cache.v, comp.cache.v)):
+        np.testing.assert_allclose(y[:, :, :, :n], x[:, :, :, :n], rtol=1e-4, atol=1e-4 * np.abs(x).max())
+    ref.reset()
+    np.testing.assert_array_equal(ref.prefill(ids[:10], last_only=True), a[9:10])
+

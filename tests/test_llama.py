@@ -209,9 +209,9 @@ def test_fused_qkv_and_gate_up_decode_equals_separate_matrices(smollm2, smollm2_
                 if isinstance(w, linear.QuantizedLinear) else w for n, w in fused.items()}
     assert separate["blk.0.attn_q.weight"].group is None
     ids = tok.encode("One kernel call for three matrices")
-    _, ca = llama.forward(fused, cfg, ids)
-    a, _ = llama.forward(fused, cfg, [ids[-1]], ca)
-    b, _ = llama.forward(separate, cfg, [ids[-1]], ca)
+    _, ca = llama.forward(fused, cfg, ids)   # (forward stores into the cache: each branch gets a copy)
+    a, _ = llama.forward(fused, cfg, [ids[-1]], ca.copy())
+    b, _ = llama.forward(separate, cfg, [ids[-1]], ca.copy())
     np.testing.assert_array_equal(a, b)
     assert linear.fuse([q, k]) == [q, k]                           # already fused: left alone
     mixed = [separate["blk.0.attn_q.weight"], fused["token_embd.weight"]]

@@ -20,7 +20,7 @@ _LAZY = {"Packed": "bytedot", "available_tiers": "bytedot", "backend": "bytedot"
 __all__ = ["MAX_BATCH", *_LAZY]
 
 
-_SUBMODULES = ("bytedot", "layout", "matvec", "rows", "simd", "stacked", "table", "threads", "tiles")
+_SUBMODULES = ("bytedot", "kvcache", "layout", "matvec", "rows", "simd", "stacked", "table", "threads", "tiles")
 
 
 def __getattr__(name):
