@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from minigpt_np.model import token_ids
+from minigpt_np.model import CacheSession, token_ids
 from refquant.kernels import MAX_BATCH, bytedot, kvcache, stacked
 
 
@@ -282,7 +282,7 @@ def _compiled(key, build):
     return _CACHE[key]
 
 
-class _Compiled:
+class _Compiled(CacheSession):
     """Shared machinery: runs of layers, the KV cache, prefill in blocks of MAX_BATCH."""
 
     def _setup(self, roles, head_lin, norms, biases, final_norm, *, n_layer, n_head, n_kv, hd, n_rot, eps, d_ff,
@@ -326,15 +326,6 @@ class _Compiled:
             self.cos, self.sin = np.ascontiguousarray(cos[:, 0]), np.ascontiguousarray(sin[:, 0])
         else:
             self.cos = self.sin = np.zeros((1, 1), np.float32)
-
-    @property
-    def pos(self) -> int:
-        """Positions the cache holds (sequence 0's)."""
-        return int(self.cache.pos[0])
-
-    def reset(self) -> None:
-        """Forget every position (the cache is overwritten from position 0)."""
-        self.cache.reset()
 
     def _block(self, x: np.ndarray, head: str = "all") -> np.ndarray | None:
         """The layers on a block of tokens, then the head on ``"all"`` of them, the

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minigpt_np.model import log_softmax, softmax, token_ids  # noqa: F401  (log_softmax is part of this module's API)
+from minigpt_np.model import CacheSession, log_softmax, softmax, token_ids  # noqa: F401  (log_softmax is part of this module's API)
 from refquant import linear
 from refquant.kernels.kvcache import KVCache
 from refquant.hf.llama import (LlamaConfig, check_config, config_from_metadata, tensor_shapes,  # noqa: F401
@@ -172,7 +172,7 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None
     return params["output.weight"](x), cache
 
 
-class Session:
+class Session(CacheSession):
     """Token-by-token use of ``forward`` with its KV cache: ``prefill(ids)`` -> logits (T, vocab)
     after the positions already seen (``last_only=True``: (1, vocab), the last token's),
     ``step(id)`` -> logits (vocab,), ``reset()``. The
@@ -184,19 +184,9 @@ class Session:
         self.cache = new_cache(cfg, n_ctx)   # the same operand the compiled session holds
         self.n_ctx = self.cache.n_ctx
 
-    @property
-    def pos(self) -> int:
-        return int(self.cache.pos[0])
-
-    def reset(self) -> None:
-        self.cache.reset()
-
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
         logits, self.cache = forward(self.params, self.cfg, ids, self.cache, last_only=last_only)
         return logits
-
-    def step(self, token: int) -> np.ndarray:
-        return self.prefill([token])[0]
 
 
 # --- perplexity on real text -------------------------------------------------------------

@@ -264,7 +264,30 @@ def forward(params: dict, tokens, *, cfg: Config | None = None, linears: Linears
     return logits.reshape(B, T, -1), present
 
 
-class Session:
+class CacheSession:
+    """What every session (NumPy or compiled, Llama or MiniGPT) shares: a ``KVCache`` in
+    ``self.cache`` (sequence 0), ``pos``, ``reset()`` and ``step(id)`` as a one-token
+    ``prefill`` (which each session defines)."""
+
+    cache: KVCache
+
+    @property
+    def pos(self) -> int:
+        """Positions the cache holds."""
+        return int(self.cache.pos[0])
+
+    def reset(self) -> None:
+        """Forget every position (the cache is overwritten from position 0)."""
+        self.cache.reset()
+
+    def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def step(self, token: int) -> np.ndarray:
+        return self.prefill([token])[0]
+
+
+class Session(CacheSession):
     """Token-by-token MiniGPT on the NumPy forward with a ``KVCache`` (the operand the
     compiled engine holds): ``prefill(ids)`` -> logits (T, vocab) (``last_only``: (1,
     vocab)), ``step(id)`` -> logits (vocab,), ``reset()``, ``pos``. The NumPy reference for
@@ -275,20 +298,10 @@ class Session:
         self.params, self.cfg, self.linears, self.n_ctx = params, cfg, linears, cfg.n_ctx
         self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.d_model // cfg.n_head, cfg.n_ctx)
 
-    @property
-    def pos(self) -> int:
-        return int(self.cache.pos[0])
-
-    def reset(self) -> None:
-        self.cache.reset()
-
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
         logits, _ = forward(self.params, np.asarray(token_ids(ids, self.cfg.vocab)).reshape(1, -1), cfg=self.cfg,
                             linears=self.linears, past=self.cache)
         return logits[0, -1:] if last_only else logits[0]
-
-    def step(self, token: int) -> np.ndarray:
-        return self.prefill([token])[0]
 
 
 def decode_step(params: dict, token: int, cache: list | None, *, cfg=None, linears=None):
