@@ -21,8 +21,9 @@ that order. A registration states, where one exists, a per-element error bound; 
 what the stored arrays take (``QuantizedTensor.nbytes``). The contract suite
 (``tests/test_schemes.py``) checks every registered scheme against its bound and against
 byte counts written out by hand per format, so a new scheme is tested the moment it is
-registered (and fails until its byte count is written down). Schemes listed in
-``refquant.kernels.table.KERNELS`` get the byte-dot kernels as ``matvec``/``matmul``.
+registered (and fails until its byte count is written down). A family that gives a scheme
+a byte-dot kernel says so when it registers it (``kernel=``, a
+``refquant.kernels.table.KernelEntry``); ``kernels()`` lists them.
 """
 from __future__ import annotations
 
