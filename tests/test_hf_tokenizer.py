@@ -475,3 +475,21 @@ def test_export_names_the_tokenizer_keys_the_files_cannot_carry(tmp_path, capsys
                  "--group-size", "32"]) == 2
     assert "bos_token_id 2 is an unused padding token ('[PAD2]')" in capsys.readouterr().err
 
+
+
+# llama.cpp's convert_hf_to_gguf.py names the pre-tokenizer by hashing the tokenizer's ids of
+# this text (convert_hf_to_gguf_update.py's CHK_TXT; the hash of str(ids), BOS/EOS included)
+CHK_TXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+SMOLLM_CHKHSH = "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"   # HuggingFaceTB/SmolLM-135M
+
+
+@pytest.mark.oracle
+def test_the_written_smollm2_tokenizer_hashes_to_the_name_llama_cpp_gives_it(tmp_path, smollm2_meta):
+    """The exported tokenizer.json, run by ``tokenizers`` on llama.cpp's check text, hashes to
+    the chkhsh convert_hf_to_gguf.py maps to "smollm", the name our reader gives its form."""
+    import hashlib
+
+    theirs = _hf(smollm2_meta, tmp_path)
+    ids = theirs.encode(CHK_TXT).ids
+    assert hashlib.sha256(str(ids).encode()).hexdigest() == SMOLLM_CHKHSH
+    assert hf_tokenizer.recognise(json.loads((tmp_path / "tokenizer.json").read_text())) == "smollm"
