@@ -273,8 +273,15 @@ class CacheSession:
 
     @property
     def pos(self) -> int:
-        """Positions the cache holds."""
+        """Positions the cache holds; setting it rewinds (or, up to rows already written,
+        replays) the sequence to that many positions: later rows are overwritten."""
         return int(self.cache.pos[0])
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= self.cache.n_ctx:
+            raise ValueError(f"pos must be an integer in [0, {self.cache.n_ctx}], got {value!r}")
+        self.cache.pos[0] = value
 
     def reset(self) -> None:
         """Forget every position (the cache is overwritten from position 0)."""

@@ -512,4 +512,11 @@ def test_minigpt_numpy_session_and_the_compiled_one_hold_the_same_cache():
         np.testing.assert_allclose(y[:, :, :, :n], x[:, :, :, :n], rtol=1e-4, atol=1e-4 * np.abs(x).max())
     ref.reset()
     np.testing.assert_array_equal(ref.prefill(ids[:10], last_only=True), a[9:10])
+    for sess, want in ((ref, a), (comp, b)):   # rewinding (what the benchmarks do) replays a step
+        sess.pos = 12
+        np.testing.assert_array_equal(sess.step(ids[12]), want[12]) if sess is comp else \
+            np.testing.assert_allclose(sess.step(ids[12]), want[12], rtol=0, atol=tol)
+        assert sess.pos == 13
+    with pytest.raises(ValueError, match="pos must be an integer"):
+        comp.pos = -1
 
