@@ -35,6 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from refquant._checks import first_surrogate as _surrogate
 from refquant.hf.pretokenizers import PRE_TOKENIZERS
 
 CONTROL = 3
@@ -101,15 +102,6 @@ def gpt2_split(text: str) -> list[str]:
             out.append(text[i])  # no alternative, so it stays a piece of its own
             i = j
     return out
-
-
-def _surrogate(text: str) -> int | None:
-    """Index of the first lone surrogate in ``text`` (no UTF-8 encoding exists), or None."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as e:
-        return e.start
 
 
 LONG_PIECE = 256   # pieces longer than this go through the compiled merge loop

@@ -136,21 +136,21 @@ def cmd_export(args) -> int:
     """A llama GGUF's Linear weights, round-to-nearest, as a GPTQ / AWQ / compressed-tensors checkpoint."""
     from refquant import affine
     from refquant.hf import llama
-    from refquant.hf import tokenizer as hf_tokenizer
 
     sym = not args.asym
+    tokenizer = not args.no_tokenizer
     with gguf.read(args.input) as f:
         meta = dict(f.metadata)
         if meta.get("general.architecture") != "llama":
             raise ValueError(f"{args.input}: export reads llama-architecture files, got "
                              f"{meta.get('general.architecture')!r}")
-        if not args.no_tokenizer and "tokenizer.ggml.tokens" in meta:
+        if tokenizer and "tokenizer.ggml.tokens" in meta:
             try:   # before the weights: a tokenizer that cannot be written fails fast
-                lost = hf_tokenizer.hf_files(meta)["lost"]
+                tokenizer = llama.tokenizer_files(meta)
             except ValueError as e:
                 raise ValueError(f"{args.input}: {e}; --no-tokenizer writes the checkpoint without one") from None
-            if lost:
-                _note(f"export: the Hugging Face tokenizer files have no place for {', '.join(lost)}")
+            if tokenizer["lost"]:
+                _note(f"export: the Hugging Face tokenizer files have no place for {', '.join(tokenizer['lost'])}")
         linears = {n for n, info in f.tensors.items()
                    if n.startswith("blk.") and n.split(".")[-2] in llama.LINEARS and len(info.shape) == 2}
         widths = sorted({f.tensors[n].shape[1] for n in linears})
@@ -175,7 +175,7 @@ def cmd_export(args) -> int:
                 others[name] = w
     _, with_tokenizer = llama.write_checkpoint(args.output, quantized, others, meta, layout=args.format,
                                                checkpoint_format=args.checkpoint_format, force=args.force,
-                                               tokenizer=not args.no_tokenizer)
+                                               tokenizer=tokenizer)
     grid = "per row" if args.group_size == -1 else f"g{args.group_size}"
     print(f"wrote {args.output}: {len(quantized)} Linears as {args.format} int{args.bits} {grid} "
           f"({'symmetric' if sym else 'asymmetric'}), {len(others)} other tensors, "

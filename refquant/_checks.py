@@ -127,3 +127,13 @@ def check_tensors(tensors, want: dict, source, *, optional=()) -> None:
     if unknown:
         raise ValueError(f"{source}: tensor {unknown[0]} is not one this model reads"
                          + (f" ({len(unknown)} such tensors)" if len(unknown) > 1 else ""))
+
+
+def first_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text`` (it has no UTF-8 encoding), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
+

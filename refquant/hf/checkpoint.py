@@ -60,7 +60,9 @@ class Checkpoint:
     raw: dict                  # Linear prefix -> the stored tensors of its layout
 
 
-def _load_json(path: Path):
+def read_json(path: Path):
+    """A JSON file's value, or one ``ValueError`` naming the file (unreadable, not UTF-8, not
+    JSON, numbers of 4,300+ digits, nesting past Python's recursion limit)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:   # (JSONDecodeError, 4300+ digits are ValueErrors)
@@ -108,7 +110,7 @@ def scheme_of(directory) -> Scheme:
     d = Path(directory)
     qc = None
     if (d / "config.json").is_file():
-        cfg = _load_json(d / "config.json")
+        cfg = read_json(d / "config.json")
         if not isinstance(cfg, dict):
             raise ValueError(f"{d / 'config.json'}: not a JSON object")
         qc = cfg.get("quantization_config")
@@ -116,7 +118,7 @@ def scheme_of(directory) -> Scheme:
             raise ValueError(f"{d / 'config.json'}: quantization_config is not an object ({type(qc).__name__})")
     for name in ("quantize_config.json", "quant_config.json"):
         if qc is None and (d / name).is_file():
-            qc = _load_json(d / name)
+            qc = read_json(d / name)
             if not isinstance(qc, dict):
                 raise ValueError(f"{d / name}: not a JSON object")
             qc.setdefault("quant_method", "gptq" if name == "quantize_config.json" else "awq")

@@ -159,21 +159,20 @@ def rotary_perm(gguf_name: str, n_rows: int, cfg: dict) -> np.ndarray | None:
 
 
 def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, layout: str,
-                     checkpoint_format: str = "gptq", force: bool = False, tokenizer: bool = True):
+                     checkpoint_format: str = "gptq", force: bool = False, tokenizer: bool | dict = True):
     """A llama GGUF's tensors, given by GGUF name in GGUF row order, written as a Hugging Face
     checkpoint: ``quantized`` (``QuantizedTensor`` s) in ``layout``, ``others`` as float16
     matrices / float32 vectors, Hugging Face names and rotary rows, ``config.json`` from the
     GGUF ``metadata`` (tied embeddings when there is no ``output.weight``), and the tokenizer
-    files of its ``tokenizer.ggml.*`` keys (``refquant.hf.tokenizer.hf_files``) unless
-    ``tokenizer=False``; a file without a tokenizer gets none. Returns the directory and
-    whether a tokenizer was written."""
+    files of its ``tokenizer.ggml.*`` keys (``tokenizer_files``; or ``tokenizer``, that
+    function's result computed already) unless ``tokenizer=False``; a file without a
+    tokenizer gets none. Returns the directory and whether a tokenizer was written."""
     from refquant.hf import checkpoint
-    from refquant.hf import tokenizer as hf_tokenizer
 
     cfg = config(metadata)
     files = {}
-    if tokenizer and "tokenizer.ggml.tokens" in metadata:
-        files = hf_tokenizer.hf_files(metadata, context_length=cfg["max_position_embeddings"])
+    if isinstance(tokenizer, dict) or tokenizer and "tokenizer.ggml.tokens" in metadata:
+        files = dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer_files(metadata)
         cfg.update(files.pop("config"))
         files.pop("lost")
     q_hf, o_hf = {}, {}
@@ -189,6 +188,14 @@ def write_checkpoint(out_dir, quantized: dict, others: dict, metadata: dict, *, 
         cfg["tie_word_embeddings"] = True
     return checkpoint.write(out_dir, q_hf, o_hf, layout=layout, checkpoint_format=checkpoint_format, config=cfg,
                             force=force, files=files), bool(files)
+
+
+def tokenizer_files(metadata: dict) -> dict:
+    """``refquant.hf.tokenizer.hf_files`` of a llama GGUF's tokenizer (``model_max_length``:
+    its context length)."""
+    from refquant.hf import tokenizer as hf_tokenizer
+
+    return hf_tokenizer.hf_files(metadata, context_length=config(metadata)["max_position_embeddings"])
 
 
 def config(metadata: dict) -> dict:

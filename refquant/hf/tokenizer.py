@@ -43,11 +43,12 @@ class and would drop the digit split).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from refquant._checks import first_surrogate
+from refquant.hf.checkpoint import read_json
 from refquant.hf.pretokenizers import (  # noqa: F401  (re-exported)
     GPT2_REGEX, LLAMA3_REGEX, PRE_TOKENIZERS, QWEN2_REGEX, _describe, _split, family, recognise,
 )
@@ -170,15 +171,6 @@ def hf_files(metadata: dict, *, context_length: int | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- HF -> GGUF
 
-def _load(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:   # (ValueError: 4300+ digits)
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not a readable JSON file (nested too deeply)") from None
-
-
 def _name(t):
     """A special token of ``tokenizer_config.json``: a string, or an AddedToken object."""
     return t.get("content") if isinstance(t, dict) else t if isinstance(t, str) else None
@@ -201,8 +193,8 @@ def gguf_metadata(directory, config: dict | None = None, *, pre: str | None = No
 def _gguf_metadata(d: Path, config: dict, pre: str | None) -> dict:
     if not (d / "tokenizer.json").is_file():
         raise ValueError(f"{d}: no tokenizer.json")
-    tj = _load(d / "tokenizer.json")
-    tc = _load(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else None
+    tj = read_json(d / "tokenizer.json")
+    tc = read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else None
     if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
         raise ValueError(f"{d / 'tokenizer.json'}: no model object")
     if tc is not None and not isinstance(tc, dict):
@@ -281,7 +273,7 @@ def _gguf_metadata(d: Path, config: dict, pre: str | None) -> dict:
             raise ValueError(f"{d / 'tokenizer.json'}: merge {x!r} is not of two tokens into a token of the "
                              "vocabulary (the tokenizers library refuses it too)")
 
-    bad = next((t for t in tokens if _surrogate(t)), None)
+    bad = next((t for t in tokens if first_surrogate(t) is not None), None)
     if bad is not None:
         raise ValueError(f"{d / 'tokenizer.json'}: token {bad!r} holds a lone surrogate (no UTF-8 form)")
     out = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": name, "tokenizer.ggml.tokens": tokens,
@@ -297,7 +289,7 @@ def _gguf_metadata(d: Path, config: dict, pre: str | None) -> dict:
             out[f"tokenizer.ggml.add_{kind}_token"] = v
     for t in (template if isinstance(template, list) else [template]):
         text = t.get("template") if isinstance(t, dict) else t
-        if isinstance(text, str) and _surrogate(text):
+        if isinstance(text, str) and first_surrogate(text) is not None:
             raise ValueError(f"{d}: the chat template holds a lone surrogate (no UTF-8 form)")
     if isinstance(template, str):
         out["tokenizer.chat_template"] = template
@@ -322,14 +314,6 @@ def _gguf_metadata(d: Path, config: dict, pre: str | None) -> dict:
         if config.get("vocab_size", 32000) == 49152:
             out["tokenizer.ggml.add_bos_token"] = False
     return out
-
-
-def _surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
 
 
 def _architectures(config: dict) -> list:
@@ -427,7 +411,7 @@ def _special_vocab(d: Path, tj: dict, tc: dict | None, config: dict):
                 alt = [{"name": "default", "template": alt}] + [{"name": f.stem, "template": _read_text(f)}
                                                                  for f in extra]
         elif (d / "chat_template.json").is_file():
-            obj = _load(d / "chat_template.json")
+            obj = read_json(d / "chat_template.json")
             alt = obj.get("chat_template") if isinstance(obj, dict) else None
         template = tc.get("chat_template", alt)
         if template is not None and not isinstance(template, (str, list)):
