@@ -31,7 +31,10 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from minigpt_np.model import CacheSession, token_ids
-from refquant.kernels import MAX_BATCH, bytedot, kvcache, stacked
+from refquant.kernels import MAX_BATCH, _cache, bytedot, kvcache, stacked
+
+# the step's code, cached on disk under its compile key, is built from these modules too
+_DEPS = ("minigpt_np/compiled.py",)
 
 
 # --- the block's pieces, in numba ---------------------------------------------------------
@@ -177,7 +180,7 @@ def _gelu(u, b, act, d_ff):
         act[i] = np.float32(0.5) * v * (np.float32(2) - np.float32(2) / (_exp(np.float32(2) * z) + np.float32(1)))
 
 
-def _build_layers(applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
+def _build_layers(key, applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
     """The compiled loop over layers for one run of equal layout (module docstring).
 
     ``applies``: (qkv, o, up, down) ``stacked.make_apply`` functions; ``cache_key``: the
@@ -198,8 +201,8 @@ def _build_layers(applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, lla
         else:
             _layer_norm(x, w, b, eps, out)
 
-    @njit
-    def layers(x, pos0, norms, biases, wqkv, wo, wup, wdown, k, v, cos, sin):
+    @_cache.jit(key + ("layers",), deps=_DEPS)
+    def layers(x, pos0, norms, biases, wqkv, wo, wup, wdown, k, v, cos, sin, fas):
         T, d = x.shape
         L = norms[0].shape[0]
         n = np.empty((T, d), np.float32)
@@ -210,7 +213,7 @@ def _build_layers(applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, lla
         act = np.empty((T, d_ff), np.float32)
         for l in range(L):
             norm(x, norms[0][l], norms[1][l], n)
-            a_qkv(wqkv, l, n, qkv)
+            a_qkv(wqkv, l, n, qkv, fas[0])
             for t in range(T):
                 pos = pos0 + t
                 if llama:
@@ -222,25 +225,25 @@ def _build_layers(applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, lla
                 store(k, v, l, 0, pos, qkv[t], q_len, q_len + kv_len, n_kv, hd)
             for t in range(T):
                 attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t])
-            a_o(wo, l, att, o)
+            a_o(wo, l, att, o, fas[1])
             for t in range(T):
                 for i in range(d):
                     x[t, i] += o[t, i] if llama else o[t, i] + biases[1][l, i]
             norm(x, norms[2][l], norms[3][l], n)
-            a_up(wup, l, n, up)
+            a_up(wup, l, n, up, fas[2])
             for t in range(T):
                 if llama:
                     _swiglu(up[t], act[t], d_ff)
                 else:
                     _gelu(up[t], biases[2][l], act[t], d_ff)
-            a_down(wdown, l, act, o)
+            a_down(wdown, l, act, o, fas[3])
             for t in range(T):
                 for i in range(d):
                     x[t, i] += o[t, i] if llama else o[t, i] + biases[3][l, i]
         return x
 
-    @njit
-    def products(x, wqkv, wo, wup, wdown, L):
+    @_cache.jit(key + ("products",), deps=_DEPS)
+    def products(x, wqkv, wo, wup, wdown, L, fas):
         """Only the weight products of one token through ``L`` layers (the time breakdown)."""
         qkv = np.empty((1, q_len + 2 * kv_len), np.float32)
         att = np.ones((1, q_len), np.float32)
@@ -248,12 +251,12 @@ def _build_layers(applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, lla
         up = np.empty((1, up_rows), np.float32)
         act = np.ones((1, d_ff), np.float32)
         for l in range(L):
-            a_qkv(wqkv, l, x, qkv)
-            a_o(wo, l, att, o)
-            a_up(wup, l, x, up)
-            a_down(wdown, l, act, o)
+            a_qkv(wqkv, l, x, qkv, fas[0])
+            a_o(wo, l, att, o, fas[1])
+            a_up(wup, l, x, up, fas[2])
+            a_down(wdown, l, act, o, fas[3])
 
-    @njit
+    @_cache.jit(key + ("attend",), deps=_DEPS)
     def attend(k, v, pos):
         """Only the attention of one token at ``pos`` over every layer's cache."""
         q = np.ones(q_len, np.float32)
@@ -264,12 +267,12 @@ def _build_layers(applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, lla
     return layers, norm, products, attend
 
 
-def _build_head(a_head, norm):
-    @njit
-    def head(x, w, b, whead, out):
+def _build_head(key, a_head, norm):
+    @_cache.jit(key, deps=_DEPS)
+    def head(x, w, b, whead, out, fas):
         n = np.empty_like(x)
         norm(x, w, b, n)
-        a_head(whead, 0, n, out)
+        a_head(whead, 0, n, out, fas)
     return head
 
 
@@ -306,16 +309,18 @@ class _Compiled(CacheSession):
             applies = [stacked.make_concat_apply(role, tier) for role in ops]
             cache_key = ("kv", "f32", "f32")
             key = ("compiled.layers", tier, keys, cache_key, tuple(sorted(consts.items())))
-            layers, norm, products, attend = _compiled(key, lambda: _build_layers(applies, cache_key, **consts))
+            layers, norm, products, attend = _compiled(key, lambda: _build_layers(key, applies, cache_key, **consts))
             self.runs.append(dict(layers=layers, products=products, attend=attend, operands=[op for role in ops for op in role],
                                   ops=[tuple(op.arrays for op in role) for role in ops],
+                                  fas=tuple(stacked.concat_addresses(role, tier) for role in ops),
                                   norms=tuple(n[a:b] for n in norms), biases=tuple(bb[a:b] for bb in biases),
                                   start=a, stop=b))
         hop = stacked.stack([stacked.layer_weight([head_lin])])
         a_head = stacked.make_concat_apply([hop], tier)
         key = ("compiled.head", tier, hop.key(), llama, eps)
-        self.head_fn = _compiled(key, lambda: _build_head(a_head, norm))
+        self.head_fn = _compiled(key, lambda: _build_head(key, a_head, norm))
         self.head_w, self.final_norm = (hop.arrays,), final_norm
+        self.head_fa = stacked.concat_addresses([hop], tier)
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
         self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx)
@@ -335,14 +340,14 @@ class _Compiled(CacheSession):
         for run in self.runs:
             s, e = run["start"], run["stop"]
             x = run["layers"](x, self.pos, run["norms"], run["biases"], *run["ops"], self.cache.k[s:e],
-                              self.cache.v[s:e], self.cos, self.sin)
+                              self.cache.v[s:e], self.cos, self.sin, run["fas"])
         self.cache.pos[0] += T
         if head == "none":
             return None
         if head == "last":
             x = np.ascontiguousarray(x[-1:])
         out = np.empty((x.shape[0], self.vocab), np.float32)
-        self.head_fn(x, self.final_norm[0], self.final_norm[1], self.head_w, out)
+        self.head_fn(x, self.final_norm[0], self.final_norm[1], self.head_w, out, self.head_fa)
         return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -359,8 +364,8 @@ class _Compiled(CacheSession):
 
         def products():
             for run in self.runs:
-                run["products"](x, *run["ops"], run["stop"] - run["start"])
-            self.head_fn(x, ones, ones, self.head_w, out)
+                run["products"](x, *run["ops"], run["stop"] - run["start"], run["fas"])
+            self.head_fn(x, ones, ones, self.head_w, out, self.head_fa)
 
         def attention():
             for run in self.runs:

@@ -105,7 +105,7 @@ def test_stacked_apply_is_the_kernel_linear_calls(kind):
     for T in (1, 3, 5):
         X = rng.standard_normal((T, 256)).astype(np.float32)
         out = np.empty((T, 40), np.float32)
-        apply((op.arrays,), 1, X, out)
+        apply((op.arrays,), 1, X, out, stacked.concat_addresses([op]))
         np.testing.assert_array_equal(out, bytedot.matmul(lins[1].packed(), X))
 
 
@@ -120,7 +120,7 @@ def test_parts_that_do_not_row_stack_fill_their_own_columns():
         assert len(parts) == 3          # three layouts: no row-stacking
         ops = [stacked.stack([p]) for p in parts]
         out = np.empty((2, sum(rows)), np.float32)
-        stacked.make_concat_apply(ops)(tuple(op.arrays for op in ops), 0, X, out)
+        stacked.make_concat_apply(ops)(tuple(op.arrays for op in ops), 0, X, out, stacked.concat_addresses(ops))
         want = np.concatenate([bytedot.matmul(lin.packed(), X) for lin in lins], axis=1)
         np.testing.assert_array_equal(out, want)
     same = stacked.layer_parts([_kernel_weight(rng, "Q4_0", (r, 256)) for r in (8, 4)])

@@ -34,7 +34,8 @@ ENV = "REFQUANT_NUMBA_CACHE"
 # their intrinsics, and the numba tier's fp16 table in matvec)
 _SOURCES = ("refquant/kernels/bytedot.py", "refquant/kernels/layout.py", "refquant/kernels/rows.py",
             "refquant/kernels/tiles.py", "refquant/kernels/threads.py", "refquant/kernels/simd.py",
-            "refquant/kernels/matvec.py", "refquant/kernels/_cache.py")
+            "refquant/kernels/matvec.py", "refquant/kernels/stacked.py", "refquant/kernels/kvcache.py",
+            "refquant/kernels/_cache.py")
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +112,7 @@ def _cache_class():
             self._refquant_key = hashlib.sha256(f"{key}|{_source_hash()}".encode()).hexdigest()
 
         def _index_key(self, sig, codegen):
-            return (sig, codegen.magic_tuple(), (self._refquant_key, ""))
+            return (sig, codegen.magic_tuple(), (self._refquant_key, self.deps))
 
     return KeyedCache
 

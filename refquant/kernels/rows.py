@@ -14,7 +14,7 @@ from numba.extending import overload
 
 from refquant.kernels import _cache
 from refquant.kernels.layout import _ROW_SHIFT, OFFSET_CONST, OFFSET_MIN
-from refquant.kernels.threads import _parallel_rows, _tasks
+from refquant.kernels.threads import Kernel
 
 # Software prefetch distance into the code stream. Q4_0 at 11008x4096, one thread, timed
 # interleaved in one process (thread CPU time, median of 31): no prefetch 1.34x, 1 KiB
@@ -113,11 +113,7 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
                                        2 * p + 1)
                     out[mi, r] = (V.hsum_f32(a0) + V.hsum_f32(a1)) + t
 
-    @njit
-    def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        _parallel_rows(rows, _tasks(out.shape[1]), 0, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
-    kernel.chunks = rows      # the compiled loops (the asm test reads them)
-    return kernel
+    return Kernel(rows, tiles=False, width=1)
 
 
 def _kind_consts(kind: str) -> tuple[int, bool]:

@@ -26,10 +26,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 
-from refquant.kernels import _cache, bytedot
+from refquant.kernels import _cache, bytedot, threads
 from refquant.kernels.bytedot import Packed, f16_round, quantize_x  # noqa: F401  (the step's x rounding)
 
 _ARRAYS = ("qs", "qh", "d", "sc", "m", "mn")
@@ -156,9 +157,10 @@ _APPLIES: dict = {}
 
 
 def make_apply(op: Operand, tier: str | None = None):
-    """``apply(w, l, X, out)``: ``out[:T] = X Ŵ_lᵀ`` for layer ``l`` of ``op`` (``w`` is
-    ``op.arrays``), X (T <= MAX_BATCH, n) float32, ``out`` (T, rows) float32. Built once per
-    tier and layout (``Operand.key``), then kept: each costs a numba compilation."""
+    """``apply(w, l, X, out, fa)``: ``out[:T] = X Ŵ_lᵀ`` for layer ``l`` of ``op`` (``w`` is
+    ``op.arrays``, ``fa`` is ``addresses(op, tier)``), X (T <= MAX_BATCH, n) float32, ``out``
+    (T, rows) float32. Built once per tier and layout (``Operand.key``), then kept, and
+    cached on disk: its code holds no address (``threads``)."""
     tier = tier or bytedot.backend()
     key = (tier, op.key())
     if key not in _APPLIES:
@@ -166,19 +168,50 @@ def make_apply(op: Operand, tier: str | None = None):
     return _APPLIES[key]
 
 
-def _make_apply(op: Operand, tier: str):
+_F32 = types.Array(types.float32, 2, "C")
+_MATMUL_SIG = types.void(_F32, _F32, _F32)
+_matmul_at = threads.fn_at(types.FunctionType(_MATMUL_SIG))
+
+
+def _arg_types(op: Operand) -> tuple:
+    """The numba types of a packed operand's kernel arguments as ``apply`` passes them: a
+    layer's six arrays, then x_q, |x_q|, d_x, d_x·S, the Q6_K sums and out."""
+    i8 = types.Array(types.int8, 2, "C")
+    return tuple(numba.typeof(a[0]) for a in op.arrays) + (i8, i8, _F32, _F32, types.Array(types.float32, 3, "C"),
+                                                           _F32)
+
+
+def addresses(op: Operand, tier: str | None = None) -> np.ndarray:
+    """The ``fa`` an apply of ``op`` takes: uint64 (4,), the addresses of the one-token and the
+    batch kernel (``threads.Kernel.addresses``) or of the float32 product; zeros for the
+    numba tier (its kernels are called by name)."""
+    tier = tier or bytedot.backend()
+    fa = np.zeros(4, np.uint64)
     if op.kind == "f32":
-        @njit
-        def apply_f32(w, l, X, out):
-            matmul_f32(w[0][l], X, out)
+        fa[0] = threads.address(matmul_f32, _MATMUL_SIG)
+    elif tier != "numba":
+        one, batch = bytedot.kernels_for(tier, op.template)
+        args = _arg_types(op)
+        fa[:2], fa[2:] = one.addresses(args), batch.addresses(args)
+    return fa
+
+
+def _make_apply(op: Operand, tier: str):
+    ckey = ("stacked.apply", tier, op.key())
+    if op.kind == "f32":
+        @_cache.jit(ckey)
+        def apply_f32(w, l, X, out, fa):
+            _matmul_at(fa[0])(w[0][l], X, out)
         return apply_f32
     p = op.template
-    kern, kern_t = bytedot.kernels_for(tier, p)
+    kern = bytedot.kernel(tier, p) if tier == "numba" else None
+    simd = tier != "numba"
     tile_min = bytedot.TILE_MIN_M
     n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
+    width = 2 if sub16 else 1
 
-    @njit
-    def apply(w, l, X, out):
+    @_cache.jit(ckey)
+    def apply(w, l, X, out, fa):
         T = X.shape[0]
         xq = np.empty((T, 32 * nb), np.int8)
         dx = np.empty((T, nb), np.float32)
@@ -194,10 +227,14 @@ def _make_apply(op: Operand, tier: str):
                     s16[0, t, h] = dx[t, h // 2]
                     s16[1, t, h] = np.float32(np.float64(dx[t, h // 2]) * tot)
         xa = np.abs(xq) if signed else xq
-        if T >= tile_min:
-            kern_t(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
-        else:
+        if not simd:
             kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
+        elif T >= tile_min:
+            threads.run_tiles(fa[2:], width, w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs,
+                              s16, out)
+        else:
+            threads.run_rows(fa[:2], 1, w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16,
+                             out)
     return apply
 
 
@@ -211,9 +248,9 @@ def layer_parts(lins: list) -> list[tuple[str, object]]:
 
 
 def make_concat_apply(ops: list[Operand], tier: str | None = None):
-    """``apply(ws, l, X, out)`` for the row-concatenation of ``ops`` (1 to 3 parts; ``ws`` the
-    tuple of their ``arrays``): each part's product goes to its own columns of ``out``.
-    Built once per tier and layouts, then kept."""
+    """``apply(ws, l, X, out, fas)`` for the row-concatenation of ``ops`` (1 to 3 parts; ``ws``
+    the tuple of their ``arrays``, ``fas`` the stack of their ``addresses``): each part's
+    product goes to its own columns of ``out``. Built once per tier and layouts, then kept."""
     tier = tier or bytedot.backend()
     key = (tier, "concat", tuple(op.key() for op in ops))
     if key not in _APPLIES:
@@ -221,30 +258,37 @@ def make_concat_apply(ops: list[Operand], tier: str | None = None):
     return _APPLIES[key]
 
 
+def concat_addresses(ops: list[Operand], tier: str | None = None) -> np.ndarray:
+    """The ``fas`` of ``make_concat_apply(ops)``: uint64 (parts, 4)."""
+    return np.stack([addresses(op, tier) for op in ops])
+
+
 def _make_concat_apply(ops: list[Operand], tier: str):
     applies = [make_apply(op, tier) for op in ops]
+    ckey = ("stacked.concat", tier, tuple(op.key() for op in ops))
     a0 = applies[0]
     if len(ops) == 1:
-        @njit
-        def apply1(ws, l, X, out):
-            a0(ws[0], l, X, out)
+        @_cache.jit(ckey)
+        def apply1(ws, l, X, out, fas):
+            a0(ws[0], l, X, out, fas[0])
         return apply1
     if len(ops) > 3:
         raise ValueError("at most 3 parts")
     a1, a2 = applies[1], applies[-1]
     three = len(ops) == 3
 
-    @njit
-    def part(a, w, l, X, out, start, rows):
-        tmp = np.empty((X.shape[0], rows), np.float32)
-        a(w, l, X, tmp)
-        out[:, start:start + rows] = tmp
-
-    @njit
-    def apply_parts(ws, l, X, out):   # a part's rows: axis 1 of its first array (codes or floats)
+    @_cache.jit(ckey)
+    def apply_parts(ws, l, X, out, fas):   # a part's rows: axis 1 of its first array (codes or floats)
+        T = X.shape[0]
         r0, r1, r2 = ws[0][0].shape[1], ws[1][0].shape[1], ws[-1][0].shape[1]
-        part(a0, ws[0], l, X, out, 0, r0)
-        part(a1, ws[1], l, X, out, r0, r1)
+        tmp = np.empty((T, r0), np.float32)
+        a0(ws[0], l, X, tmp, fas[0])
+        out[:, :r0] = tmp
+        tmp = np.empty((T, r1), np.float32)
+        a1(ws[1], l, X, tmp, fas[1])
+        out[:, r0:r0 + r1] = tmp
         if three:
-            part(a2, ws[-1], l, X, out, r0 + r1, r2)
+            tmp = np.empty((T, r2), np.float32)
+            a2(ws[-1], l, X, tmp, fas[-1])
+            out[:, r0 + r1:] = tmp
     return apply_parts

@@ -12,7 +12,7 @@ from numba import njit
 from refquant.kernels import _cache
 from refquant.kernels.layout import _ROW_SHIFT, OFFSET_CONST, OFFSET_MIN, OFFSET_NONE
 from refquant.kernels.rows import _bdot, _codes2, _kind_consts, _scale_reader
-from refquant.kernels.threads import _parallel_tiles, _tasks
+from refquant.kernels.threads import Kernel
 
 
 TILE_MIN_M = 4   # from this many tokens on, ``run`` takes the tile kernel (SIMD tiers)
@@ -220,8 +220,4 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                             oi[t] += m1 * XST[u, t]
             tile(wb, P, nrows, xq4, xa4, toff, out, r0, tmp)
 
-    @njit
-    def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
-        _parallel_tiles(chunks, _tasks(out.shape[1]), WIDTH, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
-    kernel.chunks = chunks
-    return kernel
+    return Kernel(chunks, tiles=True, width=WIDTH)
