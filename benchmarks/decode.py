@@ -25,7 +25,9 @@ tokens), every step timed, the compiled engines stepping in turn token by token
 work); ``decode_rounds`` holds each round's tokens/s. Per type, a per-token
 breakdown (median of 30 calls each, at the position decoding ended): the weight products
 of all layers and the head, the attention over the cache, and the rest of the step
-(norms, RoPE, activations, embedding lookup, Python).
+(norms, RoPE, activations, embedding lookup, Python). Last, ``start``: the wall time of a
+fresh ``python -m minigpt_np.generate -n 1`` with an empty numba cache and with a warm one
+(``fast_start``).
 
 Writes ``benchmarks/results/decode.json``; ``python -m benchmarks.report`` puts its table
 in the README and ``python -m benchmarks.roofline`` its dots on the roofline.
@@ -113,6 +115,27 @@ def lockstep(sessions: dict, ids, n: int) -> tuple[dict, dict]:
             logits[k] = sess.step(nxt)
             times[k].append(time.perf_counter() - t0)
     return times, out
+
+
+def fast_start(repeats: int = 5) -> dict:
+    """Wall time of a fresh ``python -m minigpt_np.generate --prompt PROMPT -n 1`` process: once
+    with an empty numba cache (``NUMBA_CACHE_DIR`` a new directory: what the first run in a
+    new environment costs, every kernel compiled), then ``repeats`` times with that cache warm."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "minigpt_np.generate", "--prompt", PROMPT, "-n", "1"]
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        walls = []
+        for _ in range(1 + repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            walls.append(time.perf_counter() - t0)
+    return dict(command=shlex.join(["python"] + cmd[1:]), cold_wall_s=walls[0], warm_wall_s=float(np.median(walls[1:])),
+                warm_wall_s_runs=walls[1:])
 
 
 def _until(ids: list, stop: set) -> list:
@@ -206,7 +229,7 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
     weights = {id(v): v.shape[0] * v.shape[1] for v in pf.values() if isinstance(v, Linear)}  # head tied: once
     return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, prompt_tokens=len(long_prompt),
                 new_tokens=n, rounds=rounds, machine=common.machine(), tier=bytedot.backend(),
-                flops_per_token=2 * sum(weights.values()), results=rows)
+                flops_per_token=2 * sum(weights.values()), start=fast_start(2 if quick else 5), results=rows)
 
 
 def main(argv=None) -> None:
@@ -216,6 +239,9 @@ def main(argv=None) -> None:
         print(f"{r['engine']:8s} {r['type']:5s} decode {r['decode_tokens_per_s']:7.1f} tokens/s "
               f"({vs_f32}x{r['x_numpy_f32']:.2f} NumPy f32)  prompt "
               f"{r['prompt_tokens_per_s']:7.1f} tokens/s  {r['text'][:60]!r}")
+    st = data["start"]
+    print(f"start: {st['command']}: {st['cold_wall_s']:.1f} s with an empty numba cache, "
+          f"{st['warm_wall_s']:.2f} s warm (median of {len(st['warm_wall_s_runs'])})")
     print(f"wrote {path}")
 
 

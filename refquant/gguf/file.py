@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def _check_extent(name: str, shape) -> None:
         raise GGUFError(f"tensor {name!r}: shape {tuple(shape)} spans more than 2^63 - 1 elements")
 MAX_NAME = 64  # GGML_MAX_NAME: tensor names are shorter than this, in bytes
 MAX_ARRAY_DEPTH = 8  # nested arrays deeper than this are rejected (recursion bombs)
+_U64 = struct.Struct("<Q")
 
 # GGUF value type id -> (name, little-endian numpy dtype or None)
 VALUE_TYPES = {
@@ -232,7 +234,24 @@ class _Cursor:
             self.pos += a.nbytes
             a.flags.writeable = False
             return a
+        if etype == T_STRING:
+            return self._strings(count, what)
         return [self.value(etype, f"{what}[{i}]", depth) for i in range(count)]
+
+    def _strings(self, count: int, what: str) -> list[str]:
+        """``count`` strings (a vocabulary: ~100k), read as ``string`` reads them, with the
+        per-element checks inlined; a bad element goes through ``string`` for its error."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        length = _U64.unpack_from
+        for i in range(count):
+            n = length(buf, pos)[0] if pos + 8 <= size else -1
+            if n < 0 or n > size - pos - 8:
+                self.pos = pos
+                self.string(f"{what}[{i}]")   # raises
+            out.append(bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="surrogateescape"))
+            pos += 8 + n
+        self.pos = pos
+        return out
 
 
 class GGUFFile:

@@ -289,6 +289,6 @@ def _make_concat_apply(ops: list[Operand], tier: str):
         out[:, r0:r0 + r1] = tmp
         if three:
             tmp = np.empty((T, r2), np.float32)
-            a2(ws[-1], l, X, tmp, fas[-1])
+            a2(ws[-1], l, X, tmp, fas[2])
             out[:, r0 + r1:] = tmp
     return apply_parts

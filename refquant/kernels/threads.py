@@ -185,7 +185,14 @@ class Kernel:
             self._addrs[arrays] = np.array([_parallel(arrays, self.tiles), address(self.chunks, csig)], np.uint64)
         return self._addrs[arrays]
 
+    _by_arrays: dict = field(default_factory=dict, repr=False)
+
     def __call__(self, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         args = (qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
-        arrays = tuple(numba.typeof(a) for a in args)
-        _call(self.addresses(arrays), self.width, self.tiles, *args)
+        # what numba's array type holds (numba.typeof takes 50x as long)
+        key = tuple((a.dtype, a.ndim, a.flags.c_contiguous, a.flags.f_contiguous, a.flags.writeable, a.flags.aligned)
+                    for a in args)
+        addrs = self._by_arrays.get(key)
+        if addrs is None:
+            addrs = self._by_arrays[key] = self.addresses(tuple(numba.typeof(a) for a in args))
+        _call(addrs, self.width, self.tiles, *args)
