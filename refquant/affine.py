@@ -277,8 +277,15 @@ def error_bound(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
+def _scheme_bound(w, qt):
+    """``error_bound`` (with slack for the float32 division that picks the code) plus the
+    float32 rounding of ``ŵ = s·q`` itself, up to half an ulp of ``ŵ``: at an exact tie
+    (w = (q + ½)·s) the two add up."""
+    return error_bound(qt) * (1 + 2**-20) + np.abs(dequantize(qt)) * 2.0**-24
+
+
 def _register_scheme(name: str, description: str, kernel=None, **kw):  # pragma: no mutate block
-    register(name, description=description, bound=lambda w, qt: error_bound(qt) * (1 + 2**-20), kernel=kernel,
+    register(name, description=description, bound=_scheme_bound, kernel=kernel,
              group_size=kw.get("group_size"))(
         lambda w, *, calib=None: quantize(w, scheme=name, **kw))
 

@@ -36,3 +36,16 @@ def kernel_bound(w_hat, x_hat):
     a = np.abs(np.pad(w_hat, ((0, 0), (0, -n % 32)))).reshape(w_hat.shape[0], nb, 32).max(axis=2)
     amax = np.repeat(a, 32, axis=1)[:, :n]
     return (nb + 30) * 2.0**-24 * (4 * amax) @ np.abs(x_hat).T
+
+
+def refused(case, exc, match, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` raises ``exc`` with a message matching ``match`` (``re.search``);
+    otherwise an AssertionError naming ``case`` (for tests that loop over bad inputs)."""
+    import re
+
+    try:
+        fn(*args, **kwargs)
+    except exc as e:
+        assert re.search(match, str(e)), f"{case}: {type(e).__name__}({e}) does not match {match!r}"
+        return e
+    raise AssertionError(f"{case}: did not raise {exc.__name__}")

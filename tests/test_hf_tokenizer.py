@@ -350,7 +350,7 @@ def _sv_dir(d, case):
                 "special_tokens": {}}
     tj = {"added_tokens": added, "pre_tokenizer": hf_tokenizer.PRE_TOKENIZERS["gpt2"][2], "post_processor": post,
           "model": {"type": "BPE", "vocab": vocab, "merges": ["a b"] if "ab" in vocab else []}}
-    d.mkdir()
+    d.mkdir(parents=True)
     (d / "tokenizer.json").write_text(json.dumps(tj))
     if case.get("tc") is not None:
         (d / "tokenizer_config.json").write_text(json.dumps(case["tc"]))
@@ -363,13 +363,19 @@ def _sv_dir(d, case):
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("name", list(SV_CASES))
-def test_special_tokens_flags_and_templates_are_special_vocabs(tmp_path, name):
+def test_special_tokens_flags_and_templates_are_special_vocabs(tmp_path):
+    """Case by case (``SV_CASES``), the tokenizer metadata we read from a checkpoint equals
+    what gguf-py's ``SpecialVocab`` writes to a GGUF from the same files."""
+    for name, case in SV_CASES.items():
+        _special_vocab_case(tmp_path / name, name, case)
+
+
+def _special_vocab_case(tmp_path, name, case):
     from refquant import gguf as rq_gguf
     from tests.conftest import gguf_py
 
     gg = gguf_py()
-    config = _sv_dir(tmp_path / "ck", SV_CASES[name])
+    config = _sv_dir(tmp_path / "ck", case)
     w = gg.GGUFWriter(str(tmp_path / "sv.gguf"), "llama")
     gg.SpecialVocab(tmp_path / "ck", load_merges=True).add_to_gguf(w, quiet=True)
     w.write_header_to_file()
@@ -381,13 +387,13 @@ def test_special_tokens_flags_and_templates_are_special_vocabs(tmp_path, name):
     got = {k: v for k, v in got.items() if k not in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
                                                        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type")}
     if "tokenizer.ggml.merges" not in want:   # gguf-py writes no empty list
-        assert got.pop("tokenizer.ggml.merges") == []
+        assert got.pop("tokenizer.ggml.merges") == [], name
     for k in ("tokenizer.chat_templates",):   # gguf-py lists the names of a set, in its order
         if k in want:
             want[k] = sorted(want[k])
-    assert sorted(got) == sorted(want)
+    assert sorted(got) == sorted(want), name
     for k in want:
-        assert _same(want[k], got[k]) or (isinstance(want[k], list) and list(want[k]) == list(got[k])), k
+        assert _same(want[k], got[k]) or (isinstance(want[k], list) and list(want[k]) == list(got[k])), (name, k)
 
 
 def _edit_json(path, fn):
