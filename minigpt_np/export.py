@@ -26,8 +26,9 @@ import numpy as np
 from minigpt_np import llama, tokenizer
 from refquant._checks import cli_int
 
-METHODS = {"gptq": "gptq_int4_g{g}", "gptq-actorder": "gptq_int4_g{g}_actorder", "awq": "awq_int4_g{g}",
-           "rtn": "int4_g{g}"}
+# method -> the spec fields its INT4 scheme has (the group size comes from the command line)
+METHODS = {"gptq": dict(calibration="gptq"), "gptq-actorder": dict(calibration="gptq_actorder"),
+           "awq": dict(calibration="awq"), "rtn": dict(calibration=None, symmetric=True)}
 
 
 def calibration_sequences(tok, text: str, n: int, length: int) -> list[list[int]]:
@@ -50,9 +51,12 @@ def export(model, out_dir, *, method: str = "gptq", layout: str = "gptq", calib_
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    scheme = METHODS[method].format(g=group_size)
-    if scheme not in schemes.names():
-        raise ValueError(f"no registered scheme {scheme!r} (method {method}, group size {group_size})")
+    found = schemes.find(values="int", bits=4, group_size=group_size, **METHODS[method])
+    if not found:
+        sizes = sorted({schemes.get(n).group_size for n in schemes.find(values="int", bits=4, **METHODS[method])})
+        raise ValueError(f"no registered INT4 scheme for method {method} with group size {group_size} "
+                         f"(group sizes: {', '.join(map(str, sizes))})")
+    scheme = found[0]
     params, cfg, meta = llama.load(model, dtype="f32")
     seqs = None
     if schemes.get(scheme).needs_calib:

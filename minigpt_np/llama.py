@@ -347,18 +347,20 @@ def fit_scheme(scheme: str, n_in: int) -> tuple[str, int | None]:
     """``(scheme, pad)`` for a Linear of width ``n_in``, as the tools that ship these formats
     handle a width the grid does not divide: a GGML type whose block does not divide it
     falls back to llama.cpp's type for such rows (``quants.FALLBACK``: Q4_K -> Q5_0, ...);
-    a group size ``g`` (the scheme's registered ``group_size``) that does not divide it gets
+    a group size ``g`` (the scheme's ``spec.group_size``) that does not divide it gets
     a short last group (``pad=g``: ``refquant.linear.quantize`` zero-pads the rows).
     Anything else: as is."""
     from refquant import schemes
     from refquant.gguf import quants
 
-    t = scheme.upper()
-    if t in quants.TYPES and n_in % quants.ggml_type(t).block_size:
+    spec = schemes.get(scheme).spec
+    t = spec.ggml_type
+    if t is not None and n_in % quants.ggml_type(t).block_size:
         if t not in quants.FALLBACK:
             raise ValueError(f"{scheme}: rows of {n_in} are not whole {t} blocks and llama.cpp has no fallback")
-        return quants.FALLBACK[t].lower(), None
-    g = schemes.get(scheme).group_size
+        fallback = schemes.find(ggml_type=quants.FALLBACK[t])
+        return fallback[0], None
+    g = spec.group_size
     return scheme, (g if g and n_in % g else None)
 
 

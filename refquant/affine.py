@@ -38,7 +38,7 @@ import numpy as np
 from refquant import packing
 from refquant._checks import float_array, int_in, one_of, positive_int
 from refquant.kernels.table import AFFINE
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 BITS = tuple(range(2, 9))
@@ -284,21 +284,47 @@ def _scheme_bound(w, qt):
     return error_bound(qt) * (1 + 2**-20) + np.abs(dequantize(qt)) * 2.0**-24
 
 
-def _register_scheme(name: str, description: str, kernel=None, **kw):  # pragma: no mutate block
-    register(name, description=description, bound=_scheme_bound, kernel=kernel,
-             group_size=kw.get("group_size"))(
-        lambda w, *, calib=None: quantize(w, scheme=name, **kw))
+def _int(bits, granularity, sym, group_size=None, kernel=True):
+    """The spec of an RTN integer preset: fp16 scales for groups, fp32 otherwise; the byte-dot
+    kernels take symmetric INT8 (w·sign(x) needs no zero point) and every INT4 group grid."""
+    return Spec(bits, "int", granularity, group_size, symmetric=sym, scale_dtype="fp16" if group_size else "fp32",
+                activations="q8_0" if kernel else "float")
 
 
-for _sym, _suffix in ((True, ""), (False, "_asym")):
-    _kind = "symmetric" if _sym else "asymmetric (uint8 zero point)"
-    # the byte-dot kernels take symmetric INT8 (w·sign(x) needs no zero point) and INT4 groups
-    _register_scheme(f"int8_tensor{_suffix}", f"INT8 {_kind}, one fp32 scale per tensor",
-                     kernel=AFFINE if _sym else None, bits=8, granularity="tensor", sym=_sym)
-    _register_scheme(f"int8_channel{_suffix}", f"INT8 {_kind}, one fp32 scale per output channel",
-                     kernel=AFFINE if _sym else None, bits=8, granularity="channel", axis=0, sym=_sym)
-    for _g in (128, 64, 32):
-        _register_scheme(f"int4_g{_g}{_suffix}", f"INT4 {_kind}, fp16 scale per group of {_g} inputs",
-                         kernel=AFFINE, bits=4, granularity="group", group_size=_g, sym=_sym, scale_dtype=np.float16)
-_register_scheme("int3_g128", "INT3 symmetric, fp16 scale per group of 128 inputs (RTN baseline for GPTQ INT3)",
-                 bits=3, granularity="group", group_size=128, scale_dtype=np.float16)
+# the presets: name -> spec (the quantizer's arguments are read from it)
+PRESETS = {
+    "int8_tensor": _int(8, "tensor", True),
+    "int8_channel": _int(8, "channel", True),
+    **{f"int4_g{g}": _int(4, "group", True, g) for g in (128, 64, 32)},
+    "int8_tensor_asym": _int(8, "tensor", False, kernel=False),
+    "int8_channel_asym": _int(8, "channel", False, kernel=False),
+    **{f"int4_g{g}_asym": _int(4, "group", False, g) for g in (128, 64, 32)},
+    "int3_g128": _int(3, "group", True, 128, kernel=False),   # the RTN baseline of GPTQ INT3
+}
+
+
+def quantize_spec(w: np.ndarray, spec: Spec, *, scheme: str | None = None) -> QuantizedTensor:
+    """``quantize`` with the arguments an integer ``Spec`` states."""
+    if spec.values != "int" or spec.granularity not in GRANULARITIES:
+        raise ValueError(f"not an affine integer spec: {spec}")
+    return quantize(w, spec.bits, sym=spec.symmetric, granularity=spec.granularity, axis=0,
+                    group_size=spec.group_size, scale_dtype={"fp16": np.float16, "fp32": np.float32}[spec.scale_dtype],
+                    scheme=scheme)
+
+
+def describe(spec: Spec) -> str:
+    """A one-line description of an integer spec."""
+    kind = "symmetric" if spec.symmetric else "asymmetric (uint8 zero point)"
+    where = {"tensor": "one fp32 scale per tensor", "channel": "one fp32 scale per output channel",
+             "group": f"fp16 scale per group of {spec.group_size} inputs"}[spec.granularity]
+    return f"INT{spec.bits} {kind}, {where}"
+
+
+def _register(name: str, spec: Spec):  # pragma: no mutate block
+    register(name, spec=spec, description=describe(spec), bound=_scheme_bound,
+             kernel=AFFINE if spec.activations == "q8_0" else None)(
+        lambda w, *, calib=None: quantize_spec(w, spec, scheme=name))
+
+
+for _name, _spec in PRESETS.items():
+    _register(_name, _spec)

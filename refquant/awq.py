@@ -27,7 +27,7 @@ from refquant import affine, packing
 from refquant._checks import float_array
 from refquant.calibration import as_stats
 from refquant.kernels.table import AFFINE
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -157,6 +157,8 @@ def _divide_x(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
     return (np.asarray(X, np.float32) / qt.meta["awq_scales"]).astype(np.float32)
 
 
-register("awq_int4_g128", description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
-         needs_calib=True, needs_inputs=True, kernel=replace(AFFINE, prepare_x=_divide_x), group_size=128)(
+register("awq_int4_g128", spec=Spec(4, "int", "group", 128, symmetric=False, scale_dtype="fp16", calibration="awq",
+                                   activations="q8_0"),
+         description="AWQ INT4 asymmetric g128: activation-aware scales + clip search",
+         kernel=replace(AFFINE, prepare_x=_divide_x))(
     lambda w, *, calib=None: awq_quantize(w, as_stats(calib).X))

@@ -34,7 +34,7 @@ import numpy as np
 
 from refquant import packing
 from refquant._checks import float_array, int_in, positive_int
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 NF4 = np.array([
@@ -190,7 +190,8 @@ def error_bound(w: np.ndarray, qt: QuantizedTensor) -> np.ndarray:
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
 def _register_scheme(name: str, codebook: str, double_quant: bool, description: str) -> None:
-    register(name, description=description, bound=error_bound)(
+    spec = Spec(4, "codebook", "block", scale_dtype="dq8" if double_quant else "fp32")
+    register(name, spec=spec, description=description, bound=error_bound)(
         lambda w, *, calib=None: quantize(w, codebook, double_quant=double_quant, scheme=name))
 
 

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refquant._checks import float_array, one_of
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -329,13 +329,15 @@ def error_bound(x: np.ndarray, fmt: str) -> np.ndarray:
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
 def _register_scheme(name: str, fmt: str, description: str, granularity: str = "none"):  # pragma: no mutate block
+    bits = FORMATS[fmt].width
     def bound(w, qt):
         s = 1.0 if qt.scales is None else qt.scales.astype(np.float64)
         # half an ulp of the format at w/s, plus the float32 rounding of decode * scale
         # (relative, or half the smallest float32 step when the product is subnormal)
         return error_bound(w / s, fmt) * s + np.abs(w) * 2.0**-23 + 2.0**-150
 
-    register(name, description=description, bound=bound)(
+    spec = Spec(bits, "float", granularity, scale_dtype=None if granularity == "none" else "fp32")
+    register(name, spec=spec, description=description, bound=bound)(
         lambda w, *, calib=None: quantize(w, fmt, granularity=granularity, scheme=name))
 
 

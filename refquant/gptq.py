@@ -44,7 +44,7 @@ from refquant import affine, packing
 from refquant._checks import float_array, int_in
 from refquant.calibration import as_stats
 from refquant.kernels.table import AFFINE
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -263,19 +263,31 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes; calib = inputs X (tokens, in) or LayerStats) -------------------
 
-def _register_scheme(name: str, description: str, kernel=None, **kw):  # pragma: no mutate block
-    register(name, description=description, needs_calib=True, kernel=kernel,
-             group_size=kw["group_size"] if kw.get("group_size", -1) > 0 else None)(
+def _gptq(bits, group_size=None, act_order=False):
+    """The spec of a GPTQ preset (symmetric, fp16 scales; ``group_size`` None: one per row).
+    Without act-order the codes are plain affine groups: the byte-dot kernels multiply them."""
+    return Spec(bits, "int", "group" if group_size else "channel", group_size, symmetric=True, scale_dtype="fp16",
+                calibration="gptq_actorder" if act_order else "gptq",
+                activations="q8_0" if bits in (4, 8) and not act_order else "float")
+
+
+# the presets: name -> (spec, description); the quantizer's arguments are read from the spec
+PRESETS = {
+    "gptq_int4_g128": (_gptq(4, 128), "GPTQ INT4 symmetric, fp16 scale per 128 inputs"),
+    "gptq_int4_g64": (_gptq(4, 64), "GPTQ INT4 symmetric, fp16 scale per 64 inputs"),
+    "gptq_int4_g32": (_gptq(4, 32), "GPTQ INT4 symmetric, fp16 scale per 32 inputs (ggml's block: exactly Q4_0)"),
+    "gptq_int4_g128_actorder": (_gptq(4, 128, act_order=True), "GPTQ INT4 g128 with act-order (g_idx stored)"),
+    "gptq_int3_g128": (_gptq(3, 128), "GPTQ INT3 symmetric, fp16 scale per 128 inputs"),
+    "gptq_int8_channel": (_gptq(8), "GPTQ INT8 symmetric, fp16 scale per output channel"),
+}
+
+
+def _register(name: str, spec: Spec, description: str):  # pragma: no mutate block
+    kw = dict(bits=spec.bits, group_size=spec.group_size or -1, sym=spec.symmetric,
+              act_order=spec.calibration == "gptq_actorder")
+    register(name, spec=spec, description=description, kernel=AFFINE if spec.activations == "q8_0" else None)(
         lambda w, *, calib=None: gptq_quantize(w, as_stats(calib).H, scheme=name, **kw)[0])
 
 
-# without act-order the codes are plain affine groups: the byte-dot kernels multiply them
-_register_scheme("gptq_int4_g128", "GPTQ INT4 symmetric, fp16 scale per 128 inputs", AFFINE, bits=4, group_size=128)
-_register_scheme("gptq_int4_g64", "GPTQ INT4 symmetric, fp16 scale per 64 inputs", AFFINE, bits=4, group_size=64)
-_register_scheme("gptq_int4_g32", "GPTQ INT4 symmetric, fp16 scale per 32 inputs (ggml's block: exactly Q4_0)",
-                 AFFINE, bits=4, group_size=32)
-_register_scheme("gptq_int4_g128_actorder", "GPTQ INT4 g128 with act-order (g_idx stored)", bits=4,
-                 group_size=128, act_order=True)
-_register_scheme("gptq_int3_g128", "GPTQ INT3 symmetric, fp16 scale per 128 inputs", bits=3, group_size=128)
-_register_scheme("gptq_int8_channel", "GPTQ INT8 symmetric, fp16 scale per output channel", AFFINE, bits=8,
-                 group_size=-1)
+for _name, (_spec, _description) in PRESETS.items():
+    _register(_name, _spec, _description)

@@ -18,7 +18,7 @@ import numpy as np
 
 from refquant._checks import float_array
 from refquant.calibration import as_stats
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.smoothquant import absmax_int8, exact_int8_products, int8_bound, quantize_tokens
 from refquant.tensor import QuantizedTensor, register_decoder
 
@@ -74,6 +74,7 @@ def matmul(qt: QuantizedTensor, X: np.ndarray) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
-register("llm_int8", description="LLM.int8(): vector-wise int8 + FP16 outlier dimensions (|x| >= 6)",
-         needs_calib=True, act_quant=act_quant, matmul=matmul, bound=int8_bound,
+register("llm_int8", spec=Spec(8, "int", "channel", symmetric=True, scale_dtype="fp32", calibration="outliers",
+                              activations="int8_outliers"),
+         description="LLM.int8(): vector-wise int8 + FP16 outlier dimensions (|x| >= 6)", act_quant=act_quant, matmul=matmul, bound=int8_bound,
          matvec=lambda qt, x: matmul(qt, x[None])[0])(lambda w, *, calib=None: quantize(w, as_stats(calib).max_abs))

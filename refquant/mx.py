@@ -29,7 +29,7 @@ import numpy as np
 
 from refquant import formats, packing
 from refquant._checks import float_array
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 MX_FORMATS = {
@@ -133,9 +133,12 @@ def error_bound(w: np.ndarray, qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
-register("mxfp4", description="OCP MXFP4: E2M1 elements, E8M0 scale per 32", bound=error_bound)(
+register("mxfp4", spec=Spec(4, "float", "block", scale_dtype="e8m0"),
+         description="OCP MXFP4: E2M1 elements, E8M0 scale per 32", bound=error_bound)(
     lambda w, *, calib=None: quantize_mx(w, "mxfp4"))
-register("mxfp8", description="OCP MXFP8: E4M3 elements, E8M0 scale per 32", bound=error_bound)(
+register("mxfp8", spec=Spec(8, "float", "block", scale_dtype="e8m0"),
+         description="OCP MXFP8: E4M3 elements, E8M0 scale per 32", bound=error_bound)(
     lambda w, *, calib=None: quantize_mx(w, "mxfp8"))
-register("nvfp4", description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale", bound=error_bound)(
+register("nvfp4", spec=Spec(4, "float", "block", scale_dtype="e4m3"),
+         description="NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale", bound=error_bound)(
     lambda w, *, calib=None: quantize_nvfp4(w))

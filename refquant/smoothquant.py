@@ -29,7 +29,7 @@ import numpy as np
 from refquant._checks import float_array
 from refquant.calibration import as_stats
 from refquant.kernels.table import AFFINE
-from refquant.schemes import register
+from refquant.schemes import Spec, register
 from refquant.tensor import QuantizedTensor, register_decoder
 
 
@@ -139,9 +139,12 @@ def _token_blocks(X: np.ndarray, nb: int):
     return blocks_of_rows(q, s, nb)
 
 
-register("w8a8", description="int8 per-channel weights x int8 per-token activations, int32 accumulation",
+register("w8a8", spec=Spec(8, "int", "channel", symmetric=True, scale_dtype="fp32", activations="int8_token"),
+         description="int8 per-channel weights x int8 per-token activations, int32 accumulation",
          act_quant=act_quant, bound=int8_bound, kernel=replace(AFFINE, round_x=_token_blocks))(
     lambda w, *, calib=None: quantize(w))
-register("smoothquant_w8a8", description="SmoothQuant (alpha 0.5) then W8A8", needs_calib=True, bound=int8_bound,
+register("smoothquant_w8a8", spec=Spec(8, "int", "channel", symmetric=True, scale_dtype="fp32",
+                                      calibration="smoothquant", activations="int8_token"),
+         description="SmoothQuant (alpha 0.5) then W8A8", bound=int8_bound,
          act_quant=act_quant, matmul=matmul, matvec=lambda qt, x: matmul(qt, x[None])[0])(
     lambda w, *, calib=None: quantize(w, smooth=smooth_scales(as_stats(calib).max_abs, w), scheme="smoothquant_w8a8"))

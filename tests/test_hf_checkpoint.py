@@ -322,7 +322,7 @@ def test_export_module_cli(tmp_path, smollm2_path, capsys):
     assert export.main([str(smollm2_path), str(tmp_path / "ck"), "--method", "gptq"]) == 2
     assert "needs calibration text" in capsys.readouterr().err and not (tmp_path / "ck").exists()
     assert export.main([str(smollm2_path), str(tmp_path / "ck"), "--method", "awq", "--group-size", "64"]) == 2
-    assert "no registered scheme 'awq_int4_g64'" in capsys.readouterr().err
+    assert "no registered INT4 scheme for method awq with group size 64 (group sizes: 128)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method,type_name,want_sym", [("gptq", "Q4_0", True), ("rtn", "Q4_1", False)])

@@ -1,6 +1,5 @@
 """MiniGPT: gradients vs finite differences, KV cache, generation, corpus rules, training
 smoke run, checkpoint round trip and the committed checkpoint's recorded metrics."""
-import re
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from hypothesis import given, strategies as st
 from minigpt_np import checkpoint, corpus
 from minigpt_np import train as tr
 from minigpt_np.model import (
-    EOT, Config, Linears, attention, decode_step, forward, gelu, generate, init_params, layer_norm, quantize_sequential,
+    Config, Linears, attention, decode_step, forward, gelu, generate, init_params, layer_norm, quantize_sequential,
 )
 
 # --------------------------------------------------------------------- gradient checks
@@ -202,7 +201,6 @@ def test_every_label_agrees_with_its_verb_phrase(splits):
         text, label = corpus.parse(ln)
         v, w = lex[base], text.split()
         tense, aspect = label.split()
-        has = lambda *seq: any(w[i:i + len(seq)] == list(seq) for i in range(len(w)))  # noqa: E731
         near = lambda aux, form: any(a == aux and form in w[i + 1:i + 6] for i, a in enumerate(w))  # noqa: E731
         if aspect == "perfect":
             ok = {"past": near("had", v.participle), "present": near("has", v.participle) or near("have", v.participle),

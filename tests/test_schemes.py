@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import refquant
 from refquant import schemes
-from tests.oracles import kernel_bound, kernel_x_hat
+from tests.oracles import kernel_bound, kernel_x_hat, refused
 from tests.conftest import TOL
 
 NAMES = schemes.names()
@@ -228,7 +228,57 @@ def test_unknown_scheme_names_the_known_ones():
 
 def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="already registered"):
-        schemes.register("fp32", description="again")(lambda w, *, calib=None: None)
+        schemes.register("fp32", spec=schemes.get("fp32").spec, description="again")(lambda w, *, calib=None: None)
+
+
+def test_every_spec_describes_what_its_scheme_stores():
+    """The spec is data tools act on, so it must be what the quantizer does: integer grids
+    store ``bits`` per weight, a zero point exactly when asymmetric, scales of the stated
+    type, one per tensor / row / group; GGML schemes store the stated type; a calibrated
+    method refuses to run without data, the others run without."""
+    w = make_weight((4, 256), seed=8)
+    for name in NAMES:
+        s = schemes.get(name)
+        sp, qt = s.spec, quantize(s, w)
+        if sp.values == "int":
+            assert qt.codes.nbytes * 8 == sp.bits * w.size, name
+            assert (qt.zeros is None) == sp.symmetric, name
+            assert qt.scales.dtype == {"fp16": np.float16, "fp32": np.float32}[sp.scale_dtype], name
+            per = {"tensor": 1, "channel": w.shape[0], "group": w.size // (sp.group_size or 1)}[sp.granularity]
+            assert qt.scales.size == per, name
+        elif sp.values == "ggml":
+            assert qt.meta["ggml_type"] == sp.ggml_type and sp.ggml_type.lower() == name, name
+        else:
+            assert qt.codes.nbytes * 8 >= sp.bits * w.size, name
+        if sp.calibration is not None:
+            refused(name, ValueError, "needs calibration data", s.quantize, w)
+        else:
+            s.quantize(w)
+
+
+def test_a_spec_that_contradicts_its_scheme_is_refused():
+    """Negative controls: fields that do not fit together, and a spec whose activations are
+    not what the registered products do."""
+    with pytest.raises(ValueError, match="group_size is given exactly for granularity 'group'"):
+        schemes.Spec(4, "int", "channel", 128, symmetric=True)
+    with pytest.raises(ValueError, match="symmetric is given exactly for integer grids"):
+        schemes.Spec(4, "float", "block", symmetric=True)
+    with pytest.raises(ValueError, match="Spec.calibration must be one of"):
+        schemes.Spec(4, "int", "tensor", symmetric=True, calibration="magic")
+    k = schemes.get("int4_g128").kernel
+    with pytest.raises(ValueError, match="its products take x as 'q8_0', its spec says 'float'"):
+        schemes.register("x_int4", spec=schemes.Spec(4, "int", "group", 128, symmetric=True), description="x",
+                         kernel=k)
+    assert "x_int4" not in schemes.names()
+
+
+def test_find_selects_by_spec_fields():
+    assert schemes.find(calibration="gptq", bits=4, group_size=64) == ["gptq_int4_g64"]
+    assert schemes.find(ggml_type="Q5_0") == ["q5_0"]
+    assert set(schemes.find(values="int", granularity="group", group_size=32)) == {
+        "int4_g32", "int4_g32_asym", "gptq_int4_g32"}
+    with pytest.raises(ValueError, match="Spec has no field colour"):
+        schemes.find(colour="red")
 
 
 # Row magnitudes at the edges of float32: zero rows, subnormals, the smallest normals,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import njit, prange, types
+from numba import prange, types
 
 from refquant.kernels import _cache, bytedot, threads
 from refquant.kernels.bytedot import Packed, f16_round, quantize_x  # noqa: F401  (the step's x rounding)

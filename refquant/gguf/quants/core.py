@@ -418,13 +418,15 @@ def register_scheme(type_name: str, description: str) -> None:
     """Register ggml type ``type_name`` as the scheme ``type_name.lower()`` (``refquant.schemes``):
     ``quantize_tensor`` with ``error_bound`` as its bound, multiplied on the byte-dot kernels
     when its row has a ``ByteDotLayout``."""
-    from refquant.schemes import register
+    from refquant.schemes import Spec, register
 
     bpw = TYPES[type_name].bits_per_weight
-    fmt = FORMATS.get(type_name)
-    register(type_name.lower(), description=f"GGML {type_name} ({bpw:g} bpw): {description}",
-             bound=lambda w, qt: error_bound(w, qt.codes, type_name),
-             kernel=GGML_KERNEL if fmt is not None and fmt.byte_dot is not None else None)(
+    fmt = FORMATS[type_name]
+    kernel = GGML_KERNEL if fmt.byte_dot is not None else None
+    spec = Spec(int(fmt.levels - 1).bit_length(), "ggml", "block", scale_dtype="ggml",
+                activations="q8_0" if kernel else "float", ggml_type=type_name)
+    register(type_name.lower(), spec=spec, description=f"GGML {type_name} ({bpw:g} bpw): {description}",
+             bound=lambda w, qt: error_bound(w, qt.codes, type_name), kernel=kernel)(
         lambda w, *, calib=None: quantize_tensor(w, type_name))
 
 
