@@ -359,7 +359,7 @@ def test_every_weight_lands_on_the_nearest_point_of_its_block_grid(name, data):
 def test_grid_decodes_through_gguf_py_too():
     """The grid's level v decoded by gguf-py equals ours (the fill is layout, not our decoder)."""
     x = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
-    for name in GRID_TYPES:
+    for name in [n for n in GRID_TYPES if n in BLOCK_TYPES]:   # the types gguf-py decodes
         raw = quants.quantize(x, name)
         g = quants.grid(raw, name, x.shape)
         fmt = quants.FORMATS[name]
