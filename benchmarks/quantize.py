@@ -42,8 +42,12 @@ from benchmarks.machine import interleaved_times
 from refquant.gguf import quants
 from refquant._checks import cli_int
 
-# every compiled quantizer but Q8_K's (an activation format: nothing stores weights in it)
-TYPES = [n for n in quants.quantizable() if n not in ("F32", "F16", "BF16", "Q8_K")]
+def types() -> list[str]:
+    """Every type with a compiled quantizer but Q8_K (an activation format: nothing stores
+    weights in it), in the registry's order."""
+    from refquant.gguf.quants import compiled
+
+    return [n for n in quants.quantizable() if n in compiled.KERNELS and n != "Q8_K"]
 _STUBS = """#include <stddef.h>
 #include <stdlib.h>
 void ggml_abort(const char *f, int l, const char *fmt, ...) { abort(); }
@@ -192,7 +196,7 @@ def run(quick: bool = False, ggml_src: str | None = None, repeats: int = 30) -> 
     x = np.random.default_rng(1).standard_normal((rows, 4096)).astype(np.float32)
     lib, how = build_c(find_ggml(ggml_src))
     print(f"ggml C: {how}")
-    results = [types_row(n, x, lib, repeats) for n in tqdm(TYPES, desc="types", disable=None)]
+    results = [types_row(n, x, lib, repeats) for n in tqdm(types(), desc="types", disable=None)]
     gptq = gptq_row(256 if quick else 4096, 1 if quick else 3)
     cli = None if quick else cli_row()
     return dict(quick=quick, shape=list(x.shape), repeats=repeats, c_build=how, c=lib is not None,
