@@ -389,9 +389,11 @@ def test_every_tensor_of_smollm2_dequantizes_like_gguf_py():
 
 def test_bits_per_weight_match_ggml_comments():
     """Hand-derived from ggml-common.h's block structs."""
-    expected = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q2_K": 2.625, "Q3_K": 3.4375,
-                "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_K": 9.125, "IQ4_NL": 4.5, "IQ4_XS": 4.25, "MXFP4": 4.25}
+    expected = {"Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q8_0": 8.5, "Q8_1": 9.0, "Q2_K": 2.625,
+                "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "Q8_K": 9.125, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+                "MXFP4": 4.25}
     assert {n: quants.TYPES[n].bits_per_weight for n in expected} == expected
+    assert set(expected) == set(quants.quantizable()) - {"F32", "F16", "BF16"}   # every block type, by hand
 
 
 def test_q8_k_bsums_and_scale():

@@ -79,7 +79,7 @@ NBYTES = {
     "int3_g128": lambda o, n: _affine_bytes(o, n, 3, 128, 2),
     # GGML: n / block_size blocks per row, each of the block's byte size (ggml-common.h)
     "q8_0": lambda o, n: o * n // 32 * 34, "q4_0": lambda o, n: o * n // 32 * 18, "q4_1": lambda o, n: o * n // 32 * 20,
-    "q5_0": lambda o, n: o * n // 32 * 22, "q5_1": lambda o, n: o * n // 32 * 24,
+    "q5_0": lambda o, n: o * n // 32 * 22, "q5_1": lambda o, n: o * n // 32 * 24, "q8_1": lambda o, n: o * n // 32 * 36,
     "q2_k": lambda o, n: o * n // 256 * 84, "q3_k": lambda o, n: o * n // 256 * 110,
     "q4_k": lambda o, n: o * n // 256 * 144, "q5_k": lambda o, n: o * n // 256 * 176,
     "q6_k": lambda o, n: o * n // 256 * 210, "iq4_nl": lambda o, n: o * n // 32 * 18,

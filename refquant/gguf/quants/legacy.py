@@ -1,5 +1,9 @@
-"""llama.cpp's first block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32, fp16 scales;
-``quantize_row_q*_ref`` in ggml-quants.c), and the plain BF16 conversion."""
+"""llama.cpp's first block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 (blocks of 32, fp16
+scales; ``quantize_row_q*_ref`` in ggml-quants.c), and the plain BF16 conversion.
+
+Q8_1 is ggml's activation type for Q4_1/Q5_1 dots: Q8_0's codes plus ``s = fp16(d · Σq)``
+(block ``d, s, qs[32]``). ggml defines no decoder for it (no ``to_float`` in its type
+traits); ours is Q8_0's, ``ŵ = d·q``, as the stored fields mean."""
 from __future__ import annotations
 
 import numpy as np
@@ -71,6 +75,17 @@ def _dq8_0(b):
     return b[:, 2:].view(np.int8).astype(np.int32) * f16_value(b[:, :2])[:, None]
 
 
+def _q8_1(x):
+    d = np.abs(x).max(axis=1) / F32(127)
+    q = roundf(x * inv(d)[:, None]).astype(np.int8)
+    s = q.astype(np.int32).sum(axis=1).astype(F32) * d     # C: int sum times float d, in float32
+    return np.concatenate([f16_bytes(d), f16_bytes(s), q.view(np.uint8)], axis=1)
+
+
+def _dq8_1(b):
+    return b[:, 4:].view(np.int8).astype(np.int32) * f16_value(b[:, :2])[:, None]
+
+
 # ----------------------------------------------------------------------------- plain floats
 
 def _bf16(x):
@@ -86,6 +101,10 @@ def _dbf16(b):
 
 def _fields_q8_0(b):
     return {"codes": b[:, 2:], "d": f16_field(b, 0)}
+
+
+def _fields_q8_1(b):   # s (bytes 2-3) is d·Σq, derived: the product does not read it
+    return {"codes": b[:, 4:], "d": f16_field(b, 0)}
 
 
 def _fields_q4(b):   # Q4_0 (d, qs) or Q4_1 (d, m, qs): codes as stored, q + 8 for Q4_0
@@ -116,6 +135,9 @@ register_format("Q5_1", _q5_1, _dq5_1,
 register_format("Q8_0", _q8_0, _dq8_0,
                 levels=256, code_fields=[(2, 34, "byte")], scale_factor=128, fields=_fields_q8_0,
                 byte_dot=ByteDotLayout("s8"))
+register_format("Q8_1", _q8_1, _dq8_1,
+                levels=256, code_fields=[(4, 36, "byte")], scale_factor=128, fields=_fields_q8_1,
+                byte_dot=ByteDotLayout("s8"))
 
 
 # the registered schemes (refquant.schemes) of these types
@@ -124,3 +146,4 @@ register_scheme("Q4_0", "int4, fp16 scale per 32 (absmax -> -8)")
 register_scheme("Q4_1", "uint4, fp16 scale and min per 32")
 register_scheme("Q5_0", "int5, fp16 scale per 32")
 register_scheme("Q5_1", "uint5, fp16 scale and min per 32")
+register_scheme("Q8_1", "int8, fp16 absmax scale and fp16 d·Σq per 32")
