@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(   # the suite's 10-minute budget on 2 cores: 150 examples fitted it (200 took
-    # ~50 s more) until the prefill tile kernels added ~6 s of compilation per layout; 120 since
+settings.register_profile(   # examples per property: the default run must stay within 8 minutes on 2 cores
     "ci", max_examples=120, deadline=None, derandomize=True, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

@@ -114,8 +114,8 @@ def test_messages_from_hostile_files_are_one_short_line(tmp_path, capsys):
 # Every numeric option of every CLI, fed 0, a negative, NaN and a huge value: each one the
 # option does not take ends in argparse's one-line usage error (exit 2), before any work.
 NUMERIC_OPTIONS = [   # (module, the other arguments, option, the values of the four it accepts)
-    ("refquant.__main__", ["export", "in.gguf", "out", "--format", "gptq"], "--bits", ()),
-    ("refquant.__main__", ["export", "in.gguf", "out", "--format", "gptq"], "--group-size", ()),
+    ("refquant.hf.cli", ["export", "in.gguf", "out", "--format", "gptq"], "--bits", ()),
+    ("refquant.hf.cli", ["export", "in.gguf", "out", "--format", "gptq"], "--group-size", ()),
     ("minigpt_np.export", ["m.gguf", "out"], "--group-size", ()),
     ("minigpt_np.export", ["m.gguf", "out"], "--sequences", ()),
     ("minigpt_np.export", ["m.gguf", "out"], "--tokens", ()),
@@ -139,8 +139,8 @@ NUMERIC_OPTIONS = [   # (module, the other arguments, option, the values of the 
 def test_every_numeric_option_is_range_checked(capsys):
     import importlib
 
-    for module, args, option, accepted in NUMERIC_OPTIONS:
-        main_ = importlib.import_module(module).main
+    for module, args, option, accepted in NUMERIC_OPTIONS:   # (the module that defines the option)
+        main_ = importlib.import_module({"refquant.hf.cli": "refquant.__main__"}.get(module, module)).main
         for value in ("0", "-5", "nan", "1" + "0" * 30):
             if value in accepted:
                 continue
