@@ -277,14 +277,14 @@ def error_bound(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes) ---------------------------------------------------------------
 
-def _scheme_bound(w, qt):
+def _scheme_bound(w, qt):  # pragma: no mutate block
     """``error_bound`` (with slack for the float32 division that picks the code) plus the
     float32 rounding of ``ŵ = s·q`` itself, up to half an ulp of ``ŵ``: at an exact tie
     (w = (q + ½)·s) the two add up."""
     return error_bound(qt) * (1 + 2**-20) + np.abs(dequantize(qt)) * 2.0**-24
 
 
-def _int(bits, granularity, sym, group_size=None, kernel=True):
+def _int(bits, granularity, sym, group_size=None, kernel=True):  # pragma: no mutate block
     """The spec of an RTN integer preset: fp16 scales for groups, fp32 otherwise; the byte-dot
     kernels take symmetric INT8 (w·sign(x) needs no zero point) and every INT4 group grid."""
     return Spec(bits, "int", granularity, group_size, symmetric=sym, scale_dtype="fp16" if group_size else "fp32",
@@ -312,7 +312,7 @@ def quantize_spec(w: np.ndarray, spec: Spec, *, scheme: str | None = None) -> Qu
                     scheme=scheme)
 
 
-def describe(spec: Spec) -> str:
+def describe(spec: Spec) -> str:  # pragma: no mutate block
     """A one-line description of an integer spec."""
     kind = "symmetric" if spec.symmetric else "asymmetric (uint8 zero point)"
     where = {"tensor": "one fp32 scale per tensor", "channel": "one fp32 scale per output channel",

@@ -263,7 +263,7 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
 
 # --- schemes (refquant.schemes; calib = inputs X (tokens, in) or LayerStats) -------------------
 
-def _gptq(bits, group_size=None, act_order=False):
+def _gptq(bits, group_size=None, act_order=False):  # pragma: no mutate block
     """The spec of a GPTQ preset (symmetric, fp16 scales; ``group_size`` None: one per row).
     Without act-order the codes are plain affine groups: the byte-dot kernels multiply them."""
     return Spec(bits, "int", "group" if group_size else "channel", group_size, symmetric=True, scale_dtype="fp16",

@@ -396,3 +396,46 @@ def test_default_names_and_recorded_layout():
         assert qt.scheme == name and qt.meta["axis"] == axis and qt.meta["group_size"] == group
         assert qt.meta["kind"] == "affine" and qt.meta["padded_shape"] == (2, 8)
     assert affine.quantize(w, scheme="mine").scheme == "mine"
+
+
+def test_presets_state_what_they_are_by_hand():
+    """Each branch of the preset table, written out by hand: scale type by granularity,
+    the byte-dot kernels' reach (symmetric INT8, every INT4 group grid; not INT3 or
+    asymmetric INT8), and the description a user reads."""
+    from refquant import schemes
+    from refquant.schemes import Spec
+
+    want = {
+        "int8_tensor": (Spec(8, "int", "tensor", None, True, "fp32", None, "q8_0"),
+                        "INT8 symmetric, one fp32 scale per tensor"),
+        "int8_channel_asym": (Spec(8, "int", "channel", None, False, "fp32", None, "float"),
+                              "INT8 asymmetric (uint8 zero point), one fp32 scale per output channel"),
+        "int4_g64_asym": (Spec(4, "int", "group", 64, False, "fp16", None, "q8_0"),
+                          "INT4 asymmetric (uint8 zero point), fp16 scale per group of 64 inputs"),
+        "int3_g128": (Spec(3, "int", "group", 128, True, "fp16", None, "float"),
+                      "INT3 symmetric, fp16 scale per group of 128 inputs"),
+    }
+    for name, (spec, description) in want.items():
+        assert affine.PRESETS[name] == spec, name
+        assert schemes.get(name).spec == spec and schemes.get(name).description == description, name
+    assert len(affine.PRESETS) == 11
+
+
+def test_quantize_spec_passes_the_spec_s_fields():
+    """``quantize_spec`` is ``quantize`` with the spec's arguments, written out by hand."""
+    from refquant.schemes import Spec
+
+    w = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
+    cases = [(Spec(4, "int", "group", 64, symmetric=False, scale_dtype="fp16"),
+              dict(bits=4, sym=False, granularity="group", group_size=64, scale_dtype=np.float16)),
+             (Spec(8, "int", "channel", symmetric=True, scale_dtype="fp32"),
+              dict(bits=8, sym=True, granularity="channel", axis=0, scale_dtype=np.float32)),
+             (Spec(3, "int", "tensor", symmetric=True, scale_dtype="fp16"),
+              dict(bits=3, sym=True, granularity="tensor", scale_dtype=np.float16))]
+    for spec, kw in cases:
+        a, b = affine.quantize_spec(w, spec, scheme="s"), affine.quantize(w, scheme="s", **kw)
+        assert a.meta == b.meta, spec
+        for x, y in ((a.codes, b.codes), (a.scales, b.scales), (a.zeros, b.zeros)):
+            assert (x is None and y is None) or (x.dtype == y.dtype and np.array_equal(x, y)), spec
+    with pytest.raises(ValueError, match="not an affine integer spec"):
+        affine.quantize_spec(w, Spec(4, "codebook", "block"))

@@ -33,6 +33,10 @@ def test_nibble_order_golden():
     np.testing.assert_array_equal(packing.pack(np.arange(8), 3), [0x88, 0xC6, 0xFA])
     # 2-bit: four per byte from the low bits
     np.testing.assert_array_equal(packing.pack(np.array([3, 0, 1, 2]), 2), [0b10010011])
+    # and back: unsigned by default (0xF is 15), two's complement when asked (0xF is -1)
+    u = packing.unpack(np.array([0x21, 0x0F, 0x07], np.uint8), 4, 5)
+    assert u.dtype == np.uint8 and u.tolist() == [1, 2, 15, 0, 7]
+    assert packing.unpack(np.array([0x8F], np.uint8), 4, 2, signed=True).tolist() == [-1, -8]
 
 
 @st.composite

@@ -38,7 +38,10 @@ def run(module: str, tests: list[str], workdir: Path) -> dict:
                    f"only_mutate = refquant/{module}.py\n"
                    "pytest_add_cli_args_test_selection =\n" + "".join(f"    {t}\n" for t in tests)
                    + "pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -x\n    -q\n")
-    env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", PYTHONPATH=str(copy))
+    # mutmut forks a child per mutant from a process that has run the tests: numba's OpenMP
+    # threading layer aborts such children ("fork() called from a process already using GNU
+    # OpenMP"), which mutmut counts as "suspicious"; its workqueue layer survives a fork
+    env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", PYTHONPATH=str(copy), NUMBA_THREADING_LAYER="workqueue")
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "2"], cwd=copy, env=env, check=False)
     out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=copy, env=env,
                          capture_output=True, text=True).stdout
