@@ -124,17 +124,23 @@ def minigpt_decode(repeats: int, schemes=("fp32", "int8_channel", "int4_g128")) 
     return rows
 
 
-def smollm2_dots() -> list[dict]:
+def smollm2_dots(here: dict | None = None) -> list[dict]:
     """SmolLM2 decode per GGUF type on the compiled step, from ``benchmarks/results/decode.json``
-    (``python -m benchmarks.decode``; both cores): weight bytes read per token and GFLOP/s."""
+    (``python -m benchmarks.decode``; both cores): weight bytes read per token and GFLOP/s.
+    A file measured on another CPU than ``here`` (``machine()``) gives dots marked
+    ``other_host`` and labelled with that CPU: they do not belong under this machine's roof."""
     try:
         data = common.read_json("decode")
     except FileNotFoundError:
         return []
     flops = data.get("flops_per_token")
-    return [dict(label=f"SmolLM2 {r['type']}: {r['decode_tokens_per_s']:.0f} tok/s, {r['gbs']:.1f} GB/s",
+    cpu = data.get("machine", {}).get("cpu") or "an unrecorded CPU"
+    other = cpu != (here or machine()).get("cpu")
+    where = " (other host)" if other else ""
+    return [dict(label=f"SmolLM2 {r['type']}: {r['decode_tokens_per_s']:.0f} tok/s, {r['gbs']:.1f} GB/s{where}",
                  type=r["type"], tokens_per_s=r["decode_tokens_per_s"], weight_bytes=r["weight_bytes"],
-                 intensity=flops / r["weight_bytes"], gflops=flops * r["decode_tokens_per_s"] / 1e9)
+                 intensity=flops / r["weight_bytes"], gflops=flops * r["decode_tokens_per_s"] / 1e9,
+                 other_host=other, host=cpu)
             for r in data.get("results", []) if r.get("engine") == "compiled" and flops]
 
 
@@ -179,13 +185,17 @@ def plot(data: dict, path) -> None:
                     xytext=(-6, 4) if i == 0 else (6, 4 if i % 2 == 0 else -12), ha="right" if i == 0 else "left")
     smol = sorted(data.get("smollm2_dots", []), key=lambda d: -d["gflops"])
     for i, d in enumerate(smol):   # labels stacked in a column to the right of the kernels' dots
-        ax.scatter(d["intensity"], d["gflops"], marker="P", s=90, zorder=4, color="tab:red", edgecolor="k", lw=0.5)
-        ax.annotate(d["label"], (d["intensity"], d["gflops"]), xytext=(12, 120 / 1.3 ** i), textcoords="data",
+        ax.scatter(d["intensity"], d["gflops"], marker="P", s=90, zorder=4, lw=0.5 if not d.get("other_host") else 1.2,
+                   color="tab:red" if not d.get("other_host") else "none", edgecolor="k" if not d.get("other_host")
+                   else "tab:red")   # hollow: measured on another host
+        ax.annotate(d["label"], (d["intensity"], d["gflops"]), xytext=(7, 220 / 1.3 ** i), textcoords="data",
                     fontsize=7, color="tab:red", arrowprops=dict(arrowstyle="-", color="tab:red", lw=0.4, alpha=0.6))
     if data.get("smollm2_dots"):
-        ax.scatter([], [], marker="P", color="tab:red", edgecolor="k", lw=0.5,
-                   label="SmolLM2-135M decode, compiled step, 2 threads (benchmarks.decode): GB/s = weight bytes per "
-                         "token x tokens/s")
+        away = smol[0].get("other_host")
+        ax.scatter([], [], marker="P", color="none" if away else "tab:red", edgecolor="tab:red" if away else "k",
+                   lw=0.5, label="SmolLM2-135M decode, compiled step, 2 threads (benchmarks.decode): GB/s = weight "
+                                 "bytes per token x tokens/s" + (f"; hollow: measured on another host, "
+                                                                 f"{smol[0]['host']}" if away else ""))
         ax.scatter([], [], marker="*", color="0.3", label="MiniGPT decode, compiled step, 1 thread: fits in L3, "
                                                             "not bandwidth-bound")
     ax.set_xscale("log")

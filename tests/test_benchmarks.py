@@ -35,6 +35,21 @@ def test_roofline_quick(out_dirs):
     assert (out_dirs / "figures" / "roofline.png").stat().st_size > 10_000
 
 
+def test_smollm2_dots_from_another_host_are_marked_as_such(out_dirs):
+    """The roofline places SmolLM2's decode from decode.json; measured on another CPU, its
+    dots say so (label and ``other_host``) instead of passing for this machine's."""
+    from benchmarks import roofline
+
+    (out_dirs / "results").mkdir()
+    row = dict(engine="compiled", type="Q4_0", decode_tokens_per_s=250.0, gbs=19.0, weight_bytes=76_000_000)
+    for cpu, other in (("CPU A (family 25, model 17)", False), ("CPU B (family 26, model 2)", True)):
+        common.write_json("decode", dict(machine=dict(cpu=cpu), flops_per_token=2.7e8,
+                                         results=[row, dict(row, engine="numpy")]))
+        (d,) = roofline.smollm2_dots(here=dict(cpu="CPU A (family 25, model 17)"))
+        assert d["other_host"] is other and d["host"] == cpu
+        assert ("(other host)" in d["label"]) is other and d["gflops"] == pytest.approx(2.7e8 * 250 / 1e9)
+
+
 def test_kernels_quick(out_dirs):
     from benchmarks import kernels
     kernels.main(["--quick"])
