@@ -223,9 +223,12 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
         rows.append(row)
     speed = {(r["engine"], r["type"]): r["decode_tokens_per_s"] for r in rows}
     f32 = speed.get(("compiled", "F32"))    # --quick: the shipped file only
+    f32_gbs = next((r["gbs"] for r in rows if (r["engine"], r["type"]) == ("compiled", "F32")), None)
     for r in rows:
         r["x_compiled_f32"] = r["decode_tokens_per_s"] / f32 if f32 else None
         r["x_numpy_f32"] = r["decode_tokens_per_s"] / speed[("numpy", "f32")]
+        if "gbs" in r and f32_gbs:   # the share of the F32 step's read rate (issue 39: >= 75% each)
+            r["gbs_share_of_f32"] = r["gbs"] / f32_gbs
     weights = {id(v): v.shape[0] * v.shape[1] for v in pf.values() if isinstance(v, Linear)}  # head tied: once
     return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, prompt_tokens=len(long_prompt),
                 new_tokens=n, rounds=rounds, machine=common.machine(), tier=bytedot.backend(),

@@ -189,22 +189,22 @@ def decode_section(data: dict) -> str:
            "`compiled` is `minigpt_np.compiled.Llama` (every layer in one numba call per token, byte-dot "
            "kernels on the stored blocks, F32 on a float32 kernel); `numpy` is the reference `llama.forward`.",
            "", "| engine | type | weights read per token | prompt tokens/s | decode tokens/s | × compiled F32 | "
-           "× NumPy f32 | weight GB/s | per token: products / attention / rest (ms) |",
+           "× NumPy f32 | weight GB/s (share of F32's) | per token: products / attention / rest (ms) |",
            "|---|---|---|---|---|---|---|---|---|"]
+    f32 = next(r for r in comp if r["type"] == "F32")
     for r in rows:
         mb = f"{r['weight_bytes'] / 1e6:.0f} MB" if "weight_bytes" in r else ""
-        gbs = f"{r['gbs']:.1f}" if "gbs" in r else ""
+        gbs = f"{r['gbs']:.1f} ({100 * r['gbs'] / f32['gbs']:.0f}%)" if "gbs" in r else ""
         b = r.get("breakdown_ms")
         parts = f"{b['products']:.2f} / {b['attention']:.2f} / {b['rest']:.2f}" if b else ""
         out.append(f"| {r['engine']} | {r['type']} | {mb} | {r['prompt_tokens_per_s']:.0f} "
                    f"({r['prompt_p90_tokens_per_s']:.0f}) | "
                    f"{r['decode_tokens_per_s']:.1f}{p90(r)} | {r['x_compiled_f32']:.2f} | {r['x_numpy_f32']:.2f} | {gbs} | "
                    f"{parts} |")
-    f32 = next(r for r in comp if r["type"] == "F32")
     out += ["", f"Decode speed follows the bytes read: {f32['weight_bytes'] / 1e6:.0f} MB of F32 weights per "
             f"token at {f32['gbs']:.1f} GB/s, against "
-            + ", ".join(f"{r['weight_bytes'] / 1e6:.0f} MB for {r['type']} ({r['gbs']:.1f} GB/s)"
-                        for r in comp if r["type"] != "F32")
+            + ", ".join(f"{r['weight_bytes'] / 1e6:.0f} MB for {r['type']} ({r['gbs']:.1f} GB/s, "
+                        f"{100 * r['gbs'] / f32['gbs']:.0f}% of F32's)" for r in comp if r["type"] != "F32")
             + ". The quantized steps read below F32's pace, the 4-bit ones well below: their weight products "
             "are bound more by the kernels' work per row (SmolLM2's rows are 576 or 1536 wide, so the per-row "
             "part of the work counts) than by memory, which is why their ratio to F32 moves from run to run "
