@@ -210,27 +210,48 @@ def test_q8_0_block_by_hand():
 
 
 def test_layout_golden():
-    """By hand: block 2p's code j in the low nibble of byte 32p + j, block 2p+1's in the high
-    nibble; bit 4 of code j of block b at bit j % 8 of plane byte 4b + j // 8."""
-    codes = np.zeros((1, 64), np.uint8)
-    codes[0, 3] = 0x15        # block 0, code 3: nibble 5, bit 4 set
-    codes[0, 32 + 9] = 0x1A   # block 1, code 9: nibble 10, bit 4 set
+    """By hand (``Packed``'s docstring): rows interleaved in groups of 8; byte
+    ``128b + 32p + 4r + k`` holds weight ``4p + k`` of row r's block b in its low nibble and
+    weight ``16 + 4p + k`` in its high one; bit 4 of those 32 codes in the 4 plane bytes at
+    ``32b + 8p + 4h`` (h: low/high nibble), bit ``4r + k``; scales at ``[g, 8j + r]``."""
+    codes = np.zeros((9, 64), np.uint8)
+    codes[0, 3] = 0x15         # row 0, block 0, weight 3: p 0, k 3, low nibble 5, bit 4 set
+    codes[2, 32 + 21] = 0x1A   # row 2, block 1, weight 21 = 16 + 4*1 + 1: p 1, k 1, high nibble 10, bit 4
+    codes[8, 6] = 0x07         # row 8: group 1, row 0; weight 6: p 1, k 2
     bd = kernels.bytedot
-    p = bd.pack_codes(codes, "u5", 64, d=np.ones((1, 2), np.uint16), dshift=0, offset=bd.OFFSET_NONE)
-    expect = np.zeros(32, np.uint8)
-    expect[3], expect[9] = 0x05, 0xA0
-    np.testing.assert_array_equal(p.qs[0], expect)
-    planes = np.zeros(8, np.uint8)
-    planes[0] = 1 << 3         # block 0: bit 3 of byte 0
-    planes[4 + 1] = 1 << 1     # block 1: code 9 -> byte 1, bit 1
-    np.testing.assert_array_equal(p.qh[0], planes)
-    assert p.nbytes == 32 + 8 + 2 * 2
+    d = np.arange(18, dtype=np.uint16).reshape(9, 2)
+    p = bd.pack_codes(codes, "u5", 64, d=d, dshift=0, offset=bd.OFFSET_NONE)
+    assert p.qs.shape == (2, 256) and p.qh.shape == (2, 64) and p.d.shape == (2, 16)
+    expect = np.zeros((2, 256), np.uint8)
+    expect[0, 3] = 0x05
+    expect[0, 128 + 32 + 8 + 1] = 0xA0
+    expect[1, 32 + 2] = 0x07
+    np.testing.assert_array_equal(p.qs, expect)
+    planes = np.zeros((2, 64), np.uint8)
+    planes[0, 0] = 1 << 3                   # block 0, p 0, low: bit 3 (r 0, k 3), byte 0
+    planes[0, 32 + 8 + 4 + 1] = 1 << 1      # block 1, p 1, high: bit 4*2 + 1 = 9 -> byte 1, bit 1
+    np.testing.assert_array_equal(p.qh, planes)
+    dexp = np.zeros((2, 16), np.uint16)
+    for r in range(9):
+        for j in range(2):
+            dexp[r // 8, 8 * j + r % 8] = d[r, j]
+    np.testing.assert_array_equal(p.d, dexp)
+    assert p.nbytes == 2 * (256 + 64 + 32)
+    s8 = bd.pack_codes(np.arange(-32, 32, dtype=np.int8).reshape(2, 32), "s8", 32, d=np.ones((2, 1), np.float32),
+                       dshift=30, offset=bd.OFFSET_NONE)
+    got = s8.qs.view(np.int8).reshape(8, 8, 4)      # [j, r, k]: weight 4j + k of row r
+    np.testing.assert_array_equal(got[:, 0], np.arange(-32, 0).reshape(8, 4))
+    np.testing.assert_array_equal(got[:, 1], np.arange(0, 32).reshape(8, 4))
+    assert not got[:, 2:].any()
+    lg = p.logical()
+    np.testing.assert_array_equal(lg["codes"], codes)
+    np.testing.assert_array_equal(lg["d"], d)
 
 
 def test_repacked_bytes_are_the_formats_bits_per_weight():
-    """What a matvec reads, per weight, by hand: Q4_0 4 + 16/32; Q4_K 4 + (2+2+8+8)·8/256;
-    Q6_K 6 + (2 + 16)·8/256; INT4 g128 4 + 16/128; Q8_0 8 + 16/32."""
-    w = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    """What a matvec reads, per weight, by hand (rows a whole group of 8): Q4_0 4 + 16/32;
+    Q4_K 4 + (2+2+8+8)·8/256; Q6_K 6 + (2 + 16)·8/256; INT4 g128 4 + 16/128; Q8_0 8 + 16/32."""
+    w = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
     expect = {"q4_0": 4.5, "q4_k": 4.625, "q6_k": 6.5625, "int4_g128": 4.125, "q8_0": 8.5, "q5_0": 5.5}
     for name, bpw in expect.items():
         _, qt = _quantize(name, w)

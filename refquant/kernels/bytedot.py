@@ -8,8 +8,9 @@ rounded to llama.cpp's Q8_0. The jobs live in their own modules:
 
 * ``layout``: the repacked weights (``Packed``, ``pack_*``), the one Q8_0 rounder of x
   (``quantize_x``) and ``reference``, the plain-loop definition of the result;
-* ``rows`` (one token at a time, and the ``numba`` tier) and ``tiles`` (prefill: 2 rows x
-  4 tokens per pass): the kernel builders, one compilation per layout and tier;
+* ``rows`` (one token at a time, and the ``numba`` tier) and ``tiles`` (prefill: four
+  tokens per pass), both on the 8-row interleaved layout: the kernel builders, one
+  compilation per layout and tier;
 * ``threads``: the parallel part they share, reached by address.
 
 The result is ``Ŵ x̂`` -- the dequantized weight times the Q8_0-rounded x -- up to float32
@@ -34,10 +35,10 @@ import numpy as np
 from refquant._checks import float_array
 from refquant.kernels import MAX_BATCH
 from refquant.kernels.layout import (  # noqa: F401  (the kernels' API: layout, packers, x rounding)
-    OFFSET_CONST, OFFSET_MIN, OFFSET_NONE, Q8_0_MAX_ABS, Packed, _log2_blocks, _pad_cols, blocks_of_rows, f16_round,
-    pack_affine, pack_codes, pack_fields, quantize_x, quantize_x_q8_0, reference,
+    OFFSET_CONST, OFFSET_MIN, OFFSET_NONE, Q8_0_MAX_ABS, ROWS, Packed, _log2_blocks, _pad_cols, blocks_of_rows,
+    concat_rows, f16_round, pack_affine, pack_codes, pack_fields, quantize_x, quantize_x_q8_0, reference,
 )
-from refquant.kernels.rows import PREFETCH_BYTES, _build  # noqa: F401
+from refquant.kernels.rows import _build
 from refquant.kernels.tiles import TILE_MIN_M, _build_tiles
 
 TIERS = ("vnni", "avx2", "numba")

@@ -14,11 +14,15 @@ and x is rounded once per call to llama.cpp's Q8_0 (``quantize_x``: per block of
     y_r = Σ_b d_x,b · ( d_b · Σ_{i∈b} u_i x_q,i  +  m_b · S_b )
 
 ``reference`` is that sum in plain loops (float64), the readable twin every tier is tested
-against. ``Packed`` holds the repacked weights: codes of two consecutive blocks share 32
-bytes (block 2p in the low nibbles, block 2p+1 in the high ones), 5- and 6-bit codes add
-one or two bit planes of 4 bytes per block, 8-bit codes are stored as they are; scales
-stay in their stored width (fp16, uint8 sub-scales), so a kernel reads the format's own
-bits per weight. ``pack_*`` build it once per tensor; stored bytes never change.
+against. ``Packed`` holds the repacked weights, **eight rows interleaved** (``Packed``'s
+docstring has the byte order): one 32-byte load holds four consecutive codes of each of
+eight rows, so a byte dot against four bytes of x broadcast to every lane gives each of
+eight int32 lanes one row's partial sum. A block of eight rows is then eight byte dots,
+one convert and one multiply-add by the eight rows' scales (one load), and a row's result
+is a lane: no horizontal sum, no per-row scale pass. (llama.cpp repacks Q4_0 and Q4_K
+into 8-row blocks for the same reason: ``ggml-cpu/repack.cpp``.) Scales stay in their
+stored width (fp16, uint8 sub-scales), so a kernel reads the format's own bits per weight.
+``pack_*`` build it once per tensor; stored bytes never change.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ _OFFSETS = {"none": OFFSET_NONE, "const": OFFSET_CONST, "min": OFFSET_MIN}   # B
 # Q8_0 stores d_x = max|x|/127 as fp16: beyond 65504 it would be Inf (llama.cpp's too)
 Q8_0_MAX_ABS = 65504.0 * 127
 _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
+ROWS = 8          # rows interleaved per group
+_PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}
 
 
 # --- the repacked form ---------------------------------------------------------------
@@ -48,10 +54,21 @@ class Packed:
             =  m[r, b >> mshift] · (mn[r, b >> mnshift] if mn is given)   (offset "min")
         ŵ_i = d_b · u_i + m_b
 
-    ``kind``: ``"s8"`` (int8 codes, ``qs`` int8 (rows, nb·32)), ``"u4"``/``"u5"``/``"u6"``
-    (nibbles ``qs`` uint8 (rows, nb·16) plus 1 or 2 bit planes ``qh`` (rows, nb·4·planes)).
-    ``sub16``: Q6_K's int8 sub-scale per 16 weights (``sc`` int8 (rows, 2·nb)).
-    Rows are zero-padded to ``nb`` blocks: whole block pairs and whole scale groups.
+    ``kind``: ``"s8"`` (int8 codes), ``"u4"``/``"u5"``/``"u6"`` (nibbles plus 1 or 2 bit
+    planes). ``sub16``: Q6_K's int8 sub-scale per 16 weights (``sc`` has ``2·nb`` columns).
+    Rows are zero-padded to whole groups of ``ROWS`` = 8 and to ``nb`` blocks (whole scale
+    groups); ``logical()`` gives the fields above as (rows, columns) arrays.
+
+    Stored per group ``g`` of rows 8g..8g+7 (``r`` below is the row within the group):
+
+    * ``qs[g]``, u4/u5/u6: 128 bytes per block ``b``; byte ``128b + 32p + 4r + k``
+      (p, k < 4) holds weight ``4p + k`` of the block in its low nibble and weight
+      ``16 + 4p + k`` in its high one. s8: 256 bytes per block, byte ``256b + 32j + 4r + k``
+      (j < 8) is weight ``4j + k``.
+    * ``qh[g]``: per block ``32·planes`` bytes; the 4 bytes at ``32·planes·b + 32q + 8p + 4h``
+      are bit ``4 + q`` of the 32 codes whose nibbles load ``p`` holds in its low (h = 0) or
+      high (h = 1) nibbles, in byte order (bit ``4r + k``).
+    * ``d``, ``sc``, ``m``, ``mn``: column ``j`` of the eight rows at ``[g, 8j : 8j + 8]``.
     """
 
     kind: str
@@ -76,10 +93,20 @@ class Packed:
         arrays = [self.qs, self.qh, self.d, self.sc, self.m, self.mn]
         return int(sum(a.nbytes for a in arrays if a is not None))
 
+    def logical(self) -> dict:
+        """The fields of the docstring's formulas as (rows, columns) arrays: ``codes``
+        (rows, nb·32; int8 for s8, else uint8) and ``d``, ``sc``, ``m``, ``mn`` (None
+        where absent) -- what ``pack_codes`` took, zero-padded to ``nb`` blocks."""
+        rows = self.shape[0]
+        out = {f: None if getattr(self, f) is None else _from_groups(getattr(self, f), rows)
+               for f in ("d", "sc", "m", "mn")}
+        out["codes"] = _codes(self)
+        return out
+
 
 def _blocks_padded(n: int, dshift: int) -> int:
-    """Blocks of 32 per row, padded to a whole number of block pairs and of scale groups."""
-    unit = 2 if dshift >= _ROW_SHIFT else max(2, 1 << dshift)
+    """Blocks of 32 per row, padded to a whole number of scale groups."""
+    unit = 1 if dshift >= _ROW_SHIFT else 1 << dshift
     return -(-n // (32 * unit)) * unit
 
 
@@ -89,6 +116,26 @@ def _pad_cols(a: np.ndarray, cols: int) -> np.ndarray:
     out = np.zeros((a.shape[0], cols), a.dtype)
     out[:, : a.shape[1]] = a
     return out
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    if a.shape[0] == rows:
+        return a
+    out = np.zeros((rows,) + a.shape[1:], a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+def _to_groups(a: np.ndarray) -> np.ndarray:
+    """(rows, cols) -> (groups, cols·8): column j of rows 8g..8g+7 at ``[g, 8j : 8j+8]``."""
+    G = -(-a.shape[0] // ROWS)
+    a = _pad_rows(a, ROWS * G)
+    return np.ascontiguousarray(a.reshape(G, ROWS, -1).transpose(0, 2, 1).reshape(G, -1))
+
+
+def _from_groups(a: np.ndarray, rows: int) -> np.ndarray:
+    G = a.shape[0]
+    return np.ascontiguousarray(a.reshape(G, -1, ROWS).transpose(0, 2, 1).reshape(G * ROWS, -1)[:rows])
 
 
 def _scale_cols(nb: int, shift: int) -> int:
@@ -101,28 +148,55 @@ def _f16_bits(a: np.ndarray) -> np.ndarray:
 
 def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: int, c: int = 0, sc=None,
                m=None, mshift: int = 0, mn=None, mnshift: int = 0, sub16: bool = False) -> Packed:
-    """Repack integer codes ``uint8[rows, ≥n]`` (``int8`` for ``"s8"``) with their scale fields."""
+    """Repack integer codes ``uint8[rows, ≥n]`` (``int8`` for ``"s8"``) with their scale fields
+    (each ``[rows, columns]``, as the ``Packed`` docstring's formulas index them)."""
     rows = codes.shape[0]
     nb = _blocks_padded(n, dshift)
     if m is not None and mshift != dshift or mn is not None and mnshift not in (0, dshift):
         raise ValueError("the min field must share the scale's blocks (mshift == dshift, mnshift 0 or dshift)")
+    G = -(-rows // ROWS)
     if kind == "s8":
-        qs = _pad_cols(np.ascontiguousarray(codes[:, :n]).view(np.int8), nb * 32)
-        if np.any(qs == -128):   # w·sign(x) must not wrap: ggml's Q8_0 and INT8 codes lie in [-127, 127]
+        q = _pad_rows(_pad_cols(np.ascontiguousarray(codes[:, :n]).view(np.int8), nb * 32), ROWS * G)
+        if np.any(q == -128):   # w·sign(x) must not wrap: ggml's Q8_0 and INT8 codes lie in [-127, 127]
             raise ValueError("int8 code -128 found: the byte-dot kernels take 8-bit codes in [-127, 127] "
                              "(what ggml's Q8_0 and refquant's INT8 quantizers write)")
-        qh = np.zeros((rows, 0), np.uint8)
+        # [g, r, b, j, k] -> [g, b, j, r, k]
+        qs = q.reshape(G, ROWS, nb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(G, nb * 256)
+        qh = np.zeros((G, 0), np.uint8)
     else:
-        bits = {"u4": 4, "u5": 5, "u6": 6}[kind]
-        u = _pad_cols(np.ascontiguousarray(codes[:, :n], np.uint8), nb * 32).reshape(rows, nb // 2, 2, 32)
-        qs = ((u[:, :, 0] & 15) | ((u[:, :, 1] & 15) << 4)).reshape(rows, nb * 16)
-        planes = [np.packbits((u >> k) & 1, axis=-1, bitorder="little").reshape(rows, nb, 1, 4)
-                  for k in range(4, bits)]
-        qh = np.concatenate(planes, axis=2).reshape(rows, -1) if planes else np.zeros((rows, 0), np.uint8)
-    scols = lambda a, sh, per=1: None if a is None else _pad_cols(a, per * _scale_cols(nb, sh))  # noqa: E731
-    return Packed(kind, (rows, n), nb, np.ascontiguousarray(qs), np.ascontiguousarray(qh), scols(d, dshift),
-                  int(dshift), int(offset), int(c), scols(sc, 0, 2 if sub16 else 1), scols(m, mshift),
-                  int(mshift), scols(mn, mnshift), int(mnshift), bool(sub16))
+        planes = _PLANES[kind]
+        u = _pad_rows(_pad_cols(np.ascontiguousarray(codes[:, :n], np.uint8), nb * 32), ROWS * G)
+        u = u.reshape(G, ROWS, nb, 2, 4, 4).transpose(0, 2, 4, 3, 1, 5)     # [g, b, p, h, r, k]
+        qs = ((u[:, :, :, 0] & 15) | ((u[:, :, :, 1] & 15) << 4)).reshape(G, nb * 128)
+        bits = [np.packbits(((u >> (4 + q)) & 1).reshape(G, nb, 4, 2, 32), axis=-1, bitorder="little")
+                .reshape(G, nb, 1, 4, 2, 4) for q in range(planes)]          # [g, b, q, p, h, 4 bytes]
+        qh = np.concatenate(bits, axis=2).reshape(G, -1) if bits else np.zeros((G, 0), np.uint8)
+
+    def scales(a, sh, per=1):
+        return None if a is None else _to_groups(_pad_cols(np.asarray(a), per * _scale_cols(nb, sh)))
+    return Packed(kind, (rows, n), nb, np.ascontiguousarray(qs), np.ascontiguousarray(qh), scales(d, dshift),
+                  int(dshift), int(offset), int(c), scales(sc, 0, 2 if sub16 else 1), scales(m, mshift),
+                  int(mshift), scales(mn, mnshift), int(mnshift), bool(sub16))
+
+
+def concat_rows(parts: list[Packed]) -> Packed:
+    """Row-stack ``Packed`` weights of one layout (rows are independent in every layout):
+    their groups when every part's rows fill whole groups, else repacked."""
+    import dataclasses
+
+    p0 = parts[0]
+    if len(parts) == 1:
+        return p0
+    rows = sum(p.shape[0] for p in parts)
+    if all(p.shape[0] % ROWS == 0 for p in parts):
+        cat = {f: None if getattr(p0, f) is None else np.concatenate([getattr(p, f) for p in parts])
+               for f in ("qs", "qh", "d", "sc", "m", "mn")}
+        return dataclasses.replace(p0, shape=(rows, p0.shape[1]), **cat)
+    logical = [p.logical() for p in parts]
+    cat = {f: None if logical[0][f] is None else np.concatenate([lg[f] for lg in logical])
+           for f in ("codes", "d", "sc", "m", "mn")}
+    return pack_codes(cat.pop("codes"), p0.kind, p0.shape[1], dshift=p0.dshift, offset=p0.offset, c=p0.c,
+                      mshift=p0.mshift, mnshift=p0.mnshift, sub16=p0.sub16, **cat)
 
 
 def _log2_blocks(group: int) -> int:
@@ -251,18 +325,22 @@ def blocks_of_rows(xq: np.ndarray, scale: np.ndarray, nb: int):
 
 
 def _codes(p: Packed) -> np.ndarray:
-    """The codes ``u`` (rows, nb·32) of ``p``: int8 as stored, or nibbles plus bit planes."""
+    """The codes ``u`` (rows, nb·32) of ``p`` (int8 for s8, else uint8): the ``Packed``
+    docstring's byte order undone."""
     rows, nb = p.shape[0], p.nb
+    G = p.qs.shape[0]
     if p.kind == "s8":
-        return p.qs.astype(np.int64)
-    pairs = p.qs.reshape(rows, nb // 2, 32)
-    u = np.stack([pairs & 15, pairs >> 4], axis=2).reshape(rows, nb, 32).astype(np.int64)
-    planes = {"u4": 0, "u5": 1, "u6": 2}[p.kind]
+        u = p.qs.reshape(G, nb, 8, ROWS, 4).transpose(0, 3, 1, 2, 4)       # [g, r, b, j, k]
+        return np.ascontiguousarray(u.reshape(G * ROWS, nb * 32)[:rows])
+    planes = _PLANES[p.kind]
+    by = p.qs.reshape(G, nb, 4, ROWS, 4)                                # [g, b, p, r, k]
+    u = np.stack([by & 15, by >> 4], axis=3)                            # [g, b, p, h, r, k]
     if planes:
-        bits = np.unpackbits(p.qh.reshape(rows, nb, planes, 4), axis=-1, bitorder="little")
-        for k in range(planes):
-            u |= bits[:, :, k, :].astype(np.int64) << (4 + k)
-    return u.reshape(rows, nb * 32)
+        bits = np.unpackbits(p.qh.reshape(G, nb, planes, 4, 2, 4), axis=-1, bitorder="little")
+        for q in range(planes):                                         # [g, b, p, h, (r, k)]
+            u |= bits[:, :, q].reshape(G, nb, 4, 2, ROWS, 4) << (4 + q)
+    u = u.transpose(0, 4, 1, 3, 2, 5)                                   # [g, r, b, h, p, k]
+    return np.ascontiguousarray(u.reshape(G * ROWS, nb * 32)[:rows])
 
 
 def _f16(a) -> np.ndarray:
@@ -272,27 +350,30 @@ def _f16(a) -> np.ndarray:
 
 def reference(p: Packed, xq: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """``y[t, r] = Σ_b d_x,b (d_b Σ_{i∈b} u_i x_q,i + m_b S_b)`` in plain loops over blocks,
-    float64, from the ``Packed`` fields as its docstring defines them (Q6_K: ``d_b`` per 16
-    weights). ``xq`` (M, nb·32) int8 and ``dx`` (M, nb): ``quantize_x_q8_0``'s first two."""
+    float64, from the ``Packed`` fields as its docstring defines them (``logical()``; Q6_K:
+    ``d_b`` per 16 weights). ``xq`` (M, nb·32) int8 and ``dx`` (M, nb): ``quantize_x_q8_0``'s
+    first two."""
     rows, nb = p.shape[0], p.nb
-    u = _codes(p)
+    f = p.logical()
+    u = f["codes"].astype(np.int64)
+    d = _f16(f["d"])
+    m = None if f["m"] is None else _f16(f["m"])
     unit = 16 if p.sub16 else 32
     per = 32 // unit
     y = np.zeros((xq.shape[0], rows))
     for t in range(xq.shape[0]):
         for r in range(rows):
             for b in range(nb):
-                d = _f16(p.d)[r, b >> p.dshift]
                 for h in range(per):
                     s = slice(32 * b + unit * h, 32 * b + unit * (h + 1))
                     dot = float(np.dot(u[r, s], xq[t, s].astype(np.int64)))
-                    db = d * (float(p.sc[r, per * b + h]) if p.sc is not None else 1.0)
+                    db = d[r, b >> p.dshift] * (float(f["sc"][r, per * b + h]) if f["sc"] is not None else 1.0)
                     if p.offset == OFFSET_NONE:
-                        m = 0.0
+                        mb = 0.0
                     elif p.offset == OFFSET_CONST:
-                        m = -p.c * db
+                        mb = -p.c * db
                     else:
-                        m = _f16(p.m)[r, b >> p.mshift] * (float(p.mn[r, b >> p.mnshift]) if p.mn is not None else 1.0)
+                        mb = m[r, b >> p.mshift] * (float(f["mn"][r, b >> p.mnshift]) if f["mn"] is not None else 1.0)
                     S = float(xq[t, s].astype(np.int64).sum())
-                    y[t, r] += float(dx[t, b]) * (db * dot + m * S)
+                    y[t, r] += float(dx[t, b]) * (db * dot + mb * S)
     return y

@@ -83,15 +83,18 @@ def load32(typingctx, arr, idx):
 
 
 @intrinsic
-def store32(typingctx, arr, idx, v):
-    """Store 32 bytes at ``arr[idx]`` of a 1-D uint8/int8 array (unaligned ``vmovdqu``)."""
-    if not _c_vector(arr, types.uint8, types.int8) or v != I8x32:
+def bcast4(typingctx, arr, idx):
+    """The 4 bytes at ``arr[idx]`` of a 1-D uint8/int8 array repeated over 32 bytes
+    (``vpbroadcastd``; a memory operand ``{1to8}`` of ``vpdpbusd`` on AVX-512)."""
+    if not _c_vector(arr, types.uint8, types.int8):
         return None
 
     def codegen(context, builder, sig, args):
-        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _V32I8), align=1)
-        return context.get_dummy_value()
-    return types.none(arr, types.intp, I8x32), codegen
+        w = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _I32), align=1)
+        v = builder.insert_element(ir.Constant(_V8I32, ir.Undefined), w, _I32(0))
+        v = builder.shuffle_vector(v, ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        return builder.bitcast(v, _V32I8)
+    return I8x32(arr, types.intp), codegen
 
 
 @intrinsic
@@ -105,18 +108,6 @@ def load_bits32(typingctx, arr, idx):
         mask = builder.bitcast(word, ir.VectorType(ir.IntType(1), 32))
         return builder.zext(mask, _V32I8)
     return I8x32(arr, types.intp), codegen
-
-
-@intrinsic
-def f16_at(typingctx, arr, idx):
-    """``arr[idx]`` of a uint16 array of fp16 bit patterns as float32 (``vcvtph2ps``)."""
-    if not _c_vector(arr, types.uint16):
-        return None
-
-    def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1], ir.HalfType())
-        return builder.fpext(builder.load(p, align=2), _F32)
-    return types.float32(arr, types.intp), codegen
 
 
 @intrinsic
@@ -235,52 +226,22 @@ def zeros_i32(typingctx):
 
 
 @intrinsic
+def add_i32(typingctx, a, b):
+    """Lane-wise int32 sum (``vpaddd``)."""
+    if a != I32x8 or b != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+    return I32x8(I32x8, I32x8), codegen
+
+
+@intrinsic
 def zeros_f32(typingctx):
     """Eight float32 zeros."""
     def codegen(context, builder, sig, args):
         return _splat(_V8F32, 0.0)
     return F32x8(), codegen
-
-
-@intrinsic
-def ones_f32(typingctx):
-    """Eight float32 ones."""
-    def codegen(context, builder, sig, args):
-        return _splat(_V8F32, 1.0)
-    return F32x8(), codegen
-
-
-@intrinsic
-def fma_lanes(typingctx, acc, v, s):
-    """``acc + float(v) · s``: int32 lanes converted (``vcvtdq2ps``), times a broadcast
-    float32 (``vbroadcastss``), added (``vfmadd231ps`` when LLVM contracts, else mul + add)."""
-    if acc != F32x8 or v != I32x8 or not isinstance(s, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        a, iv, sc = args
-        f = builder.sitofp(iv, _V8F32)
-        sv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), sc, _I32(0))
-        sv = builder.shuffle_vector(sv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
-        return builder.fadd(a, builder.fmul(f, sv, flags=("contract",)), flags=("contract",))
-    return F32x8(F32x8, I32x8, types.float32), codegen
-
-
-@intrinsic
-def fma_lanes2(typingctx, acc, v, s_lo, s_hi):
-    """``acc + float(v) · [s_lo ×4, s_hi ×4]``: two scales, for formats with one scale per
-    16 weights (lanes 0-3 sum weights 0-15 of a 32-byte dot, lanes 4-7 weights 16-31)."""
-    if acc != F32x8 or v != I32x8 or not isinstance(s_lo, types.Float) or not isinstance(s_hi, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        a, iv, lo, hi = args
-        f = builder.sitofp(iv, _V8F32)
-        sv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), lo, _I32(0))
-        sv = builder.insert_element(sv, hi, _I32(1))
-        sv = builder.shuffle_vector(sv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 4 + [1] * 4))
-        return builder.fadd(a, builder.fmul(f, sv, flags=("contract",)), flags=("contract",))
-    return F32x8(F32x8, I32x8, types.float32, types.float32), codegen
 
 
 @intrinsic
@@ -319,41 +280,25 @@ def store_f32x8(typingctx, arr, idx, v):
 
 
 @intrinsic
-def bytes8_f32(typingctx, arr, idx):
-    """Eight uint8 (or int8) from ``arr[idx]`` as float32 (``vpmovzxbd``/``vpmovsxbd`` + ``vcvtdq2ps``)."""
-    if not _c_vector(arr, types.uint8, types.int8):
+def vec8(typingctx, arr, idx):
+    """Eight consecutive values of a 1-D array from ``arr[idx]`` as float32 lanes: fp16 bit
+    patterns (uint16, ``vcvtph2ps``), float32 (``vmovups``), uint8 or int8 integers
+    (``vpmovzxbd``/``vpmovsxbd`` + ``vcvtdq2ps``)."""
+    if not _c_vector(arr, types.uint16, types.float32, types.uint8, types.int8):
         return None
-    signed = arr.dtype == types.int8
+    dt = arr.dtype
 
     def codegen(context, builder, sig, args):
+        if dt == types.float32:
+            return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _V8F32), align=4)
+        if dt == types.uint16:
+            v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1],
+                                          ir.VectorType(ir.HalfType(), 8)), align=2)
+            return builder.fpext(v, _V8F32)
         v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 8)), align=1)
-        w = builder.sext(v, _V8I32) if signed else builder.zext(v, _V8I32)
+        w = builder.sext(v, _V8I32) if dt == types.int8 else builder.zext(v, _V8I32)
         return builder.sitofp(w, _V8F32)
     return F32x8(arr, types.intp), codegen
-
-
-def make_group_lanes(group: int):
-    """An intrinsic ``(arr, i) -> F32x8``: the ``8 / group`` values ``arr[i], arr[i+1], ...``
-    (fp16 bit patterns as uint16, or uint8 integers) as float32, each repeated ``group``
-    times across the lanes (``vcvtph2ps`` or ``vpmovzxbd`` + ``vcvtdq2ps``, then a
-    permute): one lane-expanded scale vector for 8 blocks whose scale is shared by
-    ``group`` consecutive blocks."""
-    k = 8 // group
-
-    def lanes(typingctx, arr, idx):
-        if not _c_vector(arr, types.uint16, types.uint8):
-            return None
-        half = arr.dtype == types.uint16
-
-        def codegen(context, builder, sig, args):
-            elem = ir.VectorType(ir.HalfType() if half else _I8, k)
-            v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], elem), align=2 if half else 1)
-            f = builder.fpext(v, ir.VectorType(_F32, k)) if half else builder.uitofp(v, ir.VectorType(_F32, k))
-            return builder.shuffle_vector(f, ir.Constant(ir.VectorType(_F32, k), ir.Undefined),
-                                          ir.Constant(_V8I32, [i // group for i in range(8)]))
-        return F32x8(arr, types.intp), codegen
-    lanes.__doc__ = f"{k} scales, each repeated over {group} lanes."
-    return intrinsic(lanes)
 
 
 @intrinsic
@@ -383,36 +328,3 @@ def add_f32x8(typingctx, a, b):
     return F32x8(F32x8, F32x8), codegen
 
 
-@intrinsic
-def hsum8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
-    """The lane sums of eight vectors as one vector, ``[Σ a0, Σ a1, ..., Σ a7]`` (three
-    rounds of pairwise adds: ``vhaddps`` twice, then the two 128-bit halves)."""
-    if any(a != F32x8 for a in (a0, a1, a2, a3, a4, a5, a6, a7)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        def hadd(a, b):   # per 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3]
-            ev = ir.Constant(_V8I32, [0, 2, 8, 10, 4, 6, 12, 14])
-            od = ir.Constant(_V8I32, [1, 3, 9, 11, 5, 7, 13, 15])
-            return builder.fadd(builder.shuffle_vector(a, b, ev), builder.shuffle_vector(a, b, od))
-        a = list(args)
-        u0 = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]))   # [Σ0..3 of low halves | of high halves]
-        u1 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]))
-        lo = builder.shuffle_vector(u0, u1, ir.Constant(_V8I32, [0, 1, 2, 3, 8, 9, 10, 11]))
-        hi = builder.shuffle_vector(u0, u1, ir.Constant(_V8I32, [4, 5, 6, 7, 12, 13, 14, 15]))
-        return builder.fadd(lo, hi)
-    return F32x8(F32x8, F32x8, F32x8, F32x8, F32x8, F32x8, F32x8, F32x8), codegen
-
-
-@intrinsic
-def hsum_f32(typingctx, v):
-    """Sum of the eight float32 lanes (one horizontal reduction per row)."""
-    if v != F32x8:
-        return None
-
-    def codegen(context, builder, sig, args):
-        total = builder.extract_element(args[0], _I32(0))
-        for i in range(1, 8):
-            total = builder.fadd(total, builder.extract_element(args[0], _I32(i)))
-        return total
-    return types.float32(F32x8), codegen

@@ -23,7 +23,6 @@ SmoothQuant, LLM.int8(), AWQ's x transform) have no compiled path and are refuse
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numba
@@ -96,18 +95,6 @@ def operand_kind(lin) -> str:
     return kind()
 
 
-def _concat_rows(parts: list[Packed]) -> Packed:
-    """Row-stack ``Packed`` weights of one layout (rows are independent in every layout)."""
-    p0 = parts[0]
-    if len(parts) == 1:
-        return p0
-    if len({layout(p) for p in parts}) != 1:
-        raise ValueError("cannot row-stack weights of different layouts")
-    cat = {f: None if getattr(p0, f) is None else np.concatenate([getattr(p, f) for p in parts])
-           for f in _ARRAYS}
-    return dataclasses.replace(p0, shape=(sum(p.shape[0] for p in parts), p0.shape[1]), **cat)
-
-
 def layer_weight(lins: list) -> tuple[str, object]:
     """The weight of Linears that share their input (q/k/v, gate/up), row-stacked:
     ``("f32", float32 array)`` or ``("packed", Packed)``. Linears of different kinds or
@@ -118,7 +105,7 @@ def layer_weight(lins: list) -> tuple[str, object]:
         lins = [g[0]]            # already row-stacked by linear.fuse
     kinds = {operand_kind(lin) for lin in lins}
     if kinds == {"packed"}:
-        return "packed", _concat_rows([lin.packed() for lin in lins])
+        return "packed", bytedot.concat_rows([lin.packed() for lin in lins])
     if "packed" in kinds:
         raise ValueError("cannot row-stack a kernel weight with a float one")
     ws = [lin.dequantize() for lin in lins]
@@ -182,17 +169,19 @@ def _arg_types(op: Operand) -> tuple:
 
 
 def addresses(op: Operand, tier: str | None = None) -> np.ndarray:
-    """The ``fa`` an apply of ``op`` takes: uint64 (4,), the addresses of the one-token and the
-    batch kernel (``threads.Kernel.addresses``) or of the float32 product; zeros for the
-    numba tier (its kernels are called by name)."""
+    """The ``fa`` an apply of ``op`` takes: uint64 (5,), the addresses of the one-token and the
+    batch kernel (``threads.Kernel.addresses``) or of the float32 product (zeros for the
+    numba tier: its kernels are called by name), then ``op``'s rows (packed arrays hold
+    whole groups of 8 rows, so their shapes do not say)."""
     tier = tier or bytedot.backend()
-    fa = np.zeros(4, np.uint64)
+    fa = np.zeros(5, np.uint64)
+    fa[4] = op.shape[0]
     if op.kind == "f32":
         fa[0] = threads.address(matmul_f32, _MATMUL_SIG)
     elif tier != "numba":
         one, batch = bytedot.kernels_for(tier, op.template)
         args = _arg_types(op)
-        fa[:2], fa[2:] = one.addresses(args), batch.addresses(args)
+        fa[:2], fa[2:4] = one.addresses(args), batch.addresses(args)
     return fa
 
 
@@ -208,7 +197,6 @@ def _make_apply(op: Operand, tier: str):
     simd = tier != "numba"
     tile_min = bytedot.TILE_MIN_M
     n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
-    width = 2 if sub16 else 1
 
     @_cache.jit(ckey)
     def apply(w, l, X, out, fa):
@@ -229,12 +217,9 @@ def _make_apply(op: Operand, tier: str):
         xa = np.abs(xq) if signed else xq
         if not simd:
             kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
-        elif T >= tile_min:
-            threads.run_tiles(fa[2:], width, w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs,
-                              s16, out)
         else:
-            threads.run_rows(fa[:2], 1, w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16,
-                             out)
+            threads.run(fa[2:4] if T >= tile_min else fa[:2], w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l],
+                        xq, xa, dx, xs, s16, out)
     return apply
 
 
@@ -259,7 +244,7 @@ def make_concat_apply(ops: list[Operand], tier: str | None = None):
 
 
 def concat_addresses(ops: list[Operand], tier: str | None = None) -> np.ndarray:
-    """The ``fas`` of ``make_concat_apply(ops)``: uint64 (parts, 4)."""
+    """The ``fas`` of ``make_concat_apply(ops)``: uint64 (parts, 5)."""
     return np.stack([addresses(op, tier) for op in ops])
 
 
@@ -278,9 +263,9 @@ def _make_concat_apply(ops: list[Operand], tier: str):
     three = len(ops) == 3
 
     @_cache.jit(ckey)
-    def apply_parts(ws, l, X, out, fas):   # a part's rows: axis 1 of its first array (codes or floats)
+    def apply_parts(ws, l, X, out, fas):   # a part's rows: fas[part, 4]
         T = X.shape[0]
-        r0, r1, r2 = ws[0][0].shape[1], ws[1][0].shape[1], ws[-1][0].shape[1]
+        r0, r1, r2 = int(fas[0, 4]), int(fas[1, 4]), int(fas[-1, 4])
         tmp = np.empty((T, r0), np.float32)
         a0(ws[0], l, X, tmp, fas[0])
         out[:, :r0] = tmp
