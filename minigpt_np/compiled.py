@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 import operator
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from minigpt_np.model import CacheSession, token_ids
-from refquant.kernels import MAX_BATCH, _cache, bytedot, kvcache, stacked
+from refquant.kernels import MAX_BATCH, _cache, bytedot, kvcache, stacked, threads
 
 # the step's code, cached on disk under its compile key, is built from these modules too
 _DEPS = ("minigpt_np/compiled.py",)
@@ -180,15 +181,26 @@ def _gelu(u, b, act, d_ff):
         act[i] = np.float32(0.5) * v * (np.float32(2) - np.float32(2) / (_exp(np.float32(2) * z) + np.float32(1)))
 
 
-def _build_layers(key, applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
+def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
     """The compiled loop over layers for one run of equal layout (module docstring).
 
-    ``applies``: (qkv, o, up, down) ``stacked.make_apply`` functions; ``cache_key``: the
+    ``parts``: (qkv, o, up, down) ``stacked.make_concat_part`` functions, ``structure`` the
+    number of arrays of each of their operands (``_team``); ``cache_key``: the
     ``KVCache``'s (its storage types: the cache is written by its ``store`` and read by the
     attention built on its ``k_dot``/``v_acc``). ``llama``: RMSNorm, RoPE, SwiGLU (gate|up
     stacked), no biases; else GPT-2: LayerNorm with bias, GELU, biases on every Linear
-    (positions are added to the embedding by the caller)."""
-    a_qkv, a_o, a_up, a_down = applies
+    (positions are added to the embedding by the caller).
+
+    ``team(nt, sync, only_products, x, pos0, *norms, *biases, *weights, k, v, cos, sin, fas)``
+    (``_flat``) is one parallel region of ``nt`` threads for
+    the whole run (``threads.join``): every member keeps its own copy of the residual
+    stream and computes the norms and activations itself (a few µs), each product is split
+    over the members by row groups (``make_part``), and a barrier (~50 ns) follows each
+    product and the attention (member 0's, over every head). A parallel call per product
+    instead cost ~2.5 µs of fork and join each, 120 times per SmolLM2 token, and left the
+    other core idle during everything between products. ``only_products``: the products
+    alone on inputs of ones (the time breakdown)."""
+    p_qkv, p_o, p_up, p_down = parts
     store = kvcache.ops(*cache_key[1:])[0]
     attention = _make_attention(cache_key)
     q_len, kv_len = n_head * hd, n_kv * hd
@@ -201,60 +213,61 @@ def _build_layers(key, applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff
         else:
             _layer_norm(x, w, b, eps, out)
 
-    @_cache.jit(key + ("layers",), deps=_DEPS)
-    def layers(x, pos0, norms, biases, wqkv, wo, wup, wdown, k, v, cos, sin, fas):
+    @njit(inline="always")
+    def residual(xl, o, bias, l):
+        for t in range(xl.shape[0]):
+            for i in range(xl.shape[1]):
+                xl[t, i] += o[t, i] if llama else o[t, i] + bias[l, i]
+
+    @_cache.jit(key + ("body",), deps=_DEPS)
+    def body(tid, nt, sync, only_products, x, pos0, norms, biases, wqkv, wo, wup, wdown, k, v, cos, sin, fas,
+             qkv, att, o, up):
+        """One team member's work for every layer (``team``)."""
         T, d = x.shape
         L = norms[0].shape[0]
-        n = np.empty((T, d), np.float32)
-        qkv = np.empty((T, q_len + 2 * kv_len), np.float32)
-        att = np.empty((T, q_len), np.float32)
-        o = np.empty((T, d), np.float32)
-        up = np.empty((T, up_rows), np.float32)
-        act = np.empty((T, d_ff), np.float32)
+        xl = x.copy()
+        n = np.ones((T, d), np.float32)
+        act = np.ones((T, d_ff), np.float32)
+        kb = 0
         for l in range(L):
-            norm(x, norms[0][l], norms[1][l], n)
-            a_qkv(wqkv, l, n, qkv, fas[0])
-            for t in range(T):
-                pos = pos0 + t
-                if llama:
-                    _rope(qkv[t], 0, n_head, hd, n_rot, cos, sin, pos)
-                    _rope(qkv[t], q_len, n_kv, hd, n_rot, cos, sin, pos)
-                else:
-                    for i in range(q_len + 2 * kv_len):
-                        qkv[t, i] += biases[0][l, i]
-                store(k, v, l, 0, pos, qkv[t], q_len, q_len + kv_len, n_kv, hd)
-            for t in range(T):
-                attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t])
-            a_o(wo, l, att, o, fas[1])
-            for t in range(T):
-                for i in range(d):
-                    x[t, i] += o[t, i] if llama else o[t, i] + biases[1][l, i]
-            norm(x, norms[2][l], norms[3][l], n)
-            a_up(wup, l, n, up, fas[2])
-            for t in range(T):
-                if llama:
-                    _swiglu(up[t], act[t], d_ff)
-                else:
-                    _gelu(up[t], biases[2][l], act[t], d_ff)
-            a_down(wdown, l, act, o, fas[3])
-            for t in range(T):
-                for i in range(d):
-                    x[t, i] += o[t, i] if llama else o[t, i] + biases[3][l, i]
-        return x
+            if not only_products:
+                norm(xl, norms[0][l], norms[1][l], n)
+            p_qkv(wqkv, l, n, qkv, fas[0], tid, nt)
+            kb = threads.barrier(sync, nt, kb)
+            if tid == 0 and not only_products:
+                for t in range(T):
+                    pos = pos0 + t
+                    if llama:
+                        _rope(qkv[t], 0, n_head, hd, n_rot, cos, sin, pos)
+                        _rope(qkv[t], q_len, n_kv, hd, n_rot, cos, sin, pos)
+                    else:
+                        for i in range(q_len + 2 * kv_len):
+                            qkv[t, i] += biases[0][l, i]
+                    store(k, v, l, 0, pos, qkv[t], q_len, q_len + kv_len, n_kv, hd)
+                for t in range(T):
+                    attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t])
+            kb = threads.barrier(sync, nt, kb)
+            p_o(wo, l, att, o, fas[1], tid, nt)
+            kb = threads.barrier(sync, nt, kb)
+            if not only_products:
+                residual(xl, o, biases[1], l)
+                norm(xl, norms[2][l], norms[3][l], n)
+            p_up(wup, l, n, up, fas[2], tid, nt)
+            kb = threads.barrier(sync, nt, kb)
+            if not only_products:
+                for t in range(T):
+                    if llama:
+                        _swiglu(up[t], act[t], d_ff)
+                    else:
+                        _gelu(up[t], biases[2][l], act[t], d_ff)
+            p_down(wdown, l, act, o, fas[3], tid, nt)
+            kb = threads.barrier(sync, nt, kb)
+            if not only_products:
+                residual(xl, o, biases[3], l)
+        if tid == 0:
+            x[:] = xl
 
-    @_cache.jit(key + ("products",), deps=_DEPS)
-    def products(x, wqkv, wo, wup, wdown, L, fas):
-        """Only the weight products of one token through ``L`` layers (the time breakdown)."""
-        qkv = np.empty((1, q_len + 2 * kv_len), np.float32)
-        att = np.ones((1, q_len), np.float32)
-        o = np.empty((1, x.shape[1]), np.float32)
-        up = np.empty((1, up_rows), np.float32)
-        act = np.ones((1, d_ff), np.float32)
-        for l in range(L):
-            a_qkv(wqkv, l, x, qkv, fas[0])
-            a_o(wo, l, att, o, fas[1])
-            a_up(wup, l, x, up, fas[2])
-            a_down(wdown, l, act, o, fas[3])
+    team = _team(key, body, structure, q_len + 2 * kv_len, q_len, up_rows)
 
     @_cache.jit(key + ("attend",), deps=_DEPS)
     def attend(k, v, pos):
@@ -264,7 +277,48 @@ def _build_layers(key, applies, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff
         for l in range(k.shape[0]):
             attention(q, k, v, l, 0, pos, n_head, n_kv, hd, out)
 
-    return layers, norm, products, attend
+    return team, norm, attend
+
+
+def _team(key, body, structure, qkv_cols, q_len, up_rows):
+    """The parallel region that runs ``body`` on a team: ``team(nt, sync, only_products, x,
+    pos0, *norms, *biases, *weights, k, v, cos, sin, fas)``. numba passes the variables of a
+    ``prange`` body to it as array or scalar arguments, never tuples, so the weights come
+    flat (``_flat``: ``structure`` gives each role's operands' array counts) and become
+    tuples again inside. Its source is generated for that structure and compiled as if it
+    were this file's, so numba's disk cache takes it (under ``key``)."""
+    ws, roles = [], []
+    for r, role in enumerate(structure):
+        parts = []
+        for p, count in enumerate(role):
+            names = [f"w{r}_{p}_{i}" for i in range(count)]
+            ws += names
+            parts.append("(" + ", ".join(names) + ",)")
+        roles.append("(" + ", ".join(parts) + ",)")
+    norms, biases = [f"n{i}" for i in range(4)], [f"b{i}" for i in range(4)]
+    args = ", ".join(norms + biases + ws)
+    src = f"""
+def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas):
+    T = x.shape[0]
+    qkv = np.empty((T, {qkv_cols}), np.float32)     # shared by the members
+    att = np.ones((T, {q_len}), np.float32)
+    o = np.empty((T, x.shape[1]), np.float32)
+    up = np.empty((T, {up_rows}), np.float32)
+    for i in prange(nt):
+        tid, members = join(sync, nt)
+        if tid >= 0:
+            body(tid, members, sync, only_products, x, pos0, ({", ".join(norms)}), ({", ".join(biases)}),
+                 {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up)
+    return x
+"""
+    ns = dict(np=np, prange=prange, join=threads.join, body=body)
+    exec(compile(src, __file__, "exec"), ns)
+    return _cache.jit(key + ("team", structure), deps=_DEPS, parallel=True)(ns["team"])
+
+
+def _flat(norms, biases, ops) -> tuple:
+    """The arrays ``team`` takes between ``pos0`` and ``k``, in its order."""
+    return (*norms, *biases, *(a for role in ops for part in role for a in part))
 
 
 def _build_head(key, a_head, norm):
@@ -316,15 +370,15 @@ class _Compiled(CacheSession):
             ops = [[stacked.stack([per_layer[r][l][k] for l in range(a, b)]) for k in range(len(per_layer[r][a]))]
                    for r in range(4)]
             keys = tuple(tuple(op.key() for op in role) for role in ops)
-            applies = [stacked.make_concat_apply(role, tier) for role in ops]
+            parts = [stacked.make_concat_part(role, tier) for role in ops]
             cache_key = ("kv", "f32", "f32")
             key = ("compiled.layers", tier, keys, cache_key, tuple(sorted(consts.items())))
-            layers, norm, products, attend = _compiled(key, lambda: _build_layers(key, applies, cache_key, **consts))
-            self.runs.append(dict(layers=layers, products=products, attend=attend, operands=[op for role in ops for op in role],
-                                  ops=[tuple(op.arrays for op in role) for role in ops],
-                                  fas=_addresses(ops, tier),
-                                  norms=tuple(n[a:b] for n in norms), biases=tuple(bb[a:b] for bb in biases),
-                                  start=a, stop=b))
+            structure = tuple(tuple(len(op.arrays) for op in role) for role in ops)
+            team, norm, attend = _compiled(key, lambda: _build_layers(key, parts, structure, cache_key, **consts))
+            run_norms, run_biases = tuple(n[a:b] for n in norms), tuple(bb[a:b] for bb in biases)
+            self.runs.append(dict(team=team, attend=attend, operands=[op for role in ops for op in role],
+                                  flat=_flat(run_norms, run_biases, [[op.arrays for op in role] for role in ops]),
+                                  fas=_addresses(ops, tier), norms=run_norms, start=a, stop=b))
         hop = stacked.stack([stacked.layer_weight([head_lin])])
         a_head = stacked.make_concat_apply([hop], tier)
         key = ("compiled.head", tier, hop.key(), llama, eps)
@@ -347,10 +401,11 @@ class _Compiled(CacheSession):
         ``"last"`` one or ``"none"``."""
         T = x.shape[0]
         x = np.ascontiguousarray(x, np.float32)
+        nt = numba.get_num_threads()
         for run in self.runs:
             s, e = run["start"], run["stop"]
-            x = run["layers"](x, self.pos, run["norms"], run["biases"], *run["ops"], self.cache.k[s:e],
-                              self.cache.v[s:e], self.cos, self.sin, run["fas"])
+            x = run["team"](nt, threads.team_sync(), False, x, self.pos, *run["flat"], self.cache.k[s:e],
+                            self.cache.v[s:e], self.cos, self.sin, run["fas"])
         self.cache.pos[0] += T
         if head == "none":
             return None
@@ -373,8 +428,11 @@ class _Compiled(CacheSession):
         ones = np.ones(d, np.float32)
 
         def products():
+            nt = numba.get_num_threads()
             for run in self.runs:
-                run["products"](x, *run["ops"], run["stop"] - run["start"], run["fas"])
+                s, e = run["start"], run["stop"]
+                run["team"](nt, threads.team_sync(), True, x.copy(), 0, *run["flat"], self.cache.k[s:e],
+                            self.cache.v[s:e], self.cos, self.sin, run["fas"])
             self.head_fn(x, ones, ones, self.head_w, out, self.head_fa)
 
         def attention():

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import prange, types
+from numba import njit, prange, types
 
 from refquant.kernels import _cache, bytedot, threads
 from refquant.kernels.bytedot import Packed, f16_round, quantize_x  # noqa: F401  (the step's x rounding)
@@ -185,21 +185,24 @@ def addresses(op: Operand, tier: str | None = None) -> np.ndarray:
     return fa
 
 
-def _make_apply(op: Operand, tier: str):
-    ckey = ("stacked.apply", tier, op.key())
-    if op.kind == "f32":
-        @_cache.jit(ckey)
-        def apply_f32(w, l, X, out, fa):
-            _matmul_at(fa[0])(w[0][l], X, out)
-        return apply_f32
-    p = op.template
-    kern = bytedot.kernel(tier, p) if tier == "numba" else None
-    simd = tier != "numba"
-    tile_min = bytedot.TILE_MIN_M
-    n, nb, signed, sub16 = p.shape[1], p.nb, p.kind == "s8", p.sub16
+@_cache.jit(None, fastmath=True)
+def matmul_f32_rows(W, X, out, lo, hi):
+    """``out[t, r] = Σ_i W[r, i] X[t, i]`` for rows ``lo <= r < hi`` (float32 accumulation,
+    the calling thread: a team member's share)."""
+    T, n = X.shape
+    for r in range(lo, hi):
+        for t in range(T):
+            s = np.float32(0)
+            for i in range(n):
+                s += W[r, i] * X[t, i]
+            out[t, r] = s
 
-    @_cache.jit(ckey)
-    def apply(w, l, X, out, fa):
+
+def _x_rounder(n: int, nb: int, signed: bool, sub16: bool):
+    """``round_x(X) -> (xq, xa, dx, xs, s16)``: X (T, n) as the kernels' Q8_0 inputs (x_q,
+    |x_q| for 8-bit codes, d_x, d_x·S, Q6_K's d_x and d_x·S per 16)."""
+    @njit(inline="always")
+    def round_x(X):
         T = X.shape[0]
         xq = np.empty((T, 32 * nb), np.int8)
         dx = np.empty((T, nb), np.float32)
@@ -215,12 +218,131 @@ def _make_apply(op: Operand, tier: str):
                     s16[0, t, h] = dx[t, h // 2]
                     s16[1, t, h] = np.float32(np.float64(dx[t, h // 2]) * tot)
         xa = np.abs(xq) if signed else xq
+        return xq, xa, dx, xs, s16
+    return round_x
+
+
+def _make_apply(op: Operand, tier: str):
+    ckey = ("stacked.apply", tier, op.key())
+    if op.kind == "f32":
+        @_cache.jit(ckey)
+        def apply_f32(w, l, X, out, fa):
+            _matmul_at(fa[0])(w[0][l], X, out)
+        return apply_f32
+    p = op.template
+    kern = bytedot.kernel(tier, p) if tier == "numba" else None
+    simd = tier != "numba"
+    tile_min = bytedot.TILE_MIN_M
+    round_x = _x_rounder(p.shape[1], p.nb, p.kind == "s8", p.sub16)
+
+    @_cache.jit(ckey)
+    def apply(w, l, X, out, fa):
+        xq, xa, dx, xs, s16 = round_x(X)
         if not simd:
             kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
         else:
-            threads.run(fa[2:4] if T >= tile_min else fa[:2], w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l],
-                        xq, xa, dx, xs, s16, out)
+            threads.run(fa[2:4] if X.shape[0] >= tile_min else fa[:2], w[0][l], w[1][l], w[2][l], w[3][l], w[4][l],
+                        w[5][l], xq, xa, dx, xs, s16, out)
     return apply
+
+
+_PARTS: dict = {}
+
+
+def make_part(op: Operand, tier: str | None = None):
+    """``part(w, l, X, out, fa, task, ntask) -> (lo, hi)``: rows ``lo <= r < hi`` of
+    ``out[:T] = X Ŵ_lᵀ``, task ``task`` of ``ntask``'s share (whole groups of 8 rows,
+    ``threads.share``), computed on the calling thread -- a member of a team
+    (``threads.join``) that splits every product of a step without a parallel call per
+    product. Every member rounds X itself. The numba tier's kernel computes every row in
+    task 0. Built once per tier and layout, cached on disk like ``make_apply``."""
+    tier = tier or bytedot.backend()
+    key = (tier, "part", op.key())
+    if key not in _PARTS:
+        _PARTS[key] = _make_part(op, tier)
+    return _PARTS[key]
+
+
+def _make_part(op: Operand, tier: str):
+    ckey = ("stacked.part", tier, op.key())
+    if op.kind == "f32":
+        @_cache.jit(ckey)
+        def part_f32(w, l, X, out, fa, task, ntask):
+            R = out.shape[1]
+            g0, g1 = threads.share((R + 7) // 8, task, ntask)
+            lo, hi = 8 * g0, min(8 * g1, R)
+            matmul_f32_rows(w[0][l], X, out, lo, hi)
+            return lo, hi
+        return part_f32
+    p = op.template
+    kern = bytedot.kernel(tier, p) if tier == "numba" else None
+    simd = tier != "numba"
+    tile_min = bytedot.TILE_MIN_M
+    round_x = _x_rounder(p.shape[1], p.nb, p.kind == "s8", p.sub16)
+
+    @_cache.jit(ckey)
+    def part(w, l, X, out, fa, task, ntask):
+        R = out.shape[1]
+        if not simd:
+            if task == 0:
+                xq, xa, dx, xs, s16 = round_x(X)
+                kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
+                return 0, R
+            return 0, 0
+        xq, xa, dx, xs, s16 = round_x(X)
+        threads.chunk(fa[3] if X.shape[0] >= tile_min else fa[1], task, ntask, w[0][l], w[1][l], w[2][l], w[3][l],
+                      w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
+        g0, g1 = threads.share(w[0][l].shape[0], task, ntask)
+        return 8 * g0, min(8 * g1, R)
+    return part
+
+
+def make_concat_part(ops: list[Operand], tier: str | None = None):
+    """``part(ws, l, X, out, fas, task, ntask)``: ``make_part`` for the row-concatenation of
+    ``ops`` (as ``make_concat_apply``): each part's share of rows goes to its own columns
+    of ``out``, by the thread that computed them."""
+    tier = tier or bytedot.backend()
+    key = (tier, "concat-part", tuple(op.key() for op in ops))
+    if key not in _PARTS:
+        _PARTS[key] = _make_concat_part(ops, tier)
+    return _PARTS[key]
+
+
+def _make_concat_part(ops: list[Operand], tier: str):
+    parts = [make_part(op, tier) for op in ops]
+    ckey = ("stacked.concat-part", tier, tuple(op.key() for op in ops))
+    p0 = parts[0]
+    if len(ops) == 1:
+        @_cache.jit(ckey)
+        def part1(ws, l, X, out, fas, task, ntask):
+            p0(ws[0], l, X, out, fas[0], task, ntask)
+        return part1
+    if len(ops) > 3:
+        raise ValueError("at most 3 parts")
+    p1, p2 = parts[1], parts[-1]
+    three = len(ops) == 3
+
+    @njit(inline="always")
+    def place(tmp, out, c0, lo, hi):
+        for t in range(tmp.shape[0]):
+            for r in range(lo, hi):
+                out[t, c0 + r] = tmp[t, r]
+
+    @_cache.jit(ckey)
+    def part_parts(ws, l, X, out, fas, task, ntask):   # a part's rows: fas[part, 4]
+        T = X.shape[0]
+        r0, r1, r2 = int(fas[0, 4]), int(fas[1, 4]), int(fas[-1, 4])
+        tmp = np.empty((T, r0), np.float32)
+        lo, hi = p0(ws[0], l, X, tmp, fas[0], task, ntask)
+        place(tmp, out, 0, lo, hi)
+        tmp = np.empty((T, r1), np.float32)
+        lo, hi = p1(ws[1], l, X, tmp, fas[1], task, ntask)
+        place(tmp, out, r0, lo, hi)
+        if three:
+            tmp = np.empty((T, r2), np.float32)
+            lo, hi = p2(ws[-1], l, X, tmp, fas[2], task, ntask)
+            place(tmp, out, r0 + r1, lo, hi)
+    return part_parts
 
 
 def layer_parts(lins: list) -> list[tuple[str, object]]:

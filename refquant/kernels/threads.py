@@ -150,3 +150,132 @@ class Kernel:
         if addrs is None:
             addrs = self._by_arrays[key] = self.addresses(tuple(numba.typeof(a) for a in args))
         _call(addrs, *args)
+
+
+# --- a team of threads for a whole step: barriers instead of one parallel call per product --
+
+_I64 = ir.IntType(64)
+
+
+def _i64_ptr(context, builder, arrty, arr, idx):
+    a = context.make_array(arrty)(context, builder, arr)
+    return builder.gep(a.data, [idx])
+
+
+@intrinsic
+def _atomic_add(typingctx, arr, idx):
+    """``arr[idx] += 1`` atomically (sequentially consistent); returns the old value."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _i64_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", p, _I64(1), "seq_cst")
+    return types.int64(arr, types.intp), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, arr, idx):
+    """``arr[idx]``, an atomic (sequentially consistent) load."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _i64_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load_atomic(p, "seq_cst", 8)
+    return types.int64(arr, types.intp), codegen
+
+
+@intrinsic
+def _atomic_cas(typingctx, arr, idx, old, new):
+    """``arr[idx] = new`` if it holds ``old`` (atomically); returns the value it held."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _i64_ptr(context, builder, sig.args[0], args[0], args[1])
+        pair = builder.cmpxchg(p, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+    return types.int64(arr, types.intp, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """A spin-wait hint (``pause``)."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+_CLOSED = 1 << 40
+JOIN_SPINS = 1 << 16     # how long the first thread waits for the others (pauses: ~1-3 ms)
+
+
+def team_sync() -> np.ndarray:
+    """A fresh synchronization word pair for one ``team`` run (team membership, barrier count)."""
+    return np.zeros(2, np.int64)
+
+
+@njit
+def join(sync, want):
+    """Joins the team of a parallel region: ``(tid, members)``, or ``(-1, 0)`` for a thread
+    that came after the team closed. The first thread waits (``JOIN_SPINS``) for ``want``
+    members, then closes the team: every member is running when it closes, so the barriers
+    below cannot wait for a thread that a scheduler has not started (a region whose
+    iterations run one after another just runs with a team of one)."""
+    while True:
+        w = _atomic_load(sync, 0)
+        if w & _CLOSED:
+            return -1, 0
+        if _atomic_cas(sync, 0, w, w + 1) == w:
+            tid = w
+            break
+    if tid == 0:
+        spins = 0
+        while _atomic_load(sync, 0) < want and spins < JOIN_SPINS:
+            _pause()
+            spins += 1
+        while True:
+            w = _atomic_load(sync, 0)
+            if _atomic_cas(sync, 0, w, w | _CLOSED) == w:
+                break
+    else:
+        while not _atomic_load(sync, 0) & _CLOSED:
+            _pause()
+    return tid, _atomic_load(sync, 0) & (_CLOSED - 1)
+
+
+@njit
+def barrier(sync, members, k):
+    """The ``k``-th barrier of a team (every member counts its own): returns ``k + 1`` once
+    all ``members`` have arrived. What a member wrote before it is visible after it."""
+    _atomic_add(sync, 1)
+    target = members * (k + 1)
+    while _atomic_load(sync, 1) < target:
+        _pause()
+    return k + 1
+
+
+@njit(inline="always")
+def share(n, task, ntask):
+    """``[lo, hi)``: task ``task`` of ``ntask``'s part of ``n`` units -- the split every
+    kernel's ``chunks`` makes of its row groups."""
+    return n * task // ntask, n * (task + 1) // ntask
+
+
+def chunk(addr, task, ntask, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+    """numba-only: the chunk loops at ``addr`` (``Kernel.addresses(...)[1]``) for task
+    ``task`` of ``ntask``, on the calling thread."""
+    raise NotImplementedError("numba only")
+
+
+@overload(chunk)
+def _chunk(addr, task, ntask, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+    csig, _ = _signatures((qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out))
+    chunks_at = fn_at(types.FunctionType(csig))
+
+    def impl(addr, task, ntask, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
+        chunks_at(addr)(np.int64(task), np.int64(ntask), qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)
+    return impl
