@@ -311,7 +311,7 @@ def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas):
                  {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up)
     return x
 """
-    ns = dict(np=np, prange=prange, join=threads.join, body=body)
+    ns = dict(np=np, prange=prange, join=threads.join, body=body, __name__=__name__)
     exec(compile(src, __file__, "exec"), ns)
     return _cache.jit(key + ("team", structure), deps=_DEPS, parallel=True)(ns["team"])
 
