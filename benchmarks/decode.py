@@ -1,6 +1,6 @@
 """SmolLM2-135M decode and prompt speed per GGUF type on the compiled step, against NumPy.
 
-    python -m benchmarks.decode [--quick] [-n 64]
+    python -m benchmarks.decode [--quick] [-n 64] [--llama-bench PATH]
 
 The shipped file is Q4_1 (Q8_0 tied embedding/head). ``python -m refquant quantize``
 writes it again as F32, Q8_0, Q4_0 and Q4_K (Q4_K falls back to Q5_0 for SmolLM2's
@@ -29,6 +29,13 @@ of all layers and the head, the attention over the cache, and the rest of the st
 fresh ``python -m minigpt_np.generate -n 1`` with an empty numba cache and with a warm one
 (``fast_start``).
 
+With ``--llama-bench PATH`` (llama.cpp's ``llama-bench``; ``../shared/tools/llama-cpp.sh``
+builds it), every round also runs it on each compiled engine's file, interleaved with ours:
+``llama-bench -m FILE -p 0 -n 64 -r 1 -t THREADS -o json`` (tg64: 64 tokens decoded after
+an empty prompt, one repetition per round, numba's thread count), its tokens/s per round
+and their median beside ours in each row (``llama_bench_tokens_per_s``,
+``x_llama_bench``), its build and command in ``llama_bench``.
+
 Writes ``benchmarks/results/decode.json``; ``python -m benchmarks.report`` puts its table
 in the README and ``python -m benchmarks.roofline`` its dots on the roofline.
 """
@@ -41,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
+from refquant._checks import cli_int
 
 PROMPT = "The capital of France is"
 TYPES = ("F32", "Q8_0", "Q4_0", "Q4_1", "Q4_K")    # Q4_1: the shipped file itself
@@ -158,25 +166,50 @@ def write_files(src: Path, out_dir: Path, types) -> dict:
     return paths
 
 
-def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
+def flops_per_token(params) -> int:
+    """2 per weight of every Linear a token multiplies by (the tied head once)."""
+    from refquant.linear import Linear
+
+    return 2 * sum({id(v): v.shape[0] * v.shape[1] for v in params.values() if isinstance(v, Linear)}.values())
+
+
+def llama_bench(exe: str, path, threads: int, n: int = 64) -> dict:
+    """One ``llama-bench`` tg``n`` run on ``path`` (module docstring): its JSON record."""
+    import json
+    import subprocess
+
+    cmd = [exe, "-m", str(path), "-p", "0", "-n", str(n), "-r", "1", "-t", str(threads), "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    rec = json.loads(out.stdout)[0]
+    return dict(tokens_per_s=float(rec["avg_ts"]), build_commit=rec.get("build_commit"),
+                model_size=rec.get("model_size"), command=cmd)
+
+
+def run(quick: bool = False, n: int = 64, rounds: int = 5, llama_bench_exe: str | None = None) -> dict:
+    n, rounds = (4, 1) if quick else (n, rounds)
+    types = (SHIPPED,) if quick else TYPES
+    from minigpt_np import llama
+
+    src = llama.default_model()
+    with tempfile.TemporaryDirectory() as tmp:   # the files live until llama-bench has run on them
+        return _run(quick, n, rounds, llama_bench_exe, src, types, write_files(src, Path(tmp), types))
+
+
+def _run(quick, n, rounds, llama_bench_exe, src, types, paths) -> dict:
+    import numba
     from tqdm import tqdm
 
     from minigpt_np import compiled, generate, llama
     from minigpt_np.tokenizer import Tokenizer
     from refquant.kernels import bytedot
-    from refquant.linear import Linear
 
-    n, rounds = (4, 1) if quick else (n, rounds)
     prompt_calls = 2 if quick else PROMPT_CALLS
-    types = (SHIPPED,) if quick else TYPES
-    src = llama.default_model()
     engines = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_files(src, Path(tmp), types)
-        for t in tqdm(types, desc="load", unit="model"):
-            params, cfg, meta = llama.load(paths[t], dtype="stored")
-            engines[("compiled", t)] = (params, cfg, compiled.Llama(params, cfg, n_ctx=256),
-                                        Path(paths[t]).stat().st_size)
+    for t in tqdm(types, desc="load", unit="model"):
+        params, cfg, meta = llama.load(paths[t], dtype="stored")
+        engines[("compiled", t)] = (params, cfg, compiled.Llama(params, cfg, n_ctx=256), Path(paths[t]).stat().st_size)
     tok = Tokenizer(meta)
     pf, cfg, _ = llama.load(src, dtype="f32")
     engines[("numpy", "f32")] = (pf, cfg, llama.Session(pf, cfg), None)
@@ -195,6 +228,8 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
     # the compiled engines share numba's thread pool and step in turn; each NumPy engine
     # steps alone (OpenBLAS's spinning threads would slow whatever ran next)
     groups = [[k for k in engines if k[0] == "compiled"]] + [[k] for k in engines if k[0] != "compiled"]
+    lb = {k: [] for k in engines if k[0] == "compiled"}
+    lb_info = None
     for _ in tqdm(range(rounds), desc="rounds", unit="round"):
         for k, (_, _, sess, _) in engines.items():
             for _ in range(prompt_calls):
@@ -208,6 +243,10 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
                 decode[k] += times[k]
                 rounds_tps[k].append(n / sum(times[k]))
                 texts[k] = PROMPT + tok.decode(_until(out[k], stop))
+        if llama_bench_exe:    # llama.cpp on the same files and threads, in the same round
+            for k in lb:
+                lb_info = llama_bench(llama_bench_exe, paths[k[1]], numba.get_num_threads(), n)
+                lb[k].append(lb_info["tokens_per_s"])
     rows = []
     for k, (params, cfg, sess, file_bytes) in engines.items():
         row = dict(engine=k[0], type=k[1], decode_tokens_per_s=1 / float(np.median(decode[k])),
@@ -215,6 +254,10 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
                    decode_steps=len(decode[k]), prompt_tokens_per_s=float(np.median(prompt[k])),
                    prompt_p90_tokens_per_s=float(np.percentile(prompt[k], 90)), prompt_rounds=prompt[k],
                    text=texts[k])
+        if k[0] == "compiled" and lb.get(k):
+            med = float(np.median(lb[k]))
+            row.update(llama_bench_tokens_per_s=med, llama_bench_rounds=lb[k],
+                       x_llama_bench=row["decode_tokens_per_s"] / med)
         if k[0] == "compiled":
             row.update(file_bytes=file_bytes, weight_bytes=sess.weight_bytes,
                        gbs=sess.weight_bytes * row["decode_tokens_per_s"] / 1e9,
@@ -229,18 +272,29 @@ def run(quick: bool = False, n: int = 64, rounds: int = 5) -> dict:
         r["x_numpy_f32"] = r["decode_tokens_per_s"] / speed[("numpy", "f32")]
         if "gbs" in r and f32_gbs:   # the share of the F32 step's read rate (issue 39: >= 75% each)
             r["gbs_share_of_f32"] = r["gbs"] / f32_gbs
-    weights = {id(v): v.shape[0] * v.shape[1] for v in pf.values() if isinstance(v, Linear)}  # head tied: once
     return dict(benchmark="decode", quick=quick, model=src.name, prompt=PROMPT, prompt_tokens=len(long_prompt),
                 new_tokens=n, rounds=rounds, machine=common.machine(), tier=bytedot.backend(),
-                flops_per_token=2 * sum(weights.values()), start=fast_start(2 if quick else 5), results=rows)
+                flops_per_token=flops_per_token(pf), start=fast_start(2 if quick else 5), results=rows,
+                llama_bench=None if lb_info is None else dict(
+                    exe=llama_bench_exe, build_commit=lb_info["build_commit"], threads=numba.get_num_threads(),
+                    command=" ".join(["llama-bench"] + lb_info["command"][1:2] + ["FILE"] + lb_info["command"][3:]),
+                    test=f"tg{n}"))
 
 
 def main(argv=None) -> None:
-    data, path = common.run_and_save(__doc__, "decode", run, argv, "-n", type=int, default=64)
+    ap = common.quick_args(__doc__)
+    ap.add_argument("-n", type=cli_int(1, 4096), default=64, help="tokens decoded per round (default 64)")
+    ap.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench, run beside ours on the same files")
+    args = ap.parse_args(argv)
+    if args.llama_bench and not Path(args.llama_bench).is_file():
+        raise SystemExit(f"--llama-bench {args.llama_bench}: no such file")
+    data = run(args.quick, args.n, llama_bench_exe=args.llama_bench)
+    path = common.write_json("decode", data)
     for r in data["results"]:
         vs_f32 = f"x{r['x_compiled_f32']:.2f} compiled F32, " if r["x_compiled_f32"] else ""
+        vs_lb = f", x{r['x_llama_bench']:.2f} llama.cpp" if r.get("x_llama_bench") else ""
         print(f"{r['engine']:8s} {r['type']:5s} decode {r['decode_tokens_per_s']:7.1f} tokens/s "
-              f"({vs_f32}x{r['x_numpy_f32']:.2f} NumPy f32)  prompt "
+              f"({vs_f32}x{r['x_numpy_f32']:.2f} NumPy f32{vs_lb})  prompt "
               f"{r['prompt_tokens_per_s']:7.1f} tokens/s  {r['text'][:60]!r}")
     st = data["start"]
     print(f"start: {st['command']}: {st['cold_wall_s']:.1f} s with an empty numba cache, "

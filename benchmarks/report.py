@@ -189,40 +189,48 @@ def decode_section(data: dict) -> str:
            "`compiled` is `minigpt_np.compiled.Llama` (every layer in one numba call per token, byte-dot "
            "kernels on the stored blocks, F32 on a float32 kernel); `numpy` is the reference `llama.forward`.",
            "", "| engine | type | weights read per token | prompt tokens/s | decode tokens/s | × compiled F32 | "
-           "× NumPy f32 | weight GB/s (share of F32's) | per token: products / attention / rest (ms) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "× NumPy f32 | weight GB/s (share of F32's) | llama.cpp tg64 tokens/s (ours ×) | "
+           "per token: products / attention / rest (ms) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    lb = data.get("llama_bench")
+    if lb:
+        out[0] += (f" llama.cpp: `{lb['command']}` (build {lb['build_commit']}) on the same file, run in each "
+                   f"round beside ours (`--llama-bench PATH`), median of {data['rounds']} runs.")
     f32 = next(r for r in comp if r["type"] == "F32")
     for r in rows:
         mb = f"{r['weight_bytes'] / 1e6:.0f} MB" if "weight_bytes" in r else ""
         gbs = f"{r['gbs']:.1f} ({100 * r['gbs'] / f32['gbs']:.0f}%)" if "gbs" in r else ""
+        lbc = (f"{r['llama_bench_tokens_per_s']:.1f} ({r['x_llama_bench']:.2f}×)"
+               if r.get("llama_bench_tokens_per_s") else "")
         b = r.get("breakdown_ms")
         parts = f"{b['products']:.2f} / {b['attention']:.2f} / {b['rest']:.2f}" if b else ""
         out.append(f"| {r['engine']} | {r['type']} | {mb} | {r['prompt_tokens_per_s']:.0f} "
                    f"({r['prompt_p90_tokens_per_s']:.0f}) | "
                    f"{r['decode_tokens_per_s']:.1f}{p90(r)} | {r['x_compiled_f32']:.2f} | {r['x_numpy_f32']:.2f} | {gbs} | "
-                   f"{parts} |")
+                   f"{lbc} | {parts} |")
     out += ["", f"Decode speed follows the bytes read: {f32['weight_bytes'] / 1e6:.0f} MB of F32 weights per "
             f"token at {f32['gbs']:.1f} GB/s, against "
             + ", ".join(f"{r['weight_bytes'] / 1e6:.0f} MB for {r['type']} ({r['gbs']:.1f} GB/s, "
                         f"{100 * r['gbs'] / f32['gbs']:.0f}% of F32's)" for r in comp if r["type"] != "F32")
-            + ". The quantized steps read below F32's pace, the 4-bit ones well below: their weight products "
-            "are bound more by the kernels' work per row (SmolLM2's rows are 576 or 1536 wide, so the per-row "
-            "part of the work counts) than by memory, which is why their ratio to F32 moves from run to run "
-            "with the share of memory bandwidth and of compute this shared host gives each at the time"
+            + ". The byte-dot kernels hold eight rows interleaved (one 32-byte load: four codes of each "
+            "row, dotted against four bytes of x broadcast to every lane), so a lane is a row's sum and a block "
+            "of eight rows costs eight byte dots and one scale multiply-add; the step runs as one team of "
+            "threads with a barrier after each product. How close a quantized step comes to F32's rate moves "
+            "from run to run with the memory bandwidth this shared host gives at the time: F32's read rate "
+            "follows it, the 4-bit steps' work per byte less so"
             + ". MiniGPT's dots on the roofline are a different regime: its 13 MB of FP32 weights fit in "
             "the 32 MB L3, so its decode is not bandwidth-bound, and the seeds' 3-4x (INT8) / 5-6x (INT4) "
             "prediction applies to models that do not fit in cache, such as SmolLM2 here."]
     speed = {(r["engine"], r["type"]): r["prompt_tokens_per_s"] for r in rows}
     ref = speed[("numpy", "f32")]
-    out += ["", "The prompt runs in blocks of 16 tokens on the byte-dot kernels' tile path (2 rows × 4 tokens "
-            "per pass, scales decoded once per row): "
+    out += ["", "The prompt runs in blocks of 16 tokens on the byte-dot kernels' tile path (8 interleaved rows × "
+            "4 tokens per code load, scales decoded once per group of rows): "
             + ", ".join(f"{t} {speed[('compiled', t)] / ref:.2f}×" for (e, t) in speed if e == "compiled" and t != "F32")
             + " the tokens/s of the NumPy f32 path, whose products are OpenBLAS sgemm on the whole prompt "
-            f"(kernel tier `{data.get('tier', 'avx2')}` on this machine). Per 32-weight block and token the tile issues "
-            "one `vpdpbusd` (tier `vnni`) or `vpmaddubsw` + `vpmaddwd` (tier `avx2`), a convert and a "
-            "multiply-add by the block's scale on 256-bit registers: 3 or 4 vector operations per 32 "
-            "products, where sgemm needs four 8-wide FMAs on AVX2. So on tier `avx2` the int8 prompt about "
-            "draws level with sgemm, and its lead comes with `vnni` (`REFQUANT_KERNEL_TIER=avx2` forces the "
+            f"(kernel tier `{data.get('tier', 'avx2')}` on this machine). Per 32 products the tile issues one "
+            "`vpdpbusd` (tier `vnni`) or `vpmaddubsw` + `vpmaddwd` + `vpaddd` (tier `avx2`) on 256-bit "
+            "registers, and per 256 (a block of eight rows, one token) one convert and one multiply-add by the "
+            "rows' scales, where sgemm needs four 8-wide FMAs per 32 (`REFQUANT_KERNEL_TIER=avx2` forces the "
             "other tier; see `refquant.kernels.simd`)."]
     return "\n".join(out)
 

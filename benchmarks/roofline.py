@@ -81,12 +81,77 @@ def run(quick: bool = False) -> dict:
             d["intensity"] = d["flops"] / d["weight_bytes"]
             d["gflops"] = d["flops"] / (d["ms"] * 1e-3) / 1e9
             dots.append(d)
+    smol = smollm2_dots() if quick else smollm2_decode()
+    lbench = llama_bench_dots()
+    two = max(runs, key=lambda r: r["threads"])
+    for d in smol + lbench:     # the roof is the fastest reader: the decode steps' own read rates too
+        gbs = d["gflops"] / d["intensity"]
+        if gbs > two["read_bandwidth"]["best_gbs"] and not d.get("other_host"):
+            two["read_bandwidth"] = dict(two["read_bandwidth"], best_gbs=gbs, reader=d["reader"])
     bw = max(runs, key=lambda r: r["read_bandwidth"]["best_gbs"])["read_bandwidth"]
     peak = found["sgemm_peak"]
     return dict(benchmark="roofline", quick=quick, machine=machine(), runs=runs, read_bandwidth=bw, sgemm=peak,
                 int8_dot=found["int8_dot_peak"], ridge_flop_per_byte=peak["gflops"] / bw["best_gbs"],
                 kernel_shape=list(shape), dots=dots, decode_dots=found["minigpt_decode"],
-                smollm2_dots=smollm2_dots())
+                smollm2_dots=smol, llama_bench_dots=lbench)
+
+
+def smollm2_decode(n: int = 16, rounds: int = 3) -> list[dict]:
+    """SmolLM2 decode per type measured here, in this run (``benchmarks.decode``'s files,
+    check and lockstep: ``n`` tokens after its prompt, ``rounds`` rounds, all threads): the
+    dots ``smollm2_dots`` reads from ``decode.json`` otherwise."""
+    import tempfile
+    from pathlib import Path
+
+    import numba
+
+    from benchmarks import decode
+    from minigpt_np import compiled, llama
+    from minigpt_np.tokenizer import Tokenizer
+
+    src = llama.default_model()
+    sessions, bytes_ = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = decode.write_files(src, Path(tmp), decode.TYPES)
+        for t, path in paths.items():
+            params, cfg, meta = llama.load(path, dtype="stored")
+            sess = compiled.Llama(params, cfg, n_ctx=128)
+            tok = Tokenizer(meta)
+            decode.verify(params, cfg, sess, tok.encode(llama.reference_text())[:16])
+            sessions[t], bytes_[t] = sess, sess.weight_bytes
+        ids = tok.encode(decode.PROMPT)
+        times = {t: [] for t in sessions}
+        for _ in range(rounds):
+            got, _ = decode.lockstep(sessions, ids, n)
+            for t in sessions:
+                times[t] += got[t]
+    flops = decode.flops_per_token(params)
+    out = []
+    for t, ts in times.items():
+        tps = 1 / float(np.median(ts))
+        gbs = bytes_[t] * tps / 1e9
+        out.append(dict(label=f"SmolLM2 {t}: {tps:.0f} tok/s, {gbs:.1f} GB/s", type=t, tokens_per_s=tps,
+                        weight_bytes=bytes_[t], intensity=flops / bytes_[t], gflops=flops * tps / 1e9,
+                        other_host=False, host=machine().get("cpu"), threads=numba.get_num_threads(),
+                        reader=f"SmolLM2 {t} decode step"))
+    return out
+
+
+def llama_bench_dots(here: dict | None = None) -> list[dict]:
+    """llama.cpp's tg64 per type from ``decode.json`` (``benchmarks.decode --llama-bench``),
+    on SmolLM2's weight bytes, when that file was measured on this CPU (else none: another
+    host's llama.cpp says nothing about this roof)."""
+    try:
+        data = common.read_json("decode")
+    except FileNotFoundError:
+        return []
+    flops = data.get("flops_per_token")
+    if not data.get("llama_bench") or not flops or data.get("machine", {}).get("cpu") != (here or machine()).get("cpu"):
+        return []
+    return [dict(label=f"llama.cpp {r['type']}: {r['llama_bench_tokens_per_s']:.0f} tok/s", type=r["type"],
+                 tokens_per_s=r["llama_bench_tokens_per_s"], intensity=flops / r["weight_bytes"],
+                 gflops=flops * r["llama_bench_tokens_per_s"] / 1e9, reader=f"llama.cpp {r['type']} tg64")
+            for r in data["results"] if r.get("engine") == "compiled" and r.get("llama_bench_tokens_per_s")]
 
 
 def minigpt_decode(repeats: int, schemes=("fp32", "int8_channel", "int4_g128")) -> list[dict]:
@@ -198,6 +263,13 @@ def plot(data: dict, path) -> None:
                                                                  f"{smol[0]['host']}" if away else ""))
         ax.scatter([], [], marker="*", color="0.3", label="MiniGPT decode, compiled step, 1 thread: fits in L3, "
                                                             "not bandwidth-bound")
+    for d in data.get("llama_bench_dots", []):
+        ax.scatter(d["intensity"], d["gflops"], marker="x", s=60, color="tab:blue", zorder=4, lw=1.2)
+    if data.get("llama_bench_dots"):
+        ax.scatter([], [], marker="x", color="tab:blue", lw=1.2,
+                   label="llama.cpp llama-bench tg64 on the same SmolLM2 files, 2 threads (decode.json, this CPU): "
+                         + ", ".join(f"{d['type']} {d['tokens_per_s']:.0f}" for d in data["llama_bench_dots"])
+                         + " tok/s")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(0.05, 200)

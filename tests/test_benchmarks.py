@@ -194,6 +194,28 @@ def test_decode_quick(out_dirs):
     assert q["breakdown_ms"]["products"] > 0 and q["check"]["rms_gap"] <= q["check"]["bound"]
 
 
+def test_llama_bench_runs_tg_on_the_file_and_its_json_is_read(tmp_path):
+    """``decode.llama_bench`` runs llama-bench as its docstring says (tg n, no prompt, one
+    repetition, the thread count given, JSON out) and reads avg_ts; a failing run raises."""
+    import sys
+
+    from benchmarks import decode
+
+    exe = tmp_path / "llama-bench"
+    exe.write_text(f"#!{sys.executable}\nimport json, sys\na = sys.argv[1:]\n"
+                   "opt = lambda k: a[a.index(k) + 1]\n"
+                   "if opt('-p') != '0' or opt('-r') != '1' or opt('-o') != 'json': sys.exit(2)\n"
+                   "print(json.dumps([dict(build_commit='0c1e570', avg_ts=100.0 + int(opt('-n')) + int(opt('-t')),"
+                   " model_size=7, model_filename=opt('-m'))]))\n")
+    exe.chmod(0o755)
+    r = decode.llama_bench(str(exe), tmp_path / "m.gguf", 3, 8)
+    assert r["tokens_per_s"] == 111.0 and r["build_commit"] == "0c1e570"
+    assert r["command"][r["command"].index("-m") + 1] == str(tmp_path / "m.gguf")
+    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.stderr.write('no model')\nsys.exit(1)\n")
+    with pytest.raises(RuntimeError, match="no model"):
+        decode.llama_bench(str(exe), tmp_path / "m.gguf", 2)
+
+
 def test_tokenizer_quick(out_dirs):
     from benchmarks import tokenizer
     tokenizer.main(["--quick"])

@@ -460,3 +460,18 @@ def test_cache_key_covers_the_build_and_the_kernel_sources(monkeypatch):
     a, b = index("k1"), index("k2")
     monkeypatch.setattr(_cache, "_source_hash", lambda: "edited")
     assert len({a, b, index("k1")}) == 3
+
+
+def test_row_stacking_parts_whose_rows_do_not_fill_groups_repacks_them():
+    """``concat_rows``: parts of 8k rows stack their groups; others are repacked, and either
+    way the logical fields are the parts' one after the other."""
+    rng = np.random.default_rng(5)
+    bd = kernels.bytedot
+    for rows in ((8, 16), (5, 3, 9), (8, 13)):
+        parts = [bd.pack_codes(rng.integers(0, 32, (r, 64)).astype(np.uint8), "u5", 64,
+                               d=rng.integers(0, 30000, (r, 2)).astype(np.uint16), dshift=0, offset=bd.OFFSET_NONE)
+                 for r in rows]
+        cat = bd.concat_rows(parts)
+        assert cat.shape == (sum(rows), 64) and cat.qs.shape[0] == -(-sum(rows) // 8)
+        for f in ("codes", "d"):
+            np.testing.assert_array_equal(cat.logical()[f], np.concatenate([p.logical()[f] for p in parts]))

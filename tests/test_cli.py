@@ -133,6 +133,7 @@ NUMERIC_OPTIONS = [   # (module, the other arguments, option, the values of the 
     ("benchmarks.schemes", [], "--size", ()),
     ("benchmarks.quantize", [], "--repeats", ()),
     ("benchmarks.pareto", [], "--limit", ()),
+    ("benchmarks.decode", [], "-n", ()),
 ]
 
 

@@ -520,3 +520,62 @@ def test_minigpt_numpy_session_and_the_compiled_one_hold_the_same_cache():
     with pytest.raises(ValueError, match="pos must be an integer"):
         comp.pos = -1
 
+
+
+def test_the_step_gives_the_same_logits_on_any_number_of_threads(tiny):
+    """The team splits each product by whole row groups and leaves every row's arithmetic
+    alone, so one, two and three threads give the same logits bit for bit (prefill in
+    blocks, the tile kernel, and steps)."""
+    import numba
+
+    ps, _ = tiny
+    before = numba.get_num_threads()
+    got = []
+    try:
+        for nt in sorted({1, 2, min(3, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(nt)
+            s = compiled().Llama(ps, TINY)
+            got.append(np.concatenate([s.prefill(IDS[:6]), s.step(3)[None], s.step(11)[None]]))
+    finally:
+        numba.set_num_threads(before)
+    for g in got[1:]:
+        np.testing.assert_array_equal(g, got[0])
+
+
+def test_a_team_forms_from_the_threads_that_run_and_its_barrier_waits_for_all():
+    """``threads.join``: a thread alone (a region run serially) closes the team after its
+    wait and works as a team of one; a thread coming after that is turned away. In a
+    parallel region, every member's writes before a barrier are seen after it."""
+    from numba import njit, prange
+
+    from refquant.kernels import threads
+
+    @njit
+    def alone(sync):
+        return threads.join(sync, 4)
+
+    sync = threads.team_sync()
+    assert alone(sync) == (0, 1)
+    assert alone(sync) == (-1, 0)
+
+    @njit(parallel=True)
+    def region(nt, sync, a, seen):
+        for i in prange(nt):
+            tid, m = threads.join(sync, nt)
+            if tid >= 0:
+                k = 0
+                for r in range(50):
+                    a[tid] = r + 1
+                    k = threads.barrier(sync, m, k)
+                    s = 0
+                    for j in range(m):
+                        s += a[j]
+                    seen[tid, r] = s
+                    k = threads.barrier(sync, m, k)
+        return sync[0] & ((1 << 40) - 1)
+
+    a = np.zeros(8, np.int64)
+    seen = np.zeros((8, 50), np.int64)
+    m = region(2, threads.team_sync(), a, seen)
+    assert 1 <= m <= 2
+    np.testing.assert_array_equal(seen[:m], np.tile(m * np.arange(1, 51), (m, 1)))

@@ -26,13 +26,13 @@ stored width (fp16, uint8 sub-scales), so a kernel reads the format's own bits p
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
 
 from refquant.kernels import _cache
+from refquant.kernels.simd import f32_bits, f32_from_bits
 
 OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2
 _OFFSETS = {"none": OFFSET_NONE, "const": OFFSET_CONST, "min": OFFSET_MIN}   # ByteDotLayout.offset
@@ -244,18 +244,20 @@ def pack_affine(qt) -> Packed:
 def f16_round(v):
     """float32 ``v`` rounded to the nearest fp16 value (ties to even; Inf beyond 65504),
     as float32: ``np.float32(np.float16(v))`` in numba code. An fp16 number has 11
-    significant bits, so its spacing in [2^(e-1), 2^e) is 2^(e-11), and never below the
-    subnormal spacing 2^-24; scaling by a power of two is exact, so ``rint`` does the
-    rounding."""
-    a = abs(np.float64(v))
-    if a == 0.0 or not np.isfinite(a):
+    significant bits, so its spacing in [2^E, 2^(E+1)) is s = 2^(E-10), and never below the
+    subnormal spacing 2^-24. Adding ``magic = s·2^23`` and subtracting it again rounds |v|
+    to a multiple of s in float32's own round-to-nearest-even (the sum's last mantissa bit
+    is worth s, and magic/s is even), with no library call. Not under fastmath, which
+    would fold the two operations away."""
+    a = abs(v)
+    if not a < np.float32(np.inf):
         return v
-    e = math.frexp(a)[1]
-    ue = max(e - 11, -24)
-    r = math.ldexp(np.rint(math.ldexp(a, -ue)), ue)
-    if r > 65504.0:
-        r = np.inf
-    return np.float32(math.copysign(r, v))
+    e = min(max(f32_bits(a) >> 23, np.int32(113)), np.int32(142))   # 2^-14 <= 2^(e-127) <= 2^15
+    magic = f32_from_bits(np.int32((e + 13) << 23))
+    r = (a + magic) - magic
+    if r > np.float32(65504.0):
+        r = np.float32(np.inf)
+    return r if f32_bits(v) >= 0 else -r        # the sign bit: -0.0 stays -0.0
 
 
 @_cache.jit(None, error_model="numpy")   # on disk, a damaged entry recompiled (kernels._cache)

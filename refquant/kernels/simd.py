@@ -218,6 +218,29 @@ DOTS = {
 # --- lanes ---------------------------------------------------------------------------
 
 @intrinsic
+def f32_bits(typingctx, v):
+    """The int32 bit pattern of a float32 (a bitcast)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _I32)
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 ``bits`` (a bitcast, which vectorizes
+    with the loop around it)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _F32)
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
 def zeros_i32(typingctx):
     """Eight int32 zeros."""
     def codegen(context, builder, sig, args):
