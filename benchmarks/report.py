@@ -218,9 +218,10 @@ def decode_section(data: dict) -> str:
             "threads with a barrier after each product. How close a quantized step comes to F32's rate moves "
             "from run to run with the memory bandwidth this shared host gives at the time: F32's read rate "
             "follows it, the 4-bit steps' work per byte less so"
-            + ". MiniGPT's dots on the roofline are a different regime: its 13 MB of FP32 weights fit in "
-            "the 32 MB L3, so its decode is not bandwidth-bound, and the seeds' 3-4x (INT8) / 5-6x (INT4) "
-            "prediction applies to models that do not fit in cache, such as SmolLM2 here."]
+            + ". MiniGPT's compiled decode is another regime (kept in `roofline.json`, not drawn on the "
+            "roofline): its 13 MB of FP32 weights fit in the 32 MB L3, so its decode is not bandwidth-bound, "
+            "and the seeds' 3-4x (INT8) / 5-6x (INT4) prediction applies to models that do not fit in cache, "
+            "such as SmolLM2 here."]
     speed = {(r["engine"], r["type"]): r["prompt_tokens_per_s"] for r in rows}
     ref = speed[("numpy", "f32")]
     out += ["", "The prompt runs in blocks of 16 tokens on the byte-dot kernels' tile path (8 interleaved rows × "

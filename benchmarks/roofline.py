@@ -11,11 +11,15 @@ x = FLOP per byte the kernel reads, y = GFLOP/s achieved. Batch-1 decode is a ma
 (2 FLOP per weight), so FP32 sits at 0.5 FLOP/B, INT8 near 2 and INT4 near 4: far left
 of the ridge point, where speed is bytes moved.
 
-Two kinds of whole-model dots join them: MiniGPT's decode on the compiled step
-(``minigpt_np.compiled``, one thread, FP32 / INT8 / INT4 Linears; the model fits in L3, so
-these show per-token overhead, not the roof), and SmolLM2-135M's decode per GGUF type read
-from ``benchmarks/results/decode.json`` (``python -m benchmarks.decode``, both cores):
-FLOPs per token over the weight bytes a token reads, at the measured tokens/s.
+Whole-model dots join them: SmolLM2-135M's decode per GGUF type on the compiled step,
+measured in this run (``smollm2_decode``; ``--quick``: read from
+``benchmarks/results/decode.json`` and marked when that file comes from another CPU), and
+llama.cpp's tg64 on the same files from ``decode.json`` when it was measured on this CPU
+(``benchmarks.decode --llama-bench``): FLOPs per token over the weight bytes a token
+reads, at the measured tokens/s. The 2-thread roof is the fastest reader of the run,
+these decode steps included. MiniGPT's compiled decode (one thread, FP32 / INT8 / INT4
+Linears) is measured too (``decode_dots`` in the JSON) but not drawn: its 13 MB of weights
+fit in L3, so it reads faster than any memory roof and would sit above it.
 
 Writes ``benchmarks/results/roofline.json`` and draws ``figures/roofline.png`` from it.
 """
@@ -244,10 +248,6 @@ def plot(data: dict, path) -> None:
                        zorder=3)
             label += f", 2T {two['x_fp32']:.1f}x ({two['pct_of_bandwidth']:.0f}%)"
         ax.scatter([], [], marker=mk, color=c, edgecolor="k", lw=0.4, label=label)
-    for i, d in enumerate(data.get("decode_dots", [])):
-        ax.scatter(d["intensity"], d["gflops"], marker="*", s=80, zorder=3, color="0.3")
-        ax.annotate(d["label"], (d["intensity"], d["gflops"]), fontsize=7, textcoords="offset points",
-                    xytext=(-6, 4) if i == 0 else (6, 4 if i % 2 == 0 else -12), ha="right" if i == 0 else "left")
     smol = sorted(data.get("smollm2_dots", []), key=lambda d: -d["gflops"])
     for i, d in enumerate(smol):   # labels stacked in a column to the right of the kernels' dots
         ax.scatter(d["intensity"], d["gflops"], marker="P", s=90, zorder=4, lw=0.5 if not d.get("other_host") else 1.2,
@@ -258,11 +258,10 @@ def plot(data: dict, path) -> None:
     if data.get("smollm2_dots"):
         away = smol[0].get("other_host")
         ax.scatter([], [], marker="P", color="none" if away else "tab:red", edgecolor="tab:red" if away else "k",
-                   lw=0.5, label="SmolLM2-135M decode, compiled step, 2 threads (benchmarks.decode): GB/s = weight "
+                   lw=0.5, label="SmolLM2-135M decode, compiled step, 2 threads ("
+                   + ("decode.json" if data.get("quick") else "measured in this run") + "): GB/s = weight "
                                  "bytes per token x tokens/s" + (f"; hollow: measured on another host, "
                                                                  f"{smol[0]['host']}" if away else ""))
-        ax.scatter([], [], marker="*", color="0.3", label="MiniGPT decode, compiled step, 1 thread: fits in L3, "
-                                                            "not bandwidth-bound")
     for d in data.get("llama_bench_dots", []):
         ax.scatter(d["intensity"], d["gflops"], marker="x", s=60, color="tab:blue", zorder=4, lw=1.2)
     if data.get("llama_bench_dots"):
