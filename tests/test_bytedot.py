@@ -41,12 +41,12 @@ def packed(qt):
     return KERNELS[qt.scheme].packed(qt)
 # in-features per scheme family: whole blocks of the format (K-quants: 256), groups of the
 # INT4 schemes; the affine INT8 ones take any length (the kernel pads to whole blocks)
-_BLOCK = {"q4_k": 256, "q5_k": 256, "q6_k": 256}
-
-
 def _unit(name: str) -> int:
-    if name in _BLOCK:
-        return _BLOCK[name]
+    t = schemes.get(name).spec.ggml_type
+    if t is not None:     # a GGML type: its block
+        from refquant.gguf.quants import ggml_type
+
+        return ggml_type(t).block_size
     if name.startswith(("q", "int4_g", "gptq_int4", "awq")):
         return {"int4_g32": 32, "int4_g64": 64}.get(name.replace("_asym", ""), 128 if "int4" in name else 32)
     return 1
@@ -250,9 +250,12 @@ def test_layout_golden():
 
 def test_repacked_bytes_are_the_formats_bits_per_weight():
     """What a matvec reads, per weight, by hand (rows a whole group of 8): Q4_0 4 + 16/32;
-    Q4_K 4 + (2+2+8+8)·8/256; Q6_K 6 + (2 + 16)·8/256; INT4 g128 4 + 16/128; Q8_0 8 + 16/32."""
+    Q4_K 4 + (2+2+8+8)·8/256; Q6_K 6 + (2 + 16)·8/256; INT4 g128 4 + 16/128; Q8_0 8 + 16/32;
+    IQ4_NL 4 + 16/32; IQ4_XS 4 + 16/256 + 8/32 (its 6-bit sub-scales read as int8: 4.3125
+    against the format's 4.25)."""
     w = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
-    expect = {"q4_0": 4.5, "q4_k": 4.625, "q6_k": 6.5625, "int4_g128": 4.125, "q8_0": 8.5, "q5_0": 5.5}
+    expect = {"q4_0": 4.5, "q4_k": 4.625, "q6_k": 6.5625, "int4_g128": 4.125, "q8_0": 8.5, "q5_0": 5.5,
+              "iq4_nl": 4.5, "iq4_xs": 4.3125}
     for name, bpw in expect.items():
         _, qt = _quantize(name, w)
         assert packed(qt).nbytes * 8 / w.size == bpw, name
@@ -343,8 +346,11 @@ def test_bad_input_raises():
         kernels.bytedot.matmul(p, np.full(64, 1e7, np.float32))
     with pytest.raises(TypeError, match="Packed"):
         kernels.bytedot.matmul(qt, np.ones(64, np.float32))
-    with pytest.raises(ValueError, match="no byte-dot kernel for IQ4_NL"):
-        quants.pack_ggml(quants.quantize(np.ones((1, 32), np.float32), "IQ4_NL"), "IQ4_NL", 32)
+    with pytest.raises(ValueError, match="no byte-dot kernel for Q2_K"):
+        quants.pack_ggml(quants.quantize(np.ones((1, 256), np.float32), "Q2_K"), "Q2_K", 256)
+    with pytest.raises(ValueError, match="'l4' takes a table of 16"):
+        kernels.bytedot.pack_codes(np.zeros((1, 32), np.uint8), "l4", 32, d=np.ones((1, 1), np.uint16), dshift=0,
+                                   offset=0, table=(128,) * 16)
     bad = quants.quantize(np.ones((1, 32), np.float32), "Q8_0")
     bad[0, 2] = 0x80                    # a crafted code -128
     with pytest.raises(ValueError, match="code -128"):

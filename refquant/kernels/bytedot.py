@@ -2,7 +2,8 @@
 the tiers and the entry points.
 
 One kernel covers INT8, INT4 (g32/g64/g128, symmetric and asymmetric), W8A8 and the ggml
-types with a ``ByteDotLayout`` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): per block
+types with a ``ByteDotLayout`` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, and IQ4_NL and
+IQ4_XS, whose nibbles index a 16-value codebook looked up in the kernel): per block
 of 32 weights an integer code times a block scale plus a block offset, multiplied by x
 rounded to llama.cpp's Q8_0. The jobs live in their own modules:
 
@@ -35,7 +36,7 @@ import numpy as np
 from refquant._checks import float_array
 from refquant.kernels import MAX_BATCH
 from refquant.kernels.layout import (  # noqa: F401  (the kernels' API: layout, packers, x rounding)
-    OFFSET_CONST, OFFSET_MIN, OFFSET_NONE, Q8_0_MAX_ABS, ROWS, Packed, _log2_blocks, _pad_cols, blocks_of_rows,
+    OFFSET_CONST, OFFSET_MIN, OFFSET_NONE, Q8_0_MAX_ABS, ROWS, SIGNED_KINDS, Packed, _log2_blocks, _pad_cols, blocks_of_rows,
     concat_rows, f16_round, pack_affine, pack_codes, pack_fields, quantize_x, quantize_x_q8_0, reference,
 )
 from refquant.kernels.rows import _build
@@ -90,7 +91,7 @@ def _layout_key(tier: str, p: Packed) -> tuple:
     """What a kernel is compiled for: the tier and every compile-time constant of the layout
     (the arguments of ``_build`` / ``_build_tiles``)."""
     return (tier, p.kind, p.sub16, p.offset, p.sc is not None, p.mn is not None, p.c, p.dshift, p.mshift,
-            p.mnshift)
+            p.mnshift, p.table)
 
 
 def kernels_for(tier: str, p: Packed):
@@ -142,7 +143,7 @@ def run(p: Packed, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, xs16: np.ndar
     mn = p.mn if p.mn is not None else _DUMMY_U8
     if xs16 is None:
         xs16 = np.zeros((2, M, 8), np.float32)
-    xa = np.abs(xq) if p.kind == "s8" else xq   # |x_q|: the unsigned operand of the signed (8-bit) path only
+    xa = np.abs(xq) if p.kind in SIGNED_KINDS else xq   # |x_q|: the unsigned operand of the signed path only
     one, batch = kernels_for(tier, p)
     (batch if M >= TILE_MIN_M else one)(p.qs, p.qh, p.d, sc, m, mn, xq, xa, dx, xs, xs16, out)
     return out

@@ -40,7 +40,8 @@ _OFFSETS = {"none": OFFSET_NONE, "const": OFFSET_CONST, "min": OFFSET_MIN}   # B
 Q8_0_MAX_ABS = 65504.0 * 127
 _ROW_SHIFT = 30   # b >> 30 == 0: one scale per row
 ROWS = 8          # rows interleaved per group
-_PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2}
+_PLANES = {"s8": 0, "u4": 0, "u5": 1, "u6": 2, "l4": 0}
+SIGNED_KINDS = ("s8", "l4")   # weights that are signed bytes once read: the dot takes |x| and w·sign(x)
 
 
 # --- the repacked form ---------------------------------------------------------------
@@ -55,7 +56,9 @@ class Packed:
         ŵ_i = d_b · u_i + m_b
 
     ``kind``: ``"s8"`` (int8 codes), ``"u4"``/``"u5"``/``"u6"`` (nibbles plus 1 or 2 bit
-    planes). ``sub16``: Q6_K's int8 sub-scale per 16 weights (``sc`` has ``2·nb`` columns).
+    planes), ``"l4"`` (nibbles that index ``table``, 16 int8 values: ŵ = d_b·table[u]; IQ4_NL,
+    IQ4_XS; the kernels look them up with one byte shuffle per 32). ``sub16``: Q6_K's int8
+    sub-scale per 16 weights (``sc`` has ``2·nb`` columns).
     Rows are zero-padded to whole groups of ``ROWS`` = 8 and to ``nb`` blocks (whole scale
     groups); ``logical()`` gives the fields above as (rows, columns) arrays.
 
@@ -86,6 +89,7 @@ class Packed:
     mn: np.ndarray | None = None
     mnshift: int = 0
     sub16: bool = False
+    table: tuple | None = None
 
     @property
     def nbytes(self) -> int:
@@ -147,7 +151,7 @@ def _f16_bits(a: np.ndarray) -> np.ndarray:
 
 
 def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: int, c: int = 0, sc=None,
-               m=None, mshift: int = 0, mn=None, mnshift: int = 0, sub16: bool = False) -> Packed:
+               m=None, mshift: int = 0, mn=None, mnshift: int = 0, sub16: bool = False, table=None) -> Packed:
     """Repack integer codes ``uint8[rows, ≥n]`` (``int8`` for ``"s8"``) with their scale fields
     (each ``[rows, columns]``, as the ``Packed`` docstring's formulas index them)."""
     rows = codes.shape[0]
@@ -155,6 +159,9 @@ def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: 
     if m is not None and mshift != dshift or mn is not None and mnshift not in (0, dshift):
         raise ValueError("the min field must share the scale's blocks (mshift == dshift, mnshift 0 or dshift)")
     G = -(-rows // ROWS)
+    if (kind == "l4") != (table is not None) or table is not None and (
+            len(table) != 16 or any(not -127 <= int(v) <= 127 for v in table)):
+        raise ValueError("kind 'l4' takes a table of 16 values in [-127, 127], and only it")
     if kind == "s8":
         q = _pad_rows(_pad_cols(np.ascontiguousarray(codes[:, :n]).view(np.int8), nb * 32), ROWS * G)
         if np.any(q == -128):   # w·sign(x) must not wrap: ggml's Q8_0 and INT8 codes lie in [-127, 127]
@@ -176,7 +183,8 @@ def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: 
         return None if a is None else _to_groups(_pad_cols(np.asarray(a), per * _scale_cols(nb, sh)))
     return Packed(kind, (rows, n), nb, np.ascontiguousarray(qs), np.ascontiguousarray(qh), scales(d, dshift),
                   int(dshift), int(offset), int(c), scales(sc, 0, 2 if sub16 else 1), scales(m, mshift),
-                  int(mshift), scales(mn, mnshift), int(mnshift), bool(sub16))
+                  int(mshift), scales(mn, mnshift), int(mnshift), bool(sub16),
+                  None if table is None else tuple(int(v) for v in table))
 
 
 def concat_rows(parts: list[Packed]) -> Packed:
@@ -196,7 +204,7 @@ def concat_rows(parts: list[Packed]) -> Packed:
     cat = {f: None if logical[0][f] is None else np.concatenate([lg[f] for lg in logical])
            for f in ("codes", "d", "sc", "m", "mn")}
     return pack_codes(cat.pop("codes"), p0.kind, p0.shape[1], dshift=p0.dshift, offset=p0.offset, c=p0.c,
-                      mshift=p0.mshift, mnshift=p0.mnshift, sub16=p0.sub16, **cat)
+                      mshift=p0.mshift, mnshift=p0.mnshift, sub16=p0.sub16, table=p0.table, **cat)
 
 
 def _log2_blocks(group: int) -> int:
@@ -214,7 +222,7 @@ def pack_fields(f: dict, layout, n: int) -> Packed:
         m = m ^ np.uint16(0x8000)
     return pack_codes(f["codes"], layout.kind, n, d=f["d"], dshift=layout.dshift, offset=_OFFSETS[layout.offset],
                       c=layout.c, sc=f.get("sc"), m=m, mshift=layout.mshift, mn=f.get("mn"), mnshift=layout.mnshift,
-                      sub16=layout.sub16)
+                      sub16=layout.sub16, table=getattr(layout, "table", None))
 
 
 def pack_affine(qt) -> Packed:
@@ -358,6 +366,8 @@ def reference(p: Packed, xq: np.ndarray, dx: np.ndarray) -> np.ndarray:
     rows, nb = p.shape[0], p.nb
     f = p.logical()
     u = f["codes"].astype(np.int64)
+    if p.table is not None:
+        u = np.asarray(p.table, np.int64)[u]
     d = _f16(f["d"])
     m = None if f["m"] is None else _f16(f["m"])
     unit = 16 if p.sub16 else 32

@@ -18,7 +18,7 @@ from numba.extending import overload
 
 from refquant.kernels import _cache
 from refquant.kernels import simd as V
-from refquant.kernels.layout import _PLANES, OFFSET_CONST, OFFSET_MIN, OFFSET_NONE, ROWS
+from refquant.kernels.layout import _PLANES, OFFSET_CONST, OFFSET_MIN, OFFSET_NONE, ROWS, SIGNED_KINDS
 from refquant.kernels.threads import Kernel
 
 # Software prefetch distance into the code stream (bytes ahead of the block being read;
@@ -27,20 +27,27 @@ PREFETCH_BYTES = 2048
 
 
 def _kind_consts(kind: str) -> tuple[int, bool]:
-    """``(PLANES, SIGNED)`` of a code kind: bit planes beyond the nibble, 8-bit signed codes."""
-    return _PLANES[kind], kind == "s8"
+    """``(PLANES, SIGNED)`` of a code kind: bit planes beyond the nibble; weights that are
+    signed bytes once read (8-bit codes, looked-up nibbles)."""
+    return _PLANES[kind], kind in SIGNED_KINDS
 
 
 # --- the SIMD building blocks (one group of 8 rows, one block of 32 weights) ------------
 
-def _unpack(PLANES: int):
+def _unpack(PLANES: int, table=None):
     """``unpack(q, hq, b, p) -> (wl, wh)``: load ``p`` (< 4) of block ``b`` of a group's
-    nibble codes ``q`` as unsigned bytes: weights ``4p..4p+3`` (``wl``) and ``16+4p..``
-    (``wh``) of the eight rows, with ``PLANES`` bit planes from ``hq`` for 5/6-bit codes."""
+    nibble codes ``q`` as bytes: weights ``4p..4p+3`` (``wl``) and ``16+4p..`` (``wh``) of
+    the eight rows, unsigned with ``PLANES`` bit planes from ``hq`` for 5/6-bit codes, or
+    ``table``'s signed values for looked-up nibbles."""
+    LUT = table is not None
+    lut = V.make_lookup(table if LUT else (0,) * 16)
+
     @njit(inline="always")
     def unpack(q, hq, b, p):
         w = V.load32(q, 128 * b + 32 * p)
         wl, wh = V.low_nibbles(w), V.high_nibbles(w)
+        if LUT:
+            return lut(wl), lut(wh)
         if PLANES >= 1:
             o = 32 * PLANES * b + 8 * p
             wl = V.or_shifted(wl, V.load_bits32(hq, o), 4)
@@ -53,18 +60,26 @@ def _unpack(PLANES: int):
     return unpack
 
 
-def _dots(tier: str, PLANES: int, SIGNED: bool):
+def _dots(tier: str, PLANES: int, SIGNED: bool, table=None):
     """``dots(q, hq, xm, am, b) -> (lo, hi)``: int32 lanes, lane ``r`` = row ``r``'s
     ``Σ u·x_q`` over weights 0-15 (``lo``) and 16-31 (``hi``) of block ``b``; ``xm`` the
     token's x_q, ``am`` its |x_q| (8-bit codes take ``dot(|x|, w·sign(x))``)."""
     dot = V.DOTS[tier]
-    unpack = _unpack(PLANES)
+    unpack = _unpack(PLANES, table)
+    LUT = table is not None
 
     @njit(inline="always")
     def dots(q, hq, xm, am, b):
         lo = V.zeros_i32()
         hi = V.zeros_i32()
         xo = 32 * b
+        if LUT:
+            for p in range(4):
+                wl, wh = unpack(q, hq, b, p)
+                o = xo + 4 * p
+                lo = dot(lo, V.bcast4(am, o), V.sign_apply(wl, V.bcast4(xm, o)))
+                hi = dot(hi, V.bcast4(am, o + 16), V.sign_apply(wh, V.bcast4(xm, o + 16)))
+            return lo, hi
         if SIGNED:
             for j in range(4):
                 o = xo + 4 * j
@@ -85,6 +100,7 @@ def _scales(sub16: bool, offset: int, has_sc: bool, has_mn: bool, dshift: int, m
     (``dg`` etc. the group's rows of each scale field): the weight scale of weights 0-15
     (``s0``) and 16-31 (``s1``; equal unless ``sub16``) and the offset coefficient ``mu``
     (``"min"``: ``m_b``; ``"const"``: ``s0``, the caller multiplies by ``-c`` once)."""
+
     @njit(inline="always", fastmath=True)
     def scales(dg, scg, mg, mng, b):
         s = V.vec8(dg, ROWS * (b >> dshift))
@@ -122,15 +138,15 @@ def _store_rows(out, mi, g, v, tmp):
             out[mi, ROWS * g + r] = tmp[r]
 
 
-def _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift):
+def _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table=None):
     """``token(q, hq, dg, scg, mg, mng, xm, am, dxm, xsm, s16a, s16b) -> F32x8``: one token
     against one group of rows, every block (lane r = y of row r)."""
     PLANES, SIGNED = _kind_consts(kind)
-    dots = _dots(tier, PLANES, SIGNED)
+    dots = _dots(tier, PLANES, SIGNED, table)
     scales = _scales(sub16, offset, has_sc, has_mn, dshift, mshift, mnshift)
     cf = -np.float32(c)
 
-    LINES = 4 if SIGNED else 2      # cache lines of codes per block
+    LINES = 4 if kind == "s8" else 2      # cache lines of codes per block
 
     @njit(inline="always", fastmath=True)
     def token(q, hq, dg, scg, mg, mng, xm, am, dxm, xsm, s16a, s16b, ahead):
@@ -168,7 +184,7 @@ def _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift
 # --- the kernels -----------------------------------------------------------------------
 
 def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn: bool, c: int,
-           dshift: int, mshift: int, mnshift: int):
+           dshift: int, mshift: int, mnshift: int, table: tuple | None = None):
     """The one-token (decode) kernel for one tier and one format, all compile-time constants.
 
     ``kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)`` writes ``out[M, rows]``; its
@@ -179,10 +195,10 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     tokens or more, ``run`` takes the tile kernel (``tiles``), compiled apart.
     """
     has_m = offset == OFFSET_MIN
-    key = ("bytedot", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
+    key = ("bytedot", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
     if tier == "numba":
-        return _build_numba(kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, key)
-    token = _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
+        return _build_numba(kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, key, table)
+    token = _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
 
     @_cache.jit(key + ("rows",), fastmath=True)
     def chunks(task, ntask, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
@@ -214,26 +230,29 @@ def _scale_reader():
     return scale
 
 
-def _build_numba(kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, key):
+def _build_numba(kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, key, table=None):
     """The pure-numba tier: the same layout and arithmetic in plain loops (the portable
     reference kernel, one thread: a parallel kernel takes 3x as long to compile, which
     every test process would pay per format)."""
-    PLANES, SIGNED = _kind_consts(kind)
+    PLANES = _PLANES[kind]
+    RAW8 = kind == "s8"
     has_m = offset == OFFSET_MIN
     scale = _scale_reader()
     cf = -np.float32(c)
+    LUT = table is not None
+    TABLE = np.array(table if LUT else (0,) * 16, np.int32)
 
     @njit(inline="always")
     def code(q, hq, b, r, j):
-        """Code ``j`` of block ``b`` of row ``r`` of a group (``Packed``'s byte order)."""
-        if SIGNED:
+        """The weight value ``j`` of block ``b`` of row ``r`` of a group (``Packed``'s byte order)."""
+        if RAW8:
             return np.int32(q[256 * b + 32 * (j >> 2) + 4 * r + (j & 3)])
         h, p, k = j >> 4, (j >> 2) & 3, j & 3
         u = (np.int32(q[128 * b + 32 * p + 4 * r + k]) >> (4 * h)) & 15
         bit = 4 * r + k
         for pl in range(PLANES):
             u |= ((np.int32(hq[32 * PLANES * b + 32 * pl + 8 * p + 4 * h + (bit >> 3)]) >> (bit & 7)) & 1) << (4 + pl)
-        return u
+        return TABLE[u] if LUT else u
 
     @_cache.jit(key, fastmath=True)
     def kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):

@@ -180,6 +180,23 @@ def sign_apply(typingctx, w, x):
     return I8x32(I8x32, I8x32), codegen
 
 
+def make_lookup(table):
+    """An intrinsic ``lut(v) -> I8x32``: each byte of ``v`` (0..15) replaced by ``table``'s
+    value at it (16 int8 values, ``vpshufb`` with the table in both 128-bit lanes)."""
+    const = ir.Constant(_V32I8, [ir.Constant(_I8, int(t) & 0xFF) for t in tuple(table) * 2])
+
+    def lut(typingctx, v):
+        if v != I8x32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I8, [_V32I8, _V32I8]),
+                                                "llvm.x86.avx2.pshuf.b")
+            return builder.call(fn, [const, args[0]])
+        return I8x32(I8x32), codegen
+    return intrinsic(lut)
+
+
 # --- the dot (the only tier-specific instructions) -------------------------------------
 
 def _dot_vnni(builder, acc, u, s):

@@ -75,7 +75,7 @@ def layout(p: Packed) -> tuple:
     """Everything about a ``Packed`` weight but its rows and values: weights with equal
     layouts row-stack, stack over layers and share one compiled kernel and apply."""
     return (p.kind, p.shape[1], p.nb, p.sub16, p.offset, p.c, p.dshift, p.mshift, p.mnshift,
-            p.sc is None, p.m is None, p.mn is None, p.d.dtype.str)
+            p.sc is None, p.m is None, p.mn is None, p.d.dtype.str, p.table)
 
 
 def part_key(part: tuple[str, object]) -> tuple:
@@ -233,7 +233,7 @@ def _make_apply(op: Operand, tier: str):
     kern = bytedot.kernel(tier, p) if tier == "numba" else None
     simd = tier != "numba"
     tile_min = bytedot.TILE_MIN_M
-    round_x = _x_rounder(p.shape[1], p.nb, p.kind == "s8", p.sub16)
+    round_x = _x_rounder(p.shape[1], p.nb, p.kind in bytedot.SIGNED_KINDS, p.sub16)
 
     @_cache.jit(ckey)
     def apply(w, l, X, out, fa):
@@ -278,7 +278,7 @@ def _make_part(op: Operand, tier: str):
     kern = bytedot.kernel(tier, p) if tier == "numba" else None
     simd = tier != "numba"
     tile_min = bytedot.TILE_MIN_M
-    round_x = _x_rounder(p.shape[1], p.nb, p.kind == "s8", p.sub16)
+    round_x = _x_rounder(p.shape[1], p.nb, p.kind in bytedot.SIGNED_KINDS, p.sub16)
 
     @_cache.jit(ckey)
     def part(w, l, X, out, fa, task, ntask):

@@ -21,7 +21,7 @@ TILE_MIN_M = 4   # from this many tokens on, ``run`` takes the tile kernel (SIMD
 
 
 def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn: bool, c: int,
-                 dshift: int, mshift: int, mnshift: int):
+                 dshift: int, mshift: int, mnshift: int, table: tuple | None = None):
     """The prefill kernel of one format (``kernel``'s signature and result, up to the order
     of its float epilogue; module docstring). ``chunks(t, nt, ...)``: task ``t`` of ``nt``,
     a contiguous run of row groups with its own scratch."""
@@ -30,11 +30,12 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     PLANES, SIGNED = _kind_consts(kind)
     has_m = offset == OFFSET_MIN
     dot = V.DOTS[tier]
-    unpack = _unpack(PLANES)
+    unpack = _unpack(PLANES, table)
     scales = _scales(sub16, offset, has_sc, has_mn, dshift, mshift, mnshift)
-    token = _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
+    token = _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
     cf = np.float32(-c) if offset == OFFSET_CONST else np.float32(1)
-    key = ("bytedot.tiles", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift)
+    key = ("bytedot.tiles", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
+    RAW8 = kind == "s8"     # signed bytes as stored; other signed kinds are looked-up nibbles
 
     @njit(inline="always")
     def sdot(acc, w, xm, am, o):
@@ -95,8 +96,11 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                     for p in range(4):
                         o = xo + 4 * p
                         if SIGNED:
-                            wl = V.load32(q, 256 * b + 32 * p)
-                            wh = V.load32(q, 256 * b + 32 * p + 128)
+                            if RAW8:
+                                wl = V.load32(q, 256 * b + 32 * p)
+                                wh = V.load32(q, 256 * b + 32 * p + 128)
+                            else:
+                                wl, wh = unpack(q, hq, b, p)
                             l0, l1 = sdot(l0, wl, x0, y0, o), sdot(l1, wl, x1, y1, o)
                             l2, l3 = sdot(l2, wl, x2, y2, o), sdot(l3, wl, x3, y3, o)
                             h0, h1 = sdot(h0, wh, x0, y0, o + 16), sdot(h1, wh, x1, y1, o + 16)

@@ -132,7 +132,8 @@ def ggml_type(t) -> GGMLType:
 @dataclass(frozen=True)
 class ByteDotLayout:
     """How the byte-dot kernels read a type's blocks (``refquant.kernels.bytedot.pack_codes``):
-    integer codes ``u`` of ``kind`` (``"s8"``, ``"u4"``, ``"u5"``, ``"u6"``) per block of 32,
+    integer codes ``u`` of ``kind`` (``"s8"``, ``"u4"``, ``"u5"``, ``"u6"``; ``"l4"``: a nibble
+    that indexes ``table``, 16 signed values, so ŵ = d·table[u]) per block of 32,
     its scale ``d`` shared by ``2^dshift`` blocks (times ``sc``, when the type's fields have
     one), and the offset: ``"none"`` (ŵ = d·u), ``"const"`` (ŵ = d·(u − c)) or ``"min"``
     (ŵ = d·u + m·mn, ``m`` the fields entry named, negated when ``negate_m``: the K types
@@ -147,6 +148,7 @@ class ByteDotLayout:
     mshift: int = 0
     mnshift: int = 0
     sub16: bool = False     # Q6_K: an int8 sub-scale per 16 weights
+    table: tuple | None = None   # "l4": the 16 int8 values a nibble indexes
 
 
 @dataclass(frozen=True)
@@ -359,6 +361,8 @@ def block_fields(raw, type_name: str, n: int) -> dict:
     * Q8_0, Q4_0, Q5_0: ``d`` per 32.  Q4_1, Q5_1: ``d`` and ``m`` per 32.
     * Q4_K, Q5_K: ``d`` and ``dmin`` per 256, ``sc`` and ``mn`` (uint8, 6-bit) per 32.
     * Q6_K: ``d`` per 256, ``sc`` (int8) per 16.
+    * IQ4_NL: ``d`` per 32, codes the nibbles (indices into ``KVALUES_IQ4NL``).  IQ4_XS:
+      ``d`` per 256, ``sc`` (int8, ls − 32) per 32.
 
     Each type's dequantization is ``d·(codes - offset)``, ``d·codes + m`` or
     ``d·sc·codes - dmin·mn`` per element, exactly as ``dequantize`` computes it.

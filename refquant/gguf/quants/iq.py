@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from refquant.gguf.quants.core import (
-    F32, GROUP_MAX_EPS, KVALUES_IQ4NL, as_u16, best_index, f16_bytes, f16_value, first_absmax, inv,
-    join_nibbles, nearest_int, register_format, register_scheme, seqsum, split_nibbles,
+    F32, GROUP_MAX_EPS, KVALUES_IQ4NL, ByteDotLayout, as_u16, best_index, f16_bytes, f16_field, f16_value,
+    first_absmax, inv, join_nibbles, nearest_int, register_format, register_scheme, seqsum, split_nibbles,
 )
 
 
@@ -83,8 +83,25 @@ def _diq4_xs(b):
     return (dl[:, :, None] * q).reshape(B, 256)
 
 
-register_format("IQ4_NL", _iq4_nl, _diq4_nl, levels=16, code_fields=[(2, 18, "nibble")], scale_factor=127)
-register_format("IQ4_XS", _iq4_xs, _diq4_xs, levels=16, code_fields=[(8, 136, "nibble")], scale_factor=4064)
+def _fields_iq4_nl(b):   # codes: the nibbles (indices into the codebook), d per 32
+    return {"codes": split_nibbles(b[:, 2:]).astype(np.uint8), "d": f16_field(b, 0)}
+
+
+def _fields_iq4_xs(b):   # codes: the nibbles, d per 256, sc = ls - 32 (int8) per 32
+    B = b.shape[0]
+    sh = as_u16(b[:, 2:4])
+    sl = b[:, 4:8]
+    lo = np.stack([sl & 0xF, sl >> 4], axis=2).reshape(B, 8).astype(np.int32)
+    hi = ((sh[:, None] >> (2 * np.arange(8, dtype=np.uint32))) & 3).astype(np.int32)
+    codes = split_nibbles(b[:, 8:].reshape(B * 8, 16)).reshape(B, 256)
+    return {"codes": codes.astype(np.uint8), "d": f16_field(b, 0), "sc": ((lo | (hi << 4)) - 32).astype(np.int8)}
+
+
+_LUT = ByteDotLayout("l4", table=tuple(int(v) for v in KVALUES_IQ4NL))
+register_format("IQ4_NL", _iq4_nl, _diq4_nl, levels=16, code_fields=[(2, 18, "nibble")], scale_factor=127,
+                fields=_fields_iq4_nl, byte_dot=_LUT)
+register_format("IQ4_XS", _iq4_xs, _diq4_xs, levels=16, code_fields=[(8, 136, "nibble")], scale_factor=4064,
+                fields=_fields_iq4_xs, byte_dot=ByteDotLayout("l4", dshift=3, table=_LUT.table))
 
 
 # the registered schemes (refquant.schemes) of these types
