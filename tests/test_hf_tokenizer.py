@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from refquant.hf import tokenizer as hf_tokenizer
@@ -121,8 +121,14 @@ def smollm2_pair(smollm2_meta, tmp_path_factory):
 @pytest.mark.oracle
 @settings(max_examples=150, deadline=None)
 @given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))
-def test_tokenizers_agrees_on_any_text(smollm2_pair, text):
+def test_tokenizers_agrees_on_any_text(smollm2_pair, smollm2_meta, text):
+    """Any text without a special token's string in it (``tokenizers`` always splits those
+    out as added tokens; llama.cpp's tokenizer, like ours, reads them as text unless asked
+    to parse specials; Hypothesis draws such strings from the code it has seen)."""
     theirs, ours = smollm2_pair
+    specials = [t for t, ty in zip(smollm2_meta["tokenizer.ggml.tokens"], smollm2_meta["tokenizer.ggml.token_type"])
+                if ty in (3, 4)]     # CONTROL, USER_DEFINED
+    assume(not any(s in text for s in specials))
     if ours.representable(text):   # SmolLM2 lacks 21 byte tokens; llama.cpp drops such bytes, tokenizers too
         assert theirs.encode(text).ids == ours.encode(text)
 
