@@ -380,11 +380,11 @@ class _Compiled(CacheSession):
                                   flat=_flat(run_norms, run_biases, [[op.arrays for op in role] for role in ops]),
                                   fas=_addresses(ops, tier), norms=run_norms, start=a, stop=b))
         hop = stacked.stack([stacked.layer_weight([head_lin])])
-        a_head = stacked.make_concat_apply([hop], tier)
+        a_head = stacked.make_apply(hop, tier)
         key = ("compiled.head", tier, hop.key(), llama, eps)
         self.head_fn = _compiled(key, lambda: _build_head(key, a_head, norm))
-        self.head_w, self.final_norm = (hop.arrays,), final_norm
-        self.head_fa = stacked.concat_addresses([hop], tier)
+        self.head_w, self.final_norm = hop.arrays, final_norm
+        self.head_fa = stacked.addresses(hop, tier)
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
         self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx)

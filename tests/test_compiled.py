@@ -101,11 +101,11 @@ def test_stacked_apply_is_the_kernel_linear_calls(kind):
     rng = np.random.default_rng(3)
     lins = [_kernel_weight(rng, kind, (40, 256)) for _ in range(2)]
     op = stacked.stack([stacked.layer_weight([lin]) for lin in lins])
-    apply = stacked.make_concat_apply([op])
+    apply = stacked.make_apply(op)
     for T in (1, 3, 5):
         X = rng.standard_normal((T, 256)).astype(np.float32)
         out = np.empty((T, 40), np.float32)
-        apply((op.arrays,), 1, X, out, stacked.concat_addresses([op]))
+        apply(op.arrays, 1, X, out, stacked.addresses(op))
         np.testing.assert_array_equal(out, bytedot.matmul(lins[1].packed(), X))
 
 
@@ -114,15 +114,19 @@ def test_parts_that_do_not_row_stack_fill_their_own_columns():
 
     rng = np.random.default_rng(4)
     X = rng.standard_normal((2, 256)).astype(np.float32)
-    for rows in ((24, 8, 16), (8, 40, 8)):   # the same layouts again: one compiled apply, any rows
+    for rows in ((24, 8, 16), (8, 40, 8)):   # the same layouts again: one compiled part, any rows
         lins = [_kernel_weight(rng, k, (r, 256)) for k, r in zip(("Q4_0", "Q8_0", "Q6_K"), rows)]
         parts = stacked.layer_parts(lins)
         assert len(parts) == 3          # three layouts: no row-stacking
         ops = [stacked.stack([p]) for p in parts]
         out = np.empty((2, sum(rows)), np.float32)
-        stacked.make_concat_apply(ops)(tuple(op.arrays for op in ops), 0, X, out, stacked.concat_addresses(ops))
+        fas = stacked.concat_addresses(ops)
         want = np.concatenate([bytedot.matmul(lin.packed(), X) for lin in lins], axis=1)
-        np.testing.assert_array_equal(out, want)
+        for ntask in (1, 2, 3):     # every member's share of each part in its own columns
+            out[:] = np.nan
+            for task in range(ntask):
+                stacked.make_concat_part(ops)(tuple(op.arrays for op in ops), 0, X, out, fas, task, ntask)
+            np.testing.assert_array_equal(out, want)
     same = stacked.layer_parts([_kernel_weight(rng, "Q4_0", (r, 256)) for r in (8, 4)])
     assert len(same) == 1 and same[0][1].shape == (12, 256)
 

@@ -7,11 +7,13 @@ SmolLM2 token). Instead, the weights of one role (say every layer's fused q/k/v)
 one ``Operand``: the byte-dot layout of ``bytedot.Packed`` with a leading layer axis, or
 a float32 stack, and ``make_apply(op)`` returns an ``@njit`` function::
 
-    apply(w, l, X, out)     # out[:T] = X Ŵ_lᵀ for X (T <= kernels.MAX_BATCH, n) float32
+    apply(w, l, X, out, fa)     # out[:T] = X Ŵ_lᵀ for X (T <= kernels.MAX_BATCH, n) float32
 
 that rounds X to Q8_0 blocks with ``bytedot.quantize_x``, the one Q8_0 rounder (the block
 scale rounded to fp16 by ``f16_round``, tested bit-identical to NumPy's cast), and calls
-the same compiled kernel ``bytedot.matmul`` calls. So a model step built from these computes,
+the same compiled kernel ``bytedot.matmul`` calls, over all threads; ``make_part(op)`` is
+the same product split over a team of threads (``threads.join``), each member computing
+its share of row groups on its own thread. So a model step built from these computes,
 Linear by Linear, what the NumPy reference computes with ``Linear`` objects.
 
 Which Linears have an operand (``operand_kind``, which the Linear answers): float32
@@ -222,6 +224,14 @@ def _x_rounder(n: int, nb: int, signed: bool, sub16: bool):
     return round_x
 
 
+def _packed_consts(op: Operand, tier: str):
+    """What an apply or a part of a packed operand is compiled with: ``(the numba tier's
+    kernel or None, SIMD tier?, TILE_MIN_M, round_x)``."""
+    p = op.template
+    return (bytedot.kernel(tier, p) if tier == "numba" else None, tier != "numba", bytedot.TILE_MIN_M,
+            _x_rounder(p.shape[1], p.nb, p.kind in bytedot.SIGNED_KINDS, p.sub16))
+
+
 def _make_apply(op: Operand, tier: str):
     ckey = ("stacked.apply", tier, op.key())
     if op.kind == "f32":
@@ -229,11 +239,7 @@ def _make_apply(op: Operand, tier: str):
         def apply_f32(w, l, X, out, fa):
             _matmul_at(fa[0])(w[0][l], X, out)
         return apply_f32
-    p = op.template
-    kern = bytedot.kernel(tier, p) if tier == "numba" else None
-    simd = tier != "numba"
-    tile_min = bytedot.TILE_MIN_M
-    round_x = _x_rounder(p.shape[1], p.nb, p.kind in bytedot.SIGNED_KINDS, p.sub16)
+    kern, simd, tile_min, round_x = _packed_consts(op, tier)
 
     @_cache.jit(ckey)
     def apply(w, l, X, out, fa):
@@ -274,11 +280,7 @@ def _make_part(op: Operand, tier: str):
             matmul_f32_rows(w[0][l], X, out, lo, hi)
             return lo, hi
         return part_f32
-    p = op.template
-    kern = bytedot.kernel(tier, p) if tier == "numba" else None
-    simd = tier != "numba"
-    tile_min = bytedot.TILE_MIN_M
-    round_x = _x_rounder(p.shape[1], p.nb, p.kind in bytedot.SIGNED_KINDS, p.sub16)
+    kern, simd, tile_min, round_x = _packed_consts(op, tier)
 
     @_cache.jit(ckey)
     def part(w, l, X, out, fa, task, ntask):
@@ -299,8 +301,10 @@ def _make_part(op: Operand, tier: str):
 
 def make_concat_part(ops: list[Operand], tier: str | None = None):
     """``part(ws, l, X, out, fas, task, ntask)``: ``make_part`` for the row-concatenation of
-    ``ops`` (as ``make_concat_apply``): each part's share of rows goes to its own columns
-    of ``out``, by the thread that computed them."""
+    ``ops`` (1 to 3 parts; ``ws`` the tuple of their ``arrays``, ``fas`` the stack of their
+    ``addresses``): each part's share of rows goes to its own columns of ``out``, by the
+    thread that computed them (a file mixing types within a role, such as Q4_K_M's Q6_K
+    attn_v, has parts that do not row-stack)."""
     tier = tier or bytedot.backend()
     key = (tier, "concat-part", tuple(op.key() for op in ops))
     if key not in _PARTS:
@@ -354,48 +358,6 @@ def layer_parts(lins: list) -> list[tuple[str, object]]:
         return [layer_weight([lin]) for lin in lins]
 
 
-def make_concat_apply(ops: list[Operand], tier: str | None = None):
-    """``apply(ws, l, X, out, fas)`` for the row-concatenation of ``ops`` (1 to 3 parts; ``ws``
-    the tuple of their ``arrays``, ``fas`` the stack of their ``addresses``): each part's
-    product goes to its own columns of ``out``. Built once per tier and layouts, then kept."""
-    tier = tier or bytedot.backend()
-    key = (tier, "concat", tuple(op.key() for op in ops))
-    if key not in _APPLIES:
-        _APPLIES[key] = _make_concat_apply(ops, tier)
-    return _APPLIES[key]
-
-
 def concat_addresses(ops: list[Operand], tier: str | None = None) -> np.ndarray:
-    """The ``fas`` of ``make_concat_apply(ops)``: uint64 (parts, 5)."""
+    """The ``fas`` of ``make_concat_part(ops)``: uint64 (parts, 5)."""
     return np.stack([addresses(op, tier) for op in ops])
-
-
-def _make_concat_apply(ops: list[Operand], tier: str):
-    applies = [make_apply(op, tier) for op in ops]
-    ckey = ("stacked.concat", tier, tuple(op.key() for op in ops))
-    a0 = applies[0]
-    if len(ops) == 1:
-        @_cache.jit(ckey)
-        def apply1(ws, l, X, out, fas):
-            a0(ws[0], l, X, out, fas[0])
-        return apply1
-    if len(ops) > 3:
-        raise ValueError("at most 3 parts")
-    a1, a2 = applies[1], applies[-1]
-    three = len(ops) == 3
-
-    @_cache.jit(ckey)
-    def apply_parts(ws, l, X, out, fas):   # a part's rows: fas[part, 4]
-        T = X.shape[0]
-        r0, r1, r2 = int(fas[0, 4]), int(fas[1, 4]), int(fas[-1, 4])
-        tmp = np.empty((T, r0), np.float32)
-        a0(ws[0], l, X, tmp, fas[0])
-        out[:, :r0] = tmp
-        tmp = np.empty((T, r1), np.float32)
-        a1(ws[1], l, X, tmp, fas[1])
-        out[:, r0:r0 + r1] = tmp
-        if three:
-            tmp = np.empty((T, r2), np.float32)
-            a2(ws[-1], l, X, tmp, fas[2])
-            out[:, r0 + r1:] = tmp
-    return apply_parts

@@ -162,34 +162,34 @@ def _i64_ptr(context, builder, arrty, arr, idx):
     return builder.gep(a.data, [idx])
 
 
-@intrinsic
-def _atomic_add(typingctx, arr, idx):
-    """``arr[idx] += 1`` atomically (sequentially consistent); returns the old value."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
-        return None
-
-    def codegen(context, builder, sig, args):
-        p = _i64_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.atomic_rmw("add", p, _I64(1), "seq_cst")
-    return types.int64(arr, types.intp), codegen
+def _i64_vector(arr) -> bool:
+    return isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1
 
 
-@intrinsic
-def _atomic_load(typingctx, arr, idx):
-    """``arr[idx]``, an atomic (sequentially consistent) load."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
-        return None
+def _cell_op(emit, doc: str):
+    """An intrinsic ``op(arr, idx) -> int64`` on element ``idx`` of a 1-D int64 array:
+    ``emit(builder, pointer)``."""
+    def op(typingctx, arr, idx):
+        if not _i64_vector(arr):
+            return None
 
-    def codegen(context, builder, sig, args):
-        p = _i64_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load_atomic(p, "seq_cst", 8)
-    return types.int64(arr, types.intp), codegen
+        def codegen(context, builder, sig, args):
+            return emit(builder, _i64_ptr(context, builder, sig.args[0], args[0], args[1]))
+        return types.int64(arr, types.intp), codegen
+    op.__doc__ = doc
+    return intrinsic(op)
+
+
+_atomic_add = _cell_op(lambda b, p: b.atomic_rmw("add", p, _I64(1), "seq_cst"),
+                       "``arr[idx] += 1`` atomically (sequentially consistent); returns the old value.")
+_atomic_load = _cell_op(lambda b, p: b.load_atomic(p, "seq_cst", 8),
+                        "``arr[idx]``, an atomic (sequentially consistent) load.")
 
 
 @intrinsic
 def _atomic_cas(typingctx, arr, idx, old, new):
     """``arr[idx] = new`` if it holds ``old`` (atomically); returns the value it held."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and arr.ndim == 1):
+    if not _i64_vector(arr):
         return None
 
     def codegen(context, builder, sig, args):
