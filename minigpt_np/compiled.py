@@ -27,12 +27,11 @@ import operator
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from minigpt_np.model import CacheSession, token_ids
 from refquant.kernels import MAX_BATCH, _cache, bytedot, kvcache, stacked, threads
+from refquant.kernels.simd import f32_from_bits
 
 # the step's code, cached on disk under its compile key, is built from these modules too
 _DEPS = ("minigpt_np/compiled.py",)
@@ -81,18 +80,6 @@ def _rope(v, off, heads, hd, n_rot, cos, sin, pos):
             v[base + 2 * i + 1] = a * s + b * c
 
 
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the int32 ``bits`` (an LLVM ``bitcast``, which
-    vectorizes with the loop around it)."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
 @njit(inline="always")
 def _exp(x):
     """float32 ``exp(x)`` within 2 ulp (Cephes ``expf``: ``x = n ln 2 + r``, |r| <= ln2/2,
@@ -110,7 +97,7 @@ def _exp(x):
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * r * r + r + np.float32(1)
-    return p * _f32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    return p * f32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
 
 
 # reassociation lets LLVM vectorize the dot products (no nnan/ninf: the code compares with -inf)

@@ -481,3 +481,12 @@ def test_row_stacking_parts_whose_rows_do_not_fill_groups_repacks_them():
         assert cat.shape == (sum(rows), 64) and cat.qs.shape[0] == -(-sum(rows) // 8)
         for f in ("codes", "d"):
             np.testing.assert_array_equal(cat.logical()[f], np.concatenate([p.logical()[f] for p in parts]))
+    # layouts whose arrays have equal shapes still differ: Q4_0 (u - 8) and IQ4_NL (a codebook), Q4_0 and Q4_1
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    q4_0, iq4, q4_1 = (quants.pack_ggml(quants.quantize(w, t), t, 64) for t in ("Q4_0", "IQ4_NL", "Q4_1"))
+    for a, b in ((q4_0, iq4), (q4_0, q4_1), (q4_1, q4_0)):
+        with pytest.raises(ValueError, match="different layouts"):
+            bd.concat_rows([a, b])
+    with pytest.raises(ValueError, match="sub16"):
+        bd.pack_codes(np.zeros((1, 32), np.uint8), "u6", 32, d=np.ones((1, 1), np.uint16), dshift=0,
+                      offset=bd.OFFSET_MIN, m=np.ones((1, 1), np.uint16), sc=np.ones((1, 2), np.int8), sub16=True)

@@ -97,6 +97,12 @@ class Packed:
         arrays = [self.qs, self.qh, self.d, self.sc, self.m, self.mn]
         return int(sum(a.nbytes for a in arrays if a is not None))
 
+    def layout(self) -> tuple:
+        """Everything about the weight but its rows and values: weights with equal layouts
+        row-stack, stack over layers and share one compiled kernel."""
+        return (self.kind, self.shape[1], self.nb, self.sub16, self.offset, self.c, self.dshift, self.mshift,
+                self.mnshift, self.sc is None, self.m is None, self.mn is None, self.d.dtype.str, self.table)
+
     def logical(self) -> dict:
         """The fields of the docstring's formulas as (rows, columns) arrays: ``codes``
         (rows, nb·32; int8 for s8, else uint8) and ``d``, ``sc``, ``m``, ``mn`` (None
@@ -156,6 +162,8 @@ def pack_codes(codes: np.ndarray, kind: str, n: int, *, d, dshift: int, offset: 
     (each ``[rows, columns]``, as the ``Packed`` docstring's formulas index them)."""
     rows = codes.shape[0]
     nb = _blocks_padded(n, dshift)
+    if sub16 and offset != OFFSET_CONST:
+        raise ValueError("a scale per 16 weights (sub16) takes the offset 'const' only (Q6_K's)")
     if m is not None and mshift != dshift or mn is not None and mnshift not in (0, dshift):
         raise ValueError("the min field must share the scale's blocks (mshift == dshift, mnshift 0 or dshift)")
     G = -(-rows // ROWS)
@@ -195,6 +203,8 @@ def concat_rows(parts: list[Packed]) -> Packed:
     p0 = parts[0]
     if len(parts) == 1:
         return p0
+    if len({p.layout() for p in parts}) != 1:
+        raise ValueError("cannot row-stack weights of different layouts")
     rows = sum(p.shape[0] for p in parts)
     if all(p.shape[0] % ROWS == 0 for p in parts):
         cat = {f: None if getattr(p0, f) is None else np.concatenate([getattr(p, f) for p in parts])

@@ -74,10 +74,9 @@ class Operand:
 
 
 def layout(p: Packed) -> tuple:
-    """Everything about a ``Packed`` weight but its rows and values: weights with equal
-    layouts row-stack, stack over layers and share one compiled kernel and apply."""
-    return (p.kind, p.shape[1], p.nb, p.sub16, p.offset, p.c, p.dshift, p.mshift, p.mnshift,
-            p.sc is None, p.m is None, p.mn is None, p.d.dtype.str, p.table)
+    """``Packed.layout``: weights with equal layouts row-stack, stack over layers and share
+    one compiled kernel and apply."""
+    return p.layout()
 
 
 def part_key(part: tuple[str, object]) -> tuple:
@@ -285,13 +284,12 @@ def _make_part(op: Operand, tier: str):
     @_cache.jit(ckey)
     def part(w, l, X, out, fa, task, ntask):
         R = out.shape[1]
+        xq, xa, dx, xs, s16 = round_x(X)   # every member: one that raised alone would leave the others waiting
         if not simd:
             if task == 0:
-                xq, xa, dx, xs, s16 = round_x(X)
                 kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
                 return 0, R
             return 0, 0
-        xq, xa, dx, xs, s16 = round_x(X)
         threads.chunk(fa[3] if X.shape[0] >= tile_min else fa[1], task, ntask, w[0][l], w[1][l], w[2][l], w[3][l],
                       w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
         g0, g1 = threads.share(w[0][l].shape[0], task, ntask)
