@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import operator
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -105,21 +104,26 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 def _make_attention(cache_key: tuple):
-    """``attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out)``: one query row ``q``
-    (n_head·hd) against positions 0..pos of layer ``l``, sequence ``seq`` of a ``KVCache``'s
-    arrays, read only through the cache's ``k_dot`` / ``v_acc``: ``out`` (n_head·hd). The
+    """``attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, kv0, kv1)``: one query row
+    ``q`` (n_head·hd) against positions 0..pos of layer ``l``, sequence ``seq`` of a
+    ``KVCache``'s arrays, read only through the cache's ``k_dot`` / ``v_acc``: the heads of
+    key/value heads ``kv0 <= h < kv1`` of ``out`` (n_head·hd; a team member's share). The
     ``n_head / n_kv`` query heads of a key/value head go together, so each cached row is
-    read once."""
+    read once. The values are summed into a local row and written to ``out`` once: summed
+    in ``out`` itself, the cache line two members share at their boundary went back and
+    forth between the cores ~200 times per layer (SmolLM2: the step took 0.75 ms longer
+    than with the attention on one member)."""
     if cache_key not in _ATTENTION:
         _, k_dot, v_acc = kvcache.ops(*cache_key[1:])
 
         @njit(fastmath=_FAST, error_model="numpy")
-        def attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out):
+        def attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, kv0, kv1):
             group = n_head // n_kv
             scale = np.float32(1.0 / math.sqrt(hd))
             S = pos + 1
             s = np.empty((group, S), np.float32)
-            for kv in range(n_kv):
+            acc = np.empty(group * hd, np.float32)    # not out: other members write beside it
+            for kv in range(kv0, kv1):
                 for j in range(S):
                     for g in range(group):
                         s[g, j] = k_dot(k, l, seq, kv, j, q, (kv * group + g) * hd, hd) * scale
@@ -135,12 +139,11 @@ def _make_attention(cache_key: tuple):
                     inv = np.float32(1) / tot
                     for j in range(S):
                         s[g, j] *= inv
-                    qo = (kv * group + g) * hd
-                    for i in range(hd):
-                        out[qo + i] = 0
+                acc[:] = 0
                 for j in range(S):
                     for g in range(group):
-                        v_acc(v, l, seq, kv, j, s[g, j], out, (kv * group + g) * hd, hd)
+                        v_acc(v, l, seq, kv, j, s[g, j], acc, g * hd, hd)
+                out[kv * group * hd:(kv + 1) * group * hd] = acc
         _ATTENTION[cache_key] = attention
     return _ATTENTION[cache_key]
 
@@ -169,28 +172,34 @@ def _gelu(u, b, act, d_ff):
 
 
 def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, eps, d_ff, llama):
-    """The compiled loop over layers for one run of equal layout (module docstring).
+    """The compiled loop over layers for one run of equal layout, and the output head
+    (module docstring).
 
-    ``parts``: (qkv, o, up, down) ``stacked.make_concat_part`` functions, ``structure`` the
-    number of arrays of each of their operands (``_team``); ``cache_key``: the
-    ``KVCache``'s (its storage types: the cache is written by its ``store`` and read by the
-    attention built on its ``k_dot``/``v_acc``). ``llama``: RMSNorm, RoPE, SwiGLU (gate|up
-    stacked), no biases; else GPT-2: LayerNorm with bias, GELU, biases on every Linear
-    (positions are added to the embedding by the caller).
+    ``parts``: (qkv, o, up, down, head) ``stacked.make_concat_part`` functions,
+    ``structure`` the number of arrays of each of their operands (``_team``); ``cache_key``:
+    the ``KVCache``'s (its storage types: the cache is written by its ``store`` and read by
+    the attention built on its ``k_dot``/``v_acc``). ``llama``: RMSNorm, RoPE, SwiGLU
+    (gate|up stacked), no biases; else GPT-2: LayerNorm with bias, GELU, biases on every
+    Linear (positions are added to the embedding by the caller).
 
-    ``team(nt, sync, only_products, x, pos0, *norms, *biases, *weights, k, v, cos, sin, fas)``
-    (``_flat``) is one parallel region of ``nt`` threads for
-    the whole run (``threads.join``): every member keeps its own copy of the residual
-    stream and computes the norms and activations itself (a few µs), each product is split
-    over the members by row groups (``make_part``), and a barrier (~50 ns) follows each
-    product and the attention (member 0's, over every head). A parallel call per product
+    ``team(nt, sync, only_products, x, pos0, *norms, *biases, *final, *weights, k, v, cos,
+    sin, fas, logits, head)`` (``_flat``) is one parallel region of ``nt`` threads (0: numba's
+    thread count) for the whole run (``threads.join``; ``sync`` is reset by it): every member
+    keeps its own copy of the residual stream and computes the norms and activations itself
+    (a few µs), each product is split over the members by row groups (``make_part``), and a
+    barrier (~50 ns) follows each product and the attention. The attention is split by
+    key/value heads: each member rotates (or biases) the q/k/v heads of its own key/value
+    heads, stores them in the cache and attends with them. A parallel call per product
     instead cost ~2.5 µs of fork and join each, 120 times per SmolLM2 token, and left the
-    other core idle during everything between products. ``only_products``: the products
-    alone on inputs of ones (the time breakdown)."""
-    p_qkv, p_o, p_up, p_down = parts
+    other core idle during everything between products. ``head`` 1: then the final norm and
+    the output head on the last ``logits.shape[0]`` tokens into ``logits``, in the same
+    region (0: no head; a file of several runs asks it of the last). ``only_products``: the
+    products alone on inputs of ones (the time breakdown)."""
+    p_qkv, p_o, p_up, p_down, p_head = parts
     store = kvcache.ops(*cache_key[1:])[0]
     attention = _make_attention(cache_key)
     q_len, kv_len = n_head * hd, n_kv * hd
+    group = n_head // n_kv
     up_rows = 2 * d_ff if llama else d_ff
 
     @njit
@@ -206,33 +215,42 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
             for i in range(xl.shape[1]):
                 xl[t, i] += o[t, i] if llama else o[t, i] + bias[l, i]
 
+    @njit(inline="always")
+    def position(row, bias, l, pos, kv0, kv1, cos, sin):
+        """RoPE (llama) or the q/k/v biases (GPT-2) on the heads of key/value heads
+        ``kv0 <= h < kv1`` of one token's q|k|v ``row``."""
+        if llama:
+            _rope(row, kv0 * group * hd, (kv1 - kv0) * group, hd, n_rot, cos, sin, pos)
+            _rope(row, q_len + kv0 * hd, kv1 - kv0, hd, n_rot, cos, sin, pos)
+        else:
+            for i in range(kv0 * group * hd, kv1 * group * hd):
+                row[i] += bias[l, i]
+            for i in range(q_len + kv0 * hd, q_len + kv1 * hd):
+                row[i] += bias[l, i]
+                row[i + kv_len] += bias[l, i + kv_len]
+
     @_cache.jit(key + ("body",), deps=_DEPS)
-    def body(tid, nt, sync, only_products, x, pos0, norms, biases, wqkv, wo, wup, wdown, k, v, cos, sin, fas,
-             qkv, att, o, up):
-        """One team member's work for every layer (``team``)."""
+    def body(tid, nt, sync, only_products, x, pos0, norms, biases, final, wqkv, wo, wup, wdown, whead, k, v, cos,
+             sin, fas, qkv, att, o, up, logits, head):
+        """One team member's work for every layer and the head (``team``)."""
         T, d = x.shape
         L = norms[0].shape[0]
         xl = x.copy()
         n = np.ones((T, d), np.float32)
         act = np.ones((T, d_ff), np.float32)
+        kv0, kv1 = threads.share(n_kv, tid, nt)
         kb = 0
         for l in range(L):
             if not only_products:
                 norm(xl, norms[0][l], norms[1][l], n)
             p_qkv(wqkv, l, n, qkv, fas[0], tid, nt)
             kb = threads.barrier(sync, nt, kb)
-            if tid == 0 and not only_products:
+            if not only_products:
                 for t in range(T):
-                    pos = pos0 + t
-                    if llama:
-                        _rope(qkv[t], 0, n_head, hd, n_rot, cos, sin, pos)
-                        _rope(qkv[t], q_len, n_kv, hd, n_rot, cos, sin, pos)
-                    else:
-                        for i in range(q_len + 2 * kv_len):
-                            qkv[t, i] += biases[0][l, i]
-                    store(k, v, l, 0, pos, qkv[t], q_len, q_len + kv_len, n_kv, hd)
+                    position(qkv[t], biases[0], l, pos0 + t, kv0, kv1, cos, sin)
+                    store(k, v, l, 0, pos0 + t, qkv[t], q_len, q_len + kv_len, kv0, kv1, hd)
                 for t in range(T):
-                    attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t])
+                    attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t], kv0, kv1)
             kb = threads.barrier(sync, nt, kb)
             p_o(wo, l, att, o, fas[1], tid, nt)
             kb = threads.barrier(sync, nt, kb)
@@ -251,6 +269,11 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
                 residual(xl, o, biases[3], l)
+        if head:
+            t0 = T - logits.shape[0]
+            if not only_products:
+                norm(xl[t0:], final[0], final[1], n[t0:])
+            p_head(whead, 0, n[t0:], logits, fas[4], tid, nt)
         if tid == 0:
             x[:] = xl
 
@@ -262,18 +285,19 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
         q = np.ones(q_len, np.float32)
         out = np.empty(q_len, np.float32)
         for l in range(k.shape[0]):
-            attention(q, k, v, l, 0, pos, n_head, n_kv, hd, out)
+            attention(q, k, v, l, 0, pos, n_head, n_kv, hd, out, 0, n_kv)
 
-    return team, norm, attend
+    return team, attend
 
 
 def _team(key, body, structure, qkv_cols, q_len, up_rows):
     """The parallel region that runs ``body`` on a team: ``team(nt, sync, only_products, x,
-    pos0, *norms, *biases, *weights, k, v, cos, sin, fas)``. numba passes the variables of a
-    ``prange`` body to it as array or scalar arguments, never tuples, so the weights come
-    flat (``_flat``: ``structure`` gives each role's operands' array counts) and become
-    tuples again inside. Its source is generated for that structure and compiled as if it
-    were this file's, so numba's disk cache takes it (under ``key``)."""
+    pos0, *norms, *biases, *final, *weights, k, v, cos, sin, fas, logits, head)``. numba
+    passes the variables of a ``prange`` body to it as array or scalar arguments, never
+    tuples, so the weights come flat (``_flat``: ``structure`` gives each role's operands'
+    array counts) and become tuples again inside. Its source is generated for that
+    structure and compiled as if it were this file's, so numba's disk cache takes it
+    (under ``key``)."""
     ws, roles = [], []
     for r, role in enumerate(structure):
         parts = []
@@ -282,39 +306,33 @@ def _team(key, body, structure, qkv_cols, q_len, up_rows):
             ws += names
             parts.append("(" + ", ".join(names) + ",)")
         roles.append("(" + ", ".join(parts) + ",)")
-    norms, biases = [f"n{i}" for i in range(4)], [f"b{i}" for i in range(4)]
-    args = ", ".join(norms + biases + ws)
+    norms, biases, final = [f"n{i}" for i in range(4)], [f"b{i}" for i in range(4)], ["f0", "f1"]
+    args = ", ".join(norms + biases + final + ws)
     src = f"""
-def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas):
+def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas, logits, head):
     T = x.shape[0]
     qkv = np.empty((T, {qkv_cols}), np.float32)     # shared by the members
     att = np.ones((T, {q_len}), np.float32)
     o = np.empty((T, x.shape[1]), np.float32)
     up = np.empty((T, {up_rows}), np.float32)
-    for i in prange(nt):
-        tid, members = join(sync, nt)
+    want = nt if nt > 0 else num_threads()
+    sync[0] = 0
+    sync[1] = 0
+    for i in prange(want):
+        tid, members = join(sync, want)
         if tid >= 0:
             body(tid, members, sync, only_products, x, pos0, ({", ".join(norms)}), ({", ".join(biases)}),
-                 {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up)
+                 ({", ".join(final)}), {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up, logits, head)
     return x
 """
-    ns = dict(np=np, prange=prange, join=threads.join, body=body, __name__=__name__)
+    ns = dict(np=np, prange=prange, join=threads.join, num_threads=threads.num_threads, body=body, __name__=__name__)
     exec(compile(src, __file__, "exec"), ns)
     return _cache.jit(key + ("team", structure), deps=_DEPS, parallel=True)(ns["team"])
 
 
-def _flat(norms, biases, ops) -> tuple:
+def _flat(norms, biases, final, ops) -> tuple:
     """The arrays ``team`` takes between ``pos0`` and ``k``, in its order."""
-    return (*norms, *biases, *(a for role in ops for part in role for a in part))
-
-
-def _build_head(key, a_head, norm):
-    @_cache.jit(key, deps=_DEPS)
-    def head(x, w, b, whead, out, fas):
-        n = np.empty_like(x)
-        norm(x, w, b, n)
-        a_head(whead, 0, n, out, fas)
-    return head
+    return (*norms, *biases, *final, *(a for role in ops for part in role for a in part))
 
 
 _CACHE: dict = {}
@@ -352,26 +370,23 @@ class _Compiled(CacheSession):
                 start = l
         consts = dict(n_head=n_head, n_kv=n_kv, hd=hd, n_rot=n_rot, eps=eps, d_ff=d_ff, llama=llama)
         tier = bytedot.backend()
+        hop = stacked.stack([stacked.layer_weight([head_lin])])
         self.runs = []
         for a, b in runs:
             ops = [[stacked.stack([per_layer[r][l][k] for l in range(a, b)]) for k in range(len(per_layer[r][a]))]
-                   for r in range(4)]
+                   for r in range(4)] + [[hop]]
             keys = tuple(tuple(op.key() for op in role) for role in ops)
             parts = [stacked.make_concat_part(role, tier) for role in ops]
             cache_key = ("kv", "f32", "f32")
             key = ("compiled.layers", tier, keys, cache_key, tuple(sorted(consts.items())))
             structure = tuple(tuple(len(op.arrays) for op in role) for role in ops)
-            team, norm, attend = _compiled(key, lambda: _build_layers(key, parts, structure, cache_key, **consts))
+            team, attend = _compiled(key, lambda: _build_layers(key, parts, structure, cache_key, **consts))
             run_norms, run_biases = tuple(n[a:b] for n in norms), tuple(bb[a:b] for bb in biases)
-            self.runs.append(dict(team=team, attend=attend, operands=[op for role in ops for op in role],
-                                  flat=_flat(run_norms, run_biases, [[op.arrays for op in role] for role in ops]),
+            self.runs.append(dict(team=team, attend=attend, operands=[op for role in ops[:4] for op in role],
+                                  flat=_flat(run_norms, run_biases, final_norm,
+                                             [[op.arrays for op in role] for role in ops]),
                                   fas=_addresses(ops, tier), norms=run_norms, start=a, stop=b))
-        hop = stacked.stack([stacked.layer_weight([head_lin])])
-        a_head = stacked.make_apply(hop, tier)
-        key = ("compiled.head", tier, hop.key(), llama, eps)
-        self.head_fn = _compiled(key, lambda: _build_head(key, a_head, norm))
-        self.head_w, self.final_norm = hop.arrays, final_norm
-        self.head_fa = stacked.addresses(hop, tier)
+        self._sync = threads.team_sync()
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
         self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx)
@@ -388,19 +403,14 @@ class _Compiled(CacheSession):
         ``"last"`` one or ``"none"``."""
         T = x.shape[0]
         x = np.ascontiguousarray(x, np.float32)
-        nt = numba.get_num_threads()
-        for run in self.runs:
+        logits = np.empty((0 if head == "none" else T if head == "all" else 1, self.vocab), np.float32)
+        last = len(self.runs) - 1
+        for i, run in enumerate(self.runs):
             s, e = run["start"], run["stop"]
-            x = run["team"](nt, threads.team_sync(), False, x, self.pos, *run["flat"], self.cache.k[s:e],
-                            self.cache.v[s:e], self.cos, self.sin, run["fas"])
+            x = run["team"](0, self._sync, False, x, self.pos, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
+                            self.cos, self.sin, run["fas"], logits, i == last and head != "none")
         self.cache.pos[0] += T
-        if head == "none":
-            return None
-        if head == "last":
-            x = np.ascontiguousarray(x[-1:])
-        out = np.empty((x.shape[0], self.vocab), np.float32)
-        self.head_fn(x, self.final_norm[0], self.final_norm[1], self.head_w, out, self.head_fa)
-        return out
+        return None if head == "none" else logits
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -411,16 +421,14 @@ class _Compiled(CacheSession):
         (layers and head), ``"attention"`` every layer's attention over the cache."""
         d = self.runs[0]["norms"][0].shape[1]
         x = np.ones((1, d), np.float32)
-        out = np.empty((1, self.vocab), np.float32)
-        ones = np.ones(d, np.float32)
+        logits = np.empty((1, self.vocab), np.float32)
 
         def products():
-            nt = numba.get_num_threads()
-            for run in self.runs:
+            last = len(self.runs) - 1
+            for i, run in enumerate(self.runs):
                 s, e = run["start"], run["stop"]
-                run["team"](nt, threads.team_sync(), True, x.copy(), 0, *run["flat"], self.cache.k[s:e],
-                            self.cache.v[s:e], self.cos, self.sin, run["fas"])
-            self.head_fn(x, ones, ones, self.head_w, out, self.head_fa)
+                run["team"](0, self._sync, True, x.copy(), 0, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
+                            self.cos, self.sin, run["fas"], logits, i == last)
 
         def attention():
             for run in self.runs:

@@ -11,8 +11,9 @@ compiled step includes in its compile key. ``pos[seq]`` is how many positions se
 ``seq`` holds.
 
 Inside numba code (``ops()``, built on first use so that the NumPy side never loads numba):
-``store(k, v, l, seq, pos, row, k_off, v_off, n_kv, hd)`` writes a token's key and value
-heads from ``row[k_off:]`` / ``row[v_off:]``; ``k_dot(k, l, seq, h, j, q, qo, hd)`` is
+``store(k, v, l, seq, pos, row, k_off, v_off, h0, h1, hd)`` writes a token's key and value
+heads ``h0 <= h < h1`` from ``row[k_off + h·hd:]`` / ``row[v_off + h·hd:]`` (the members of
+a team store their own heads); ``k_dot(k, l, seq, h, j, q, qo, hd)`` is
 ``q[qo:qo+hd] · K[l, seq, h, j]`` and ``v_acc(v, l, seq, h, j, p, out, qo, hd)`` adds
 ``p · V[l, seq, h, j]`` to ``out[qo:qo+hd]``: attention touches the cache only through these.
 """
@@ -92,8 +93,8 @@ def ops(type_k: str = "f32", type_v: str = "f32"):
         raise ValueError(f"no compiled cache operations for ({type_k}, {type_v})")
 
     @njit(inline="always")
-    def store(k, v, l, seq, pos, row, k_off, v_off, n_kv, hd):
-        for h in range(n_kv):
+    def store(k, v, l, seq, pos, row, k_off, v_off, h0, h1, hd):
+        for h in range(h0, h1):
             for i in range(hd):
                 k[l, seq, h, pos, i] = row[k_off + h * hd + i]
                 v[l, seq, h, pos, i] = row[v_off + h * hd + i]

@@ -58,11 +58,11 @@ def address(disp, sig) -> int:
 
 
 @intrinsic
-def _num_threads(typingctx):
-    """``numba.get_num_threads()`` without its error path, whose code numba cannot cache
-    (it holds a dynamic global): a call of the threading layer's ``get_num_threads``,
-    which ``_parallel`` (the only way to an address ``run_*`` takes) has made sure is
-    loaded."""
+def num_threads(typingctx):
+    """numba-only: ``numba.get_num_threads()`` without its error path, whose code numba
+    cannot cache (it holds a dynamic global): a call of the threading layer's
+    ``get_num_threads``, which must be loaded (``_parallel``, the only way to an address
+    ``run`` takes, loads it; so does any ``parallel=True`` function's first call)."""
     def codegen(context, builder, sig, args):
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []), "get_num_threads")
         return builder.call(fn, [])
@@ -75,7 +75,7 @@ def _tasks(rows):
     groups each, with its own scratch), fewer for small matrices (16 rows or more per
     task). Eight tasks on two threads made SmolLM2's decode step 1.2x as long (task calls,
     scratch allocations)."""
-    return max(1, min((rows + 15) // 16, _num_threads()))
+    return max(1, min((rows + 15) // 16, num_threads()))
 
 
 def _signatures(arrays: tuple):
@@ -92,7 +92,7 @@ def _parallel(arrays: tuple) -> int:
     """The address of the parallel part for arguments of the numba types ``arrays``: one
     compilation per tuple of types (cached on disk) serves every layout and both kernels."""
     if arrays not in _PARALLEL:
-        numba.get_num_threads()   # starts the threading layer: ``_num_threads`` calls into it
+        numba.get_num_threads()   # starts the threading layer: ``num_threads`` calls into it
         psig = _signatures(arrays)[1]
 
         def par(chunks, ng, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
