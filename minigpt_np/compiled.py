@@ -114,7 +114,7 @@ def _make_attention(cache_key: tuple):
     forth between the cores ~200 times per layer (SmolLM2: the step took 0.75 ms longer
     than with the attention on one member)."""
     if cache_key not in _ATTENTION:
-        _, k_dot, v_acc = kvcache.ops(*cache_key[1:])
+        _, k_dot, v_acc, _ = kvcache.ops(*cache_key[1:])
 
         @njit(fastmath=_FAST, error_model="numpy")
         def attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, kv0, kv1):
@@ -196,7 +196,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     region (0: no head; a file of several runs asks it of the last). ``only_products``: the
     products alone on inputs of ones (the time breakdown)."""
     p_qkv, p_o, p_up, p_down, p_head = parts
-    store = kvcache.ops(*cache_key[1:])[0]
+    store, _, _, fetch = kvcache.ops(*cache_key[1:])
     attention = _make_attention(cache_key)
     q_len, kv_len = n_head * hd, n_kv * hd
     group = n_head // n_kv
@@ -243,6 +243,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
         for l in range(L):
             if not only_products:
                 norm(xl, norms[0][l], norms[1][l], n)
+                fetch(k, v, l, 0, kv0, kv1, pos0)   # this member's cache rows, during the product
             p_qkv(wqkv, l, n, qkv, fas[0], tid, nt)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:

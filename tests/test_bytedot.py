@@ -490,3 +490,19 @@ def test_row_stacking_parts_whose_rows_do_not_fill_groups_repacks_them():
     with pytest.raises(ValueError, match="sub16"):
         bd.pack_codes(np.zeros((1, 32), np.uint8), "u6", 32, d=np.ones((1, 1), np.uint16), dshift=0,
                       offset=bd.OFFSET_MIN, m=np.ones((1, 1), np.uint16), sc=np.ones((1, 2), np.int8), sub16=True)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf, 65504.0 * 127 * 1.001])
+def test_q8_0_activation_refuses_nan_and_what_overflows_its_scale(bad):
+    """max|x|/127 beyond fp16's 65504 would store an infinite scale, and NaN has no block
+    scale at all: both are refused, in a full block and in the zero-padded tail."""
+    for n, at in ((64, 40), (40, 35)):
+        X = np.ones((2, n), np.float32)
+        X[1, at] = bad
+        from refquant.kernels import layout
+
+        with pytest.raises(ValueError, match="Q8_0"):
+            kernels.bytedot.quantize_x_q8_0(X, 2)
+        with pytest.raises(ValueError, match="NaN|range"):
+            layout.quantize_x(X, n, np.empty((2, 64), np.int8), np.empty((2, 2), np.float32),
+                                             np.empty((2, 2), np.float32))

@@ -15,7 +15,11 @@ Inside numba code (``ops()``, built on first use so that the NumPy side never lo
 heads ``h0 <= h < h1`` from ``row[k_off + h·hd:]`` / ``row[v_off + h·hd:]`` (the members of
 a team store their own heads); ``k_dot(k, l, seq, h, j, q, qo, hd)`` is
 ``q[qo:qo+hd] · K[l, seq, h, j]`` and ``v_acc(v, l, seq, h, j, p, out, qo, hd)`` adds
-``p · V[l, seq, h, j]`` to ``out[qo:qo+hd]``: attention touches the cache only through these.
+``p · V[l, seq, h, j]`` to ``out[qo:qo+hd]``: attention touches the cache only through these;
+``fetch(k, v, l, seq, h0, h1, upto)`` hints positions ``0..upto-1`` of heads ``h0 <= h < h1``
+into L2 (at most ``FETCH_BYTES`` of them: a step issues it before the weight product that
+precedes its attention, so that the cache rows, evicted by the weights of every other
+layer, are not read from memory one row at a time).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import functools
 import numpy as np
 
 TYPES = ("f32",)
+FETCH_BYTES = 1 << 19       # per call: half a Zen 4 core's L2
 
 
 class KVCache:
@@ -85,9 +90,11 @@ class KVCache:
 
 @functools.lru_cache(maxsize=None)
 def ops(type_k: str = "f32", type_v: str = "f32"):
-    """``(store, k_dot, v_acc)`` for caches of these types, as numba functions inlined into
+    """``(store, k_dot, v_acc, fetch)`` for caches of these types, as numba functions inlined into
     their callers (module docstring)."""
     from numba import njit
+
+    from refquant.kernels.simd import prefetch_l2
 
     if (type_k, type_v) != ("f32", "f32"):
         raise ValueError(f"no compiled cache operations for ({type_k}, {type_v})")
@@ -111,4 +118,13 @@ def ops(type_k: str = "f32", type_v: str = "f32"):
         for i in range(hd):
             out[qo + i] += p * v[l, seq, h, j, i]
 
-    return store, k_dot, v_acc
+    @njit(inline="always")
+    def fetch(k, v, l, seq, h0, h1, upto):
+        lines = min(upto * k.shape[-1] * 4, FETCH_BYTES // (2 * max(h1 - h0, 1))) // 64   # float32 rows
+        for h in range(h0, h1):
+            kr, vr = k[l, seq, h].reshape(-1), v[l, seq, h].reshape(-1)
+            for i in range(lines):
+                prefetch_l2(kr, 16 * i)
+                prefetch_l2(vr, 16 * i)
+
+    return store, k_dot, v_acc, fetch

@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from refquant.kernels import _cache
-from refquant.kernels.simd import f32_bits, f32_from_bits
+from refquant.kernels.simd import absmax32, f32_bits, f32_from_bits, round32
 
 OFFSET_NONE, OFFSET_CONST, OFFSET_MIN = 0, 1, 2
 _OFFSETS = {"none": OFFSET_NONE, "const": OFFSET_CONST, "min": OFFSET_MIN}   # ByteDotLayout.offset
@@ -284,33 +284,29 @@ def quantize_x(X, n, xq, dx, xs):
     ``dx`` (T, nb) fp16-rounded scales and ``xs`` = ``dx · Σ x_q`` per block. Per block,
     ``quantize_row_q8_0_ref``: ``d = amax/127``, ``q = roundf(x·(1/d))`` (ties away from
     zero), d stored as fp16. The one Q8_0 rounder: ``quantize_x_q8_0`` and the compiled step
-    (``stacked``) both call it. |x| above ``Q8_0_MAX_ABS`` (the fp16 overflow of the scale)
-    raises ValueError. The rounding is written without branches (select), so LLVM
-    vectorizes it (numpy error model: no division check)."""
+    (``stacked``) both call it. NaN, or |x| above ``Q8_0_MAX_ABS`` (the fp16 overflow of
+    the scale), raises ValueError. A block is two vector operations (``simd.absmax32``,
+    ``simd.round32``): LLVM left the scalar loops they replace unvectorized (0.72 µs per
+    576 numbers on Zen 4, for every product of a decode step)."""
     T = X.shape[0]
     nb = dx.shape[1]
+    full = min(n // 32, nb)
     v = np.zeros(32, np.float32)
-    half, one = np.float32(0.5), np.float32(1)
     for t in range(T):
+        row, out = np.ascontiguousarray(X[t]), xq[t]
         for b in range(nb):
             lo = 32 * b
-            m = min(32, n - lo) if lo < n else 0
-            for i in range(32):
-                v[i] = X[t, lo + i] if i < m else np.float32(0)
-            amax = np.float32(0)
-            for i in range(32):
-                amax = max(amax, abs(v[i]))
-            if amax > np.float32(65504.0 * 127):
-                raise ValueError("x exceeds the byte-dot kernels' Q8_0 range (|x| <= 65504 * 127)")
+            tail = b >= full
+            if tail:            # zero-padded
+                m = min(32, n - lo) if lo < n else 0
+                for i in range(32):
+                    v[i] = row[lo + i] if i < m else np.float32(0)
+            amax = absmax32(v, 0) if tail else absmax32(row, lo)
+            if not amax <= np.float32(65504.0 * 127):
+                raise ValueError("x holds NaN or exceeds the byte-dot kernels' Q8_0 range (|x| <= 65504 * 127)")
             db = amax / np.float32(127)
-            inv = one / db if db != 0 else np.float32(0)
-            total = 0
-            for i in range(32):
-                w = v[i] * inv
-                q = np.float32(np.trunc(w))
-                q += (one if w >= 0 else -one) if abs(w - q) >= half else np.float32(0)
-                xq[t, lo + i] = np.int8(q)
-                total += np.int32(q)
+            inv = np.float32(1) / db if db != 0 else np.float32(0)
+            total = round32(v, 0, inv, out, lo) if tail else round32(row, lo, inv, out, lo)
             d16 = f16_round(db)
             dx[t, b] = d16
             xs[t, b] = d16 * np.float32(total)

@@ -110,20 +110,25 @@ def load_bits32(typingctx, arr, idx):
     return I8x32(arr, types.intp), codegen
 
 
-@intrinsic
-def prefetch(typingctx, arr, idx):
-    """Hint the cache line holding ``arr[idx]`` into L1 (``prefetcht0``); no bounds check
-    is needed: a prefetch never faults."""
-    if not _c_vector(arr):
-        return None
+def _prefetcher(locality: int, doc: str):
+    def prefetch(typingctx, arr, idx):
+        if not _c_vector(arr):
+            return None
 
-    def codegen(context, builder, sig, args):
-        p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [p, _I32(0), _I32(3), _I32(1)])
-        return context.get_dummy_value()
-    return types.none(arr, types.intp), codegen
+        def codegen(context, builder, sig, args):
+            p = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
+            builder.call(fn, [p, _I32(0), _I32(locality), _I32(1)])
+            return context.get_dummy_value()
+        return types.none(arr, types.intp), codegen
+    prefetch.__doc__ = doc
+    return intrinsic(prefetch)
+
+
+prefetch = _prefetcher(3, """Hint the cache line holding ``arr[idx]`` (a 1-D array) into L1 (``prefetcht0``);
+    no bounds check is needed: a prefetch never faults.""")
+prefetch_l2 = _prefetcher(2, """``prefetch`` into L2 (``prefetcht1``): data read a little later, more than L1 holds.""")
 
 
 # --- byte arithmetic -------------------------------------------------------------------
@@ -233,6 +238,62 @@ DOTS = {
 
 
 # --- lanes ---------------------------------------------------------------------------
+
+# --- Q8_0 rounding of 32 floats (the activations' blocks) -----------------------------
+
+_V32F32, _V32I32 = ir.VectorType(_F32, 32), ir.VectorType(_I32, 32)
+
+
+def _llvm_fn(builder, name, ret, *args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, list(args)), name)
+
+
+def _load_f32x32(context, builder, arrty, arr, idx):
+    return builder.load(_element_ptr(context, builder, arrty, arr, idx, _V32F32), align=4)
+
+
+@intrinsic
+def absmax32(typingctx, arr, idx):
+    """``max |arr[idx:idx+32]|`` of a 1-D float32 array, NaN if one of them is NaN: the
+    unsigned maximum of the bits with the sign cleared (non-negative floats order as their
+    bits, NaN above Inf), one vector reduction."""
+    if not _c_vector(arr, types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.bitcast(_load_f32x32(context, builder, sig.args[0], args[0], args[1]), _V32I32)
+        m = builder.and_(v, _splat(_V32I32, 0x7FFFFFFF))
+        top = builder.call(_llvm_fn(builder, "llvm.vector.reduce.umax.v32i32", _I32, _V32I32), [m])
+        return builder.bitcast(top, _F32)
+    return types.float32(arr, types.intp), codegen
+
+
+@intrinsic
+def round32(typingctx, arr, idx, inv, out, oidx):
+    """``out[oidx:oidx+32] = roundf(arr[idx:idx+32] · inv)`` as int8 (ties away from zero:
+    ``q = trunc(w)``, plus ``sign(w)`` where ``|w - q| >= 1/2``, the select ``quantize_x``
+    writes in scalar code; |w| <= 127 is the caller's to ensure); returns the codes' sum
+    (int32)."""
+    if not (_c_vector(arr, types.float32) and inv == types.float32 and _c_vector(out, types.int8)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_V32F32, ir.Undefined), args[2], _I32(0)),
+                                       ir.Constant(_V32F32, ir.Undefined), ir.Constant(_V32I32, [0] * 32))
+        w = builder.fmul(_load_f32x32(context, builder, sig.args[0], args[0], args[1]), splat)
+        q = builder.call(_llvm_fn(builder, "llvm.trunc.v32f32", _V32F32, _V32F32), [w])
+        frac = builder.call(_llvm_fn(builder, "llvm.fabs.v32f32", _V32F32, _V32F32), [builder.fsub(w, q)])
+        step = builder.select(builder.fcmp_ordered(">=", w, _splat(_V32F32, 0.0)), _splat(_V32F32, 1.0),
+                              _splat(_V32F32, -1.0))
+        q = builder.fadd(q, builder.select(builder.fcmp_ordered(">=", frac, _splat(_V32F32, 0.5)), step,
+                                           _splat(_V32F32, 0.0)))
+        codes = builder.fptosi(q, ir.VectorType(_I8, 32))
+        builder.store(codes, _element_ptr(context, builder, sig.args[3], args[3], args[4], ir.VectorType(_I8, 32)),
+                      align=1)
+        wide = builder.sext(codes, _V32I32)
+        return builder.call(_llvm_fn(builder, "llvm.vector.reduce.add.v32i32", _I32, _V32I32), [wide])
+    return types.int32(arr, types.intp, types.float32, out, types.intp), codegen
+
 
 @intrinsic
 def f32_bits(typingctx, v):
