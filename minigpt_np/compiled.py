@@ -123,7 +123,9 @@ def _make_attention(cache_key: tuple):
             S = pos + 1
             s = np.empty((group, S), np.float32)
             acc = np.empty(group * hd, np.float32)    # not out: other members write beside it
-            for kv in range(kv0, kv1):
+            for kv in range(n_kv):
+                if kv < kv0 or kv >= kv1:   # not range(kv0, kv1): from an unknown lower bound,
+                    continue                # LLVM left the dots below scalar (7x as slow)
                 for j in range(S):
                     for g in range(group):
                         s[g, j] = k_dot(k, l, seq, kv, j, q, (kv * group + g) * hd, hd) * scale
