@@ -38,7 +38,12 @@ _DEPS = ("minigpt_np/compiled.py",)
 
 # --- the block's pieces, in numba ---------------------------------------------------------
 
-@njit
+# reassociation lets LLVM vectorize the sums and dot products (no nnan/ninf: the code
+# compares with -inf); the norms' sums are float64, so their order does not matter
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(fastmath=_FAST)
 def _rms_norm(x, w, eps, out):
     T, d = x.shape
     for t in range(T):
@@ -50,7 +55,7 @@ def _rms_norm(x, w, eps, out):
             out[t, i] = (x[t, i] * r) * w[i]
 
 
-@njit
+@njit(fastmath=_FAST)
 def _layer_norm(x, w, b, eps, out):
     T, d = x.shape
     for t in range(T):
@@ -99,37 +104,39 @@ def _exp(x):
     return p * f32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
 
 
-# reassociation lets LLVM vectorize the dot products (no nnan/ninf: the code compares with -inf)
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
-
-
 def _make_attention(cache_key: tuple):
-    """``attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, kv0, kv1)``: one query row
-    ``q`` (n_head·hd) against positions 0..pos of layer ``l``, sequence ``seq`` of a
-    ``KVCache``'s arrays, read only through the cache's ``k_dot`` / ``v_acc``: the heads of
-    key/value heads ``kv0 <= h < kv1`` of ``out`` (n_head·hd; a team member's share). The
-    ``n_head / n_kv`` query heads of a key/value head go together, so each cached row is
-    read once. The values are summed into a local row and written to ``out`` once: summed
-    in ``out`` itself, the cache line two members share at their boundary went back and
-    forth between the cores ~200 times per layer (SmolLM2: the step took 0.75 ms longer
-    than with the attention on one member)."""
+    """``attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, h0, h1)``: query heads
+    ``h0 <= h < h1`` (a team member's share) of one query row ``q`` (n_head·hd) against
+    positions 0..pos of layer ``l``, sequence ``seq`` of a ``KVCache``'s arrays, read only
+    through the cache's ``k_dot`` / ``v_acc``, into the same heads of ``out`` (n_head·hd).
+    The query heads of a key/value head go together, so each cached row is read once per
+    member. The values are summed into a local row and written to ``out`` once: summed in
+    ``out`` itself, the cache line two members share at their boundary went back and forth
+    between the cores ~200 times per layer (SmolLM2: the step took 0.75 ms longer than with
+    the attention on one member)."""
     if cache_key not in _ATTENTION:
         _, k_dot, v_acc, _ = kvcache.ops(*cache_key[1:])
 
         @njit(fastmath=_FAST, error_model="numpy")
-        def attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, kv0, kv1):
+        def attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, h0, h1):
             group = n_head // n_kv
             scale = np.float32(1.0 / math.sqrt(hd))
             S = pos + 1
             s = np.empty((group, S), np.float32)
             acc = np.empty(group * hd, np.float32)    # not out: other members write beside it
+            # every loop runs from 0 and skips what is not this member's: from an unknown
+            # lower bound (range(h0, h1)), LLVM left the dot products scalar (7x as slow)
             for kv in range(n_kv):
-                if kv < kv0 or kv >= kv1:   # not range(kv0, kv1): from an unknown lower bound,
-                    continue                # LLVM left the dots below scalar (7x as slow)
+                g0, g1 = max(h0 - kv * group, 0), min(h1 - kv * group, group)
+                if g0 >= g1:
+                    continue
                 for j in range(S):
                     for g in range(group):
-                        s[g, j] = k_dot(k, l, seq, kv, j, q, (kv * group + g) * hd, hd) * scale
+                        if g0 <= g < g1:
+                            s[g, j] = k_dot(k, l, seq, kv, j, q, (kv * group + g) * hd, hd) * scale
                 for g in range(group):
+                    if g < g0 or g >= g1:
+                        continue
                     mx = s[g, 0]
                     for j in range(1, S):
                         mx = max(mx, s[g, j])
@@ -144,8 +151,9 @@ def _make_attention(cache_key: tuple):
                 acc[:] = 0
                 for j in range(S):
                     for g in range(group):
-                        v_acc(v, l, seq, kv, j, s[g, j], acc, g * hd, hd)
-                out[kv * group * hd:(kv + 1) * group * hd] = acc
+                        if g0 <= g < g1:
+                            v_acc(v, l, seq, kv, j, s[g, j], acc, g * hd, hd)
+                out[(kv * group + g0) * hd:(kv * group + g1) * hd] = acc[g0 * hd:g1 * hd]
         _ATTENTION[cache_key] = attention
     return _ATTENTION[cache_key]
 
@@ -189,9 +197,10 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     thread count) for the whole run (``threads.join``; ``sync`` is reset by it): every member
     keeps its own copy of the residual stream and computes the norms and activations itself
     (a few µs), each product is split over the members by row groups (``make_part``), and a
-    barrier (~50 ns) follows each product and the attention. The attention is split by
-    key/value heads: each member rotates (or biases) the q/k/v heads of its own key/value
-    heads, stores them in the cache and attends with them. A parallel call per product
+    barrier (~50 ns) follows each product, the cache stores and the attention. Each
+    member rotates (or biases) and stores its share of the key/value heads, then attends
+    with its share of the query heads (9 query heads split 5/4 where 3 key/value heads
+    split 2/1). A parallel call per product
     instead cost ~2.5 µs of fork and join each, 120 times per SmolLM2 token, and left the
     other core idle during everything between products. ``head`` 1: then the final norm and
     the output head on the last ``logits.shape[0]`` tokens into ``logits``, in the same
@@ -218,14 +227,14 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                 xl[t, i] += o[t, i] if llama else o[t, i] + bias[l, i]
 
     @njit(inline="always")
-    def position(row, bias, l, pos, kv0, kv1, cos, sin):
-        """RoPE (llama) or the q/k/v biases (GPT-2) on the heads of key/value heads
-        ``kv0 <= h < kv1`` of one token's q|k|v ``row``."""
+    def position(row, bias, l, pos, h0, h1, kv0, kv1, cos, sin):
+        """RoPE (llama) or the biases (GPT-2) on query heads ``h0 <= h < h1`` and key/value
+        heads ``kv0 <= h < kv1`` of one token's q|k|v ``row``."""
         if llama:
-            _rope(row, kv0 * group * hd, (kv1 - kv0) * group, hd, n_rot, cos, sin, pos)
+            _rope(row, h0 * hd, h1 - h0, hd, n_rot, cos, sin, pos)
             _rope(row, q_len + kv0 * hd, kv1 - kv0, hd, n_rot, cos, sin, pos)
         else:
-            for i in range(kv0 * group * hd, kv1 * group * hd):
+            for i in range(h0 * hd, h1 * hd):
                 row[i] += bias[l, i]
             for i in range(q_len + kv0 * hd, q_len + kv1 * hd):
                 row[i] += bias[l, i]
@@ -240,20 +249,23 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
         xl = x.copy()
         n = np.ones((T, d), np.float32)
         act = np.ones((T, d_ff), np.float32)
-        kv0, kv1 = threads.share(n_kv, tid, nt)
+        kv0, kv1 = threads.share(n_kv, tid, nt)        # the heads this member stores
+        h0, h1 = threads.share(n_head, tid, nt)         # and attends with
         kb = 0
         for l in range(L):
             if not only_products:
                 norm(xl, norms[0][l], norms[1][l], n)
-                fetch(k, v, l, 0, kv0, kv1, pos0)   # this member's cache rows, during the product
+                fetch(k, v, l, 0, h0 // group, (h1 + group - 1) // group, pos0)   # during the product
             p_qkv(wqkv, l, n, qkv, fas[0], tid, nt)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
                 for t in range(T):
-                    position(qkv[t], biases[0], l, pos0 + t, kv0, kv1, cos, sin)
+                    position(qkv[t], biases[0], l, pos0 + t, h0, h1, kv0, kv1, cos, sin)
                     store(k, v, l, 0, pos0 + t, qkv[t], q_len, q_len + kv_len, kv0, kv1, hd)
+            kb = threads.barrier(sync, nt, kb)      # every key and value stored
+            if not only_products:
                 for t in range(T):
-                    attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t], kv0, kv1)
+                    attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t], h0, h1)
             kb = threads.barrier(sync, nt, kb)
             p_o(wo, l, att, o, fas[1], tid, nt)
             kb = threads.barrier(sync, nt, kb)
@@ -288,7 +300,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
         q = np.ones(q_len, np.float32)
         out = np.empty(q_len, np.float32)
         for l in range(k.shape[0]):
-            attention(q, k, v, l, 0, pos, n_head, n_kv, hd, out, 0, n_kv)
+            attention(q, k, v, l, 0, pos, n_head, n_kv, hd, out, 0, n_head)
 
     return team, attend
 
