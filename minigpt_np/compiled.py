@@ -193,11 +193,12 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     Linear (positions are added to the embedding by the caller).
 
     ``team(nt, sync, only_products, x, pos0, *norms, *biases, *final, *weights, k, v, cos,
-    sin, fas, logits, head)`` (``_flat``) is one parallel region of ``nt`` threads (0: numba's
-    thread count) for the whole run (``threads.join``; ``sync`` is reset by it): every member
-    keeps its own copy of the residual stream and computes the norms and activations itself
-    (a few µs), each product is split over the members by row groups (``make_part``), and a
-    barrier (~50 ns) follows each product, the cache stores and the attention. Each
+    sin, fas, logits, head, chunks)`` (``_flat``) is one parallel region of ``nt`` threads (0:
+    numba's thread count) for the whole run (``threads.join``; ``sync``, ``_counters`` work
+    counters after its two words, is reset by it): every member keeps its own copy of the
+    residual stream and computes the norms and activations itself (a few µs), each product
+    is cut into ``chunks`` chunks of row groups (0: ``CHUNKS`` per member) that the members
+    claim as they go (``make_part``: one that runs ahead takes more), and a barrier (~50 ns) follows each product, the cache stores and the attention. Each
     member rotates (or biases) and stores its share of the key/value heads, then attends
     with its share of the query heads (9 query heads split 5/4 where 3 key/value heads
     split 2/1). A parallel call per product
@@ -227,6 +228,11 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                 xl[t, i] += o[t, i] if llama else o[t, i] + bias[l, i]
 
     @njit(inline="always")
+    def slot(l, role):
+        """The work counter of layer ``l``'s product ``role`` (``_counters``)."""
+        return 2 + 3 * (4 * l + role)
+
+    @njit(inline="always")
     def position(row, bias, l, pos, h0, h1, kv0, kv1, cos, sin):
         """RoPE (llama) or the biases (GPT-2) on query heads ``h0 <= h < h1`` and key/value
         heads ``kv0 <= h < kv1`` of one token's q|k|v ``row``."""
@@ -242,7 +248,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
 
     @_cache.jit(key + ("body",), deps=_DEPS)
     def body(tid, nt, sync, only_products, x, pos0, norms, biases, final, wqkv, wo, wup, wdown, whead, k, v, cos,
-             sin, fas, qkv, att, o, up, logits, head):
+             sin, fas, qkv, att, o, up, logits, head, chunks):
         """One team member's work for every layer and the head (``team``)."""
         T, d = x.shape
         L = norms[0].shape[0]
@@ -256,7 +262,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
             if not only_products:
                 norm(xl, norms[0][l], norms[1][l], n)
                 fetch(k, v, l, 0, h0 // group, (h1 + group - 1) // group, pos0)   # during the product
-            p_qkv(wqkv, l, n, qkv, fas[0], tid, nt)
+            p_qkv(wqkv, l, n, qkv, fas[0], sync, slot(l, 0), chunks)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
                 for t in range(T):
@@ -267,12 +273,12 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                 for t in range(T):
                     attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t], h0, h1)
             kb = threads.barrier(sync, nt, kb)
-            p_o(wo, l, att, o, fas[1], tid, nt)
+            p_o(wo, l, att, o, fas[1], sync, slot(l, 1), chunks)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
                 residual(xl, o, biases[1], l)
                 norm(xl, norms[2][l], norms[3][l], n)
-            p_up(wup, l, n, up, fas[2], tid, nt)
+            p_up(wup, l, n, up, fas[2], sync, slot(l, 2), chunks)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
                 for t in range(T):
@@ -280,7 +286,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                         _swiglu(up[t], act[t], d_ff)
                     else:
                         _gelu(up[t], biases[2][l], act[t], d_ff)
-            p_down(wdown, l, act, o, fas[3], tid, nt)
+            p_down(wdown, l, act, o, fas[3], sync, slot(l, 3), chunks)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
                 residual(xl, o, biases[3], l)
@@ -288,7 +294,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
             t0 = T - logits.shape[0]
             if not only_products:
                 norm(xl[t0:], final[0], final[1], n[t0:])
-            p_head(whead, 0, n[t0:], logits, fas[4], tid, nt)
+            p_head(whead, 0, n[t0:], logits, fas[4], sync, slot(L, 0), chunks)
         if tid == 0:
             x[:] = xl
 
@@ -324,23 +330,24 @@ def _team(key, body, structure, qkv_cols, q_len, up_rows):
     norms, biases, final = [f"n{i}" for i in range(4)], [f"b{i}" for i in range(4)], ["f0", "f1"]
     args = ", ".join(norms + biases + final + ws)
     src = f"""
-def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas, logits, head):
+def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas, logits, head, chunks):
     T = x.shape[0]
     qkv = np.empty((T, {qkv_cols}), np.float32)     # shared by the members
     att = np.ones((T, {q_len}), np.float32)
     o = np.empty((T, x.shape[1]), np.float32)
     up = np.empty((T, {up_rows}), np.float32)
     want = nt if nt > 0 else num_threads()
-    sync[0] = 0
-    sync[1] = 0
+    sync[:] = 0
     for i in prange(want):
         tid, members = join(sync, want)
         if tid >= 0:
             body(tid, members, sync, only_products, x, pos0, ({", ".join(norms)}), ({", ".join(biases)}),
-                 ({", ".join(final)}), {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up, logits, head)
+                 ({", ".join(final)}), {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up, logits, head,
+                 chunks if chunks > 0 else CHUNKS * members)
     return x
 """
-    ns = dict(np=np, prange=prange, join=threads.join, num_threads=threads.num_threads, body=body, __name__=__name__)
+    ns = dict(np=np, prange=prange, join=threads.join, num_threads=threads.num_threads, body=body, CHUNKS=CHUNKS,
+              __name__=__name__)
     exec(compile(src, __file__, "exec"), ns)
     return _cache.jit(key + ("team", structure), deps=_DEPS, parallel=True)(ns["team"])
 
@@ -351,6 +358,15 @@ def _flat(norms, biases, final, ops) -> tuple:
 
 
 _CACHE: dict = {}
+CHUNKS = 3      # chunks of each product per team member, claimed dynamically (make_part): SmolLM2
+# Q4_0 steps took 2.8, 2.6, 2.7 and 3.0 ms with 2, 4, 8 and 16 chunks on 2 threads (6: as 4)
+
+
+def _counters(n_layer: int) -> int:
+    """Work counters a team needs: three (one per part of a role) per product, 4 products
+    per layer and the head."""
+    return 3 * (4 * n_layer + 1)
+
 
 
 def _addresses(roles, tier) -> np.ndarray:
@@ -401,7 +417,8 @@ class _Compiled(CacheSession):
                                   flat=_flat(run_norms, run_biases, final_norm,
                                              [[op.arrays for op in role] for role in ops]),
                                   fas=_addresses(ops, tier), norms=run_norms, start=a, stop=b))
-        self._sync = threads.team_sync()
+        self._sync = threads.team_sync(_counters(n_layer))
+        self.chunks = 0     # chunks per product: CHUNKS per member (a time study may set another)
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
         self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx)
@@ -423,7 +440,7 @@ class _Compiled(CacheSession):
         for i, run in enumerate(self.runs):
             s, e = run["start"], run["stop"]
             x = run["team"](0, self._sync, False, x, self.pos, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
-                            self.cos, self.sin, run["fas"], logits, i == last and head != "none")
+                            self.cos, self.sin, run["fas"], logits, i == last and head != "none", self.chunks)
         self.cache.pos[0] += T
         return None if head == "none" else logits
 
@@ -443,7 +460,7 @@ class _Compiled(CacheSession):
             for i, run in enumerate(self.runs):
                 s, e = run["start"], run["stop"]
                 run["team"](0, self._sync, True, x.copy(), 0, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
-                            self.cos, self.sin, run["fas"], logits, i == last)
+                            self.cos, self.sin, run["fas"], logits, i == last, self.chunks)
 
         def attention():
             for run in self.runs:

@@ -122,11 +122,23 @@ def test_parts_that_do_not_row_stack_fill_their_own_columns():
         out = np.empty((2, sum(rows)), np.float32)
         fas = stacked.concat_addresses(ops)
         want = np.concatenate([bytedot.matmul(lin.packed(), X) for lin in lins], axis=1)
-        for ntask in (1, 2, 3):     # every member's share of each part in its own columns
-            out[:] = np.nan
-            for task in range(ntask):
-                stacked.make_concat_part(ops)(tuple(op.arrays for op in ops), 0, X, out, fas, task, ntask)
-            np.testing.assert_array_equal(out, want)
+        part = stacked.make_concat_part(ops)
+        for chunks in (1, 2, 3, 5):
+            for start in range(chunks):     # the chunks before ``start`` claimed by other members
+                sync = np.zeros(8, np.int64)
+                sync[4:7] = start
+                out[:] = np.nan
+                part(tuple(op.arrays for op in ops), 0, X, out, fas, sync, 4, chunks)
+                c0 = 0
+                for r in rows:              # part k: chunk c of n holds groups [G c // n, G (c + 1) // n)
+                    G = r // 8
+                    n = min(chunks, G)
+                    first = 8 * (G * start // n) if start < n else r
+                    assert np.isnan(out[:, c0:c0 + first]).all()
+                    np.testing.assert_array_equal(out[:, c0 + first:c0 + r], want[:, c0 + first:c0 + r])
+                    c0 += r
+                assert sync[4:7].tolist() == [max(start, min(chunks, r // 8)) + 1 for r in rows]
+                assert sync[[0, 1, 2, 3, 7]].tolist() == [0] * 5
     same = stacked.layer_parts([_kernel_weight(rng, "Q4_0", (r, 256)) for r in (8, 4)])
     assert len(same) == 1 and same[0][1].shape == (12, 256)
 
@@ -249,6 +261,24 @@ def test_tiny_llama_kernel_weights_within_the_x_rounding_bound(tiny):
     assert _rms(s - f) > 0                       # the kernels do round x
     assert _rms(c - s) <= 2 * _rms(s - f) + _float_tol(TINY.n_layer, TINY.d_ff, s)
     assert (c.argmax(1) == s.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_the_step_on_every_kernel_tier_within_the_x_rounding_bound(tiny, monkeypatch):
+    """The compiled step built on each tier this machine runs (VNNI, AVX2, plain numba: the
+    team's chunked parts, the numba tier's single chunk) against the NumPy forward, in
+    blocks and token by token."""
+    from refquant.kernels import bytedot
+
+    ps, pf = tiny
+    s, _ = llama.forward(ps, TINY, IDS[:16])
+    f, _ = llama.forward(pf, TINY, IDS[:16])
+    bound = 2 * _rms(s - f) + _float_tol(TINY.n_layer, TINY.d_ff, s)
+    for tier in bytedot.available_tiers():
+        monkeypatch.setenv(bytedot.TIER_ENV, tier)
+        sess = compiled().Llama(ps, TINY)
+        c = np.concatenate([sess.prefill(IDS[:13]), *(sess.step(t)[None] for t in IDS[13:16])])
+        assert _rms(c - s) <= bound, tier
 
 
 def test_prefill_in_blocks_equals_token_by_token_within_the_x_rounding_bound(tiny):

@@ -255,12 +255,14 @@ _PARTS: dict = {}
 
 
 def make_part(op: Operand, tier: str | None = None):
-    """``part(w, l, X, out, fa, task, ntask) -> (lo, hi)``: rows ``lo <= r < hi`` of
-    ``out[:T] = X Ŵ_lᵀ``, task ``task`` of ``ntask``'s share (whole groups of 8 rows,
-    ``threads.share``), computed on the calling thread -- a member of a team
-    (``threads.join``) that splits every product of a step without a parallel call per
-    product. Every member rounds X itself. The numba tier's kernel computes every row in
-    task 0. Built once per tier and layout, cached on disk like ``make_apply``."""
+    """``part(w, l, X, out, fa, sync, slot, chunks)``: a team member's work on ``out[:T] =
+    X Ŵ_lᵀ``, on the calling thread -- a member of a team (``threads.join``) that splits
+    every product of a step without a parallel call per product. The rows are cut into
+    ``min(chunks, groups of 8 rows)`` chunks (chunk c of n: groups ``[G·c//n, G·(c+1)//n)``,
+    ``threads.share``), which the members claim one at a time from the counter
+    ``sync[slot]`` (``threads.claim``; zero before the product), so a member that runs ahead
+    takes more of them. Every member rounds X itself. The numba tier's kernel computes every
+    row in chunk 0. Built once per tier and layout, cached on disk like ``make_apply``."""
     tier = tier or bytedot.backend()
     key = (tier, "part", op.key())
     if key not in _PARTS:
@@ -268,41 +270,84 @@ def make_part(op: Operand, tier: str | None = None):
     return _PARTS[key]
 
 
-def _make_part(op: Operand, tier: str):
-    ckey = ("stacked.part", tier, op.key())
+def _part_pieces(op: Operand, tier: str):
+    """``(prepare, chunks_of, chunk)`` of ``op``'s part: ``prepare(X)`` -> what the kernel
+    reads of X (its Q8_0 rounding, or X for float weights); ``chunks_of(w, l, R, chunks)``
+    -> the number of chunks; ``chunk(w, l, rx, out, fa, c, n)`` computes chunk ``c`` of
+    ``n`` -> its rows ``(lo, hi)``."""
     if op.kind == "f32":
-        @_cache.jit(ckey)
-        def part_f32(w, l, X, out, fa, task, ntask):
+        @njit(inline="always")
+        def prepare_f32(X):
+            return X
+
+        @njit(inline="always")
+        def chunks_f32(w, l, R, chunks):
+            return min(chunks, (R + 7) // 8)
+
+        @njit(inline="always")
+        def chunk_f32(w, l, X, out, fa, c, n):
             R = out.shape[1]
-            g0, g1 = threads.share((R + 7) // 8, task, ntask)
+            g0, g1 = threads.share((R + 7) // 8, c, n)
             lo, hi = 8 * g0, min(8 * g1, R)
             matmul_f32_rows(w[0][l], X, out, lo, hi)
             return lo, hi
-        return part_f32
+        return prepare_f32, chunks_f32, chunk_f32
     kern, simd, tile_min, round_x = _packed_consts(op, tier)
 
-    @_cache.jit(ckey)
-    def part(w, l, X, out, fa, task, ntask):
-        R = out.shape[1]
-        xq, xa, dx, xs, s16 = round_x(X)   # every member: one that raised alone would leave the others waiting
+    @njit(inline="always")
+    def chunks_of(w, l, R, chunks):
+        return min(chunks, w[0][l].shape[0]) if simd else 1
+
+    @njit(inline="always")
+    def chunk(w, l, rx, out, fa, c, n):
+        xq, xa, dx, xs, s16 = rx
         if not simd:
-            if task == 0:
-                kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
-                return 0, R
-            return 0, 0
-        threads.chunk(fa[3] if X.shape[0] >= tile_min else fa[1], task, ntask, w[0][l], w[1][l], w[2][l], w[3][l],
+            kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
+            return 0, out.shape[1]
+        threads.chunk(fa[3] if xq.shape[0] >= tile_min else fa[1], c, n, w[0][l], w[1][l], w[2][l], w[3][l],
                       w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
-        g0, g1 = threads.share(w[0][l].shape[0], task, ntask)
-        return 8 * g0, min(8 * g1, R)
+        g0, g1 = threads.share(w[0][l].shape[0], c, n)
+        return 8 * g0, min(8 * g1, out.shape[1])
+    return round_x, chunks_of, chunk
+
+
+def _make_part(op: Operand, tier: str):
+    prepare, chunks_of, chunk = _part_pieces(op, tier)
+
+    @_cache.jit(("stacked.part", tier, op.key()))
+    def part(w, l, X, out, fa, sync, slot, chunks):
+        rx = prepare(X)     # every member: one that raised alone would leave the others waiting
+        n = chunks_of(w, l, out.shape[1], chunks)
+        c = threads.claim(sync, slot)
+        while c < n:
+            chunk(w, l, rx, out, fa, c, n)
+            c = threads.claim(sync, slot)
     return part
 
 
+def _filler(chunk):
+    """``fill(w, l, rx, tmp, out, c0, fa, sync, slot, n)``: claims chunks of ``n`` from
+    ``sync[slot]``, computes each into ``tmp`` and copies its rows to ``out``'s columns from
+    ``c0``."""
+    @njit(inline="always")
+    def fill(w, l, rx, tmp, out, c0, fa, sync, slot, n):
+        c = threads.claim(sync, slot)
+        while c < n:
+            lo, hi = chunk(w, l, rx, tmp, fa, c, n)
+            for t in range(tmp.shape[0]):
+                for r in range(lo, hi):
+                    out[t, c0 + r] = tmp[t, r]
+            c = threads.claim(sync, slot)
+    return fill
+
+
 def make_concat_part(ops: list[Operand], tier: str | None = None):
-    """``part(ws, l, X, out, fas, task, ntask)``: ``make_part`` for the row-concatenation of
-    ``ops`` (1 to 3 parts; ``ws`` the tuple of their ``arrays``, ``fas`` the stack of their
-    ``addresses``): each part's share of rows goes to its own columns of ``out``, by the
-    thread that computed them (a file mixing types within a role, such as Q4_K_M's Q6_K
-    attn_v, has parts that do not row-stack)."""
+    """``part(ws, l, X, out, fas, sync, slot, chunks)``: ``make_part`` for the
+    row-concatenation of ``ops`` (1 to 3 parts; ``ws`` the tuple of their ``arrays``,
+    ``fas`` the stack of their ``addresses``; part k's chunks counted in ``sync[slot + k]``):
+    each chunk's rows go to the part's own columns of ``out``, by the thread that computed
+    them (a file mixing types within a role, such as Q4_K_M's Q6_K attn_v, has parts that
+    do not row-stack)."""
     tier = tier or bytedot.backend()
     key = (tier, "concat-part", tuple(op.key() for op in ops))
     if key not in _PARTS:
@@ -311,39 +356,32 @@ def make_concat_part(ops: list[Operand], tier: str | None = None):
 
 
 def _make_concat_part(ops: list[Operand], tier: str):
-    parts = [make_part(op, tier) for op in ops]
     ckey = ("stacked.concat-part", tier, tuple(op.key() for op in ops))
-    p0 = parts[0]
     if len(ops) == 1:
+        p0 = make_part(ops[0], tier)
+
         @_cache.jit(ckey)
-        def part1(ws, l, X, out, fas, task, ntask):
-            p0(ws[0], l, X, out, fas[0], task, ntask)
+        def part1(ws, l, X, out, fas, sync, slot, chunks):
+            p0(ws[0], l, X, out, fas[0], sync, slot, chunks)
         return part1
     if len(ops) > 3:
         raise ValueError("at most 3 parts")
-    p1, p2 = parts[1], parts[-1]
+    pieces = [_part_pieces(op, tier) for op in ops]
+    (pre0, of0, fill0), (pre1, of1, fill1), (pre2, of2, fill2) = [(pre, of, _filler(ch)) for pre, of, ch in
+                                                                  (pieces[0], pieces[1], pieces[-1])]
     three = len(ops) == 3
 
-    @njit(inline="always")
-    def place(tmp, out, c0, lo, hi):
-        for t in range(tmp.shape[0]):
-            for r in range(lo, hi):
-                out[t, c0 + r] = tmp[t, r]
-
     @_cache.jit(ckey)
-    def part_parts(ws, l, X, out, fas, task, ntask):   # a part's rows: fas[part, 4]
+    def part_parts(ws, l, X, out, fas, sync, slot, chunks):   # a part's rows: fas[part, 4]
         T = X.shape[0]
         r0, r1, r2 = int(fas[0, 4]), int(fas[1, 4]), int(fas[-1, 4])
-        tmp = np.empty((T, r0), np.float32)
-        lo, hi = p0(ws[0], l, X, tmp, fas[0], task, ntask)
-        place(tmp, out, 0, lo, hi)
-        tmp = np.empty((T, r1), np.float32)
-        lo, hi = p1(ws[1], l, X, tmp, fas[1], task, ntask)
-        place(tmp, out, r0, lo, hi)
+        rx0, rx1 = pre0(X), pre1(X)
+        fill0(ws[0], l, rx0, np.empty((T, r0), np.float32), out, 0, fas[0], sync, slot, of0(ws[0], l, r0, chunks))
+        fill1(ws[1], l, rx1, np.empty((T, r1), np.float32), out, r0, fas[1], sync, slot + 1,
+              of1(ws[1], l, r1, chunks))
         if three:
-            tmp = np.empty((T, r2), np.float32)
-            lo, hi = p2(ws[-1], l, X, tmp, fas[2], task, ntask)
-            place(tmp, out, r0 + r1, lo, hi)
+            fill2(ws[-1], l, pre2(X), np.empty((T, r2), np.float32), out, r0 + r1, fas[2], sync, slot + 2,
+                  of2(ws[-1], l, r2, chunks))
     return part_parts
 
 

@@ -213,9 +213,10 @@ _CLOSED = 1 << 40
 JOIN_SPINS = 1 << 16     # how long the first thread waits for the others (pauses: ~1-3 ms)
 
 
-def team_sync() -> np.ndarray:
-    """A fresh synchronization word pair for one ``team`` run (team membership, barrier count)."""
-    return np.zeros(2, np.int64)
+def team_sync(counters: int = 0) -> np.ndarray:
+    """Fresh synchronization words for one ``team`` run: team membership, barrier count,
+    then ``counters`` work counters (``claim``)."""
+    return np.zeros(2 + counters, np.int64)
 
 
 @njit
@@ -245,6 +246,13 @@ def join(sync, want):
         while not _atomic_load(sync, 0) & _CLOSED:
             _pause()
     return tid, _atomic_load(sync, 0) & (_CLOSED - 1)
+
+
+@njit(inline="always")
+def claim(sync, slot):
+    """The next unit of work from the counter ``sync[slot]`` (atomically: each value goes to
+    one member); the counter holds 0 before the first claim."""
+    return _atomic_add(sync, slot)
 
 
 @njit
