@@ -9,16 +9,18 @@ costs more than the weight products themselves. ``Llama(params, cfg)`` and
   ``refquant.kernels.stacked.Operand`` over the layers, multiplied by the same byte-dot
   kernel ``Linear`` calls use (x rounded to Q8_0 blocks as llama.cpp does), or by a
   float32 kernel for float weights;
-* the KV cache is preallocated, (layers, kv heads, positions, head dim), and written in
-  place; attention, RMSNorm / LayerNorm, RoPE, SwiGLU / GELU and the residuals are loops;
-* one numba call runs every layer for up to ``kernels.MAX_BATCH`` tokens (decode: one
-  token; prefill: blocks of 16), and a second call the final norm and the output head.
-  Layers whose weights differ in layout (a file mixing types per layer) are split into
-  runs of equal layout, one call each.
+* the KV cache is a preallocated ``KVCache`` of ``n_seq`` sequences, written in place;
+  attention, RMSNorm / LayerNorm, RoPE, SwiGLU / GELU and the residuals are loops;
+* one numba call (a team of threads, ``_build_layers``) runs every layer and the output
+  head for up to ``kernels.MAX_BATCH`` tokens: decode, one token; prefill, blocks of 16 of
+  one sequence; ``step_batch``, one token of each of up to 16 sequences, each at its own
+  position (each weight read once for all of them). Layers whose weights differ in layout
+  (a file mixing types per layer) are split into runs of equal layout, one call each.
 
-``session.prefill(ids)`` -> logits (T, vocab) (``last_only=True``: the last token's, (1, vocab));
-``session.step(id)`` -> logits (vocab,);
-``session.reset()``. ``llama.Session`` is the NumPy session with the same interface.
+``session.prefill(ids, seq=0)`` -> logits (T, vocab) (``last_only=True``: the last token's,
+(1, vocab)); ``session.step(id)`` -> logits (vocab,) (sequence 0);
+``session.step_batch(ids, seqs=None)`` -> logits (B, vocab); ``session.reset(seq=None)``.
+``llama.Session`` is the NumPy session with the same interface for one sequence.
 """
 from __future__ import annotations
 
@@ -192,7 +194,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     (gate|up stacked), no biases; else GPT-2: LayerNorm with bias, GELU, biases on every
     Linear (positions are added to the embedding by the caller).
 
-    ``team(nt, sync, only_products, x, pos0, *norms, *biases, *final, *weights, k, v, cos,
+    ``team(nt, sync, only_products, x, seqs, poss, *norms, *biases, *final, *weights, k, v, cos,
     sin, fas, logits, head, chunks)`` (``_flat``) is one parallel region of ``nt`` threads (0:
     numba's thread count) for the whole run (``threads.join``; ``sync``, ``_counters`` work
     counters after its two words, is reset by it): every member keeps its own copy of the
@@ -247,7 +249,8 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                 row[i + kv_len] += bias[l, i + kv_len]
 
     @_cache.jit(key + ("body",), deps=_DEPS)
-    def body(tid, nt, sync, only_products, x, pos0, norms, biases, final, wqkv, wo, wup, wdown, whead, k, v, cos,
+    def body(tid, nt, sync, only_products, x, seqs, poss, norms, biases, final, wqkv, wo, wup, wdown, whead, k, v,
+             cos,
              sin, fas, qkv, att, o, up, logits, head, chunks):
         """One team member's work for every layer and the head (``team``)."""
         T, d = x.shape
@@ -261,17 +264,19 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
         for l in range(L):
             if not only_products:
                 norm(xl, norms[0][l], norms[1][l], n)
-                fetch(k, v, l, 0, h0 // group, (h1 + group - 1) // group, pos0)   # during the product
+                for t in range(T):      # during the product: each sequence's rows once
+                    if t == 0 or seqs[t] != seqs[t - 1]:
+                        fetch(k, v, l, seqs[t], h0 // group, (h1 + group - 1) // group, poss[t])
             p_qkv(wqkv, l, n, qkv, fas[0], sync, slot(l, 0), chunks)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
                 for t in range(T):
-                    position(qkv[t], biases[0], l, pos0 + t, h0, h1, kv0, kv1, cos, sin)
-                    store(k, v, l, 0, pos0 + t, qkv[t], q_len, q_len + kv_len, kv0, kv1, hd)
+                    position(qkv[t], biases[0], l, poss[t], h0, h1, kv0, kv1, cos, sin)
+                    store(k, v, l, seqs[t], poss[t], qkv[t], q_len, q_len + kv_len, kv0, kv1, hd)
             kb = threads.barrier(sync, nt, kb)      # every key and value stored
             if not only_products:
                 for t in range(T):
-                    attention(qkv[t], k, v, l, 0, pos0 + t, n_head, n_kv, hd, att[t], h0, h1)
+                    attention(qkv[t], k, v, l, seqs[t], poss[t], n_head, n_kv, hd, att[t], h0, h1)
             kb = threads.barrier(sync, nt, kb)
             p_o(wo, l, att, o, fas[1], sync, slot(l, 1), chunks)
             kb = threads.barrier(sync, nt, kb)
@@ -313,7 +318,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
 
 def _team(key, body, structure, qkv_cols, q_len, up_rows):
     """The parallel region that runs ``body`` on a team: ``team(nt, sync, only_products, x,
-    pos0, *norms, *biases, *final, *weights, k, v, cos, sin, fas, logits, head)``. numba
+    seqs, poss, *norms, *biases, *final, *weights, k, v, cos, sin, fas, logits, head, chunks)``. numba
     passes the variables of a ``prange`` body to it as array or scalar arguments, never
     tuples, so the weights come flat (``_flat``: ``structure`` gives each role's operands'
     array counts) and become tuples again inside. Its source is generated for that
@@ -330,7 +335,7 @@ def _team(key, body, structure, qkv_cols, q_len, up_rows):
     norms, biases, final = [f"n{i}" for i in range(4)], [f"b{i}" for i in range(4)], ["f0", "f1"]
     args = ", ".join(norms + biases + final + ws)
     src = f"""
-def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas, logits, head, chunks):
+def team(nt, sync, only_products, x, seqs, poss, {args}, k, v, cos, sin, fas, logits, head, chunks):
     T = x.shape[0]
     qkv = np.empty((T, {qkv_cols}), np.float32)     # shared by the members
     att = np.ones((T, {q_len}), np.float32)
@@ -341,7 +346,7 @@ def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas, logits, 
     for i in prange(want):
         tid, members = join(sync, want)
         if tid >= 0:
-            body(tid, members, sync, only_products, x, pos0, ({", ".join(norms)}), ({", ".join(biases)}),
+            body(tid, members, sync, only_products, x, seqs, poss, ({", ".join(norms)}), ({", ".join(biases)}),
                  ({", ".join(final)}), {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up, logits, head,
                  chunks if chunks > 0 else CHUNKS * members)
     return x
@@ -353,7 +358,7 @@ def team(nt, sync, only_products, x, pos0, {args}, k, v, cos, sin, fas, logits, 
 
 
 def _flat(norms, biases, final, ops) -> tuple:
-    """The arrays ``team`` takes between ``pos0`` and ``k``, in its order."""
+    """The arrays ``team`` takes between ``poss`` and ``k``, in its order."""
     return (*norms, *biases, *final, *(a for role in ops for part in role for a in part))
 
 
@@ -389,7 +394,7 @@ class _Compiled(CacheSession):
     """Shared machinery: runs of layers, the KV cache, prefill in blocks of MAX_BATCH."""
 
     def _setup(self, roles, head_lin, norms, biases, final_norm, *, n_layer, n_head, n_kv, hd, n_rot, eps, d_ff,
-               llama, n_ctx, vocab, rope_base=10000.0):
+               llama, n_ctx, vocab, rope_base=10000.0, n_seq=1):
         self.n_ctx, self.vocab = n_ctx, vocab
         # role -> layer -> parts (one part when the role's Linears row-stack)
         per_layer = [[stacked.layer_parts(lins) for lins in role] for role in roles]
@@ -421,7 +426,8 @@ class _Compiled(CacheSession):
         self.chunks = 0     # chunks per product: CHUNKS per member (a time study may set another)
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
-        self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx)
+        self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx, n_seq=n_seq)
+        self._one_seq, self._one_pos = np.zeros(1, np.int64), np.zeros(1, np.int64)    # step's, reused
         if llama:
             from minigpt_np.llama import rope_angles
 
@@ -430,21 +436,22 @@ class _Compiled(CacheSession):
         else:
             self.cos = self.sin = np.zeros((1, 1), np.float32)
 
-    def _block(self, x: np.ndarray, head: str = "all") -> np.ndarray | None:
-        """The layers on a block of tokens, then the head on ``"all"`` of them, the
-        ``"last"`` one or ``"none"``."""
+    def _block(self, x: np.ndarray, seqs: np.ndarray, poss: np.ndarray, head: str = "all") -> np.ndarray | None:
+        """The layers on a block of tokens, token t of sequence ``seqs[t]`` at position
+        ``poss[t]`` (checked by the caller, who also advances ``cache.pos``), then the head on
+        ``"all"`` of them, the ``"last"`` one or ``"none"``."""
         T = x.shape[0]
         x = np.ascontiguousarray(x, np.float32)
         logits = np.empty((0 if head == "none" else T if head == "all" else 1, self.vocab), np.float32)
         last = len(self.runs) - 1
         for i, run in enumerate(self.runs):
             s, e = run["start"], run["stop"]
-            x = run["team"](0, self._sync, False, x, self.pos, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
+            x = run["team"](0, self._sync, False, x, seqs, poss, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
                             self.cos, self.sin, run["fas"], logits, i == last and head != "none", self.chunks)
-        self.cache.pos[0] += T
         return None if head == "none" else logits
 
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
+    def _embed(self, ids: np.ndarray, poss: np.ndarray) -> np.ndarray:
+        """Token ``ids[t]``'s input row at position ``poss[t]`` (T, d) float32."""
         raise NotImplementedError
 
     def pieces(self) -> dict:
@@ -454,13 +461,14 @@ class _Compiled(CacheSession):
         d = self.runs[0]["norms"][0].shape[1]
         x = np.ones((1, d), np.float32)
         logits = np.empty((1, self.vocab), np.float32)
+        zero = np.zeros(1, np.int64)
 
         def products():
             last = len(self.runs) - 1
             for i, run in enumerate(self.runs):
                 s, e = run["start"], run["stop"]
-                run["team"](0, self._sync, True, x.copy(), 0, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
-                            self.cos, self.sin, run["fas"], logits, i == last, self.chunks)
+                run["team"](0, self._sync, True, x.copy(), zero, zero, *run["flat"], self.cache.k[s:e],
+                            self.cache.v[s:e], self.cos, self.sin, run["fas"], logits, i == last, self.chunks)
 
         def attention():
             for run in self.runs:
@@ -468,44 +476,84 @@ class _Compiled(CacheSession):
                 run["attend"](self.cache.k[s:e], self.cache.v[s:e], max(self.pos - 1, 0))
         return dict(products=products, attention=attention)
 
-    def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
-        """Logits (T, vocab) of ``ids`` after the positions already cached; ``last_only``:
-        (1, vocab), the last token's (the head, 49152 x 576 on SmolLM2, then runs once)."""
+    def prefill(self, ids, *, last_only: bool = False, seq: int = 0) -> np.ndarray:
+        """Logits (T, vocab) of ``ids`` after the positions sequence ``seq`` already holds;
+        ``last_only``: (1, vocab), the last token's (the head, 49152 x 576 on SmolLM2, then
+        runs once)."""
         ids = token_ids(ids, self.vocab).reshape(-1)
-        if self.pos + ids.size > self.n_ctx:
-            raise ValueError(f"{self.pos + ids.size} positions exceed this session's context of {self.n_ctx}")
-        starts = range(0, ids.size, MAX_BATCH)
-        if last_only:
-            for i in starts:
-                out = self._block(self._embed(ids[i:i + MAX_BATCH]), "last" if i == starts[-1] else "none")
-            return out
-        return np.concatenate([self._block(self._embed(ids[i:i + MAX_BATCH])) for i in starts])
+        seq = self._seq(seq)
+        pos = int(self.cache.pos[seq])
+        if pos + ids.size > self.n_ctx:
+            raise ValueError(f"{pos + ids.size} positions exceed this session's context of {self.n_ctx}")
+        outs = []
+        for i in range(0, ids.size, MAX_BATCH):
+            chunk = ids[i:i + MAX_BATCH]
+            poss = np.arange(pos + i, pos + i + chunk.size, dtype=np.int64)
+            head = "all" if not last_only else "last" if i + MAX_BATCH >= ids.size else "none"
+            outs.append(self._block(self._embed(chunk, poss), np.full(chunk.size, seq, np.int64), poss, head))
+            self.cache.pos[seq] += chunk.size
+        return outs[-1] if last_only else np.concatenate(outs)
 
     def step(self, token: int) -> np.ndarray:
-        """Logits (vocab,) of one more token: ``prefill([token])[0]`` with as little Python
-        as it can (a step streams the weights through the caches, so every interpreter
-        object the next call touches comes from memory again: each Python layer costs tens
-        of µs here, against a few ms for the step)."""
+        """Logits (vocab,) of one more token of sequence 0: ``prefill([token])[0]`` with as
+        little Python as it can (a step streams the weights through the caches, so every
+        interpreter object the next call touches comes from memory again: each Python layer
+        costs tens of µs here, against a few ms for the step)."""
         if isinstance(token, bool):   # operator.index takes True as 1
             raise TypeError(f"a token id must be an integer, got {token!r}")
         t = operator.index(token)
         if not 0 <= t < self.vocab:
             raise ValueError(f"token ids must be in [0, {self.vocab}), got {t}..{t}")
-        if self.pos + 1 > self.n_ctx:
-            raise ValueError(f"{self.pos + 1} positions exceed this session's context of {self.n_ctx}")
-        return self._block(self._embed_one(t))[0]
+        pos = self.pos
+        if pos + 1 > self.n_ctx:
+            raise ValueError(f"{pos + 1} positions exceed this session's context of {self.n_ctx}")
+        self._one_pos[0] = pos
+        out = self._block(self._embed_one(t, self._one_pos), self._one_seq, self._one_pos)[0]
+        self.cache.pos[0] += 1
+        return out
 
-    def _embed_one(self, t: int) -> np.ndarray:
-        return self._embed(np.array([t]))
+    def step_batch(self, tokens, seqs=None) -> np.ndarray:
+        """Logits (B, vocab): one more token of each of B sequences (``seqs``, distinct;
+        default 0..B-1), each at its own position, decoded together (every weight read
+        once per ``kernels.MAX_BATCH`` tokens: the seeds' batched decode)."""
+        ids = token_ids(tokens, self.vocab).reshape(-1)
+        seqs = np.arange(ids.size) if seqs is None else np.asarray(seqs)
+        if seqs.shape != ids.shape or not np.issubdtype(seqs.dtype, np.integer):
+            raise ValueError(f"seqs must be {ids.size} integers, one per token, got {seqs!r}")
+        if len(set(seqs.tolist())) != seqs.size:
+            raise ValueError("a batch holds one token per sequence; got a sequence twice")
+        seqs = np.array([self._seq(q) for q in seqs.tolist()], np.int64)
+        poss = self.cache.pos[seqs].astype(np.int64)
+        if poss.max() + 1 > self.n_ctx:
+            raise ValueError(f"{poss.max() + 1} positions exceed this session's context of {self.n_ctx}")
+        outs = []
+        for i in range(0, ids.size, MAX_BATCH):
+            sl = slice(i, i + MAX_BATCH)
+            outs.append(self._block(self._embed(ids[sl], poss[sl]), seqs[sl], poss[sl]))
+        self.cache.pos[seqs] += 1
+        return np.concatenate(outs)
+
+    def reset(self, seq: int | None = None) -> None:
+        """Forget every position of sequence ``seq`` (of every sequence when None)."""
+        self.cache.reset(None if seq is None else self._seq(seq))
+
+    def _seq(self, seq) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.cache.n_seq:
+            raise ValueError(f"seq must be an integer in [0, {self.cache.n_seq}), got {seq!r}")
+        return int(seq)
+
+    def _embed_one(self, t: int, poss: np.ndarray) -> np.ndarray:
+        return self._embed(np.array([t]), poss)
 
 
 class Llama(_Compiled):
     """SmolLM2 / any ``minigpt_np.llama`` model, compiled (module docstring). ``params``
     from ``llama.load`` (``dtype="stored"``: the GGUF's own types on the byte-dot kernels;
     ``"f32"``: float32 weights on the float kernel); ``n_ctx``: positions the preallocated
-    cache holds (default: the model's context, at most 4096)."""
+    cache holds (default: the model's context, at most 4096); ``n_seq``: sequences it holds
+    (``step_batch`` decodes one token of each at once; ``prefill(ids, seq=s)`` fills one)."""
 
-    def __init__(self, params, cfg, *, n_ctx: int | None = None):
+    def __init__(self, params, cfg, *, n_ctx: int | None = None, n_seq: int = 1):
         from minigpt_np.llama import validate
 
         validate(params, cfg)   # the kernels below trust every shape
@@ -526,12 +574,12 @@ class Llama(_Compiled):
         self._row = _row_decoder(params["token_embd.weight"])
         self._setup(roles, params["output.weight"], norms, (z, z, z, z), (on, on), n_layer=L, n_head=cfg.n_head,
                     n_kv=cfg.n_head_kv, hd=cfg.head_dim, n_rot=cfg.n_rot, eps=cfg.eps, d_ff=cfg.d_ff, llama=True,
-                    n_ctx=n_ctx, vocab=cfg.vocab, rope_base=cfg.rope_base)
+                    n_ctx=n_ctx, vocab=cfg.vocab, rope_base=cfg.rope_base, n_seq=n_seq)
 
-    def _embed(self, ids):
+    def _embed(self, ids, poss):
         return self.params["token_embd.weight"].rows(ids)
 
-    def _embed_one(self, t: int) -> np.ndarray:
+    def _embed_one(self, t: int, poss) -> np.ndarray:
         return self._row(t)
 
 
@@ -560,7 +608,7 @@ class MiniGPT(_Compiled):
     """MiniGPT (``minigpt_np.model``), compiled: ``linears`` (``model.Linears``, any scheme
     with a compiled path; None: the float32 weights in ``params``)."""
 
-    def __init__(self, params, cfg, linears=None):
+    def __init__(self, params, cfg, linears=None, *, n_seq: int = 1):
         from minigpt_np.model import Linears, validate
 
         linears = linears or Linears(params, cfg)
@@ -580,8 +628,7 @@ class MiniGPT(_Compiled):
                     (np.asarray(params["output_norm.weight"], np.float32),
                      np.asarray(params["output_norm.bias"], np.float32)),
                     n_layer=L, n_head=cfg.n_head, n_kv=cfg.n_head, hd=cfg.d_model // cfg.n_head, n_rot=0,
-                    eps=cfg.eps, d_ff=cfg.d_ff, llama=False, n_ctx=cfg.n_ctx, vocab=cfg.vocab)
+                    eps=cfg.eps, d_ff=cfg.d_ff, llama=False, n_ctx=cfg.n_ctx, vocab=cfg.vocab, n_seq=n_seq)
 
-    def _embed(self, ids):
-        return (self.params["token_embd.weight"][ids]
-                + self.params["position_embd.weight"][self.pos:self.pos + ids.size]).astype(np.float32)
+    def _embed(self, ids, poss):
+        return (self.params["token_embd.weight"][ids] + self.params["position_embd.weight"][poss]).astype(np.float32)

@@ -45,6 +45,63 @@ def session(params, cfg, engine: str = "compiled"):
     return compiled.Llama(params, cfg)
 
 
+class BatchSession:
+    """Continuous batching: up to ``n_seq`` sequences decoded together on one compiled
+    session (``minigpt_np.compiled.Llama`` with ``n_seq`` sequences in its ``KVCache``),
+    each at its own position, one weight read per step for all of them (``step_batch``).
+
+    ``add(prompt_ids) -> seq`` prefills a free sequence and samples its first token;
+    ``step() -> {seq: token}`` returns every active sequence's next token and runs them all
+    through the model in one batched step; ``remove(seq)`` frees a sequence, between any two
+    steps (as vLLM's continuous batching joins and leaves). Greedy (``temp=0``, the
+    default) gives each sequence the text it gets alone; otherwise tokens are sampled from
+    softmax(logits / temp), from one generator seeded with ``seed`` for the batch."""
+
+    def __init__(self, params, cfg, *, n_seq: int = 8, n_ctx: int | None = None, temp: float = 0.0, seed: int = 0):
+        from minigpt_np import compiled
+
+        self.sess = compiled.Llama(params, cfg, n_ctx=n_ctx, n_seq=n_seq)
+        self.temp, self.rng = float(temp), np.random.default_rng(seed)
+        self._free = list(range(n_seq))
+        self._next: dict[int, int] = {}     # active sequence -> its token not yet run
+
+    @property
+    def active(self) -> list[int]:
+        return sorted(self._next)
+
+    def add(self, prompt_ids) -> int:
+        if not self._free:
+            raise ValueError(f"all {self.sess.cache.n_seq} sequences are in use: remove one first")
+        ids = list(prompt_ids)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        seq = self._free[0]
+        self.sess.reset(seq)
+        logits = self.sess.prefill(ids, last_only=True, seq=seq)   # checks ids and the context
+        self._free.pop(0)
+        self._next[seq] = sample(logits[-1], self.temp, self.rng)
+        return seq
+
+    def step(self) -> dict[int, int]:
+        seqs = self.active
+        if not seqs:
+            return {}
+        full = [q for q in seqs if self.sess.cache.pos[q] >= self.sess.n_ctx]
+        if full:
+            raise ValueError(f"sequences {full} have filled the context of {self.sess.n_ctx}: remove them")
+        out = {q: self._next[q] for q in seqs}
+        logits = self.sess.step_batch([out[q] for q in seqs], seqs)
+        for q, row in zip(seqs, logits):
+            self._next[q] = sample(row, self.temp, self.rng)
+        return out
+
+    def remove(self, seq: int) -> None:
+        if seq not in self._next:
+            raise ValueError(f"sequence {seq!r} is not active (active: {self.active})")
+        del self._next[seq]
+        self._free.append(seq)
+
+
 def stop_ids(tok: Tokenizer) -> set[int]:
     """The token ids that end generation: end of text, end of turn."""
     return {tok.eos, tok.special.get("<|endoftext|>", -1), tok.special.get("<|im_end|>", -1)}

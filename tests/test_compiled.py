@@ -330,7 +330,7 @@ def test_step_is_a_one_token_prefill_bit_for_bit(tiny):
     a, b = compiled().Llama(ps, TINY), compiled().Llama(ps, TINY)
     emb = ps["token_embd.weight"]
     for t in (0, 7, TINY.vocab - 1):
-        np.testing.assert_array_equal(a._embed_one(t), emb.rows(np.array([t])))
+        np.testing.assert_array_equal(a._embed_one(t, np.zeros(1, np.int64)), emb.rows(np.array([t])))
     a.prefill(IDS[:5])
     b.prefill(IDS[:5])
     for t in (7, 0, TINY.vocab - 1):
@@ -613,3 +613,132 @@ def test_a_team_forms_from_the_threads_that_run_and_its_barrier_waits_for_all():
     m = region(2, threads.team_sync(), a, seen)
     assert 1 <= m <= 2
     np.testing.assert_array_equal(seen[:m], np.tile(m * np.arange(1, 51), (m, 1)))
+
+
+def test_batched_steps_equal_each_sequence_decoded_alone(tiny):
+    """``step_batch``: one token of each of several sequences, at different positions,
+    through one team call per 16. With fewer than ``TILE_MIN_M`` tokens every token takes
+    the one-token kernel; with more, the tile kernel, whose float epilogue is the one-token
+    kernel's: either way each row equals that sequence's own step bit for bit. The cache
+    positions of the sequences advance, and other sequences' rows are left alone."""
+    from refquant.kernels import bytedot
+
+    ps, _ = tiny
+    prompts = [IDS[:5], IDS[3:12], IDS[7:9], IDS[1:14], IDS[10:13]]
+    nxt = [7, 250, 31, 2, 199]
+    alone = []
+    for p, t in zip(prompts, nxt):
+        sess = compiled().Llama(ps, TINY)
+        sess.prefill(p)
+        alone.append(np.concatenate([sess.step(t)[None], sess.step(t + 1)[None]]))
+    for B in (3, 5):
+        assert (B >= bytedot.TILE_MIN_M) == (B == 5)
+        batch = compiled().Llama(ps, TINY, n_seq=B)
+        for q in reversed(range(B)):            # filled in any order
+            batch.prefill(prompts[q], seq=q)
+        k_before = batch.cache.k.copy()
+        got = [batch.step_batch(nxt[:B]), batch.step_batch([t + 1 for t in nxt[:B]])]
+        assert batch.cache.pos.tolist() == [len(p) + 2 for p in prompts[:B]]
+        for q in range(B):
+            n = len(prompts[q])
+            np.testing.assert_array_equal(batch.cache.k[:, q, :, :n], k_before[:, q, :, :n])
+            for i in range(2):
+                np.testing.assert_array_equal(got[i][q], alone[q][i])
+    part = batch.step_batch([4, 5], seqs=[3, 1])    # a subset, in any order
+    assert part.shape == (2, TINY.vocab) and batch.cache.pos.tolist() == [7, 12, 4, 16, 5]
+
+
+def test_batched_step_errors(tiny):
+    ps, _ = tiny
+    sess = compiled().Llama(ps, TINY, n_ctx=8, n_seq=2)
+    with pytest.raises(ValueError, match="one token per sequence"):
+        sess.step_batch([1, 2], seqs=[1, 1])
+    with pytest.raises(ValueError, match=r"seq must be an integer in \[0, 2\)"):
+        sess.step_batch([1, 2], seqs=[0, 2])
+    with pytest.raises(ValueError, match="one per token"):
+        sess.step_batch([1, 2], seqs=[0])
+    with pytest.raises(ValueError, match=r"seq must be an integer in \[0, 2\)"):
+        sess.prefill([1], seq=-1)
+    sess.prefill(list(range(8)), seq=1)
+    with pytest.raises(ValueError, match="9 positions exceed"):
+        sess.step_batch([1, 2])
+    assert sess.cache.pos.tolist() == [0, 8]
+    sess.reset(1)
+    assert sess.cache.pos.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="empty"):
+        sess.step_batch([])
+
+
+def test_minigpt_batched_steps_use_each_sequences_positions():
+    """MiniGPT adds a position embedding per token: in a batch, each at its own position."""
+    from minigpt_np import checkpoint
+
+    params, cfg, _ = checkpoint.load()
+    a, b = list(b"the farmers"), list(b"paint the barn red")
+    batch = compiled().MiniGPT(params, cfg, n_seq=2)
+    batch.prefill(a, seq=0)
+    batch.prefill(b, seq=1)
+    got = batch.step_batch([ord("x"), ord("y")])
+    for q, (p, t) in enumerate(((a, ord("x")), (b, ord("y")))):
+        alone = compiled().MiniGPT(params, cfg)
+        alone.prefill(p)
+        np.testing.assert_array_equal(got[q], alone.step(t))
+
+
+def _greedy_alone(make, prompt, n):
+    sess = make()
+    t = int(np.argmax(sess.prefill(prompt, last_only=True)[-1]))
+    out = [t]
+    for _ in range(n - 1):
+        t = int(np.argmax(sess.step(t)))
+        out.append(t)
+    return out
+
+
+def test_batch_session_joins_and_leaves_and_keeps_each_text(tiny):
+    """``generate.BatchSession``: sequences join and leave between steps; each one's greedy
+    tokens are those it gets decoded alone (five at once take the tile kernel)."""
+    from minigpt_np import generate
+
+    ps, _ = tiny
+    prompts = [IDS[:5], IDS[3:12], IDS[7:9], IDS[1:14], IDS[10:13], IDS[2:4]]
+    alone = [_greedy_alone(lambda: compiled().Llama(ps, TINY), p, 8) for p in prompts]
+    bs = generate.BatchSession(ps, TINY, n_seq=5)
+    seqs = [bs.add(p) for p in prompts[:5]]
+    assert seqs == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="all 5 sequences are in use"):
+        bs.add(prompts[5])
+    got = {q: [] for q in range(6)}
+    owner = dict(zip(seqs, range(5)))
+    for i in range(8):
+        if i == 3:                      # the third prompt leaves, the sixth takes its place
+            bs.remove(2)
+            assert bs.add(prompts[5]) == 2
+            owner[2] = 5
+        for q, t in bs.step().items():
+            got[owner[q]].append(t)
+    for k in (0, 1, 3, 4):
+        assert got[k] == alone[k]
+    assert got[2] == alone[2][:3] and got[5] == alone[5][:5]
+    with pytest.raises(ValueError, match="not active"):
+        bs.remove(7)
+
+
+def test_smollm2_batch_of_eight_keeps_every_text(smollm2_stored):
+    """Eight prompts decoded together (M = 8 products on the tile kernel) give each the
+    greedy text it gets alone, 12 tokens each."""
+    from minigpt_np import generate
+
+    params, cfg, tok = smollm2_stored
+    texts = ["The capital of France is", "Water boils at", "The largest planet is", "My favourite colour is",
+             "In 1492, Columbus", "def fibonacci(n):", "Quantization of weights", "Once upon a time"]
+    prompts = [tok.encode(t) for t in texts]
+    bs = generate.BatchSession(params, cfg, n_seq=8, n_ctx=64)
+    for p in prompts:
+        bs.add(p)
+    got = {q: [] for q in range(8)}
+    for _ in range(12):
+        for q, t in bs.step().items():
+            got[q].append(t)
+    for q, p in enumerate(prompts):
+        assert got[q] == _greedy_alone(lambda: compiled().Llama(params, cfg, n_ctx=64), p, 12), texts[q]

@@ -151,8 +151,7 @@ def _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift
     @njit(inline="always", fastmath=True)
     def token(q, hq, dg, scg, mg, mng, xm, am, dxm, xsm, s16a, s16b, ahead):
         nb = dxm.shape[0]
-        a0 = V.zeros_f32()
-        a1 = V.zeros_f32()
+        acc = V.zeros_f32()
         off = V.zeros_f32()
         for b in range(nb):
             if ahead:
@@ -161,18 +160,14 @@ def _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift
             lo, hi = dots(q, hq, xm, am, b)
             s0, s1, mu = scales(dg, scg, mg, mng, b)
             if sub16:
-                a0 = V.fma_vec(a0, lo, V.mul_f32x8(s0, dxm[b]))
-                a1 = V.fma_vec(a1, hi, V.mul_f32x8(s1, dxm[b]))
+                acc = V.fma_vec(acc, lo, V.mul_f32x8(s0, dxm[b]))
+                acc = V.fma_vec(acc, hi, V.mul_f32x8(s1, dxm[b]))
                 if offset != OFFSET_NONE:
                     off = V.add_f32x8(off, V.add_f32x8(V.mul_f32x8(s0, s16b[2 * b]), V.mul_f32x8(s1, s16b[2 * b + 1])))
             else:
-                if b & 1:
-                    a1 = V.fma_vec(a1, V.add_i32(lo, hi), V.mul_f32x8(s0, dxm[b]))
-                else:
-                    a0 = V.fma_vec(a0, V.add_i32(lo, hi), V.mul_f32x8(s0, dxm[b]))
+                acc = V.fma_vec(acc, V.add_i32(lo, hi), V.mul_f32x8(s0, dxm[b]))
                 if offset != OFFSET_NONE:
                     off = V.add_f32x8(off, V.mul_f32x8(mu, xsm[b]))
-        acc = V.add_f32x8(a0, a1)
         if offset == OFFSET_CONST:
             return V.add_f32x8(acc, V.mul_f32x8(off, cf))
         if offset == OFFSET_MIN:
@@ -190,8 +185,11 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     ``kernel(qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out)`` writes ``out[M, rows]``; its
     ``chunks(t, nt, ...)`` runs task ``t`` of ``nt``: a contiguous run of row groups, every
     token of a group before the next group (its codes are in L1 again for a second token).
-    Two float accumulators (even and odd blocks) hide the multiply-add latency; the int32
-    dots of a block start from zero, so consecutive blocks overlap. With ``TILE_MIN_M``
+    One float accumulator, the blocks' multiply-adds in order, as the tile kernel sums (so
+    a token gives the same bits alone and in a batch: a batched decode keeps every
+    sequence's text); the int32 dots of a block start from zero, so consecutive blocks
+    overlap, and a block's ~10 cycles of other work cover the multiply-add's latency
+    (two accumulators were no faster). With ``TILE_MIN_M``
     tokens or more, ``run`` takes the tile kernel (``tiles``), compiled apart.
     """
     has_m = offset == OFFSET_MIN
