@@ -244,3 +244,16 @@ def test_quantize_quick(out_dirs):
         assert (r["c_ms"] is not None and r["bytes_equal_c"]) if data["c"] else r["c_ms"] is None
     g = data["gptq"]
     assert g["n"] == 256 and g["ratio"] > 0 and g["output_error_gptq"] < g["output_error_rtn"]
+
+
+def test_batch_quick(out_dirs):
+    """``benchmarks.batch --quick``: the shipped file, B = 1 and 4, the batch checked
+    against each sequence decoded alone before timing, a figure drawn from the JSON."""
+    from benchmarks import batch
+    batch.main(["--quick"])
+    data = load(out_dirs, "batch")
+    assert data["batches"] == [1, 4] and data["verified"] == dict(batch=4, steps=2)
+    rows = {(r["type"], r["batch"]): r for r in data["results"]}
+    assert set(rows) == {("Q4_1", 1), ("Q4_1", 4)} and rows["Q4_1", 1]["x_b1"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["steps"] == 2 for r in rows.values())
+    assert (out_dirs / "figures" / "batch.png").stat().st_size > 10_000
