@@ -41,7 +41,8 @@ _DEPS = ("minigpt_np/compiled.py",)
 # --- the block's pieces, in numba ---------------------------------------------------------
 
 # reassociation lets LLVM vectorize the sums and dot products (no nnan/ninf: the code
-# compares with -inf); the norms' sums are float64, so their order does not matter
+# compares with -inf); the norms' sums are float64, and with arcp/contract their last
+# float32 steps may differ from NumPy's in the last bit (the tests' float tolerance)
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
@@ -202,8 +203,8 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     is cut into ``chunks`` chunks of row groups (0: ``CHUNKS`` per member) that the members
     claim as they go (``make_part``: one that runs ahead takes more), and a barrier (~50 ns) follows each product, the cache stores and the attention. Each
     member rotates (or biases) and stores its share of the key/value heads, then attends
-    with its share of the query heads (9 query heads split 5/4 where 3 key/value heads
-    split 2/1). A parallel call per product
+    with its share of the query heads (SmolLM2 on two threads: its 9 query heads split 4/5
+    where its 3 key/value heads split 1/2). A parallel call per product
     instead cost ~2.5 µs of fork and join each, 120 times per SmolLM2 token, and left the
     other core idle during everything between products. ``head`` 1: then the final norm and
     the output head on the last ``logits.shape[0]`` tokens into ``logits``, in the same
@@ -264,9 +265,13 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
         for l in range(L):
             if not only_products:
                 norm(xl, norms[0][l], norms[1][l], n)
-                for t in range(T):      # during the product: each sequence's rows once
+                runs = 1
+                for t in range(1, T):
+                    if seqs[t] != seqs[t - 1]:
+                        runs += 1
+                for t in range(T):      # during the product: each sequence's rows once, L2's share
                     if t == 0 or seqs[t] != seqs[t - 1]:
-                        fetch(k, v, l, seqs[t], h0 // group, (h1 + group - 1) // group, poss[t])
+                        fetch(k, v, l, seqs[t], h0 // group, (h1 + group - 1) // group, poss[t], runs)
             p_qkv(wqkv, l, n, qkv, fas[0], sync, slot(l, 0), chunks)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:

@@ -52,8 +52,9 @@ class BatchSession:
 
     ``add(prompt_ids) -> seq`` prefills a free sequence and samples its first token;
     ``step() -> {seq: token}`` returns every active sequence's next token and runs them all
-    through the model in one batched step; ``remove(seq)`` frees a sequence, between any two
-    steps (as vLLM's continuous batching joins and leaves). Greedy (``temp=0``, the
+    through the model in one batched step (a sequence whose context is full returns its
+    last token and leaves); ``remove(seq)`` frees a sequence, between any two steps (as
+    vLLM's continuous batching joins and leaves). Greedy (``temp=0``, the
     default) gives each sequence the text it gets alone; otherwise tokens are sampled from
     softmax(logits / temp), from one generator seeded with ``seed`` for the batch."""
 
@@ -78,21 +79,20 @@ class BatchSession:
         seq = self._free[0]
         self.sess.reset(seq)
         logits = self.sess.prefill(ids, last_only=True, seq=seq)   # checks ids and the context
-        self._free.pop(0)
-        self._next[seq] = sample(logits[-1], self.temp, self.rng)
+        first = sample(logits[-1], self.temp, self.rng)
+        self._free.pop(0)           # only now: a call that raised leaves the sequence free
+        self._next[seq] = first
         return seq
 
     def step(self) -> dict[int, int]:
+        out = {q: self._next[q] for q in self.active}
+        for q in [q for q in out if self.sess.cache.pos[q] >= self.sess.n_ctx]:
+            self.remove(q)          # its context is full: this token is its last
         seqs = self.active
-        if not seqs:
-            return {}
-        full = [q for q in seqs if self.sess.cache.pos[q] >= self.sess.n_ctx]
-        if full:
-            raise ValueError(f"sequences {full} have filled the context of {self.sess.n_ctx}: remove them")
-        out = {q: self._next[q] for q in seqs}
-        logits = self.sess.step_batch([out[q] for q in seqs], seqs)
-        for q, row in zip(seqs, logits):
-            self._next[q] = sample(row, self.temp, self.rng)
+        if seqs:
+            logits = self.sess.step_batch([out[q] for q in seqs], seqs)
+            nxt = [sample(row, self.temp, self.rng) for row in logits]
+            self._next.update(zip(seqs, nxt))
         return out
 
     def remove(self, seq: int) -> None:

@@ -742,3 +742,23 @@ def test_smollm2_batch_of_eight_keeps_every_text(smollm2_stored):
             got[q].append(t)
     for q, p in enumerate(prompts):
         assert got[q] == _greedy_alone(lambda: compiled().Llama(params, cfg, n_ctx=64), p, 12), texts[q]
+
+
+def test_batch_session_retires_a_sequence_whose_context_is_full(tiny):
+    """A sequence that fills its context returns its last token and leaves; the others go
+    on, and its place can be taken again."""
+    from minigpt_np import generate
+
+    ps, _ = tiny
+    bs = generate.BatchSession(ps, TINY, n_seq=2, n_ctx=8)
+    a, b = bs.add(IDS[:6]), bs.add(IDS[:2])
+    seen = {a: [], b: []}
+    for _ in range(3):
+        for q, t in bs.step().items():
+            seen[q].append(t)
+    # a: tokens at positions 6 and 7 run; the third step returns its pending token, and it leaves
+    assert len(seen[a]) == 3 and len(seen[b]) == 3 and bs.active == [b]
+    assert seen[a] == _greedy_alone(lambda: compiled().Llama(ps, TINY, n_ctx=8), IDS[:6], 3)
+    with pytest.raises(ValueError, match="9 positions exceed"):
+        bs.add(IDS[:9])             # refused: the sequence stays free
+    assert bs.add(IDS[:3]) == a and bs.active == [a, b]

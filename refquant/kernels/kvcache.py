@@ -16,8 +16,9 @@ heads ``h0 <= h < h1`` from ``row[k_off + h·hd:]`` / ``row[v_off + h·hd:]`` (t
 a team store their own heads); ``k_dot(k, l, seq, h, j, q, qo, hd)`` is
 ``q[qo:qo+hd] · K[l, seq, h, j]`` and ``v_acc(v, l, seq, h, j, p, out, qo, hd)`` adds
 ``p · V[l, seq, h, j]`` to ``out[qo:qo+hd]``: attention touches the cache only through these;
-``fetch(k, v, l, seq, h0, h1, upto)`` hints positions ``0..upto-1`` of heads ``h0 <= h < h1``
-into L2 (at most ``FETCH_BYTES`` of them: a step issues it before the weight product that
+``fetch(k, v, l, seq, h0, h1, upto, parts)`` hints positions ``0..upto-1`` of heads
+``h0 <= h < h1`` into L2 (at most ``FETCH_BYTES / parts`` of them, ``parts`` the sequences
+a step fetches for: a step issues it before the weight product that
 precedes its attention, so that the cache rows, evicted by the weights of every other
 layer, are not read from memory one row at a time).
 """
@@ -119,8 +120,8 @@ def ops(type_k: str = "f32", type_v: str = "f32"):
             out[qo + i] += p * v[l, seq, h, j, i]
 
     @njit(inline="always")
-    def fetch(k, v, l, seq, h0, h1, upto):
-        lines = min(upto * k.shape[-1] * 4, FETCH_BYTES // (2 * max(h1 - h0, 1))) // 64   # float32 rows
+    def fetch(k, v, l, seq, h0, h1, upto, parts):
+        lines = min(upto * k.shape[-1] * 4, FETCH_BYTES // (2 * max(h1 - h0, 1) * parts)) // 64   # float32 rows
         for h in range(h0, h1):
             kr, vr = k[l, seq, h].reshape(-1), v[l, seq, h].reshape(-1)
             for i in range(lines):

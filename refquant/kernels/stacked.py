@@ -12,8 +12,8 @@ a float32 stack, and ``make_apply(op)`` returns an ``@njit`` function::
 that rounds X to Q8_0 blocks with ``bytedot.quantize_x``, the one Q8_0 rounder (the block
 scale rounded to fp16 by ``f16_round``, tested bit-identical to NumPy's cast), and calls
 the same compiled kernel ``bytedot.matmul`` calls, over all threads; ``make_part(op)`` is
-the same product split over a team of threads (``threads.join``), each member computing
-its share of row groups on its own thread. So a model step built from these computes,
+the same product split over a team of threads (``threads.join``), each member claiming
+chunks of row groups and computing them on its own thread. So a model step built from these computes,
 Linear by Linear, what the NumPy reference computes with ``Linear`` objects.
 
 Which Linears have an operand (``operand_kind``, which the Linear answers): float32
@@ -375,12 +375,12 @@ def _make_concat_part(ops: list[Operand], tier: str):
     def part_parts(ws, l, X, out, fas, sync, slot, chunks):   # a part's rows: fas[part, 4]
         T = X.shape[0]
         r0, r1, r2 = int(fas[0, 4]), int(fas[1, 4]), int(fas[-1, 4])
-        rx0, rx1 = pre0(X), pre1(X)
+        rx0, rx1, rx2 = pre0(X), pre1(X), pre2(X)      # before any claim (make_part)
         fill0(ws[0], l, rx0, np.empty((T, r0), np.float32), out, 0, fas[0], sync, slot, of0(ws[0], l, r0, chunks))
         fill1(ws[1], l, rx1, np.empty((T, r1), np.float32), out, r0, fas[1], sync, slot + 1,
               of1(ws[1], l, r1, chunks))
         if three:
-            fill2(ws[-1], l, pre2(X), np.empty((T, r2), np.float32), out, r0 + r1, fas[2], sync, slot + 2,
+            fill2(ws[-1], l, rx2, np.empty((T, r2), np.float32), out, r0 + r1, fas[2], sync, slot + 2,
                   of2(ws[-1], l, r2, chunks))
     return part_parts
 

@@ -23,8 +23,8 @@ TILE_MIN_M = 4   # from this many tokens on, ``run`` takes the tile kernel (SIMD
 
 def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn: bool, c: int,
                  dshift: int, mshift: int, mnshift: int, table: tuple | None = None):
-    """The prefill kernel of one format (``kernel``'s signature and result, up to the order
-    of its float epilogue; module docstring). ``chunks(t, nt, ...)``: task ``t`` of ``nt``,
+    """The prefill kernel of one format (``kernel``'s signature and result, bit for bit;
+    module docstring). ``chunks(t, nt, ...)``: task ``t`` of ``nt``,
     a contiguous run of row groups with its own scratch."""
     from refquant.kernels import simd as V
 
