@@ -380,7 +380,7 @@ def _counters(n_layer: int) -> int:
 
 
 def _addresses(roles, tier) -> np.ndarray:
-    """The kernels' addresses the step passes to each role's apply: uint64 (roles, 3, 5),
+    """The kernels' addresses the step passes to each role's part: uint64 (roles, 3, 5),
     ``stacked.concat_addresses`` of each role's parts, zero-padded to 3 parts (one array, not
     a tuple: numba types a tuple argument in Python, ~2 µs per element and call)."""
     fas = np.zeros((len(roles), 3, 5), np.uint64)

@@ -92,20 +92,21 @@ KERNEL_KINDS = ["Q8_0", "int8_channel", "Q4_0", "Q4_K", "Q6_K", "int4_g64_asym"]
 
 
 @pytest.mark.parametrize("kind", KERNEL_KINDS)
-def test_stacked_apply_is_the_kernel_linear_calls(kind):
-    """Layer 1 of a 2-layer stack through ``make_apply`` equals ``bytedot.matmul`` on that
-    layer's own weight, bit for bit, for 1 and 3 rows of x (the one-token kernel) and 5
-    (the tile kernel: both sides take it from ``bytedot.TILE_MIN_M`` rows on)."""
+def test_stacked_part_is_the_kernel_linear_calls(kind):
+    """Layer 1 of a 2-layer stack through ``make_part`` (all its chunks claimed by one
+    caller) equals ``bytedot.matmul`` on that layer's own weight, bit for bit, for 1 and 3
+    rows of x (the one-token kernel) and 5 (the tile kernel: both sides take it from
+    ``bytedot.TILE_MIN_M`` rows on)."""
     from refquant.kernels import bytedot, stacked
 
     rng = np.random.default_rng(3)
     lins = [_kernel_weight(rng, kind, (40, 256)) for _ in range(2)]
     op = stacked.stack([stacked.layer_weight([lin]) for lin in lins])
-    apply = stacked.make_apply(op)
+    part = stacked.make_part(op)
     for T in (1, 3, 5):
         X = rng.standard_normal((T, 256)).astype(np.float32)
         out = np.empty((T, 40), np.float32)
-        apply(op.arrays, 1, X, out, stacked.addresses(op))
+        part(op.arrays, 1, X, out, stacked.addresses(op), np.zeros(3, np.int64), 2, 3)
         np.testing.assert_array_equal(out, bytedot.matmul(lins[1].packed(), X))
 
 

@@ -5,16 +5,16 @@ of them -- in one numba call, so it cannot go through ``Linear.__call__`` (a Pyt
 an x check and a few NumPy allocations per matrix: about 20 µs each, 120+ times per
 SmolLM2 token). Instead, the weights of one role (say every layer's fused q/k/v) become
 one ``Operand``: the byte-dot layout of ``bytedot.Packed`` with a leading layer axis, or
-a float32 stack, and ``make_apply(op)`` returns an ``@njit`` function::
+a float32 stack, and ``make_part(op)`` returns an ``@njit`` function::
 
-    apply(w, l, X, out, fa)     # out[:T] = X Ŵ_lᵀ for X (T <= kernels.MAX_BATCH, n) float32
+    part(w, l, X, out, fa, sync, slot, chunks)   # out[:T] = X Ŵ_lᵀ, X (T <= kernels.MAX_BATCH, n)
 
-that rounds X to Q8_0 blocks with ``bytedot.quantize_x``, the one Q8_0 rounder (the block
-scale rounded to fp16 by ``f16_round``, tested bit-identical to NumPy's cast), and calls
-the same compiled kernel ``bytedot.matmul`` calls, over all threads; ``make_part(op)`` is
-the same product split over a team of threads (``threads.join``), each member claiming
-chunks of row groups and computing them on its own thread. So a model step built from these computes,
-Linear by Linear, what the NumPy reference computes with ``Linear`` objects.
+run by every member of a team of threads (``threads.join``): each rounds X to Q8_0 blocks
+with ``bytedot.quantize_x``, the one Q8_0 rounder (the block scale rounded to fp16 by
+``f16_round``, tested bit-identical to NumPy's cast), then claims chunks of row groups and
+computes them on its own thread with the same compiled kernel ``bytedot.matmul`` calls. So
+a model step built from these computes, Linear by Linear, what the NumPy reference
+computes with ``Linear`` objects.
 
 Which Linears have an operand (``operand_kind``, which the Linear answers): float32
 (``DenseLinear``), and every ``QuantizedLinear`` whose scheme has a byte-dot kernel that
@@ -29,27 +29,13 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 
 from refquant.kernels import _cache, bytedot, threads
 from refquant.kernels.bytedot import Packed, f16_round, quantize_x  # noqa: F401  (the step's x rounding)
 
 _ARRAYS = ("qs", "qh", "d", "sc", "m", "mn")
 _DUMMY = {"sc": np.uint8, "m": np.uint16, "mn": np.uint8}
-
-
-@_cache.jit(None, parallel=True, fastmath=True)
-def matmul_f32(W, X, out):
-    """``out[t, r] = Σ_i W[r, i] X[t, i]`` (float32 accumulation, rows over both cores)."""
-    R, n = W.shape
-    T = X.shape[0]
-    for ch in prange((R + 15) // 16):
-        for r in range(16 * ch, min(16 * ch + 16, R)):
-            for t in range(T):
-                s = np.float32(0)
-                for i in range(n):
-                    s += W[r, i] * X[t, i]
-                out[t, r] = s
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,13 +55,13 @@ class Operand:
         return int(sum(a.nbytes for a in self.arrays if a.ndim > 1 and a.shape[-1] > 1))
 
     def key(self) -> tuple:
-        """What fixes the compiled apply (equal keys share one): ``part_key`` of its layers."""
+        """What fixes the compiled part (equal keys share one): ``part_key`` of its layers."""
         return ("f32",) if self.kind == "f32" else ("packed", layout(self.template))
 
 
 def layout(p: Packed) -> tuple:
     """``Packed.layout``: weights with equal layouts row-stack, stack over layers and share
-    one compiled kernel and apply."""
+    one compiled kernel and part."""
     return p.layout()
 
 
@@ -141,28 +127,11 @@ def stack(weights: list[tuple[str, object]]) -> Operand:
     return Operand("packed", p0.shape, tuple(arrays), p0)
 
 
-_APPLIES: dict = {}
-
-
-def make_apply(op: Operand, tier: str | None = None):
-    """``apply(w, l, X, out, fa)``: ``out[:T] = X Ŵ_lᵀ`` for layer ``l`` of ``op`` (``w`` is
-    ``op.arrays``, ``fa`` is ``addresses(op, tier)``), X (T <= MAX_BATCH, n) float32, ``out``
-    (T, rows) float32. Built once per tier and layout (``Operand.key``), then kept, and
-    cached on disk: its code holds no address (``threads``)."""
-    tier = tier or bytedot.backend()
-    key = (tier, op.key())
-    if key not in _APPLIES:
-        _APPLIES[key] = _make_apply(op, tier)
-    return _APPLIES[key]
-
-
 _F32 = types.Array(types.float32, 2, "C")
-_MATMUL_SIG = types.void(_F32, _F32, _F32)
-_matmul_at = threads.fn_at(types.FunctionType(_MATMUL_SIG))
 
 
 def _arg_types(op: Operand) -> tuple:
-    """The numba types of a packed operand's kernel arguments as ``apply`` passes them: a
+    """The numba types of a packed operand's kernel arguments as a part passes them: a
     layer's six arrays, then x_q, |x_q|, d_x, d_x·S, the Q6_K sums and out."""
     i8 = types.Array(types.int8, 2, "C")
     return tuple(numba.typeof(a[0]) for a in op.arrays) + (i8, i8, _F32, _F32, types.Array(types.float32, 3, "C"),
@@ -170,16 +139,15 @@ def _arg_types(op: Operand) -> tuple:
 
 
 def addresses(op: Operand, tier: str | None = None) -> np.ndarray:
-    """The ``fa`` an apply of ``op`` takes: uint64 (5,), the addresses of the one-token and the
-    batch kernel (``threads.Kernel.addresses``) or of the float32 product (zeros for the
-    numba tier: its kernels are called by name), then ``op``'s rows (packed arrays hold
-    whole groups of 8 rows, so their shapes do not say)."""
+    """The ``fa`` a part of ``op`` takes: uint64 (5,), the addresses of the one-token and the
+    batch kernel's chunk loops (``threads.Kernel.addresses``; zeros for float weights, whose
+    rows the part computes by name, and for the numba tier, whose kernels are called by
+    name), then ``op``'s rows (packed arrays hold whole groups of 8 rows, so their shapes
+    do not say)."""
     tier = tier or bytedot.backend()
     fa = np.zeros(5, np.uint64)
     fa[4] = op.shape[0]
-    if op.kind == "f32":
-        fa[0] = threads.address(matmul_f32, _MATMUL_SIG)
-    elif tier != "numba":
+    if op.kind != "f32" and tier != "numba":
         one, batch = bytedot.kernels_for(tier, op.template)
         args = _arg_types(op)
         fa[:2], fa[2:4] = one.addresses(args), batch.addresses(args)
@@ -224,31 +192,11 @@ def _x_rounder(n: int, nb: int, signed: bool, sub16: bool):
 
 
 def _packed_consts(op: Operand, tier: str):
-    """What an apply or a part of a packed operand is compiled with: ``(the numba tier's
+    """What a part of a packed operand is compiled with: ``(the numba tier's
     kernel or None, SIMD tier?, TILE_MIN_M, round_x)``."""
     p = op.template
     return (bytedot.kernel(tier, p) if tier == "numba" else None, tier != "numba", bytedot.TILE_MIN_M,
             _x_rounder(p.shape[1], p.nb, p.kind in bytedot.SIGNED_KINDS, p.sub16))
-
-
-def _make_apply(op: Operand, tier: str):
-    ckey = ("stacked.apply", tier, op.key())
-    if op.kind == "f32":
-        @_cache.jit(ckey)
-        def apply_f32(w, l, X, out, fa):
-            _matmul_at(fa[0])(w[0][l], X, out)
-        return apply_f32
-    kern, simd, tile_min, round_x = _packed_consts(op, tier)
-
-    @_cache.jit(ckey)
-    def apply(w, l, X, out, fa):
-        xq, xa, dx, xs, s16 = round_x(X)
-        if not simd:
-            kern(w[0][l], w[1][l], w[2][l], w[3][l], w[4][l], w[5][l], xq, xa, dx, xs, s16, out)
-        else:
-            threads.run(fa[2:4] if X.shape[0] >= tile_min else fa[:2], w[0][l], w[1][l], w[2][l], w[3][l], w[4][l],
-                        w[5][l], xq, xa, dx, xs, s16, out)
-    return apply
 
 
 _PARTS: dict = {}
@@ -262,7 +210,8 @@ def make_part(op: Operand, tier: str | None = None):
     ``threads.share``), which the members claim one at a time from the counter
     ``sync[slot]`` (``threads.claim``; zero before the product), so a member that runs ahead
     takes more of them. Every member rounds X itself. The numba tier's kernel computes every
-    row in chunk 0. Built once per tier and layout, cached on disk like ``make_apply``."""
+    row in chunk 0. Built once per tier and layout (``Operand.key``), then kept, and cached
+    on disk: its code holds no address (``threads``)."""
     tier = tier or bytedot.backend()
     key = (tier, "part", op.key())
     if key not in _PARTS:
