@@ -16,6 +16,10 @@ heads ``h0 <= h < h1`` from ``row[k_off + h·hd:]`` / ``row[v_off + h·hd:]`` (t
 a team store their own heads); ``k_dot(k, l, seq, h, j, q, qo, hd)`` is
 ``q[qo:qo+hd] · K[l, seq, h, j]`` and ``v_acc(v, l, seq, h, j, p, out, qo, hd)`` adds
 ``p · V[l, seq, h, j]`` to ``out[qo:qo+hd]``: attention touches the cache only through these;
+``k_tile(k, l, seq, h, j0, n, kt)`` writes keys ``j0 <= j < j0+n`` of head ``h`` transposed
+as float32 into ``kt`` (head_dim, TILE), zeros in its columns from ``n`` on, and
+``v_tile(v, l, seq, h, j0, n, vt)`` the values as rows of ``vt`` (TILE, head_dim), zero rows
+from ``n`` on: the tiles a prefill's attention reads (``TILE`` keys at a time);
 ``fetch(k, v, l, seq, h0, h1, upto, parts)`` hints positions ``0..upto-1`` of heads
 ``h0 <= h < h1`` into L2 (at most ``FETCH_BYTES / parts`` of them, ``parts`` the sequences
 a step fetches for: a step issues it before the weight product that
@@ -25,10 +29,12 @@ layer, are not read from memory one row at a time).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
 TYPES = ("f32",)
+TILE = 16                   # keys per tile of ``k_tile`` / ``v_tile``
 FETCH_BYTES = 1 << 19       # per call: half a Zen 4 core's L2
 
 
@@ -90,9 +96,9 @@ class KVCache:
 
 
 @functools.lru_cache(maxsize=None)
-def ops(type_k: str = "f32", type_v: str = "f32"):
-    """``(store, k_dot, v_acc, fetch)`` for caches of these types, as numba functions inlined into
-    their callers (module docstring)."""
+def ops(type_k: str = "f32", type_v: str = "f32") -> "Ops":
+    """The ``Ops`` of caches of these types, numba functions inlined into their callers
+    (module docstring)."""
     from numba import njit
 
     from refquant.kernels.simd import prefetch_l2
@@ -128,4 +134,33 @@ def ops(type_k: str = "f32", type_v: str = "f32"):
                 prefetch_l2(kr, 16 * i)
                 prefetch_l2(vr, 16 * i)
 
-    return store, k_dot, v_acc, fetch
+    @njit(inline="always")
+    def k_tile(k, l, seq, h, j0, n, kt):
+        for c in range(n):
+            for i in range(kt.shape[0]):
+                kt[i, c] = k[l, seq, h, j0 + c, i]
+        for i in range(kt.shape[0]):
+            for c in range(n, TILE):
+                kt[i, c] = 0
+
+    @njit(inline="always")
+    def v_tile(v, l, seq, h, j0, n, vt):
+        for c in range(n):
+            for i in range(vt.shape[1]):
+                vt[c, i] = v[l, seq, h, j0 + c, i]
+        for c in range(n, TILE):
+            for i in range(vt.shape[1]):
+                vt[c, i] = 0
+
+    return Ops(store, k_dot, v_acc, fetch, k_tile, v_tile)
+
+
+class Ops(NamedTuple):
+    """A cache type's operations inside numba code (module docstring)."""
+
+    store: object
+    k_dot: object
+    v_acc: object
+    fetch: object
+    k_tile: object
+    v_tile: object

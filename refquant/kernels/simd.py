@@ -429,3 +429,119 @@ def add_f32x8(typingctx, a, b):
     return F32x8(F32x8, F32x8), codegen
 
 
+
+
+@intrinsic
+def fmadd_f32x8(typingctx, acc, a, b):
+    """``acc + a · b`` lane-wise; ``b`` a vector or a float32 broadcast to all lanes
+    (``vfmadd231ps``)."""
+    if acc != F32x8 or a != F32x8 or not (b == F32x8 or b == types.float32):
+        return None
+    scalar = b != F32x8
+
+    def codegen(context, builder, sig, args):
+        bv = args[2]
+        if scalar:
+            bv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), bv, _I32(0))
+            bv = builder.shuffle_vector(bv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        return builder.fadd(args[0], builder.fmul(args[1], bv, flags=("contract",)), flags=("contract",))
+    return F32x8(F32x8, F32x8, b), codegen
+
+
+@intrinsic
+def max_f32x8(typingctx, a, b):
+    """Lane-wise maximum (``vmaxps``; of a NaN and a number, the number)."""
+    if a != F32x8 or b != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+    return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def hmax_f32x8(typingctx, a):
+    """The largest of the eight lanes (three shuffle-and-maximum steps)."""
+    if a != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        for perm in ([4, 5, 6, 7, 0, 1, 2, 3], [2, 3, 0, 1, 6, 7, 4, 5], [1, 0, 3, 2, 5, 4, 7, 6]):
+            w = builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, perm))
+            v = builder.select(builder.fcmp_ordered(">", v, w), v, w)
+        return builder.extract_element(v, _I32(0))
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def keep_first(typingctx, a, k, fill):
+    """``a`` with lanes ``k`` and up replaced by ``fill`` (every lane when k <= 0, none
+    when k >= 8)."""
+    if a != F32x8 or not isinstance(k, types.Integer) or fill != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        kk = context.cast(builder, args[1], sig.args[1], types.int32)
+        lanes = ir.Constant(_V8I32, list(range(8)))
+        kv = builder.insert_element(ir.Constant(_V8I32, ir.Undefined), kk, _I32(0))
+        kv = builder.shuffle_vector(kv, ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        fv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), args[2], _I32(0))
+        fv = builder.shuffle_vector(fv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        return builder.select(builder.icmp_signed("<", lanes, kv), args[0], fv)
+    return F32x8(F32x8, k, types.float32), codegen
+
+
+@intrinsic
+def hsum_f32x8(typingctx, a):
+    """The sum of the eight lanes (three shuffle-and-add steps)."""
+    if a != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        for perm in ([4, 5, 6, 7, 0, 1, 2, 3], [2, 3, 0, 1, 6, 7, 4, 5], [1, 0, 3, 2, 5, 4, 7, 6]):
+            v = builder.fadd(v, builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, perm)))
+        return builder.extract_element(v, _I32(0))
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def exp_f32x8(typingctx, x):
+    """Lane-wise float32 ``exp``, the arithmetic of ``minigpt_np.compiled._exp`` (Cephes
+    ``expf``: x clamped to [-87.3, 88.3], ``x = n ln 2 + r``, a degree-7 polynomial in r,
+    times ``2^n`` built from its exponent bits) on eight lanes at once."""
+    if x != F32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        def c(v):
+            return _splat(_V8F32, v)
+
+        def fma(a, b, d):   # a * b + d
+            return builder.fadd(builder.fmul(a, b, flags=("contract",)), d, flags=("contract",))
+        v = args[0]
+        v = builder.select(builder.fcmp_ordered("<", v, c(-87.3)), c(-87.3), v)
+        v = builder.select(builder.fcmp_ordered(">", v, c(88.3)), c(88.3), v)
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32]), "llvm.floor.v8f32")
+        n = builder.call(floor, [fma(v, c(1.44269504088896341), c(0.5))])
+        r = builder.fadd(builder.fsub(v, builder.fmul(n, c(0.693359375))), builder.fmul(n, c(2.12194440e-4)))
+        p = c(1.9875691500e-4)
+        for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = fma(p, r, c(k))
+        p = builder.fadd(fma(builder.fmul(p, r), r, r), c(1.0))
+        e = builder.shl(builder.add(builder.fptosi(n, _V8I32), _splat(_V8I32, 127)), _splat(_V8I32, 23))
+        return builder.fmul(p, builder.bitcast(e, _V8F32))
+    return F32x8(F32x8), codegen
+
+
+@intrinsic
+def splat_f32x8(typingctx, s):
+    """A float32 in all eight lanes (``vbroadcastss``)."""
+    if s != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), args[0], _I32(0))
+        return builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+    return F32x8(types.float32), codegen
