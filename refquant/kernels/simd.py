@@ -545,3 +545,37 @@ def splat_f32x8(typingctx, s):
         v = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), args[0], _I32(0))
         return builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
     return F32x8(types.float32), codegen
+
+
+@intrinsic
+def sub_i32(typingctx, a, b):
+    """Lane-wise int32 difference (``vpsubd``)."""
+    if a != I32x8 or b != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sub(args[0], args[1])
+    return I32x8(I32x8, I32x8), codegen
+
+
+@intrinsic
+def load_i32x8(typingctx, arr, idx):
+    """Eight int32 from ``arr[idx]`` of a 1-D int32 array (``vmovdqu``)."""
+    if not _c_vector(arr, types.int32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _V8I32), align=4)
+    return I32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def store_i32x8(typingctx, arr, idx, v):
+    """Store eight int32 at ``arr[idx]`` of a 1-D int32 array (``vmovdqu``)."""
+    if not _c_vector(arr, types.int32) or v != I32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _V8I32), align=4)
+        return context.get_dummy_value()
+    return types.none(arr, types.intp, I32x8), codegen

@@ -37,6 +37,11 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     cf = np.float32(-c) if offset == OFFSET_CONST else np.float32(1)
     key = ("bytedot.tiles", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
     RAW8 = kind == "s8"     # signed bytes as stored; other signed kinds are looked-up nibbles
+    # signed weights on VNNI: x + 128 (unsigned) against w, minus 128 Σw per row and block
+    # (exact int32: |Σ (x+128) w| <= 32·255·127), one broadcast and no sign fix-up per dot;
+    # the AVX2 dot would saturate its int16 pair sums (2·255·127 > 32767)
+    BIAS = SIGNED and tier == "vnni"
+    K128 = np.full(32, 128, np.uint8)
 
     @njit(inline="always")
     def sdot(acc, w, xm, am, o):
@@ -63,13 +68,27 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                 o = V.add_f32x8(o, V.mul_f32x8(V.load_f32x8(S[b], 2 * ROWS), xsm[b]))
         return o
 
+    @njit(inline="always")
+    def signed_codes(q, hq, b, p):
+        """Load ``p`` of block ``b`` of signed codes: weights ``4p..`` and ``16+4p..`` of the rows."""
+        if RAW8:
+            return V.load32(q, 256 * b + 32 * p), V.load32(q, 256 * b + 32 * p + 128)
+        return unpack(q, hq, b, p)
+
     @_cache.jit(key + ("chunks",), fastmath=True)
     def chunks(task, ntask, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M = out.shape[0]
         G = qs.shape[0]
         nb = dx.shape[1]
         S = np.empty((nb, 3 * ROWS), np.float32)     # per block: s0, s1, mu of the 8 rows
+        C = np.empty((nb, ROWS), np.int32)           # BIAS: per block, 128 Σw of the 8 rows
         tmp = np.empty(ROWS, np.float32)
+        xb = np.empty((M, xq.shape[1]) if BIAS else (1, 1), np.uint8)   # BIAS: x + 128
+        if BIAS:
+            for t in range(M):
+                for i in range(xq.shape[1]):
+                    xb[t, i] = np.uint8(np.int32(xq[t, i]) + 128)
+        k128 = V.load32(K128, 0)
         for g in range(G * task // ntask, G * (task + 1) // ntask):
             q, hq, dg, scg, mg, mng = _group_rows(g, qs, qh, d, sc, m, mn, has_sc, has_m, has_mn)
             for b in range(nb):
@@ -77,9 +96,17 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                 V.store_f32x8(S[b], 0, s0)
                 V.store_f32x8(S[b], ROWS, s1)
                 V.store_f32x8(S[b], 2 * ROWS, mu)
+                if BIAS:
+                    c = V.zeros_i32()
+                    for p in range(4):
+                        wl, wh = signed_codes(q, hq, b, p)
+                        c = dot(dot(c, k128, wl), k128, wh)
+                    V.store_i32x8(C[b], 0, c)
             for t in range(0, M - 3, 4):
                 x0, x1, x2, x3 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3]
                 y0, y1, y2, y3 = xa[t], xa[t + 1], xa[t + 2], xa[t + 3]
+                z0, z1, z2, z3 = xb[t if BIAS else 0], xb[t + 1 if BIAS else 0], xb[t + 2 if BIAS else 0], \
+                    xb[t + 3 if BIAS else 0]
                 a0 = V.zeros_f32()
                 a1 = V.zeros_f32()
                 a2 = V.zeros_f32()
@@ -96,12 +123,14 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                     xo = 32 * b
                     for p in range(4):
                         o = xo + 4 * p
-                        if SIGNED:
-                            if RAW8:
-                                wl = V.load32(q, 256 * b + 32 * p)
-                                wh = V.load32(q, 256 * b + 32 * p + 128)
-                            else:
-                                wl, wh = unpack(q, hq, b, p)
+                        if BIAS:
+                            wl, wh = signed_codes(q, hq, b, p)
+                            l0, l1 = dot(l0, V.bcast4(z0, o), wl), dot(l1, V.bcast4(z1, o), wl)
+                            l2, l3 = dot(l2, V.bcast4(z2, o), wl), dot(l3, V.bcast4(z3, o), wl)
+                            h0, h1 = dot(h0, V.bcast4(z0, o + 16), wh), dot(h1, V.bcast4(z1, o + 16), wh)
+                            h2, h3 = dot(h2, V.bcast4(z2, o + 16), wh), dot(h3, V.bcast4(z3, o + 16), wh)
+                        elif SIGNED:
+                            wl, wh = signed_codes(q, hq, b, p)
                             l0, l1 = sdot(l0, wl, x0, y0, o), sdot(l1, wl, x1, y1, o)
                             l2, l3 = sdot(l2, wl, x2, y2, o), sdot(l3, wl, x3, y3, o)
                             h0, h1 = sdot(h0, wh, x0, y0, o + 16), sdot(h1, wh, x1, y1, o + 16)
@@ -112,6 +141,9 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                             l2, l3 = dot(l2, wl, V.bcast4(x2, o)), dot(l3, wl, V.bcast4(x3, o))
                             h0, h1 = dot(h0, wh, V.bcast4(x0, o + 16)), dot(h1, wh, V.bcast4(x1, o + 16))
                             h2, h3 = dot(h2, wh, V.bcast4(x2, o + 16)), dot(h3, wh, V.bcast4(x3, o + 16))
+                    if BIAS:
+                        cb = V.load_i32x8(C[b], 0)
+                        l0, l1, l2, l3 = V.sub_i32(l0, cb), V.sub_i32(l1, cb), V.sub_i32(l2, cb), V.sub_i32(l3, cb)
                     a0 = epilogue(a0, l0, h0, S, b, dx[t])
                     a1 = epilogue(a1, l1, h1, S, b, dx[t + 1])
                     a2 = epilogue(a2, l2, h2, S, b, dx[t + 2])
