@@ -283,7 +283,8 @@ def test_the_step_on_every_kernel_tier_within_the_x_rounding_bound(tiny, monkeyp
 
 
 def test_prefill_in_blocks_equals_token_by_token_within_the_x_rounding_bound(tiny):
-    """20 tokens as blocks of 16 + 4 (the kernels' tile path) against 20 single steps
+    """20 tokens as blocks of 16 + 4 (the kernels' tile path, a block boundary inside the
+    prompt) against 20 single steps
     (their one-token path): the two sum each row's float epilogue in another order, which
     can move an activation across a Q8_0 rounding step, so they agree within the bound
     the x rounding implies, not bit for bit; with float32 weights (one kernel for every
@@ -293,12 +294,14 @@ def test_prefill_in_blocks_equals_token_by_token_within_the_x_rounding_bound(tin
     f, _ = llama.forward(pf, TINY, IDS)
     s, _ = llama.forward(ps, TINY, IDS)
     a = compiled().Llama(ps, TINY)
+    a.prefill_block = 16
     block = a.prefill(IDS)
     a.reset()
     steps = np.stack([a.step(t) for t in IDS])
     assert _rms(block - steps) <= 2 * _rms(s - f) + _float_tol(TINY.n_layer, TINY.d_ff, s)
     assert (block.argmax(1) == steps.argmax(1)).mean() >= 0.9
     b = compiled().Llama(pf, TINY)
+    b.prefill_block = 16
     block = b.prefill(IDS)
     b.reset()
     assert _rms(block - np.stack([b.step(t) for t in IDS])) <= _float_tol(TINY.n_layer, TINY.d_ff, f)
@@ -510,7 +513,9 @@ def test_minigpt_compiled_equals_forward(scheme):
     params, cfg, _ = checkpoint.load()
     p, lin = evaluate.prepare(params, cfg, scheme)
     prompt = list(b"the farmers have paint")   # 22 tokens: one block of 16, one of 6
-    c = compiled().MiniGPT(p, cfg, lin).prefill(prompt)
+    m = compiled().MiniGPT(p, cfg, lin)
+    m.prefill_block = 16
+    c = m.prefill(prompt)
     n_max = 4 * cfg.d_model
     # the NumPy forward through the kernels: blocks of <= 16 tokens with their KV cache
     s1, past = forward(p, np.array([prompt[:16]]), cfg=cfg, linears=lin)

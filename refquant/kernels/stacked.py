@@ -7,7 +7,7 @@ SmolLM2 token). Instead, the weights of one role (say every layer's fused q/k/v)
 one ``Operand``: the byte-dot layout of ``bytedot.Packed`` with a leading layer axis, or
 a float32 stack, and ``make_part(op)`` returns an ``@njit`` function::
 
-    part(w, l, X, out, fa, sync, slot, chunks)   # out[:T] = X Ŵ_lᵀ, X (T <= kernels.MAX_BATCH, n)
+    part(w, l, X, out, fa, sync, slot, chunks)   # out[:T] = X Ŵ_lᵀ, X (T, n)
 
 run by every member of a team of threads (``threads.join``): each rounds X to Q8_0 blocks
 with ``bytedot.quantize_x``, the one Q8_0 rounder (the block scale rounded to fp16 by
@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, types
 
 from refquant.kernels import _cache, bytedot, threads
+from refquant.kernels import simd as V
 from refquant.kernels.bytedot import Packed, f16_round, quantize_x  # noqa: F401  (the step's x rounding)
 
 _ARRAYS = ("qs", "qh", "d", "sc", "m", "mn")
@@ -154,17 +155,85 @@ def addresses(op: Operand, tier: str | None = None) -> np.ndarray:
     return fa
 
 
+@njit(inline="always", fastmath=True)
+def _tail(w, x, n8, n):
+    s = np.float32(0)
+    for i in range(n8, n):
+        s += w[i] * x[i]
+    return s
+
+
+@njit(inline="always", fastmath=True)
+def _dot_f32(w, x, n8, n):
+    """``w · x`` as every path of ``matmul_f32_rows`` sums it: one vector chain over the
+    first ``n8`` (a multiple of 8), its lanes summed, then the rest in order."""
+    a = V.zeros_f32()
+    for i in range(0, n8, 8):
+        a = V.fmadd_f32x8(a, V.load_f32x8(w, i), V.load_f32x8(x, i))
+    return V.hsum_f32x8(a) + _tail(w, x, n8, n)
+
+
 @_cache.jit(None, fastmath=True)
 def matmul_f32_rows(W, X, out, lo, hi):
     """``out[t, r] = Σ_i W[r, i] X[t, i]`` for rows ``lo <= r < hi`` (float32 accumulation,
-    the calling thread: a team member's share)."""
+    the calling thread: a team member's share). Every (token, row) pair is summed alike
+    (``_dot_f32``), so a token's result does not depend on the others (a prompt's last row
+    equals a one-token call's, bit for bit). Four tokens or more (a prefill block, a
+    batch): register tiles of 4 rows x 4 tokens, 16 independent chains that each loaded
+    vector of W and of X serves four times; fewer (decode): four rows at a time, four chains
+    (a single chain's multiply-add latency would cap the read at ~27 GB/s per core)."""
     T, n = X.shape
-    for r in range(lo, hi):
+    n8 = n - n % 8
+    r = lo
+    if T < 4:
+        for rr in range(lo, hi):
+            for t in range(T):
+                out[t, rr] = _dot_f32(W[rr], X[t], n8, n)
+        return
+    while r + 4 <= hi:
+        w0, w1, w2, w3 = W[r], W[r + 1], W[r + 2], W[r + 3]
+        for t in range(0, T - 3, 4):
+            x0, x1, x2, x3 = X[t], X[t + 1], X[t + 2], X[t + 3]
+            a00, a01, a02, a03 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
+            a10, a11, a12, a13 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
+            a20, a21, a22, a23 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
+            a30, a31, a32, a33 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
+            for i in range(0, n8, 8):
+                u0, u1, u2, u3 = V.load_f32x8(w0, i), V.load_f32x8(w1, i), V.load_f32x8(w2, i), V.load_f32x8(w3, i)
+                y = V.load_f32x8(x0, i)
+                a00, a01, a02, a03 = V.fmadd_f32x8(a00, u0, y), V.fmadd_f32x8(a01, u1, y), \
+                    V.fmadd_f32x8(a02, u2, y), V.fmadd_f32x8(a03, u3, y)
+                y = V.load_f32x8(x1, i)
+                a10, a11, a12, a13 = V.fmadd_f32x8(a10, u0, y), V.fmadd_f32x8(a11, u1, y), \
+                    V.fmadd_f32x8(a12, u2, y), V.fmadd_f32x8(a13, u3, y)
+                y = V.load_f32x8(x2, i)
+                a20, a21, a22, a23 = V.fmadd_f32x8(a20, u0, y), V.fmadd_f32x8(a21, u1, y), \
+                    V.fmadd_f32x8(a22, u2, y), V.fmadd_f32x8(a23, u3, y)
+                y = V.load_f32x8(x3, i)
+                a30, a31, a32, a33 = V.fmadd_f32x8(a30, u0, y), V.fmadd_f32x8(a31, u1, y), \
+                    V.fmadd_f32x8(a32, u2, y), V.fmadd_f32x8(a33, u3, y)
+            for k, (b0, b1, b2, b3) in enumerate(((a00, a01, a02, a03), (a10, a11, a12, a13),
+                                                  (a20, a21, a22, a23), (a30, a31, a32, a33))):
+                xt = X[t + k]
+                out[t + k, r] = V.hsum_f32x8(b0) + _tail(w0, xt, n8, n)
+                out[t + k, r + 1] = V.hsum_f32x8(b1) + _tail(w1, xt, n8, n)
+                out[t + k, r + 2] = V.hsum_f32x8(b2) + _tail(w2, xt, n8, n)
+                out[t + k, r + 3] = V.hsum_f32x8(b3) + _tail(w3, xt, n8, n)
+        for t in range(T - T % 4, T):
+            xt = X[t]
+            a0, a1, a2, a3 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
+            for i in range(0, n8, 8):
+                y = V.load_f32x8(xt, i)
+                a0, a1 = V.fmadd_f32x8(a0, V.load_f32x8(w0, i), y), V.fmadd_f32x8(a1, V.load_f32x8(w1, i), y)
+                a2, a3 = V.fmadd_f32x8(a2, V.load_f32x8(w2, i), y), V.fmadd_f32x8(a3, V.load_f32x8(w3, i), y)
+            out[t, r] = V.hsum_f32x8(a0) + _tail(w0, xt, n8, n)
+            out[t, r + 1] = V.hsum_f32x8(a1) + _tail(w1, xt, n8, n)
+            out[t, r + 2] = V.hsum_f32x8(a2) + _tail(w2, xt, n8, n)
+            out[t, r + 3] = V.hsum_f32x8(a3) + _tail(w3, xt, n8, n)
+        r += 4
+    for rr in range(r, hi):
         for t in range(T):
-            s = np.float32(0)
-            for i in range(n):
-                s += W[r, i] * X[t, i]
-            out[t, r] = s
+            out[t, rr] = _dot_f32(W[rr], X[t], n8, n)
 
 
 def _x_rounder(n: int, nb: int, signed: bool, sub16: bool):
