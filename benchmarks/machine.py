@@ -106,3 +106,48 @@ def interleaved_times(cases: dict, repeats: int, clock=time.perf_counter) -> dic
             fn(*args)
             times[name].append(clock() - t0)
     return times
+
+
+def _int8_dot_loop(tier: str):
+    """``loop(buf, n)``: ``n`` rounds of eight independent byte dots of the tier (``vpdpbusd``
+    ymm, or ``vpmaddubsw`` + ``vpmaddwd``) on 32 code bytes held in registers and 4-byte
+    activations broadcast from ``buf`` (L1), 32 multiply-adds each."""
+    from refquant.kernels import simd as V
+
+    dot = V.DOTS[tier]
+
+    @njit(cache=False)
+    def loop(buf, n):
+        a0, a1, a2, a3 = V.zeros_i32(), V.zeros_i32(), V.zeros_i32(), V.zeros_i32()
+        a4, a5, a6, a7 = V.zeros_i32(), V.zeros_i32(), V.zeros_i32(), V.zeros_i32()
+        w0, w1 = V.load32(buf, 0), V.load32(buf, 32)
+        for i in range(n):
+            o = (i & 7) * 4
+            x0, x1 = V.bcast4(buf, 64 + o), V.bcast4(buf, 96 + o)
+            x2, x3 = V.bcast4(buf, 128 + o), V.bcast4(buf, 160 + o)
+            a0, a1, a2, a3 = dot(a0, w0, x0), dot(a1, w1, x0), dot(a2, w0, x1), dot(a3, w1, x1)
+            a4, a5, a6, a7 = dot(a4, w0, x2), dot(a5, w1, x2), dot(a6, w0, x3), dot(a7, w1, x3)
+        s = V.add_i32(V.add_i32(V.add_i32(a0, a1), V.add_i32(a2, a3)), V.add_i32(V.add_i32(a4, a5), V.add_i32(a6, a7)))
+        out = np.empty(8, np.float32)
+        V.store_f32x8(out, 0, V.fma_vec(V.zeros_f32(), s, V.load_f32x8(np.ones(8, np.float32), 0)))
+        return out
+    return loop
+
+
+def int8_instruction_peak(tier: str, rounds: int = 2_000_000, repeats: int = 7) -> dict:
+    """The byte-dot instructions' throughput on one thread (``_int8_dot_loop``), 2 ops per
+    multiply-add, median of ``repeats`` timings by thread CPU time: the int8 ceiling a
+    prompt's products are held against (times the threads that run them). Checked first:
+    the loop's sum on a buffer of ones is 8 dots x 32 x ``rounds``."""
+    loop = _int8_dot_loop(tier)
+    buf = np.ones(256, np.int8)
+    got = loop(buf, 1000)
+    if not np.all(got == 8 * 4 * 1000):     # 8 accumulators x 4 bytes per lane
+        raise AssertionError(f"the {tier} dot loop summed {got[0]}, not {8 * 4 * 1000}")
+    times = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        loop(buf, rounds)
+        times.append(time.thread_time() - t0)
+    t = float(np.median(times))
+    return dict(tier=tier, gops_per_thread=8 * rounds * 32 * 2 / t / 1e9, rounds=rounds)

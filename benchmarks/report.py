@@ -262,27 +262,57 @@ def quantize_section(data: dict) -> str:
     return "\n".join(out)
 
 
+def prompt_lines(pr: dict) -> list[str]:
+    """The prompt table of ``benchmarks.batch``: tokens/s per type and length, GOP/s and
+    share of the int8 peak, and llama.cpp's pp beside ours when it was run."""
+    by = {(r["type"], r["tokens"]): r for r in pr["results"]}
+    lb = any("x_llama_bench" in r for r in pr["results"])
+    peak = pr["int8_peak"]["gops_per_thread"] * pr["threads"]
+    out = [f"Prompts of random tokens from an empty cache, the logits of the last token only, median of "
+           f"{pr['rounds']} interleaved rounds, {pr['threads']} threads, kernel tier `{pr['tier']}`: tokens/s, "
+           f"useful GOP/s (2 × the layers' Linear weights per token, the head once) and their share of the int8 "
+           f"dot instructions' peak measured in the same run ({pr['int8_peak']['gops_per_thread']:.0f} GOP/s per "
+           f"thread × {pr['threads']} = {peak:.0f})"
+           + (f"; in brackets, × llama.cpp's `llama-bench` pp on the same file and threads, run in each round "
+              f"(`--llama-bench PATH`)." if lb else "."), "",
+           "| type | " + " | ".join(f"{L} tokens" for L in pr["lengths"]) + " |", "|---|" + "---|" * len(pr["lengths"])]
+    for t in pr["types"]:
+        cells = []
+        for L in pr["lengths"]:
+            r = by[t, L]
+            c = f"{r['tokens_per_s']:.0f} tok/s, {r['gops']:.0f} GOP/s ({r['pct_of_peak']:.0f}%)"
+            if "x_llama_bench" in r:
+                c += f" [{r['x_llama_bench']:.2f}× of {r['llama_bench_tokens_per_s']:.0f}]"
+            cells.append(c)
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    return out
+
+
 def batch_section(data: dict) -> str:
-    """Aggregate decode speed against the number of sequences decoded together
-    (``benchmarks.batch``)."""
+    """Prompt speed per length and aggregate decode speed against the number of sequences
+    decoded together (``benchmarks.batch``)."""
     types = list(dict.fromkeys(r["type"] for r in data["results"]))
     by = {(r["type"], r["batch"]): r for r in data["results"]}
-    out = [f"SmolLM2-135M, B sequences with {data['context']}-token contexts decoded together on the compiled "
-           f"step (`step_batch`, `generate.BatchSession`), aggregate tokens/s (× B = 1 of the type), median step "
-           f"time over {data['rounds']} interleaved rounds of {data['steps_per_round']} steps, kernel tier "
-           f"`{data['tier']}`, {data['machine']['cpus']} CPUs, from `python -m benchmarks.batch`. Before timing, "
-           f"{data['verified']['batch']} sequences decoded together gave each the greedy tokens it gets alone "
-           f"({data['verified']['steps']} steps): a token's logits are the same bits alone and in a batch.", "",
-           "| B | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    out = ["SmolLM2-135M on the compiled step with more than one token per weight read, from "
+           "`python -m benchmarks.batch`. Prompts run in blocks of 64 tokens (each weight read once per block) "
+           "on the byte-dot tile kernels (F32 on 4 × 4 float tiles), their attention tiled over the keys with an "
+           "online softmax. Before timing, each file's prompt logits are checked against the NumPy forward.", ""]
+    if data.get("prompt"):
+        out += prompt_lines(data["prompt"]) + [""]
+    out += [f"B sequences with {data['context']}-token contexts decoded together "
+            f"(`step_batch`, `generate.BatchSession`), aggregate tokens/s (× B = 1 of the type), median step "
+            f"time over {data['rounds']} interleaved rounds of {data['steps_per_round']} steps, kernel tier "
+            f"`{data['tier']}`, {data['machine']['cpus']} CPUs. Before timing, "
+            f"{data['verified']['batch']} sequences decoded together gave each the greedy tokens it gets alone "
+            f"({data['verified']['steps']} steps): a token's logits are the same bits alone and in a batch.", "",
+            "| B | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
     for B in data["batches"]:
         out.append(f"| {B} | " + " | ".join(f"{by[t, B]['tokens_per_s']:.0f} ({by[t, B]['x_b1']:.2f}×)"
                                             for t in types) + " |")
     out += ["", "Up to B = 2 the step stays bound by the weights it reads, so the sequences ride along almost "
             "free; from B = 4 on the products take the tile kernel (four tokens per load of codes, "
-            "`refquant.kernels.tiles`), which is bound by its own arithmetic, about as much per token as the "
-            "prompt path: B = 8 takes two passes over each group's codes and gains nothing on B = 4. Register "
-            "tiles of more tokens per band (the prompt issue) are what would lift it.", "",
-            "![batched decode](figures/batch.png)"]
+            "`refquant.kernels.tiles`), which is bound by its own arithmetic, as a prompt's products are.", "",
+            "![prompts and batched decode](figures/batch.png)"]
     return "\n".join(out)
 
 

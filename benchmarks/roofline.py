@@ -58,7 +58,10 @@ def int8_dot_peak(repeats: int = 50) -> dict:
     args = (p.qs, p.qh, p.d, bytedot._DUMMY_U8, bytedot._DUMMY_U16, bytedot._DUMMY_U8, xq, np.abs(xq), dx, xs,
             np.zeros((2, 1, 8), np.float32), out)
     t = median_time(kernel, [args], repeats)
-    return dict(shape=[1024, 4096], gops=2 * w.size / t / 1e9, tier=tier)
+    from benchmarks.machine import int8_instruction_peak
+
+    return dict(shape=[1024, 4096], gops=2 * w.size / t / 1e9, tier=tier,
+                instruction=int8_instruction_peak(tier, rounds=200_000 if repeats < 50 else 2_000_000))
 
 
 def run(quick: bool = False) -> dict:
@@ -232,6 +235,14 @@ def plot(data: dict, path) -> None:
                       f"{peak:.0f} GFLOP/s sgemm")
     ax.axhline(i8, color="tab:purple", ls=":", lw=1,
                label=f"int8 byte dot (Q8_0 kernel, L3-resident, 1 thread, {data['int8_dot']['tier']}): {i8:.0f} GOP/s")
+    ins = data["int8_dot"].get("instruction")
+    if ins:     # the byte-dot instructions' own ceiling: what a prompt's products are held against
+        top = ins["gops_per_thread"] * max(r["threads"] for r in data["runs"])
+        ax.axhline(ins["gops_per_thread"], color="tab:purple", ls="-", lw=1,
+                   label=f"int8 dot instructions' peak ({ins['tier']}, operands in L1/registers), 1 thread: "
+                         f"{ins['gops_per_thread']:.0f} GOP/s")
+        ax.axhline(top, color="tab:purple", ls="--", lw=1,
+                   label=f"the same x {max(r['threads'] for r in data['runs'])} threads: {top:.0f} GOP/s (prompts: benchmarks.batch)")
     kinds = list(dict.fromkeys(d["kernel"] for d in data["dots"]))
     colors = plt.get_cmap("tab20").colors
     markers = "osD^vP<>Xph*"
@@ -272,7 +283,8 @@ def plot(data: dict, path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(0.05, 200)
-    ax.set_ylim(1, peak * 3)
+    ins = data["int8_dot"].get("instruction")
+    ax.set_ylim(1, 3 * max(peak, ins["gops_per_thread"] * max(r["threads"] for r in data["runs"]) if ins else 0))
     ax.set_xlabel("arithmetic intensity [FLOP per byte the matvec reads]")
     ax.set_ylabel("GFLOP/s")
     shp = "×".join(map(str, data["kernel_shape"]))

@@ -247,11 +247,24 @@ def test_quantize_quick(out_dirs):
 
 
 def test_batch_quick(out_dirs):
-    """``benchmarks.batch --quick``: the shipped file, B = 1 and 4, the batch checked
-    against each sequence decoded alone before timing, a figure drawn from the JSON."""
+    """``benchmarks.batch --quick``: the shipped file, a 16-token prompt checked against the
+    NumPy forward before timing, its useful operations counted by hand, B = 1 and 4, the
+    batch checked against each sequence decoded alone before timing, a figure drawn from
+    the JSON."""
     from benchmarks import batch
     batch.main(["--quick"])
     data = load(out_dirs, "batch")
+    pr = data["prompt"]
+    assert pr["types"] == ["Q4_1"] and pr["lengths"] == [16] and pr["checks"]["Q4_1"]["rms_gap"] <= \
+        pr["checks"]["Q4_1"]["bound"]
+    (r,) = pr["results"]
+    # SmolLM2: 30 layers of q, k, v, o (576x576, 192x576 twice, 576x576) and gate, up, down
+    # (1536x576 each), 2 ops per weight per token; the 49152x576 head once
+    layer = 30 * (576 * 576 * 2 + 2 * 192 * 576 + 3 * 1536 * 576)
+    gops = (16 * 2 * layer + 2 * 49152 * 576) / r["seconds"] / 1e9
+    assert r["gops"] == pytest.approx(gops, rel=1e-9) and r["tokens_per_s"] == pytest.approx(16 / r["seconds"])
+    peak = pr["int8_peak"]["gops_per_thread"] * pr["threads"]
+    assert r["pct_of_peak"] == pytest.approx(100 * gops / peak) and 0 < r["pct_of_peak"] < 100
     assert data["batches"] == [1, 4] and data["verified"] == dict(batch=4, steps=2)
     rows = {(r["type"], r["batch"]): r for r in data["results"]}
     assert set(rows) == {("Q4_1", 1), ("Q4_1", 4)} and rows["Q4_1", 1]["x_b1"] == 1.0
