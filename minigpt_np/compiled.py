@@ -177,12 +177,13 @@ def _pv(o, vt, p, f, lim, hd):
 
 
 def _make_tiled_attention(cache_key: tuple):
-    """``tiled(qkv, k, v, l, seq, poss, n_head, n_kv, hd, att, h0, h1)``: the attention of
-    ``_make_attention`` for every row of ``qkv`` (T tokens of sequence ``seq`` at positions
-    ``poss``, their keys and values already stored), query heads ``h0 <= h < h1``, tiled over
-    the keys as flash attention is. Per key/value head, the cache is read ``kvcache.TILE``
-    (16) keys at a time (``k_tile``, transposed, and ``v_tile``) and each tile serves every
-    query row of the heads that share it, four rows at a time: their scores are eight
+    """``tiled(qkv, k, v, l, seq, poss, n_head, n_kv, hd, att, kv, t0, t1)``: the attention of
+    ``_make_attention`` for rows ``t0 <= t < t1`` of ``qkv`` (tokens of sequence ``seq`` at
+    positions ``poss``, their keys and values already stored) and the query heads of
+    key/value head ``kv`` (one work item of a team: ``_build_layers``), tiled over the keys
+    as flash attention is. The cache is read ``kvcache.TILE`` (16) keys at a time
+    (``k_tile``, transposed, and ``v_tile``) and each tile serves every query row of the
+    heads that share it, four rows at a time: their scores are eight
     vector accumulators (4 rows x 16 keys), their weighted values sixteen (4 rows x 32
     columns, each value row loaded once for the four). A running maximum and sum per row
     (the online softmax) rescale what the row has summed so far when a tile raises its
@@ -212,12 +213,12 @@ def _make_tiled_attention(cache_key: tuple):
             return sa, sb, f, lim, m
 
         @njit(fastmath=_FAST, error_model="numpy")
-        def tiled(qkv, k, v, l, seq, poss, n_head, n_kv, hd, att, h0, h1):
-            T = poss.shape[0]
+        def tiled(qkv, k, v, l, seq, poss, n_head, n_kv, hd, att, kv, t0, t1):
+            T = t1 - t0
             group = n_head // n_kv
             scale = np.float32(1.0 / math.sqrt(hd))
             upto = 0
-            for t in range(T):
+            for t in range(t0, t1):
                 upto = max(upto, poss[t] + 1)
             R = T * group + 3
             Q = np.zeros(R * hd, np.float32)      # flat buffers (docstring)
@@ -230,105 +231,101 @@ def _make_tiled_attention(cache_key: tuple):
             ktf, vtf = kt.reshape(-1), vt.reshape(-1)
             s = np.empty(4 * BK, np.float32)
             fs = np.empty(4, np.float32)
-            for kv in range(n_kv):
-                g0, g1 = max(h0 - kv * group, 0), min(h1 - kv * group, group)
-                if g0 >= g1:
-                    continue
-                nr = 0
-                for t in range(T):
-                    for g in range(g0, g1):
-                        base = (kv * group + g) * hd
-                        for i in range(hd):
-                            Q[nr * hd + i] = qkv[t, base + i] * scale
-                        rpos[nr] = poss[t]
-                        nr += 1
-                Q[nr * hd:] = 0      # padding rows of the last four: all masked, weights 0
-                rpos[nr:] = -1
-                O[:] = 0
-                mx[:] = NEG
-                tot[:] = 0
-                for j0 in range(0, upto, BK):
-                    n = min(BK, upto - j0)
-                    k_tile(k, l, seq, kv, j0, n, kt)
-                    v_tile(v, l, seq, kv, j0, n, vt)
-                    for r0 in range(0, nr, 4):
-                        if max(max(rpos[r0], rpos[r0 + 1]), max(rpos[r0 + 2], rpos[r0 + 3])) < j0:
-                            continue
-                        a0, a1, a2, a3 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
-                        a4, a5, a6, a7 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
-                        q = r0 * hd
-                        for i in range(hd):
-                            ka, kb = V.load_f32x8(ktf, BK * i), V.load_f32x8(ktf, BK * i + 8)
-                            q0, q1, q2, q3 = Q[q + i], Q[q + hd + i], Q[q + 2 * hd + i], Q[q + 3 * hd + i]
-                            a0, a1 = V.fmadd_f32x8(a0, ka, q0), V.fmadd_f32x8(a1, kb, q0)
-                            a2, a3 = V.fmadd_f32x8(a2, ka, q1), V.fmadd_f32x8(a3, kb, q1)
-                            a4, a5 = V.fmadd_f32x8(a4, ka, q2), V.fmadd_f32x8(a5, kb, q2)
-                            a6, a7 = V.fmadd_f32x8(a6, ka, q3), V.fmadd_f32x8(a7, kb, q3)
-                        lim = 0
+            nr = 0
+            for t in range(t0, t1):
+                for g in range(group):
+                    base = (kv * group + g) * hd
+                    for i in range(hd):
+                        Q[nr * hd + i] = qkv[t, base + i] * scale
+                    rpos[nr] = poss[t]
+                    nr += 1
+            Q[nr * hd:] = 0      # padding rows of the last four: all masked, weights 0
+            rpos[nr:] = -1
+            O[:] = 0
+            mx[:] = NEG
+            tot[:] = 0
+            for j0 in range(0, upto, BK):
+                n = min(BK, upto - j0)
+                k_tile(k, l, seq, kv, j0, n, kt)
+                v_tile(v, l, seq, kv, j0, n, vt)
+                for r0 in range(0, nr, 4):
+                    if max(max(rpos[r0], rpos[r0 + 1]), max(rpos[r0 + 2], rpos[r0 + 3])) < j0:
+                        continue
+                    a0, a1, a2, a3 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
+                    a4, a5, a6, a7 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
+                    q = r0 * hd
+                    for i in range(hd):
+                        ka, kb = V.load_f32x8(ktf, BK * i), V.load_f32x8(ktf, BK * i + 8)
+                        q0, q1, q2, q3 = Q[q + i], Q[q + hd + i], Q[q + 2 * hd + i], Q[q + 3 * hd + i]
+                        a0, a1 = V.fmadd_f32x8(a0, ka, q0), V.fmadd_f32x8(a1, kb, q0)
+                        a2, a3 = V.fmadd_f32x8(a2, ka, q1), V.fmadd_f32x8(a3, kb, q1)
+                        a4, a5 = V.fmadd_f32x8(a4, ka, q2), V.fmadd_f32x8(a5, kb, q2)
+                        a6, a7 = V.fmadd_f32x8(a6, ka, q3), V.fmadd_f32x8(a7, kb, q3)
+                    lim = 0
+                    for rr in range(4):
+                        r = r0 + rr
+                        sa, sb = (a0, a1) if rr == 0 else (a2, a3) if rr == 1 else (a4, a5) if rr == 2 else (a6, a7)
+                        if rpos[r] < j0:            # this row's keys all come later (or a padding row)
+                            sa, sb, f = V.zeros_f32(), V.zeros_f32(), np.float32(1)
+                        else:
+                            sa, sb, f, rl, mx[r] = online(sa, sb, rpos[r], mx[r], j0, n)
+                            tot[r] = tot[r] * f + V.hsum_f32x8(V.add_f32x8(sa, sb))
+                            lim = max(lim, rl)
+                        V.store_f32x8(s, BK * rr, sa)
+                        V.store_f32x8(s, BK * rr + 8, sb)
+                        fs[rr] = f
+                    if hd % 32:
                         for rr in range(4):
-                            r = r0 + rr
-                            sa, sb = (a0, a1) if rr == 0 else (a2, a3) if rr == 1 else (a4, a5) if rr == 2 else (a6, a7)
-                            if rpos[r] < j0:            # this row's keys all come later (or a padding row)
-                                sa, sb, f = V.zeros_f32(), V.zeros_f32(), np.float32(1)
-                            else:
-                                sa, sb, f, rl, mx[r] = online(sa, sb, rpos[r], mx[r], j0, n)
-                                tot[r] = tot[r] * f + V.hsum_f32x8(V.add_f32x8(sa, sb))
-                                lim = max(lim, rl)
-                            V.store_f32x8(s, BK * rr, sa)
-                            V.store_f32x8(s, BK * rr + 8, sb)
-                            fs[rr] = f
-                        if hd % 32:
-                            for rr in range(4):
-                                _pv(O[(r0 + rr) * hd:], vtf, s[BK * rr:], fs[rr], lim, hd)
-                            continue
-                        f0, f1, f2, f3 = fs[0], fs[1], fs[2], fs[3]
-                        for v0 in range(0, hd, 32):     # 16 accumulators: 4 rows x 32 columns
-                            o0, o1, o2, o3 = r0 * hd + v0, (r0 + 1) * hd + v0, (r0 + 2) * hd + v0, (r0 + 3) * hd + v0
-                            b00, b01 = V.mul_f32x8(V.load_f32x8(O, o0), f0), V.mul_f32x8(V.load_f32x8(O, o0 + 8), f0)
-                            b02, b03 = V.mul_f32x8(V.load_f32x8(O, o0 + 16), f0), V.mul_f32x8(V.load_f32x8(O, o0 + 24), f0)
-                            b10, b11 = V.mul_f32x8(V.load_f32x8(O, o1), f1), V.mul_f32x8(V.load_f32x8(O, o1 + 8), f1)
-                            b12, b13 = V.mul_f32x8(V.load_f32x8(O, o1 + 16), f1), V.mul_f32x8(V.load_f32x8(O, o1 + 24), f1)
-                            b20, b21 = V.mul_f32x8(V.load_f32x8(O, o2), f2), V.mul_f32x8(V.load_f32x8(O, o2 + 8), f2)
-                            b22, b23 = V.mul_f32x8(V.load_f32x8(O, o2 + 16), f2), V.mul_f32x8(V.load_f32x8(O, o2 + 24), f2)
-                            b30, b31 = V.mul_f32x8(V.load_f32x8(O, o3), f3), V.mul_f32x8(V.load_f32x8(O, o3 + 8), f3)
-                            b32, b33 = V.mul_f32x8(V.load_f32x8(O, o3 + 16), f3), V.mul_f32x8(V.load_f32x8(O, o3 + 24), f3)
-                            for c in range(lim):
-                                w = c * hd + v0
-                                w0, w1 = V.load_f32x8(vtf, w), V.load_f32x8(vtf, w + 8)
-                                w2, w3 = V.load_f32x8(vtf, w + 16), V.load_f32x8(vtf, w + 24)
-                                p0, p1, p2, p3 = s[c], s[BK + c], s[2 * BK + c], s[3 * BK + c]
-                                b00, b01 = V.fmadd_f32x8(b00, w0, p0), V.fmadd_f32x8(b01, w1, p0)
-                                b02, b03 = V.fmadd_f32x8(b02, w2, p0), V.fmadd_f32x8(b03, w3, p0)
-                                b10, b11 = V.fmadd_f32x8(b10, w0, p1), V.fmadd_f32x8(b11, w1, p1)
-                                b12, b13 = V.fmadd_f32x8(b12, w2, p1), V.fmadd_f32x8(b13, w3, p1)
-                                b20, b21 = V.fmadd_f32x8(b20, w0, p2), V.fmadd_f32x8(b21, w1, p2)
-                                b22, b23 = V.fmadd_f32x8(b22, w2, p2), V.fmadd_f32x8(b23, w3, p2)
-                                b30, b31 = V.fmadd_f32x8(b30, w0, p3), V.fmadd_f32x8(b31, w1, p3)
-                                b32, b33 = V.fmadd_f32x8(b32, w2, p3), V.fmadd_f32x8(b33, w3, p3)
-                            V.store_f32x8(O, o0, b00)
-                            V.store_f32x8(O, o0 + 8, b01)
-                            V.store_f32x8(O, o0 + 16, b02)
-                            V.store_f32x8(O, o0 + 24, b03)
-                            V.store_f32x8(O, o1, b10)
-                            V.store_f32x8(O, o1 + 8, b11)
-                            V.store_f32x8(O, o1 + 16, b12)
-                            V.store_f32x8(O, o1 + 24, b13)
-                            V.store_f32x8(O, o2, b20)
-                            V.store_f32x8(O, o2 + 8, b21)
-                            V.store_f32x8(O, o2 + 16, b22)
-                            V.store_f32x8(O, o2 + 24, b23)
-                            V.store_f32x8(O, o3, b30)
-                            V.store_f32x8(O, o3 + 8, b31)
-                            V.store_f32x8(O, o3 + 16, b32)
-                            V.store_f32x8(O, o3 + 24, b33)
-                nr = 0
-                for t in range(T):
-                    for g in range(g0, g1):
-                        base = (kv * group + g) * hd
-                        inv = np.float32(1) / tot[nr]
-                        for i in range(hd):
-                            att[t, base + i] = O[nr * hd + i] * inv
-                        nr += 1
+                            _pv(O[(r0 + rr) * hd:], vtf, s[BK * rr:], fs[rr], lim, hd)
+                        continue
+                    f0, f1, f2, f3 = fs[0], fs[1], fs[2], fs[3]
+                    for v0 in range(0, hd, 32):     # 16 accumulators: 4 rows x 32 columns
+                        o0, o1, o2, o3 = r0 * hd + v0, (r0 + 1) * hd + v0, (r0 + 2) * hd + v0, (r0 + 3) * hd + v0
+                        b00, b01 = V.mul_f32x8(V.load_f32x8(O, o0), f0), V.mul_f32x8(V.load_f32x8(O, o0 + 8), f0)
+                        b02, b03 = V.mul_f32x8(V.load_f32x8(O, o0 + 16), f0), V.mul_f32x8(V.load_f32x8(O, o0 + 24), f0)
+                        b10, b11 = V.mul_f32x8(V.load_f32x8(O, o1), f1), V.mul_f32x8(V.load_f32x8(O, o1 + 8), f1)
+                        b12, b13 = V.mul_f32x8(V.load_f32x8(O, o1 + 16), f1), V.mul_f32x8(V.load_f32x8(O, o1 + 24), f1)
+                        b20, b21 = V.mul_f32x8(V.load_f32x8(O, o2), f2), V.mul_f32x8(V.load_f32x8(O, o2 + 8), f2)
+                        b22, b23 = V.mul_f32x8(V.load_f32x8(O, o2 + 16), f2), V.mul_f32x8(V.load_f32x8(O, o2 + 24), f2)
+                        b30, b31 = V.mul_f32x8(V.load_f32x8(O, o3), f3), V.mul_f32x8(V.load_f32x8(O, o3 + 8), f3)
+                        b32, b33 = V.mul_f32x8(V.load_f32x8(O, o3 + 16), f3), V.mul_f32x8(V.load_f32x8(O, o3 + 24), f3)
+                        for c in range(lim):
+                            w = c * hd + v0
+                            w0, w1 = V.load_f32x8(vtf, w), V.load_f32x8(vtf, w + 8)
+                            w2, w3 = V.load_f32x8(vtf, w + 16), V.load_f32x8(vtf, w + 24)
+                            p0, p1, p2, p3 = s[c], s[BK + c], s[2 * BK + c], s[3 * BK + c]
+                            b00, b01 = V.fmadd_f32x8(b00, w0, p0), V.fmadd_f32x8(b01, w1, p0)
+                            b02, b03 = V.fmadd_f32x8(b02, w2, p0), V.fmadd_f32x8(b03, w3, p0)
+                            b10, b11 = V.fmadd_f32x8(b10, w0, p1), V.fmadd_f32x8(b11, w1, p1)
+                            b12, b13 = V.fmadd_f32x8(b12, w2, p1), V.fmadd_f32x8(b13, w3, p1)
+                            b20, b21 = V.fmadd_f32x8(b20, w0, p2), V.fmadd_f32x8(b21, w1, p2)
+                            b22, b23 = V.fmadd_f32x8(b22, w2, p2), V.fmadd_f32x8(b23, w3, p2)
+                            b30, b31 = V.fmadd_f32x8(b30, w0, p3), V.fmadd_f32x8(b31, w1, p3)
+                            b32, b33 = V.fmadd_f32x8(b32, w2, p3), V.fmadd_f32x8(b33, w3, p3)
+                        V.store_f32x8(O, o0, b00)
+                        V.store_f32x8(O, o0 + 8, b01)
+                        V.store_f32x8(O, o0 + 16, b02)
+                        V.store_f32x8(O, o0 + 24, b03)
+                        V.store_f32x8(O, o1, b10)
+                        V.store_f32x8(O, o1 + 8, b11)
+                        V.store_f32x8(O, o1 + 16, b12)
+                        V.store_f32x8(O, o1 + 24, b13)
+                        V.store_f32x8(O, o2, b20)
+                        V.store_f32x8(O, o2 + 8, b21)
+                        V.store_f32x8(O, o2 + 16, b22)
+                        V.store_f32x8(O, o2 + 24, b23)
+                        V.store_f32x8(O, o3, b30)
+                        V.store_f32x8(O, o3 + 8, b31)
+                        V.store_f32x8(O, o3 + 16, b32)
+                        V.store_f32x8(O, o3 + 24, b33)
+            nr = 0
+            for t in range(t0, t1):
+                for g in range(group):
+                    base = (kv * group + g) * hd
+                    inv = np.float32(1) / tot[nr]
+                    for i in range(hd):
+                        att[t, base + i] = O[nr * hd + i] * inv
+                    nr += 1
         _TILED[cache_key] = tiled
     return _TILED[cache_key]
 
@@ -406,8 +403,9 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
 
     @njit(inline="always")
     def slot(l, role):
-        """The work counter of layer ``l``'s product ``role`` (``_counters``)."""
-        return 2 + 3 * (4 * l + role)
+        """The work counter of layer ``l``'s product ``role`` (role 4: its tiled attention;
+        ``_counters``)."""
+        return 2 + 3 * (ROLES * l + role)
 
     @njit(inline="always")
     def position(row, bias, l, pos, h0, h1, kv0, kv1, cos, sin):
@@ -457,8 +455,14 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                     store(k, v, l, seqs[t], poss[t], qkv[t], q_len, q_len + kv_len, kv0, kv1, hd)
             kb = threads.barrier(sync, nt, kb)      # every key and value stored
             if not only_products:
-                if one_seq:
-                    tiled(qkv, k, v, l, seqs[0], poss, n_head, n_kv, hd, att, h0, h1)
+                if one_seq:     # items (key/value head, 16 tokens), the latest tokens first
+                    nb = (T + ATT_TOKENS - 1) // ATT_TOKENS
+                    c = threads.claim(sync, slot(l, 4))
+                    while c < nb * n_kv:
+                        b = nb - 1 - c // n_kv
+                        tiled(qkv, k, v, l, seqs[0], poss, n_head, n_kv, hd, att, c % n_kv, ATT_TOKENS * b,
+                              min(ATT_TOKENS * (b + 1), T))
+                        c = threads.claim(sync, slot(l, 4))
                 else:
                     for t in range(T):
                         attention(qkv[t], k, v, l, seqs[t], poss[t], n_head, n_kv, hd, att[t], h0, h1)
@@ -555,10 +559,14 @@ CHUNKS = 3      # chunks of each product per team member, claimed dynamically (m
 # Q4_0 steps took 2.8, 2.6, 2.7 and 3.0 ms with 2, 4, 8 and 16 chunks on 2 threads (6: as 4)
 
 
+ROLES = 5           # work counted per layer: 4 products and the tiled attention
+ATT_TOKENS = 16     # tokens per work item of a block's attention (with one key/value head)
+
+
 def _counters(n_layer: int) -> int:
-    """Work counters a team needs: three (one per part of a role) per product, 4 products
-    per layer and the head."""
-    return 3 * (4 * n_layer + 1)
+    """Work counters a team needs: three (one per part of a role) per role of a layer
+    (``ROLES``) and the head."""
+    return 3 * (ROLES * n_layer + 1)
 
 
 

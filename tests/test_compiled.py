@@ -793,9 +793,9 @@ def _attention_oracle(qkv, k, v, poss, n_head, n_kv, hd):
 ])
 def test_tiled_attention_equals_the_plain_one_and_the_float64_oracle(n_head, n_kv, hd, poss):
     """The prefill's tiled attention (online softmax over tiles of 16 keys) against the
-    decode's per-token attention and a float64 NumPy softmax, every query head and a split
-    between two members (h0..h1) as a team runs it; keys after a row's position must not
-    count (the cache holds large values there)."""
+    decode's per-token attention and a float64 NumPy softmax, in work items of one
+    key/value head and a run of tokens as a team claims them; keys after a row's position
+    must not count (the cache holds large values there)."""
     c = compiled()
     rng = np.random.default_rng(hd + len(poss))
     T, P = len(poss), max(poss) + 1
@@ -807,10 +807,11 @@ def test_tiled_attention_equals_the_plain_one_and_the_float64_oracle(n_head, n_k
     key = ("kv", "f32", "f32")
     tiled, plain = c._make_tiled_attention(key), c._make_attention(key)
     want = _attention_oracle(qkv, k, v, poss, n_head, n_kv, hd)
-    split = n_head // 2
     got = np.full((T, n_head * hd), np.nan, np.float32)
-    tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, 0, split)
-    tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, split, n_head)
+    cut = T // 3
+    for kv in range(n_kv):
+        tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, kv, 0, cut)
+        tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, kv, cut, T)
     one = np.empty((T, n_head * hd), np.float32)
     for t in range(T):
         plain(qkv[t], k, v, 0, 0, poss[t], n_head, n_kv, hd, one[t], 0, n_head)
