@@ -158,6 +158,7 @@ def prompts(paths, types, lengths, rounds: int, llama_bench_exe: str | None) -> 
                 r["x_llama_bench"] = r["tokens_per_s"] / r["llama_bench_tokens_per_s"]
             results.append(r)
     return dict(types=list(types), lengths=list(lengths), rounds=rounds, threads=threads, tier=tier,
+                prefill_block=compiled.PREFILL_BLOCK,
                 int8_peak=peak, checks=checks, llama_bench=dict(command=command) if command else None,
                 results=results)
 

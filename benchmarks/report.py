@@ -294,10 +294,12 @@ def batch_section(data: dict) -> str:
     types = list(dict.fromkeys(r["type"] for r in data["results"]))
     by = {(r["type"], r["batch"]): r for r in data["results"]}
     out = ["SmolLM2-135M on the compiled step with more than one token per weight read, from "
-           "`python -m benchmarks.batch`. Prompts run in blocks of 64 tokens (each weight read once per block) "
-           "on the byte-dot tile kernels (F32 on 4 × 4 float tiles), their attention tiled over the keys with an "
-           "online softmax. Before timing, each file's prompt logits are checked against the NumPy forward.", ""]
+           "`python -m benchmarks.batch`.", ""]
     if data.get("prompt"):
+        out[-2] += (f" Prompts run in blocks of {data['prompt'].get('prefill_block', 64)} tokens (each weight read "
+                    "once per block) on the byte-dot tile kernels (F32 on 4 × 4 float tiles), their attention tiled "
+                    "over the keys with an online softmax. Before timing, each file's prompt logits are checked "
+                    "against the NumPy forward.")
         out += prompt_lines(data["prompt"]) + [""]
     out += [f"B sequences with {data['context']}-token contexts decoded together "
             f"(`step_batch`, `generate.BatchSession`), aggregate tokens/s (× B = 1 of the type), median step "

@@ -12,7 +12,7 @@ costs more than the weight products themselves. ``Llama(params, cfg)`` and
 * the KV cache is a preallocated ``KVCache`` of ``n_seq`` sequences, written in place;
   attention, RMSNorm / LayerNorm, RoPE, SwiGLU / GELU and the residuals are loops;
 * one numba call (a team of threads, ``_build_layers``) runs every layer and the output
-  head for a block of tokens: decode, one token; prefill, blocks of ``PREFILL_BLOCK`` (64) of
+  head for a block of tokens: decode, one token; prefill, blocks of ``PREFILL_BLOCK`` (128) of
   one sequence; ``step_batch``, one token of each of up to 16 sequences, each at its own
   position (each weight read once for all of them). Layers whose weights differ in layout
   (a file mixing types per layer) are split into runs of equal layout, one call each.
@@ -552,8 +552,9 @@ def _flat(norms, biases, final, ops) -> tuple:
 
 
 _CACHE: dict = {}
-PREFILL_BLOCK = 64  # prompt tokens per team call: every weight is read once per block (SmolLM2 on
-# Zen 4, 512-token prompt, tokens/s with blocks of 16 / 32 / 64: F32 415 / 550 / 629, Q4_0 1018 / 1208 / 1264)
+PREFILL_BLOCK = 128  # prompt tokens per team call: every weight is read once per block (SmolLM2 on
+# Zen 4, 512-token prompt, tokens/s with blocks of 16 / 32 / 64 / 128 / 256: F32 415 / 550 / 629 / 724 / 726,
+# Q4_0 1018 / 1208 / 1264 / 1328 / 1337 (two runs); 2048 tokens, 64 -> 128: F32 489 -> 521, Q4_0 718 -> 783)
 TILED_MIN_T = 2     # tokens of one sequence from which a block's attention is tiled
 CHUNKS = 3      # chunks of each product per team member, claimed dynamically (make_part): SmolLM2
 # Q4_0 steps took 2.8, 2.6, 2.7 and 3.0 ms with 2, 4, 8 and 16 chunks on 2 threads (6: as 4)

@@ -110,6 +110,67 @@ def test_stacked_part_is_the_kernel_linear_calls(kind):
         np.testing.assert_array_equal(out, bytedot.matmul(lins[1].packed(), X))
 
 
+def _tiers():
+    from refquant.kernels import bytedot
+    return bytedot.available_tiers()
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q6_K", "IQ4_NL", "int4_g64_asym"])
+def test_prompt_blocks_of_any_length_are_each_token_alone_bit_for_bit(kind):
+    """A prompt block's products (the tile kernels, 4 tokens per pass, the rest one by one)
+    for T = 17, 64, 100 and 103 tokens, on every tier this machine runs: each row equals the
+    one-token kernel on that token alone, bit for bit on the SIMD tiers (the one-token
+    kernel is held against the naive product in tests/test_bytedot.py), to float32
+    rounding on the plain-numba tier (LLVM sums its loops in an order that depends on the
+    token count); odd row counts (44: a partial group)."""
+    from refquant.kernels import bytedot, stacked
+
+    rng = np.random.default_rng(5)
+    n = 512 if kind in ("Q6_K", "int4_g64_asym") else 96
+    lin = _kernel_weight(rng, kind, (44, n))
+    op = stacked.stack([stacked.layer_weight([lin])])
+    for tier in _tiers():
+        part = stacked.make_part(op, tier)
+        fa = stacked.addresses(op, tier)
+        for T in (17, 64, 100, 103):
+            X = (rng.standard_normal((T, n)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+            out = np.full((T, 44), np.nan, np.float32)
+            part(op.arrays, 0, X, out, fa, np.zeros(3, np.int64), 2, 4)
+            alone = np.stack([bytedot.matmul(lin.packed(), X[t], tier=tier) for t in range(T)])
+            if tier == "numba":
+                np.testing.assert_allclose(out, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max(), err_msg=f"T={T}")
+            else:
+                np.testing.assert_array_equal(out, alone, err_msg=f"{tier} T={T}")
+
+
+def test_float_part_tiles_equal_the_float64_product_and_keep_rows_independent():
+    """Float32 weights through ``make_part``: the 4 x 4 register tiles (T >= 4, with
+    leftover tokens and rows), the one-chain decode path (T < 4), and widths that are not a
+    multiple of 8, against the float64 product; a token's row is the same bits in any
+    block."""
+    from refquant import linear
+    from refquant.kernels import stacked
+
+    rng = np.random.default_rng(6)
+    for R, n in ((45, 37), (64, 576), (3, 8)):
+        W = rng.standard_normal((R, n)).astype(np.float32)
+        op = stacked.stack([stacked.layer_weight([linear.DenseLinear(W)])])
+        part = stacked.make_part(op)
+        X = rng.standard_normal((103, n)).astype(np.float32)
+        want = X.astype(np.float64) @ W.T.astype(np.float64)
+        rows = {}
+        for T in (1, 3, 4, 17, 64, 103):
+            out = np.full((T, R), np.nan, np.float32)
+            part(op.arrays, 0, X[:T], out, stacked.addresses(op), np.zeros(3, np.int64), 2, 3)
+            tol = 4 * n * 2.0**-24 * (np.abs(X[:T]) @ np.abs(W.T).astype(np.float64))
+            assert np.all(np.abs(out - want[:T]) <= tol), (R, n, T)
+            rows[T] = out
+        for T in (3, 4, 17, 64, 103):
+            np.testing.assert_array_equal(rows[T][0], rows[1][0])
+        np.testing.assert_array_equal(rows[64][:17], rows[17])
+        np.testing.assert_array_equal(rows[103][:64], rows[64])
+
+
 def test_parts_that_do_not_row_stack_fill_their_own_columns():
     from refquant.kernels import bytedot, stacked
 
