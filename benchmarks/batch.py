@@ -86,7 +86,8 @@ def run(quick: bool = False, rounds: int = 5, llama_bench_exe: str | None = None
     src = llama.default_model()
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_files(src, Path(tmp), tuple(dict.fromkeys(ptypes + types)))
-        prompt = prompts(paths, ptypes, (16,) if quick else PROMPTS, 1 if quick else PROMPT_ROUNDS, llama_bench_exe)
+        prompt = prompts(paths, ptypes, (16,) if quick else PROMPTS, 1 if quick else PROMPT_ROUNDS, llama_bench_exe,
+                         verify_tokens=16 if quick else VERIFY_PROMPT)
         return dict(_run(quick, types, batches, rounds, steps, paths), prompt=prompt)
 
 
@@ -111,8 +112,9 @@ def llama_bench_pp(exe: str, path, threads: int, lengths) -> dict:
     return {int(r["n_prompt"]): float(r["avg_ts"]) for r in json.loads(out.stdout)}, cmd
 
 
-def prompts(paths, types, lengths, rounds: int, llama_bench_exe: str | None) -> dict:
-    """Prompt tokens/s per type and length (module docstring)."""
+def prompts(paths, types, lengths, rounds: int, llama_bench_exe: str | None, verify_tokens: int = VERIFY_PROMPT) -> dict:
+    """Prompt tokens/s per type and length (module docstring); each file checked on a
+    ``verify_tokens``-token prompt first."""
     import numba
     from tqdm import tqdm
 
@@ -125,13 +127,13 @@ def prompts(paths, types, lengths, rounds: int, llama_bench_exe: str | None) -> 
     sessions, checks, ops = {}, {}, {}
     for t in tqdm(types, desc="prompt: load and check", unit="model"):
         params, cfg, meta = llama.load(paths[t], dtype="stored")
-        sess = compiled.Llama(params, cfg, n_ctx=max(*lengths, VERIFY_PROMPT))
-        checks[t] = decode.verify(params, cfg, sess, Tokenizer(meta).encode(llama.reference_text())[:VERIFY_PROMPT])
+        sess = compiled.Llama(params, cfg, n_ctx=max(*lengths, verify_tokens))
+        checks[t] = decode.verify(params, cfg, sess, Tokenizer(meta).encode(llama.reference_text())[:verify_tokens])
         sessions[t] = sess
         ops.update({(t, L): prompt_ops(params, L) for L in lengths})
     ids = {L: rng.integers(0, cfg.vocab, L) for L in lengths}
     tier = bytedot.backend()
-    peak = machine.int8_instruction_peak(tier)
+    peak = machine.int8_instruction_peak(tier, rounds=200_000 if rounds < 2 else 2_000_000)
     threads = numba.get_num_threads()
     times = {(t, L): [] for t in types for L in lengths}
     lb, command = {(t, L): [] for t in types for L in lengths}, None

@@ -111,12 +111,22 @@ def test_stacked_part_is_the_kernel_linear_calls(kind):
 
 
 def _tiers():
-    from refquant.kernels import bytedot
-    return bytedot.available_tiers()
+    """The tiers this machine runs, its best first (``tests/test_bytedot.py``'s order)."""
+    try:
+        from refquant.kernels import bytedot
+        return bytedot.available_tiers()
+    except ImportError:     # no numba: the tests fail by name, the module still collects
+        return ["numba"]
 
 
+# the default run checks the tier this machine uses; `pytest -m slow` the others (each
+# compiles every part again)
+_TIER_PARAMS = [pytest.param(t, marks=[pytest.mark.slow] if i else []) for i, t in enumerate(_tiers())]
+
+
+@pytest.mark.parametrize("tier", _TIER_PARAMS)
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q6_K", "IQ4_NL", "int4_g64_asym"])
-def test_prompt_blocks_of_any_length_are_each_token_alone_bit_for_bit(kind):
+def test_prompt_blocks_of_any_length_are_each_token_alone_bit_for_bit(kind, tier):
     """A prompt block's products (the tile kernels, 4 tokens per pass, the rest one by one)
     for T = 17, 64, 100 and 103 tokens, on every tier this machine runs: each row equals the
     one-token kernel on that token alone, bit for bit on the SIMD tiers (the one-token
@@ -129,18 +139,17 @@ def test_prompt_blocks_of_any_length_are_each_token_alone_bit_for_bit(kind):
     n = 512 if kind in ("Q6_K", "int4_g64_asym") else 96
     lin = _kernel_weight(rng, kind, (44, n))
     op = stacked.stack([stacked.layer_weight([lin])])
-    for tier in _tiers():
-        part = stacked.make_part(op, tier)
-        fa = stacked.addresses(op, tier)
-        for T in (17, 64, 100, 103):
-            X = (rng.standard_normal((T, n)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
-            out = np.full((T, 44), np.nan, np.float32)
-            part(op.arrays, 0, X, out, fa, np.zeros(3, np.int64), 2, 4)
-            alone = np.stack([bytedot.matmul(lin.packed(), X[t], tier=tier) for t in range(T)])
-            if tier == "numba":
-                np.testing.assert_allclose(out, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max(), err_msg=f"T={T}")
-            else:
-                np.testing.assert_array_equal(out, alone, err_msg=f"{tier} T={T}")
+    part = stacked.make_part(op, tier)
+    fa = stacked.addresses(op, tier)
+    for T in (17, 64, 100, 103):
+        X = (rng.standard_normal((T, n)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+        out = np.full((T, 44), np.nan, np.float32)
+        part(op.arrays, 0, X, out, fa, np.zeros(3, np.int64), 2, 4)
+        alone = np.stack([bytedot.matmul(lin.packed(), X[t], tier=tier) for t in range(T)])
+        if tier == "numba":
+            np.testing.assert_allclose(out, alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max(), err_msg=f"T={T}")
+        else:
+            np.testing.assert_array_equal(out, alone, err_msg=f"{tier} T={T}")
 
 
 def test_float_part_tiles_equal_the_float64_product_and_keep_rows_independent():

@@ -15,7 +15,7 @@ from numba import njit
 
 from refquant.kernels import _cache
 from refquant.kernels.layout import OFFSET_CONST, OFFSET_MIN, OFFSET_NONE, ROWS
-from refquant.kernels.rows import _group_rows, _kind_consts, _scales, _store_rows, _token, _unpack
+from refquant.kernels.rows import PREFETCH_BYTES, _group_rows, _kind_consts, _scales, _store_rows, _token, _unpack
 from refquant.kernels.threads import Kernel
 
 TILE_MIN_M = 4   # from this many tokens on, ``run`` takes the tile kernel (SIMD tiers)
@@ -36,6 +36,7 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
     token = _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
     cf = np.float32(-c) if offset == OFFSET_CONST else np.float32(1)
     key = ("bytedot.tiles", tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
+    LINES = 4 if kind == "s8" else 2      # cache lines of codes per block (rows._token's)
     RAW8 = kind == "s8"     # signed bytes as stored; other signed kinds are looked-up nibbles
     # signed weights on VNNI: x + 128 (unsigned) against w, minus 128 Σw per row and block
     # (exact int32: |Σ (x+128) w| <= 32·255·127), one broadcast and no sign fix-up per dot;
@@ -112,6 +113,9 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
                 a2 = V.zeros_f32()
                 a3 = V.zeros_f32()
                 for b in range(nb):
+                    if t == 0:      # the first pass over a group streams its codes: hint the next ones
+                        for i in range(LINES):
+                            V.prefetch(q, 64 * (LINES * b + i) + PREFETCH_BYTES)
                     l0 = V.zeros_i32()
                     l1 = V.zeros_i32()
                     l2 = V.zeros_i32()
