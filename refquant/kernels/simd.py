@@ -28,6 +28,7 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba import njit
 from numba.extending import intrinsic, models, register_model
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -51,6 +52,12 @@ F32x8 = _Vector("F32x8", _V8F32)
 class _VectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, fe_type.llvm_type)
+
+
+def _broadcast(builder, value):
+    """A float32 value in all eight lanes of a ``<8 x float>``."""
+    v = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), value, _I32(0))
+    return builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
 
 
 def _splat(vtype, value):
@@ -357,27 +364,33 @@ def fma_vec(typingctx, acc, v, s):
     return F32x8(F32x8, I32x8, F32x8), codegen
 
 
-@intrinsic
-def load_f32x8(typingctx, arr, idx):
-    """Eight float32 from ``arr[idx]`` (``vmovups``)."""
-    if not _c_vector(arr, types.float32):
-        return None
+def _loader(vec, llvm_vec, dtype, doc):
+    def load(typingctx, arr, idx):
+        if not _c_vector(arr, dtype):
+            return None
 
-    def codegen(context, builder, sig, args):
-        return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _V8F32), align=4)
-    return F32x8(arr, types.intp), codegen
+        def codegen(context, builder, sig, args):
+            return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], llvm_vec), align=4)
+        return vec(arr, types.intp), codegen
+    load.__doc__ = doc
+    return intrinsic(load)
 
 
-@intrinsic
-def store_f32x8(typingctx, arr, idx, v):
-    """Store eight float32 at ``arr[idx]`` (``vmovups``)."""
-    if not _c_vector(arr, types.float32) or v != F32x8:
-        return None
+def _storer(vec, llvm_vec, dtype, doc):
+    def store(typingctx, arr, idx, v):
+        if not _c_vector(arr, dtype) or v != vec:
+            return None
 
-    def codegen(context, builder, sig, args):
-        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _V8F32), align=4)
-        return context.get_dummy_value()
-    return types.none(arr, types.intp, F32x8), codegen
+        def codegen(context, builder, sig, args):
+            builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], llvm_vec), align=4)
+            return context.get_dummy_value()
+        return types.none(arr, types.intp, vec), codegen
+    store.__doc__ = doc
+    return intrinsic(store)
+
+
+load_f32x8 = _loader(F32x8, _V8F32, types.float32, "Eight float32 from ``arr[idx]`` (``vmovups``).")
+store_f32x8 = _storer(F32x8, _V8F32, types.float32, "Store eight float32 at ``arr[idx]`` (``vmovups``).")
 
 
 @intrinsic
@@ -410,11 +423,7 @@ def mul_f32x8(typingctx, a, b):
     scalar = b != F32x8
 
     def codegen(context, builder, sig, args):
-        bv = args[1]
-        if scalar:
-            bv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), bv, _I32(0))
-            bv = builder.shuffle_vector(bv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
-        return builder.fmul(args[0], bv)
+        return builder.fmul(args[0], _broadcast(builder, args[1]) if scalar else args[1])
     return F32x8(F32x8, b if not scalar else types.float32), codegen
 
 
@@ -440,10 +449,7 @@ def fmadd_f32x8(typingctx, acc, a, b):
     scalar = b != F32x8
 
     def codegen(context, builder, sig, args):
-        bv = args[2]
-        if scalar:
-            bv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), bv, _I32(0))
-            bv = builder.shuffle_vector(bv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        bv = _broadcast(builder, args[2]) if scalar else args[2]
         return builder.fadd(args[0], builder.fmul(args[1], bv, flags=("contract",)), flags=("contract",))
     return F32x8(F32x8, F32x8, b), codegen
 
@@ -459,19 +465,24 @@ def max_f32x8(typingctx, a, b):
     return F32x8(F32x8, F32x8), codegen
 
 
-@intrinsic
-def hmax_f32x8(typingctx, a):
-    """The largest of the eight lanes (three shuffle-and-maximum steps)."""
-    if a != F32x8:
-        return None
+def _reducer(combine, doc):
+    def reduce(typingctx, a):
+        if a != F32x8:
+            return None
 
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        for perm in ([4, 5, 6, 7, 0, 1, 2, 3], [2, 3, 0, 1, 6, 7, 4, 5], [1, 0, 3, 2, 5, 4, 7, 6]):
-            w = builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, perm))
-            v = builder.select(builder.fcmp_ordered(">", v, w), v, w)
-        return builder.extract_element(v, _I32(0))
-    return types.float32(F32x8), codegen
+        def codegen(context, builder, sig, args):
+            v = args[0]
+            for perm in ([4, 5, 6, 7, 0, 1, 2, 3], [2, 3, 0, 1, 6, 7, 4, 5], [1, 0, 3, 2, 5, 4, 7, 6]):
+                v = combine(builder, v, builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined),
+                                                               ir.Constant(_V8I32, perm)))
+            return builder.extract_element(v, _I32(0))
+        return types.float32(F32x8), codegen
+    reduce.__doc__ = doc
+    return intrinsic(reduce)
+
+
+hmax_f32x8 = _reducer(lambda b, v, w: b.select(b.fcmp_ordered(">", v, w), v, w),
+                      "The largest of the eight lanes (three shuffle-and-maximum steps).")
 
 
 @intrinsic
@@ -486,24 +497,11 @@ def keep_first(typingctx, a, k, fill):
         lanes = ir.Constant(_V8I32, list(range(8)))
         kv = builder.insert_element(ir.Constant(_V8I32, ir.Undefined), kk, _I32(0))
         kv = builder.shuffle_vector(kv, ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
-        fv = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), args[2], _I32(0))
-        fv = builder.shuffle_vector(fv, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
-        return builder.select(builder.icmp_signed("<", lanes, kv), args[0], fv)
+        return builder.select(builder.icmp_signed("<", lanes, kv), args[0], _broadcast(builder, args[2]))
     return F32x8(F32x8, k, types.float32), codegen
 
 
-@intrinsic
-def hsum_f32x8(typingctx, a):
-    """The sum of the eight lanes (three shuffle-and-add steps)."""
-    if a != F32x8:
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        for perm in ([4, 5, 6, 7, 0, 1, 2, 3], [2, 3, 0, 1, 6, 7, 4, 5], [1, 0, 3, 2, 5, 4, 7, 6]):
-            v = builder.fadd(v, builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, perm)))
-        return builder.extract_element(v, _I32(0))
-    return types.float32(F32x8), codegen
+hsum_f32x8 = _reducer(lambda b, v, w: b.fadd(v, w), "The sum of the eight lanes (three shuffle-and-add steps).")
 
 
 @intrinsic
@@ -542,8 +540,7 @@ def splat_f32x8(typingctx, s):
         return None
 
     def codegen(context, builder, sig, args):
-        v = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), args[0], _I32(0))
-        return builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        return _broadcast(builder, args[0])
     return F32x8(types.float32), codegen
 
 
@@ -558,24 +555,29 @@ def sub_i32(typingctx, a, b):
     return I32x8(I32x8, I32x8), codegen
 
 
-@intrinsic
-def load_i32x8(typingctx, arr, idx):
-    """Eight int32 from ``arr[idx]`` of a 1-D int32 array (``vmovdqu``)."""
-    if not _c_vector(arr, types.int32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], _V8I32), align=4)
-    return I32x8(arr, types.intp), codegen
+load_i32x8 = _loader(I32x8, _V8I32, types.int32, "Eight int32 from ``arr[idx]`` of a 1-D int32 array (``vmovdqu``).")
+store_i32x8 = _storer(I32x8, _V8I32, types.int32, "Store eight int32 at ``arr[idx]`` of a 1-D int32 array (``vmovdqu``).")
 
 
-@intrinsic
-def store_i32x8(typingctx, arr, idx, v):
-    """Store eight int32 at ``arr[idx]`` of a 1-D int32 array (``vmovdqu``)."""
-    if not _c_vector(arr, types.int32) or v != I32x8:
-        return None
+# --- helpers over the intrinsics (numba code) ------------------------------------------
 
-    def codegen(context, builder, sig, args):
-        builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], _V8I32), align=4)
-        return context.get_dummy_value()
-    return types.none(arr, types.intp, I32x8), codegen
+@njit(inline="always")
+def fmadd4(a0, a1, a2, a3, u0, u1, u2, u3, y):
+    """``a_k + u_k · y`` for k < 4: four chains sharing ``y`` (a vector or a float32)."""
+    return fmadd_f32x8(a0, u0, y), fmadd_f32x8(a1, u1, y), fmadd_f32x8(a2, u2, y), fmadd_f32x8(a3, u3, y)
+
+
+@njit(inline="always")
+def load4(arr, o, f):
+    """Four vectors from ``arr[o:o+32]``, each times the float32 ``f``."""
+    return (mul_f32x8(load_f32x8(arr, o), f), mul_f32x8(load_f32x8(arr, o + 8), f),
+            mul_f32x8(load_f32x8(arr, o + 16), f), mul_f32x8(load_f32x8(arr, o + 24), f))
+
+
+@njit(inline="always")
+def store4(arr, o, a0, a1, a2, a3):
+    """Four vectors to ``arr[o:o+32]``."""
+    store_f32x8(arr, o, a0)
+    store_f32x8(arr, o + 8, a1)
+    store_f32x8(arr, o + 16, a2)
+    store_f32x8(arr, o + 24, a3)

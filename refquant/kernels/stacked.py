@@ -200,18 +200,10 @@ def matmul_f32_rows(W, X, out, lo, hi):
             a30, a31, a32, a33 = V.zeros_f32(), V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
             for i in range(0, n8, 8):
                 u0, u1, u2, u3 = V.load_f32x8(w0, i), V.load_f32x8(w1, i), V.load_f32x8(w2, i), V.load_f32x8(w3, i)
-                y = V.load_f32x8(x0, i)
-                a00, a01, a02, a03 = V.fmadd_f32x8(a00, u0, y), V.fmadd_f32x8(a01, u1, y), \
-                    V.fmadd_f32x8(a02, u2, y), V.fmadd_f32x8(a03, u3, y)
-                y = V.load_f32x8(x1, i)
-                a10, a11, a12, a13 = V.fmadd_f32x8(a10, u0, y), V.fmadd_f32x8(a11, u1, y), \
-                    V.fmadd_f32x8(a12, u2, y), V.fmadd_f32x8(a13, u3, y)
-                y = V.load_f32x8(x2, i)
-                a20, a21, a22, a23 = V.fmadd_f32x8(a20, u0, y), V.fmadd_f32x8(a21, u1, y), \
-                    V.fmadd_f32x8(a22, u2, y), V.fmadd_f32x8(a23, u3, y)
-                y = V.load_f32x8(x3, i)
-                a30, a31, a32, a33 = V.fmadd_f32x8(a30, u0, y), V.fmadd_f32x8(a31, u1, y), \
-                    V.fmadd_f32x8(a32, u2, y), V.fmadd_f32x8(a33, u3, y)
+                a00, a01, a02, a03 = V.fmadd4(a00, a01, a02, a03, u0, u1, u2, u3, V.load_f32x8(x0, i))
+                a10, a11, a12, a13 = V.fmadd4(a10, a11, a12, a13, u0, u1, u2, u3, V.load_f32x8(x1, i))
+                a20, a21, a22, a23 = V.fmadd4(a20, a21, a22, a23, u0, u1, u2, u3, V.load_f32x8(x2, i))
+                a30, a31, a32, a33 = V.fmadd4(a30, a31, a32, a33, u0, u1, u2, u3, V.load_f32x8(x3, i))
             for k, (b0, b1, b2, b3) in enumerate(((a00, a01, a02, a03), (a10, a11, a12, a13),
                                                   (a20, a21, a22, a23), (a30, a31, a32, a33))):
                 xt = X[t + k]
