@@ -6,9 +6,11 @@ Per group of eight rows and block of 32 weights, a SIMD kernel makes eight byte 
 (``vpdpbusd``, or ``vpmaddubsw``/``vpmaddwd``; ``refquant.kernels.simd``), each of one
 32-byte load of codes against four bytes of x broadcast to every lane, so that lane ``r``
 sums row ``r``'s products (exact int32); then one convert and one multiply-add by the
-eight rows' block scales times ``d_x`` (one load and one multiply), and one multiply-add
-for the offset term. A row's result is a lane of the group's accumulator: no horizontal
-sum, no scale pass per row. The arithmetic is ``layout.reference``'s.
+eight rows' block scales times ``d_x`` (one load and one multiply), and for an offset
+``"min"`` one multiply-add by ``m_b · d_x Σ x_q``. The offset ``"const"`` (``u - c``) costs
+no float work: the dots of a block start from ``-c Σ x_q`` (``_const_sums``). A row's
+result is a lane of the group's accumulator: no horizontal sum, no scale pass per row.
+The arithmetic is ``layout.reference``'s.
 """
 from __future__ import annotations
 
@@ -61,17 +63,15 @@ def _unpack(PLANES: int, table=None):
 
 
 def _dots(tier: str, PLANES: int, SIGNED: bool, table=None):
-    """``dots(q, hq, xm, am, b) -> (lo, hi)``: int32 lanes, lane ``r`` = row ``r``'s
-    ``Σ u·x_q`` over weights 0-15 (``lo``) and 16-31 (``hi``) of block ``b``; ``xm`` the
-    token's x_q, ``am`` its |x_q| (8-bit codes take ``dot(|x|, w·sign(x))``)."""
+    """``dots(q, hq, xm, am, b, lo, hi) -> (lo, hi)``: int32 lanes, lane ``r`` = row
+    ``r``'s ``Σ u·x_q`` over weights 0-15 (added to ``lo``) and 16-31 (to ``hi``) of block
+    ``b``; ``xm`` the token's x_q, ``am`` its |x_q| (8-bit codes take ``dot(|x|, w·sign(x))``)."""
     dot = V.DOTS[tier]
     unpack = _unpack(PLANES, table)
     LUT = table is not None
 
     @njit(inline="always")
-    def dots(q, hq, xm, am, b):
-        lo = V.zeros_i32()
-        hi = V.zeros_i32()
+    def dots(q, hq, xm, am, b, lo, hi):
         xo = 32 * b
         if LUT:
             for p in range(4):
@@ -138,40 +138,66 @@ def _store_rows(out, mi, g, v, tmp):
             out[mi, ROWS * g + r] = tmp[r]
 
 
+def _const_sums(c: int, sub16: bool):
+    """``sums(xs, dx, s16, xc)``: for the offset ``"const"``, ``xc[t, 2b + h] = -c Σ x_q``
+    over half ``h`` of block ``b`` (``sub16``), or over the whole block (``h = 0``; ``h = 1``
+    zero), the integers the kernels start a block's dots from, so that ``Σ (u - c) x_q``
+    is summed exactly in int32 and the offset costs no float work. Each sum S is recovered
+    from the rounder's ``S·d_x`` (``xs``, or ``s16[1]`` per 16) as the nearest integer of
+    ``S·d_x / d_x``: |S| <= 32·127 < 2^12 and both roundings are within 2^-23 relative,
+    so the quotient is within 2^-10 of S, for any float32 ``d_x`` (0 when ``d_x`` is 0:
+    then every x_q is)."""
+    C = np.int32(-c)
+
+    @njit(inline="always", fastmath=True)
+    def whole(v, d):
+        q = v / (d if d != 0 else np.float32(1))
+        return np.int32(np.floor(q + np.float32(0.5))) * C
+
+    @njit(inline="always", fastmath=True)
+    def sums(xs, dx, s16, xc):
+        for t in range(dx.shape[0]):
+            for b in range(dx.shape[1]):
+                if sub16:
+                    xc[t, 2 * b] = whole(s16[1, t, 2 * b], dx[t, b])
+                    xc[t, 2 * b + 1] = whole(s16[1, t, 2 * b + 1], dx[t, b])
+                else:
+                    xc[t, 2 * b] = whole(xs[t, b], dx[t, b])
+                    xc[t, 2 * b + 1] = 0
+    return sums
+
+
 def _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table=None):
-    """``token(q, hq, dg, scg, mg, mng, xm, am, dxm, xsm, s16a, s16b) -> F32x8``: one token
-    against one group of rows, every block (lane r = y of row r)."""
+    """``token(q, hq, dg, scg, mg, mng, xm, am, dxm, xsm, xcm, s16b) -> F32x8``: one token
+    against one group of rows, every block (lane r = y of row r); ``xcm`` its row of
+    ``_const_sums`` (the offset ``"const"``), ``s16b`` its S·d_x per 16."""
     PLANES, SIGNED = _kind_consts(kind)
     dots = _dots(tier, PLANES, SIGNED, table)
     scales = _scales(sub16, offset, has_sc, has_mn, dshift, mshift, mnshift)
-    cf = -np.float32(c)
+    CONST = offset == OFFSET_CONST
 
     LINES = 4 if kind == "s8" else 2      # cache lines of codes per block
 
     @njit(inline="always", fastmath=True)
-    def token(q, hq, dg, scg, mg, mng, xm, am, dxm, xsm, s16a, s16b, ahead):
+    def token(q, hq, dg, scg, mg, mng, xm, am, dxm, xsm, xcm, s16b, ahead):
         nb = dxm.shape[0]
         acc = V.zeros_f32()
-        off = V.zeros_f32()
         for b in range(nb):
             if ahead:
                 for i in range(LINES):
                     V.prefetch(q, 64 * (LINES * b + i) + PREFETCH_BYTES)
-            lo, hi = dots(q, hq, xm, am, b)
+            if CONST:
+                lo, hi = dots(q, hq, xm, am, b, V.splat_i32(xcm[2 * b]), V.splat_i32(xcm[2 * b + 1]))
+            else:
+                lo, hi = dots(q, hq, xm, am, b, V.zeros_i32(), V.zeros_i32())
             s0, s1, mu = scales(dg, scg, mg, mng, b)
             if sub16:
                 acc = V.fma_vec(acc, lo, V.mul_f32x8(s0, dxm[b]))
                 acc = V.fma_vec(acc, hi, V.mul_f32x8(s1, dxm[b]))
-                if offset != OFFSET_NONE:
-                    off = V.add_f32x8(off, V.add_f32x8(V.mul_f32x8(s0, s16b[2 * b]), V.mul_f32x8(s1, s16b[2 * b + 1])))
             else:
                 acc = V.fma_vec(acc, V.add_i32(lo, hi), V.mul_f32x8(s0, dxm[b]))
-                if offset != OFFSET_NONE:
-                    off = V.add_f32x8(off, V.mul_f32x8(mu, xsm[b]))
-        if offset == OFFSET_CONST:
-            return V.add_f32x8(acc, V.mul_f32x8(off, cf))
-        if offset == OFFSET_MIN:
-            return V.add_f32x8(acc, off)
+                if offset == OFFSET_MIN:
+                    acc = V.fmadd_f32x8(acc, mu, xsm[b])
         return acc
     return token
 
@@ -197,16 +223,21 @@ def _build(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, has_mn:
     if tier == "numba":
         return _build_numba(kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, key, table)
     token = _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift, table)
+    sums = _const_sums(c, sub16)
+    CONST = offset == OFFSET_CONST
 
     @_cache.jit(key + ("rows",), fastmath=True)
     def chunks(task, ntask, qs, qh, d, sc, m, mn, xq, xa, dx, xs, s16, out):
         M = out.shape[0]
         G = qs.shape[0]
         tmp = np.empty(ROWS, np.float32)
+        xc = np.zeros((M, 2 * dx.shape[1]) if CONST else (M, 1), np.int32)
+        if CONST:
+            sums(xs, dx, s16, xc)
         for g in range(G * task // ntask, G * (task + 1) // ntask):
             q, hq, dg, scg, mg, mng = _group_rows(g, qs, qh, d, sc, m, mn, has_sc, has_m, has_mn)
             for mi in range(M):
-                v = token(q, hq, dg, scg, mg, mng, xq[mi], xa[mi], dx[mi], xs[mi], s16[0, mi], s16[1, mi], mi == 0)
+                v = token(q, hq, dg, scg, mg, mng, xq[mi], xa[mi], dx[mi], xs[mi], xc[mi], s16[1, mi], mi == 0)
                 _store_rows(out, mi, g, v, tmp)
 
     return Kernel(chunks)
@@ -236,7 +267,7 @@ def _build_numba(kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift
     RAW8 = kind == "s8"
     has_m = offset == OFFSET_MIN
     scale = _scale_reader()
-    cf = -np.float32(c)
+    C = np.int32(c if offset == OFFSET_CONST else 0)
     LUT = table is not None
     TABLE = np.array(table if LUT else (0,) * 16, np.int32)
 
@@ -261,28 +292,26 @@ def _build_numba(kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift
             q, hq, dg, scg, mg, mng = _group_rows(g, qs, qh, d, sc, m, mn, has_sc, has_m, has_mn)
             for mi in range(M):
                 acc = np.float32(0)
-                off = np.float32(0)
                 for b in range(nb):
                     lo = np.int32(0)
                     hi = np.int32(0)
-                    for j in range(16):
-                        lo += code(q, hq, b, r, j) * np.int32(xq[mi, 32 * b + j])
-                        hi += code(q, hq, b, r, 16 + j) * np.int32(xq[mi, 32 * b + 16 + j])
+                    for j in range(16):     # Σ (u - c) x_q: the offset "const" summed exactly
+                        xl, xh = np.int32(xq[mi, 32 * b + j]), np.int32(xq[mi, 32 * b + 16 + j])
+                        lo += (code(q, hq, b, r, j) - C) * xl
+                        hi += (code(q, hq, b, r, 16 + j) - C) * xh
                     s = scale(dg, ROWS * (b >> dshift) + r)
                     if sub16:
                         s0, s1 = s * scale(scg, 16 * b + r), s * scale(scg, 16 * b + 8 + r)
-                        acc += np.float32(lo) * (s0 * dx[mi, b]) + np.float32(hi) * (s1 * dx[mi, b])
-                        off += s0 * s16[1, mi, 2 * b] + s1 * s16[1, mi, 2 * b + 1]
+                        acc += np.float32(lo) * (s0 * dx[mi, b])
+                        acc += np.float32(hi) * (s1 * dx[mi, b])
                         continue
                     if has_sc:
                         s *= scale(scg, ROWS * b + r)
                     acc += np.float32(lo + hi) * (s * dx[mi, b])
-                    if offset == OFFSET_CONST:
-                        off += s * xs[mi, b]
-                    elif offset == OFFSET_MIN:
+                    if offset == OFFSET_MIN:
                         mu = scale(mg, ROWS * (b >> mshift) + r)
                         if has_mn:
                             mu *= scale(mng, ROWS * (b >> mnshift) + r)
-                        off += mu * xs[mi, b]
-                out[mi, row] = acc + (off * cf if offset == OFFSET_CONST else off)
+                        acc += mu * xs[mi, b]
+                out[mi, row] = acc
     return kernel

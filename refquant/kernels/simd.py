@@ -376,13 +376,13 @@ def _loader(vec, llvm_vec, dtype, doc):
     return intrinsic(load)
 
 
-def _storer(vec, llvm_vec, dtype, doc):
+def _storer(vec, llvm_vec, dtypes, doc):
     def store(typingctx, arr, idx, v):
-        if not _c_vector(arr, dtype) or v != vec:
+        if not _c_vector(arr, *dtypes) or v != vec:
             return None
 
         def codegen(context, builder, sig, args):
-            builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], llvm_vec), align=4)
+            builder.store(args[2], _element_ptr(context, builder, sig.args[0], args[0], args[1], llvm_vec), align=1)
             return context.get_dummy_value()
         return types.none(arr, types.intp, vec), codegen
     store.__doc__ = doc
@@ -390,7 +390,7 @@ def _storer(vec, llvm_vec, dtype, doc):
 
 
 load_f32x8 = _loader(F32x8, _V8F32, types.float32, "Eight float32 from ``arr[idx]`` (``vmovups``).")
-store_f32x8 = _storer(F32x8, _V8F32, types.float32, "Store eight float32 at ``arr[idx]`` (``vmovups``).")
+store_f32x8 = _storer(F32x8, _V8F32, (types.float32,), "Store eight float32 at ``arr[idx]`` (``vmovups``).")
 
 
 @intrinsic
@@ -545,6 +545,18 @@ def splat_f32x8(typingctx, s):
 
 
 @intrinsic
+def splat_i32(typingctx, s):
+    """An int32 in all eight lanes (``vpbroadcastd``)."""
+    if s != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.insert_element(ir.Constant(_V8I32, ir.Undefined), args[0], _I32(0))
+        return builder.shuffle_vector(v, ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+    return I32x8(types.int32), codegen
+
+
+@intrinsic
 def sub_i32(typingctx, a, b):
     """Lane-wise int32 difference (``vpsubd``)."""
     if a != I32x8 or b != I32x8:
@@ -555,8 +567,10 @@ def sub_i32(typingctx, a, b):
     return I32x8(I32x8, I32x8), codegen
 
 
+store32 = _storer(I8x32, _V32I8, (types.uint8, types.int8),
+                  "Store 32 bytes at ``arr[idx]`` of a 1-D uint8/int8 array (unaligned ``vmovdqu``).")
 load_i32x8 = _loader(I32x8, _V8I32, types.int32, "Eight int32 from ``arr[idx]`` of a 1-D int32 array (``vmovdqu``).")
-store_i32x8 = _storer(I32x8, _V8I32, types.int32, "Store eight int32 at ``arr[idx]`` of a 1-D int32 array (``vmovdqu``).")
+store_i32x8 = _storer(I32x8, _V8I32, (types.int32,), "Store eight int32 at ``arr[idx]`` of a 1-D int32 array (``vmovdqu``).")
 
 
 # --- helpers over the intrinsics (numba code) ------------------------------------------
