@@ -226,8 +226,9 @@ def decode_section(data: dict) -> str:
             "such as SmolLM2 here."]
     speed = {(r["engine"], r["type"]): r["prompt_tokens_per_s"] for r in rows}
     ref = speed[("numpy", "f32")]
-    out += ["", "The prompt runs in blocks of 16 tokens on the byte-dot kernels' tile path (8 interleaved rows × "
-            "4 tokens per code load, scales decoded once per group of rows): "
+    out += ["", f"The {data.get('prompt_tokens', 64)}-token prompt runs on the byte-dot kernels' tile path (8 "
+            "interleaved rows × 4 tokens per code load, scales decoded once per group of rows, on `vnni` two "
+            "groups per broadcast of x; prompts of every length are in the batched section below): "
             + ", ".join(f"{t} {speed[('compiled', t)] / ref:.2f}×" for (e, t) in speed if e == "compiled" and t != "F32")
             + " the tokens/s of the NumPy f32 path, whose products are OpenBLAS sgemm on the whole prompt "
             f"(kernel tier `{data.get('tier', 'avx2')}` on this machine). Per 32 products the tile issues one "

@@ -142,6 +142,37 @@ def test_the_plain_loop_reference_is_the_dequantized_product_and_every_tier_is_i
         assert np.all(np.abs(y - ref[:M]) <= bound[:M]), M
 
 
+@pytest.mark.parametrize("tier", TIER_PARAMS)
+def test_const_offset_sums_are_exact_for_fp16_and_float32_x_scales(tier):
+    """Q4_0's ``u - 8`` is summed in int32: the kernels start a block's dots from ``-8 Σ x_q``,
+    recovered from ``S·d_x / d_x`` (``rows._const_sums``). That holds for the Q8_0 rounder's
+    fp16 scales and for any float32 scale (a per-token rounder's, ``blocks_of_rows``): the
+    one-token and tile kernels (M = 1, 5, 20: the tile kernel's pairs of groups, a group
+    left over, tokens past a multiple of four) equal ``layout.reference`` within the
+    epilogue bound, which a sum off by one would exceed (checked)."""
+    from refquant.kernels import layout
+
+    rng = np.random.default_rng(12)
+    n, rows = 96, 24     # 3 blocks, 3 groups of 8 rows
+    w = rng.standard_normal((rows, n)).astype(np.float32)
+    p = quants.pack_ggml(quants.quantize(w, "Q4_0"), "Q4_0", n)
+    w_hat = quants.dequantize(quants.quantize(w, "Q4_0"), "Q4_0", (rows, n)).astype(np.float64)
+    d_min = np.abs(w_hat).reshape(rows, 3, 32).max(axis=2).min(axis=1) / 8     # each row's smallest block scale
+    for M in (1, 5, 20):
+        x = rng.standard_normal((M, n)).astype(np.float32)
+        fp16 = kernels.bytedot.quantize_x_q8_0(x, p.nb)
+        codes = rng.integers(-127, 128, (M, n)).astype(np.int8)
+        scale = (rng.uniform(0.5, 2, M) * np.float32(0.0137)).astype(np.float32)   # not fp16 values
+        f32 = kernels.bytedot.blocks_of_rows(codes, scale, p.nb)
+        for xq, dx, xs in (fp16, f32):
+            ref = layout.reference(p, xq, dx)
+            y = kernels.bytedot.run(p, xq, dx, xs, tier=tier)
+            x_hat = xq.astype(np.float64) * np.repeat(dx.astype(np.float64), 32, axis=1)
+            bound = kernel_bound(w_hat, x_hat).T
+            assert np.all(np.abs(y - ref) <= bound), (M, (np.abs(y - ref) / bound).max())
+            assert np.all(8 * np.outer(dx.min(axis=1), d_min) > 2 * bound)     # what a sum off by one would add
+
+
 @pytest.mark.parametrize("name", ["q4_0", "q4_k", "int4_g128_asym", "int8_channel", "q6_k"])
 @settings(max_examples=50)
 @given(data=st.data())

@@ -125,10 +125,11 @@ _TIER_PARAMS = [pytest.param(t, marks=[pytest.mark.slow] if i else []) for i, t 
 
 
 @pytest.mark.parametrize("tier", _TIER_PARAMS)
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q6_K", "IQ4_NL", "int4_g64_asym"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q5_1", "Q6_K", "IQ4_NL", "int4_g64_asym"])
 def test_prompt_blocks_of_any_length_are_each_token_alone_bit_for_bit(kind, tier):
-    """A prompt block's products (the tile kernels, 4 tokens per pass, the rest one by one)
-    for T = 17, 64, 100 and 103 tokens, on every tier this machine runs: each row equals the
+    """A prompt block's products (the tile kernels, 4 tokens per pass, two groups of rows at
+    a time on VNNI with codes staged as bytes, the rest one by one) for T = 17, 64, 100 and
+    103 tokens, on every tier this machine runs: each row equals the
     one-token kernel on that token alone, bit for bit on the SIMD tiers (the one-token
     kernel is held against the naive product in tests/test_bytedot.py), to float32
     rounding on the plain-numba tier (LLVM sums its loops in an order that depends on the
@@ -136,7 +137,7 @@ def test_prompt_blocks_of_any_length_are_each_token_alone_bit_for_bit(kind, tier
     from refquant.kernels import bytedot, stacked
 
     rng = np.random.default_rng(5)
-    n = 512 if kind in ("Q6_K", "int4_g64_asym") else 96
+    n = 512 if kind in ("Q6_K", "int4_g64_asym") else 96     # Q5_1: bit planes and a "min" offset
     lin = _kernel_weight(rng, kind, (44, n))
     op = stacked.stack([stacked.layer_weight([lin])])
     part = stacked.make_part(op, tier)
