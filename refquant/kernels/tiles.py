@@ -68,6 +68,11 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
         hi = V.splat_i32(xc[t, 2 * b + 1]) if CONST and sub16 else V.zeros_i32()
         return (V.add_i32(lo, cb) if BIAS else lo), hi
 
+    @njit(inline="always")
+    def start4(xc, t, b, cb):
+        """``start`` of tokens ``t..t+3``."""
+        return start(xc, t, b, cb), start(xc, t + 1, b, cb), start(xc, t + 2, b, cb), start(xc, t + 3, b, cb)
+
     @njit(inline="always", fastmath=True)
     def finish1(a, l, S, b, dxm, xsm):
         """``a`` + block ``b`` of one token, its dots summed in ``l`` (lo + hi): times the
@@ -104,6 +109,12 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
             return dot(acc, V.bcast4(zr, o), w)
         return dot(acc, w, V.bcast4(xr, o))
 
+    @njit(inline="always")
+    def rows4(xq, xb, t):
+        """Tokens ``t..t+3``: their x_q rows and their x + 128 rows (``BIAS``; else a dummy)."""
+        u = 1 if BIAS else 0
+        return (xq[t], xq[t + 1], xq[t + 2], xq[t + 3]), (xb[u * t], xb[u * (t + 1)], xb[u * (t + 2)], xb[u * (t + 3)])
+
     @njit(inline="always", fastmath=True)
     def prepare(q, hq, dg, scg, mg, mng, S, W, C, k128, staged):
         """A group's scratch: block scales (s0, s1, mu) into ``S``, nibble codes as bytes
@@ -139,19 +150,11 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
             q, hq, dg, scg, mg, mng = _group_rows(g, qs, qh, d, sc, m, mn, has_sc, has_m, has_mn)
             prepare(q, hq, dg, scg, mg, mng, S, W, C, k128, staged)
             for t in range(0, M - 3, 4):
-                x0, x1, x2, x3 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3]
-                z0, z1, z2, z3 = xb[t if BIAS else 0], xb[t + 1 if BIAS else 0], xb[t + 2 if BIAS else 0], \
-                    xb[t + 3 if BIAS else 0]
-                a0 = V.zeros_f32()
-                a1 = V.zeros_f32()
-                a2 = V.zeros_f32()
-                a3 = V.zeros_f32()
+                (x0, x1, x2, x3), (z0, z1, z2, z3) = rows4(xq, xb, t)
+                a0 = a1 = a2 = a3 = V.zeros_f32()
                 for b in range(nb):
                     cb = V.load_i32x8(C[b], 0)
-                    l0, h0 = start(xc, t, b, cb)
-                    l1, h1 = start(xc, t + 1, b, cb)
-                    l2, h2 = start(xc, t + 2, b, cb)
-                    l3, h3 = start(xc, t + 3, b, cb)
+                    (l0, h0), (l1, h1), (l2, h2), (l3, h3) = start4(xc, t, b, cb)
                     for p in range(4):
                         o = 32 * b + 4 * p
                         wl, wh = codes(q, hq, W, staged, b, p)
@@ -191,27 +194,13 @@ def _build_tiles(tier: str, kind: str, sub16: bool, offset: int, has_sc: bool, h
             prepare(q, hq, dg, scg, mg, mng, S0, W0, C0, k128, True)
             prepare(q1, hq1, dg1, scg1, mg1, mng1, S1, W1, C1, k128, True)
             for t in range(0, M - 3, 4):
-                x0, x1, x2, x3 = xq[t], xq[t + 1], xq[t + 2], xq[t + 3]
-                z0, z1, z2, z3 = xb[t if BIAS else 0], xb[t + 1 if BIAS else 0], xb[t + 2 if BIAS else 0], \
-                    xb[t + 3 if BIAS else 0]
-                a0 = V.zeros_f32()
-                a1 = V.zeros_f32()
-                a2 = V.zeros_f32()
-                a3 = V.zeros_f32()
-                e0 = V.zeros_f32()
-                e1 = V.zeros_f32()
-                e2 = V.zeros_f32()
-                e3 = V.zeros_f32()
+                (x0, x1, x2, x3), (z0, z1, z2, z3) = rows4(xq, xb, t)
+                a0 = a1 = a2 = a3 = V.zeros_f32()
+                e0 = e1 = e2 = e3 = V.zeros_f32()
                 for b in range(nb):
                     c0, c1 = V.load_i32x8(C0[b], 0), V.load_i32x8(C1[b], 0)
-                    l0, _ = start(xc, t, b, c0)
-                    l1, _ = start(xc, t + 1, b, c0)
-                    l2, _ = start(xc, t + 2, b, c0)
-                    l3, _ = start(xc, t + 3, b, c0)
-                    k0, _ = start(xc, t, b, c1)
-                    k1, _ = start(xc, t + 1, b, c1)
-                    k2, _ = start(xc, t + 2, b, c1)
-                    k3, _ = start(xc, t + 3, b, c1)
+                    (l0, _), (l1, _), (l2, _), (l3, _) = start4(xc, t, b, c0)   # lo and hi in one chain
+                    (k0, _), (k1, _), (k2, _), (k3, _) = start4(xc, t, b, c1)
                     for p in range(4):
                         o = 32 * b + 4 * p
                         wl, wh = codes(q, hq, W0, True, b, p)
