@@ -54,10 +54,10 @@ class _VectorModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, fe_type.llvm_type)
 
 
-def _broadcast(builder, value):
-    """A float32 value in all eight lanes of a ``<8 x float>``."""
-    v = builder.insert_element(ir.Constant(_V8F32, ir.Undefined), value, _I32(0))
-    return builder.shuffle_vector(v, ir.Constant(_V8F32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+def _broadcast(builder, value, vtype=_V8F32):
+    """A scalar in all eight lanes of ``vtype`` (``<8 x float>``, or ``<8 x i32>``)."""
+    v = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, _I32(0))
+    return builder.shuffle_vector(v, ir.Constant(vtype, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
 
 
 def _splat(vtype, value):
@@ -551,8 +551,7 @@ def splat_i32(typingctx, s):
         return None
 
     def codegen(context, builder, sig, args):
-        v = builder.insert_element(ir.Constant(_V8I32, ir.Undefined), args[0], _I32(0))
-        return builder.shuffle_vector(v, ir.Constant(_V8I32, ir.Undefined), ir.Constant(_V8I32, [0] * 8))
+        return _broadcast(builder, args[0], _V8I32)
     return I32x8(types.int32), codegen
 
 
