@@ -187,7 +187,8 @@ def _token(tier, kind, sub16, offset, has_sc, has_mn, c, dshift, mshift, mnshift
                 for i in range(LINES):
                     V.prefetch(q, 64 * (LINES * b + i) + PREFETCH_BYTES)
             if CONST:
-                lo, hi = dots(q, hq, xm, am, b, V.splat_i32(xcm[2 * b]), V.splat_i32(xcm[2 * b + 1]))
+                lo, hi = dots(q, hq, xm, am, b, V.splat_i32(xcm[2 * b]),
+                              V.splat_i32(xcm[2 * b + 1]) if sub16 else V.zeros_i32())
             else:
                 lo, hi = dots(q, hq, xm, am, b, V.zeros_i32(), V.zeros_i32())
             s0, s1, mu = scales(dg, scg, mg, mng, b)
