@@ -36,7 +36,9 @@ from refquant.kernels import simd as V
 from refquant.kernels.simd import f32_from_bits
 
 # the step's code, cached on disk under its compile key, is built from these modules too
-_DEPS = ("minigpt_np/compiled.py",)
+# a cache type's store inlines its ggml quantizer (refquant.gguf.quants.cache)
+_DEPS = ("minigpt_np/compiled.py", "refquant/gguf/quants/compiled.py", "refquant/gguf/quants/cache.py",
+         "refquant/gguf/quants/constants.py")
 
 
 # --- the block's pieces, in numba ---------------------------------------------------------
@@ -570,8 +572,10 @@ class _Compiled(CacheSession):
     """Shared machinery: runs of layers, the KV cache, prefill in blocks of ``prefill_block``."""
 
     def _setup(self, roles, head_lin, norms, biases, final_norm, *, n_layer, n_head, n_kv, hd, n_rot, eps, d_ff,
-               llama, n_ctx, vocab, rope_base=10000.0, n_seq=1):
+               llama, n_ctx, vocab, rope_base=10000.0, n_seq=1, cache_type_k="f32", cache_type_v="f32"):
         self.n_ctx, self.vocab = n_ctx, vocab
+        self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx, n_seq=n_seq, type_k=cache_type_k, type_v=cache_type_v)
+        cache_key = self.cache.key()
         # role -> layer -> parts (one part when the role's Linears row-stack)
         per_layer = [[stacked.layer_parts(lins) for lins in role] for role in roles]
         sig = [tuple(tuple(stacked.part_key(w) for w in per_layer[r][l]) for r in range(4)) for l in range(n_layer)]
@@ -589,7 +593,6 @@ class _Compiled(CacheSession):
                    for r in range(4)] + [[hop]]
             keys = tuple(tuple(op.key() for op in role) for role in ops)
             parts = [stacked.make_concat_part(role, tier) for role in ops]
-            cache_key = ("kv", "f32", "f32")
             key = ("compiled.layers", tier, keys, cache_key, tuple(sorted(consts.items())))
             structure = tuple(tuple(len(op.arrays) for op in role) for role in ops)
             team, attend = _compiled(key, lambda: _build_layers(key, parts, structure, cache_key, **consts))
@@ -603,7 +606,6 @@ class _Compiled(CacheSession):
         self.chunks = 0     # chunks per product: CHUNKS per member (a time study may set another)
         # bytes of weights one token reads
         self.weight_bytes = hop.nbytes + sum(op.nbytes for run in self.runs for op in run["operands"])
-        self.cache = kvcache.KVCache(n_layer, n_kv, hd, n_ctx, n_seq=n_seq)
         self._one_seq, self._one_pos = np.zeros(1, np.int64), np.zeros(1, np.int64)    # step's, reused
         if llama:
             from minigpt_np.llama import rope_angles
@@ -729,15 +731,18 @@ class Llama(_Compiled):
     from ``llama.load`` (``dtype="stored"``: the GGUF's own types on the byte-dot kernels;
     ``"f32"``: float32 weights on the float kernel); ``n_ctx``: positions the preallocated
     cache holds (default: the model's context, at most 4096); ``n_seq``: sequences it holds
-    (``step_batch`` decodes one token of each at once; ``prefill(ids, seq=s)`` fills one)."""
+    (``step_batch`` decodes one token of each at once; ``prefill(ids, seq=s)`` fills one);
+    ``cache_type_k`` / ``cache_type_v``: how the cache stores keys and values
+    (``refquant.kernels.kvcache``; llama.cpp's ``--cache-type-k/v`` names: f32, f16, bf16,
+    q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1), each pair its own compiled step;
+    ``allow_long_context``: ``n_ctx`` beyond the model's trained context (``llama.new_cache``)."""
 
-    def __init__(self, params, cfg, *, n_ctx: int | None = None, n_seq: int = 1):
-        from minigpt_np.llama import validate
+    def __init__(self, params, cfg, *, n_ctx: int | None = None, n_seq: int = 1, cache_type_k: str = "f32",
+                 cache_type_v: str = "f32", allow_long_context: bool = False):
+        from minigpt_np.llama import check_n_ctx, validate
 
         validate(params, cfg)   # the kernels below trust every shape
-        n_ctx = min(cfg.n_ctx, 4096) if n_ctx is None else int(n_ctx)
-        if not 0 < n_ctx <= cfg.n_ctx:
-            raise ValueError(f"n_ctx must be in 1..{cfg.n_ctx}, got {n_ctx}")
+        n_ctx = check_n_ctx(cfg, min(cfg.n_ctx, 4096) if n_ctx is None else n_ctx, allow_long_context)
         L = cfg.n_layer
         blk = lambda i, s: params[f"blk.{i}.{s}.weight"]  # noqa: E731
         roles = [[[blk(i, s) for s in ("attn_q", "attn_k", "attn_v")] for i in range(L)],
@@ -752,7 +757,8 @@ class Llama(_Compiled):
         self._row = _row_decoder(params["token_embd.weight"])
         self._setup(roles, params["output.weight"], norms, (z, z, z, z), (on, on), n_layer=L, n_head=cfg.n_head,
                     n_kv=cfg.n_head_kv, hd=cfg.head_dim, n_rot=cfg.n_rot, eps=cfg.eps, d_ff=cfg.d_ff, llama=True,
-                    n_ctx=n_ctx, vocab=cfg.vocab, rope_base=cfg.rope_base, n_seq=n_seq)
+                    n_ctx=n_ctx, vocab=cfg.vocab, rope_base=cfg.rope_base, n_seq=n_seq, cache_type_k=cache_type_k,
+                    cache_type_v=cache_type_v)
 
     def _embed(self, ids, poss):
         return self.params["token_embd.weight"].rows(ids)
@@ -784,9 +790,11 @@ def _row_decoder(emb):
 
 class MiniGPT(_Compiled):
     """MiniGPT (``minigpt_np.model``), compiled: ``linears`` (``model.Linears``, any scheme
-    with a compiled path; None: the float32 weights in ``params``)."""
+    with a compiled path; None: the float32 weights in ``params``); ``cache_type_k`` /
+    ``cache_type_v`` as ``Llama``'s."""
 
-    def __init__(self, params, cfg, linears=None, *, n_seq: int = 1):
+    def __init__(self, params, cfg, linears=None, *, n_seq: int = 1, cache_type_k: str = "f32",
+                 cache_type_v: str = "f32"):
         from minigpt_np.model import Linears, validate
 
         linears = linears or Linears(params, cfg)
@@ -806,7 +814,8 @@ class MiniGPT(_Compiled):
                     (np.asarray(params["output_norm.weight"], np.float32),
                      np.asarray(params["output_norm.bias"], np.float32)),
                     n_layer=L, n_head=cfg.n_head, n_kv=cfg.n_head, hd=cfg.d_model // cfg.n_head, n_rot=0,
-                    eps=cfg.eps, d_ff=cfg.d_ff, llama=False, n_ctx=cfg.n_ctx, vocab=cfg.vocab, n_seq=n_seq)
+                    eps=cfg.eps, d_ff=cfg.d_ff, llama=False, n_ctx=cfg.n_ctx, vocab=cfg.vocab, n_seq=n_seq,
+                    cache_type_k=cache_type_k, cache_type_v=cache_type_v)
 
     def _embed(self, ids, poss):
         return (self.params["token_embd.weight"][ids] + self.params["position_embd.weight"][poss]).astype(np.float32)

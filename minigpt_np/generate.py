@@ -2,6 +2,7 @@
 
     python -m minigpt_np.generate --prompt "The capital of France is" [-n 64] [--temp 0]
     python -m minigpt_np.generate --chat --prompt "What is quantization?"
+    python -m minigpt_np.generate --prompt "..." --cache-type-k q8_0 --cache-type-v q8_0 --ctx-size 8192
 
 Tokens are streamed as they are produced; the prompt pass and the decode speed (tokens/s)
 are printed at the end. ``--temp 0`` (the default) is greedy decoding; otherwise tokens are
@@ -10,7 +11,9 @@ or end-of-turn token. Weights stay in their GGUF types and run refquant's byte-d
 on the block bytes (``--dtype stored``, the default); ``--dtype f32`` dequantizes the model
 once at load instead (see ``minigpt_np.llama``). ``--engine compiled`` (the default) runs
 each token through ``minigpt_np.compiled`` (one numba call for all layers);
-``--engine numpy`` through the NumPy reference ``llama.forward``.
+``--engine numpy`` through the NumPy reference ``llama.forward``. ``--cache-type-k`` /
+``--cache-type-v`` store the KV cache as llama.cpp's options of those names do (f32, f16,
+bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1); ``--ctx-size`` sets the positions it holds.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 from minigpt_np import llama
 from minigpt_np.tokenizer import Tokenizer
 from refquant._checks import cli_float, cli_int
+from refquant.kernels import kvcache
 
 
 def sample(logits: np.ndarray, temp: float, rng: np.random.Generator) -> int:
@@ -33,16 +37,17 @@ def sample(logits: np.ndarray, temp: float, rng: np.random.Generator) -> int:
     return int(rng.choice(p.size, p=p / p.sum()))
 
 
-def session(params, cfg, engine: str = "compiled"):
+def session(params, cfg, engine: str = "compiled", **cache):
     """A decoding session (``prefill``/``step``/``reset``) on ``params``: ``minigpt_np.compiled.Llama``
-    (``engine="compiled"``) or the NumPy reference ``llama.Session`` (``"numpy"``)."""
+    (``engine="compiled"``) or the NumPy reference ``llama.Session`` (``"numpy"``); ``cache``:
+    their ``n_ctx``, ``cache_type_k``, ``cache_type_v`` and ``allow_long_context``."""
     if engine == "numpy":
-        return llama.Session(params, cfg)
+        return llama.Session(params, cfg, **cache)
     if engine != "compiled":
         raise ValueError(f"engine must be 'compiled' or 'numpy', got {engine!r}")
     from minigpt_np import compiled
 
-    return compiled.Llama(params, cfg)
+    return compiled.Llama(params, cfg, **cache)
 
 
 class BatchSession:
@@ -56,12 +61,14 @@ class BatchSession:
     last token and leaves); ``remove(seq)`` frees a sequence, between any two steps (as
     vLLM's continuous batching joins and leaves). Greedy (``temp=0``, the
     default) gives each sequence the text it gets alone; otherwise tokens are sampled from
-    softmax(logits / temp), from one generator seeded with ``seed`` for the batch."""
+    softmax(logits / temp), from one generator seeded with ``seed`` for the batch. ``cache``:
+    ``compiled.Llama``'s ``cache_type_k``, ``cache_type_v`` and ``allow_long_context``."""
 
-    def __init__(self, params, cfg, *, n_seq: int = 8, n_ctx: int | None = None, temp: float = 0.0, seed: int = 0):
+    def __init__(self, params, cfg, *, n_seq: int = 8, n_ctx: int | None = None, temp: float = 0.0, seed: int = 0,
+                 **cache):
         from minigpt_np import compiled
 
-        self.sess = compiled.Llama(params, cfg, n_ctx=n_ctx, n_seq=n_seq)
+        self.sess = compiled.Llama(params, cfg, n_ctx=n_ctx, n_seq=n_seq, **cache)
         self.temp, self.rng = float(temp), np.random.default_rng(seed)
         self._free = list(range(n_seq))
         self._next: dict[int, int] = {}     # active sequence -> its token not yet run
@@ -148,6 +155,13 @@ def main(argv=None) -> None:
                     help="stored: quantized kernels on the GGUF bytes; f32: dequantize everything at load")
     ap.add_argument("--engine", choices=["compiled", "numpy"], default="compiled",
                     help="compiled: one numba call per token; numpy: the NumPy reference forward")
+    kinds = list(kvcache.CACHE_TYPES)
+    ap.add_argument("--cache-type-k", "-ctk", choices=kinds, default="f32", help="how the KV cache stores keys")
+    ap.add_argument("--cache-type-v", "-ctv", choices=kinds, default="f32", help="how the KV cache stores values")
+    ap.add_argument("--ctx-size", "-c", type=cli_int(1, 1 << 24), default=None,
+                    help="positions the KV cache holds (default: the model's context, at most 4096)")
+    ap.add_argument("--allow-long-context", action="store_true",
+                    help="allow --ctx-size beyond the context the model was trained on")
     args = ap.parse_args(argv)
     params, cfg, meta = llama.load(args.model or llama.default_model(), dtype=args.dtype)
     tok = Tokenizer(meta)
@@ -166,7 +180,13 @@ def main(argv=None) -> None:
         stream.printed = done
 
     stream.printed = ""
-    _, st = generate(session(params, cfg, args.engine), tok, ids, args.n, temp=args.temp, seed=args.seed, on_token=stream)
+    n_ctx = args.ctx_size or min(cfg.n_ctx, 4096)
+    try:
+        sess = session(params, cfg, args.engine, n_ctx=n_ctx, cache_type_k=args.cache_type_k,
+                       cache_type_v=args.cache_type_v, allow_long_context=args.allow_long_context)
+    except ValueError as e:
+        ap.error(str(e))
+    _, st = generate(sess, tok, ids, args.n, temp=args.temp, seed=args.seed, on_token=stream)
     print()
     print(f"[{st['prompt_tokens']} prompt tokens in {st['prompt_s']:.2f} s; {st['new_tokens']} new tokens at "
           f"{st['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)

@@ -117,10 +117,26 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def new_cache(cfg: LlamaConfig, n_ctx: int | None = None) -> KVCache:
-    """An empty ``KVCache`` for ``cfg`` (float32 keys and values; ``n_ctx`` positions, the
-    model's by default: allocated lazily, only written rows take memory)."""
-    return KVCache(cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx or cfg.n_ctx)
+def new_cache(cfg: LlamaConfig, n_ctx: int | None = None, *, type_k: str = "f32", type_v: str = "f32",
+              allow_long_context: bool = False) -> KVCache:
+    """An empty ``KVCache`` for ``cfg``: ``n_ctx`` positions (the model's by default:
+    allocated lazily, only written rows take memory), keys and values stored as ``type_k`` /
+    ``type_v`` (``refquant.kernels.kvcache``: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0,
+    q5_1). More positions than the model was trained on (``cfg.n_ctx``) only with
+    ``allow_long_context=True``: RoPE past its trained range is an extrapolation."""
+    n_ctx = check_n_ctx(cfg, cfg.n_ctx if n_ctx is None else n_ctx, allow_long_context)
+    return KVCache(cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx, type_k=type_k, type_v=type_v)
+
+
+def check_n_ctx(cfg: LlamaConfig, n_ctx, allow_long_context: bool = False) -> int:
+    """``n_ctx`` as an int, if it is a positive integer within the model's trained context
+    (or beyond it, with ``allow_long_context``)."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
+        raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+    if n_ctx > cfg.n_ctx and not allow_long_context:
+        raise ValueError(f"n_ctx {n_ctx} is beyond the {cfg.n_ctx} positions the model was trained on; "
+                         "pass allow_long_context=True (--allow-long-context) to run it anyway")
+    return int(n_ctx)
 
 
 def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None, *, hook=None,
@@ -137,8 +153,8 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None
     cache = new_cache(cfg) if cache is None else cache
     past = int(cache.pos[0])
     T, hd, nh, nkv = tokens.size, cfg.head_dim, cfg.n_head, cfg.n_head_kv
-    if past + T > min(cfg.n_ctx, cache.n_ctx):
-        raise ValueError(f"{past + T} positions exceed the context length {min(cfg.n_ctx, cache.n_ctx)}")
+    if past + T > cache.n_ctx:
+        raise ValueError(f"{past + T} positions exceed the context length {cache.n_ctx}")
     pos = np.arange(past, past + T)
     def mm(x, *names):
         if hook is not None:
@@ -176,12 +192,16 @@ class Session(CacheSession):
     """Token-by-token use of ``forward`` with its KV cache: ``prefill(ids)`` -> logits (T, vocab)
     after the positions already seen (``last_only=True``: (1, vocab), the last token's),
     ``step(id)`` -> logits (vocab,), ``reset()``. The
-    NumPy reference for ``minigpt_np.compiled.Llama``, which has the same interface."""
+    NumPy reference for ``minigpt_np.compiled.Llama``, which has the same interface
+    (``n_ctx``, ``cache_type_k``, ``cache_type_v``, ``allow_long_context``: ``new_cache``)."""
 
-    def __init__(self, params: dict, cfg: LlamaConfig, *, n_ctx: int | None = None):
+    def __init__(self, params: dict, cfg: LlamaConfig, *, n_ctx: int | None = None, cache_type_k: str = "f32",
+                 cache_type_v: str = "f32", allow_long_context: bool = False):
         validate(params, cfg)
         self.params, self.cfg = params, cfg
-        self.cache = new_cache(cfg, n_ctx)   # the same operand the compiled session holds
+        # the same operand the compiled session holds
+        self.cache = new_cache(cfg, n_ctx, type_k=cache_type_k, type_v=cache_type_v,
+                               allow_long_context=allow_long_context)
         self.n_ctx = self.cache.n_ctx
 
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:

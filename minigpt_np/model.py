@@ -298,12 +298,15 @@ class Session(CacheSession):
     """Token-by-token MiniGPT on the NumPy forward with a ``KVCache`` (the operand the
     compiled engine holds): ``prefill(ids)`` -> logits (T, vocab) (``last_only``: (1,
     vocab)), ``step(id)`` -> logits (vocab,), ``reset()``, ``pos``. The NumPy reference for
-    ``minigpt_np.compiled.MiniGPT``, which has the same interface."""
+    ``minigpt_np.compiled.MiniGPT``, which has the same interface (``cache_type_k`` /
+    ``cache_type_v``: the cache's storage, ``refquant.kernels.kvcache``)."""
 
-    def __init__(self, params: dict, cfg: Config, linears: Linears | None = None):
+    def __init__(self, params: dict, cfg: Config, linears: Linears | None = None, *, cache_type_k: str = "f32",
+                 cache_type_v: str = "f32"):
         validate(params, cfg)
         self.params, self.cfg, self.linears, self.n_ctx = params, cfg, linears, cfg.n_ctx
-        self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.d_model // cfg.n_head, cfg.n_ctx)
+        self.cache = KVCache(cfg.n_layer, cfg.n_head, cfg.d_model // cfg.n_head, cfg.n_ctx, type_k=cache_type_k,
+                             type_v=cache_type_v)
 
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
         logits, _ = forward(self.params, np.asarray(token_ids(ids, self.cfg.vocab)).reshape(1, -1), cfg=self.cfg,

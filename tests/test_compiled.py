@@ -311,11 +311,44 @@ def test_compiled_and_numpy_sessions_hold_the_same_kv_cache(tiny):
     assert comp.pos == 0 and comp.cache.pos.tolist() == [0]
 
 
+@pytest.mark.parametrize("types", [("q8_0", "q8_0"), ("q4_0", "q4_0"),
+                                   pytest.param(("f16", "bf16"), marks=pytest.mark.slow),
+                                   pytest.param(("iq4_nl", "q5_1"), marks=pytest.mark.slow),
+                                   pytest.param(("q4_1", "q5_0"), marks=pytest.mark.slow)])
+def test_compiled_step_on_a_quantized_cache_within_its_rounding_of_the_numpy_session(tiny, types):
+    """The NumPy session on the same cache types is the reference (its rows are ggml's
+    bytes: ``test_kvcache``). The two engines store rows rounded from keys and values that
+    differ by float32 rounding (BLAS against the float kernel), so a code can move one step
+    at a rounding boundary: as for x rounding (module docstring), the compiled step's RMS
+    gap to the reference is held to twice the reference's own gap to an f32 cache, plus
+    float rounding. The prompt runs the tiled attention (``k_tile`` / ``v_tile``), the steps
+    the one-token attention (``k_dot`` / ``v_acc``)."""
+    _, pf = tiny
+    kw = dict(cache_type_k=types[0], cache_type_v=types[1])
+    sessions = [llama.Session(pf, TINY), llama.Session(pf, TINY, **kw), compiled().Llama(pf, TINY, **kw)]
+    f, s, c = (np.concatenate([sess.prefill(IDS[:12])] + [sess.step(t)[None] for t in IDS[12:16]])
+               for sess in sessions)
+    assert sessions[2].cache.key() == sessions[1].cache.key() == ("kv", *types)
+    assert _rms(s - f) > 0                      # the cache does round
+    assert _rms(c - s) <= 2 * _rms(s - f) + _float_tol(TINY.n_layer, TINY.d_ff, s)
+    assert (c.argmax(1) == s.argmax(1)).mean() >= 0.9
+
+
+def test_context_beyond_the_trained_one_needs_asking_for(tiny):
+    _, pf = tiny
+    for make in (lambda **kw: llama.Session(pf, TINY, **kw), lambda **kw: compiled().Llama(pf, TINY, **kw)):
+        with pytest.raises(ValueError, match=f"n_ctx 65 is beyond the {TINY.n_ctx} positions the model was trained"):
+            make(n_ctx=TINY.n_ctx + 1)
+        assert make(n_ctx=TINY.n_ctx + 1, allow_long_context=True).cache.n_ctx == TINY.n_ctx + 1
+        with pytest.raises(ValueError, match="n_ctx must be a positive integer, got 0"):
+            make(n_ctx=0)
+
+
 def test_kv_cache_refuses_what_it_cannot_hold():
     from refquant.kernels.kvcache import KVCache
 
-    with pytest.raises(ValueError, match="type_k 'q8_0' is not a cache type"):
-        KVCache(2, 1, 8, 16, type_k="q8_0")
+    with pytest.raises(ValueError, match="type_k 'q7_0' is not a cache type"):
+        KVCache(2, 1, 8, 16, type_k="q7_0")
     with pytest.raises(ValueError, match="n_ctx must be a positive integer"):
         KVCache(2, 1, 8, 0)
     c = KVCache(2, 1, 8, 4)
@@ -572,6 +605,21 @@ def test_smollm2_compiled_step_follows_the_numpy_forward_for_64_tokens(smollm2_s
     sess.reset()
     out_c, _ = generate.generate(sess, tok, ids, 64)   # may stop early at EOS
     assert "Paris" in tok.decode(out_c)
+
+
+@pytest.mark.slow
+def test_smollm2_q8_0_cache_keeps_the_greedy_answer(smollm2_stored):
+    """llama.cpp's q8_0 cache on the compiled step: the Paris prompt's greedy text is the
+    f32 cache's."""
+    from minigpt_np import generate
+
+    params, cfg, tok = smollm2_stored
+    ids = tok.encode("The capital of France is")
+    texts = {}
+    for t in ("f32", "q8_0"):
+        sess = compiled().Llama(params, cfg, n_ctx=64, cache_type_k=t, cache_type_v=t)
+        texts[t] = tok.decode(generate.generate(sess, tok, ids, 8)[0])
+    assert texts["q8_0"] == texts["f32"] and texts["f32"].startswith(" Paris")
 
 
 # --- MiniGPT ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ A new type is one file (its quantizer, dequantizer and ``register_format`` call,
 golden bytes in the tests.
 """
 from refquant.gguf.quants import legacy, kquants, iq, mx  # noqa: F401,I001  (each registers its types, in this order)
+from refquant.gguf.quants import cache  # noqa: F401,I001  (llama.cpp's KV cache types, from the rows above)
 from refquant.gguf.quants.core import (  # noqa: F401
     F32, FORMATS, GROUP_MAX_EPS, IMPLS, KVALUES_FP4, KVALUES_IQ4NL, QK_K, TYPES, TYPES_BY_ID, BlockFormat,
     ByteDotLayout, GGMLType, block_fields, byte_dot_types, dequantize, error_bound, from_raw, grid, grid_types,

@@ -921,3 +921,36 @@ def dequantize_blocks(blocks: np.ndarray, name: str, block_size: int, threads: i
     chunks over threads as ``quantize_blocks``."""
     return _run_chunks(DEQUANTIZERS[name], np.ascontiguousarray(blocks), np.empty((len(blocks), block_size), np.float32),
                        block_size, threads)
+
+
+# ----------------------------------------------------------------------------- KV cache rows
+
+@njit(inline="always", **_OPTS)
+def _bf16(v):
+    """``GGML_FP32_TO_BF16``: the top half of a float32, rounded to nearest even; NaN quieted."""
+    u = np.int64(np.float32(v).view(np.uint32))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 64
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
+
+
+def row_putter(name: str):
+    """``put(src, off, dst, n)``: ``src[off:off+n]`` (float32) written into the storage row
+    ``dst`` as ggml type ``name`` stores it (uint16 for F16/BF16, block bytes otherwise):
+    what ``quantize`` writes, inlined into a KV cache's ``store``."""
+    if name in ("F16", "BF16"):
+        conv = _fp16 if name == "F16" else _bf16
+
+        @njit(inline="always", **_OPTS)
+        def put(src, off, dst, n):
+            for i in range(n):
+                dst[i] = conv(src[off + i])
+        return put
+    from refquant.gguf.quants.core import ggml_type
+
+    kernel, size = KERNELS[name], ggml_type(name).type_size
+
+    @njit(inline="always", **_OPTS)
+    def put(src, off, dst, n):
+        kernel(src[off:off + n].reshape(n // 32, 32), dst.reshape(n // 32, size))
+    return put

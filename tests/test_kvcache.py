@@ -1,0 +1,147 @@
+"""The KV cache's storage types (``refquant.kernels.kvcache``, llama.cpp's types registered
+by ``refquant.gguf.quants.cache``): rows against other implementations of ggml's
+conversions, and the compiled operations against the NumPy rows.
+
+* the bytes a ``KVCache`` stores are gguf-py's quantizers' (and NumPy's fp16 cast) for every
+  type gguf-py writes; IQ4_NL's are refquant's quantizer's, whose bytes
+  ``test_gguf_quants`` holds against ggml's C; ``keys()`` / ``values()`` are gguf-py's
+  dequantization of those bytes;
+* inside numba code, ``store`` writes the same bytes, ``k_tile`` / ``v_tile`` the same
+  floats, and ``k_dot`` / ``v_acc`` sum them within float32 rounding.
+"""
+import numpy as np
+import pytest
+
+from refquant.kernels.kvcache import CACHE_TYPES, KVCache
+from tests.conftest import gguf_py, need
+
+pytestmark = pytest.mark.oracle
+
+# llama.cpp's common/arg.cpp (0c1e570), kv_cache_types, in its order
+LLAMA_CPP = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+DEFAULT = ("f32", "q8_0", "q4_0")    # the compiled operations of the others: slow tier
+HD, NKV, T = 64, 3, 5
+
+
+def _rows(seed: int) -> np.ndarray:
+    """(T, NKV, HD) rows with what rounding cares about: a zero block, a constant block,
+    an outlier, exact .5 multiples of the Q8_0 step, subnormal-sized numbers."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, NKV, HD)).astype(np.float32)
+    x[0, 0, :32] = 0
+    x[0, 1, 32:] = 1.25
+    x[1, 2, 7] = 300.0
+    x[2, 0, :32] = (np.arange(32) - 16.5) / 16     # Q8_0: d = 1/16, every x/d a tie (roundf: away from 0)
+    x[2, 0, 31] = 127 / 16
+    x[3, 1, :32] *= 1e-30
+    return x
+
+
+def _expected_bytes(t: str, rows: np.ndarray) -> np.ndarray:
+    """The stored row of ``rows`` (..., HD) by an implementation other than refquant's."""
+    if t == "f32":
+        return rows
+    if t == "f16":
+        return rows.astype(np.float16).view(np.uint16)
+    if t == "iq4_nl":     # gguf-py does not quantize IQ4_NL
+        from refquant.gguf import quants
+
+        return quants.quantize(rows, "IQ4_NL", impl="numpy")
+    g = gguf_py()
+    raw = g.quants.quantize(rows, g.GGMLQuantizationType[t.upper()])
+    return raw.view(np.uint16) if t == "bf16" else raw
+
+
+def test_the_cache_types_are_llama_cpps():
+    assert list(CACHE_TYPES) == LLAMA_CPP
+
+
+@pytest.mark.parametrize("t", LLAMA_CPP)
+def test_stored_rows_are_ggml_bytes_and_read_back_as_gguf_py_decodes_them(t):
+    k, v = _rows(1), _rows(2)
+    c = KVCache(2, NKV, HD, 16, type_k=t, type_v=t)
+    c.store(0, 1, 4, k, v)
+    for arr, rows in ((c.k, k), (c.v, v)):
+        got = arr[1, 0, :, 4:4 + T]                       # (NKV, T, units)
+        np.testing.assert_array_equal(got, _expected_bytes(t, rows.transpose(1, 0, 2)))
+        assert not arr[0].any() and not arr[1, 0, :, :4].any() and not arr[1, 0, :, 4 + T:].any()
+    g = gguf_py()
+    for got, arr in ((c.keys(0, 1, 4 + T), c.k), (c.values(0, 1, 4 + T), c.v)):
+        raw = arr[1, 0, :, :4 + T]
+        want = raw if t == "f32" else g.quants.dequantize(raw.view(np.uint8), g.GGMLQuantizationType[t.upper()])
+        np.testing.assert_array_equal(got, np.asarray(want, np.float32).transpose(1, 0, 2))
+    assert c.bytes_per_position == 2 * 2 * NKV * c.k.shape[-1] * c.k.itemsize
+
+
+def _harness(t_k: str, t_v: str):
+    """A numba function that runs every compiled operation of the (t_k, t_v) cache."""
+    need("numba")
+    from numba import njit
+
+    from refquant.kernels import kvcache
+
+    o = kvcache.ops(t_k, t_v)
+    store, k_dot, v_acc, k_tile, v_tile = o.store, o.k_dot, o.v_acc, o.k_tile, o.v_tile
+
+    @njit
+    def run(K, V, rows, q, p):
+        for t in range(rows.shape[0]):
+            store(K, V, 1, 0, 4 + t, rows[t], 0, NKV * HD, 0, NKV, HD)
+        n = 4 + rows.shape[0]
+        dots = np.empty((NKV, n), np.float32)
+        out = np.zeros((NKV, HD), np.float32)
+        kt = np.full((NKV, HD, kvcache.TILE), np.float32(7))
+        vt = np.full((NKV, kvcache.TILE, HD), np.float32(7))
+        for h in range(NKV):
+            for j in range(n):
+                dots[h, j] = k_dot(K, 1, 0, h, j, q, 0, HD)
+                v_acc(V, 1, 0, h, j, p[j], out[h], 0, HD)
+            k_tile(K, 1, 0, h, 2, n - 2, kt[h])
+            v_tile(V, 1, 0, h, 2, n - 2, vt[h])
+        return dots, out, kt, vt
+    return run
+
+
+def _check_compiled_ops(t_k: str, t_v: str):
+    k, v = _rows(3), _rows(4)
+    ref = KVCache(2, NKV, HD, 16, type_k=t_k, type_v=t_v)
+    ref.store(0, 1, 4, k, v)
+    K, V = np.zeros_like(ref.k), np.zeros_like(ref.v)
+    rng = np.random.default_rng(5)
+    q, p = rng.standard_normal(HD).astype(np.float32), rng.random(4 + T).astype(np.float32)
+    rows = np.concatenate([k.reshape(T, -1), v.reshape(T, -1)], axis=1)
+    dots, out, kt, vt = _harness(t_k, t_v)(K, V, rows, q, p)
+    np.testing.assert_array_equal(K, ref.k)            # the same bytes
+    np.testing.assert_array_equal(V, ref.v)
+    keys, vals = ref.keys(0, 1, 4 + T).astype(np.float64), ref.values(0, 1, 4 + T).astype(np.float64)
+    n = 4 + T - 2
+    np.testing.assert_array_equal(kt[:, :, :n], keys[2:].transpose(1, 2, 0))      # the same floats
+    np.testing.assert_array_equal(vt[:, :n], vals[2:].transpose(1, 0, 2))
+    assert not kt[:, :, n:].any() and not vt[:, n:].any()
+    # float32 sums of HD (and 4 + T) terms: |error| <= terms · 2^-24 · Σ|terms| (first order)
+    want = np.einsum("jhd,d->hj", keys, q)
+    bound = HD * 2.0**-24 * np.einsum("jhd,d->hj", np.abs(keys), np.abs(q)) + 1e-30
+    assert (np.abs(dots - want) <= bound).all()
+    want = np.einsum("jhd,j->hd", vals, p)
+    bound = 2 * (4 + T) * 2.0**-24 * np.einsum("jhd,j->hd", np.abs(vals), p) + 1e-30
+    assert (np.abs(out - want) <= bound).all()
+
+
+@pytest.mark.parametrize("t", DEFAULT)
+def test_compiled_store_and_reads_equal_the_numpy_rows(t):
+    _check_compiled_ops(t, t)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t_k,t_v", [(t, t) for t in LLAMA_CPP if t not in DEFAULT] + [("q8_0", "f16"),
+                                                                                       ("q4_0", "q5_1")])
+def test_compiled_store_and_reads_equal_the_numpy_rows_of_every_type(t_k, t_v):
+    _check_compiled_ops(t_k, t_v)
+
+
+def test_cache_refuses_unknown_types_and_head_dims_its_blocks_do_not_divide():
+    with pytest.raises(ValueError, match=r"type_k 'q7_0' is not a cache type refquant has \(known: f32, f16"):
+        KVCache(2, 1, 64, 16, type_k="q7_0")
+    with pytest.raises(ValueError, match="type_v 'q4_0' stores blocks of 32 numbers along head_dim; head_dim 48"):
+        KVCache(2, 1, 48, 16, type_v="q4_0")
+    assert KVCache(2, 1, 48, 16, type_k="f16", type_v="bf16").k.dtype == np.uint16
