@@ -124,6 +124,7 @@ NUMERIC_OPTIONS = [   # (module, the other arguments, option, the values of the 
     ("minigpt_np.generate", ["--prompt", "x"], "-n", ()),
     ("minigpt_np.generate", ["--prompt", "x"], "--temp", ("0",)),
     ("minigpt_np.generate", ["--prompt", "x"], "--seed", ("0",)),
+    ("minigpt_np.generate", ["--prompt", "x"], "--ctx-size", ()),
     ("minigpt_np.train", [], "--steps", ()),
     ("minigpt_np.train", [], "--batch-size", ()),
     ("minigpt_np.train", [], "--lr", ()),

@@ -24,11 +24,11 @@ _BLOCKS = {"Q8_0": ("s8", 0, -1, -1, 2, 0), "Q4_0": ("u4", 0, -1, -1, 2, 8), "Q4
 TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")   # kv_cache_types but f32
 
 
-def _put(name: str):
-    """The compiled row encoder of ggml type ``name`` (``kvcache.CacheType.put``)."""
+def _put(t):
+    """The compiled row encoder of ggml type ``t`` (``kvcache.CacheType.put``)."""
     def build():
         from refquant.gguf.quants import compiled
-        return compiled.row_putter(name)
+        return compiled.row_putter(t.name, t.type_size)
     return build
 
 
@@ -47,12 +47,12 @@ def _cache_type(lower: str) -> kvcache.CacheType:
         return dequantize(raw, t.name, raw.shape[:-1] + (n,), impl="numpy")
 
     if t.block_size == 1:
-        return kvcache.CacheType(lower, np.dtype(np.uint16), 1, 1, encode, decode, (lower,), _put(t.name))
+        return kvcache.CacheType(lower, np.dtype(np.uint16), 1, 1, encode, decode, (lower,), _put(t))
     kind, d_at, m_at, qh_at, qs_at, c = _BLOCKS[t.name]
     table = tuple(int(v) for v in KVALUES_IQ4NL) if kind == "l4" else None
     codec = ("block", kind, t.type_size, d_at, m_at, qh_at, qs_at, c, table)
     return kvcache.CacheType(lower, np.dtype(np.uint8), t.block_size, t.type_size, encode, decode, codec,
-                             _put(t.name))
+                             _put(t))
 
 
 for _name in TYPES:

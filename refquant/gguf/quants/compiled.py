@@ -934,10 +934,11 @@ def _bf16(v):
     return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
 
 
-def row_putter(name: str):
+def row_putter(name: str, type_size: int):
     """``put(src, off, dst, n)``: ``src[off:off+n]`` (float32) written into the storage row
-    ``dst`` as ggml type ``name`` stores it (uint16 for F16/BF16, block bytes otherwise):
-    what ``quantize`` writes, inlined into a KV cache's ``store``."""
+    ``dst`` as ggml type ``name`` (blocks of ``type_size`` bytes) stores it (uint16 for
+    F16/BF16, block bytes otherwise): what ``quantize`` writes, inlined into a KV cache's
+    ``store``."""
     if name in ("F16", "BF16"):
         conv = _fp16 if name == "F16" else _bf16
 
@@ -946,9 +947,7 @@ def row_putter(name: str):
             for i in range(n):
                 dst[i] = conv(src[off + i])
         return put
-    from refquant.gguf.quants.core import ggml_type
-
-    kernel, size = KERNELS[name], ggml_type(name).type_size
+    kernel, size = KERNELS[name], type_size
 
     @njit(inline="always", **_OPTS)
     def put(src, off, dst, n):
