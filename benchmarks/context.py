@@ -21,7 +21,12 @@ its cache one of llama.cpp's types (``refquant.kernels.kvcache``; K and V alike 
 * **Quality** against the f32 cache, on windows of real text (``llama.reference_text``),
   ``QUALITY_WINDOWS`` tokens long: the logits of every position of a window, prefilled
   from an empty cache of each type, against the f32 cache's (``common.kl_columns``: mean
-  KLD ± se, p99, same top token), ``QUALITY_COUNT`` windows per length.
+  KLD ± se, p99, same top token), ``QUALITY_COUNT`` windows per length. On the file's
+  weights dequantized to float32 (``dtype="f32"``): the byte-dot kernels round x to Q8_0,
+  and any float32 difference upstream flips some of those roundings, which alone gives a
+  mean KLD near 4e-3 on SmolLM2 (an f16 cache, or the NumPy forward against the compiled
+  one, measured on 256 tokens); on float weights the f16 cache's is 5e-7, so the figure
+  is the cache's own.
 * With ``--llama-bench PATH``: ``llama-bench -p 0 -n 16 -d DEPTHS -ctk T -ctv T`` on the
   same file and threads, flash attention off (f16 only: llama.cpp needs it on for a
   quantized V cache) and on.
@@ -178,7 +183,8 @@ def _run(quick, rounds, paths, llama_bench_exe) -> dict:
                 lb += [dict(type=t, flash_attn=fa, depth=D, tokens_per_s=v) for D, v in got.items()]
     ids = np.array(Tokenizer(meta).encode(llama.reference_text()))
     windows = (64,) if quick else QUALITY_WINDOWS
-    qual = quality(params, cfg, ids, [t for t in types if t != "f32"], windows, 1 if quick else QUALITY_COUNT)
+    fweights, _, _ = llama.load(paths[MODEL_TYPE], dtype="f32")
+    qual = quality(fweights, cfg, ids, [t for t in types if t != "f32"], windows, 1 if quick else QUALITY_COUNT)
     return dict(benchmark="context", quick=quick, model=f"SmolLM2-135M {MODEL_TYPE}", rounds=rounds,
                 steps_per_round=steps, depths=list(depths), types=list(types), machine=common.machine(),
                 tier=bytedot.backend(), threads=numba.get_num_threads(), check=check,

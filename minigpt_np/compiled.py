@@ -111,57 +111,89 @@ def _exp(x):
 
 
 def _make_attention(cache_key: tuple):
-    """``attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, h0, h1)``: query heads
-    ``h0 <= h < h1`` (a team member's share) of one query row ``q`` (n_head·hd) against
-    positions 0..pos of layer ``l``, sequence ``seq`` of a ``KVCache``'s arrays, read only
-    through the cache's ``k_dot`` / ``v_acc``, into the same heads of ``out`` (n_head·hd).
-    The query heads of a key/value head go together, so each cached row is read once per
-    member. The values are summed into a local row and written to ``out`` once: summed in
+    """``(part, merge)``: one token's attention split over the positions, flash-decoding
+    style, so that every member of a team reads its own share of the cache for every head
+    (split over heads, the members of SmolLM2's 3 key/value heads read one of them twice).
+
+    ``part(q, k, v, l, seq, pos, n_head, n_kv, hd, P, tid, nt)``: query row ``q`` (n_head·hd)
+    against positions ``j`` of ``share(pos + 1, tid, nt)`` of layer ``l``, sequence ``seq`` of
+    a ``KVCache``'s arrays, read only through the cache's ``k_dot`` / ``v_acc``; for every
+    query head ``h`` it writes ``P[tid, h] = (m, Σ_j e_j, Σ_j e_j V_j)`` with ``m`` its share's
+    largest score and ``e_j = exp(s_j − m)`` (``m = −inf``, zero sums for an empty share).
+    The query heads of a key/value head go together. ``merge(P, nt, n_head, hd, out, h0,
+    h1)``: heads ``h0 <= h < h1`` of ``out`` (n_head·hd) from the ``nt`` shares,
+    ``Σ_i e^{m_i − M} A_i / Σ_i e^{m_i − M} L_i`` with ``M`` the largest ``m_i``: the softmax
+    over all positions. Each head of ``out`` is written once, by one member (summed in
     ``out`` itself, the cache line two members share at their boundary went back and forth
-    between the cores ~200 times per layer (SmolLM2: the step took 0.75 ms longer than with
-    the attention on one member)."""
+    between the cores ~200 times per layer: SmolLM2's step took 0.75 ms longer)."""
     if cache_key not in _ATTENTION:
         cops = kvcache.ops(*cache_key[1:])
         k_dot, v_acc = cops.k_dot, cops.v_acc
+        NEG = np.float32(-np.inf)
 
         @njit(fastmath=_FAST, error_model="numpy")
-        def attention(q, k, v, l, seq, pos, n_head, n_kv, hd, out, h0, h1):
+        def part(q, k, v, l, seq, pos, n_head, n_kv, hd, P, tid, nt):
             group = n_head // n_kv
             scale = np.float32(1.0 / math.sqrt(hd))
-            S = pos + 1
-            s = np.empty((group, S), np.float32)
-            acc = np.empty(group * hd, np.float32)    # not out: other members write beside it
-            # every loop runs from 0 and skips what is not this member's: from an unknown
-            # lower bound (range(h0, h1)), LLVM left the dot products scalar (7x as slow)
+            j0, j1 = threads.share(pos + 1, tid, nt)
+            n = j1 - j0
+            N = n + (-n) % 8                    # rows of whole vectors
+            s = np.empty(group * max(N, 8), np.float32)
+            acc = np.empty(group * hd, np.float32)
+            W = hd + 2
+            Pf = P.reshape(-1)
+            base = tid * n_head * W
             for kv in range(n_kv):
-                g0, g1 = max(h0 - kv * group, 0), min(h1 - kv * group, group)
-                if g0 >= g1:
-                    continue
-                for j in range(S):
+                for j in range(n):
                     for g in range(group):
-                        if g0 <= g < g1:
-                            s[g, j] = k_dot(k, l, seq, kv, j, q, (kv * group + g) * hd, hd) * scale
-                for g in range(group):
-                    if g < g0 or g >= g1:
-                        continue
-                    mx = s[g, 0]
-                    for j in range(1, S):
-                        mx = max(mx, s[g, j])
-                    tot = np.float32(0)
-                    for j in range(S):
-                        e = _exp(s[g, j] - mx)
-                        s[g, j] = e
-                        tot += e
-                    inv = np.float32(1) / tot
-                    for j in range(S):
-                        s[g, j] *= inv
+                        s[g * N + j] = k_dot(k, l, seq, kv, j0 + j, q, (kv * group + g) * hd, hd) * scale
+                for g in range(group):          # the softmax's numerators, eight scores at a time
+                    r = g * N
+                    for j in range(n, N):
+                        s[r + j] = NEG
+                    m8 = V.splat_f32x8(NEG)
+                    for j in range(0, N, 8):
+                        m8 = V.max_f32x8(m8, V.load_f32x8(s, r + j))
+                    mx = V.hmax_f32x8(m8)
+                    t8 = V.zeros_f32()
+                    if n > 0:
+                        nm = V.splat_f32x8(-mx)
+                        for j in range(0, N, 8):
+                            e = V.keep_first(V.exp_f32x8(V.add_f32x8(V.load_f32x8(s, r + j), nm)), n - j,
+                                             np.float32(0))
+                            V.store_f32x8(s, r + j, e)
+                            t8 = V.add_f32x8(t8, e)
+                    Pf[base + (kv * group + g) * W] = mx
+                    Pf[base + (kv * group + g) * W + 1] = V.hsum_f32x8(t8)
                 acc[:] = 0
-                for j in range(S):
+                for j in range(n):
                     for g in range(group):
-                        if g0 <= g < g1:
-                            v_acc(v, l, seq, kv, j, s[g, j], acc, g * hd, hd)
-                out[(kv * group + g0) * hd:(kv * group + g1) * hd] = acc[g0 * hd:g1 * hd]
-        _ATTENTION[cache_key] = attention
+                        v_acc(v, l, seq, kv, j0 + j, s[g * N + j], acc, g * hd, hd)
+                for g in range(group):
+                    o = base + (kv * group + g) * W + 2
+                    for i in range(hd):
+                        Pf[o + i] = acc[g * hd + i]
+
+        @njit(fastmath=_FAST, error_model="numpy")
+        def merge(P, nt, n_head, hd, out, h0, h1):
+            row = np.empty(hd, np.float32)
+            for h in range(h0, h1):
+                M = NEG
+                for i in range(nt):
+                    if P[i, h, 1] > 0:
+                        M = max(M, P[i, h, 0])
+                L = np.float32(0)
+                row[:] = 0
+                for i in range(nt):
+                    if P[i, h, 1] > 0:
+                        f = _exp(P[i, h, 0] - M)
+                        L += f * P[i, h, 1]
+                        for d in range(hd):
+                            row[d] += f * P[i, h, 2 + d]
+                inv = np.float32(1) / L
+                for d in range(hd):
+                    out[h * hd + d] = row[d] * inv
+        _ATTENTION[cache_key] = (part, merge)
     return _ATTENTION[cache_key]
 
 
@@ -363,7 +395,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     p_qkv, p_o, p_up, p_down, p_head = parts
     cops = kvcache.ops(*cache_key[1:])
     store, fetch = cops.store, cops.fetch
-    attention = _make_attention(cache_key)
+    part, merge = _make_attention(cache_key)
     tiled = _make_tiled_attention(cache_key)
     q_len, kv_len = n_head * hd, n_kv * hd
     group = n_head // n_kv
@@ -405,7 +437,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     @_cache.jit(key + ("body",), deps=_DEPS)
     def body(tid, nt, sync, only_products, x, seqs, poss, norms, biases, final, wqkv, wo, wup, wdown, whead, k, v,
              cos,
-             sin, fas, qkv, att, o, up, logits, head, chunks):
+             sin, fas, qkv, att, o, up, parts, logits, head, chunks):
         """One team member's work for every layer and the head (``team``)."""
         T, d = x.shape
         L = norms[0].shape[0]
@@ -427,7 +459,11 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                         runs += 1
                 for t in range(T):      # during the product: each sequence's rows once, L2's share
                     if t == 0 or seqs[t] != seqs[t - 1]:
-                        fetch(k, v, l, seqs[t], h0 // group, (h1 + group - 1) // group, poss[t], runs)
+                        if one_seq:     # tiled: this member's heads
+                            fetch(k, v, l, seqs[t], h0 // group, (h1 + group - 1) // group, 0, poss[t], runs)
+                        else:           # this member's share of the positions
+                            j0, j1 = threads.share(poss[t], tid, nt)
+                            fetch(k, v, l, seqs[t], 0, n_kv, j0, j1, runs)
             p_qkv(wqkv, l, n, qkv, fas[0], sync, slot(l, 0), chunks)
             kb = threads.barrier(sync, nt, kb)
             if not only_products:
@@ -444,9 +480,12 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                         tiled(qkv, k, v, l, seqs[0], poss, n_head, n_kv, hd, att, c % n_kv, ATT_TOKENS * b,
                               min(ATT_TOKENS * (b + 1), T))
                         c = threads.claim(sync, slot(l, 4))
-                else:
+                else:           # each member its share of the positions, then its heads
                     for t in range(T):
-                        attention(qkv[t], k, v, l, seqs[t], poss[t], n_head, n_kv, hd, att[t], h0, h1)
+                        part(qkv[t], k, v, l, seqs[t], poss[t], n_head, n_kv, hd, parts[t], tid, nt)
+                    kb = threads.barrier(sync, nt, kb)
+                    for t in range(T):
+                        merge(parts[t], nt, n_head, hd, att[t], h0, h1)
             kb = threads.barrier(sync, nt, kb)
             p_o(wo, l, att, o, fas[1], sync, slot(l, 1), chunks)
             kb = threads.barrier(sync, nt, kb)
@@ -473,20 +512,22 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
         if tid == 0:
             x[:] = xl
 
-    team = _team(key, body, structure, q_len + 2 * kv_len, q_len, up_rows)
+    team = _team(key, body, structure, q_len + 2 * kv_len, q_len, up_rows, n_head, hd)
 
     @_cache.jit(key + ("attend",), deps=_DEPS)
     def attend(k, v, pos):
-        """Only the attention of one token at ``pos`` over every layer's cache."""
+        """Only the attention of one token at ``pos`` over every layer's cache (one thread)."""
         q = np.ones(q_len, np.float32)
         out = np.empty(q_len, np.float32)
+        P = np.empty((1, n_head, hd + 2), np.float32)
         for l in range(k.shape[0]):
-            attention(q, k, v, l, 0, pos, n_head, n_kv, hd, out, 0, n_head)
+            part(q, k, v, l, 0, pos, n_head, n_kv, hd, P, 0, 1)
+            merge(P, 1, n_head, hd, out, 0, n_head)
 
     return team, attend
 
 
-def _team(key, body, structure, qkv_cols, q_len, up_rows):
+def _team(key, body, structure, qkv_cols, q_len, up_rows, n_head, hd):
     """The parallel region that runs ``body`` on a team: ``team(nt, sync, only_products, x,
     seqs, poss, *norms, *biases, *final, *weights, k, v, cos, sin, fas, logits, head, chunks)``. numba
     passes the variables of a ``prange`` body to it as array or scalar arguments, never
@@ -512,12 +553,13 @@ def team(nt, sync, only_products, x, seqs, poss, {args}, k, v, cos, sin, fas, lo
     o = np.empty((T, x.shape[1]), np.float32)
     up = np.empty((T, {up_rows}), np.float32)
     want = nt if nt > 0 else num_threads()
+    parts = np.empty((T, want, {n_head}, {hd} + 2), np.float32)   # a token's attention per member
     sync[:] = 0
     for i in prange(want):
         tid, members = join(sync, want)
         if tid >= 0:
             body(tid, members, sync, only_products, x, seqs, poss, ({", ".join(norms)}), ({", ".join(biases)}),
-                 ({", ".join(final)}), {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up, logits, head,
+                 ({", ".join(final)}), {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up, parts, logits, head,
                  chunks if chunks > 0 else CHUNKS * members)
     return x
 """

@@ -610,7 +610,10 @@ def test_smollm2_compiled_step_follows_the_numpy_forward_for_64_tokens(smollm2_s
 @pytest.mark.slow
 def test_smollm2_q8_0_cache_keeps_the_greedy_answer(smollm2_stored):
     """llama.cpp's q8_0 cache on the compiled step: the Paris prompt's greedy text is the
-    f32 cache's."""
+    f32 cache's for its first 5 tokens (" Paris.\n\nThe"), each won by a margin of 0.84 or
+    more. The 6th is a near tie (" answer" over " United" by 0.06), below what any float32
+    difference upstream of the kernels' x rounding moves a logit here (up to ~1:
+    ``test_smollm2_compiled_step_follows_the_numpy_forward_for_64_tokens``)."""
     from minigpt_np import generate
 
     params, cfg, tok = smollm2_stored
@@ -618,8 +621,8 @@ def test_smollm2_q8_0_cache_keeps_the_greedy_answer(smollm2_stored):
     texts = {}
     for t in ("f32", "q8_0"):
         sess = compiled().Llama(params, cfg, n_ctx=64, cache_type_k=t, cache_type_v=t)
-        texts[t] = tok.decode(generate.generate(sess, tok, ids, 8)[0])
-    assert texts["q8_0"] == texts["f32"] and texts["f32"].startswith(" Paris")
+        texts[t] = tok.decode(generate.generate(sess, tok, ids, 5)[0])
+    assert texts["q8_0"] == texts["f32"] == " Paris.\n\nThe"
 
 
 # --- MiniGPT ----------------------------------------------------------------------------
@@ -914,7 +917,9 @@ def test_tiled_attention_equals_the_plain_one_and_the_float64_oracle(n_head, n_k
     """The prefill's tiled attention (online softmax over tiles of 16 keys) against the
     decode's per-token attention and a float64 NumPy softmax, in work items of one
     key/value head and a run of tokens as a team claims them; keys after a row's position
-    must not count (the cache holds large values there)."""
+    must not count (the cache holds large values there). The decode's attention splits
+    the positions over 1, 2 or 3 members (one of them empty at position 0) and merges
+    their shares."""
     c = compiled()
     rng = np.random.default_rng(hd + len(poss))
     T, P = len(poss), max(poss) + 1
@@ -931,9 +936,15 @@ def test_tiled_attention_equals_the_plain_one_and_the_float64_oracle(n_head, n_k
     for kv in range(n_kv):
         tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, kv, 0, cut)
         tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, kv, cut, T)
+    part, merge = plain
     one = np.empty((T, n_head * hd), np.float32)
     for t in range(T):
-        plain(qkv[t], k, v, 0, 0, poss[t], n_head, n_kv, hd, one[t], 0, n_head)
+        nt = 1 + t % 3
+        shares = np.full((nt, n_head, hd + 2), np.nan, np.float32)
+        for tid in range(nt):
+            part(qkv[t], k, v, 0, 0, poss[t], n_head, n_kv, hd, shares, tid, nt)
+        merge(shares, nt, n_head, hd, one[t], 0, n_head - 1)    # the heads of two members
+        merge(shares, nt, n_head, hd, one[t], n_head - 1, n_head)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     np.testing.assert_allclose(got, one, rtol=0, atol=2e-5)
 

@@ -25,7 +25,7 @@ a team store their own heads); ``k_dot(k, l, seq, h, j, q, qo, hd)`` is
 as float32 into ``kt`` (head_dim, TILE), zeros in its columns from ``n`` on, and
 ``v_tile(v, l, seq, h, j0, n, vt)`` the values as rows of ``vt`` (TILE, head_dim), zero rows
 from ``n`` on: the tiles a prefill's attention reads (``TILE`` keys at a time);
-``fetch(k, v, l, seq, h0, h1, upto, parts)`` hints positions ``0..upto-1`` of heads
+``fetch(k, v, l, seq, h0, h1, j0, j1, parts)`` hints positions ``j0..j1-1`` of heads
 ``h0 <= h < h1`` into L2 (at most ``FETCH_BYTES / parts`` of them, ``parts`` the sequences
 a step fetches for: a step issues it before the weight product that
 precedes its attention, so that the cache rows, evicted by the weights of every other
@@ -184,6 +184,10 @@ def _readers(codec: tuple):
     from refquant.kernels.simd import f32_from_bits
 
     kind = codec[0]
+    if kind in ("f32", "f16") or (kind == "block" and codec[1] in ("s8", "u4") and codec[5] < 0):
+        vector = _vector_readers(codec)
+    else:
+        vector = None
     if kind != "block":
         if kind == "f32":
             @njit(inline="always")
@@ -216,7 +220,23 @@ def _readers(codec: tuple):
         def unpack(a, l, s, h, j, dst, o, stride, hd):
             for i in range(hd):
                 dst[o + i * stride] = val(a, l, s, h, j, i)
-        return dot, axpy, unpack
+        if vector is None:
+            return dot, axpy, unpack
+        (vdot, vaxpy), sdot, saxpy = vector, dot, axpy
+
+        @njit(inline="always")
+        def fast_dot(a, l, s, h, j, q, qo, hd):
+            if hd % 8 == 0:
+                return vdot(a, l, s, h, j, q, qo, hd)
+            return sdot(a, l, s, h, j, q, qo, hd)
+
+        @njit(inline="always")
+        def fast_axpy(a, l, s, h, j, p, out, qo, hd):
+            if hd % 8 == 0:
+                vaxpy(a, l, s, h, j, p, out, qo, hd)
+            else:
+                saxpy(a, l, s, h, j, p, out, qo, hd)
+        return fast_dot, fast_axpy, unpack
 
     _, code_kind, size, d_at, m_at, qh_at, qs_at, c, table = codec
     S8, LUT, HAS_M, HAS_QH = code_kind == "s8", code_kind == "l4", m_at >= 0, qh_at >= 0
@@ -287,7 +307,96 @@ def _readers(codec: tuple):
                 x0, x1 = pair(a, l, s, h, j, b * size, i, d, m, qh)
                 dst[o + (32 * b + i) * stride] = x0
                 dst[o + (32 * b + 16 + i) * stride] = x1
-    return dot, axpy, unpack
+    return (dot, axpy, unpack) if vector is None else (*vector, unpack)
+
+
+def _vector_readers(codec: tuple):
+    """``(dot, axpy)`` of ``_readers`` in eight-lane float vectors, for f32 and f16 rows (of
+    a ``head_dim`` that is a multiple of 8) and for blocks of int8 codes or of nibbles
+    without fifth bits or a table (q8_0, q4_0, q4_1). Per block, ``dot`` sums ``q·u`` (and
+    ``Σq``) lane-wise and adds ``d·(q·u) + m·Σq`` (``m = −c·d`` for a constant offset) to one
+    accumulator, summed across lanes once per row; ``axpy`` adds ``(p·d)·u + p·m``."""
+    from numba import njit
+
+    from refquant.kernels import simd as V
+    from refquant.kernels.matvec import F16_TABLE
+
+    @njit(inline="always")
+    def start(a, l, s, h, j):
+        """The flat element number of row ``a[l, s, h, j]``."""
+        sh = a.shape
+        return (((l * sh[1] + s) * sh[2] + h) * sh[3] + j) * sh[4]
+
+    if codec[0] != "block":
+        @njit(inline="always")
+        def dot(a, l, s, h, j, q, qo, hd):
+            o = start(a, l, s, h, j)
+            a0, a1 = V.zeros_f32(), V.zeros_f32()
+            for c in range(0, hd - 8, 16):
+                a0 = V.fmadd_f32x8(a0, V.vec8(a, o + c), V.load_f32x8(q, qo + c))
+                a1 = V.fmadd_f32x8(a1, V.vec8(a, o + c + 8), V.load_f32x8(q, qo + c + 8))
+            if hd % 16:
+                a0 = V.fmadd_f32x8(a0, V.vec8(a, o + hd - 8), V.load_f32x8(q, qo + hd - 8))
+            return V.hsum_f32x8(V.add_f32x8(a0, a1))
+
+        @njit(inline="always")
+        def axpy(a, l, s, h, j, p, out, qo, hd):
+            o = start(a, l, s, h, j)
+            for c in range(0, hd, 8):
+                V.store_f32x8(out, qo + c, V.fmadd_f32x8(V.load_f32x8(out, qo + c), V.vec8(a, o + c), p))
+        return dot, axpy
+
+    _, code_kind, size, d_at, m_at, qh_at, qs_at, c, table = codec
+    S8, HAS_M = code_kind == "s8", m_at >= 0
+    NEG_C = np.float32(-c)
+
+    @njit(inline="always")
+    def scales(a, l, s, h, j, o):
+        """(d, m) of the block at byte ``o`` of row ``a[l, s, h, j]``."""
+        d = F16_TABLE[np.int64(a[l, s, h, j, o + d_at]) | (np.int64(a[l, s, h, j, o + d_at + 1]) << 8)]
+        if HAS_M:
+            return d, F16_TABLE[np.int64(a[l, s, h, j, o + m_at]) | (np.int64(a[l, s, h, j, o + m_at + 1]) << 8)]
+        return d, d * NEG_C
+
+    @njit(inline="always")
+    def dot(a, l, s, h, j, q, qo, hd):
+        o = start(a, l, s, h, j)
+        acc = V.zeros_f32()
+        for b in range(hd // 32):
+            base, qb = o + b * size, qo + 32 * b
+            d, m = scales(a, l, s, h, j, b * size)
+            p, sq = V.zeros_f32(), V.zeros_f32()
+            if S8:
+                for cc in range(0, 32, 8):
+                    p = V.fmadd_f32x8(p, V.bytes8(a, base + qs_at + cc, 0), V.load_f32x8(q, qb + cc))
+                acc = V.fmadd_f32x8(acc, p, d)
+            else:
+                for cc in range(0, 16, 8):
+                    ql, qh = V.load_f32x8(q, qb + cc), V.load_f32x8(q, qb + 16 + cc)
+                    p = V.fmadd_f32x8(p, V.bytes8(a, base + qs_at + cc, 1), ql)
+                    p = V.fmadd_f32x8(p, V.bytes8(a, base + qs_at + cc, 2), qh)
+                    sq = V.add_f32x8(sq, V.add_f32x8(ql, qh))
+                acc = V.fmadd_f32x8(V.fmadd_f32x8(acc, p, d), sq, m)
+        return V.hsum_f32x8(acc)
+
+    @njit(inline="always")
+    def axpy(a, l, s, h, j, p, out, qo, hd):
+        o = start(a, l, s, h, j)
+        for b in range(hd // 32):
+            base, ob = o + b * size, qo + 32 * b
+            d, m = scales(a, l, s, h, j, b * size)
+            pd, pm = p * d, p * m
+            if S8:
+                for cc in range(0, 32, 8):
+                    V.store_f32x8(out, ob + cc, V.fmadd_f32x8(V.load_f32x8(out, ob + cc),
+                                                              V.bytes8(a, base + qs_at + cc, 0), pd))
+            else:
+                for cc in range(0, 16, 8):
+                    lo = V.add_f32x8(V.load_f32x8(out, ob + cc), V.splat_f32x8(pm))
+                    hi = V.add_f32x8(V.load_f32x8(out, ob + 16 + cc), V.splat_f32x8(pm))
+                    V.store_f32x8(out, ob + cc, V.fmadd_f32x8(lo, V.bytes8(a, base + qs_at + cc, 1), pd))
+                    V.store_f32x8(out, ob + 16 + cc, V.fmadd_f32x8(hi, V.bytes8(a, base + qs_at + cc, 2), pd))
+    return dot, axpy
 
 
 @functools.lru_cache(maxsize=None)
@@ -321,16 +430,16 @@ def ops(type_k: str = "f32", type_v: str = "f32") -> "Ops":
         v_axpy(v, l, seq, h, j, p, out, qo, hd)
 
     @njit(inline="always")
-    def fetch(k, v, l, seq, h0, h1, upto, parts):
+    def fetch(k, v, l, seq, h0, h1, j0, j1, parts):
         budget = FETCH_BYTES // (2 * max(h1 - h0, 1) * parts)
-        k_lines = min(upto * k.shape[-1] // K_LINE, budget // 64)
-        v_lines = min(upto * v.shape[-1] // V_LINE, budget // 64)
+        k_lines = min((j1 - j0) * k.shape[-1] // K_LINE, budget // 64)
+        v_lines = min((j1 - j0) * v.shape[-1] // V_LINE, budget // 64)
         for h in range(h0, h1):
             kr, vr = k[l, seq, h].reshape(-1), v[l, seq, h].reshape(-1)
             for i in range(k_lines):
-                prefetch_l2(kr, K_LINE * i)
+                prefetch_l2(kr, j0 * k.shape[-1] + K_LINE * i)
             for i in range(v_lines):
-                prefetch_l2(vr, V_LINE * i)
+                prefetch_l2(vr, j0 * v.shape[-1] + V_LINE * i)
 
     @njit(inline="always")
     def k_tile(k, l, seq, h, j0, n, kt):

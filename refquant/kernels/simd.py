@@ -70,6 +70,12 @@ def _c_vector(arr, *dtypes) -> bool:
             and (not dtypes or arr.dtype in dtypes))
 
 
+def _c_flat(arr, *dtypes) -> bool:
+    """``arr`` is a C-contiguous array of any rank (indexed by flat element number)."""
+    return (isinstance(arr, types.Array) and arr.ndim >= 1 and arr.layout == "C"
+            and (not dtypes or arr.dtype in dtypes))
+
+
 def _element_ptr(context, builder, arrty, arr, idx, pointee=_I8):
     """Pointer to ``arr[idx]`` of a C-contiguous 1-D array, cast to ``pointee*``."""
     a = context.make_array(arrty)(context, builder, arr)
@@ -395,10 +401,10 @@ store_f32x8 = _storer(F32x8, _V8F32, (types.float32,), "Store eight float32 at `
 
 @intrinsic
 def vec8(typingctx, arr, idx):
-    """Eight consecutive values of a 1-D array from ``arr[idx]`` as float32 lanes: fp16 bit
-    patterns (uint16, ``vcvtph2ps``), float32 (``vmovups``), uint8 or int8 integers
-    (``vpmovzxbd``/``vpmovsxbd`` + ``vcvtdq2ps``)."""
-    if not _c_vector(arr, types.uint16, types.float32, types.uint8, types.int8):
+    """Eight consecutive values of a C-contiguous array from element ``idx`` (of any rank:
+    the flat element number) as float32 lanes: fp16 bit patterns (uint16, ``vcvtph2ps``),
+    float32 (``vmovups``), uint8 or int8 integers (``vpmovzxbd``/``vpmovsxbd`` + ``vcvtdq2ps``)."""
+    if not _c_flat(arr, types.uint16, types.float32, types.uint8, types.int8):
         return None
     dt = arr.dtype
 
@@ -413,6 +419,27 @@ def vec8(typingctx, arr, idx):
         w = builder.sext(v, _V8I32) if dt == types.int8 else builder.zext(v, _V8I32)
         return builder.sitofp(w, _V8F32)
     return F32x8(arr, types.intp), codegen
+
+
+@intrinsic
+def bytes8(typingctx, arr, idx, part):
+    """Eight bytes of a C-contiguous uint8/int8 array (any rank, flat element ``idx``) as
+    float32 lanes; ``part`` (a literal): 0 the bytes as int8, 1 their low nibbles, 2 their
+    high nibbles (``vpmovsxbd``/``vpmovzxbd``, ``vpand``/``vpsrld``, ``vcvtdq2ps``)."""
+    if not (_c_flat(arr, types.uint8, types.int8) and isinstance(part, types.IntegerLiteral)
+            and part.literal_value in (0, 1, 2)):
+        return None
+    mode = part.literal_value
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 8)), align=1)
+        if mode == 0:
+            w = builder.sext(v, _V8I32)
+        else:
+            w = builder.zext(v, _V8I32)
+            w = builder.and_(w, _splat(_V8I32, 15)) if mode == 1 else builder.lshr(w, _splat(_V8I32, 4))
+        return builder.sitofp(w, _V8F32)
+    return F32x8(arr, types.intp, part), codegen
 
 
 @intrinsic
