@@ -67,13 +67,13 @@ def seed_table(cfg) -> list[dict]:
     return rows
 
 
-def llama_bench_depths(exe: str, path, threads: int, cache: str, depths, fa: int) -> tuple[dict, list]:
+def llama_bench_depths(exe: str, path, threads: int, cache: str, depths, fa: str) -> tuple[dict, list]:
     """``{depth: tokens/s}`` of one ``llama-bench`` tg16 run per depth (module docstring)."""
     import json
     import subprocess
 
     cmd = [exe, "-m", str(path), "-p", "0", "-n", "16", "-d", ",".join(map(str, depths)), "-r", "1",
-           "-t", str(threads), "-ctk", cache, "-ctv", cache, "-fa", str(fa), "-o", "json"]
+           "-t", str(threads), "-ctk", cache, "-ctv", cache, "-fa", fa, "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
@@ -177,7 +177,7 @@ def _run(quick, rounds, paths, llama_bench_exe) -> dict:
         for t in tqdm(types, desc="llama-bench", unit="type"):
             if t == "f32":
                 continue
-            for fa in ((0, 1) if t == "f16" else (1,)):
+            for fa in (("off", "on") if t == "f16" else ("on",)):
                 got, cmd = llama_bench_depths(llama_bench_exe, paths[MODEL_TYPE], threads, t, depths, fa)
                 commands.append(cmd)
                 lb += [dict(type=t, flash_attn=fa, depth=D, tokens_per_s=v) for D, v in got.items()]
@@ -208,7 +208,7 @@ def main(argv=None) -> None:
     for r in data["prompt"]:
         print(f"{r['type']:6s} prompt of {r['tokens']} tokens: {r['tokens_per_s']:.1f} tokens/s")
     for r in (data["llama_bench"] or {}).get("results", []):
-        print(f"llama.cpp {r['type']:6s} fa={r['flash_attn']} depth {r['depth']:5d}  {r['tokens_per_s']:7.1f} tokens/s")
+        print(f"llama.cpp {r['type']:6s} flash attention {r['flash_attn']:3s} depth {r['depth']:5d}  {r['tokens_per_s']:7.1f} tokens/s")
     for r in data["quality"]:
         print(f"{r['type']:6s} {r['window']:5d}-token windows: KLD {r['kld_mean']:.2e} ± {r['kld_se']:.1e}, "
               f"p99 {r['kld_p99']:.2e}, same top {100 * r['same_top']:.2f}%")

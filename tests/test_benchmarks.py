@@ -270,3 +270,29 @@ def test_batch_quick(out_dirs):
     assert set(rows) == {("Q4_1", 1), ("Q4_1", 4)} and rows["Q4_1", 1]["x_b1"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["steps"] == 2 for r in rows.values())
     assert (out_dirs / "figures" / "batch.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_context_quick(out_dirs):
+    """``benchmarks.context --quick``: f32 and q8_0 caches at depths 0 and 64, the roof of
+    each from the F32 step's GB/s, KV bytes counted by hand, the q8_0 cache's KLD on float
+    weights small."""
+    from benchmarks import context
+    context.main(["--quick"])
+    data = load(out_dirs, "context")
+    assert data["types"] == ["f32", "q8_0"] and data["depths"] == [0, 64] and data["check"]["rms_gap"] <= \
+        data["check"]["bound"]
+    # SmolLM2: 30 layers x (K and V) x 3 KV heads x a 64-number row: 256 B (f32), 128 (f16, bf16),
+    # 2 x 34 (q8_0), 2 x 18 (q4_0, iq4_nl), 2 x 20 (q4_1), 2 x 22 (q5_0), 2 x 24 (q5_1)
+    want = dict(f32=256, f16=128, bf16=128, q8_0=68, q4_0=36, q4_1=40, iq4_nl=36, q5_0=44, q5_1=48)
+    table = {r["type"]: r for r in data["seed_table"]}
+    assert {t: r["bytes_per_token"] for t, r in table.items()} == {t: 180 * b for t, b in want.items()}
+    assert table["q8_0"]["sequences_in_budget"] == (2 << 30) // (180 * 68 * 8000) == 21
+    roof = data["roof"]["f32_weight_gbs"] * 1e9
+    for r in data["results"]:
+        per = 180 * want[r["type"]]
+        assert r["bytes_per_token"] == data["weight_bytes"] + (r["depth"] + 1) * per
+        assert r["roof_tokens_per_s"] == pytest.approx(roof / r["bytes_per_token"])
+        assert r["pct_of_roof"] == pytest.approx(100 * r["tokens_per_s"] / r["roof_tokens_per_s"])
+    (q,) = data["quality"]
+    assert q["type"] == "q8_0" and q["window"] == 64 and 0 < q["kld_mean"] < 5e-3
