@@ -180,12 +180,11 @@ def _make_attention(cache_key: tuple):
             for h in range(h0, h1):
                 M = NEG
                 for i in range(nt):
-                    if P[i, h, 1] > 0:
-                        M = max(M, P[i, h, 0])
+                    M = max(M, P[i, h, 0])
                 L = np.float32(0)
                 row[:] = 0
                 for i in range(nt):
-                    if P[i, h, 1] > 0:
+                    if P[i, h, 0] != NEG:      # an empty share (a NaN in a share still reaches out)
                         f = _exp(P[i, h, 0] - M)
                         L += f * P[i, h, 1]
                         for d in range(hd):
@@ -462,7 +461,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                         if one_seq:     # tiled: this member's heads
                             fetch(k, v, l, seqs[t], h0 // group, (h1 + group - 1) // group, 0, poss[t], runs)
                         else:           # this member's share of the positions
-                            j0, j1 = threads.share(poss[t], tid, nt)
+                            j0, j1 = threads.share(poss[t] + 1, tid, nt)     # part's split
                             fetch(k, v, l, seqs[t], 0, n_kv, j0, j1, runs)
             p_qkv(wqkv, l, n, qkv, fas[0], sync, slot(l, 0), chunks)
             kb = threads.barrier(sync, nt, kb)

@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     kinds = list(kvcache.CACHE_TYPES)
     ap.add_argument("--cache-type-k", "-ctk", choices=kinds, default="f32", help="how the KV cache stores keys")
     ap.add_argument("--cache-type-v", "-ctv", choices=kinds, default="f32", help="how the KV cache stores values")
-    ap.add_argument("--ctx-size", "-c", type=cli_int(1, 1 << 24), default=None,
+    ap.add_argument("--ctx-size", "-c", type=cli_int(1, 1 << 18), default=None,
                     help="positions the KV cache holds (default: the model's context, at most 4096)")
     ap.add_argument("--allow-long-context", action="store_true",
                     help="allow --ctx-size beyond the context the model was trained on")

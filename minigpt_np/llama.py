@@ -140,7 +140,7 @@ def check_n_ctx(cfg: LlamaConfig, n_ctx, allow_long_context: bool = False) -> in
 
 
 def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None, *, hook=None,
-            last_only: bool = False):
+            last_only: bool = False, allow_long_context: bool = False):
     """Logits (T, vocab) for ``tokens`` following the positions already in ``cache`` (a
     ``refquant.kernels.kvcache.KVCache``, sequence 0; None: a new one).
 
@@ -148,13 +148,15 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None
     given, sees the input (T, in) of every Linear before it is applied (calibration).
     ``last_only``: the logits of the last token only, (1, vocab) — what generation needs
     after a prompt (llama.cpp's default too); the head then runs on one row, not T.
+    Positions beyond the model's trained context only with ``allow_long_context``.
     """
     tokens = token_ids(tokens, cfg.vocab).reshape(-1)
     cache = new_cache(cfg) if cache is None else cache
     past = int(cache.pos[0])
     T, hd, nh, nkv = tokens.size, cfg.head_dim, cfg.n_head, cfg.n_head_kv
-    if past + T > cache.n_ctx:
-        raise ValueError(f"{past + T} positions exceed the context length {cache.n_ctx}")
+    limit = cache.n_ctx if allow_long_context else min(cfg.n_ctx, cache.n_ctx)
+    if past + T > limit:
+        raise ValueError(f"{past + T} positions exceed the context length {limit}")
     pos = np.arange(past, past + T)
     def mm(x, *names):
         if hook is not None:
@@ -202,10 +204,12 @@ class Session(CacheSession):
         # the same operand the compiled session holds
         self.cache = new_cache(cfg, n_ctx, type_k=cache_type_k, type_v=cache_type_v,
                                allow_long_context=allow_long_context)
+        self.allow_long_context = allow_long_context
         self.n_ctx = self.cache.n_ctx
 
     def prefill(self, ids, *, last_only: bool = False) -> np.ndarray:
-        logits, self.cache = forward(self.params, self.cfg, ids, self.cache, last_only=last_only)
+        logits, self.cache = forward(self.params, self.cfg, ids, self.cache, last_only=last_only,
+                                     allow_long_context=self.allow_long_context)
         return logits
 
 

@@ -23,11 +23,11 @@ DEFAULT = ("f32", "q8_0", "q4_0")    # the compiled operations of the others: sl
 HD, NKV, T = 64, 3, 5
 
 
-def _rows(seed: int) -> np.ndarray:
+def _rows(seed: int, hd: int = HD) -> np.ndarray:
     """(T, NKV, HD) rows with what rounding cares about: a zero block, a constant block,
     an outlier, exact .5 multiples of the Q8_0 step, subnormal-sized numbers."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, NKV, HD)).astype(np.float32)
+    x = rng.standard_normal((T, NKV, hd)).astype(np.float32)
     x[0, 0, :32] = 0
     x[0, 1, 32:] = 1.25
     x[1, 2, 7] = 300.0
@@ -73,8 +73,9 @@ def test_stored_rows_are_ggml_bytes_and_read_back_as_gguf_py_decodes_them(t):
     assert c.bytes_per_position == 2 * 2 * NKV * c.k.shape[-1] * c.k.itemsize
 
 
-def _harness(t_k: str, t_v: str):
-    """A numba function that runs every compiled operation of the (t_k, t_v) cache."""
+def _harness(t_k: str, t_v: str, hd: int, seq: int):
+    """A numba function that runs every compiled operation of the (t_k, t_v) cache on
+    layer 1, sequence ``seq`` of rows of ``hd`` numbers."""
     need("numba")
     from numba import njit
 
@@ -86,34 +87,35 @@ def _harness(t_k: str, t_v: str):
     @njit
     def run(K, V, rows, q, p):
         for t in range(rows.shape[0]):
-            store(K, V, 1, 0, 4 + t, rows[t], 0, NKV * HD, 0, NKV, HD)
+            store(K, V, 1, seq, 4 + t, rows[t], 0, NKV * hd, 0, NKV, hd)
         n = 4 + rows.shape[0]
         dots = np.empty((NKV, n), np.float32)
-        out = np.zeros((NKV, HD), np.float32)
-        kt = np.full((NKV, HD, kvcache.TILE), np.float32(7))
-        vt = np.full((NKV, kvcache.TILE, HD), np.float32(7))
+        out = np.zeros((NKV, hd), np.float32)
+        kt = np.full((NKV, hd, kvcache.TILE), np.float32(7))
+        vt = np.full((NKV, kvcache.TILE, hd), np.float32(7))
         for h in range(NKV):
             for j in range(n):
-                dots[h, j] = k_dot(K, 1, 0, h, j, q, 0, HD)
-                v_acc(V, 1, 0, h, j, p[j], out[h], 0, HD)
-            k_tile(K, 1, 0, h, 2, n - 2, kt[h])
-            v_tile(V, 1, 0, h, 2, n - 2, vt[h])
+                dots[h, j] = k_dot(K, 1, seq, h, j, q, 0, hd)
+                v_acc(V, 1, seq, h, j, p[j], out[h], 0, hd)
+            k_tile(K, 1, seq, h, 2, n - 2, kt[h])
+            v_tile(V, 1, seq, h, 2, n - 2, vt[h])
         return dots, out, kt, vt
     return run
 
 
-def _check_compiled_ops(t_k: str, t_v: str):
-    k, v = _rows(3), _rows(4)
-    ref = KVCache(2, NKV, HD, 16, type_k=t_k, type_v=t_v)
-    ref.store(0, 1, 4, k, v)
+def _check_compiled_ops(t_k: str, t_v: str, hd: int = HD, seq: int = 1):
+    """Sequence ``seq`` of a cache of two (the readers' row arithmetic spans sequences)."""
+    k, v = _rows(3, hd), _rows(4, hd)
+    ref = KVCache(2, NKV, hd, 16, n_seq=2, type_k=t_k, type_v=t_v)
+    ref.store(seq, 1, 4, k, v)
     K, V = np.zeros_like(ref.k), np.zeros_like(ref.v)
     rng = np.random.default_rng(5)
-    q, p = rng.standard_normal(HD).astype(np.float32), rng.random(4 + T).astype(np.float32)
+    q, p = rng.standard_normal(hd).astype(np.float32), rng.random(4 + T).astype(np.float32)
     rows = np.concatenate([k.reshape(T, -1), v.reshape(T, -1)], axis=1)
-    dots, out, kt, vt = _harness(t_k, t_v)(K, V, rows, q, p)
+    dots, out, kt, vt = _harness(t_k, t_v, hd, seq)(K, V, rows, q, p)
     np.testing.assert_array_equal(K, ref.k)            # the same bytes
     np.testing.assert_array_equal(V, ref.v)
-    keys, vals = ref.keys(0, 1, 4 + T).astype(np.float64), ref.values(0, 1, 4 + T).astype(np.float64)
+    keys, vals = ref.keys(seq, 1, 4 + T).astype(np.float64), ref.values(seq, 1, 4 + T).astype(np.float64)
     n = 4 + T - 2
     np.testing.assert_array_equal(kt[:, :, :n], keys[2:].transpose(1, 2, 0))      # the same floats
     np.testing.assert_array_equal(vt[:, :n], vals[2:].transpose(1, 0, 2))
@@ -124,7 +126,7 @@ def _check_compiled_ops(t_k: str, t_v: str):
     # max - min, |m| = |min|; q8_0: d·u = x)
     mk, mv = _magnitudes(t_k, keys), _magnitudes(t_v, vals)
     want = np.einsum("jhd,d->hj", keys, q)
-    bound = 2 * HD * 2.0**-24 * np.einsum("jhd,d->hj", mk, np.abs(q)) + 1e-30
+    bound = 2 * hd * 2.0**-24 * np.einsum("jhd,d->hj", mk, np.abs(q)) + 1e-30
     assert (np.abs(dots - want) <= bound).all()
     want = np.einsum("jhd,j->hd", vals, p)
     bound = 2 * (4 + T) * 2.0**-24 * np.einsum("jhd,j->hd", mv, p) + 1e-30
@@ -142,6 +144,12 @@ def _magnitudes(t: str, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("t", DEFAULT)
 def test_compiled_store_and_reads_equal_the_numpy_rows(t):
     _check_compiled_ops(t, t)
+
+
+@pytest.mark.parametrize("t", ["f32", "f16", "bf16"])
+def test_compiled_reads_of_plain_rows_of_any_width(t):
+    """40 numbers: the vector readers' tail of 8 after pairs of 8 (and bf16's scalar path)."""
+    _check_compiled_ops(t, t, hd=40, seq=0)
 
 
 @pytest.mark.slow

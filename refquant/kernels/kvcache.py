@@ -30,8 +30,10 @@ from ``n`` on: the tiles a prefill's attention reads (``TILE`` keys at a time);
 a step fetches for: a step issues it before the weight product that
 precedes its attention, so that the cache rows, evicted by the weights of every other
 layer, are not read from memory one row at a time). A tile holds the floats ``decode``
-gives (bit for bit: the readers compute ``d·u + m`` as the dequantizers do); ``k_dot`` and
-``v_acc`` sum the same values in another order (``d · Σ q·u + m · Σ q`` per block).
+gives (bit for bit where the caller is compiled without fastmath's contraction: the
+readers compute ``d·u + m`` as the dequantizers do, and a contracting caller may fuse it
+into one rounding); ``k_dot`` and ``v_acc`` sum the same values in another order
+(``d · Σ q·u + m · Σ q`` per block on the vector path).
 """
 from __future__ import annotations
 
