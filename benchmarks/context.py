@@ -31,7 +31,8 @@ its cache one of llama.cpp's types (``refquant.kernels.kvcache``; K and V alike 
   same file and threads, flash attention off (f16 only: llama.cpp needs it on for a
   quantized V cache) and on.
 
-Writes ``benchmarks/results/context.json``.
+Writes ``benchmarks/results/context.json`` and ``figures/context.png``; ``python -m
+benchmarks.report`` puts the tables in the README.
 """
 from __future__ import annotations
 
@@ -195,12 +196,64 @@ def _run(quick, rounds, paths, llama_bench_exe) -> dict:
                 quality=qual, seed_table=seed_table(cfg), budget=dict(bytes=BUDGET_BYTES, sequence=BUDGET_SEQ))
 
 
+def figure(data: dict, path: Path) -> None:
+    """Decode tokens/s against depth per cache type (ours solid, each type's roof dotted,
+    llama.cpp's best dashed) and each type's KLD against the f32 cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, aq) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = dict(zip(data["types"], plt.get_cmap("tab10").colors))
+    lb = (data["llama_bench"] or {}).get("results", [])
+    for t in data["types"]:
+        rows = [r for r in data["results"] if r["type"] == t]
+        d = [max(r["depth"], 1) for r in rows]
+        ax.plot(d, [r["tokens_per_s"] for r in rows], "o-", color=colors[t], label=f"{t} cache")
+        ax.plot(d, [r["roof_tokens_per_s"] for r in rows], ":", color=colors[t], lw=1)
+        theirs = {}
+        for r in lb:
+            if r["type"] == t:
+                theirs[r["depth"]] = max(theirs.get(r["depth"], 0), r["tokens_per_s"])
+        if theirs:
+            ds = sorted(theirs)
+            ax.plot([max(x, 1) for x in ds], [theirs[x] for x in ds], "x--", color=colors[t], lw=1,
+                    label=f"{t}, llama.cpp")
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_yscale("log")
+    ax.set_xticks(data["depths"], [str(x) for x in data["depths"]])
+    ax.set_xlabel("positions in the cache (depth)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{data['model']}, {data['threads']} threads, {data['tier']}: refquant (solid), "
+                 "its roof (dotted), llama.cpp best of flash attention on/off (dashed)", fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    windows = sorted({q["window"] for q in data["quality"]})
+    qtypes = list(dict.fromkeys(q["type"] for q in data["quality"]))
+    width = 0.8 / max(len(windows), 1)
+    for i, W in enumerate(windows):
+        vals = {q["type"]: q for q in data["quality"] if q["window"] == W}
+        xs = [k + i * width for k in range(len(qtypes))]
+        aq.bar(xs, [vals[t]["kld_mean"] for t in qtypes], width, yerr=[vals[t]["kld_se"] for t in qtypes],
+               label=f"{W}-token windows", alpha=0.8)
+    aq.set_xticks([k + width * (len(windows) - 1) / 2 for k in range(len(qtypes))], qtypes)
+    aq.set_yscale("log")
+    aq.set_ylabel("mean KLD against the f32 cache (float weights)")
+    aq.set_title("what the cache type costs in quality", fontsize=9)
+    aq.legend(fontsize=7)
+    aq.grid(True, axis="y", which="both", alpha=0.3)
+    fig.suptitle("SmolLM2-135M: KV cache types at long context", fontsize=10)
+    common.finish_figure(fig, aq, path)
+
+
 def main(argv=None) -> None:
     ap = common.quick_args(__doc__)
     ap.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench, run on the same file")
     args = ap.parse_args(argv)
     data = run(quick=args.quick, llama_bench_exe=args.llama_bench)
     path = common.write_json("context", data)
+    figure(data, common.FIGURES / "context.png")
     print(f"roof: the F32 step reads {data['roof']['f32_weight_gbs']:.1f} GB/s")
     for r in data["results"]:
         print(f"{r['type']:6s} depth {r['depth']:5d}  {r['tokens_per_s']:7.1f} tokens/s  {r['gbs']:5.1f} GB/s  "

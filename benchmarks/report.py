@@ -9,8 +9,10 @@ between ``<!-- decode:start -->`` and ``<!-- decode:end -->`` with the SmolLM2 d
 table from ``benchmarks/results/decode.json``, between ``<!-- quantize:start -->`` and
 ``<!-- quantize:end -->`` with the quantizer speeds from ``benchmarks/results/quantize.json``,
 between ``<!-- smollm2:start -->`` and ``<!-- smollm2:end -->`` with the SmolLM2 study
-from ``benchmarks/results/pareto_smollm2.json``, and between ``<!-- batch:start -->`` and
-``<!-- batch:end -->`` with the batched decode from ``benchmarks/results/batch.json``.
+from ``benchmarks/results/pareto_smollm2.json``, between ``<!-- batch:start -->`` and
+``<!-- batch:end -->`` with the batched decode from ``benchmarks/results/batch.json``, and
+between ``<!-- context:start -->`` and ``<!-- context:end -->`` with the KV cache types at
+long context from ``benchmarks/results/context.json``.
 ``tests/test_readme.py`` checks that the README matches what this script generates.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ DECODE_START, DECODE_END = "<!-- decode:start -->", "<!-- decode:end -->"
 QUANTIZE_START, QUANTIZE_END = "<!-- quantize:start -->", "<!-- quantize:end -->"
 SMOLLM2_START, SMOLLM2_END = "<!-- smollm2:start -->", "<!-- smollm2:end -->"
 BATCH_START, BATCH_END = "<!-- batch:start -->", "<!-- batch:end -->"
+CONTEXT_START, CONTEXT_END = "<!-- context:start -->", "<!-- context:end -->"
 TARGETS = {  # scheme: (our bar on the perplexity gap in %, the seed's bar or None)
     "int8_tensor": (0.5, 5.0), "int8_channel": (0.5, 5.0), "int4_g128": (15.0, None), "gptq_int4_g128": (3.0, None),
 }
@@ -319,6 +322,49 @@ def batch_section(data: dict) -> str:
     return "\n".join(out)
 
 
+def context_section(data: dict) -> str:
+    """Decode speed per KV cache type and depth against its roof and llama.cpp, quality
+    against the f32 cache, and the seed's bytes table (``benchmarks.context``)."""
+    by = {(r["type"], r["depth"]): r for r in data["results"]}
+    lb = {}
+    for r in (data["llama_bench"] or {}).get("results", []):
+        key = (r["type"], r["depth"])
+        lb[key] = max(lb.get(key, 0.0), r["tokens_per_s"])
+    out = [f"{data['model']} with each of llama.cpp's KV cache types (K and V alike), from `python -m "
+           f"benchmarks.context`: decode tokens/s at each depth, median of {data['rounds']} interleaved rounds "
+           f"of {data['steps_per_round']} steps, {data['threads']} threads, tier `{data['tier']}`, "
+           f"{data['machine']['cpu']}. In brackets: the share of the type's roof, the F32 step's weight read "
+           f"rate in the same run ({data['roof']['f32_weight_gbs']:.1f} GB/s) over the bytes a token reads (weights "
+           "and every cached position's K and V); then llama.cpp's `llama-bench -n 16 -d DEPTH -ctk T -ctv T` on "
+           "the same file, the better of flash attention off and on. A share above 100% is a step that reads "
+           "faster than the F32 step does: a smaller file can stay in a large last-level cache.", "",
+           "| cache | " + " | ".join(f"depth {d}" for d in data["depths"]) + " |",
+           "|---|" + "---|" * len(data["depths"])]
+    for t in data["types"]:
+        cells = []
+        for d in data["depths"]:
+            r = by[t, d]
+            c = f"{r['tokens_per_s']:.0f} ({r['pct_of_roof']:.0f}%)"
+            if (t, d) in lb:
+                c += f"; llama.cpp {lb[t, d]:.0f}"
+            cells.append(c)
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    out += ["", "Quality against the f32 cache on windows of real text (`pydoc_data.topics`), on the file's "
+            "weights dequantized to float32 (the byte-dot kernels' x rounding alone moves the mean KLD to ~4e-3 "
+            "whenever anything upstream changes by a float32 rounding):", "",
+            "| cache | window | mean KLD ± se | p99 | same top |", "|---|---|---|---|---|"]
+    for q in data["quality"]:
+        out.append(f"| {q['type']} | {q['window']} | {q['kld_mean']:.2e} ± {q['kld_se']:.1e} | {q['kld_p99']:.2e} | "
+                   f"{100 * q['same_top']:.2f}% |")
+    out += ["", f"The seed's \"separate axis\": KV bytes per token and how many {data['budget']['sequence']}-token "
+            f"sequences fit in {data['budget']['bytes'] >> 30} GiB of cache.", "",
+            "| cache | bytes per token | sequences | × f16 bytes |", "|---|---|---|---|"]
+    for r in data["seed_table"]:
+        out.append(f"| {r['type']} | {r['bytes_per_token']} | {r['sequences_in_budget']} | {r['x_f16_bytes']:.2f} |")
+    out += ["", "![KV cache types at long context](figures/context.png)"]
+    return "\n".join(out)
+
+
 def _replace(readme: str, start: str, end: str, body: str) -> str:
     if start not in readme or end not in readme:
         raise ValueError(f"README.md has no {start} ... {end} section")
@@ -328,8 +374,10 @@ def _replace(readme: str, start: str, end: str, body: str) -> str:
 
 
 def render(readme: str, data: dict, decode: dict | None = None, quantize: dict | None = None,
-           smollm2: dict | None = None, batch: dict | None = None) -> str:
+           smollm2: dict | None = None, batch: dict | None = None, context: dict | None = None) -> str:
     readme = _replace(readme, START, END, section(data))
+    if context is not None:
+        readme = _replace(readme, CONTEXT_START, CONTEXT_END, context_section(context))
     if batch is not None:
         readme = _replace(readme, BATCH_START, BATCH_END, batch_section(batch))
     if smollm2 is not None:
@@ -342,7 +390,8 @@ def render(readme: str, data: dict, decode: dict | None = None, quantize: dict |
 def main(argv=None) -> None:
     common.quick_args(__doc__).parse_args(argv)
     text = render(README.read_text(), common.read_json("pareto"), common.read_json("decode"),
-                  common.read_json("quantize"), common.read_json("pareto_smollm2"), common.read_json("batch"))
+                  common.read_json("quantize"), common.read_json("pareto_smollm2"), common.read_json("batch"),
+                  common.read_json("context"))
     with atomic_open(README, "w") as f:
         f.write(text)
     print(f"updated {README}")

@@ -296,3 +296,4 @@ def test_context_quick(out_dirs):
         assert r["pct_of_roof"] == pytest.approx(100 * r["tokens_per_s"] / r["roof_tokens_per_s"])
     (q,) = data["quality"]
     assert q["type"] == "q8_0" and q["window"] == 64 and 0 < q["kld_mean"] < 5e-3
+    assert (out_dirs / "figures" / "context.png").stat().st_size > 10_000
