@@ -117,7 +117,7 @@ def _make_attention(cache_key: tuple):
 
     ``part(q, k, v, l, seq, pos, n_head, n_kv, hd, P, tid, nt)``: query row ``q`` (n_head·hd)
     against positions ``j`` of ``share(pos + 1, tid, nt)`` of layer ``l``, sequence ``seq`` of
-    a ``KVCache``'s arrays, read only through the cache's ``k_dot`` / ``v_acc``; for every
+    a ``KVCache``'s arrays, read only through the cache's ``k_dot`` / ``v_accs``; for every
     query head ``h`` it writes ``P[tid, h] = (m, Σ_j e_j, Σ_j e_j V_j)`` with ``m`` its share's
     largest score and ``e_j = exp(s_j − m)`` (``m = −inf``, zero sums for an empty share).
     The query heads of a key/value head go together. ``merge(P, nt, n_head, hd, out, h0,
@@ -128,7 +128,7 @@ def _make_attention(cache_key: tuple):
     between the cores ~200 times per layer: SmolLM2's step took 0.75 ms longer)."""
     if cache_key not in _ATTENTION:
         cops = kvcache.ops(*cache_key[1:])
-        k_dot, v_acc = cops.k_dot, cops.v_acc
+        k_dot, v_accs = cops.k_dot, cops.v_accs
         NEG = np.float32(-np.inf)
 
         @njit(fastmath=_FAST, error_model="numpy")
@@ -166,9 +166,8 @@ def _make_attention(cache_key: tuple):
                     Pf[base + (kv * group + g) * W] = mx
                     Pf[base + (kv * group + g) * W + 1] = V.hsum_f32x8(t8)
                 acc[:] = 0
-                for j in range(n):
-                    for g in range(group):
-                        v_acc(v, l, seq, kv, j0 + j, s[g * N + j], acc, g * hd, hd)
+                for j in range(n):      # each value row decoded once for the group's heads
+                    v_accs(v, l, seq, kv, j0 + j, s, j, N, group, acc, hd)
                 for g in range(group):
                     o = base + (kv * group + g) * W + 2
                     for i in range(hd):

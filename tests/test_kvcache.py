@@ -7,7 +7,7 @@ conversions, and the compiled operations against the NumPy rows.
   ``test_gguf_quants`` holds against ggml's C; ``keys()`` / ``values()`` are gguf-py's
   dequantization of those bytes;
 * inside numba code, ``store`` writes the same bytes, ``k_tile`` / ``v_tile`` the same
-  floats, and ``k_dot`` / ``v_acc`` sum them within float32 rounding.
+  floats, and ``k_dot`` / ``v_acc`` / ``v_accs`` sum them within float32 rounding.
 """
 import numpy as np
 import pytest
@@ -82,24 +82,26 @@ def _harness(t_k: str, t_v: str, hd: int, seq: int):
     from refquant.kernels import kvcache
 
     o = kvcache.ops(t_k, t_v)
-    store, k_dot, v_acc, k_tile, v_tile = o.store, o.k_dot, o.v_acc, o.k_tile, o.v_tile
+    store, k_dot, v_acc, v_accs, k_tile, v_tile = o.store, o.k_dot, o.v_acc, o.v_accs, o.k_tile, o.v_tile
 
     @njit
-    def run(K, V, rows, q, p):
+    def run(K, V, rows, q, p, p2):
         for t in range(rows.shape[0]):
             store(K, V, 1, seq, 4 + t, rows[t], 0, NKV * hd, 0, NKV, hd)
         n = 4 + rows.shape[0]
         dots = np.empty((NKV, n), np.float32)
         out = np.zeros((NKV, hd), np.float32)
+        out2 = np.zeros((NKV, 2 * hd), np.float32)     # two heads' weights p2[g·n + j]
         kt = np.full((NKV, hd, kvcache.TILE), np.float32(7))
         vt = np.full((NKV, kvcache.TILE, hd), np.float32(7))
         for h in range(NKV):
             for j in range(n):
                 dots[h, j] = k_dot(K, 1, seq, h, j, q, 0, hd)
                 v_acc(V, 1, seq, h, j, p[j], out[h], 0, hd)
+                v_accs(V, 1, seq, h, j, p2, j, n, 2, out2[h], hd)
             k_tile(K, 1, seq, h, 2, n - 2, kt[h])
             v_tile(V, 1, seq, h, 2, n - 2, vt[h])
-        return dots, out, kt, vt
+        return dots, out, out2, kt, vt
     return run
 
 
@@ -111,8 +113,9 @@ def _check_compiled_ops(t_k: str, t_v: str, hd: int = HD, seq: int = 1):
     K, V = np.zeros_like(ref.k), np.zeros_like(ref.v)
     rng = np.random.default_rng(5)
     q, p = rng.standard_normal(hd).astype(np.float32), rng.random(4 + T).astype(np.float32)
+    p2 = rng.random(2 * (4 + T)).astype(np.float32)
     rows = np.concatenate([k.reshape(T, -1), v.reshape(T, -1)], axis=1)
-    dots, out, kt, vt = _harness(t_k, t_v, hd, seq)(K, V, rows, q, p)
+    dots, out, out2, kt, vt = _harness(t_k, t_v, hd, seq)(K, V, rows, q, p, p2)
     np.testing.assert_array_equal(K, ref.k)            # the same bytes
     np.testing.assert_array_equal(V, ref.v)
     keys, vals = ref.keys(seq, 1, 4 + T).astype(np.float64), ref.values(seq, 1, 4 + T).astype(np.float64)
@@ -128,9 +131,10 @@ def _check_compiled_ops(t_k: str, t_v: str, hd: int = HD, seq: int = 1):
     want = np.einsum("jhd,d->hj", keys, q)
     bound = 2 * hd * 2.0**-24 * np.einsum("jhd,d->hj", mk, np.abs(q)) + 1e-30
     assert (np.abs(dots - want) <= bound).all()
-    want = np.einsum("jhd,j->hd", vals, p)
-    bound = 2 * (4 + T) * 2.0**-24 * np.einsum("jhd,j->hd", mv, p) + 1e-30
-    assert (np.abs(out - want) <= bound).all()
+    for got, w in ((out, p), (out2[:, :hd], p2[:4 + T]), (out2[:, hd:], p2[4 + T:])):
+        want = np.einsum("jhd,j->hd", vals, w)
+        bound = 2 * (4 + T) * 2.0**-24 * np.einsum("jhd,j->hd", mv, w) + 1e-30
+        assert (np.abs(got - want) <= bound).all()
 
 
 def _magnitudes(t: str, x: np.ndarray) -> np.ndarray:

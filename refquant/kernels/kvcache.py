@@ -20,7 +20,9 @@ Inside numba code (``ops()``, built on first use so that the NumPy side never lo
 heads ``h0 <= h < h1`` from ``row[k_off + h·hd:]`` / ``row[v_off + h·hd:]`` (the members of
 a team store their own heads); ``k_dot(k, l, seq, h, j, q, qo, hd)`` is
 ``q[qo:qo+hd] · K[l, seq, h, j]`` and ``v_acc(v, l, seq, h, j, p, out, qo, hd)`` adds
-``p · V[l, seq, h, j]`` to ``out[qo:qo+hd]``: attention touches the cache only through these;
+``p · V[l, seq, h, j]`` to ``out[qo:qo+hd]`` (``v_accs(v, l, seq, h, j, ps, pi, stride, G,
+out, hd)``: for ``G`` heads, ``ps[pi + g·stride] · V`` to ``out[g·hd:]``, the row decoded
+once): attention touches the cache only through these;
 ``k_tile(k, l, seq, h, j0, n, kt)`` writes keys ``j0 <= j < j0+n`` of head ``h`` transposed
 as float32 into ``kt`` (head_dim, TILE), zeros in its columns from ``n`` on, and
 ``v_tile(v, l, seq, h, j0, n, vt)`` the values as rows of ``vt`` (TILE, head_dim), zero rows
@@ -174,12 +176,14 @@ class KVCache:
 
 
 def _readers(codec: tuple):
-    """``(dot, axpy, unpack)`` of rows of ``codec`` (``CacheType``) inside numba code, each
+    """``(dot, axpy, axpys, unpack)`` of rows of ``codec`` (``CacheType``) inside numba code, each
     reading row ``a[l, s, h, j]`` of a 5-D storage array in place (a view would cost two
     atomic reference counts per row): ``dot(a, l, s, h, j, q, qo, hd)`` = Σ q[qo+i]·x_i,
     ``axpy(a, l, s, h, j, p, out, qo, hd)``: out[qo+i] += p·x_i, ``unpack(a, l, s, h, j, dst,
     o, stride, hd)``: dst[o + i·stride] = x_i, where x_i is the row's number i as ``decode``
-    gives it."""
+    gives it; ``axpys(a, l, s, h, j, ps, pi, stride, G, out, hd)``: ``axpy`` for ``G`` heads
+    at once, out[g·hd + i] += ps[pi + g·stride]·x_i (the vector path decodes the row once
+    for all of them)."""
     from numba import njit
 
     from refquant.kernels.matvec import F16_TABLE
@@ -223,8 +227,8 @@ def _readers(codec: tuple):
             for i in range(hd):
                 dst[o + i * stride] = val(a, l, s, h, j, i)
         if vector is None:
-            return dot, axpy, unpack
-        (vdot, vaxpy), sdot, saxpy = vector, dot, axpy
+            return dot, axpy, _each_head(axpy), unpack
+        (vdot, vaxpy, vaxpys), sdot, saxpy, saxpys = vector, dot, axpy, _each_head(axpy)
 
         @njit(inline="always")
         def fast_dot(a, l, s, h, j, q, qo, hd):
@@ -238,7 +242,14 @@ def _readers(codec: tuple):
                 vaxpy(a, l, s, h, j, p, out, qo, hd)
             else:
                 saxpy(a, l, s, h, j, p, out, qo, hd)
-        return fast_dot, fast_axpy, unpack
+
+        @njit(inline="always")
+        def fast_axpys(a, l, s, h, j, ps, pi, stride, G, out, hd):
+            if hd % 8 == 0:
+                vaxpys(a, l, s, h, j, ps, pi, stride, G, out, hd)
+            else:
+                saxpys(a, l, s, h, j, ps, pi, stride, G, out, hd)
+        return fast_dot, fast_axpy, fast_axpys, unpack
 
     _, code_kind, size, d_at, m_at, qh_at, qs_at, c, table = codec
     S8, LUT, HAS_M, HAS_QH = code_kind == "s8", code_kind == "l4", m_at >= 0, qh_at >= 0
@@ -309,7 +320,19 @@ def _readers(codec: tuple):
                 x0, x1 = pair(a, l, s, h, j, b * size, i, d, m, qh)
                 dst[o + (32 * b + i) * stride] = x0
                 dst[o + (32 * b + 16 + i) * stride] = x1
-    return (dot, axpy, unpack) if vector is None else (*vector, unpack)
+    return (dot, axpy, _each_head(axpy), unpack) if vector is None else (*vector, unpack)
+
+
+def _each_head(axpy):
+    """``axpys(a, l, s, h, j, ps, pi, stride, G, out, hd)``: ``axpy`` of row ``a[l, s, h, j]``
+    for each of ``G`` heads, weight ``ps[pi + g·stride]`` into ``out[g·hd:]``."""
+    from numba import njit
+
+    @njit(inline="always")
+    def axpys(a, l, s, h, j, ps, pi, stride, G, out, hd):
+        for g in range(G):
+            axpy(a, l, s, h, j, ps[pi + g * stride], out, g * hd, hd)
+    return axpys
 
 
 def _vector_readers(codec: tuple):
@@ -346,7 +369,16 @@ def _vector_readers(codec: tuple):
             o = start(a, l, s, h, j)
             for c in range(0, hd, 8):
                 V.store_f32x8(out, qo + c, V.fmadd_f32x8(V.load_f32x8(out, qo + c), V.vec8(a, o + c), p))
-        return dot, axpy
+
+        @njit(inline="always")
+        def axpys(a, l, s, h, j, ps, pi, stride, G, out, hd):
+            o = start(a, l, s, h, j)
+            for c in range(0, hd, 8):
+                x = V.vec8(a, o + c)
+                for g in range(G):
+                    V.store_f32x8(out, g * hd + c, V.fmadd_f32x8(V.load_f32x8(out, g * hd + c), x,
+                                                                 ps[pi + g * stride]))
+        return dot, axpy, axpys
 
     _, code_kind, size, d_at, m_at, qh_at, qs_at, c, table = codec
     S8, HAS_M = code_kind == "s8", m_at >= 0
@@ -398,7 +430,29 @@ def _vector_readers(codec: tuple):
                     hi = V.add_f32x8(V.load_f32x8(out, ob + 16 + cc), V.splat_f32x8(pm))
                     V.store_f32x8(out, ob + cc, V.fmadd_f32x8(lo, V.bytes8(a, base + qs_at + cc, 1), pd))
                     V.store_f32x8(out, ob + 16 + cc, V.fmadd_f32x8(hi, V.bytes8(a, base + qs_at + cc, 2), pd))
-    return dot, axpy
+
+    @njit(inline="always")
+    def add_all(out, at, x, ps, pi, stride, G, hd):
+        for g in range(G):
+            V.store_f32x8(out, g * hd + at, V.fmadd_f32x8(V.load_f32x8(out, g * hd + at), x, ps[pi + g * stride]))
+
+    @njit(inline="always")
+    def axpys(a, l, s, h, j, ps, pi, stride, G, out, hd):
+        o = start(a, l, s, h, j)
+        for b in range(hd // 32):
+            base = o + b * size
+            d, m = scales(a, l, s, h, j, b * size)
+            if S8:
+                for cc in range(0, 32, 8):
+                    add_all(out, 32 * b + cc, V.mul_f32x8(V.bytes8(a, base + qs_at + cc, 0), d), ps, pi, stride, G, hd)
+            else:
+                mv = V.splat_f32x8(m)
+                for cc in range(0, 16, 8):
+                    add_all(out, 32 * b + cc, V.fmadd_f32x8(mv, V.bytes8(a, base + qs_at + cc, 1), d),
+                            ps, pi, stride, G, hd)
+                    add_all(out, 32 * b + 16 + cc, V.fmadd_f32x8(mv, V.bytes8(a, base + qs_at + cc, 2), d),
+                            ps, pi, stride, G, hd)
+    return dot, axpy, axpys
 
 
 @functools.lru_cache(maxsize=None)
@@ -413,8 +467,8 @@ def ops(type_k: str = "f32", type_v: str = "f32") -> "Ops":
     if tk.put is None or tv.put is None:
         raise ValueError(f"no compiled cache operations for ({type_k}, {type_v})")
     put_k, put_v = tk.put(), tv.put()
-    k_dot_row, _, k_unpack = _readers(tk.codec)
-    _, v_axpy, v_unpack = _readers(tv.codec)
+    k_dot_row, _, _, k_unpack = _readers(tk.codec)
+    _, v_axpy, v_axpys, v_unpack = _readers(tv.codec)
     K_LINE, V_LINE = 64 // tk.dtype.itemsize, 64 // tv.dtype.itemsize    # storage elements per cache line
 
     @njit(inline="always")
@@ -430,6 +484,10 @@ def ops(type_k: str = "f32", type_v: str = "f32") -> "Ops":
     @njit(inline="always")
     def v_acc(v, l, seq, h, j, p, out, qo, hd):
         v_axpy(v, l, seq, h, j, p, out, qo, hd)
+
+    @njit(inline="always")
+    def v_accs(v, l, seq, h, j, ps, pi, stride, G, out, hd):
+        v_axpys(v, l, seq, h, j, ps, pi, stride, G, out, hd)
 
     @njit(inline="always")
     def fetch(k, v, l, seq, h0, h1, j0, j1, parts):
@@ -461,7 +519,7 @@ def ops(type_k: str = "f32", type_v: str = "f32") -> "Ops":
             for i in range(vt.shape[1]):
                 vt[c, i] = 0
 
-    return Ops(store, k_dot, v_acc, fetch, k_tile, v_tile)
+    return Ops(store, k_dot, v_acc, fetch, k_tile, v_tile, v_accs)
 
 
 class Ops(NamedTuple):
@@ -473,3 +531,4 @@ class Ops(NamedTuple):
     fetch: object
     k_tile: object
     v_tile: object
+    v_accs: object
