@@ -117,7 +117,7 @@ def _make_attention(cache_key: tuple):
 
     ``part(q, k, v, l, seq, pos, n_head, n_kv, hd, P, tid, nt)``: query row ``q`` (n_head·hd)
     against positions ``j`` of ``share(pos + 1, tid, nt)`` of layer ``l``, sequence ``seq`` of
-    a ``KVCache``'s arrays, read only through the cache's ``k_dot`` / ``v_accs``; for every
+    a ``KVCache``'s arrays, read only through the cache's ``k_scores`` / ``v_sums``; for every
     query head ``h`` it writes ``P[tid, h] = (m, Σ_j e_j, Σ_j e_j V_j)`` with ``m`` its share's
     largest score and ``e_j = exp(s_j − m)`` (``m = −inf``, zero sums for an empty share).
     The query heads of a key/value head go together. ``merge(P, nt, n_head, hd, out, h0,
@@ -128,7 +128,7 @@ def _make_attention(cache_key: tuple):
     between the cores ~200 times per layer: SmolLM2's step took 0.75 ms longer)."""
     if cache_key not in _ATTENTION:
         cops = kvcache.ops(*cache_key[1:])
-        k_dot, v_accs = cops.k_dot, cops.v_accs
+        k_scores, v_sums = cops.k_scores, cops.v_sums
         NEG = np.float32(-np.inf)
 
         @njit(fastmath=_FAST, error_model="numpy")
@@ -144,9 +144,7 @@ def _make_attention(cache_key: tuple):
             Pf = P.reshape(-1)
             base = tid * n_head * W
             for kv in range(n_kv):
-                for j in range(n):
-                    for g in range(group):
-                        s[g * N + j] = k_dot(k, l, seq, kv, j0 + j, q, (kv * group + g) * hd, hd) * scale
+                k_scores(k, l, seq, kv, j0, n, q, kv * group * hd, group, hd, scale, s, N)
                 for g in range(group):          # the softmax's numerators, eight scores at a time
                     r = g * N
                     for j in range(n, N):
@@ -166,8 +164,7 @@ def _make_attention(cache_key: tuple):
                     Pf[base + (kv * group + g) * W] = mx
                     Pf[base + (kv * group + g) * W + 1] = V.hsum_f32x8(t8)
                 acc[:] = 0
-                for j in range(n):      # each value row decoded once for the group's heads
-                    v_accs(v, l, seq, kv, j0 + j, s, j, N, group, acc, hd)
+                v_sums(v, l, seq, kv, j0, n, s, N, group, acc, hd)
                 for g in range(group):
                     o = base + (kv * group + g) * W + 2
                     for i in range(hd):
@@ -371,7 +368,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     ``parts``: (qkv, o, up, down, head) ``stacked.make_concat_part`` functions,
     ``structure`` the number of arrays of each of their operands (``_team``); ``cache_key``:
     the ``KVCache``'s (its storage types: the cache is written by its ``store`` and read by
-    the attention built on its ``k_dot``/``v_acc``). ``llama``: RMSNorm, RoPE, SwiGLU
+    the attention built on its ``k_scores``/``v_sums``). ``llama``: RMSNorm, RoPE, SwiGLU
     (gate|up stacked), no biases; else GPT-2: LayerNorm with bias, GELU, biases on every
     Linear (positions are added to the embedding by the caller).
 

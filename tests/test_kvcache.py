@@ -7,7 +7,8 @@ conversions, and the compiled operations against the NumPy rows.
   ``test_gguf_quants`` holds against ggml's C; ``keys()`` / ``values()`` are gguf-py's
   dequantization of those bytes;
 * inside numba code, ``store`` writes the same bytes, ``k_tile`` / ``v_tile`` the same
-  floats, and ``k_dot`` / ``v_acc`` / ``v_accs`` sum them within float32 rounding.
+  floats, and ``k_scores`` / ``v_sums`` sum them within float32 rounding (and, for the
+  types whose keys meet a query rounded to int16, that rounding's bound).
 """
 import numpy as np
 import pytest
@@ -73,6 +74,9 @@ def test_stored_rows_are_ggml_bytes_and_read_back_as_gguf_py_decodes_them(t):
     assert c.bytes_per_position == 2 * 2 * NKV * c.k.shape[-1] * c.k.itemsize
 
 
+G = 4          # query heads per key/value head: a group of three and one repeated
+
+
 def _harness(t_k: str, t_v: str, hd: int, seq: int):
     """A numba function that runs every compiled operation of the (t_k, t_v) cache on
     layer 1, sequence ``seq`` of rows of ``hd`` numbers."""
@@ -82,27 +86,28 @@ def _harness(t_k: str, t_v: str, hd: int, seq: int):
     from refquant.kernels import kvcache
 
     o = kvcache.ops(t_k, t_v)
-    store, k_dot, v_acc, v_accs, k_tile, v_tile = o.store, o.k_dot, o.v_acc, o.v_accs, o.k_tile, o.v_tile
+    store, k_scores, v_sums, k_tile, v_tile = o.store, o.k_scores, o.v_sums, o.k_tile, o.v_tile
 
     @njit
-    def run(K, V, rows, q, p, p2):
+    def run(K, V, rows, q, p, out0):
         for t in range(rows.shape[0]):
             store(K, V, 1, seq, 4 + t, rows[t], 0, NKV * hd, 0, NKV, hd)
         n = 4 + rows.shape[0]
-        dots = np.empty((NKV, n), np.float32)
-        out = np.zeros((NKV, hd), np.float32)
-        out2 = np.zeros((NKV, 2 * hd), np.float32)     # two heads' weights p2[g·n + j]
+        scores = np.full((NKV, G, n + 3), np.float32(7))
+        out = out0.copy()
         kt = np.full((NKV, hd, kvcache.TILE), np.float32(7))
         vt = np.full((NKV, kvcache.TILE, hd), np.float32(7))
         for h in range(NKV):
-            for j in range(n):
-                dots[h, j] = k_dot(K, 1, seq, h, j, q, 0, hd)
-                v_acc(V, 1, seq, h, j, p[j], out[h], 0, hd)
-                v_accs(V, 1, seq, h, j, p2, j, n, 2, out2[h], hd)
+            k_scores(K, 1, seq, h, 1, n - 1, q, 0, G, hd, np.float32(0.5), scores[h].reshape(-1), n + 3)
+            v_sums(V, 1, seq, h, 1, n - 1, p, n + 3, G, out[h].reshape(-1), hd)
             k_tile(K, 1, seq, h, 2, n - 2, kt[h])
             v_tile(V, 1, seq, h, 2, n - 2, vt[h])
-        return dots, out, out2, kt, vt
+        return scores, out, kt, vt
     return run
+
+
+# the types whose keys meet the query rounded to int16, one scale per head (kvcache._scorer)
+INT16_QUERY = ("q8_0", "q4_0", "q4_1")
 
 
 def _check_compiled_ops(t_k: str, t_v: str, hd: int = HD, seq: int = 1):
@@ -111,30 +116,36 @@ def _check_compiled_ops(t_k: str, t_v: str, hd: int = HD, seq: int = 1):
     ref = KVCache(2, NKV, hd, 16, n_seq=2, type_k=t_k, type_v=t_v)
     ref.store(seq, 1, 4, k, v)
     K, V = np.zeros_like(ref.k), np.zeros_like(ref.v)
+    n = 4 + T
     rng = np.random.default_rng(5)
-    q, p = rng.standard_normal(hd).astype(np.float32), rng.random(4 + T).astype(np.float32)
-    p2 = rng.random(2 * (4 + T)).astype(np.float32)
+    q = rng.standard_normal((G, hd)).astype(np.float32)
+    q[1, 3] = 40.0      # one head's scale set by an outlier
+    p = rng.random((G, n + 3)).astype(np.float32)
+    out0 = rng.standard_normal((NKV, G, hd)).astype(np.float32)
     rows = np.concatenate([k.reshape(T, -1), v.reshape(T, -1)], axis=1)
-    dots, out, out2, kt, vt = _harness(t_k, t_v, hd, seq)(K, V, rows, q, p, p2)
+    scores, out, kt, vt = _harness(t_k, t_v, hd, seq)(K, V, rows, q.reshape(-1), p.reshape(-1), out0)
     np.testing.assert_array_equal(K, ref.k)            # the same bytes
     np.testing.assert_array_equal(V, ref.v)
-    keys, vals = ref.keys(seq, 1, 4 + T).astype(np.float64), ref.values(seq, 1, 4 + T).astype(np.float64)
-    n = 4 + T - 2
-    np.testing.assert_array_equal(kt[:, :, :n], keys[2:].transpose(1, 2, 0))      # the same floats
-    np.testing.assert_array_equal(vt[:, :n], vals[2:].transpose(1, 0, 2))
-    assert not kt[:, :, n:].any() and not vt[:, n:].any()
-    # float32 sums of HD (and 4 + T) terms, |error| <= terms · 2^-24 · Σ|term| (first order),
+    keys, vals = ref.keys(seq, 1, n).astype(np.float64), ref.values(seq, 1, n).astype(np.float64)
+    np.testing.assert_array_equal(kt[:, :, :n - 2], keys[2:].transpose(1, 2, 0))      # the same floats
+    np.testing.assert_array_equal(vt[:, :n - 2], vals[2:].transpose(1, 0, 2))
+    assert not kt[:, :, n - 2:].any() and not vt[:, n - 2:].any()
+    assert (scores[:, :, n - 1:] == 7).all()            # nothing written past the rows asked for
+    # float32 sums of hd (and n) terms, |error| <= terms · 2^-24 · Σ|term| (first order),
     # where a block type's number d·u + m may be summed as its two parts: |d·u| + |m| is at
     # most 3 max|x| of its block (q4_0: |d| = amax/8, |u| <= 15, |m| = 8|d|; q4_1: |d·u| <=
-    # max - min, |m| = |min|; q8_0: d·u = x)
+    # max - min, |m| = |min|; q8_0: d·u = x). A query rounded to int16 (qd = amax/32767) is
+    # off by at most 0.5 qd (+ the float32 rounding of q/qd: 32767 · 2^-23 qd) per number.
+    keys, vals = keys[1:], vals[1:]
     mk, mv = _magnitudes(t_k, keys), _magnitudes(t_v, vals)
-    want = np.einsum("jhd,d->hj", keys, q)
-    bound = 2 * hd * 2.0**-24 * np.einsum("jhd,d->hj", mk, np.abs(q)) + 1e-30
-    assert (np.abs(dots - want) <= bound).all()
-    for got, w in ((out, p), (out2[:, :hd], p2[:4 + T]), (out2[:, hd:], p2[4 + T:])):
-        want = np.einsum("jhd,j->hd", vals, w)
-        bound = 2 * (4 + T) * 2.0**-24 * np.einsum("jhd,j->hd", mv, w) + 1e-30
-        assert (np.abs(got - want) <= bound).all()
+    qd = np.abs(q).max(1) / 32767 if t_k in INT16_QUERY else np.zeros(G)
+    want = 0.5 * np.einsum("jhd,gd->hgj", keys, q)
+    bound = 0.5 * (2 * hd * 2.0**-24 * np.einsum("jhd,gd->hgj", mk, np.abs(q) + qd[:, None])
+                   + 0.504 * qd[None, :, None] * np.abs(keys).sum(-1).T[:, None, :]) + 1e-30
+    assert (np.abs(scores[:, :, :n - 1] - want) <= bound).all()
+    want = out0 + np.einsum("jhd,gj->hgd", vals, p[:, :n - 1])
+    bound = 2 * n * 2.0**-24 * (np.einsum("jhd,gj->hgd", mv, p[:, :n - 1]) + np.abs(out0)) + 1e-30
+    assert (np.abs(out - want) <= bound).all()
 
 
 def _magnitudes(t: str, x: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ class _Vector(types.Type):
 
 
 I8x32 = _Vector("I8x32", _V32I8)
+I16x16 = _Vector("I16x16", _V16I16)
 I32x8 = _Vector("I32x8", _V8I32)
 F32x8 = _Vector("F32x8", _V8F32)
 
@@ -111,6 +112,20 @@ def bcast4(typingctx, arr, idx):
 
 
 @intrinsic
+def half_at(typingctx, arr, idx):
+    """The IEEE half at bytes ``idx``, ``idx + 1`` (little-endian) of a C-contiguous
+    uint8/int8 array of any rank (flat element ``idx``), as float32 (``vcvtph2ps``: no
+    65536-entry table to keep in cache)."""
+    if not _c_flat(arr, types.uint8, types.int8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        h = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], ir.HalfType()), align=1)
+        return builder.fpext(h, _F32)
+    return types.float32(arr, types.intp), codegen
+
+
+@intrinsic
 def load_bits32(typingctx, arr, idx):
     """4 bytes at ``arr[idx]`` as 32 bits, bit j -> byte j as 0 or 1 (``vpbroadcastd``/``vpshufb``/``vpcmpeqb`` on AVX2)."""
     if not _c_vector(arr, types.uint8):
@@ -125,7 +140,7 @@ def load_bits32(typingctx, arr, idx):
 
 def _prefetcher(locality: int, doc: str):
     def prefetch(typingctx, arr, idx):
-        if not _c_vector(arr):
+        if not _c_flat(arr):
             return None
 
         def codegen(context, builder, sig, args):
@@ -139,7 +154,8 @@ def _prefetcher(locality: int, doc: str):
     return intrinsic(prefetch)
 
 
-prefetch = _prefetcher(3, """Hint the cache line holding ``arr[idx]`` (a 1-D array) into L1 (``prefetcht0``);
+prefetch = _prefetcher(3, """Hint the cache line holding ``arr[idx]`` (a C-contiguous array of any rank, flat
+    element ``idx``) into L1 (``prefetcht0``);
     no bounds check is needed: a prefetch never faults.""")
 prefetch_l2 = _prefetcher(2, """``prefetch`` into L2 (``prefetcht1``): data read a little later, more than L1 holds.""")
 
@@ -443,6 +459,42 @@ def bytes8(typingctx, arr, idx, part):
 
 
 @intrinsic
+def widen16(typingctx, arr, idx, part):
+    """Sixteen bytes of a C-contiguous uint8/int8 array (any rank, flat element ``idx``) as
+    int16 lanes; ``part`` (a literal): 0 the bytes as int8, 1 their low nibbles, 2 their
+    high nibbles (``vpmovsxbw``/``vpmovzxbw``, ``vpand``/``vpsrlw``)."""
+    if not (_c_flat(arr, types.uint8, types.int8) and isinstance(part, types.IntegerLiteral)
+            and part.literal_value in (0, 1, 2)):
+        return None
+    mode = part.literal_value
+
+    def codegen(context, builder, sig, args):
+        v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 16)), align=1)
+        if mode == 0:
+            return builder.sext(v, _V16I16)
+        w = builder.zext(v, _V16I16)
+        return builder.and_(w, _splat(_V16I16, 15)) if mode == 1 else builder.lshr(w, _splat(_V16I16, 4))
+    return I16x16(arr, types.intp, part), codegen
+
+
+@intrinsic
+def madd_i16x16(typingctx, acc, a, b):
+    """``acc`` plus the products of ``a`` and ``b`` (sixteen int16 lanes each) summed in
+    adjacent pairs to eight int32 lanes (``vpmaddwd`` + ``vpaddd``, or ``vpdpwssd`` where
+    the CPU has it: LLVM matches the pattern). No overflow for |a|, |b| <= 32767."""
+    if acc != I32x8 or a != I16x16 or b != I16x16:
+        return None
+    v16i32 = ir.VectorType(_I32, 16)
+
+    def codegen(context, builder, sig, args):
+        p = builder.mul(builder.sext(args[1], v16i32), builder.sext(args[2], v16i32))
+        even = builder.shuffle_vector(p, p, ir.Constant(_V8I32, list(range(0, 16, 2))))
+        odd = builder.shuffle_vector(p, p, ir.Constant(_V8I32, list(range(1, 16, 2))))
+        return builder.add(args[0], builder.add(even, odd))
+    return I32x8(I32x8, I16x16, I16x16), codegen
+
+
+@intrinsic
 def mul_f32x8(typingctx, a, b):
     """Lane-wise product; ``b`` a vector or a float32 broadcast to all lanes (``vmulps``)."""
     if a != F32x8 or not (b == F32x8 or isinstance(b, types.Float)):
@@ -532,6 +584,25 @@ hsum_f32x8 = _reducer(lambda b, v, w: b.fadd(v, w), "The sum of the eight lanes 
 
 
 @intrinsic
+def hsum8_f32x8(typingctx, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The lane sums of eight vectors as one vector, lane k the sum of ``a_k`` (pairwise
+    horizontal adds, ``vhaddps``-like: 14 shuffles and 7 adds for eight sums against 24 and
+    24 for eight ``hsum_f32x8``)."""
+    if any(a != F32x8 for a in (a0, a1, a2, a3, a4, a5, a6, a7)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        def hadd(x, y, even, odd):
+            return builder.fadd(builder.shuffle_vector(x, y, ir.Constant(_V8I32, even)),
+                                builder.shuffle_vector(x, y, ir.Constant(_V8I32, odd)))
+        pairs = ([0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15])
+        s = [hadd(args[i], args[i + 1], *pairs) for i in range(0, 8, 2)]    # [x01 x23 y01 y23 | x45 x67 y45 y67]
+        u = [hadd(s[0], s[1], *pairs), hadd(s[2], s[3], *pairs)]           # [a0 a1 a2 a3 | a0 a1 a2 a3] halves
+        return hadd(u[0], u[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+    return F32x8(*([F32x8] * 8)), codegen
+
+
+@intrinsic
 def exp_f32x8(typingctx, x):
     """Lane-wise float32 ``exp``, the arithmetic of ``minigpt_np.compiled._exp`` (Cephes
     ``expf``: x clamped to [-87.3, 88.3], ``x = n ln 2 + r``, a degree-7 polynomial in r,
@@ -595,6 +666,8 @@ def sub_i32(typingctx, a, b):
 
 store32 = _storer(I8x32, _V32I8, (types.uint8, types.int8),
                   "Store 32 bytes at ``arr[idx]`` of a 1-D uint8/int8 array (unaligned ``vmovdqu``).")
+load_i16x16 = _loader(I16x16, _V16I16, types.int16, "Sixteen int16 from ``arr[idx]`` of a 1-D int16 array (``vmovdqu``).")
+store_i16x16 = _storer(I16x16, _V16I16, (types.int16,), "Store sixteen int16 at ``arr[idx]`` of a 1-D int16 array (``vmovdqu``).")
 load_i32x8 = _loader(I32x8, _V8I32, types.int32, "Eight int32 from ``arr[idx]`` of a 1-D int32 array (``vmovdqu``).")
 store_i32x8 = _storer(I32x8, _V8I32, (types.int32,), "Store eight int32 at ``arr[idx]`` of a 1-D int32 array (``vmovdqu``).")
 
@@ -612,6 +685,13 @@ def load4(arr, o, f):
     """Four vectors from ``arr[o:o+32]``, each times the float32 ``f``."""
     return (mul_f32x8(load_f32x8(arr, o), f), mul_f32x8(load_f32x8(arr, o + 8), f),
             mul_f32x8(load_f32x8(arr, o + 16), f), mul_f32x8(load_f32x8(arr, o + 24), f))
+
+
+@njit(inline="always")
+def add4(a0, a1, a2, a3, f):
+    """Four vectors, each plus the float32 ``f`` in every lane."""
+    y = splat_f32x8(f)
+    return add_f32x8(a0, y), add_f32x8(a1, y), add_f32x8(a2, y), add_f32x8(a3, y)
 
 
 @njit(inline="always")
