@@ -26,7 +26,9 @@ its cache one of llama.cpp's types (``refquant.kernels.kvcache``; K and V alike 
   and any float32 difference upstream flips some of those roundings, which alone gives a
   mean KLD near 4e-3 on SmolLM2 (an f16 cache, or the NumPy forward against the compiled
   one, measured on 256 tokens); on float weights the f16 cache's is 5e-7, so the figure
-  is the cache's own.
+  is the cache's own. vLLM's FP8 types too, with scale 1 (its default) and with
+  llm-compressor's per-layer scales (absmax / the format's max) from ``CALIBRATION``, a
+  text the windows do not include.
 * With ``--llama-bench PATH``: ``llama-bench -p 0 -n 16 -d DEPTHS -ctk T -ctv T`` on the
   same file and threads, flash attention off (f16 only: llama.cpp needs it on for a
   quantized V cache) and on.
@@ -51,6 +53,8 @@ DEPTHS = (0, 512, 2048, 8000)
 STEPS = 8
 QUALITY_WINDOWS = (512, 2048)
 QUALITY_COUNT = 2
+QUALITY_EXTRA = ("fp8_e4m3", "fp8_e5m2")     # vLLM's: quality only (their compiled reads are scalar)
+CALIBRATION = (100_000, 2048)               # (first token, length) of the FP8 scales' calibration text
 BUDGET_BYTES, BUDGET_SEQ = 2 << 30, 8000
 
 
@@ -81,17 +85,54 @@ def llama_bench_depths(exe: str, path, threads: int, cache: str, depths, fa: str
     return {int(r["n_depth"]): float(r["avg_ts"]) for r in json.loads(out.stdout)}, cmd
 
 
-def quality(params, cfg, ids, types, windows, count) -> list[dict]:
-    """Each type's logits against the f32 cache's on ``count`` windows per length."""
+def llama_bench_prompt(exe: str, path, threads: int, cache: str, tokens: int, fa: str) -> tuple[float, list]:
+    """Tokens/s of one ``llama-bench`` pp run of ``tokens`` tokens (``-p tokens -n 0``)."""
+    import json
+    import subprocess
+
+    cmd = [exe, "-m", str(path), "-p", str(tokens), "-n", "0", "-r", "1", "-t", str(threads), "-ctk", cache,
+           "-ctv", cache, "-fa", fa, "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return float(json.loads(out.stdout)[0]["avg_ts"]), cmd
+
+
+def calibrate(params, cfg, ids) -> tuple[np.ndarray, np.ndarray]:
+    """The absolute maximum of the keys and of the values per layer (n_layer,) over
+    ``ids`` (one prefill into an f32 cache): llm-compressor's statistic for vLLM's FP8
+    ``k_scale`` / ``v_scale`` (``refquant.kvfp8.calibrated_scales``)."""
+    from minigpt_np import compiled
+
+    sess = compiled.Llama(params, cfg, n_ctx=len(ids))
+    sess.prefill(ids, last_only=True)
+    n = len(ids)
+    k, v = sess.cache.k[:, 0, :, :n], sess.cache.v[:, 0, :, :n]
+    return np.abs(k).reshape(cfg.n_layer, -1).max(1), np.abs(v).reshape(cfg.n_layer, -1).max(1)
+
+
+def quality(params, cfg, ids, types, windows, count, calibration=None) -> list[dict]:
+    """Each type's logits against the f32 cache's on ``count`` windows per length; the FP8
+    types with scale 1 and, given ``calibration`` (token ids disjoint from the windows),
+    also with its per-layer scales (``"<type> calibrated"``)."""
     from tqdm import tqdm
 
     from minigpt_np import compiled
+    from refquant import kvfp8
 
+    absmax = calibrate(params, cfg, calibration) if calibration is not None else None
     out = []
     for W in windows:
         starts = [i * W for i in range(count)]
         sessions = {t: compiled.Llama(params, cfg, n_ctx=W, cache_type_k=t, cache_type_v=t)
                     for t in ("f32", *types)}
+        for t in types:
+            if t in kvfp8.FORMATS and absmax is not None:
+                sess = compiled.Llama(params, cfg, n_ctx=W, cache_type_k=t, cache_type_v=t)
+                sess.cache.set_scales(k_scale=kvfp8.calibrated_scales(absmax[0], t),
+                                      v_scale=kvfp8.calibrated_scales(absmax[1], t))
+                sessions[f"{t} calibrated"] = sess
+        types = [t for t in sessions if t != "f32"]
         ref, got = [], {t: [] for t in types}
         for s in tqdm(starts, desc=f"quality, {W}-token windows", unit="window"):
             win = ids[s:s + W + 1]
@@ -172,7 +213,7 @@ def _run(quick, rounds, paths, llama_bench_exe) -> dict:
             results.append(dict(type=t, depth=D, tokens_per_s=1 / med, step_ms=1e3 * med, bytes_per_token=read,
                                 gbs=read / med / 1e9, roof_tokens_per_s=roof, pct_of_roof=100 / med / roof,
                                 steps=len(times[t, D])))
-    lb, commands = [], []
+    lb, lb_prompt, commands = [], [], []
     if llama_bench_exe:
         threads = numba.get_num_threads()
         for t in tqdm(types, desc="llama-bench", unit="type"):
@@ -182,17 +223,21 @@ def _run(quick, rounds, paths, llama_bench_exe) -> dict:
                 got, cmd = llama_bench_depths(llama_bench_exe, paths[MODEL_TYPE], threads, t, depths, fa)
                 commands.append(cmd)
                 lb += [dict(type=t, flash_attn=fa, depth=D, tokens_per_s=v) for D, v in got.items()]
+                rate, cmd = llama_bench_prompt(llama_bench_exe, paths[MODEL_TYPE], threads, t, len(prompt), fa)
+                commands.append(cmd)
+                lb_prompt.append(dict(type=t, flash_attn=fa, tokens=len(prompt), tokens_per_s=rate))
     ids = np.array(Tokenizer(meta).encode(llama.reference_text()))
     windows = (64,) if quick else QUALITY_WINDOWS
     fweights, _, _ = llama.load(paths[MODEL_TYPE], dtype="f32")
-    qual = quality(fweights, cfg, ids, [t for t in types if t != "f32"], windows, 1 if quick else QUALITY_COUNT)
+    qual = quality(fweights, cfg, ids, [t for t in types if t != "f32"] + list(QUALITY_EXTRA), windows,
+                   1 if quick else QUALITY_COUNT, ids[CALIBRATION[0]:CALIBRATION[0] + (64 if quick else CALIBRATION[1])])
     return dict(benchmark="context", quick=quick, model=f"SmolLM2-135M {MODEL_TYPE}", rounds=rounds,
                 steps_per_round=steps, depths=list(depths), types=list(types), machine=common.machine(),
                 tier=bytedot.backend(), threads=numba.get_num_threads(), check=check,
                 roof=dict(f32_weight_gbs=roof_gbs, f32_step_ms=1e3 * float(np.median(roof_times))),
                 weight_bytes=weights, prompt=[dict(type=t, tokens=len(prompt), tokens_per_s=v)
                                               for t, v in prompt_rate.items()],
-                results=results, llama_bench=dict(results=lb, commands=commands) if lb else None,
+                results=results, llama_bench=dict(results=lb, prompt=lb_prompt, commands=commands) if lb else None,
                 quality=qual, seed_table=seed_table(cfg), budget=dict(bytes=BUDGET_BYTES, sequence=BUDGET_SEQ))
 
 
@@ -262,6 +307,9 @@ def main(argv=None) -> None:
         print(f"{r['type']:6s} prompt of {r['tokens']} tokens: {r['tokens_per_s']:.1f} tokens/s")
     for r in (data["llama_bench"] or {}).get("results", []):
         print(f"llama.cpp {r['type']:6s} flash attention {r['flash_attn']:3s} depth {r['depth']:5d}  {r['tokens_per_s']:7.1f} tokens/s")
+    for r in (data["llama_bench"] or {}).get("prompt", []):
+        print(f"llama.cpp {r['type']:6s} flash attention {r['flash_attn']:3s} prompt of {r['tokens']} tokens: "
+              f"{r['tokens_per_s']:.1f} tokens/s")
     for r in data["quality"]:
         print(f"{r['type']:6s} {r['window']:5d}-token windows: KLD {r['kld_mean']:.2e} ± {r['kld_se']:.1e}, "
               f"p99 {r['kld_p99']:.2e}, same top {100 * r['same_top']:.2f}%")

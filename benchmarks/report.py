@@ -349,6 +349,16 @@ def context_section(data: dict) -> str:
                 c += f"; llama.cpp {lb[t, d]:.0f}"
             cells.append(c)
         out.append(f"| {t} | " + " | ".join(cells) + " |")
+    lbp = {}
+    for r in (data["llama_bench"] or {}).get("prompt", []):
+        lbp[r["type"]] = max(lbp.get(r["type"], 0.0), r["tokens_per_s"])
+    out += ["", "Prompt of the same random tokens (the prefill that filled each cache; llama.cpp: "
+            "`llama-bench -p N -n 0`, the better of flash attention off and on):", "",
+            "| cache | tokens | tokens/s | llama.cpp | × llama.cpp |", "|---|---|---|---|---|"]
+    for r in data["prompt"]:
+        theirs = lbp.get(r["type"])
+        out.append(f"| {r['type']} | {r['tokens']} | {r['tokens_per_s']:.0f} | "
+                   + (f"{theirs:.0f} | {r['tokens_per_s'] / theirs:.2f} |" if theirs else "– | – |"))
     out += ["", "Quality against the f32 cache on windows of real text (`pydoc_data.topics`), on the file's "
             "weights dequantized to float32 (the byte-dot kernels' x rounding alone moves the mean KLD to ~4e-3 "
             "whenever anything upstream changes by a float32 rounding):", "",

@@ -38,7 +38,7 @@ from refquant.kernels.simd import f32_from_bits
 # the step's code, cached on disk under its compile key, is built from these modules too
 # a cache type's store inlines its ggml quantizer (refquant.gguf.quants.cache)
 _DEPS = ("minigpt_np/compiled.py", "refquant/gguf/quants/compiled.py", "refquant/gguf/quants/cache.py",
-         "refquant/gguf/quants/constants.py")
+         "refquant/gguf/quants/constants.py", "refquant/kvfp8.py", "refquant/formats.py")
 
 
 # --- the block's pieces, in numba ---------------------------------------------------------
@@ -115,7 +115,7 @@ def _make_attention(cache_key: tuple):
     style, so that every member of a team reads its own share of the cache for every head
     (split over heads, the members of SmolLM2's 3 key/value heads read one of them twice).
 
-    ``part(q, k, v, l, seq, pos, n_head, n_kv, hd, P, tid, nt)``: query row ``q`` (n_head·hd)
+    ``part(q, k, v, ks, vs, l, seq, pos, n_head, n_kv, hd, P, tid, nt)``: query row ``q`` (n_head·hd)
     against positions ``j`` of ``share(pos + 1, tid, nt)`` of layer ``l``, sequence ``seq`` of
     a ``KVCache``'s arrays, read only through the cache's ``k_scores`` / ``v_sums``; for every
     query head ``h`` it writes ``P[tid, h] = (m, Σ_j e_j, Σ_j e_j V_j)`` with ``m`` its share's
@@ -132,7 +132,7 @@ def _make_attention(cache_key: tuple):
         NEG = np.float32(-np.inf)
 
         @njit(fastmath=_FAST, error_model="numpy")
-        def part(q, k, v, l, seq, pos, n_head, n_kv, hd, P, tid, nt):
+        def part(q, k, v, ks, vs, l, seq, pos, n_head, n_kv, hd, P, tid, nt):
             group = n_head // n_kv
             scale = np.float32(1.0 / math.sqrt(hd))
             j0, j1 = threads.share(pos + 1, tid, nt)
@@ -144,7 +144,7 @@ def _make_attention(cache_key: tuple):
             Pf = P.reshape(-1)
             base = tid * n_head * W
             for kv in range(n_kv):
-                k_scores(k, l, seq, kv, j0, n, q, kv * group * hd, group, hd, scale, s, N)
+                k_scores(k, l, seq, kv, j0, n, q, kv * group * hd, group, hd, scale * ks[l, kv], s, N)
                 for g in range(group):          # the softmax's numerators, eight scores at a time
                     r = g * N
                     for j in range(n, N):
@@ -165,10 +165,11 @@ def _make_attention(cache_key: tuple):
                     Pf[base + (kv * group + g) * W + 1] = V.hsum_f32x8(t8)
                 acc[:] = 0
                 v_sums(v, l, seq, kv, j0, n, s, N, group, acc, hd)
+                f = vs[l, kv]       # a scaled type's values (1 for the others)
                 for g in range(group):
                     o = base + (kv * group + g) * W + 2
                     for i in range(hd):
-                        Pf[o + i] = acc[g * hd + i]
+                        Pf[o + i] = acc[g * hd + i] * f
 
         @njit(fastmath=_FAST, error_model="numpy")
         def merge(P, nt, n_head, hd, out, h0, h1):
@@ -206,7 +207,7 @@ def _pv(o, vt, p, f, lim, hd):
 
 
 def _make_tiled_attention(cache_key: tuple):
-    """``tiled(qkv, k, v, l, seq, poss, n_head, n_kv, hd, att, kv, t0, t1)``: the attention of
+    """``tiled(qkv, k, v, ks, vs, l, seq, poss, n_head, n_kv, hd, att, kv, t0, t1)``: the attention of
     ``_make_attention`` for rows ``t0 <= t < t1`` of ``qkv`` (tokens of sequence ``seq`` at
     positions ``poss``, their keys and values already stored) and the query heads of
     key/value head ``kv`` (one work item of a team: ``_build_layers``), tiled over the keys
@@ -242,10 +243,10 @@ def _make_tiled_attention(cache_key: tuple):
             return sa, sb, f, lim, m
 
         @njit(fastmath=_FAST, error_model="numpy")
-        def tiled(qkv, k, v, l, seq, poss, n_head, n_kv, hd, att, kv, t0, t1):
+        def tiled(qkv, k, v, ks, vs, l, seq, poss, n_head, n_kv, hd, att, kv, t0, t1):
             T = t1 - t0
             group = n_head // n_kv
-            scale = np.float32(1.0 / math.sqrt(hd))
+            scale = np.float32(1.0 / math.sqrt(hd)) * ks[l, kv]     # a scaled type's keys (1 for the others)
             upto = 0
             for t in range(t0, t1):
                 upto = max(upto, poss[t] + 1)
@@ -330,7 +331,7 @@ def _make_tiled_attention(cache_key: tuple):
             for t in range(t0, t1):
                 for g in range(group):
                     base = (kv * group + g) * hd
-                    inv = np.float32(1) / tot[nr]
+                    inv = vs[l, kv] / tot[nr]
                     for i in range(hd):
                         att[t, base + i] = O[nr * hd + i] * inv
                     nr += 1
@@ -372,7 +373,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     (gate|up stacked), no biases; else GPT-2: LayerNorm with bias, GELU, biases on every
     Linear (positions are added to the embedding by the caller).
 
-    ``team(nt, sync, only_products, x, seqs, poss, *norms, *biases, *final, *weights, k, v, cos,
+    ``team(nt, sync, only_products, x, seqs, poss, *norms, *biases, *final, *weights, k, v, ks, vs, cos,
     sin, fas, logits, head, chunks)`` (``_flat``) is one parallel region of ``nt`` threads (0:
     numba's thread count) for the whole run (``threads.join``; ``sync``, ``_counters`` work
     counters after its two words, is reset by it): every member keeps its own copy of the
@@ -431,8 +432,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
 
     @_cache.jit(key + ("body",), deps=_DEPS)
     def body(tid, nt, sync, only_products, x, seqs, poss, norms, biases, final, wqkv, wo, wup, wdown, whead, k, v,
-             cos,
-             sin, fas, qkv, att, o, up, parts, logits, head, chunks):
+             ks, vs, cos, sin, fas, qkv, att, o, up, parts, logits, head, chunks):
         """One team member's work for every layer and the head (``team``)."""
         T, d = x.shape
         L = norms[0].shape[0]
@@ -464,7 +464,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
             if not only_products:
                 for t in range(T):
                     position(qkv[t], biases[0], l, poss[t], h0, h1, kv0, kv1, cos, sin)
-                    store(k, v, l, seqs[t], poss[t], qkv[t], q_len, q_len + kv_len, kv0, kv1, hd)
+                    store(k, v, ks, vs, l, seqs[t], poss[t], qkv[t], q_len, q_len + kv_len, kv0, kv1, hd)
             kb = threads.barrier(sync, nt, kb)      # every key and value stored
             if not only_products:
                 if one_seq:     # items (key/value head, 16 tokens), the latest tokens first
@@ -472,12 +472,12 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
                     c = threads.claim(sync, slot(l, 4))
                     while c < nb * n_kv:
                         b = nb - 1 - c // n_kv
-                        tiled(qkv, k, v, l, seqs[0], poss, n_head, n_kv, hd, att, c % n_kv, ATT_TOKENS * b,
+                        tiled(qkv, k, v, ks, vs, l, seqs[0], poss, n_head, n_kv, hd, att, c % n_kv, ATT_TOKENS * b,
                               min(ATT_TOKENS * (b + 1), T))
                         c = threads.claim(sync, slot(l, 4))
                 else:           # each member its share of the positions, then its heads
                     for t in range(T):
-                        part(qkv[t], k, v, l, seqs[t], poss[t], n_head, n_kv, hd, parts[t], tid, nt)
+                        part(qkv[t], k, v, ks, vs, l, seqs[t], poss[t], n_head, n_kv, hd, parts[t], tid, nt)
                     kb = threads.barrier(sync, nt, kb)
                     for t in range(T):
                         merge(parts[t], nt, n_head, hd, att[t], h0, h1)
@@ -510,13 +510,13 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
     team = _team(key, body, structure, q_len + 2 * kv_len, q_len, up_rows, n_head, hd)
 
     @_cache.jit(key + ("attend",), deps=_DEPS)
-    def attend(k, v, pos):
+    def attend(k, v, ks, vs, pos):
         """Only the attention of one token at ``pos`` over every layer's cache (one thread)."""
         q = np.ones(q_len, np.float32)
         out = np.empty(q_len, np.float32)
         P = np.empty((1, n_head, hd + 2), np.float32)
         for l in range(k.shape[0]):
-            part(q, k, v, l, 0, pos, n_head, n_kv, hd, P, 0, 1)
+            part(q, k, v, ks, vs, l, 0, pos, n_head, n_kv, hd, P, 0, 1)
             merge(P, 1, n_head, hd, out, 0, n_head)
 
     return team, attend
@@ -524,7 +524,7 @@ def _build_layers(key, parts, structure, cache_key, *, n_head, n_kv, hd, n_rot, 
 
 def _team(key, body, structure, qkv_cols, q_len, up_rows, n_head, hd):
     """The parallel region that runs ``body`` on a team: ``team(nt, sync, only_products, x,
-    seqs, poss, *norms, *biases, *final, *weights, k, v, cos, sin, fas, logits, head, chunks)``. numba
+    seqs, poss, *norms, *biases, *final, *weights, k, v, ks, vs, cos, sin, fas, logits, head, chunks)``. numba
     passes the variables of a ``prange`` body to it as array or scalar arguments, never
     tuples, so the weights come flat (``_flat``: ``structure`` gives each role's operands'
     array counts) and become tuples again inside. Its source is generated for that
@@ -541,7 +541,7 @@ def _team(key, body, structure, qkv_cols, q_len, up_rows, n_head, hd):
     norms, biases, final = [f"n{i}" for i in range(4)], [f"b{i}" for i in range(4)], ["f0", "f1"]
     args = ", ".join(norms + biases + final + ws)
     src = f"""
-def team(nt, sync, only_products, x, seqs, poss, {args}, k, v, cos, sin, fas, logits, head, chunks):
+def team(nt, sync, only_products, x, seqs, poss, {args}, k, v, ks, vs, cos, sin, fas, logits, head, chunks):
     T = x.shape[0]
     qkv = np.empty((T, {qkv_cols}), np.float32)     # shared by the members
     att = np.ones((T, {q_len}), np.float32)
@@ -554,7 +554,7 @@ def team(nt, sync, only_products, x, seqs, poss, {args}, k, v, cos, sin, fas, lo
         tid, members = join(sync, want)
         if tid >= 0:
             body(tid, members, sync, only_products, x, seqs, poss, ({", ".join(norms)}), ({", ".join(biases)}),
-                 ({", ".join(final)}), {", ".join(roles)}, k, v, cos, sin, fas, qkv, att, o, up, parts, logits, head,
+                 ({", ".join(final)}), {", ".join(roles)}, k, v, ks, vs, cos, sin, fas, qkv, att, o, up, parts, logits, head,
                  chunks if chunks > 0 else CHUNKS * members)
     return x
 """
@@ -663,7 +663,7 @@ class _Compiled(CacheSession):
         for i, run in enumerate(self.runs):
             s, e = run["start"], run["stop"]
             x = run["team"](0, self._sync, False, x, seqs, poss, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
-                            self.cos, self.sin, run["fas"], logits, i == last and head != "none", self.chunks)
+                            self.cache.k_scale[s:e], self.cache.v_scale[s:e], self.cos, self.sin, run["fas"], logits, i == last and head != "none", self.chunks)
         return None if head == "none" else logits
 
     def _embed(self, ids: np.ndarray, poss: np.ndarray) -> np.ndarray:
@@ -684,12 +684,13 @@ class _Compiled(CacheSession):
             for i, run in enumerate(self.runs):
                 s, e = run["start"], run["stop"]
                 run["team"](0, self._sync, True, x.copy(), zero, zero, *run["flat"], self.cache.k[s:e],
-                            self.cache.v[s:e], self.cos, self.sin, run["fas"], logits, i == last, self.chunks)
+                            self.cache.v[s:e], self.cache.k_scale[s:e], self.cache.v_scale[s:e], self.cos, self.sin, run["fas"], logits, i == last, self.chunks)
 
         def attention():
             for run in self.runs:
                 s, e = run["start"], run["stop"]
-                run["attend"](self.cache.k[s:e], self.cache.v[s:e], max(self.pos - 1, 0))
+                run["attend"](self.cache.k[s:e], self.cache.v[s:e], self.cache.k_scale[s:e], self.cache.v_scale[s:e],
+                              max(self.pos - 1, 0))
         return dict(products=products, attention=attention)
 
     def prefill(self, ids, *, last_only: bool = False, seq: int = 0) -> np.ndarray:
@@ -771,7 +772,8 @@ class Llama(_Compiled):
     (``step_batch`` decodes one token of each at once; ``prefill(ids, seq=s)`` fills one);
     ``cache_type_k`` / ``cache_type_v``: how the cache stores keys and values
     (``refquant.kernels.kvcache``; llama.cpp's ``--cache-type-k/v`` names: f32, f16, bf16,
-    q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1), each pair its own compiled step;
+    q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1; vLLM's fp8_e4m3, fp8_e5m2, their scales set on
+    ``self.cache`` by ``set_scales``), each pair its own compiled step;
     ``allow_long_context``: ``n_ctx`` beyond the model's trained context (``llama.new_cache``)."""
 
     def __init__(self, params, cfg, *, n_ctx: int | None = None, n_seq: int = 1, cache_type_k: str = "f32",

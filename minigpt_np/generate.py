@@ -13,7 +13,8 @@ once at load instead (see ``minigpt_np.llama``). ``--engine compiled`` (the defa
 each token through ``minigpt_np.compiled`` (one numba call for all layers);
 ``--engine numpy`` through the NumPy reference ``llama.forward``. ``--cache-type-k`` /
 ``--cache-type-v`` store the KV cache as llama.cpp's options of those names do (f32, f16,
-bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1); ``--ctx-size`` sets the positions it holds.
+bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1), or as vLLM's fp8_e4m3 / fp8_e5m2 (scale 1:
+``refquant.kvfp8``); ``--ctx-size`` sets the positions it holds.
 """
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ def new_cache(cfg: LlamaConfig, n_ctx: int | None = None, *, type_k: str = "f32"
     """An empty ``KVCache`` for ``cfg``: ``n_ctx`` positions (the model's by default:
     allocated lazily, only written rows take memory), keys and values stored as ``type_k`` /
     ``type_v`` (``refquant.kernels.kvcache``: f32, f16, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0,
-    q5_1). More positions than the model was trained on (``cfg.n_ctx``) only with
+    q5_1; vLLM's fp8_e4m3, fp8_e5m2 with ``KVCache.set_scales``). More positions than the model was trained on (``cfg.n_ctx``) only with
     ``allow_long_context=True``: RoPE past its trained range is an extrapolation."""
     n_ctx = check_n_ctx(cfg, cfg.n_ctx if n_ctx is None else n_ctx, allow_long_context)
     return KVCache(cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_ctx, type_k=type_k, type_v=type_v)

@@ -8,6 +8,7 @@ Every quantizer returns a ``QuantizedTensor``.
 from refquant import schemes  # noqa: I001  (the registry, then the families: registration order is listing order)
 from refquant import formats, codebooks, mx, affine, packing, metrics
 from refquant.gguf import quants as _ggml  # noqa: F401  (registers the GGML schemes)
+from refquant import kvfp8  # noqa: F401,I001  (vLLM's FP8 KV cache types, after llama.cpp's)
 from refquant import gptq, awq, smoothquant, llm_int8  # noqa: F401
 from refquant.tensor import QuantizedTensor
 

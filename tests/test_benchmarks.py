@@ -284,7 +284,8 @@ def test_context_quick(out_dirs):
         data["check"]["bound"]
     # SmolLM2: 30 layers x (K and V) x 3 KV heads x a 64-number row: 256 B (f32), 128 (f16, bf16),
     # 2 x 34 (q8_0), 2 x 18 (q4_0, iq4_nl), 2 x 20 (q4_1), 2 x 22 (q5_0), 2 x 24 (q5_1)
-    want = dict(f32=256, f16=128, bf16=128, q8_0=68, q4_0=36, q4_1=40, iq4_nl=36, q5_0=44, q5_1=48)
+    want = dict(f32=256, f16=128, bf16=128, q8_0=68, q4_0=36, q4_1=40, iq4_nl=36, q5_0=44, q5_1=48, fp8_e4m3=64,
+                fp8_e5m2=64)
     table = {r["type"]: r for r in data["seed_table"]}
     assert {t: r["bytes_per_token"] for t, r in table.items()} == {t: 180 * b for t, b in want.items()}
     assert table["q8_0"]["sequences_in_budget"] == (2 << 30) // (180 * 68 * 8000) == 21
@@ -294,6 +295,8 @@ def test_context_quick(out_dirs):
         assert r["bytes_per_token"] == data["weight_bytes"] + (r["depth"] + 1) * per
         assert r["roof_tokens_per_s"] == pytest.approx(roof / r["bytes_per_token"])
         assert r["pct_of_roof"] == pytest.approx(100 * r["tokens_per_s"] / r["roof_tokens_per_s"])
-    (q,) = data["quality"]
-    assert q["type"] == "q8_0" and q["window"] == 64 and 0 < q["kld_mean"] < 5e-3
+    q = {r["type"]: r for r in data["quality"]}
+    assert list(q) == ["q8_0", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3 calibrated", "fp8_e5m2 calibrated"]
+    assert all(r["window"] == 64 for r in q.values()) and 0 < q["q8_0"]["kld_mean"] < 5e-3
+    assert q["fp8_e4m3"]["kld_mean"] < q["fp8_e5m2"]["kld_mean"]     # one more significand bit
     assert (out_dirs / "figures" / "context.png").stat().st_size > 10_000

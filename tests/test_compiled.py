@@ -314,7 +314,8 @@ def test_compiled_and_numpy_sessions_hold_the_same_kv_cache(tiny):
 @pytest.mark.parametrize("types", [("q8_0", "q8_0"), ("q4_0", "q4_0"),
                                    pytest.param(("f16", "bf16"), marks=pytest.mark.slow),
                                    pytest.param(("iq4_nl", "q5_1"), marks=pytest.mark.slow),
-                                   pytest.param(("q4_1", "q5_0"), marks=pytest.mark.slow)])
+                                   pytest.param(("q4_1", "q5_0"), marks=pytest.mark.slow),
+                                   ("fp8_e4m3", "fp8_e5m2")])
 def test_compiled_step_on_a_quantized_cache_within_its_rounding_of_the_numpy_session(tiny, types):
     """The NumPy session on the same cache types is the reference (its rows are ggml's
     bytes: ``test_kvcache``). The two engines store rows rounded from keys and values that
@@ -322,10 +323,15 @@ def test_compiled_step_on_a_quantized_cache_within_its_rounding_of_the_numpy_ses
     at a rounding boundary: as for x rounding (module docstring), the compiled step's RMS
     gap to the reference is held to twice the reference's own gap to an f32 cache, plus
     float rounding. The prompt runs the tiled attention (``k_tile`` / ``v_tile``), the steps
-    the one-token attention (``k_dot`` / ``v_acc``)."""
+    the one-token attention (``k_scores`` / ``v_sums``). fp8 caches with scales that are not
+    1, a number per layer for the keys and per layer and head for the values."""
     _, pf = tiny
     kw = dict(cache_type_k=types[0], cache_type_v=types[1])
     sessions = [llama.Session(pf, TINY), llama.Session(pf, TINY, **kw), compiled().Llama(pf, TINY, **kw)]
+    if types[0].startswith("fp8"):
+        for sess in sessions[1:]:
+            sess.cache.set_scales(k_scale=np.linspace(0.01, 0.1, TINY.n_layer),
+                                  v_scale=np.full((TINY.n_layer, TINY.n_head_kv), 0.03) * np.arange(1, TINY.n_head_kv + 1))
     f, s, c = (np.concatenate([sess.prefill(IDS[:12])] + [sess.step(t)[None] for t in IDS[12:16]])
                for sess in sessions)
     assert sessions[2].cache.key() == sessions[1].cache.key() == ("kv", *types)
@@ -933,16 +939,17 @@ def test_tiled_attention_equals_the_plain_one_and_the_float64_oracle(n_head, n_k
     want = _attention_oracle(qkv, k, v, poss, n_head, n_kv, hd)
     got = np.full((T, n_head * hd), np.nan, np.float32)
     cut = T // 3
+    ones = np.ones((1, n_kv), np.float32)      # the scales of a scaled cache type
     for kv in range(n_kv):
-        tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, kv, 0, cut)
-        tiled(qkv, k, v, 0, 0, poss, n_head, n_kv, hd, got, kv, cut, T)
+        tiled(qkv, k, v, ones, ones, 0, 0, poss, n_head, n_kv, hd, got, kv, 0, cut)
+        tiled(qkv, k, v, ones, ones, 0, 0, poss, n_head, n_kv, hd, got, kv, cut, T)
     part, merge = plain
     one = np.empty((T, n_head * hd), np.float32)
     for t in range(T):
         nt = 3 if poss[t] < 2 else 1 + t % 3     # positions 0 and 1: a member with no keys
         shares = np.full((nt, n_head, hd + 2), np.nan, np.float32)
         for tid in range(nt):
-            part(qkv[t], k, v, 0, 0, poss[t], n_head, n_kv, hd, shares, tid, nt)
+            part(qkv[t], k, v, ones, ones, 0, 0, poss[t], n_head, n_kv, hd, shares, tid, nt)
         merge(shares, nt, n_head, hd, one[t], 0, n_head - 1)    # the heads of two members
         merge(shares, nt, n_head, hd, one[t], n_head - 1, n_head)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)

@@ -16,9 +16,11 @@ writes the bytes ``encode`` does). Both types are part of ``key()``, which a com
 includes in its compile key. ``pos[seq]`` is how many positions sequence ``seq`` holds.
 
 Inside numba code (``ops()``, built on first use so that the NumPy side never loads numba):
-``store(k, v, l, seq, pos, row, k_off, v_off, h0, h1, hd)`` writes a token's key and value
-heads ``h0 <= h < h1`` from ``row[k_off + h·hd:]`` / ``row[v_off + h·hd:]`` (the members of
-a team store their own heads); ``k_scores(k, l, seq, h, j0, n, q, qo, G, hd, scale, s,
+``store(k, v, ks, vs, l, seq, pos, row, k_off, v_off, h0, h1, hd)`` writes a token's key
+and value heads ``h0 <= h < h1`` from ``row[k_off + h·hd:]`` / ``row[v_off + h·hd:]`` (the
+members of a team store their own heads; ``ks``/``vs`` the cache's ``k_scale``/``v_scale``,
+read by scaled types only, whose readers leave the scale to the caller: the scores of a
+key head are multiplied by its ``ks``, the values summed by its ``vs``); ``k_scores(k, l, seq, h, j0, n, q, qo, G, hd, scale, s,
 stride)`` writes the scores ``scale · q_g · K[l, seq, h, j]`` of the ``G`` query heads
 ``q[qo + g·hd:]`` of key head ``h`` against keys ``j0 <= j < j0 + n`` into ``s[g·stride + j −
 j0]``, and ``v_sums(v, l, seq, h, j0, n, p, stride, G, out, hd)`` adds ``Σ_j p[g·stride + j −
@@ -66,8 +68,12 @@ class CacheType:
     (-1: none), 32 fifth bits at ``qh_at`` (-1: none), and from ``qs_at`` either 32 int8
     codes (``kind`` ``"s8"``: x = d·q) or 16 bytes of nibbles, number i in byte i % 16,
     low nibble for i < 16 (``"u4"``: x = d·(u − c) without ``m``, d·u + m with it; ``"l4"``:
-    x = d·table[u]). ``put()`` returns a numba function ``put(src, off, dst, n)`` writing
-    ``encode(src[off:off+n])`` into the storage row ``dst``."""
+    x = d·table[u]), or ``("fp8", table)``: one byte per number, x = table[byte]. ``put()``
+    returns a numba function ``put(src, off, dst, n)`` writing ``encode(src[off:off+n])``
+    into the storage row ``dst``. A ``scaled`` type stores ``encode(x / scale)`` and reads
+    ``decode(s) · scale`` with a float32 scale per layer and key/value head
+    (``KVCache.set_scales``; vLLM's ``k_scale`` / ``v_scale``): its ``put(src, off, dst, n,
+    scale)`` divides first."""
 
     name: str
     dtype: np.dtype
@@ -77,6 +83,7 @@ class CacheType:
     decode: Callable
     codec: tuple
     put: Callable | None = None
+    scaled: bool = False
 
     def units(self, head_dim: int) -> int:
         """Storage elements of one row of ``head_dim`` numbers."""
@@ -132,7 +139,30 @@ class KVCache:
         lead = (n_layer, n_seq, n_kv, n_ctx)
         self.k = np.zeros(lead + (tk.units(head_dim),), tk.dtype)
         self.v = np.zeros(lead + (tv.units(head_dim),), tv.dtype)
+        self.k_scale = np.ones((n_layer, n_kv), np.float32)
+        self.v_scale = np.ones((n_layer, n_kv), np.float32)
         self.pos = np.zeros(n_seq, np.int64)
+
+    def set_scales(self, k_scale=None, v_scale=None) -> None:
+        """The scales of a ``scaled`` type (fp8: stored = fp8(x / scale), read fp8 · scale):
+        a number, one per layer (n_layer,) or one per layer and key/value head (n_layer,
+        n_kv); positive and finite. Set them before storing rows: rows already stored keep
+        the scale they were written with."""
+        for side, t, new, arr in (("k_scale", self._tk, k_scale, self.k_scale),
+                                  ("v_scale", self._tv, v_scale, self.v_scale)):
+            if new is None:
+                continue
+            a = np.asarray(new, np.float64)
+            if a.ndim == 1:
+                a = a[:, None]
+            if a.ndim > 2 or (a.ndim == 2 and a.shape[0] != self.n_layer) or (a.ndim == 2 and a.shape[1] not in (1, self.n_kv)):
+                raise ValueError(f"{side} must be a number, ({self.n_layer},) or ({self.n_layer}, {self.n_kv}); "
+                                 f"got shape {np.shape(new)}")
+            if not (np.isfinite(a).all() and (a > 0).all()):
+                raise ValueError(f"{side} must be positive and finite")
+            if not t.scaled and (a != 1).any():
+                raise ValueError(f"{side}: {t.name!r} rows have no scale (only fp8_e4m3 and fp8_e5m2 do)")
+            arr[...] = np.broadcast_to(a, arr.shape).astype(np.float32)
 
     def key(self) -> tuple:
         """What a compiled reader of this cache depends on: the storage types."""
@@ -152,6 +182,7 @@ class KVCache:
         c = KVCache(self.n_layer, self.n_kv, self.head_dim, self.n_ctx, n_seq=self.n_seq, type_k=self.type_k,
                     type_v=self.type_v)
         c.k[...], c.v[...], c.pos[...] = self.k, self.v, self.pos
+        c.k_scale[...], c.v_scale[...] = self.k_scale, self.v_scale
         return c
 
     def reset(self, seq: int | None = None) -> None:
@@ -167,16 +198,25 @@ class KVCache:
         T = k_rows.shape[0]
         if not 0 <= pos <= pos + T <= self.n_ctx:
             raise ValueError(f"positions {pos}..{pos + T - 1} are outside this cache's {self.n_ctx}")
-        for arr, t, rows in ((self.k, self._tk, k_rows), (self.v, self._tv, v_rows)):
-            arr[layer, seq, :, pos:pos + T] = t.encode(np.asarray(rows, np.float32).transpose(1, 0, 2))
+        for arr, t, rows, scale in ((self.k, self._tk, k_rows, self.k_scale), (self.v, self._tv, v_rows, self.v_scale)):
+            x = np.asarray(rows, np.float32).transpose(1, 0, 2)
+            if t.scaled:
+                x = x / scale[layer][:, None, None]
+            arr[layer, seq, :, pos:pos + T] = t.encode(x)
+
+    def _read(self, arr, t, scale, seq, layer, upto):
+        x = t.decode(arr[layer, seq, :, :upto])
+        if t.scaled:
+            x = x * scale[layer][:, None, None]
+        return x.transpose(1, 0, 2)
 
     def keys(self, seq: int, layer: int, upto: int) -> np.ndarray:
         """Keys of positions 0..upto-1 as float32 (upto, n_kv, head_dim): the stored rows decoded."""
-        return self._tk.decode(self.k[layer, seq, :, :upto]).transpose(1, 0, 2)
+        return self._read(self.k, self._tk, self.k_scale, seq, layer, upto)
 
     def values(self, seq: int, layer: int, upto: int) -> np.ndarray:
         """Values of positions 0..upto-1 as float32 (upto, n_kv, head_dim): the stored rows decoded."""
-        return self._tv.decode(self.v[layer, seq, :, :upto]).transpose(1, 0, 2)
+        return self._read(self.v, self._tv, self.v_scale, seq, layer, upto)
 
 
 def _unpacker(codec: tuple):
@@ -204,6 +244,12 @@ def _unpacker(codec: tuple):
             @njit(inline="always")
             def val(a, l, s, h, j, i):
                 return f32_from_bits(np.int32(np.int64(a[l, s, h, j, i]) << 16))
+        elif kind == "fp8":
+            TABLE8 = np.array(codec[1], np.float32)
+
+            @njit(inline="always")
+            def val(a, l, s, h, j, i):
+                return TABLE8[a[l, s, h, j, i]]
         else:
             raise ValueError(f"no compiled reader for a row codec {codec!r}")
 
@@ -583,11 +629,19 @@ def ops(type_k: str = "f32", type_v: str = "f32") -> "Ops":
     v_sums_of = _weigher(tv.codec, _rows(tv.codec, v_unpack))
     K_LINE, V_LINE = 64 // tk.dtype.itemsize, 64 // tv.dtype.itemsize    # storage elements per cache line
 
+    K_SCALED, V_SCALED = tk.scaled, tv.scaled
+
     @njit(inline="always")
-    def store(k, v, l, seq, pos, row, k_off, v_off, h0, h1, hd):
+    def store(k, v, ks, vs, l, seq, pos, row, k_off, v_off, h0, h1, hd):
         for h in range(h0, h1):
-            put_k(row, k_off + h * hd, k[l, seq, h, pos], hd)
-            put_v(row, v_off + h * hd, v[l, seq, h, pos], hd)
+            if K_SCALED:
+                put_k(row, k_off + h * hd, k[l, seq, h, pos], hd, ks[l, h])
+            else:
+                put_k(row, k_off + h * hd, k[l, seq, h, pos], hd)
+            if V_SCALED:
+                put_v(row, v_off + h * hd, v[l, seq, h, pos], hd, vs[l, h])
+            else:
+                put_v(row, v_off + h * hd, v[l, seq, h, pos], hd)
 
     @njit(inline="always")
     def k_scores(k, l, seq, h, j0, n, q, qo, G, hd, scale, s, stride):
