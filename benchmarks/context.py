@@ -132,8 +132,8 @@ def quality(params, cfg, ids, types, windows, count, calibration=None) -> list[d
                 sess.cache.set_scales(k_scale=kvfp8.calibrated_scales(absmax[0], t),
                                       v_scale=kvfp8.calibrated_scales(absmax[1], t))
                 sessions[f"{t} calibrated"] = sess
-        types = [t for t in sessions if t != "f32"]
-        ref, got = [], {t: [] for t in types}
+        names = [t for t in sessions if t != "f32"]
+        ref, got = [], {t: [] for t in names}
         for s in tqdm(starts, desc=f"quality, {W}-token windows", unit="window"):
             win = ids[s:s + W + 1]
             for t, sess in sessions.items():
@@ -142,7 +142,7 @@ def quality(params, cfg, ids, types, windows, count, calibration=None) -> list[d
                 (ref if t == "f32" else got[t]).append(logits)
         tokens = np.concatenate([ids[s + 1:s + W + 1] for s in starts])
         r = np.concatenate(ref)
-        for t in types:
+        for t in names:
             out.append(dict(type=t, window=W, windows=count, **common.kl_columns(r, np.concatenate(got[t]), tokens)))
     return out
 
@@ -223,9 +223,10 @@ def _run(quick, rounds, paths, llama_bench_exe) -> dict:
                 got, cmd = llama_bench_depths(llama_bench_exe, paths[MODEL_TYPE], threads, t, depths, fa)
                 commands.append(cmd)
                 lb += [dict(type=t, flash_attn=fa, depth=D, tokens_per_s=v) for D, v in got.items()]
-                rate, cmd = llama_bench_prompt(llama_bench_exe, paths[MODEL_TYPE], threads, t, len(prompt), fa)
-                commands.append(cmd)
-                lb_prompt.append(dict(type=t, flash_attn=fa, tokens=len(prompt), tokens_per_s=rate))
+                if t == "f16":      # its quantized caches prefill slower (q8_0, q4_0: 8-10 min for 8000 tokens)
+                    rate, cmd = llama_bench_prompt(llama_bench_exe, paths[MODEL_TYPE], threads, t, len(prompt), fa)
+                    commands.append(cmd)
+                    lb_prompt.append(dict(type=t, flash_attn=fa, tokens=len(prompt), tokens_per_s=rate))
     ids = np.array(Tokenizer(meta).encode(llama.reference_text()))
     windows = (64,) if quick else QUALITY_WINDOWS
     fweights, _, _ = llama.load(paths[MODEL_TYPE], dtype="f32")

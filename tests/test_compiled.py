@@ -315,7 +315,7 @@ def test_compiled_and_numpy_sessions_hold_the_same_kv_cache(tiny):
                                    pytest.param(("f16", "bf16"), marks=pytest.mark.slow),
                                    pytest.param(("iq4_nl", "q5_1"), marks=pytest.mark.slow),
                                    pytest.param(("q4_1", "q5_0"), marks=pytest.mark.slow),
-                                   ("fp8_e4m3", "fp8_e5m2")])
+                                   pytest.param(("fp8_e4m3", "fp8_e5m2"), marks=pytest.mark.slow)])
 def test_compiled_step_on_a_quantized_cache_within_its_rounding_of_the_numpy_session(tiny, types):
     """The NumPy session on the same cache types is the reference (its rows are ggml's
     bytes: ``test_kvcache``). The two engines store rows rounded from keys and values that

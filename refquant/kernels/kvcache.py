@@ -463,8 +463,13 @@ def _scorer(codec: tuple, rows):
         qc = np.zeros(G * nb * 8, np.int32)
         for g in range(G):
             amax = np.float32(0)
+            finite = True
             for i in range(hd):
-                amax = max(amax, abs(q[qo + g * hd + i]))
+                a = abs(q[qo + g * hd + i])
+                finite = finite and a < np.inf     # NaN too
+                amax = max(amax, a)
+            if not finite:                  # scores NaN, as the float product gives them
+                amax = np.float32(np.nan)
             inv = QMAX / amax if amax > 0 else np.float32(0)
             qf[g] = amax / QMAX * scale
             for b in range(nb):
