@@ -437,24 +437,33 @@ def vec8(typingctx, arr, idx):
     return F32x8(arr, types.intp), codegen
 
 
+def _byte_parts(arr, part) -> bool:
+    """Typing of ``bytes8`` / ``widen16``: a C-contiguous uint8/int8 array and a literal part."""
+    return (_c_flat(arr, types.uint8, types.int8) and isinstance(part, types.IntegerLiteral)
+            and part.literal_value in (0, 1, 2))
+
+
+def _widen(context, builder, arrty, arr, idx, n, vtype, mode):
+    """``n`` bytes at flat element ``idx`` widened to the integer lanes of ``vtype``: mode 0
+    sign-extended, 1 their low nibbles, 2 their high nibbles."""
+    v = builder.load(_element_ptr(context, builder, arrty, arr, idx, ir.VectorType(_I8, n)), align=1)
+    if mode == 0:
+        return builder.sext(v, vtype)
+    w = builder.zext(v, vtype)
+    return builder.and_(w, _splat(vtype, 15)) if mode == 1 else builder.lshr(w, _splat(vtype, 4))
+
+
 @intrinsic
 def bytes8(typingctx, arr, idx, part):
     """Eight bytes of a C-contiguous uint8/int8 array (any rank, flat element ``idx``) as
     float32 lanes; ``part`` (a literal): 0 the bytes as int8, 1 their low nibbles, 2 their
     high nibbles (``vpmovsxbd``/``vpmovzxbd``, ``vpand``/``vpsrld``, ``vcvtdq2ps``)."""
-    if not (_c_flat(arr, types.uint8, types.int8) and isinstance(part, types.IntegerLiteral)
-            and part.literal_value in (0, 1, 2)):
+    if not _byte_parts(arr, part):
         return None
     mode = part.literal_value
 
     def codegen(context, builder, sig, args):
-        v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 8)), align=1)
-        if mode == 0:
-            w = builder.sext(v, _V8I32)
-        else:
-            w = builder.zext(v, _V8I32)
-            w = builder.and_(w, _splat(_V8I32, 15)) if mode == 1 else builder.lshr(w, _splat(_V8I32, 4))
-        return builder.sitofp(w, _V8F32)
+        return builder.sitofp(_widen(context, builder, sig.args[0], args[0], args[1], 8, _V8I32, mode), _V8F32)
     return F32x8(arr, types.intp, part), codegen
 
 
@@ -463,17 +472,12 @@ def widen16(typingctx, arr, idx, part):
     """Sixteen bytes of a C-contiguous uint8/int8 array (any rank, flat element ``idx``) as
     int16 lanes; ``part`` (a literal): 0 the bytes as int8, 1 their low nibbles, 2 their
     high nibbles (``vpmovsxbw``/``vpmovzxbw``, ``vpand``/``vpsrlw``)."""
-    if not (_c_flat(arr, types.uint8, types.int8) and isinstance(part, types.IntegerLiteral)
-            and part.literal_value in (0, 1, 2)):
+    if not _byte_parts(arr, part):
         return None
     mode = part.literal_value
 
     def codegen(context, builder, sig, args):
-        v = builder.load(_element_ptr(context, builder, sig.args[0], args[0], args[1], ir.VectorType(_I8, 16)), align=1)
-        if mode == 0:
-            return builder.sext(v, _V16I16)
-        w = builder.zext(v, _V16I16)
-        return builder.and_(w, _splat(_V16I16, 15)) if mode == 1 else builder.lshr(w, _splat(_V16I16, 4))
+        return _widen(context, builder, sig.args[0], args[0], args[1], 16, _V16I16, mode)
     return I16x16(arr, types.intp, part), codegen
 
 
