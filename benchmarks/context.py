@@ -74,28 +74,27 @@ def seed_table(cfg) -> list[dict]:
 
 def llama_bench_depths(exe: str, path, threads: int, cache: str, depths, fa: str) -> tuple[dict, list]:
     """``{depth: tokens/s}`` of one ``llama-bench`` tg16 run per depth (module docstring)."""
+    cmd = [exe, "-m", str(path), "-p", "0", "-n", "16", "-d", ",".join(map(str, depths)), "-r", "1",
+           "-t", str(threads), "-ctk", cache, "-ctv", cache, "-fa", fa, "-o", "json"]
+    return {int(r["n_depth"]): float(r["avg_ts"]) for r in _llama_bench(cmd)}, cmd
+
+
+def _llama_bench(cmd: list) -> list:
+    """The JSON rows one ``llama-bench`` command prints, or a RuntimeError with its stderr."""
     import json
     import subprocess
 
-    cmd = [exe, "-m", str(path), "-p", "0", "-n", "16", "-d", ",".join(map(str, depths)), "-r", "1",
-           "-t", str(threads), "-ctk", cache, "-ctv", cache, "-fa", fa, "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
-    return {int(r["n_depth"]): float(r["avg_ts"]) for r in json.loads(out.stdout)}, cmd
+    return json.loads(out.stdout)
 
 
 def llama_bench_prompt(exe: str, path, threads: int, cache: str, tokens: int, fa: str) -> tuple[float, list]:
     """Tokens/s of one ``llama-bench`` pp run of ``tokens`` tokens (``-p tokens -n 0``)."""
-    import json
-    import subprocess
-
     cmd = [exe, "-m", str(path), "-p", str(tokens), "-n", "0", "-r", "1", "-t", str(threads), "-ctk", cache,
            "-ctv", cache, "-fa", fa, "-o", "json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-500:]}")
-    return float(json.loads(out.stdout)[0]["avg_ts"]), cmd
+    return float(_llama_bench(cmd)[0]["avg_ts"]), cmd
 
 
 def calibrate(params, cfg, ids) -> tuple[np.ndarray, np.ndarray]:

@@ -662,9 +662,15 @@ class _Compiled(CacheSession):
         last = len(self.runs) - 1
         for i, run in enumerate(self.runs):
             s, e = run["start"], run["stop"]
-            x = run["team"](0, self._sync, False, x, seqs, poss, *run["flat"], self.cache.k[s:e], self.cache.v[s:e],
-                            self.cache.k_scale[s:e], self.cache.v_scale[s:e], self.cos, self.sin, run["fas"], logits, i == last and head != "none", self.chunks)
+            x = run["team"](0, self._sync, False, x, seqs, poss, *run["flat"], *self._cache_of(s, e), self.cos,
+                            self.sin, run["fas"], logits, i == last and head != "none", self.chunks)
         return None if head == "none" else logits
+
+    def _cache_of(self, s: int, e: int) -> tuple:
+        """The cache's arrays for layers ``s <= l < e`` as a team takes them: keys, values,
+        their scales."""
+        c = self.cache
+        return c.k[s:e], c.v[s:e], c.k_scale[s:e], c.v_scale[s:e]
 
     def _embed(self, ids: np.ndarray, poss: np.ndarray) -> np.ndarray:
         """Token ``ids[t]``'s input row at position ``poss[t]`` (T, d) float32."""
@@ -683,14 +689,13 @@ class _Compiled(CacheSession):
             last = len(self.runs) - 1
             for i, run in enumerate(self.runs):
                 s, e = run["start"], run["stop"]
-                run["team"](0, self._sync, True, x.copy(), zero, zero, *run["flat"], self.cache.k[s:e],
-                            self.cache.v[s:e], self.cache.k_scale[s:e], self.cache.v_scale[s:e], self.cos, self.sin, run["fas"], logits, i == last, self.chunks)
+                run["team"](0, self._sync, True, x.copy(), zero, zero, *run["flat"], *self._cache_of(s, e), self.cos,
+                            self.sin, run["fas"], logits, i == last, self.chunks)
 
         def attention():
             for run in self.runs:
                 s, e = run["start"], run["stop"]
-                run["attend"](self.cache.k[s:e], self.cache.v[s:e], self.cache.k_scale[s:e], self.cache.v_scale[s:e],
-                              max(self.pos - 1, 0))
+                run["attend"](*self._cache_of(s, e), max(self.pos - 1, 0))
         return dict(products=products, attention=attention)
 
     def prefill(self, ids, *, last_only: bool = False, seq: int = 0) -> np.ndarray:

@@ -219,6 +219,27 @@ class KVCache:
         return self._read(self.v, self._tv, self.v_scale, seq, layer, upto)
 
 
+@functools.lru_cache(maxsize=None)
+def _row_index():
+    """``(start, hint)`` inside numba code: ``start(a, l, s, h, j)`` the flat element number
+    of row ``a[l, s, h, j]`` of a 5-D storage array; ``hint(a, row, ahead, units)`` hints
+    the row of ``units`` bytes ``ahead`` bytes past element ``row`` into L1 (its first and
+    last byte: a block row may straddle two lines)."""
+    from numba import njit
+
+    from refquant.kernels import simd as V
+
+    @njit(inline="always")
+    def start(a, l, s, h, j):
+        return (((l * a.shape[1] + s) * a.shape[2] + h) * a.shape[3] + j) * a.shape[4]
+
+    @njit(inline="always")
+    def hint(a, row, ahead, units):
+        V.prefetch(a, row + ahead)
+        V.prefetch(a, row + ahead + units - 1)
+    return start, hint
+
+
 def _unpacker(codec: tuple):
     """``unpack(a, l, s, h, j, dst, o, stride, hd)``: dst[o + i·stride] = x_i for the numbers
     x_i of row ``a[l, s, h, j]`` of a 5-D storage array (``codec``: ``CacheType``) as
@@ -324,6 +345,8 @@ def _rows(codec: tuple, unpack):
 
     from refquant.kernels import simd as V
 
+    start, _ = _row_index()
+
     kind = codec[0]
 
     @njit(inline="always")
@@ -334,7 +357,7 @@ def _rows(codec: tuple, unpack):
     if kind == "f32":
         @njit(inline="always")
         def rows(a, l, s, h, j0, n, dst, hd):
-            return a.reshape(-1), (((l * a.shape[1] + s) * a.shape[2] + h) * a.shape[3] + j0) * a.shape[4]
+            return a.reshape(-1), start(a, l, s, h, j0)
         return rows
     if kind != "f16":
         return scalar_rows
@@ -343,7 +366,7 @@ def _rows(codec: tuple, unpack):
     def rows(a, l, s, h, j0, n, dst, hd):
         if hd % 8:
             return scalar_rows(a, l, s, h, j0, n, dst, hd)
-        o = (((l * a.shape[1] + s) * a.shape[2] + h) * a.shape[3] + j0) * a.shape[4]
+        o = start(a, l, s, h, j0)
         for r in range(n):
             for c in range(0, hd, 32):
                 V.prefetch(a, o + r * hd + c)
@@ -436,6 +459,8 @@ def _scorer(codec: tuple, rows):
 
     from refquant.kernels import simd as V
 
+    start, hint = _row_index()
+
     dots, _ = _float_kernels()
 
     @njit(inline="always")
@@ -484,7 +509,7 @@ def _scorer(codec: tuple, rows):
                         V.zeros_i32(), V.load_i16x16(NEG_C16, 0), V.load_i16x16(qi, g * hd + 32 * b)),
                         V.load_i16x16(NEG_C16, 0), V.load_i16x16(qi, g * hd + 32 * b + 16)))
         f = np.empty(3 * 64, np.float32)      # eight rows' lanes per head, summed eight rows at a time
-        o, units = (((l * k.shape[1] + seq) * k.shape[2] + h) * k.shape[3] + j0) * k.shape[4], k.shape[4]
+        o, units = start(k, l, seq, h, j0), k.shape[4]
         ahead = AHEAD // units * units
         for g0 in range(0, G, 3):       # three query heads at a time (the last of them repeated)
             ga, gb, gc = g0, min(g0 + 1, G - 1), min(g0 + 2, G - 1)
@@ -492,8 +517,7 @@ def _scorer(codec: tuple, rows):
                 m = min(8, n - r0)
                 for t in range(m):
                     row = o + (r0 + t) * units
-                    V.prefetch(k, row + ahead)
-                    V.prefetch(k, row + ahead + units - 1)
+                    hint(k, row, ahead, units)
                     fa, fb, fc = V.zeros_f32(), V.zeros_f32(), V.zeros_f32()
                     for b in range(nb):
                         base = row + b * size
@@ -545,6 +569,8 @@ def _weigher(codec: tuple, rows):
 
     from refquant.kernels import simd as V
 
+    start, hint = _row_index()
+
     _, weigh = _float_kernels()
 
     @njit(inline="always")
@@ -563,7 +589,7 @@ def _weigher(codec: tuple, rows):
 
     @njit(inline="always")
     def v_sums(v, l, seq, h, j0, n, p, stride, G, out, hd):
-        o, units = (((l * v.shape[1] + seq) * v.shape[2] + h) * v.shape[3] + j0) * v.shape[4], v.shape[4]
+        o, units = start(v, l, seq, h, j0), v.shape[4]
         ahead = AHEAD // units * units
         for g0 in range(0, G, 3):       # three query heads at a time (the last of them repeated)
             ga, gb, gc = g0, min(g0 + 1, G - 1), min(g0 + 2, G - 1)
@@ -581,8 +607,7 @@ def _weigher(codec: tuple, rows):
                         row = o + (c0 + r) * units
                         base = row + b * size
                         if b == 0:
-                            V.prefetch(v, row + ahead)
-                            V.prefetch(v, row + ahead + units - 1)
+                            hint(v, row, ahead, units)
                         d = V.half_at(v, base + d_at)
                         if S8:
                             x0, x1 = V.bytes8(v, base + qs_at, 0), V.bytes8(v, base + qs_at + 8, 0)
