@@ -163,16 +163,20 @@ class BlockFormat:
     scale_factor: int | None = None    # largest factor an fp16 scale is multiplied by when decoding
     fields: Callable | None = None     # uint8 (B, type_size) -> stored fields per block (``block_fields``)
     byte_dot: ByteDotLayout | None = None   # the byte-dot kernels' reading of ``fields`` (None: no kernel)
+    # with an importance matrix: (float32 blocks, their columns' importances, the row's Σx²/n per
+    # block) -> uint8 blocks; None: the type ignores one, as ggml's quantizer does (Q8_0, MXFP4)
+    weighted: Callable | None = None
 
 
 FORMATS: dict[str, BlockFormat] = {}
 
 
 def register_format(name: str, quantize, dequantize, *, levels=None, code_fields=(), scale_factor=None,
-                    fields=None, byte_dot: ByteDotLayout | None = None) -> None:
+                    fields=None, byte_dot: ByteDotLayout | None = None, weighted=None) -> None:
     """Register ggml type ``name``'s quantizer and dequantizer (and, for ``grid`` and
     ``error_bound``, its code fields; for the kernels, its ``block_fields`` decoder and the
-    ``ByteDotLayout`` they read it by: the type's scheme then multiplies on them)."""
+    ``ByteDotLayout`` they read it by: the type's scheme then multiplies on them; ``weighted``:
+    its quantizer under an importance matrix, ``BlockFormat.weighted``)."""
     if name not in TYPES:
         raise ValueError(f"{name} is not a ggml type")
     if name in FORMATS:
@@ -180,7 +184,7 @@ def register_format(name: str, quantize, dequantize, *, levels=None, code_fields
     if byte_dot is not None and fields is None:
         raise ValueError(f"ggml type {name}: a byte-dot layout reads the type's fields; give fields=")
     FORMATS[name] = BlockFormat(name, quantize, dequantize, levels, tuple(code_fields), scale_factor, fields,
-                                byte_dot)
+                                byte_dot, weighted)
 
 
 def byte_dot_types() -> tuple[str, ...]:
@@ -200,13 +204,23 @@ _CHUNK_BLOCKS = 1 << 14  # blocks per vectorized step: bounds temporaries at a f
 IMPLS = ("auto", "numpy", "numba")
 
 
-def quantize(x, type_name, *, allow_nonfinite: bool = False, impl: str = "auto", threads: int | None = None) -> np.ndarray:
+def quantize(x, type_name, *, imatrix=None, allow_nonfinite: bool = False, impl: str = "auto",
+             threads: int | None = None) -> np.ndarray:
     """Quantize ``x[..., n]`` row by row to ggml blocks: ``uint8[..., n / block * type_size]``.
 
     ``x`` is converted to float32 first (ggml quantizes float32 rows); it must be finite
     (``allow_nonfinite=True``: NaN/Inf go through the same float arithmetic, unchecked
     against ggml) and ``n`` a multiple of the type's block size. The bytes equal what ggml's reference
     quantizer writes for the same float32 input.
+
+    ``imatrix``: the importance of each of the ``n`` columns (float32, finite, >= 0; what
+    llama-quantize passes: an importance matrix's ``Σx² / count`` per input column), the
+    ``quant_weights`` of ``ggml_quantize_chunk``. The bytes then equal ggml's
+    ``quantize_<type>(…, quant_weights)`` (llama.cpp 0c1e570), each type weighing its
+    elements its own way (the family modules' ``_weighted`` quantizers): Q4_0/Q5_0/Q4_1/Q5_1
+    ``qw · sqrt(σ² + x²)`` with σ² = Σx²/n over the whole row; Q2_K the same with σ² over
+    its 256; Q3_K/Q4_K/Q5_K/IQ4_NL/IQ4_XS with 2Σx² over their super-block; Q6_K ``qw``
+    itself. Types whose ggml quantizer ignores it (Q8_0, MXFP4, the float types) ignore it.
 
     ``impl``: ``"numpy"`` is the readable reference in this package's family modules;
     ``"numba"`` the compiled kernels of ``quants.compiled`` (same bytes, C speed, blocks
@@ -224,6 +238,11 @@ def quantize(x, type_name, *, allow_nonfinite: bool = False, impl: str = "auto",
             f"{t.name} needs rows whose length is a multiple of {t.block_size}; x has shape {x.shape}"
         )
     blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, t.block_size)
+    qw = None if imatrix is None else importance(imatrix, x.shape[-1])
+    if qw is not None and FORMATS[t.name].weighted is not None:
+        if impl == "numba":
+            raise ValueError(f"no compiled quantizer for {t.name} with an importance matrix; use impl='numpy'")
+        return _quantize_weighted(blocks, qw, t).reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
     if impl == "numba" and allow_nonfinite:
         raise ValueError("the compiled quantizers take finite input only; use impl='numpy' with allow_nonfinite")
     if impl == "numba" or (impl == "auto" and not allow_nonfinite and t.block_size > 1):
@@ -243,6 +262,38 @@ def quantize(x, type_name, *, allow_nonfinite: bool = False, impl: str = "auto",
             for i in range(0, len(blocks), _CHUNK_BLOCKS):
                 out[i : i + _CHUNK_BLOCKS] = FORMATS[t.name].quantize(blocks[i : i + _CHUNK_BLOCKS])
     return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
+
+
+def importance(imatrix, n: int) -> np.ndarray:
+    """An importance vector checked for rows of ``n`` columns: float32[n], finite, >= 0."""
+    w = np.asarray(imatrix)
+    if w.dtype.kind not in "fiu":
+        raise TypeError(f"imatrix must be a float array of {n} column importances, got dtype {w.dtype}")
+    if w.shape != (n,):
+        raise ValueError(f"imatrix has shape {w.shape}; rows of {n} columns need one importance per column, ({n},)")
+    w = w.astype(F32)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("imatrix holds NaN, Inf or negative importances")
+    return w
+
+
+def _quantize_weighted(blocks, qw, t: GGMLType) -> np.ndarray:
+    """Blocks of rows of ``qw.size`` weights under importances ``qw`` (``quantize``), chunk by
+    chunk of whole rows; every block gets its columns' importances and its row's Σx²/n."""
+    n = qw.size
+    per_row = n // t.block_size
+    rows = len(blocks) // per_row
+    out = np.empty((len(blocks), t.type_size), np.uint8)
+    step = max(1, _CHUNK_BLOCKS // per_row)
+    fn = FORMATS[t.name].weighted
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for r in range(0, rows, step):
+            x = blocks[r * per_row:(r + step) * per_row]
+            k = len(x) // per_row
+            sigma2 = seqsum(x.reshape(k, n) * x.reshape(k, n)) / F32(n)      # C: Σ x[j]*x[j] / n_per_row
+            w = np.broadcast_to(qw.reshape(per_row, t.block_size), (k, per_row, t.block_size)).reshape(-1, t.block_size)
+            out[r * per_row:(r + k) * per_row] = fn(x, w, np.repeat(sigma2, per_row))
+    return out
 
 
 def dequantize(raw, type_name, shape, *, impl: str = "auto", threads: int | None = None) -> np.ndarray:

@@ -1,5 +1,7 @@
 """llama.cpp's non-linear 4-bit formats: IQ4_NL (a 16-value codebook, fp16 scale per 32) and
-IQ4_XS (the same codebook, 6-bit scales per 32 under an fp16 super-scale per 256)."""
+IQ4_XS (the same codebook, 6-bit scales per 32 under an fp16 super-scale per 256), both by
+``quantize_row_iq4_nl_impl`` (``ntry = 7``); with an importance matrix its weights are
+``qw · sqrt(σ² + x²)``, σ² = 2Σx² over the super-block (32 or 256) / its size, else x²."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,15 +14,16 @@ from refquant.gguf.quants.core import (
 
 # ----------------------------------------------------------------------------- IQ4
 
-def _iq4_fit(x, ntry=7):
-    """``quantize_row_iq4_nl_impl`` per 32 weights (no importance weights): best scale.
+def _iq4_fit(x, ntry=7, w=None):
+    """``quantize_row_iq4_nl_impl`` per 32 weights: best scale.
 
     Start from ``d = max / 127`` (sign so the largest value hits -127 … 113 well), then try
     ``id = (itry - 127) / max`` for itry in -ntry..ntry, keeping the weighted least-squares
-    scale ``Σ w q x / Σ w q²`` (w = x²) with the largest ``(Σ w q x)² / Σ w q²``.
+    scale ``Σ w q x / Σ w q²`` (w = x², or the importance weights ``w``) with the largest
+    ``(Σ w q x)² / Σ w q²``.
     """
     vals = KVALUES_IQ4NL.astype(F32)
-    w = x * x
+    w = x * x if w is None else w
     mx = first_absmax(x)
     zero = np.abs(mx) < GROUP_MAX_EPS
 
@@ -47,8 +50,14 @@ def _iq4_codes(x, scale):
     return join_nibbles(L[:, :16], L[:, 16:])
 
 
-def _iq4_nl(x):
-    d = _iq4_fit(x)
+def _iq4_weights(x, qw, size):
+    """``qw · sqrt(σ² + x²)``, σ² = Σx² · (2 / size) over each super-block of ``size``."""
+    sigma2 = seqsum(x.reshape(-1, size) * x.reshape(-1, size)) * F32(2.0 / size)
+    return qw * np.sqrt(np.repeat(sigma2, size // 32)[:, None] + x * x)
+
+
+def _iq4_nl(x, qw=None):
+    d = _iq4_fit(x, w=None if qw is None else _iq4_weights(x, qw, 32))
     return np.concatenate([f16_bytes(d), _iq4_codes(x, d)], axis=1)
 
 
@@ -56,10 +65,10 @@ def _diq4_nl(b):
     return f16_value(b[:, :2])[:, None] * KVALUES_IQ4NL[split_nibbles(b[:, 2:])].astype(F32)
 
 
-def _iq4_xs(x):
+def _iq4_xs(x, qw=None):
     B = x.shape[0]
     xs = x.reshape(B * 8, 32)
-    scales = _iq4_fit(xs).reshape(B, 8)
+    scales = _iq4_fit(xs, w=None if qw is None else _iq4_weights(xs, qw.reshape(B * 8, 32), 256)).reshape(B, 8)
     max_scale = first_absmax(scales)
     d = -max_scale / F32(32)
     l = np.clip(nearest_int(inv(d)[:, None] * scales), -32, 31)
@@ -99,9 +108,10 @@ def _fields_iq4_xs(b):   # codes: the nibbles, d per 256, sc = ls - 32 (int8) pe
 
 _LUT = ByteDotLayout("l4", table=tuple(int(v) for v in KVALUES_IQ4NL))
 register_format("IQ4_NL", _iq4_nl, _diq4_nl, levels=16, code_fields=[(2, 18, "nibble")], scale_factor=127,
-                fields=_fields_iq4_nl, byte_dot=_LUT)
+                fields=_fields_iq4_nl, byte_dot=_LUT, weighted=lambda x, qw, _: _iq4_nl(x, qw))
 register_format("IQ4_XS", _iq4_xs, _diq4_xs, levels=16, code_fields=[(8, 136, "nibble")], scale_factor=4064,
-                fields=_fields_iq4_xs, byte_dot=ByteDotLayout("l4", dshift=3, table=_LUT.table))
+                fields=_fields_iq4_xs, byte_dot=ByteDotLayout("l4", dshift=3, table=_LUT.table),
+                weighted=lambda x, qw, _: _iq4_xs(x, qw))
 
 
 # the registered schemes (refquant.schemes) of these types

@@ -1,123 +1,17 @@
 """llama.cpp's K-quants: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of 256 with quantized
 sub-block scales) and Q8_K, the activation format of their dot products: ``quantize_row_q*_K_ref``
-with its scale searches ``make_qkx2_quants``, ``make_qx_quants`` and ``make_q3_quants``."""
+with its scale searches ``make_qkx2_quants``, ``make_qx_quants`` and ``make_q3_quants``; with an
+importance matrix, ``quantize_row_q*_K_impl`` (``_weighted``), as ``ggml_quantize_chunk`` calls
+them (llama.cpp 0c1e570 / ggml 0.25.3)."""
 from __future__ import annotations
 
 import numpy as np
 
 from refquant.gguf.quants.core import (
-    F32, GROUP_MAX_EPS, ByteDotLayout, f16_bytes, f16_field, f16_value, first_absmax, first_winner, join_nibbles,
-    nearest_int, pack2, positive_max, register_format, register_scheme, seqsum, unpack2,
+    F32, GROUP_MAX_EPS, ByteDotLayout, f16_bytes, f16_field, f16_value, first_absmax, join_nibbles, nearest_int,
+    pack2, positive_max, register_format, register_scheme, seqsum, unpack2,
 )
-
-
-# ----------------------------------------------------------------------------- scale searches
-
-def _make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
-    """``make_qkx2_quants``: weighted affine fit (scale, min) over a grid of ``nstep`` scales.
-
-    Returns ``(scale, the_min, L)`` with ``x ≈ scale*L - the_min``. Row-wise over ``x[B, n]``.
-    """
-    mn = np.minimum(first_winner(x, np.argmin), F32(0))
-    mx = first_winner(x, np.argmax)
-    sum_w = seqsum(w)
-    sum_x = seqsum(w * x)
-    flat = mx == mn
-    mn0 = mn
-
-    def err(scale, L, mins):
-        diff = scale[:, None] * L + mins[:, None] - x
-        return seqsum(w * (np.abs(diff) if use_mad else diff * diff))
-
-    with np.errstate(all="ignore"):
-        iscale = F32(nmax) / (mx - mn)
-        scale = F32(1) / iscale
-        L = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
-        best = err(scale, L, mn)
-        for step in range(nstep + 1):
-            # C reuses the running ``min`` here: it moves whenever a step improves the fit
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
-            La = np.clip(nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(F32)
-            wl = w * La
-            sum_l, sum_l2, sum_xl = seqsum(wl), seqsum(wl * La), seqsum(wl * x)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            clamp = this_min > 0
-            this_min = np.where(clamp, F32(0), this_min)
-            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
-            cur = err(this_scale, La, this_min)
-            better = (D > 0) & (cur < best)
-            L = np.where(better[:, None], La, L)
-            best = np.where(better, cur, best)
-            scale = np.where(better, this_scale, scale)
-            mn = np.where(better, this_min, mn)
-    L = np.where(flat[:, None], 0, L).astype(np.int32)
-    return np.where(flat, F32(0), scale), -np.where(flat, mn0, mn), L
-
-
-def _make_qx_quants(x, nmax):
-    """``make_qx_quants`` with ``rmse_type = 1`` (weights x²): symmetric scale, 18-point search.
-
-    Returns ``(scale, L)`` with ``L`` offset by ``nmax`` (0 for all-zero rows).
-    """
-    mx = first_absmax(x)
-    zero = np.abs(mx) < GROUP_MAX_EPS
-    w = x * x
-    nm = F32(nmax)
-
-    def fit(iscale):
-        l = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
-        return l, seqsum(w * x * l), seqsum(w * l * l)
-
-    with np.errstate(all="ignore"):
-        l, sumlx, suml2 = fit(-nm / mx)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
-        L = l
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            l, sumlx, suml2 = fit(-(nm + F32(0.1) * F32(step)) / mx)
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better[:, None], l, L)
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
-    L = np.where(zero[:, None], 0, L.astype(np.int32) + nmax)
-    return np.where(zero, F32(0), scale), L
-
-
-def _make_q3_quants(x, nmax):
-    """``make_q3_quants`` with ``do_rmse``: coordinate descent on the weighted (x²) error.
-
-    Each of 5 sweeps visits the elements in order and moves one code if that raises
-    ``sumlx²/suml2``. A sweep with no move leaves the state unchanged, so running all 5
-    sweeps equals C's early ``break``. Returns ``(scale, L + nmax)``; L = 0 for zero rows.
-    """
-    mx = first_absmax(x)
-    zero = np.abs(mx) < GROUP_MAX_EPS
-    w = x * x
-    with np.errstate(all="ignore"):
-        iscale = F32(-nmax) / mx
-        L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-        Lf = L.astype(F32)
-        sumlx, suml2 = seqsum(w * x * Lf), seqsum(w * Lf * Lf)
-        for _ in range(5):
-            for i in range(x.shape[1]):
-                wi, xi, li = w[:, i], x[:, i], L[:, i].astype(F32)
-                slx = sumlx - wi * xi * li
-                sl2 = suml2 - wi * li * li
-                new = np.clip(nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
-                nf = new.astype(F32)
-                slx2 = slx + wi * xi * nf
-                sl22 = sl2 + wi * nf * nf
-                take = (slx > 0) & (new != L[:, i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[:, i] = np.where(take, new, L[:, i])
-                sumlx = np.where(take, slx2, sumlx)
-                suml2 = np.where(take, sl22, suml2)
-        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    L = np.where(zero[:, None], 0, L + nmax)
-    return np.where(zero, F32(0), scale), L
+from refquant.gguf.quants.searches import _make_q3_quants, _make_qkx2_quants, _make_qp_quants, _make_qx_quants
 
 
 # ----------------------------------------------------------------------------- K-quants
@@ -149,6 +43,35 @@ def _q2_k(x):
     return np.concatenate([sc.astype(np.uint8), pack2(L.reshape(B, 256)), d_b, dmin_b], axis=1)
 
 
+def _importance(x, qw, n, factor):
+    """The K and IQ4 types' element weights under an importance matrix, per sub-block of
+    ``n``: ``qw · sqrt(σ² + x²)`` with σ² = ``factor`` · Σx² / 256 over the super-block,
+    and their sums (``sw``). Returns ``(x, weights, sw)`` with x and the weights as
+    ``[B · 256/n, n]``."""
+    B = x.shape[0]
+    sigma2 = F32(factor) * seqsum(x * x) / F32(256)
+    xs = x.reshape(-1, n)
+    w = qw.reshape(-1, n) * np.sqrt(np.repeat(sigma2, 256 // n)[:, None] + xs * xs)
+    return xs, w, seqsum(w).reshape(B, -1)
+
+
+def _q2_k_weighted(x, qw, _sigma2_row):
+    """``quantize_row_q2_K_impl``: per 16, ``make_qkx3_quants(16, 3, …, -0.9, 0.05, 36)`` on
+    weights ``qw · sqrt(Σx²/256 + x²)``; the 16 scales and the 16 mins each by
+    ``make_qp_quants(16, 15, …, sw)``; then the ref's second pass."""
+    B = x.shape[0]
+    xs, w, sw = _importance(x, qw, 16, 1)
+    scales, mins, L = _make_qkx2_quants(xs, w, 3, -0.9, 0.05, 36, False)
+    dm, Ls = _make_qp_quants(scales.reshape(B, 16), 15, sw)
+    mm, Lm = _make_qp_quants(mins.reshape(B, 16), 15, sw)
+    sc = (Ls | (Lm << 4)) & 0xFF
+    d_b, dmin_b = f16_bytes(dm), f16_bytes(mm)
+    dl = f16_value(d_b)[:, None] * (sc & 0xF).astype(F32)
+    ml = f16_value(dmin_b)[:, None] * (sc >> 4).astype(F32)
+    L = _requant(x.reshape(B, 16, 16), dl, ml, 3, L.reshape(B, 16, 16))
+    return np.concatenate([sc.astype(np.uint8), pack2(L.reshape(B, 256)), d_b, dmin_b], axis=1)
+
+
 def _dq2_k(b):
     sc = b[:, :16]
     d, dmin = f16_value(b[:, 80:82]), f16_value(b[:, 82:84])
@@ -167,15 +90,31 @@ def _q3_k(x):
         iscale = F32(-32) / max_scale
         l = np.clip(nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int32) + 32
     nz = max_scale != 0
-    l = np.where(nz[:, None], l, 0)
+    with np.errstate(all="ignore"):
+        d = np.where(nz, F32(1) / iscale, F32(0))
+    return _q3_k_finish(x, L, np.where(nz[:, None], l, 0), d)
+
+
+def _q3_k_weighted(x, qw, _sigma2_row):
+    """``quantize_row_q3_K_impl``: per 16, ``make_qx_quants(16, 4, …, qw · sqrt(2Σx²/256 +
+    x²))``; the 16 scales by ``make_qx_quants(16, 32, …, sw)``; then the ref's second pass."""
+    B = x.shape[0]
+    xs, w, sw = _importance(x, qw, 16, 2)
+    scales, L = _make_qx_quants(xs, 4, w)
+    d, l = _make_qx_quants(scales.reshape(B, 16), 32, sw)
+    return _q3_k_finish(x, L.reshape(B, 16, 16), l, d)
+
+
+def _q3_k_finish(x, L, l, d):
+    """Q3_K's second pass and bytes: codes ``L`` (B, 16, 16, offset by 4) requantized on the
+    stored scales ``d · (l − 32)`` (``l``: 6-bit, 0..63) where they are not 0."""
+    B = x.shape[0]
     packed = np.zeros((B, 12), np.uint8)
     packed[:, :8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
     hi = (l >> 4).reshape(B, 4, 4)  # [j // 4, j % 4]
     packed[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
-    with np.errstate(all="ignore"):
-        d = np.where(nz, F32(1) / iscale, F32(0))
     d_b = f16_bytes(d)
-    dl = f16_value(d_b)[:, None] * np.where(nz[:, None], l - 32, -32).astype(F32)
+    dl = f16_value(d_b)[:, None] * (l - 32).astype(F32)
     with np.errstate(all="ignore"):
         new = np.clip(nearest_int(x.reshape(B, 16, 16) / dl[:, :, None]), -4, 3) + 4
     L = np.where((dl != 0)[:, :, None], new, L).reshape(B, 256)
@@ -219,25 +158,39 @@ def _unpack_k4_scales(q):
     return sc.astype(F32), mn.astype(F32)
 
 
-def _kx_fit(x, nmax, rmin, nstep):
-    """Q4_K / Q5_K first pass: per 32 weights, weights ``sqrt(mean x²) + |x|`` and qkx2 fit."""
+def _kx_fit(x, nmax, rmin, nstep, qw=None):
+    """Q4_K / Q5_K first pass (``nmax`` 15 / 31). The ref: per 32 weights, weights
+    ``sqrt(mean x²) + |x|``, ``make_qkx2_quants(rmin, 0.1, nstep)``, 6-bit scales and mins
+    against their largest. With importance weights ``qw`` (``quantize_row_q*_K_impl``):
+    weights ``qw · sqrt(2Σx²/256 + x²)``, ``make_qkx3_quants(-0.9, 0.05, 36)``, the scales
+    and the mins each by ``make_qp_quants(8, 63, …, sw)`` (Q5_K clamps their codes to 63,
+    Q4_K stores them as they are). Returns (d, dmin, scales: 16 bytes) and the codes."""
     B = x.shape[0]
-    xs = x.reshape(B * 8, 32)
-    av_x = np.sqrt(seqsum(xs * xs) / F32(32))
-    w = av_x[:, None] + np.abs(xs)
-    scales, mins, L = _make_qkx2_quants(xs, w, nmax, rmin, 0.1, nstep, False)
-    scales, mins = scales.reshape(B, 8), mins.reshape(B, 8)
-    max_scale, max_min = positive_max(scales), positive_max(mins)
-    with np.errstate(all="ignore"):
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-    ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
-    lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
-    head = np.concatenate([f16_bytes(max_scale / F32(63)), f16_bytes(max_min / F32(63))], axis=1)
-    d = f16_value(head[:, 0:2])[:, None] * ls.astype(F32)
-    dm = f16_value(head[:, 2:4])[:, None] * lm.astype(F32)
-    L = _requant(x.reshape(B, 8, 32), d, dm, nmax, L.reshape(B, 8, 32)).reshape(B, 256)
-    return np.concatenate([head, _pack_k4_scales(ls, lm)], axis=1), L
+    if qw is None:
+        xs = x.reshape(B * 8, 32)
+        av_x = np.sqrt(seqsum(xs * xs) / F32(32))
+        scales, mins, L = _make_qkx2_quants(xs, av_x[:, None] + np.abs(xs), nmax, rmin, 0.1, nstep, False)
+        scales, mins = scales.reshape(B, 8), mins.reshape(B, 8)
+        max_scale, max_min = positive_max(scales), positive_max(mins)
+        with np.errstate(all="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF)
+        lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF)
+        d, dmin = max_scale / F32(63), max_min / F32(63)
+    else:
+        xs, w, sw = _importance(x, qw, 32, 2)
+        scales, mins, L = _make_qkx2_quants(xs, w, nmax, -0.9, 0.05, 36, False)
+        d, ls = _make_qp_quants(scales.reshape(B, 8), 63, sw)
+        dmin, lm = _make_qp_quants(mins.reshape(B, 8), 63, sw)
+        if nmax == 31:
+            ls, lm = np.minimum(63, ls), np.minimum(63, lm)
+    head = np.concatenate([f16_bytes(d), f16_bytes(dmin), _pack_k4_scales(ls.astype(np.uint8), lm.astype(np.uint8))],
+                          axis=1)
+    sc, mn = _unpack_k4_scales(head[:, 4:16])      # get_scale_min_k4, as the second pass reads them
+    dl = f16_value(head[:, 0:2])[:, None] * sc
+    dm = f16_value(head[:, 2:4])[:, None] * mn
+    return head, _requant(x.reshape(B, 8, 32), dl, dm, nmax, L.reshape(B, 8, 32)).reshape(B, 256)
 
 
 def _dq_kx(b, q):
@@ -247,8 +200,8 @@ def _dq_kx(b, q):
     return (dl[:, :, None] * q.reshape(-1, 8, 32).astype(F32) - ml[:, :, None]).reshape(-1, 256)
 
 
-def _q4_k(x):
-    head, L = _kx_fit(x, 15, -1.0, 20)
+def _q4_k(x, qw=None):
+    head, L = _kx_fit(x, 15, -1.0, 20, qw)
     L = L.reshape(-1, 4, 2, 32)
     return np.concatenate([head, join_nibbles(L[:, :, 0], L[:, :, 1]).reshape(-1, 128)], axis=1)
 
@@ -263,8 +216,8 @@ def _dq4_k(b):
     return _dq_kx(b, _k4_nibbles(b[:, 16:144]))
 
 
-def _q5_k(x):
-    head, L = _kx_fit(x, 31, -0.5, 15)
+def _q5_k(x, qw=None):
+    head, L = _kx_fit(x, 31, -0.5, 15, qw)
     B = x.shape[0]
     L4 = L.reshape(B, 4, 2, 32)
     qh = ((L4 >> 4) & 1).transpose(0, 3, 1, 2).reshape(B, 32, 8)  # bit 2*n + half of byte j
@@ -279,9 +232,11 @@ def _dq5_k(b):
     return _dq_kx(b, _k4_nibbles(b[:, 48:176]) | (high.reshape(B, 256).astype(np.uint8) << 4))
 
 
-def _q6_k(x):
+def _q6_k(x, qw=None):
+    """``quantize_row_q6_K_ref``; with importance weights ``qw`` (``quantize_row_q6_K_impl``)
+    its ``make_qx_quants(16, 32, …)`` weighs by ``qw`` itself, nothing else changes."""
     B = x.shape[0]
-    scales, L = _make_qx_quants(x.reshape(B * 16, 16), 32)
+    scales, L = _make_qx_quants(x.reshape(B * 16, 16), 32, None if qw is None else qw.reshape(B * 16, 16))
     scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
     max_scale = first_absmax(scales)
     zero = np.abs(max_scale) < GROUP_MAX_EPS
@@ -351,18 +306,23 @@ def _fields_q6_k(b):   # codes q + 32 (0..63), d per 256, int8 sc per 16
             "sc": np.ascontiguousarray(b[:, 192:208]).view(np.int8)}
 
 
-register_format("Q2_K", _q2_k, _dq2_k, levels=4, code_fields=[(16, 80, "crumb0")], scale_factor=60)
+register_format("Q2_K", _q2_k, _dq2_k, levels=4, code_fields=[(16, 80, "crumb0")], scale_factor=60,
+                weighted=_q2_k_weighted)
 register_format("Q3_K", _q3_k, _dq3_k,
-                levels=8, code_fields=[(0, 32, "bit2"), (32, 96, "crumb0")], scale_factor=128)
+                levels=8, code_fields=[(0, 32, "bit2"), (32, 96, "crumb0")], scale_factor=128,
+                weighted=_q3_k_weighted)
 register_format("Q4_K", _q4_k, _dq4_k,
                 levels=16, code_fields=[(16, 144, "nibble")], scale_factor=1008, fields=_fields_k45,
+                weighted=lambda x, qw, _: _q4_k(x, qw),
                 byte_dot=ByteDotLayout("u4", "min", dshift=3, m="dmin", negate_m=True, mshift=3))
 register_format("Q5_K", _q5_k, _dq5_k,
                 levels=32, code_fields=[(16, 48, "bit4"), (48, 176, "nibble")], scale_factor=2016, fields=_fields_k45,
+                weighted=lambda x, qw, _: _q5_k(x, qw),
                 byte_dot=ByteDotLayout("u5", "min", dshift=3, m="dmin", negate_m=True, mshift=3))
 register_format("Q6_K", _q6_k, _dq6_k,
                 levels=64, code_fields=[(0, 128, "nibble"), (128, 192, "crumb4")], scale_factor=4096,
-                fields=_fields_q6_k, byte_dot=ByteDotLayout("u6", "const", c=32, dshift=3, sub16=True))
+                fields=_fields_q6_k, weighted=lambda x, qw, _: _q6_k(x, qw),
+                byte_dot=ByteDotLayout("u6", "const", c=32, dshift=3, sub16=True))
 register_format("Q8_K", _q8_k, _dq8_k)
 
 

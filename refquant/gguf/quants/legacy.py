@@ -3,7 +3,12 @@ scales; ``quantize_row_q*_ref`` in ggml-quants.c), and the plain BF16 conversion
 
 Q8_1 is ggml's activation type for Q4_1/Q5_1 dots: Q8_0's codes plus ``s = fp16(d · Σq)``
 (block ``d, s, qs[32]``). ggml defines no decoder for it (no ``to_float`` in its type
-traits); ours is Q8_0's, ``ŵ = d·q``, as the stored fields mean."""
+traits); ours is Q8_0's, ``ŵ = d·q``, as the stored fields mean.
+
+With an importance matrix (``quantize_row_q*_impl``, llama.cpp 0c1e570): every element
+weighs ``qw · sqrt(σ² + x²)``, σ² = Σx²/n over the whole row; Q4_0/Q5_0 take
+``make_qx_quants(32, 8 or 16, …)``, Q4_1/Q5_1 ``make_qkx3_quants(32, 15 or 31, …, -0.9,
+0.05, 36)``; Q8_0 ignores it."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +17,7 @@ from refquant.gguf.quants.core import (
     F32, ByteDotLayout, bit_planes, f16_bytes, f16_field, f16_value, inv, join_nibbles, min_codes, register_format,
     register_scheme, roundf, split_nibbles, sym_codes,
 )
+from refquant.gguf.quants.searches import _make_qkx2_quants, _make_qx_quants
 
 
 def _q4_0(x):
@@ -63,6 +69,36 @@ def _q5_1(x):
 def _dq5_1(b):
     d, m = f16_value(b[:, 0:2]), f16_value(b[:, 2:4])
     return _q5_unpack(b[:, 4:]) * d[:, None] + m[:, None]
+
+
+def _row_weights(x, qw, sigma2):
+    """``qw · sqrt(σ² + x²)`` per element, σ² the row's Σx²/n (one per block)."""
+    return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+def _q4_0_weighted(x, qw, sigma2):
+    d, L = _make_qx_quants(x, 8, _row_weights(x, qw, sigma2))
+    return np.concatenate([f16_bytes(d), join_nibbles(L[:, :16], L[:, 16:])], axis=1)
+
+
+def _q5_0_weighted(x, qw, sigma2):
+    d, L = _make_qx_quants(x, 16, _row_weights(x, qw, sigma2))
+    return _q5_pack(f16_bytes(d), L)
+
+
+def _affine_weighted(x, qw, sigma2, nmax):
+    """Q4_1 / Q5_1: d and m = −the_min of ``make_qkx3_quants``, as fp16 bytes, and the codes."""
+    d, the_min, L = _make_qkx2_quants(x, _row_weights(x, qw, sigma2), nmax, -0.9, 0.05, 36, False)
+    return np.concatenate([f16_bytes(d), f16_bytes(-the_min)], axis=1), L
+
+
+def _q4_1_weighted(x, qw, sigma2):
+    dm, L = _affine_weighted(x, qw, sigma2, 15)
+    return np.concatenate([dm, join_nibbles(L[:, :16], L[:, 16:])], axis=1)
+
+
+def _q5_1_weighted(x, qw, sigma2):
+    return _q5_pack(*_affine_weighted(x, qw, sigma2, 31))
 
 
 def _q8_0(x):
@@ -121,16 +157,16 @@ def _fields_q5(b):   # Q5_0 (d, qh, qs) or Q5_1 (d, m, qh, qs): codes as stored,
 
 register_format("BF16", _bf16, _dbf16)
 register_format("Q4_0", _q4_0, _dq4_0,
-                levels=16, code_fields=[(2, 18, "nibble")], scale_factor=8, fields=_fields_q4,
+                levels=16, code_fields=[(2, 18, "nibble")], scale_factor=8, fields=_fields_q4, weighted=_q4_0_weighted,
                 byte_dot=ByteDotLayout("u4", "const", c=8))
 register_format("Q4_1", _q4_1, _dq4_1,
-                levels=16, code_fields=[(4, 20, "nibble")], scale_factor=16, fields=_fields_q4,
+                levels=16, code_fields=[(4, 20, "nibble")], scale_factor=16, fields=_fields_q4, weighted=_q4_1_weighted,
                 byte_dot=ByteDotLayout("u4", "min", m="m"))
 register_format("Q5_0", _q5_0, _dq5_0,
-                levels=32, code_fields=[(2, 6, "bit4"), (6, 22, "nibble")], scale_factor=16, fields=_fields_q5,
+                levels=32, code_fields=[(2, 6, "bit4"), (6, 22, "nibble")], scale_factor=16, fields=_fields_q5, weighted=_q5_0_weighted,
                 byte_dot=ByteDotLayout("u5", "const", c=16))
 register_format("Q5_1", _q5_1, _dq5_1,
-                levels=32, code_fields=[(4, 8, "bit4"), (8, 24, "nibble")], scale_factor=32, fields=_fields_q5,
+                levels=32, code_fields=[(4, 8, "bit4"), (8, 24, "nibble")], scale_factor=32, fields=_fields_q5, weighted=_q5_1_weighted,
                 byte_dot=ByteDotLayout("u5", "min", m="m"))
 register_format("Q8_0", _q8_0, _dq8_0,
                 levels=256, code_fields=[(2, 34, "byte")], scale_factor=128, fields=_fields_q8_0,
