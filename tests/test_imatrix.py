@@ -96,3 +96,83 @@ def test_no_compiled_weighted_quantizer_is_claimed():
     silently running the NumPy reference."""
     with pytest.raises(ValueError, match="no compiled quantizer for Q4_0 with an importance matrix"):
         quants.quantize(np.ones((1, 32), np.float32), "Q4_0", imatrix=np.ones(32, np.float32), impl="numba")
+
+
+# ----------------------------------------------------------------------------- the files
+# Both written by llama-imatrix (llama.cpp 0c1e570) on minigpt_np/checkpoints/minigpt.gguf:
+#   llama-imatrix -m minigpt.gguf -f text.txt -c 128 --chunks 4 -t 2 -o minigpt_imatrix.gguf
+#   (the same with --output-format dat -o minigpt_imatrix.dat); text.txt: the first five
+#   topics of pydoc_data.topics, keys sorted, cut at 20000 characters.
+DATA = Path(__file__).parent / "data"
+LLAMA_GGUF, LLAMA_DAT = DATA / "minigpt_imatrix.gguf", DATA / "minigpt_imatrix.dat"
+
+
+def test_reads_both_of_llama_imatrix_formats_to_the_same_weights():
+    """The GGUF (Σx² and counts) and the legacy file ((Σx²/count)·ncall) of one llama-imatrix
+    run give llama-quantize's quant_weights, the same floats; gguf-py reads the same sums."""
+    from refquant.gguf import imatrix
+    from tests.conftest import gguf_py
+
+    a, b = imatrix.read(LLAMA_GGUF), imatrix.read(LLAMA_DAT)
+    assert not a.legacy and b.legacy
+    assert sorted(a.sums) == sorted(b.sums) and len(a) == 16      # MiniGPT: 4 layers x (qkv, out, up, down)
+    assert (a.datasets, a.chunk_count, a.chunk_size) == (["text.txt"], 4, 128)
+    assert (b.datasets, b.chunk_count) == (["text.txt"], 4)
+    reader = gguf_py().GGUFReader(LLAMA_GGUF)
+    theirs = {t.name: np.asarray(t.data, np.float32).reshape(-1) for t in reader.tensors}
+    for name in a.sums:
+        assert a.sums[name].shape == (1, 1024 if "ffn_down" in name else 256)
+        np.testing.assert_array_equal(a.sums[name].reshape(-1), theirs[name + ".in_sum2"])
+        assert a.counts[name].tolist() == [int(theirs[name + ".counts"][0])] == [512]   # 4 chunks of 128
+        np.testing.assert_array_equal(a.weights(name), a.sums[name] / np.float32(512))
+        np.testing.assert_array_equal(a.weights(name), b.weights(name))
+
+
+def test_writes_llama_imatrix_files_byte_for_byte(tmp_path):
+    """Read back and written again, both of llama-imatrix's files come out byte-identical
+    (the legacy file's (Σx²/count)·ncall recomputed from the GGUF's sums and counts)."""
+    from refquant.gguf import imatrix
+
+    m = imatrix.read(LLAMA_GGUF)
+    assert imatrix.write(tmp_path / "a.gguf", m).read_bytes() == LLAMA_GGUF.read_bytes()
+    assert imatrix.write_dat(tmp_path / "a.dat", m).read_bytes() == LLAMA_DAT.read_bytes()
+
+
+def test_partial_entries_and_several_matrices_round_trip(tmp_path):
+    """A 3-D (expert) entry keeps one count per matrix; a count of 0 gives importance 1
+    (GGUF) as llama-quantize fills it; the legacy file stores such a matrix as ncall."""
+    from refquant.gguf import imatrix
+
+    m = imatrix.IMatrix({"blk.0.ffn_down_exps.weight": np.array([[2, 4], [6, 8], [1, 1]], np.float32)},
+                        {"blk.0.ffn_down_exps.weight": np.array([2, 4, 0])}, ["d.txt"], 1, 4)
+    want = np.array([[1, 2], [1.5, 2], [1, 1]], np.float32)
+    np.testing.assert_array_equal(m.weights("blk.0.ffn_down_exps.weight"), want)
+    g = imatrix.read(imatrix.write(tmp_path / "m.gguf", m))
+    np.testing.assert_array_equal(g.weights("blk.0.ffn_down_exps.weight"), want)
+    d = imatrix.read(imatrix.write_dat(tmp_path / "m.dat", m))
+    assert d.counts["blk.0.ffn_down_exps.weight"].tolist() == [1]       # ceil(4 / chunk_size 4)
+    np.testing.assert_array_equal(d.weights("blk.0.ffn_down_exps.weight").reshape(3, 2), want)
+    assert m.check("blk.0.ffn_down_exps.weight", 2, 3).shape == (3, 2)
+    with pytest.raises(ValueError, match="blk.0.ffn_down_exps.weight.*different"):
+        m.check("blk.0.ffn_down_exps.weight", 4, 2)
+
+
+def test_bad_imatrix_files_are_refused_naming_what_is_wrong(tmp_path):
+    from refquant.gguf import GGUFError, imatrix
+
+    with pytest.raises(GGUFError, match="not an importance matrix"):
+        imatrix.read(Path(__file__).parent.parent / "minigpt_np" / "checkpoints" / "minigpt.gguf")
+    data = LLAMA_DAT.read_bytes()
+    for cut in (0, 2, 6, 9, 40, len(data) // 2):
+        (tmp_path / "t.dat").write_bytes(data[:cut])
+        with pytest.raises(GGUFError, match="truncated|no data"):
+            imatrix.read(tmp_path / "t.dat")
+    (tmp_path / "n.dat").write_bytes(np.int32(1).tobytes() + np.int32(-5).tobytes())
+    with pytest.raises(GGUFError, match="name length -5"):
+        imatrix.read(tmp_path / "n.dat")
+    from refquant.gguf import write
+    write(tmp_path / "half.gguf", {"general.type": "imatrix", "imatrix.datasets": ["x"],
+                                   "imatrix.chunk_count": np.uint32(1), "imatrix.chunk_size": np.uint32(1)},
+          {"a.in_sum2": np.ones(4, np.float32)})
+    with pytest.raises(GGUFError, match="mismatched sums and counts for 'a'"):
+        imatrix.read(tmp_path / "half.gguf")
