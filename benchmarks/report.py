@@ -126,7 +126,7 @@ def smollm2_section(data: dict) -> str:
            "of `pydoc_data.topics`), as `llama-perplexity --kl-divergence` reports it; calibrated schemes "
            f"calibrated on {data['calib_sequences']} x {data['calib_length']} tokens of later, disjoint text. "
            "Rows of 576 inputs are not whole K-quant super-blocks (256): those Linears take llama.cpp's "
-           "fallback types (Q2_K/Q3_K/IQ4_XS -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), so a "
+           "fallback types (Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), so a "
            "K-quant row here is its type on `ffn_down` and the fallback elsewhere; a group of 128 on 576 "
            "inputs ends in a short group (rows zero-padded, counted in the bytes).", "",
            "| scheme | bits/weight | mean KLD ± se | median | p99 | max | same top | ppl ratio | "

@@ -24,10 +24,10 @@ from refquant.gguf.quants.core import (  # noqa: F401
 )
 
 
-# llama.cpp (llama-quant.cpp) falls back to these when a row is not a whole number of blocks
-# (SmolLM2's 576-wide rows, for instance, are not a multiple of the K-quants' 256)
-FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
-            "Q6_K": "Q8_0"}
+# llama.cpp (llama-quant.cpp's tensor_type_fallback at 0c1e570; gguf.mixes.fallback) falls back
+# to these when a row is not a whole number of blocks (SmolLM2's 576-wide rows, for instance, are
+# not a multiple of the K-quants' 256); before 2026 it sent Q2_K and Q3_K to IQ4_NL
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def quantizable() -> list[str]:
