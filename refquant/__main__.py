@@ -4,6 +4,9 @@
     python -m refquant export IN.gguf DIR --format gptq|awq|compressed-tensors [--bits 4 --group-size 128]
     python -m refquant convert DIR OUT.gguf [--metadata-from IN.gguf] [--fallback Q8_0]
     python -m refquant quantize IN OUT --type Q4_K [--keep PATTERN ...] [--impl auto|numpy|numba]
+    python -m refquant quantize IN OUT --ftype Q4_K_M [--imatrix FILE] [--pure] [--allow-requantize]
+        [--output-tensor-type T] [--token-embedding-type T] [--leave-output-tensor]
+        [--tensor-type REGEX=TYPE ...] [--include-weights S ... | --exclude-weights S ...]
     python -m refquant dequantize IN OUT [--type F32|F16]
     python -m refquant compare A B
 
@@ -82,6 +85,12 @@ def _problem(path, name: str, values: np.ndarray) -> str | None:
 
 
 def cmd_quantize(args) -> int:
+    if (args.type is None) == (args.ftype is None):
+        raise SystemExit("error: give one of --type (every 2-D tensor in one type) or --ftype (a llama-quantize mix)")
+    if args.ftype is not None:
+        return cmd_quantize_mix(args)
+    if args.imatrix or args.mix_switches_given:
+        raise SystemExit("error: --imatrix and llama-quantize's switches go with --ftype")
     target = quants.ggml_type(args.type)
     if not target.can_quantize:
         raise SystemExit(f"error: refquant cannot quantize to {target.name}; choose one of {', '.join(quants.quantizable())}")
@@ -120,6 +129,127 @@ def cmd_quantize(args) -> int:
     print(f"wrote {args.output}: {n_target} tensors -> {target.name}{fb}, {len(kept)} kept as they were"
           + (f" ({refused} refused: non-finite values)" if refused else ""))
     return 1 if refused else 0
+
+
+def _imatrix(args):
+    """The importance matrix of ``--imatrix``, filtered as llama-quantize filters it
+    (``--include-weights`` / ``--exclude-weights``: substrings of entry names); None when
+    none is given or no entry is left."""
+    from refquant.gguf import imatrix
+
+    if not args.imatrix:
+        if args.include_weights or args.exclude_weights:
+            raise SystemExit("error: --include-weights / --exclude-weights filter an --imatrix")
+        return None
+    if args.include_weights and args.exclude_weights:
+        raise SystemExit("error: --include-weights and --exclude-weights cannot be used together")
+    im = imatrix.read(args.imatrix)
+    keep = [n for n in im.sums if not any(s in n for s in args.exclude_weights)
+            and (not args.include_weights or any(s in n for s in args.include_weights))]
+    for n in keep:
+        if not np.all(np.isfinite(im.sums[n])):
+            raise ValueError(f"{args.imatrix}: imatrix entry {n!r} holds non-finite values")
+    for n in set(im.sums) - set(keep):
+        del im.sums[n], im.counts[n]
+    if not len(im):
+        note(f"{args.imatrix}: no importance matrix entry is left; quantizing without one")
+        return None
+    return im
+
+
+def cmd_quantize_mix(args) -> int:
+    """llama-quantize's file types (``gguf.mixes``): every tensor in the type llama-quantize
+    gives it, with the importance matrix's weights where the file has an entry for it. All
+    the refusals happen before anything is written."""
+    from refquant.gguf import mixes
+
+    ft = mixes.ftype(args.ftype)
+    im = _imatrix(args)
+    options = mixes.Options(imatrix=im is not None, pure=args.pure, output_tensor_type=args.output_tensor_type,
+                            token_embedding_type=args.token_embedding_type,
+                            leave_output_tensor=args.leave_output_tensor,
+                            tensor_types=[_tensor_type(a) for a in args.tensor_type])
+    with gguf.read(args.input) as f:
+        types = {n: i.type.name for n, i in f.tensors.items()}
+        plan = mixes.plan(f.metadata, {n: i.shape for n, i in f.tensors.items()}, ft, options, types)
+        weights, out = {}, {}
+        for name, t in plan:        # every refusal first: nothing is written on failure
+            info = f.tensors[name]
+            if t == info.type.name:
+                continue
+            if mixes.requires_imatrix(name, t, ft) and (im is None or name not in im):
+                raise ValueError(f"tensor {name!r} would be {t}: this quantization requires an importance matrix"
+                                 + (" (Missing importance matrix for tensor in a very low-bit quantization)"
+                                    if im is not None else "; give --imatrix"))
+            if info.type.name not in ("F32", "F16", "BF16") and not args.allow_requantize:
+                raise ValueError(f"tensor {name!r} is {info.type.name}: requantizing from type "
+                                 f"{info.type.name.lower()} is disabled (--allow-requantize)")
+            if not quants.ggml_type(t).can_quantize:
+                raise ValueError(f"tensor {name!r} would be {t}, which refquant cannot write yet")
+            if not info.type.can_dequantize:
+                raise ValueError(f"tensor {name!r} is {info.type.name}, which refquant cannot decode")
+            if im is not None and name in im:
+                n_mat = int(np.prod(info.shape[:-2], dtype=np.int64)) if len(info.shape) > 2 else 1
+                w = im.weights(name)
+                if w.size != info.shape[-1] * n_mat:
+                    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+                        note(f"imatrix size {w.size} is different from tensor size {info.shape[-1] * n_mat} for "
+                             f"{name}; quantized without it, as llama-quantize does")
+                        continue
+                    im.check(name, info.shape[-1], n_mat)      # raises, naming the tensor
+                weights[name] = w.reshape(n_mat, info.shape[-1])
+        for name, t in plan:
+            src = f.tensor(name)
+            out[name] = src if t == src.type.name else gguf.GGUFTensor(t, src.shape, lambda s=src, t=t, n=name: (
+                _quantize_mix(s, t, n, args.input, weights.get(n))))
+        meta = {k: v for k, v in f.metadata.items() if k not in (
+            "general.quantization_version", "general.file_type", "split.no", "split.count", "split.tensors.count")}
+        meta["general.quantization_version"] = np.uint32(2)
+        meta["general.file_type"] = np.uint32(mixes.FTYPES[ft][0])
+        if im is not None:
+            meta["quantize.imatrix.file"] = _cut(args.imatrix)
+            if im.datasets:
+                meta["quantize.imatrix.dataset"] = _cut(im.datasets[0])
+            meta["quantize.imatrix.entries_count"] = np.uint32(len(im))
+            if im.chunk_count > 0:
+                meta["quantize.imatrix.chunks_count"] = np.uint32(im.chunk_count)
+        gguf.write(args.output, meta, out, progress=lambda it: progress_bytes(it, f"quantize {ft}"))
+    counts: dict = {}
+    for name, t in plan:
+        if t != types[name]:
+            counts[t] = counts.get(t, 0) + 1
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    print(f"wrote {args.output} ({ft}): {kinds}, {len(plan) - sum(counts.values())} kept as they were"
+          + (f"; imatrix weights for {len(weights)} tensors" if im is not None else ""))
+    return 0
+
+
+def _cut(s: str) -> str:
+    """A string cut to 127 bytes, as llama-quantize stores the imatrix file and dataset names."""
+    return str(s).encode("utf-8")[:127].decode("utf-8", "ignore")
+
+
+def _tensor_type(arg: str) -> tuple[str, str]:
+    name, sep, t = arg.partition("=")
+    if not sep or not name or not t:
+        raise SystemExit(f"error: --tensor-type takes REGEX=TYPE, got {arg!r}")
+    return name, t
+
+
+def _quantize_mix(src, t, name: str, path, w) -> np.ndarray:
+    """One tensor of a mix: decoded to float32 and quantized to ``t``, each matrix of a 3-D
+    tensor with its own row of importances ``w`` (None: without)."""
+    x = src.dequantize()
+    problem = _problem(path, name, x)
+    if problem:
+        raise ValueError(problem)
+    try:
+        if w is None:
+            return quants.quantize(x, t)
+        mats = x.reshape(w.shape[0], -1, x.shape[-1])
+        return np.concatenate([quants.quantize(m, t, imatrix=wi).reshape(-1) for m, wi in zip(mats, w)])
+    except ValueError as e:
+        raise ValueError(f"tensor {name!r} of {path}: {e}") from None
 
 
 def _quantize(src, t, name: str, path, allow_nonfinite: bool = False, impl: str = "auto") -> np.ndarray:
@@ -199,10 +329,26 @@ def main(argv=None) -> int:
     s = sub.add_parser("inspect", help="metadata summary and tensor table (GGUF), or layers and scheme "
                                       "(GPTQ / AWQ / compressed-tensors checkpoint directory or .safetensors)")
     s.add_argument("file")
-    s = sub.add_parser("quantize", help="requantize every 2-D weight tensor")
+    s = sub.add_parser("quantize", help="requantize every 2-D weight tensor (--type), or as llama-quantize's "
+                                       "file types do (--ftype)")
     s.add_argument("input")
     s.add_argument("output")
-    s.add_argument("--type", required=True, help=f"ggml type: {', '.join(quants.quantizable())}")
+    s.add_argument("--type", help=f"every 2-D tensor in this ggml type: {', '.join(quants.quantizable())}")
+    s.add_argument("--ftype", help="a llama-quantize file type (Q4_K_M, Q3_K_S, IQ4_XS, Q8_0, ...): each tensor "
+                                   "in the type llama-quantize (llama.cpp 0c1e570) gives it")
+    s.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama-imatrix's GGUF or .dat), with --ftype")
+    s.add_argument("--include-weights", action="append", default=[], metavar="S",
+                   help="use the imatrix only for tensors whose name contains S (repeatable)")
+    s.add_argument("--exclude-weights", action="append", default=[], metavar="S",
+                   help="do not use the imatrix for tensors whose name contains S (repeatable)")
+    s.add_argument("--pure", action="store_true", help="no mix: every quantizable tensor in the default type")
+    s.add_argument("--output-tensor-type", metavar="T", help="ggml type of output.weight")
+    s.add_argument("--token-embedding-type", metavar="T", help="ggml type of token_embd.weight")
+    s.add_argument("--leave-output-tensor", action="store_true", help="keep output.weight as it is")
+    s.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="tensors whose name matches REGEX in TYPE (repeatable, first match wins)")
+    s.add_argument("--allow-requantize", action="store_true",
+                   help="quantize tensors that are already quantized (from their dequantized values)")
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="glob of tensor names to copy unchanged (repeatable), e.g. 'token_embd.*'")
     s.add_argument("--allow-nonfinite", action="store_true",
@@ -220,6 +366,10 @@ def main(argv=None) -> int:
     s.add_argument("a")
     s.add_argument("b")
     args = p.parse_args(argv)
+    if args.cmd == "quantize":
+        args.mix_switches_given = any((args.pure, args.output_tensor_type, args.token_embedding_type,
+                                       args.leave_output_tensor, args.tensor_type, args.allow_requantize,
+                                       args.include_weights, args.exclude_weights))
     try:
         return {"inspect": cmd_inspect, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
                 "compare": cmd_compare, "export": hf_cli.cmd_export, "convert": hf_cli.cmd_convert}[args.cmd](args)

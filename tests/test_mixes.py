@@ -87,3 +87,68 @@ def test_the_single_type_fallback_is_llama_quantize_one():
 
     big = [t for t in quants.quantizable() if quants.TYPES[t].block_size > 32 and t != "Q8_K"]
     assert {t: mixes.fallback("x", (1, 576), t) for t in big} == quants.FALLBACK
+
+
+# ----------------------------------------------------------------------------- the command line
+ROOT = Path(__file__).resolve().parents[1]
+IMATRIX = "tests/data/minigpt_imatrix.gguf"     # as llama-quantize was given it (quantize.imatrix.file)
+
+
+def _quantize(tmp_path, *args, cwd=ROOT):
+    from refquant.__main__ import main
+
+    out = tmp_path / "out.gguf"
+    import os
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main(["quantize", str(MINIGPT), str(out), *args])
+    finally:
+        os.chdir(old)
+    return code, out
+
+
+@pytest.mark.parametrize("label", sorted(TABLES["files"]))
+def test_quantize_ftype_writes_llama_quantize_file_byte_for_byte(tmp_path, label):
+    """``python -m refquant quantize minigpt.gguf out.gguf --ftype F [--imatrix FILE]`` writes
+    the very file llama-quantize writes (its sha256, committed): tensor order, types, bytes
+    with and without the importance matrix, metadata and its order, padding."""
+    import hashlib
+
+    ft, _, im = label.partition("+")
+    code, out = _quantize(tmp_path, "--ftype", ft, *(["--imatrix", IMATRIX] if im else []))
+    assert code == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == TABLES["files"][label]
+
+
+def test_quantize_ftype_refusals_write_nothing(tmp_path, capsys):
+    """What llama-quantize refuses, refused before anything is written, naming the tensor."""
+    from refquant.gguf import imatrix
+
+    cases = [(["--ftype", "Q2_K_S"], "blk.0.attn_output.weight.*requires an importance matrix"),
+             (["--ftype", "IQ2_XXS", "--imatrix", IMATRIX], "IQ2_XXS, which refquant cannot write yet"),
+             (["--ftype", "Q4_K_M", "--imatrix", str(MINIGPT)], "not an importance matrix"),
+             (["--ftype", "Q4_K_M", "--tensor-type", "attn_v"], None),
+             (["--ftype", "Q4_K_X"], "unknown file type")]
+    bad = imatrix.read(ROOT / IMATRIX)
+    bad.sums["blk.1.ffn_up.weight"] = bad.sums["blk.1.ffn_up.weight"][:, :100]
+    imatrix.write(tmp_path / "bad.gguf", bad)
+    cases.append((["--ftype", "Q4_K_M", "--imatrix", str(tmp_path / "bad.gguf")],
+                  "imatrix size 100 of 'blk.1.ffn_up.weight' is different"))
+    for args, match in cases:
+        try:
+            code, out = _quantize(tmp_path, *args)
+        except SystemExit as e:
+            code, out = e.code, tmp_path / "out.gguf"
+        assert code not in (0, None), args
+        assert not out.exists(), args
+        if match:
+            import re
+            assert re.search(match, capsys.readouterr().err), args
+    code, out = _quantize(tmp_path, "--ftype", "Q4_K_M")
+    assert code == 0
+    code, again = 0, tmp_path / "re.gguf"
+    from refquant.__main__ import main
+    assert main(["quantize", str(out), str(again), "--ftype", "Q8_0"]) == 2
+    assert "requantizing from type q6_k is disabled" in capsys.readouterr().err and not again.exists()
+    assert main(["quantize", str(out), str(again), "--ftype", "Q8_0", "--allow-requantize"]) == 0

@@ -14,10 +14,12 @@ in that order (once per model) and, per run, their types; ``{"error": ...}`` whe
 ``minigpt_np/checkpoints/minigpt.gguf`` and ``tests/data/minigpt_imatrix.gguf``.
 """
 import gzip
+import hashlib
 import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from refquant import gguf
@@ -26,6 +28,8 @@ from refquant.gguf import mixes
 ROOT = Path(__file__).resolve().parents[2]
 LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[.*\], type =\s+(\w+),.*?(?:\((\w+)\))?\s*$")
 # switch sets run on Q4_K_M (and Q2_K for the tied output's --output-tensor-type)
+FILES = [("Q4_K_M", True), ("Q3_K_S", True), ("Q2_K_S", True), ("IQ4_XS", True), ("Q4_0", True),
+         ("Q4_K_M", False), ("Q2_K", False), ("Q5_K_S", False)]
 SWITCHES = {"pure": ["--pure"], "output_q8_0": ["--output-tensor-type", "q8_0"],
             "token_embd_q5_k": ["--token-embedding-type", "q5_k"],
             "tensor_types": ["--tensor-type", "attn_v=q8_0", "--tensor-type", r"blk\.1[0-9]\.ffn=iq4_nl"],
@@ -68,6 +72,16 @@ def main(exe, smollm2_f32, smollm2_imatrix):
         t["tensors"] = runs[0]["tensors"]
         for r in runs:
             assert r.pop("tensors") == t["tensors"], model
+    # whole files llama-quantize writes from MiniGPT (run from the repository's root, so that
+    # quantize.imatrix.file reads tests/data/minigpt_imatrix.gguf): their sha256
+    tables["files"] = {}
+    for ft, with_imatrix in FILES:
+        extra = ["--imatrix", "tests/data/minigpt_imatrix.gguf"] if with_imatrix else []
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.gguf"
+            subprocess.run([exe, *extra, "minigpt_np/checkpoints/minigpt.gguf", str(out), ft], cwd=ROOT, check=True,
+                           capture_output=True, timeout=600)
+            tables["files"][f"{ft}{'+imatrix' if with_imatrix else ''}"] = hashlib.sha256(out.read_bytes()).hexdigest()
     with gzip.open(Path(__file__).with_name("mix_tables.json.gz"), "wt") as f:
         json.dump(tables, f, separators=(",", ":"))
 
