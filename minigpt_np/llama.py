@@ -140,12 +140,13 @@ def check_n_ctx(cfg: LlamaConfig, n_ctx, allow_long_context: bool = False) -> in
 
 
 def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None, *, hook=None,
-            last_only: bool = False, allow_long_context: bool = False):
+            last_only: bool = False, allow_long_context: bool = False, head_name: str = "output.weight"):
     """Logits (T, vocab) for ``tokens`` following the positions already in ``cache`` (a
     ``refquant.kernels.kvcache.KVCache``, sequence 0; None: a new one).
 
     Returns ``(logits, cache)`` with the new keys/values stored. ``hook(name, x)``, if
-    given, sees the input (T, in) of every Linear before it is applied (calibration).
+    given, sees the input (T, in) of every Linear before it is applied (calibration), the
+    head's as ``head_name`` (a file with tied embeddings multiplies by ``token_embd.weight``).
     ``last_only``: the logits of the last token only, (1, vocab) — what generation needs
     after a prompt (llama.cpp's default too); the head then runs on one row, not T.
     Positions beyond the model's trained context only with ``allow_long_context``.
@@ -187,6 +188,8 @@ def forward(params: dict, cfg: LlamaConfig, tokens, cache: KVCache | None = None
         x = x + mm(_silu(gate) * up, p + "ffn_down.weight")
     cache.pos[0] = past + T
     x = rms_norm(x[-1:] if last_only else x, params["output_norm.weight"], cfg.eps)
+    if hook is not None:
+        hook(head_name, x)
     return params["output.weight"](x), cache
 
 

@@ -101,8 +101,9 @@ def test_no_compiled_weighted_quantizer_is_claimed():
 # ----------------------------------------------------------------------------- the files
 # Both written by llama-imatrix (llama.cpp 0c1e570) on minigpt_np/checkpoints/minigpt.gguf:
 #   llama-imatrix -m minigpt.gguf -f text.txt -c 128 --chunks 4 -t 2 -o minigpt_imatrix.gguf
-#   (the same with --output-format dat -o minigpt_imatrix.dat); text.txt: the first five
-#   topics of pydoc_data.topics, keys sorted, cut at 20000 characters.
+#   (the same with --output-format dat -o minigpt_imatrix.dat); text.txt: tests/data/imatrix_text.txt
+#   (the first five topics of pydoc_data.topics, keys sorted, cut at 20000 characters). It printed
+#   the chunks' perplexities [1]236.5865,[2]459.5970,[3]448.2127,[4]826.8482.
 DATA = Path(__file__).parent / "data"
 LLAMA_GGUF, LLAMA_DAT = DATA / "minigpt_imatrix.gguf", DATA / "minigpt_imatrix.dat"
 
@@ -176,3 +177,96 @@ def test_bad_imatrix_files_are_refused_naming_what_is_wrong(tmp_path):
           {"a.in_sum2": np.ones(4, np.float32)})
     with pytest.raises(GGUFError, match="mismatched sums and counts for 'a'"):
         imatrix.read(tmp_path / "half.gguf")
+
+
+# ----------------------------------------------------------------------------- collecting one
+LLAMA_PPL = [236.5865, 459.5970, 448.2127, 826.8482]
+
+
+def test_collected_imatrix_agrees_with_llama_imatrix_on_minigpt(tmp_path, capsys):
+    """``python -m minigpt_np.imatrix`` on the text and chunks llama-imatrix was given: the same
+    entries and counts, sums within float32 reassociation of llama.cpp's kernels (its
+    activations are ggml's, ours NumPy's), the same per-chunk perplexities."""
+    from minigpt_np.imatrix import main
+    from refquant.gguf import imatrix
+
+    out = tmp_path / "ours.gguf"
+    assert main([str(MINIGPT), "--text", str(DATA / "imatrix_text.txt"), "-c", "128", "--chunks", "4",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().err
+    ppl = [float(v) for v in __import__("re").findall(r"\[\d+\]([\d.]+),", printed)]
+    np.testing.assert_allclose(ppl, LLAMA_PPL, rtol=1e-3)
+    ours, theirs = imatrix.read(out), imatrix.read(LLAMA_GGUF)
+    assert sorted(ours.sums) == sorted(theirs.sums) and (ours.chunk_count, ours.chunk_size) == (4, 128)
+    for name in theirs.sums:
+        assert ours.counts[name].tolist() == theirs.counts[name].tolist() == [512]
+        np.testing.assert_allclose(ours.sums[name], theirs.sums[name], rtol=5e-3, atol=0, err_msg=name)
+
+
+MINIGPT = Path(__file__).resolve().parents[1] / "minigpt_np" / "checkpoints" / "minigpt.gguf"
+
+
+def _two_layer_llama(path, tied: bool):
+    """A 2-layer llama GGUF whose vocabulary adds BOS (token 0, an embedding unlike the others)."""
+    from refquant import gguf
+
+    rng = np.random.default_rng(5)
+    d, kv, ff, vocab = 32, 16, 48, 20
+    shapes = {"attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d), "ffn_gate": (ff, d),
+              "ffn_up": (ff, d), "ffn_down": (d, ff)}
+    t = {f"blk.{i}.{k}.weight": (0.3 * rng.standard_normal(s)).astype(np.float32)
+         for i in range(2) for k, s in shapes.items()}
+    for i in range(2):
+        t[f"blk.{i}.attn_norm.weight"] = np.ones(d, np.float32)
+        t[f"blk.{i}.ffn_norm.weight"] = np.ones(d, np.float32)
+    emb = rng.standard_normal((vocab, d)).astype(np.float32)
+    emb[0] = 10 * np.arange(d) / d          # BOS
+    t["token_embd.weight"], t["output_norm.weight"] = emb, np.ones(d, np.float32)
+    if not tied:
+        t["output.weight"] = rng.standard_normal((vocab, d)).astype(np.float32)
+    meta = {"general.architecture": "llama", "llama.block_count": np.uint32(2), "llama.embedding_length": np.uint32(d),
+            "llama.feed_forward_length": np.uint32(ff), "llama.attention.head_count": np.uint32(4),
+            "llama.attention.head_count_kv": np.uint32(2), "llama.context_length": np.uint32(64),
+            "llama.attention.layer_norm_rms_epsilon": np.float32(1e-5),
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": ["<s>"] + [chr(ord("a") + i) for i in range(vocab - 1)],
+            "tokenizer.ggml.token_type": np.ones(vocab, np.int32), "tokenizer.ggml.merges": [],
+            "tokenizer.ggml.bos_token_id": np.uint32(0), "tokenizer.ggml.add_bos_token": True}
+    gguf.write(path, meta, t)
+    return t
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_imatrix_of_a_two_layer_model_by_hand(tmp_path, tied):
+    """llama-imatrix's definition, computed by hand for the first products: chunks of n_ctx
+    tokens (the tail that does not fill one dropped, --chunks caps them), each chunk's first
+    token replaced by BOS, q/k/v of layer 0 fed RMSNorm(embedding) so their Σx² per column
+    follows from the embedding table alone; one count of tokens per weight; the output only
+    with --process-output and an untied head."""
+    from minigpt_np.gguf_model import open_model
+    from minigpt_np.imatrix import collect
+
+    t = _two_layer_llama(tmp_path / "m.gguf", tied)
+    model = open_model(tmp_path / "m.gguf")
+    assert model.bos == 0
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 20, 16 * 3 + 5)
+    for chunks, want_chunks in ((None, 3), (2, 2)):
+        im, ppl = collect(model, tokens, 16, chunks, process_output=True, progress=False)
+        assert im.chunk_count == want_chunks and len(ppl) == want_chunks
+        want = np.zeros(32)
+        for c in range(want_chunks):
+            ids = tokens[16 * c:16 * (c + 1)].copy()
+            ids[0] = 0
+            e = t["token_embd.weight"][ids].astype(np.float64)
+            x = e / np.sqrt((e * e).mean(axis=1, keepdims=True) + 1e-5)
+            want += (x * x).sum(axis=0)
+        for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
+            np.testing.assert_allclose(im.sums[name][0], want, rtol=1e-5)
+        expected = {f"blk.{i}.{k}.weight" for i in range(2) for k in
+                    ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+        assert set(im.sums) == expected | (set() if tied else {"output.weight"})
+        assert all(c.tolist() == [16 * want_chunks] for c in im.counts.values())
+        assert im.sums["blk.1.ffn_down.weight"].shape == (1, 48)
+    with pytest.raises(ValueError, match="at least 32 tokens"):
+        collect(model, tokens[:31], 16, progress=False)
