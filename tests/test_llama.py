@@ -254,10 +254,11 @@ def test_calibration_hook_and_quantize_model(smollm2):
 
 
 def test_fit_scheme_falls_back_as_llama_cpp_and_pads_short_groups():
-    # 576 = 2.25 x 256: the K-quants take llama.cpp's fallback types; 1536 = 6 x 256 keeps them
+    # 576 = 2.25 x 256: the K-quants take llama.cpp's fallback types (llama-quant.cpp's
+    # tensor_type_fallback at 0c1e570: Q2_K and Q3_K -> Q4_0); 1536 = 6 x 256 keeps them
     assert llama.fit_scheme("q4_k", 576) == ("q5_0", None) and llama.fit_scheme("q4_k", 1536) == ("q4_k", None)
     assert [llama.fit_scheme(s, 576)[0] for s in ("q2_k", "q3_k", "q5_k", "q6_k", "iq4_xs")] == \
-        ["iq4_nl", "iq4_nl", "q5_1", "q8_0", "iq4_nl"]
+        ["q4_0", "q4_0", "q5_1", "q8_0", "iq4_nl"]
     # 576 = 4.5 x 128: a short last group; 9 x 64 divides
     assert llama.fit_scheme("gptq_int4_g128", 576) == ("gptq_int4_g128", 128)
     assert llama.fit_scheme("int4_g64", 576) == ("int4_g64", None)
