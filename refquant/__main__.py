@@ -70,6 +70,16 @@ def cmd_inspect(args) -> int:
             weights += info.n_elements
         bpw = 8 * total / weights if weights else 0.0
         print(f"\ntotal: {weights} weights in {total} bytes ({_human(total)}), {bpw:.3f} bits per weight")
+        kinds: dict = {}
+        for info in f.tensors.values():
+            kinds[info.type.name] = kinds.get(info.type.name, 0) + 1
+        from refquant.gguf.mixes import FTYPES
+        ft = f.metadata.get("general.file_type")
+        name = next((k for k, (v, _) in FTYPES.items() if v == ft), None)
+        print(f"types: {', '.join(f'{n} {t}' for t, n in sorted(kinds.items(), key=lambda kv: -kv[1]))}"
+              + (f"; file type {name} ({ft})" if name else f"; file type {ft}" if ft is not None else "")
+              + (f"; imatrix {f.metadata['quantize.imatrix.file']!r}, {f.metadata.get('quantize.imatrix.entries_count')}"
+                 f" entries" if "quantize.imatrix.file" in f.metadata else ""))
     return 0
 
 
@@ -158,75 +168,26 @@ def _imatrix(args):
 
 
 def cmd_quantize_mix(args) -> int:
-    """llama-quantize's file types (``gguf.mixes``): every tensor in the type llama-quantize
-    gives it, with the importance matrix's weights where the file has an entry for it. All
-    the refusals happen before anything is written."""
+    """llama-quantize's file types (``gguf.mixes.write``): every tensor in the type
+    llama-quantize gives it, with the importance matrix's weights where the file has an
+    entry for it. All the refusals happen before anything is written."""
     from refquant.gguf import mixes
 
     ft = mixes.ftype(args.ftype)
     im = _imatrix(args)
-    options = mixes.Options(imatrix=im is not None, pure=args.pure, output_tensor_type=args.output_tensor_type,
+    options = mixes.Options(pure=args.pure, output_tensor_type=args.output_tensor_type,
                             token_embedding_type=args.token_embedding_type,
                             leave_output_tensor=args.leave_output_tensor,
                             tensor_types=[_tensor_type(a) for a in args.tensor_type])
-    with gguf.read(args.input) as f:
-        types = {n: i.type.name for n, i in f.tensors.items()}
-        plan = mixes.plan(f.metadata, {n: i.shape for n, i in f.tensors.items()}, ft, options, types)
-        weights, out = {}, {}
-        for name, t in plan:        # every refusal first: nothing is written on failure
-            info = f.tensors[name]
-            if t == info.type.name:
-                continue
-            if mixes.requires_imatrix(name, t, ft) and (im is None or name not in im):
-                raise ValueError(f"tensor {name!r} would be {t}: this quantization requires an importance matrix"
-                                 + (" (Missing importance matrix for tensor in a very low-bit quantization)"
-                                    if im is not None else "; give --imatrix"))
-            if info.type.name not in ("F32", "F16", "BF16") and not args.allow_requantize:
-                raise ValueError(f"tensor {name!r} is {info.type.name}: requantizing from type "
-                                 f"{info.type.name.lower()} is disabled (--allow-requantize)")
-            if not quants.ggml_type(t).can_quantize:
-                raise ValueError(f"tensor {name!r} would be {t}, which refquant cannot write yet")
-            if not info.type.can_dequantize:
-                raise ValueError(f"tensor {name!r} is {info.type.name}, which refquant cannot decode")
-            if im is not None and name in im:
-                n_mat = int(np.prod(info.shape[:-2], dtype=np.int64)) if len(info.shape) > 2 else 1
-                w = im.weights(name)
-                if w.size != info.shape[-1] * n_mat:
-                    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
-                        note(f"imatrix size {w.size} is different from tensor size {info.shape[-1] * n_mat} for "
-                             f"{name}; quantized without it, as llama-quantize does")
-                        continue
-                    im.check(name, info.shape[-1], n_mat)      # raises, naming the tensor
-                weights[name] = w.reshape(n_mat, info.shape[-1])
-        for name, t in plan:
-            src = f.tensor(name)
-            out[name] = src if t == src.type.name else gguf.GGUFTensor(t, src.shape, lambda s=src, t=t, n=name: (
-                _quantize_mix(s, t, n, args.input, weights.get(n))))
-        meta = {k: v for k, v in f.metadata.items() if k not in (
-            "general.quantization_version", "general.file_type", "split.no", "split.count", "split.tensors.count")}
-        meta["general.quantization_version"] = np.uint32(2)
-        meta["general.file_type"] = np.uint32(mixes.FTYPES[ft][0])
-        if im is not None:
-            meta["quantize.imatrix.file"] = _cut(args.imatrix)
-            if im.datasets:
-                meta["quantize.imatrix.dataset"] = _cut(im.datasets[0])
-            meta["quantize.imatrix.entries_count"] = np.uint32(len(im))
-            if im.chunk_count > 0:
-                meta["quantize.imatrix.chunks_count"] = np.uint32(im.chunk_count)
-        gguf.write(args.output, meta, out, progress=lambda it: progress_bytes(it, f"quantize {ft}"))
-    counts: dict = {}
-    for name, t in plan:
-        if t != types[name]:
-            counts[t] = counts.get(t, 0) + 1
-    kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    print(f"wrote {args.output} ({ft}): {kinds}, {len(plan) - sum(counts.values())} kept as they were"
-          + (f"; imatrix weights for {len(weights)} tensors" if im is not None else ""))
+    r = mixes.write(args.input, args.output, ft, options, imatrix=im, imatrix_file=args.imatrix,
+                    allow_requantize=args.allow_requantize, progress=lambda it: progress_bytes(it, f"quantize {ft}"))
+    for name in r["imatrix_size_mismatch"]:
+        note(f"{args.imatrix}: the entry of {name} has another size than the tensor; quantized without it, "
+             "as llama-quantize does")
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(r["types"].items(), key=lambda kv: -kv[1]))
+    print(f"wrote {args.output} ({ft}): {kinds}, {r['kept']} kept as they were"
+          + (f"; imatrix weights for {r['imatrix_tensors']} tensors" if im is not None else ""))
     return 0
-
-
-def _cut(s: str) -> str:
-    """A string cut to 127 bytes, as llama-quantize stores the imatrix file and dataset names."""
-    return str(s).encode("utf-8")[:127].decode("utf-8", "ignore")
 
 
 def _tensor_type(arg: str) -> tuple[str, str]:
@@ -234,22 +195,6 @@ def _tensor_type(arg: str) -> tuple[str, str]:
     if not sep or not name or not t:
         raise SystemExit(f"error: --tensor-type takes REGEX=TYPE, got {arg!r}")
     return name, t
-
-
-def _quantize_mix(src, t, name: str, path, w) -> np.ndarray:
-    """One tensor of a mix: decoded to float32 and quantized to ``t``, each matrix of a 3-D
-    tensor with its own row of importances ``w`` (None: without)."""
-    x = src.dequantize()
-    problem = _problem(path, name, x)
-    if problem:
-        raise ValueError(problem)
-    try:
-        if w is None:
-            return quants.quantize(x, t)
-        mats = x.reshape(w.shape[0], -1, x.shape[-1])
-        return np.concatenate([quants.quantize(m, t, imatrix=wi).reshape(-1) for m, wi in zip(mats, w)])
-    except ValueError as e:
-        raise ValueError(f"tensor {name!r} of {path}: {e}") from None
 
 
 def _quantize(src, t, name: str, path, allow_nonfinite: bool = False, impl: str = "auto") -> np.ndarray:

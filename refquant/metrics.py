@@ -86,6 +86,21 @@ def _percentiles(v: np.ndarray, ps) -> dict:
     return {f"p{p:g}": float(np.percentile(v, p)) for p in ps}
 
 
+def _kld(lp, lq) -> np.ndarray:
+    """``KL(P‖Q)`` per row of log-probabilities (float64), clipped at 0 (rounding)."""
+    return np.maximum(np.sum(np.exp(lp) * (lp - lq), axis=1), 0.0)
+
+
+def kld_per_position(ref_logits, logits) -> np.ndarray:
+    """float64 (N,): ``KL(P‖Q)`` at each of N positions, P = softmax(``ref_logits``) (the
+    values ``kl_divergence`` summarizes; paired differences between two models need them)."""
+    ref = float_array(ref_logits, "ref_logits", ndim=2)
+    q = float_array(logits, "logits", ndim=2)
+    if ref.shape != q.shape:
+        raise ValueError(f"ref_logits and logits must have the same shape, got {ref.shape} and {q.shape}")
+    return _kld(log_softmax(ref.astype(np.float64)), log_softmax(q.astype(np.float64)))
+
+
 def kl_divergence(ref_logits, logits, tokens=None) -> dict:
     """How far ``logits`` (N, vocab) moved from ``ref_logits`` (N, vocab) -- the next-token
     distributions of a quantized model and of its full-precision reference at N positions
@@ -115,8 +130,7 @@ def kl_divergence(ref_logits, logits, tokens=None) -> dict:
     if n < 2:
         raise ValueError(f"need at least 2 positions for the statistics, got {n}")
     lp, lq = log_softmax(ref.astype(np.float64)), log_softmax(q.astype(np.float64))
-    p = np.exp(lp)
-    kld = np.maximum(np.sum(p * (lp - lq), axis=1), 0.0)   # ≥ 0 in exact arithmetic; clip rounding
+    kld = _kld(lp, lq)
     top_ref, top_q = lp.argmax(axis=1), lq.argmax(axis=1)
     same = float(np.mean(top_ref == top_q))
     if tokens is None:

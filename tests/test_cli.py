@@ -135,6 +135,10 @@ NUMERIC_OPTIONS = [   # (module, the other arguments, option, the values of the 
     ("benchmarks.quantize", [], "--repeats", ()),
     ("benchmarks.pareto", [], "--limit", ()),
     ("benchmarks.decode", [], "-n", ()),
+    ("minigpt_np.imatrix", ["m.gguf", "--text", "t.txt"], "-c", ()),
+    ("minigpt_np.imatrix", ["m.gguf", "--text", "t.txt"], "--chunks", ()),
+    ("minigpt_np.kld", ["--base", "m.gguf"], "-c", ()),
+    ("minigpt_np.kld", ["--base", "m.gguf"], "--chunks", ()),
 ]
 
 

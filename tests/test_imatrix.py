@@ -270,3 +270,32 @@ def test_imatrix_of_a_two_layer_model_by_hand(tmp_path, tied):
         assert im.sums["blk.1.ffn_down.weight"].shape == (1, 48)
     with pytest.raises(ValueError, match="at least 32 tokens"):
         collect(model, tokens[:31], 16, progress=False)
+
+
+# ----------------------------------------------------------------------------- judging a mix
+def test_kld_tool_prints_llama_perplexity_statistics(tmp_path, capsys):
+    """``python -m minigpt_np.kld``: the base against itself is 0 with the same top token
+    everywhere; a Q4_K_M of it moves, by what refquant.metrics computes on the second halves
+    of llama-perplexity's chunks (hand check of the chunking: 2 chunks of 128 score 2 x 63);
+    the saved base gives the same figures."""
+    from minigpt_np import kld
+    from refquant.__main__ import main as refquant_main
+
+    text = str(DATA / "imatrix_text.txt")
+    assert kld.main(["--base", str(MINIGPT), "--model", str(MINIGPT), "--text", text, "--chunks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Mean    KLD:   0.000000 ± 0.000000" in out and "Same top p: 100.000 ± 0.000 %" in out
+    assert "(126 positions)" in out
+    q = tmp_path / "q.gguf"
+    assert refquant_main(["quantize", str(MINIGPT), str(q), "--ftype", "Q4_K_M"]) == 0
+    capsys.readouterr()
+    assert kld.main(["--base", str(MINIGPT), "--model", str(q), "--text", text, "--chunks", "2",
+                     "--save-base", str(tmp_path / "b.npz")]) == 0
+    first = capsys.readouterr().out
+    assert kld.main(["--base", str(tmp_path / "b.npz"), "--model", str(q)]) == 0
+    again = capsys.readouterr().out
+    tail = lambda s: s[s.index("====== Perplexity"):]   # noqa: E731
+    assert tail(first) == tail(again)
+    mean = float(__import__("re").search(r"Mean    KLD:\s+([\d.]+)", first).group(1))
+    assert 1e-4 < mean < 0.1
+    assert kld.main(["--base", str(MINIGPT), "--model", str(q), "--text", text, "-c", "4096"]) == 2

@@ -409,3 +409,103 @@ def plan(meta: dict, shapes: dict, ftype_name: str, options: Options | None = No
             t = fallback(name, shape, t)
         out.append((name, t))
     return out
+
+
+def write(src, dst, ftype_name: str, options: Options | None = None, *, imatrix=None, imatrix_file: str | None = None,
+          allow_requantize: bool = False, progress=None) -> dict:
+    """Write the GGUF ``src`` as llama-quantize writes it in file type ``ftype_name``: the
+    tensors in its order and in the types ``plan`` gives them (one it leaves alone copied as
+    it is), each converted one dequantized to float32 and quantized with its importances
+    from ``imatrix`` (a ``gguf.imatrix.IMatrix``; its entries llama-quantize would use, by
+    tensor name), the metadata of ``src`` with ``general.quantization_version`` and
+    ``general.file_type`` moved to the end and, with an importance matrix,
+    ``quantize.imatrix.file`` (``imatrix_file``, cut to 127 bytes), ``.dataset``,
+    ``.entries_count``, ``.chunks_count``: from the same inputs, llama-quantize's file byte
+    for byte. Everything llama-quantize refuses (a tensor that needs an importance matrix
+    and has none, requantizing without ``allow_requantize``, an importance vector whose size
+    is not the tensor's) raises ValueError naming the tensor before anything is written;
+    so does a type refquant cannot write yet. Returns ``{"types": {type: tensors converted},
+    "kept": n, "imatrix_tensors": n, "imatrix_size_mismatch": [embeddings quantized without
+    their entry, whose size was not theirs]}``."""
+    import numpy as np
+
+    from refquant import gguf
+    from refquant.gguf import quants
+
+    ft = ftype(ftype_name)
+    o = options or Options()
+    o.imatrix = imatrix is not None
+    with gguf.read(src) as f:
+        types = {n: i.type.name for n, i in f.tensors.items()}
+        chosen = plan(f.metadata, {n: i.shape for n, i in f.tensors.items()}, ft, o, types)
+        weights, skipped = {}, []
+        for name, t in chosen:          # every refusal first: nothing is written on failure
+            info = f.tensors[name]
+            if t == info.type.name:
+                continue
+            if requires_imatrix(name, t, ft) and (imatrix is None or name not in imatrix):
+                raise ValueError(f"tensor {name!r} would be {t}: this quantization requires an importance matrix"
+                                 + (" (missing importance matrix for it in a very low-bit quantization)"
+                                    if imatrix is not None else "; give one"))
+            if info.type.name not in ("F32", "F16", "BF16") and not allow_requantize:
+                raise ValueError(f"tensor {name!r} is {info.type.name}: requantizing from type "
+                                 f"{info.type.name.lower()} is disabled (allow_requantize, --allow-requantize)")
+            if not quants.ggml_type(t).can_quantize:
+                raise ValueError(f"tensor {name!r} would be {t}, which refquant cannot write yet")
+            if not info.type.can_dequantize:
+                raise ValueError(f"tensor {name!r} is {info.type.name}, which refquant cannot decode")
+            if imatrix is not None and name in imatrix:
+                n_mat = int(np.prod(info.shape[:-2], dtype=np.int64)) if len(info.shape) > 2 else 1
+                w = imatrix.weights(name)
+                if w.size != info.shape[-1] * n_mat and name in ("token_embd.weight", "per_layer_token_embd.weight"):
+                    skipped.append(name)    # llama-quantize quantizes the embeddings without it then
+                    continue
+                weights[name] = imatrix.check(name, info.shape[-1], n_mat)
+        out = {}
+        for name, t in chosen:
+            s = f.tensor(name)
+            out[name] = s if t == s.type.name else gguf.GGUFTensor(
+                t, s.shape, lambda s=s, t=t, n=name: _convert(s, t, n, src, weights.get(n)))
+        meta = {k: v for k, v in f.metadata.items() if k not in (
+            "general.quantization_version", "general.file_type", "split.no", "split.count", "split.tensors.count")}
+        meta["general.quantization_version"] = np.uint32(2)
+        meta["general.file_type"] = np.uint32(FTYPES[ft][0])
+        if imatrix is not None:
+            meta["quantize.imatrix.file"] = _cut(imatrix_file or "")
+            if imatrix.datasets:
+                meta["quantize.imatrix.dataset"] = _cut(imatrix.datasets[0])
+            meta["quantize.imatrix.entries_count"] = np.uint32(len(imatrix))
+            if imatrix.chunk_count > 0:
+                meta["quantize.imatrix.chunks_count"] = np.uint32(imatrix.chunk_count)
+        gguf.write(dst, meta, out, progress=progress)
+    counts: dict = {}
+    for name, t in chosen:
+        if t != types[name]:
+            counts[t] = counts.get(t, 0) + 1
+    return dict(types=counts, kept=len(chosen) - sum(counts.values()), imatrix_tensors=len(weights),
+                imatrix_size_mismatch=skipped)
+
+
+def _cut(s: str) -> str:
+    """A string cut to 127 bytes, as llama-quantize stores the imatrix file and dataset names."""
+    return str(s).encode("utf-8")[:127].decode("utf-8", "ignore")
+
+
+def _convert(src, t: str, name: str, path, w):
+    """One tensor of a mix: decoded to float32 (finite, or an error naming it) and quantized
+    to ``t``, each matrix of a 3-D tensor with its own row of importances ``w`` (None:
+    without)."""
+    import numpy as np
+
+    from refquant.gguf import quants
+
+    x = src.dequantize()
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"tensor {name!r} of {path} holds non-finite values")
+    try:
+        if w is None:
+            return quants.quantize(x, t)
+        mats = x.reshape(w.shape[0], -1, x.shape[-1])
+        return np.concatenate([quants.quantize(m, t, imatrix=wi).reshape(-1) for m, wi in zip(mats, w)])
+    except ValueError as e:
+        raise ValueError(f"tensor {name!r} of {path}: {e}") from None
