@@ -14,6 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from refquant.gguf import quants
 from tests.conftest import gguf_py, smollm2_gguf
+from tests.strategies import weight_rows
 
 pytestmark = pytest.mark.oracle   # gguf-py is the oracle of the GGML types; the compiled quantizers rely on numba's IR
 
@@ -54,22 +55,6 @@ def same_floats(a, b):
     nan_a, nan_b = np.isnan(a), np.isnan(b)
     return a.shape == b.shape and np.array_equal(nan_a, nan_b) and np.array_equal(a.view(np.uint32)[~nan_a],
                                                                                   b.view(np.uint32)[~nan_b])
-
-
-@st.composite
-def weight_rows(draw, block, max_blocks=4):
-    """float32 rows: mixed magnitudes (incl. subnormals), exact zeros, repeated values and ties."""
-    rows = draw(st.integers(1, 3))
-    n = block * draw(st.integers(1, max_blocks))
-    scale = draw(st.sampled_from([1e-30, 1e-6, 1.0, 1e4, 3e37]))
-    kind = draw(st.sampled_from(["floats", "ints", "halves"]))
-    if kind == "floats":
-        el = st.floats(-1, 1, width=32, allow_subnormal=True)
-        x = draw(hnp.arrays(np.float32, (rows, n), elements=el)) * np.float32(scale)
-    else:
-        x = draw(hnp.arrays(np.int8, (rows, n), elements=st.integers(-8, 8))).astype(np.float32)
-        x = x * np.float32(0.5 if kind == "halves" else 1.0)
-    return np.nan_to_num(x.astype(np.float32), posinf=3e38, neginf=-3e38)
 
 
 @pytest.mark.parametrize("name", BLOCK_TYPES)
@@ -204,6 +189,11 @@ for name, fn in compiled.KERNELS.items():
     t = quants.TYPES[name]
     fn(np.ones((1, t.block_size), np.float32), np.zeros((1, t.type_size), np.uint8))
     out[name] = ["\\n".join(fn.inspect_llvm().values()), fn.py_func.__name__]
+for name, fn in compiled.WEIGHTED.items():     # under an importance matrix
+    t = quants.TYPES[name]
+    ones = np.ones((1, t.block_size), np.float32)
+    fn(ones, ones, np.ones(1, np.float32), np.zeros((1, t.type_size), np.uint8))
+    out[name + "+imatrix"] = ["\\n".join(fn.inspect_llvm().values()), fn.py_func.__name__]
 json.dump(out, open(sys.argv[1], "w"))
 """
 
@@ -237,7 +227,7 @@ def test_compiled_kernels_do_only_float32_arithmetic_and_no_fma(tmp_path):
                        cwd=Path(__file__).parents[1], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nc")})
     assert r.returncode == 0, r.stderr[-3000:]
     irs = json.loads(dump.read_text())
-    assert sorted(irs) == sorted(compiled.KERNELS)
+    assert sorted(irs) == sorted([*compiled.KERNELS, *(n + "+imatrix" for n in compiled.WEIGHTED)])
     for name, (ir, fn_name) in irs.items():
         assert re.search(rf"define [^\n]*{fn_name}", ir), f"{name}: the IR does not define {fn_name}"
         assert _float_instructions(ir) >= 10, f"{name}: {_float_instructions(ir)} float instructions, not a kernel's body"

@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from refquant.gguf import quants
+from tests.strategies import weight_rows
 
 GOLDEN = np.load(Path(__file__).parent / "data" / "ggml_golden_imatrix.npz")
 FAMILIES = sorted(k[2:] for k in GOLDEN.files if k.startswith("x/"))
@@ -34,10 +35,11 @@ def test_quantize_with_an_imatrix_matches_ggml_c(name):
         if key not in GOLDEN.files:     # 576-wide rows: the 32-block types only
             assert quants.TYPES[name].block_size == 256
             continue
-        with np.errstate(all="ignore"):
-            ours = quants.quantize(GOLDEN[f"x/{family}"], name, imatrix=GOLDEN[f"qw/{family}"])
-        bad = np.argwhere(ours != GOLDEN[key])
-        assert bad.size == 0, f"{key}: {len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
+        for impl in ("numpy", "numba"):
+            with np.errstate(all="ignore"):
+                ours = quants.quantize(GOLDEN[f"x/{family}"], name, imatrix=GOLDEN[f"qw/{family}"], impl=impl)
+            bad = np.argwhere(ours != GOLDEN[key])
+            assert bad.size == 0, f"{key} ({impl}): {len(bad)} bytes differ, first at (row, byte) {tuple(bad[0])}"
         checked += 1
     assert checked >= 7
 
@@ -91,11 +93,34 @@ def test_quantize_rejects_a_bad_imatrix(bad, exc, match):
         quants.quantize(x, "Q4_K" if x.shape[1] % 256 == 0 else "Q4_0", imatrix=bad)
 
 
-def test_no_compiled_weighted_quantizer_is_claimed():
-    """``impl="numba"`` with an importance matrix names the missing kernel rather than
-    silently running the NumPy reference."""
-    with pytest.raises(ValueError, match="no compiled quantizer for Q4_0 with an importance matrix"):
-        quants.quantize(np.ones((1, 32), np.float32), "Q4_0", imatrix=np.ones(32, np.float32), impl="numba")
+def test_every_weighted_type_has_a_compiled_kernel():
+    from refquant.gguf.quants import compiled
+
+    assert sorted(compiled.WEIGHTED) == WEIGHTED
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_compiled_weighted_quantizer_writes_the_reference_bytes(name, data):
+    """The numba kernel under an importance matrix against the NumPy reference, on the rows
+    that hit the searches' branches (subnormals, overflowing scales, zeros, ties) and
+    importances with zeros, huge and tiny columns, with 1 and 2 threads."""
+    from refquant.gguf.quants import compiled
+
+    t = quants.TYPES[name]
+    x = data.draw(weight_rows(t.block_size, max_blocks=2))
+    n = x.shape[-1]
+    qw = data.draw(hnp.arrays(np.float32, n, elements=st.one_of(
+        st.just(0.0), st.floats(2.0 ** -100, 2.0 ** 100, width=32), st.floats(0, 8, width=32))))
+    want = quants.quantize(x, name, imatrix=qw, impl="numpy")
+    saved = compiled._MIN_CHUNK
+    compiled._MIN_CHUNK = t.block_size
+    try:
+        for threads in (1, 2):
+            np.testing.assert_array_equal(quants.quantize(x, name, imatrix=qw, impl="numba", threads=threads), want)
+    finally:
+        compiled._MIN_CHUNK = saved
 
 
 # ----------------------------------------------------------------------------- the files

@@ -507,33 +507,44 @@ def q3_k(x, out):
         if max_scale != 0:
             iscale = _f(-32) / max_scale
             for j in range(16):
-                l = max(-32, min(31, _i8(_nearest_int(iscale * scales[j])))) + 32
-                if j < 8:
-                    ps[j] = l & 0xF
-                else:
-                    ps[j - 8] |= (l & 0xF) << 4
-                ps[j % 4 + 8] |= (l >> 4) << (2 * (j // 4))
+                _q3_scale(ps, j, max(-32, min(31, _i8(_nearest_int(iscale * scales[j])))) + 32)
             d_all = _put_f16(out, b, 108, _f(1) / iscale)
         else:
             d_all = _put_f16(out, b, 108, _f(0))
-        for j in range(16):
-            s = (ps[j] & 0xF) if j < 8 else (ps[j - 8] >> 4)
-            s = (s | (((ps[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
-            dl = d_all * _f(s)
-            if dl == 0:
-                continue
-            for i in range(16):
-                L[16 * j + i] = max(-4, min(3, _nearest_int(x[b, 16 * j + i] / dl))) + 4
-        hm[:] = 0
-        for j in range(256):
-            if L[j] > 3:
-                hm[j % 32] |= 1 << (j // 32)
-                L[j] -= 4
-        for j in range(32):
-            out[b, j] = hm[j]
-        for j in range(12):
-            out[b, 96 + j] = ps[j]
-        _pack2(out, b, 32, L)
+        _q3_tail(x, out, b, L, ps, d_all, hm)
+
+
+@njit(inline="always", **_OPTS)
+def _q3_scale(ps, j, l):
+    """Q3_K's 6-bit scale ``l`` (0..63) of sub-block ``j`` into the 12 packed bytes ``ps``."""
+    if j < 8:
+        ps[j] = l & 0xF
+    else:
+        ps[j - 8] |= (l & 0xF) << 4
+    ps[j % 4 + 8] |= (l >> 4) << (2 * (j // 4))
+
+
+@_kernel
+def _q3_tail(x, out, b, L, ps, d_all, hm):
+    """Q3_K's second pass on the stored scales (``ps``, ``d_all``: the fp16 value) and bytes."""
+    for j in range(16):
+        s = (ps[j] & 0xF) if j < 8 else (ps[j - 8] >> 4)
+        s = (s | (((ps[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+        dl = d_all * _f(s)
+        if dl == 0:
+            continue
+        for i in range(16):
+            L[16 * j + i] = max(-4, min(3, _nearest_int(x[b, 16 * j + i] / dl))) + 4
+    hm[:] = 0
+    for j in range(256):
+        if L[j] > 3:
+            hm[j % 32] |= 1 << (j // 32)
+            L[j] -= 4
+    for j in range(32):
+        out[b, j] = hm[j]
+    for j in range(12):
+        out[b, 96 + j] = ps[j]
+    _pack2(out, b, 32, L)
 
 
 @_kernel
@@ -558,19 +569,31 @@ def _kx(x, out, b, nmax, rmin, nstep, L, Laux, w, scales, mins, q):
     inv_min = _f(63) / max_min if max_min > _f(0) else _f(0)
     q[:] = 0
     for j in range(8):
-        ls = min(63, _nearest_int(inv_scale * scales[j]) & 0xFF)
-        lm = min(63, _nearest_int(inv_min * mins[j]) & 0xFF)
-        if j < 4:
-            q[j] = ls
-            q[j + 4] = lm
-        else:
-            q[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
-            q[j - 4] |= (ls >> 4) << 6
-            q[j] |= (lm >> 4) << 6
+        _k4_scale(q, j, min(63, _nearest_int(inv_scale * scales[j]) & 0xFF),
+                  min(63, _nearest_int(inv_min * mins[j]) & 0xFF))
+    _kx_tail(x, out, b, nmax, L, q, max_scale / _f(63), max_min / _f(63))
+
+
+@njit(inline="always", **_OPTS)
+def _k4_scale(q, j, ls, lm):
+    """Q4_K/Q5_K: scale ``ls`` and min ``lm`` (uint8 as stored) of sub-block ``j`` into ``q``."""
+    if j < 4:
+        q[j] = ls & 0xFF
+        q[j + 4] = lm & 0xFF
+    else:
+        q[j + 4] = ((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF
+        q[j - 4] = (q[j - 4] | ((ls >> 4) << 6)) & 0xFF
+        q[j] = (q[j] | ((lm >> 4) << 6)) & 0xFF
+
+
+@_kernel
+def _kx_tail(x, out, b, nmax, L, q, d_block, m_block):
+    """Q4_K/Q5_K: the 12 scale bytes ``q`` and the fp16 d, dmin written, then the second
+    pass on the scales as stored (``get_scale_min_k4``)."""
     for j in range(12):
         out[b, 4 + j] = q[j]
-    d = _put_f16(out, b, 0, max_scale / _f(63))
-    dmin = _put_f16(out, b, 2, max_min / _f(63))
+    d = _put_f16(out, b, 0, d_block)
+    dmin = _put_f16(out, b, 2, m_block)
     for j in range(8):
         if j < 4:
             sc = q[j] & 63
@@ -596,9 +619,14 @@ def q4_k(x, out):
     q = np.zeros(12, np.int64)
     for b in range(x.shape[0]):
         _kx(x, out, b, 15, _f(-1.0), 20, L, Laux, w, scales, mins, q)
-        for j in range(0, 256, 64):
-            for l in range(32):
-                out[b, 16 + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
+        _q4_k_codes(out, b, L)
+
+
+@njit(inline="always", **_OPTS)
+def _q4_k_codes(out, b, L):
+    for j in range(0, 256, 64):
+        for l in range(32):
+            out[b, 16 + j // 2 + l] = L[j + l] | (L[j + l + 32] << 4)
 
 
 @_quantizer("Q5_K")
@@ -612,24 +640,29 @@ def q5_k(x, out):
     qh = np.zeros(32, np.int64)
     for b in range(x.shape[0]):
         _kx(x, out, b, 31, _f(-0.5), 15, L, Laux, w, scales, mins, q)
-        qh[:] = 0
-        m1 = 1
-        m2 = 2
-        for n in range(0, 256, 64):
-            for j in range(32):
-                l1 = L[n + j]
-                if l1 > 15:
-                    l1 -= 16
-                    qh[j] |= m1
-                l2 = L[n + j + 32]
-                if l2 > 15:
-                    l2 -= 16
-                    qh[j] |= m2
-                out[b, 48 + n // 2 + j] = l1 | (l2 << 4)
-            m1 <<= 2
-            m2 <<= 2
+        _q5_k_codes(out, b, L, qh)
+
+
+@njit(inline="always", **_OPTS)
+def _q5_k_codes(out, b, L, qh):
+    qh[:] = 0
+    m1 = 1
+    m2 = 2
+    for n in range(0, 256, 64):
         for j in range(32):
-            out[b, 16 + j] = qh[j]
+            l1 = L[n + j]
+            if l1 > 15:
+                l1 -= 16
+                qh[j] |= m1
+            l2 = L[n + j + 32]
+            if l2 > 15:
+                l2 -= 16
+                qh[j] |= m2
+            out[b, 48 + n // 2 + j] = l1 | (l2 << 4)
+        m1 <<= 2
+        m2 <<= 2
+    for j in range(32):
+        out[b, 16 + j] = qh[j]
 
 
 @_quantizer("Q6_K")
@@ -645,31 +678,38 @@ def q6_k(x, out):
             if a > max_abs:
                 max_abs = a
                 max_scale = scales[j]
-        if max_abs < _EPS:
-            out[b, :] = 0
+        _q6_tail(x, out, b, L, scales, max_scale, max_abs)
+
+
+@_kernel
+def _q6_tail(x, out, b, L, scales, max_scale, max_abs):
+    """Q6_K from its 16 sub-block scales: the int8 scales against their largest, the
+    second pass, the bytes (all zero when the largest is below GROUP_MAX_EPS)."""
+    if max_abs < _EPS:
+        out[b, :] = 0
+        return
+    iscale = _f(-128) / max_scale
+    d = _put_f16(out, b, 208, _f(1) / iscale)
+    for j in range(16):
+        out[b, 192 + j] = min(127, _nearest_int(iscale * scales[j])) & 0xFF
+    for j in range(16):
+        dl = d * _f(_i8(np.int64(out[b, 192 + j])))
+        if dl == 0:
             continue
-        iscale = _f(-128) / max_scale
-        d = _put_f16(out, b, 208, _f(1) / iscale)
-        for j in range(16):
-            out[b, 192 + j] = min(127, _nearest_int(iscale * scales[j])) & 0xFF
-        for j in range(16):
-            dl = d * _f(_i8(np.int64(out[b, 192 + j])))
-            if dl == 0:
-                continue
-            for i in range(16):
-                L[16 * j + i] = max(-32, min(31, _nearest_int(x[b, 16 * j + i] / dl))) + 32
-        for j in range(0, 256, 128):
-            ql = j // 2
-            qh = 128 + j // 4
-            for l in range(32):
-                q1 = L[j + l] & 0xF
-                q2 = L[j + l + 32] & 0xF
-                q3 = L[j + l + 64] & 0xF
-                q4 = L[j + l + 96] & 0xF
-                out[b, ql + l] = q1 | (q3 << 4)
-                out[b, ql + l + 32] = q2 | (q4 << 4)
-                out[b, qh + l] = ((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4)
-                                  | ((L[j + l + 96] >> 4) << 6)) & 0xFF
+        for i in range(16):
+            L[16 * j + i] = max(-32, min(31, _nearest_int(x[b, 16 * j + i] / dl))) + 32
+    for j in range(0, 256, 128):
+        ql = j // 2
+        qh = 128 + j // 4
+        for l in range(32):
+            q1 = L[j + l] & 0xF
+            q2 = L[j + l + 32] & 0xF
+            q3 = L[j + l + 64] & 0xF
+            q4 = L[j + l + 96] & 0xF
+            out[b, ql + l] = q1 | (q3 << 4)
+            out[b, ql + l + 32] = q2 | (q4 << 4)
+            out[b, qh + l] = ((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2) | ((L[j + l + 64] >> 4) << 4)
+                              | ((L[j + l + 96] >> 4) << 6)) & 0xFF
 
 
 @_quantizer("Q8_K")
@@ -693,40 +733,12 @@ def q8_k(x, out):
 
 # ----------------------------------------------------------------------------- IQ4
 
-@_kernel
-def _iq4_scale(x, b, lo, ntry):
-    """``quantize_row_iq4_nl_impl``'s scale search for the 32 weights at ``x[b, lo:]`` (no
-    importance weights: w = x²); 0 for an all-zero block."""
-    mx, amax = _absmax(x, b, lo, lo + 32)
-    if amax < _EPS:
-        return _f(0)
-    v0 = _f(_KV_IQ4[0])
-    d = -mx / v0 if ntry > 0 else mx / v0
-    idv = _f(1) / d
-    sumqx = _f(0)
-    sumq2 = _f(0)
+@njit(inline="always", **_OPTS)
+def _iq4_scale(x, b, lo, w):
+    """The scale search without importance weights: ``w = x²`` (``_iq4_scale_w``)."""
     for j in range(32):
-        v = x[b, lo + j]
-        q = _f(_KV_IQ4[_best_index_int8(_KV_IQ4, idv * v)])
-        w = v * v
-        sumqx += w * q * v
-        sumq2 += w * q * q
-    d = sumqx / sumq2 if sumq2 > _f(0) else _f(0)
-    best = d * sumqx
-    for itry in range(-ntry, ntry + 1):
-        idv = _f(itry + _KV_IQ4[0]) / mx
-        sumqx = _f(0)
-        sumq2 = _f(0)
-        for j in range(32):
-            v = x[b, lo + j]
-            q = _f(_KV_IQ4[_best_index_int8(_KV_IQ4, idv * v)])
-            w = v * v
-            sumqx += w * q * v
-            sumq2 += w * q * q
-        if sumq2 > _f(0) and sumqx * sumqx > best * sumq2:
-            d = sumqx / sumq2
-            best = d * sumqx
-    return d
+        w[j] = x[b, lo + j] * x[b, lo + j]
+    return _iq4_scale_w(x, b, lo, w)
 
 
 @_kernel
@@ -739,8 +751,9 @@ def _iq4_codes(x, b, lo, idv, out, at):
 
 @_quantizer("IQ4_NL")
 def iq4_nl(x, out):
+    w = np.zeros(32, np.float32)
     for b in range(x.shape[0]):
-        d = _iq4_scale(x, b, 0, 7)
+        d = _iq4_scale(x, b, 0, w)
         _put_f16(out, b, 0, d)
         _iq4_codes(x, b, 0, _f(1) / d if d != 0 else _f(0), out, 2)
 
@@ -748,32 +761,402 @@ def iq4_nl(x, out):
 @_quantizer("IQ4_XS")
 def iq4_xs(x, out):
     scales = np.zeros(8, np.float32)
+    w = np.zeros(32, np.float32)
+    for b in range(x.shape[0]):
+        for ib in range(8):
+            scales[ib] = _iq4_scale(x, b, 32 * ib, w)
+        _iq4_xs_tail(x, out, b, scales)
+
+
+@_kernel
+def _iq4_xs_tail(x, out, b, scales):
+    """IQ4_XS from its 8 block scales: 6-bit scales against the largest, the codes, the bytes."""
+    max_scale = _f(0)
+    amax = _f(0)
+    for ib in range(8):
+        a = abs(scales[ib])
+        if a > amax:
+            amax = a
+            max_scale = scales[ib]
+    d = -max_scale / _f(32)
+    _put_f16(out, b, 0, d)
+    idv = _f(1) / d if d != 0 else _f(0)
+    sh = 0
+    lo = 0
+    for ib in range(8):
+        l = max(-32, min(31, _nearest_int(idv * scales[ib])))
+        dl = d * _f(l)
+        _iq4_codes(x, b, 32 * ib, _f(1) / dl if dl != 0 else _f(0), out, 8 + 16 * ib)
+        l += 32
+        if ib % 2 == 0:
+            lo = l & 0xF
+        else:
+            out[b, 4 + ib // 2] = lo | ((l & 0xF) << 4)
+        sh |= (l >> 4) << (2 * ib)
+    out[b, 2] = sh & 0xFF
+    out[b, 3] = (sh >> 8) & 0xFF
+
+
+# ----------------------------------------------------------------------------- with an importance matrix
+# ``quantize_<type>(…, quant_weights)``: fn(x, qw, s2, out) on blocks x (B, block), the
+# importances of their columns qw (B, block) and, per block, its row's Σx²/n (s2: what the
+# legacy types weigh by; the K and IQ4 types take their σ² from the super-block itself)
+
+WEIGHTED: dict = {}     # ggml type -> its compiled quantizer under an importance matrix
+
+
+def _weighted(type_name: str):
+    def deco(fn):
+        WEIGHTED[type_name] = _kernel(fn)
+        return WEIGHTED[type_name]
+    return deco
+
+
+@_kernel
+def _make_qx_quants_w(xs, lo, n, nmax, w, wlo, L, llo):
+    """``make_qx_quants(n, nmax, xs + lo, L + llo, 1, w + wlo)``: weights given; codes ``l + nmax``."""
+    mx = _f(0)
+    amax = _f(0)
+    for i in range(n):
+        a = abs(xs[lo + i])
+        if a > amax:
+            amax = a
+            mx = xs[lo + i]
+    if amax < _EPS:
+        for i in range(n):
+            L[llo + i] = 0
+        return _f(0)
+    iscale = _f(-nmax) / mx
+    sumlx = _f(0)
+    suml2 = _f(0)
+    for i in range(n):
+        v = xs[lo + i]
+        l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+        L[llo + i] = l + nmax
+        sumlx += w[wlo + i] * v * _f(l)
+        suml2 += w[wlo + i] * _f(l) * _f(l)
+    scale = sumlx / suml2 if suml2 != 0 else _f(0)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(_f(nmax) + _f(0.1) * _f(step)) / mx
+        sumlx = _f(0)
+        suml2 = _f(0)
+        for i in range(n):
+            v = xs[lo + i]
+            l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
+            sumlx += w[wlo + i] * v * _f(l)
+            suml2 += w[wlo + i] * _f(l) * _f(l)
+        if suml2 > _f(0) and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[llo + i] = nmax + max(-nmax, min(nmax - 1, _nearest_int(iscale * xs[lo + i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@_kernel
+def _make_qp_quants(n, nmax, xs, L, w):
+    """``make_qp_quants``: codes 0..nmax (C's uint8_t: ``& 0xFF``) for positive ``xs[:n]``,
+    weights ``w``; returns the scale (quants.searches._make_qp_quants says how)."""
+    mx = _f(0)
+    for i in range(n):
+        mx = mx if mx > xs[i] else xs[i]       # C's MAX(max, x[i])
+    if mx < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return _f(0)
+    iscale = _f(nmax) / mx
+    for i in range(n):
+        L[i] = _nearest_int(iscale * xs[i]) & 0xFF
+    scale = _f(1) / iscale
+    best = _f(0)
+    for i in range(n):
+        diff = xs[i] - scale * _f(L[i])
+        best += w[i] * diff * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = (_f(0.1) * _f(step) + _f(nmax)) / mx
+        scale_is = _f(1) / iscale_is
+        mse = _f(0)
+        for i in range(n):
+            l = min(nmax, _nearest_int(iscale_is * xs[i]))
+            diff = xs[i] - scale_is * _f(l)
+            mse += w[i] * diff * diff
+        if mse < best:
+            best = mse
+            iscale = iscale_is
+    sumlx = _f(0)
+    suml2 = _f(0)
+    for i in range(n):
+        l = min(nmax, _nearest_int(iscale * xs[i]))
+        L[i] = l & 0xFF
+        sumlx += w[i] * xs[i] * _f(l)
+        suml2 += w[i] * _f(l) * _f(l)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            li = _f(L[i])
+            slx = sumlx - w[i] * xs[i] * li
+            sl2 = suml2 - w[i] * li * li
+            if slx > _f(0) and sl2 > _f(0):
+                new = min(nmax, _nearest_int(xs[i] * sl2 / slx))
+                if new != L[i]:
+                    slx += w[i] * xs[i] * _f(new)
+                    sl2 += w[i] * _f(new) * _f(new)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new & 0xFF
+                        sumlx = slx
+                        suml2 = sl2
+                        changed += 1
+        if changed == 0:
+            break
+    return sumlx / suml2 if suml2 > _f(0) else _f(0)
+
+
+@njit(inline="always", **_OPTS)
+def _row_weights(x, qw, b, lo, n, sigma2, w):
+    """``w[i] = qw · sqrt(σ² + x²)`` for the ``n`` weights at ``x[b, lo:]``."""
+    for i in range(n):
+        v = x[b, lo + i]
+        w[i] = qw[b, lo + i] * np.sqrt(sigma2 + v * v)
+
+
+@njit(inline="always", **_OPTS)
+def _sum_sq(x, b, n):
+    s = _f(0)
+    for i in range(n):
+        s += x[b, i] * x[b, i]
+    return s
+
+
+@_weighted("Q4_0")
+def q4_0_w(x, qw, s2, out):
+    L = np.zeros(32, np.int64)
+    w = np.zeros(32, np.float32)
+    for b in range(x.shape[0]):
+        _row_weights(x, qw, b, 0, 32, s2[b], w)
+        _put_f16(out, b, 0, _make_qx_quants_w(x[b], 0, 32, 8, w, 0, L, 0))
+        for j in range(16):
+            out[b, 2 + j] = (L[j] | (L[j + 16] << 4)) & 0xFF
+
+
+@_weighted("Q5_0")
+def q5_0_w(x, qw, s2, out):
+    L = np.zeros(32, np.int64)
+    w = np.zeros(32, np.float32)
+    for b in range(x.shape[0]):
+        _row_weights(x, qw, b, 0, 32, s2[b], w)
+        _put_f16(out, b, 0, _make_qx_quants_w(x[b], 0, 32, 16, w, 0, L, 0))
+        qh = 0
+        for j in range(16):
+            qh = _put_q5(out, b, 6, L[j], L[j + 16], j, qh)
+        _put_u32(out, b, 2, qh)
+
+
+@njit(inline="always", **_OPTS)
+def _affine_w(x, qw, s2, out, b, nmax, w, L, Laux):
+    """Q4_1/Q5_1: ``make_qkx3_quants(32, nmax, …, -0.9, 0.05, 36)``; d and m = −the_min written."""
+    _row_weights(x, qw, b, 0, 32, s2[b], w)
+    scale, the_min = _make_qkx2_quants(x, b, 0, 32, nmax, w, L, Laux, _f(-0.9), _f(0.05), 36, False)
+    _put_f16(out, b, 0, scale)
+    _put_f16(out, b, 2, -the_min)
+
+
+@_weighted("Q4_1")
+def q4_1_w(x, qw, s2, out):
+    L = np.zeros(32, np.int64)
+    Laux = np.zeros(32, np.int64)
+    w = np.zeros(32, np.float32)
+    for b in range(x.shape[0]):
+        _affine_w(x, qw, s2, out, b, 15, w, L, Laux)
+        for j in range(16):
+            out[b, 4 + j] = (L[j] | (L[j + 16] << 4)) & 0xFF
+
+
+@_weighted("Q5_1")
+def q5_1_w(x, qw, s2, out):
+    L = np.zeros(32, np.int64)
+    Laux = np.zeros(32, np.int64)
+    w = np.zeros(32, np.float32)
+    for b in range(x.shape[0]):
+        _affine_w(x, qw, s2, out, b, 31, w, L, Laux)
+        qh = 0
+        for j in range(16):
+            qh = _put_q5(out, b, 8, L[j], L[j + 16], j, qh)
+        _put_u32(out, b, 4, qh)
+
+
+@_weighted("Q2_K")
+def q2_k_w(x, qw, s2, out):
+    L = np.zeros(256, np.int64)
+    Laux = np.zeros(16, np.int64)
+    w = np.zeros(16, np.float32)
+    sw = np.zeros(16, np.float32)
+    scales = np.zeros(16, np.float32)
+    mins = np.zeros(16, np.float32)
+    Ls = np.zeros(16, np.int64)
+    Lm = np.zeros(16, np.int64)
+    for b in range(x.shape[0]):
+        sigma2 = _sum_sq(x, b, 256) / _f(256)
+        for j in range(16):
+            _row_weights(x, qw, b, 16 * j, 16, sigma2, w)
+            sw[j] = _f(0)
+            for l in range(16):
+                sw[j] += w[l]
+            scales[j], mins[j] = _make_qkx2_quants(x, b, 16 * j, 16, 3, w, L, Laux, _f(-0.9), _f(0.05), 36, False)
+        d = _put_f16(out, b, 80, _make_qp_quants(16, 15, scales, Ls, sw))
+        dmin = _put_f16(out, b, 82, _make_qp_quants(16, 15, mins, Lm, sw))
+        for j in range(16):
+            sc = (Ls[j] | (Lm[j] << 4)) & 0xFF
+            out[b, j] = sc
+            dl = d * _f(sc & 0xF)
+            if dl == 0:
+                continue
+            dm = dmin * _f(sc >> 4)
+            for i in range(16):
+                L[16 * j + i] = max(0, min(3, _nearest_int((x[b, 16 * j + i] + dm) / dl)))
+        _pack2(out, b, 16, L)
+
+
+@_weighted("Q3_K")
+def q3_k_w(x, qw, s2, out):
+    L = np.zeros(256, np.int64)
+    w = np.zeros(16, np.float32)
+    sw = np.zeros(16, np.float32)
+    scales = np.zeros(16, np.float32)
+    Ls = np.zeros(16, np.int64)
+    ps = np.zeros(12, np.int64)
+    hm = np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        sigma2 = _f(2) * _sum_sq(x, b, 256) / _f(256)
+        for j in range(16):
+            _row_weights(x, qw, b, 16 * j, 16, sigma2, w)
+            sw[j] = _f(0)
+            for l in range(16):
+                sw[j] += w[l]
+            scales[j] = _make_qx_quants_w(x[b], 16 * j, 16, 4, w, 0, L, 16 * j)
+        d_block = _make_qx_quants_w(scales, 0, 16, 32, sw, 0, Ls, 0)
+        ps[:] = 0
+        for j in range(16):
+            _q3_scale(ps, j, Ls[j])
+        _q3_tail(x, out, b, L, ps, _put_f16(out, b, 108, d_block), hm)
+
+
+@_kernel
+def _kx_w(x, qw, out, b, nmax, L, Laux, w, sw, scales, mins, Ls, Lm, q):
+    """Q4_K/Q5_K under an importance matrix up to the codes (``quantize_row_q*_K_impl``)."""
+    sigma2 = _f(2) * _sum_sq(x, b, 256) / _f(256)
+    for j in range(8):
+        _row_weights(x, qw, b, 32 * j, 32, sigma2, w)
+        sw[j] = _f(0)
+        for l in range(32):
+            sw[j] += w[l]
+        scales[j], mins[j] = _make_qkx2_quants(x, b, 32 * j, 32, nmax, w, L, Laux, _f(-0.9), _f(0.05), 36, False)
+    d_block = _make_qp_quants(8, 63, scales, Ls, sw)
+    m_block = _make_qp_quants(8, 63, mins, Lm, sw)
+    q[:] = 0
+    for j in range(8):
+        if nmax == 31:      # Q5_K clamps its 6-bit codes, Q4_K stores them as they are
+            _k4_scale(q, j, min(63, Ls[j]), min(63, Lm[j]))
+        else:
+            _k4_scale(q, j, Ls[j], Lm[j])
+    _kx_tail(x, out, b, nmax, L, q, d_block, m_block)
+
+
+@_weighted("Q4_K")
+def q4_k_w(x, qw, s2, out):
+    L, Laux, w, sw = np.zeros(256, np.int64), np.zeros(32, np.int64), np.zeros(32, np.float32), np.zeros(8, np.float32)
+    scales, mins = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    Ls, Lm, q = np.zeros(8, np.int64), np.zeros(8, np.int64), np.zeros(12, np.int64)
+    for b in range(x.shape[0]):
+        _kx_w(x, qw, out, b, 15, L, Laux, w, sw, scales, mins, Ls, Lm, q)
+        _q4_k_codes(out, b, L)
+
+
+@_weighted("Q5_K")
+def q5_k_w(x, qw, s2, out):
+    L, Laux, w, sw = np.zeros(256, np.int64), np.zeros(32, np.int64), np.zeros(32, np.float32), np.zeros(8, np.float32)
+    scales, mins = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    Ls, Lm, q, qh = np.zeros(8, np.int64), np.zeros(8, np.int64), np.zeros(12, np.int64), np.zeros(32, np.int64)
+    for b in range(x.shape[0]):
+        _kx_w(x, qw, out, b, 31, L, Laux, w, sw, scales, mins, Ls, Lm, q)
+        _q5_k_codes(out, b, L, qh)
+
+
+@_weighted("Q6_K")
+def q6_k_w(x, qw, s2, out):
+    L = np.zeros(256, np.int64)
+    scales = np.zeros(16, np.float32)
     for b in range(x.shape[0]):
         max_scale = _f(0)
-        amax = _f(0)
-        for ib in range(8):
-            scales[ib] = _iq4_scale(x, b, 32 * ib, 7)
-            a = abs(scales[ib])
-            if a > amax:
-                amax = a
-                max_scale = scales[ib]
-        d = -max_scale / _f(32)
+        max_abs = _f(0)
+        for j in range(16):
+            scales[j] = _make_qx_quants_w(x[b], 16 * j, 16, 32, qw[b], 16 * j, L, 16 * j)
+            a = abs(scales[j])
+            if a > max_abs:
+                max_abs = a
+                max_scale = scales[j]
+        _q6_tail(x, out, b, L, scales, max_scale, max_abs)
+
+
+@_kernel
+def _iq4_scale_w(x, b, lo, w):
+    """``quantize_row_iq4_nl_impl``'s scale search (``ntry = 7``, what ``quantize_iq4_nl`` /
+    ``quantize_iq4_xs`` pass) for the 32 weights at ``x[b, lo:]`` with element weights
+    ``w[:32]``; 0 for an all-zero block."""
+    mx, amax = _absmax(x, b, lo, lo + 32)
+    if amax < _EPS:
+        return _f(0)
+    v0 = _f(_KV_IQ4[0])
+    d = -mx / v0
+    idv = _f(1) / d
+    sumqx = _f(0)
+    sumq2 = _f(0)
+    for j in range(32):
+        v = x[b, lo + j]
+        q = _f(_KV_IQ4[_best_index_int8(_KV_IQ4, idv * v)])
+        sumqx += w[j] * q * v
+        sumq2 += w[j] * q * q
+    d = sumqx / sumq2 if sumq2 > _f(0) else _f(0)
+    best = d * sumqx
+    for itry in range(-7, 8):
+        idv = _f(itry + _KV_IQ4[0]) / mx
+        sumqx = _f(0)
+        sumq2 = _f(0)
+        for j in range(32):
+            v = x[b, lo + j]
+            q = _f(_KV_IQ4[_best_index_int8(_KV_IQ4, idv * v)])
+            sumqx += w[j] * q * v
+            sumq2 += w[j] * q * q
+        if sumq2 > _f(0) and sumqx * sumqx > best * sumq2:
+            d = sumqx / sumq2
+            best = d * sumqx
+    return d
+
+
+@_weighted("IQ4_NL")
+def iq4_nl_w(x, qw, s2, out):
+    w = np.zeros(32, np.float32)
+    for b in range(x.shape[0]):
+        _row_weights(x, qw, b, 0, 32, _sum_sq(x, b, 32) * _f(2.0 / 32), w)
+        d = _iq4_scale_w(x, b, 0, w)
         _put_f16(out, b, 0, d)
-        idv = _f(1) / d if d != 0 else _f(0)
-        sh = 0
-        lo = 0
+        _iq4_codes(x, b, 0, _f(1) / d if d != 0 else _f(0), out, 2)
+
+
+@_weighted("IQ4_XS")
+def iq4_xs_w(x, qw, s2, out):
+    w = np.zeros(32, np.float32)
+    scales = np.zeros(8, np.float32)
+    for b in range(x.shape[0]):
+        sigma2 = _sum_sq(x, b, 256) * _f(2.0 / 256)
         for ib in range(8):
-            l = max(-32, min(31, _nearest_int(idv * scales[ib])))
-            dl = d * _f(l)
-            _iq4_codes(x, b, 32 * ib, _f(1) / dl if dl != 0 else _f(0), out, 8 + 16 * ib)
-            l += 32
-            if ib % 2 == 0:
-                lo = l & 0xF
-            else:
-                out[b, 4 + ib // 2] = lo | ((l & 0xF) << 4)
-            sh |= (l >> 4) << (2 * ib)
-        out[b, 2] = sh & 0xFF
-        out[b, 3] = (sh >> 8) & 0xFF
+            _row_weights(x, qw, b, 32 * ib, 32, sigma2, w)
+            scales[ib] = _iq4_scale_w(x, b, 32 * ib, w)
+        _iq4_xs_tail(x, out, b, scales)
 
 
 _MIN_CHUNK = 1 << 16  # weights per thread task: below this, threads cost more than they save
@@ -786,17 +1169,27 @@ def quantize_blocks(blocks: np.ndarray, name: str, type_size: int, threads: int 
     return _run_chunks(KERNELS[name], blocks, np.empty((len(blocks), type_size), np.uint8), blocks.shape[1], threads)
 
 
-def _run_chunks(fn, src: np.ndarray, out: np.ndarray, block_size: int, threads: int | None) -> np.ndarray:
-    """``fn(src, out)`` over chunks of blocks (at least ``_MIN_CHUNK`` weights each) spread over
-    ``threads`` threads (default: every core); the kernels release the GIL."""
+def quantize_weighted(blocks: np.ndarray, qw: np.ndarray, s2: np.ndarray, name: str, type_size: int,
+                      threads: int | None = None) -> np.ndarray:
+    """``name``'s quantizer under an importance matrix (``WEIGHTED``) on ``float32[B, block]``
+    blocks, their columns' importances ``qw`` (B, block) and their rows' Σx²/n ``s2`` (B,)."""
+    return _run_chunks(WEIGHTED[name], (blocks, qw, s2), np.empty((len(blocks), type_size), np.uint8),
+                       blocks.shape[1], threads)
+
+
+def _run_chunks(fn, src, out: np.ndarray, block_size: int, threads: int | None) -> np.ndarray:
+    """``fn(*src, out)`` over chunks of blocks (at least ``_MIN_CHUNK`` weights each) spread
+    over ``threads`` threads (default: every core); ``src`` an array of blocks or a tuple of
+    arrays cut along their first axis together. The kernels release the GIL."""
+    srcs = src if isinstance(src, tuple) else (src,)
     threads = max(1, int(threads or os.cpu_count() or 1))
-    n = len(src)
+    n = len(srcs[0])
     step = max(-(-_MIN_CHUNK // block_size), -(-n // (4 * threads)))
     if threads == 1 or n <= step:
-        fn(src, out)
+        fn(*srcs, out)
         return out
     pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "refquant-quantize"))
-    for f in [pool.submit(fn, src[i:i + step], out[i:i + step]) for i in range(0, n, step)]:
+    for f in [pool.submit(fn, *(a[i:i + step] for a in srcs), out[i:i + step]) for i in range(0, n, step)]:
         f.result()
     return out
 

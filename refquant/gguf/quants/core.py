@@ -240,9 +240,10 @@ def quantize(x, type_name, *, imatrix=None, allow_nonfinite: bool = False, impl:
     blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, t.block_size)
     qw = None if imatrix is None else importance(imatrix, x.shape[-1])
     if qw is not None and FORMATS[t.name].weighted is not None:
-        if impl == "numba":
-            raise ValueError(f"no compiled quantizer for {t.name} with an importance matrix; use impl='numpy'")
-        return _quantize_weighted(blocks, qw, t).reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
+        if impl == "numba" and allow_nonfinite:
+            raise ValueError("the compiled quantizers take finite input only; use impl='numpy' with allow_nonfinite")
+        out = _quantize_weighted(blocks, qw, t, impl="numpy" if allow_nonfinite else impl, threads=threads)
+        return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
     if impl == "numba" and allow_nonfinite:
         raise ValueError("the compiled quantizers take finite input only; use impl='numpy' with allow_nonfinite")
     if impl == "numba" or (impl == "auto" and not allow_nonfinite and t.block_size > 1):
@@ -277,12 +278,25 @@ def importance(imatrix, n: int) -> np.ndarray:
     return w
 
 
-def _quantize_weighted(blocks, qw, t: GGMLType) -> np.ndarray:
+def _quantize_weighted(blocks, qw, t: GGMLType, impl: str = "auto", threads: int | None = None) -> np.ndarray:
     """Blocks of rows of ``qw.size`` weights under importances ``qw`` (``quantize``), chunk by
-    chunk of whole rows; every block gets its columns' importances and its row's Σx²/n."""
+    chunk of whole rows; every block gets its columns' importances and its row's Σx²/n. The
+    compiled kernel (``compiled.WEIGHTED``) unless ``impl="numpy"``."""
     n = qw.size
     per_row = n // t.block_size
     rows = len(blocks) // per_row
+    if impl != "numpy":
+        from refquant.gguf.quants import compiled
+
+        if t.name in compiled.WEIGHTED:
+            x = blocks.reshape(rows, n)
+            with np.errstate(over="ignore"):        # as in C, Σx² of huge rows is Inf
+                s2 = np.repeat(seqsum(x * x) / F32(n), per_row).astype(F32)    # C: Σ x[j]*x[j] / n_per_row
+            w = np.ascontiguousarray(np.broadcast_to(qw.reshape(per_row, t.block_size), (rows, per_row, t.block_size))
+                                     .reshape(-1, t.block_size))
+            return compiled.quantize_weighted(blocks, w, s2, t.name, t.type_size, threads)
+        if impl == "numba":
+            raise ValueError(f"no compiled quantizer for {t.name} with an importance matrix; use impl='numpy'")
     out = np.empty((len(blocks), t.type_size), np.uint8)
     step = max(1, _CHUNK_BLOCKS // per_row)
     fn = FORMATS[t.name].weighted
