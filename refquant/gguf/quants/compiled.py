@@ -477,15 +477,22 @@ def q2_k(x, out):
             dmin = _put_f16(out, b, 82, max_min / _f(15))
         else:
             dmin = _put_f16(out, b, 82, _f(0))
-        for j in range(16):
-            out[b, j] = sc[j]
-            dl = d * _f(sc[j] & 0xF)
-            if dl == 0:
-                continue
-            dm = dmin * _f(sc[j] >> 4)
-            for i in range(16):
-                L[16 * j + i] = max(0, min(3, _nearest_int((x[b, 16 * j + i] + dm) / dl)))
-        _pack2(out, b, 16, L)
+        _q2_tail(x, out, b, L, sc, d, dmin)
+
+
+@_kernel
+def _q2_tail(x, out, b, L, sc, d, dmin):
+    """Q2_K's second pass on the stored scales and mins (``sc``; ``d``, ``dmin``: the fp16
+    values), and the bytes."""
+    for j in range(16):
+        out[b, j] = sc[j]
+        dl = d * _f(sc[j] & 0xF)
+        if dl == 0:
+            continue
+        dm = dmin * _f(sc[j] >> 4)
+        for i in range(16):
+            L[16 * j + i] = max(0, min(3, _nearest_int((x[b, 16 * j + i] + dm) / dl)))
+    _pack2(out, b, 16, L)
 
 
 @_quantizer("Q3_K")
@@ -925,6 +932,16 @@ def _row_weights(x, qw, b, lo, n, sigma2, w):
 
 
 @njit(inline="always", **_OPTS)
+def _sub_weights(x, qw, b, lo, n, sigma2, w):
+    """``_row_weights`` for a sub-block, returning their sum (C's ``sw[j]``, summed from 0)."""
+    _row_weights(x, qw, b, lo, n, sigma2, w)
+    s = _f(0)
+    for i in range(n):
+        s += w[i]
+    return s
+
+
+@njit(inline="always", **_OPTS)
 def _sum_sq(x, b, n):
     s = _f(0)
     for i in range(n):
@@ -999,26 +1016,17 @@ def q2_k_w(x, qw, s2, out):
     mins = np.zeros(16, np.float32)
     Ls = np.zeros(16, np.int64)
     Lm = np.zeros(16, np.int64)
+    sc = np.zeros(16, np.int64)
     for b in range(x.shape[0]):
         sigma2 = _sum_sq(x, b, 256) / _f(256)
         for j in range(16):
-            _row_weights(x, qw, b, 16 * j, 16, sigma2, w)
-            sw[j] = _f(0)
-            for l in range(16):
-                sw[j] += w[l]
+            sw[j] = _sub_weights(x, qw, b, 16 * j, 16, sigma2, w)
             scales[j], mins[j] = _make_qkx2_quants(x, b, 16 * j, 16, 3, w, L, Laux, _f(-0.9), _f(0.05), 36, False)
         d = _put_f16(out, b, 80, _make_qp_quants(16, 15, scales, Ls, sw))
         dmin = _put_f16(out, b, 82, _make_qp_quants(16, 15, mins, Lm, sw))
         for j in range(16):
-            sc = (Ls[j] | (Lm[j] << 4)) & 0xFF
-            out[b, j] = sc
-            dl = d * _f(sc & 0xF)
-            if dl == 0:
-                continue
-            dm = dmin * _f(sc >> 4)
-            for i in range(16):
-                L[16 * j + i] = max(0, min(3, _nearest_int((x[b, 16 * j + i] + dm) / dl)))
-        _pack2(out, b, 16, L)
+            sc[j] = (Ls[j] | (Lm[j] << 4)) & 0xFF
+        _q2_tail(x, out, b, L, sc, d, dmin)
 
 
 @_weighted("Q3_K")
@@ -1033,10 +1041,7 @@ def q3_k_w(x, qw, s2, out):
     for b in range(x.shape[0]):
         sigma2 = _f(2) * _sum_sq(x, b, 256) / _f(256)
         for j in range(16):
-            _row_weights(x, qw, b, 16 * j, 16, sigma2, w)
-            sw[j] = _f(0)
-            for l in range(16):
-                sw[j] += w[l]
+            sw[j] = _sub_weights(x, qw, b, 16 * j, 16, sigma2, w)
             scales[j] = _make_qx_quants_w(x[b], 16 * j, 16, 4, w, 0, L, 16 * j)
         d_block = _make_qx_quants_w(scales, 0, 16, 32, sw, 0, Ls, 0)
         ps[:] = 0
@@ -1050,10 +1055,7 @@ def _kx_w(x, qw, out, b, nmax, L, Laux, w, sw, scales, mins, Ls, Lm, q):
     """Q4_K/Q5_K under an importance matrix up to the codes (``quantize_row_q*_K_impl``)."""
     sigma2 = _f(2) * _sum_sq(x, b, 256) / _f(256)
     for j in range(8):
-        _row_weights(x, qw, b, 32 * j, 32, sigma2, w)
-        sw[j] = _f(0)
-        for l in range(32):
-            sw[j] += w[l]
+        sw[j] = _sub_weights(x, qw, b, 32 * j, 32, sigma2, w)
         scales[j], mins[j] = _make_qkx2_quants(x, b, 32 * j, 32, nmax, w, L, Laux, _f(-0.9), _f(0.05), 36, False)
     d_block = _make_qp_quants(8, 63, scales, Ls, sw)
     m_block = _make_qp_quants(8, 63, mins, Lm, sw)
