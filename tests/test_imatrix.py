@@ -10,6 +10,8 @@ from hypothesis.extra import numpy as hnp
 from refquant.gguf import quants
 from tests.strategies import weight_rows
 
+pytestmark = pytest.mark.oracle   # ggml's C (golden bytes), llama.cpp's files and gguf-py are the oracles
+
 GOLDEN = np.load(Path(__file__).parent / "data" / "ggml_golden_imatrix.npz")
 FAMILIES = sorted(k[2:] for k in GOLDEN.files if k.startswith("x/"))
 GOLDEN_TYPES = sorted({k.split("/")[0] for k in GOLDEN.files} - {"x", "qw"})

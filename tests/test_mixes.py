@@ -12,6 +12,8 @@ from refquant import gguf
 from refquant.gguf import mixes
 from tests.conftest import smollm2_gguf
 
+pytestmark = pytest.mark.oracle   # llama-quantize's own choices and files are the oracle
+
 TABLES = json.loads(gzip.open(Path(__file__).parent / "data" / "mix_tables.json.gz", "rt").read())
 MINIGPT = Path(__file__).resolve().parents[1] / "minigpt_np" / "checkpoints" / "minigpt.gguf"
 SWITCHES = {"pure": mixes.Options(pure=True), "output_q8_0": mixes.Options(output_tensor_type="q8_0"),
