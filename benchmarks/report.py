@@ -10,9 +10,11 @@ table from ``benchmarks/results/decode.json``, between ``<!-- quantize:start -->
 ``<!-- quantize:end -->`` with the quantizer speeds from ``benchmarks/results/quantize.json``,
 between ``<!-- smollm2:start -->`` and ``<!-- smollm2:end -->`` with the SmolLM2 study
 from ``benchmarks/results/pareto_smollm2.json``, between ``<!-- batch:start -->`` and
-``<!-- batch:end -->`` with the batched decode from ``benchmarks/results/batch.json``, and
-between ``<!-- context:start -->`` and ``<!-- context:end -->`` with the KV cache types at
-long context from ``benchmarks/results/context.json``.
+``<!-- batch:end -->`` with the batched decode from ``benchmarks/results/batch.json``,
+between ``<!-- mixes:start -->`` and ``<!-- mixes:end -->`` with llama-quantize's mixes from
+``benchmarks/results/mixes.json``, and between ``<!-- context:start -->`` and
+``<!-- context:end -->`` with the KV cache types at long context from
+``benchmarks/results/context.json``.
 ``tests/test_readme.py`` checks that the README matches what this script generates.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ QUANTIZE_START, QUANTIZE_END = "<!-- quantize:start -->", "<!-- quantize:end -->
 SMOLLM2_START, SMOLLM2_END = "<!-- smollm2:start -->", "<!-- smollm2:end -->"
 BATCH_START, BATCH_END = "<!-- batch:start -->", "<!-- batch:end -->"
 CONTEXT_START, CONTEXT_END = "<!-- context:start -->", "<!-- context:end -->"
+MIXES_START, MIXES_END = "<!-- mixes:start -->", "<!-- mixes:end -->"
 TARGETS = {  # scheme: (our bar on the perplexity gap in %, the seed's bar or None)
     "int8_tensor": (0.5, 5.0), "int8_channel": (0.5, 5.0), "int4_g128": (15.0, None), "gptq_int4_g128": (3.0, None),
 }
@@ -375,6 +378,46 @@ def context_section(data: dict) -> str:
     return "\n".join(out)
 
 
+def mixes_section(data: dict) -> str:
+    """llama-quantize's mixes with and without an importance matrix (``benchmarks.mixes``)."""
+    from benchmarks import mixes
+
+    out = [f"From `python -m benchmarks.mixes` ({data['machine']['cpu']}): every file written by `python -m "
+           "refquant quantize --ftype F [--imatrix FILE]` (the file llama-quantize writes from the same inputs, "
+           "byte for byte), its next-token distributions against the base model's as `llama-perplexity "
+           "--kl-divergence` measures them (chunks from an empty cache, the second half of each scored; NumPy "
+           "forward on float32 weights: the weight error alone). The importance matrix comes from "
+           "`minigpt_np.imatrix` (llama-imatrix's definition) on text disjoint from the scored text. "
+           "\"plain − imatrix\" is the paired difference of KLD per position, mean ± se (positive: the "
+           "importance matrix helped); bits per weight over the whole file."]
+    for key, d in data["models"].items():
+        name = {"minigpt": "MiniGPT", "smollm2": "SmolLM2-135M"}.get(key, key)
+        base = ("the FP32 checkpoint" if key == "minigpt" else
+                "the shipped Q4_1 file dequantized to F32 (no unquantized SmolLM2 is installable: the loss "
+                "relative to that model, whose weights already sit on a Q4_1 grid, so Q4_1 writes them back "
+                "exactly (KLD 0) and Q5_1, also Q5_K's fallback, nearly recovers that grid only with the "
+                "importance matrix's weighted fit; its 576-wide rows take llama-quantize's fallbacks, so only "
+                "`ffn_down` keeps the K types, and Q2_K and Q3_K_S write the same file)")
+        out += ["", f"**{name}**, base {base}; importance matrix over {d['imatrix_chunks']} chunks of {d['n_ctx']} "
+                f"tokens, KLD at {d['positions']} positions of {d['kld_chunks']} chunks ({d['texts']}):", ""]
+        out += mixes.table(data, key)
+        pr = d["paired"]
+        if key == "minigpt" and all(k in pr for k in ("Q3_K_S", "Q3_K_M", "Q4_K_M")):
+            z = {k: pr[k]["mean"] / pr[k]["se"] for k in ("Q3_K_S", "Q3_K_M", "Q4_K_M")}
+            flat = ""
+            if "imatrix_spread" in d and "imatrix_spread" in data["models"].get("smollm2", {}):
+                a, b = d["imatrix_spread"], data["models"]["smollm2"]["imatrix_spread"]
+                flat = (f" (largest over median E[x²] of a tensor: {a['median']:.0f} at the median tensor, "
+                        f"SmolLM2's {b['median']:.0f}, up to {b['max']:.2g})")
+            out += ["", f"MiniGPT's column importances are nearly flat{flat}, so its importance matrix moves little: Q4_K_M "
+                    f"{z['Q4_K_M']:+.1f} se, Q3_K_M {z['Q3_K_M']:+.1f} se, and Q3_K_S {z['Q3_K_S']:+.1f} se: with an "
+                    "importance matrix ggml's Q3_K takes `make_qx_quants` (a search over 18 scales) where without "
+                    "one it takes `make_q3_quants` (coordinate descent on the codes), and on flat importances the "
+                    "weaker search costs more than the weighting gains."]
+    out += ["", "![mixes](figures/mixes.png)"]
+    return "\n".join(out)
+
+
 def _replace(readme: str, start: str, end: str, body: str) -> str:
     if start not in readme or end not in readme:
         raise ValueError(f"README.md has no {start} ... {end} section")
@@ -384,8 +427,11 @@ def _replace(readme: str, start: str, end: str, body: str) -> str:
 
 
 def render(readme: str, data: dict, decode: dict | None = None, quantize: dict | None = None,
-           smollm2: dict | None = None, batch: dict | None = None, context: dict | None = None) -> str:
+           smollm2: dict | None = None, batch: dict | None = None, context: dict | None = None,
+           mixes: dict | None = None) -> str:
     readme = _replace(readme, START, END, section(data))
+    if mixes is not None:
+        readme = _replace(readme, MIXES_START, MIXES_END, mixes_section(mixes))
     if context is not None:
         readme = _replace(readme, CONTEXT_START, CONTEXT_END, context_section(context))
     if batch is not None:
@@ -401,7 +447,7 @@ def main(argv=None) -> None:
     common.quick_args(__doc__).parse_args(argv)
     text = render(README.read_text(), common.read_json("pareto"), common.read_json("decode"),
                   common.read_json("quantize"), common.read_json("pareto_smollm2"), common.read_json("batch"),
-                  common.read_json("context"))
+                  common.read_json("context"), common.read_json("mixes"))
     with atomic_open(README, "w") as f:
         f.write(text)
     print(f"updated {README}")

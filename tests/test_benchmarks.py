@@ -300,3 +300,24 @@ def test_context_quick(out_dirs):
     assert all(r["window"] == 64 for r in q.values()) and 0 < q["q8_0"]["kld_mean"] < 5e-3
     assert q["fp8_e4m3"]["kld_mean"] < q["fp8_e5m2"]["kld_mean"]     # one more significand bit
     assert (out_dirs / "figures" / "context.png").stat().st_size > 10_000
+
+
+def test_mixes_quick(out_dirs):
+    """``benchmarks.mixes --quick --model minigpt``: Q3_K_M and Q4_K_M written with and without
+    an importance matrix of 8 chunks, judged on 8 chunks of the test split; the bits per
+    weight counted from the files' tensors; the table and the figure come out."""
+    from benchmarks import mixes
+    mixes.main(["--quick", "--model", "minigpt"])
+    data = load(out_dirs, "mixes")
+    d = data["models"]["minigpt"]
+    assert d["imatrix_chunks"] == 8 and d["kld_chunks"] == 8 and d["positions"] == 8 * 63
+    rows = {(r["ftype"], r["imatrix"]): r for r in d["results"]}
+    assert set(rows) == {(f, w) for f in mixes.QUICK_MIXES for w in (False, True)}
+    # MiniGPT Q4_K_M: token_embd Q6_K (tied), half the qkv and ffn_down Q6_K, the rest Q4_K
+    assert rows["Q4_K_M", True]["types"] == {"Q6_K": 5, "Q4_K": 12}
+    for r in rows.values():
+        assert 3 < r["bits_per_weight"] < 6.5 and 0 < r["kl"]["kld"]["mean"] < 0.05
+        assert r["kl"]["n"] == d["positions"]
+    assert set(d["paired"]) == set(mixes.QUICK_MIXES)
+    assert (out_dirs / "figures" / "mixes.png").stat().st_size > 10_000
+    assert len(mixes.table(data, "minigpt")) == 2 + len(mixes.QUICK_MIXES)
