@@ -351,9 +351,9 @@ def _make_qkx2_quants(x, b, lo, n, nmax, w, L, Laux, rmin, rdelta, nstep, use_ma
 
 @_kernel
 def _sym_first_fit(x, b, lo, n, nmax, L, offset):
-    """The start ``make_qx_quants`` and ``make_q3_quants`` share: the signed absmax ``mx``;
-    an all-zero block gets ``L = 0`` and ``ok = False``; else ``L = l + offset`` for
-    ``l = clamp(nearest_int(-nmax/mx · x))`` and the weighted (x²) sums ``Σ w x l``, ``Σ w l²``."""
+    """The start of ``make_q3_quants``: the signed absmax ``mx``; an all-zero block gets
+    ``L = 0`` and ``ok = False``; else ``L = l + offset`` for ``l = clamp(nearest_int(-nmax/mx
+    · x))`` and the weighted (x²) sums ``Σ w x l``, ``Σ w l²``."""
     mx, amax = _absmax(x, b, lo, lo + n)
     if amax < _EPS:
         for i in range(n):
@@ -370,34 +370,6 @@ def _sym_first_fit(x, b, lo, n, nmax, L, offset):
         sumlx += w * v * _f(l)
         suml2 += w * _f(l) * _f(l)
     return True, mx, sumlx, suml2
-
-
-@_kernel
-def _make_qx_quants(x, b, lo, n, nmax, L):
-    """``make_qx_quants`` with ``rmse_type = 1`` and no importance weights; codes ``l + nmax``."""
-    ok, mx, sumlx, suml2 = _sym_first_fit(x, b, lo, n, nmax, L, nmax)
-    if not ok:
-        return _f(0)
-    scale = sumlx / suml2 if suml2 != 0 else _f(0)
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(_f(nmax) + _f(0.1) * _f(step)) / mx
-        sumlx = _f(0)
-        suml2 = _f(0)
-        for i in range(n):
-            v = x[b, lo + i]
-            l = max(-nmax, min(nmax - 1, _nearest_int(iscale * v)))
-            w = v * v
-            sumlx += w * v * _f(l)
-            suml2 += w * _f(l) * _f(l)
-        if suml2 > _f(0) and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                L[lo + i] = nmax + max(-nmax, min(nmax - 1, _nearest_int(iscale * x[b, lo + i])))
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
 
 
 @_kernel
@@ -676,11 +648,14 @@ def _q5_k_codes(out, b, L, qh):
 def q6_k(x, out):
     L = np.zeros(256, np.int64)
     scales = np.zeros(16, np.float32)
+    w = np.zeros(256, np.float32)
     for b in range(x.shape[0]):
         max_scale = _f(0)
         max_abs = _f(0)
+        for i in range(256):        # make_qx_quants' rmse_type 1 without importances: w = x²
+            w[i] = x[b, i] * x[b, i]
         for j in range(16):
-            scales[j] = _make_qx_quants(x, b, 16 * j, 16, 32, L)
+            scales[j] = _make_qx_quants_w(x[b], 16 * j, 16, 32, w, 16 * j, L, 16 * j)
             a = abs(scales[j])
             if a > max_abs:
                 max_abs = a
@@ -821,7 +796,8 @@ def _weighted(type_name: str):
 
 @_kernel
 def _make_qx_quants_w(xs, lo, n, nmax, w, wlo, L, llo):
-    """``make_qx_quants(n, nmax, xs + lo, L + llo, 1, w + wlo)``: weights given; codes ``l + nmax``."""
+    """``make_qx_quants(n, nmax, xs + lo, L + llo, 1, w + wlo)`` (``rmse_type = 1``; without
+    importances its weights are x², which the caller passes); codes ``l + nmax``."""
     mx = _f(0)
     amax = _f(0)
     for i in range(n):
