@@ -185,11 +185,11 @@ import numpy as np
 from refquant.gguf import quants
 from refquant.gguf.quants import compiled
 out = {}
-for name, fn in compiled.KERNELS.items():
+for name, fn in compiled.KERNELS.items() if sys.argv[2] == "plain" else ():
     t = quants.TYPES[name]
     fn(np.ones((1, t.block_size), np.float32), np.zeros((1, t.type_size), np.uint8))
     out[name] = ["\\n".join(fn.inspect_llvm().values()), fn.py_func.__name__]
-for name, fn in compiled.WEIGHTED.items():     # under an importance matrix
+for name, fn in compiled.WEIGHTED.items() if sys.argv[2] == "weighted" else ():   # under an importance matrix
     t = quants.TYPES[name]
     ones = np.ones((1, t.block_size), np.float32)
     fn(ones, ones, np.ones(1, np.float32), np.zeros((1, t.type_size), np.uint8))
@@ -212,22 +212,25 @@ def _float_instructions(ir: str) -> int:
     return len(re.findall(r"= (?:fadd|fsub|fmul|fdiv|fcmp|fptosi|sitofp)\b", ir))
 
 
-def test_compiled_kernels_do_only_float32_arithmetic_and_no_fma(tmp_path):
+@pytest.mark.parametrize("kind", ["plain", pytest.param("weighted", marks=pytest.mark.slow)])
+def test_compiled_kernels_do_only_float32_arithmetic_and_no_fma(tmp_path, kind):
     """numba widens ``float32 op int`` and ``float32 op 0.5`` to float64, which rounds
     differently from ggml's C, and fuses ``a*b + c`` under fast-math flags: neither may be in
     the IR. MXFP4 alone takes float64 (its ``log2``, as the reference does).
 
     A kernel loaded from numba's disk cache has no IR (``inspect_llvm`` returns an empty
     module), so the kernels are compiled in a subprocess whose cache directory is empty, and
-    each IR must hold its kernel's body: the function defined, its float work present."""
+    each IR must hold its kernel's body: the function defined, its float work present.
+    ``weighted``: the quantizers under an importance matrix (``compiled.WEIGHTED``; the slow
+    tier, as compiling them all again from an empty cache takes a minute)."""
     from refquant.gguf.quants import compiled
 
     dump = tmp_path / "ir.json"
-    r = subprocess.run([sys.executable, "-c", _IR_SNIPPET, str(dump)], capture_output=True, text=True, timeout=600,
+    r = subprocess.run([sys.executable, "-c", _IR_SNIPPET, str(dump), kind], capture_output=True, text=True, timeout=600,
                        cwd=Path(__file__).parents[1], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nc")})
     assert r.returncode == 0, r.stderr[-3000:]
     irs = json.loads(dump.read_text())
-    assert sorted(irs) == sorted([*compiled.KERNELS, *(n + "+imatrix" for n in compiled.WEIGHTED)])
+    assert sorted(irs) == sorted(compiled.KERNELS if kind == "plain" else (n + "+imatrix" for n in compiled.WEIGHTED))
     for name, (ir, fn_name) in irs.items():
         assert re.search(rf"define [^\n]*{fn_name}", ir), f"{name}: the IR does not define {fn_name}"
         assert _float_instructions(ir) >= 10, f"{name}: {_float_instructions(ir)} float instructions, not a kernel's body"
