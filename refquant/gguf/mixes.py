@@ -32,7 +32,7 @@ tables it wrote for SmolLM2 and MiniGPT.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from refquant.gguf.quants.core import TYPES
 
@@ -433,8 +433,7 @@ def write(src, dst, ftype_name: str, options: Options | None = None, *, imatrix=
     from refquant.gguf import quants
 
     ft = ftype(ftype_name)
-    o = options or Options()
-    o.imatrix = imatrix is not None
+    o = replace(options or Options(), imatrix=imatrix is not None)     # (the caller's Options stay as they were)
     with gguf.read(src) as f:
         types = {n: i.type.name for n, i in f.tensors.items()}
         chosen = plan(f.metadata, {n: i.shape for n, i in f.tensors.items()}, ft, o, types)
