@@ -238,14 +238,12 @@ def quantize(x, type_name, *, imatrix=None, allow_nonfinite: bool = False, impl:
             f"{t.name} needs rows whose length is a multiple of {t.block_size}; x has shape {x.shape}"
         )
     blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, t.block_size)
-    qw = None if imatrix is None else importance(imatrix, x.shape[-1])
-    if qw is not None and FORMATS[t.name].weighted is not None:
-        if impl == "numba" and allow_nonfinite:
-            raise ValueError("the compiled quantizers take finite input only; use impl='numpy' with allow_nonfinite")
-        out = _quantize_weighted(blocks, qw, t, impl="numpy" if allow_nonfinite else impl, threads=threads)
-        return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
     if impl == "numba" and allow_nonfinite:
         raise ValueError("the compiled quantizers take finite input only; use impl='numpy' with allow_nonfinite")
+    qw = None if imatrix is None else importance(imatrix, x.shape[-1])
+    if qw is not None and FORMATS[t.name].weighted is not None:
+        out = _quantize_weighted(blocks, qw, t, impl="numpy" if allow_nonfinite else impl, threads=threads)
+        return out.reshape(*x.shape[:-1], x.shape[-1] // t.block_size * t.type_size)
     if impl == "numba" or (impl == "auto" and not allow_nonfinite and t.block_size > 1):
         from refquant.gguf.quants import compiled
 
@@ -278,6 +276,16 @@ def importance(imatrix, n: int) -> np.ndarray:
     return w
 
 
+def _row_terms(blocks, qw, block: int):
+    """Per block of whole rows of ``qw.size`` weights: its row's Σx²/n (C: ``Σ x[j]*x[j] /
+    n_per_row``, float32, in order; Inf for huge rows, as in C) and its columns' importances."""
+    n = qw.size
+    x = blocks.reshape(-1, n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s2 = np.repeat(seqsum(x * x) / F32(n), n // block).astype(F32)
+    return s2, np.broadcast_to(qw.reshape(1, -1, block), (len(x), n // block, block)).reshape(-1, block)
+
+
 def _quantize_weighted(blocks, qw, t: GGMLType, impl: str = "auto", threads: int | None = None) -> np.ndarray:
     """Blocks of rows of ``qw.size`` weights under importances ``qw`` (``quantize``), chunk by
     chunk of whole rows; every block gets its columns' importances and its row's Σx²/n. The
@@ -289,12 +297,9 @@ def _quantize_weighted(blocks, qw, t: GGMLType, impl: str = "auto", threads: int
         from refquant.gguf.quants import compiled
 
         if t.name in compiled.WEIGHTED:
-            x = blocks.reshape(rows, n)
-            with np.errstate(over="ignore"):        # as in C, Σx² of huge rows is Inf
-                s2 = np.repeat(seqsum(x * x) / F32(n), per_row).astype(F32)    # C: Σ x[j]*x[j] / n_per_row
-            w = np.ascontiguousarray(np.broadcast_to(qw.reshape(per_row, t.block_size), (rows, per_row, t.block_size))
-                                     .reshape(-1, t.block_size))
-            return compiled.quantize_weighted(blocks, w, s2, t.name, t.type_size, threads)
+            s2, w = _row_terms(blocks, qw, t.block_size)
+            return compiled.quantize_weighted(blocks, s2=s2, qw=np.ascontiguousarray(w), name=t.name,
+                                              type_size=t.type_size, threads=threads)
         if impl == "numba":
             raise ValueError(f"no compiled quantizer for {t.name} with an importance matrix; use impl='numpy'")
     out = np.empty((len(blocks), t.type_size), np.uint8)
@@ -303,10 +308,8 @@ def _quantize_weighted(blocks, qw, t: GGMLType, impl: str = "auto", threads: int
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for r in range(0, rows, step):
             x = blocks[r * per_row:(r + step) * per_row]
-            k = len(x) // per_row
-            sigma2 = seqsum(x.reshape(k, n) * x.reshape(k, n)) / F32(n)      # C: Σ x[j]*x[j] / n_per_row
-            w = np.broadcast_to(qw.reshape(per_row, t.block_size), (k, per_row, t.block_size)).reshape(-1, t.block_size)
-            out[r * per_row:(r + k) * per_row] = fn(x, w, np.repeat(sigma2, per_row))
+            s2, w = _row_terms(x, qw, t.block_size)
+            out[r * per_row:r * per_row + len(x)] = fn(x, w, s2)
     return out
 
 
